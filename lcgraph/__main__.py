@@ -1,0 +1,3 @@
+from lcgraph.cli import main
+
+main()

@@ -1,0 +1,149 @@
+"""`lcgraph-train`: the Hydra app. Validates the plan, launches the ranks, runs the training loop.
+
+Plain `lcgraph-train` with pp*dp*sp > 1 spawns the ranks itself through torch's elastic launcher (the
+engine behind torchrun); under torchrun (LOCAL_RANK set) every rank runs this same app and rank 0's
+run directory is shared with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lcgraph.paths import conf_dir
+
+USER_ERRORS = ("PlanError", "CaptureError", "ModelPathError", "ScheduleError", "FileNotFoundError", "ValueError")
+
+
+def fail(message: str) -> None:
+    print(f"lcgraph: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
+    """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
+    from lcgraph.checkpoint import save_checkpoint
+    from lcgraph.logging import RunLogger
+    from lcgraph.schedule import format_programs
+    from lcgraph.train import Job
+
+    run_path = Path(run_dir)
+    job = Job(cfg, run_path, rank, world)
+    logger = RunLogger(cfg, run_path, enabled=rank == 0)
+    if rank == 0:
+        (run_path / "programs.txt").write_text(format_programs(job.programs, job.spec) + "\n")
+        logger.note(f"layers per stage {job.layer_counts}, chunks {job.chunk_lengths}, "
+                    f"capture {job.captured.capture_seconds:.1f}s")
+    every = cfg.train.checkpoint_every
+    for step in range(cfg.train.steps):
+        metrics = job.run_step(step)
+        logger.log(metrics)
+        if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
+            save_checkpoint(job, run_path / "checkpoint", step + 1)
+    save_checkpoint(job, run_path / "checkpoint", cfg.train.steps)
+    summary = logger.finish(extra=_memory_summary(job, world))
+    return summary
+
+
+def _memory_summary(job, world: int) -> dict:
+    peaks = torch.zeros(job.coords.pp * job.cfg.parallel.virtual_stages, dtype=torch.float64)
+    for s, v in job.activation_peaks().items():
+        peaks[s] = v
+    if world > 1:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    out = {"activation_peak_bytes_per_stage": [int(v) for v in peaks.tolist()]}
+    if torch.cuda.is_available() and job.device.type == "cuda":
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+def _worker(cfg_yaml: str, run_dir: str) -> None:
+    """Entry of a spawned rank (elastic launcher) or of a torchrun rank."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(cfg_yaml)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    try:
+        run(cfg, run_dir, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(cfg, run_dir: str, world: int) -> None:
+    """Start `world` local ranks with torch's elastic launcher and wait for them."""
+    from omegaconf import OmegaConf
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"lcgraph-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    elastic_launch(config, _worker)(OmegaConf.to_yaml(cfg, resolve=True), run_dir)
+
+
+def train_main(cfg) -> None:
+    """Validate, then run in this process, spawn the ranks, or join torchrun's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lcgraph.validate import validate_plan
+
+    try:
+        validate_plan(cfg)
+    except Exception as exc:  # noqa: BLE001 - a user's plan error is one line, not a traceback
+        if type(exc).__name__ in USER_ERRORS:
+            fail(str(exc))
+        raise
+    run_dir = HydraConfig.get().runtime.output_dir
+    world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
+    try:
+        if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            _join_torchrun(cfg, run_dir)
+        elif world > 1:
+            spawn(cfg, run_dir, world)
+            _print_summary(run_dir)
+        else:
+            run(cfg, run_dir)
+    except Exception as exc:  # noqa: BLE001
+        if type(exc).__name__ in USER_ERRORS:
+            fail(str(exc))
+        raise
+    print(f"run directory: {run_dir}")
+
+
+def _join_torchrun(cfg, run_dir: str) -> None:
+    backend = "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    shared = [run_dir]
+    dist.broadcast_object_list(shared, src=0)  # all ranks use rank 0's run directory
+    try:
+        run(cfg, shared[0], dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def _print_summary(run_dir: str) -> None:
+    path = Path(run_dir) / "summary.json"
+    if path.is_file():
+        s = json.loads(path.read_text())
+        print(f"final loss {s.get('final_loss'):.4f}, {s.get('tokens_per_s', 0):.0f} tokens/s")
+
+
+def main() -> None:
+    import hydra
+
+    from lcgraph.config import register_configs
+
+    register_configs()
+    app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(train_main)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The plan's schema: structured configs (type-checked by Hydra/OmegaConf) with the defaults in one place.
+
+YAML files in conf/<group>/ pick values; these dataclasses define which keys exist and their types, so
+a misspelt key or a wrong type is refused by Hydra with one line naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    path: Optional[str] = None  # a local HF model directory (config.json, safetensors, tokenizer)
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: Optional[int] = None
+    max_position_embeddings: int = 1048576
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Any] = None  # e.g. {rope_type: llama3, factor: 8.0, ...}
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # text file or directory; default: the Python standard library's sources
+    seq_len: int = 256
+    micro_batch_size: int = 1
+    max_corpus_mb: float = 3.0
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    sp: int = 1
+    dp: int = 1
+    schedule: str = "1f1b"  # gpipe | 1f1b | seq1f1b | interleaved_1f1b
+    microbatches: int = 1
+    seq_chunks: int = 1
+    chunk_split: str = "even"  # even | uniform_comp
+    virtual_stages: int = 1
+    pp_layers: Optional[list[int]] = None
+    zero: bool = True  # shard optimizer state over the dp*sp replicas of a stage (ZeRO-2)
+    bucket_mb: float = 25.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 0
+    dtype: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    attention: str = "auto"  # auto | math | sdpa | flash_attn
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    allow_oversubscribe: bool = False
+    progress: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "lcgraph"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class DumpConfig:
+    graphs: bool = False
+
+
+@dataclass
+class LcgraphConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dump: DumpConfig = field(default_factory=DumpConfig)
+
+
+CHOICES = {
+    "train.dtype": ("fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.attention": ("auto", "math", "sdpa", "flash_attn"),
+    "parallel.schedule": ("gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"),
+    "parallel.chunk_split": ("even", "uniform_comp"),
+    "logging.wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+def register_configs() -> None:
+    """Schemas for the config groups, and every recipe in recipes/ as `+recipe=NAME`."""
+    from omegaconf import OmegaConf
+
+    from lcgraph.paths import recipes_dir
+
+    cs = ConfigStore.instance()
+    cs.store(name="lcgraph_schema", node=LcgraphConfig)
+    for group, node in (("model", ModelConfig), ("data", DataConfig), ("parallel", ParallelConfig),
+                        ("optim", OptimConfig), ("train", TrainConfig), ("logging", LoggingConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    for recipe in sorted(recipes_dir().glob("*.yaml")):
+        cs.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")

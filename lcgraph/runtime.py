@@ -1,0 +1,210 @@
+"""The stage-program interpreter: runs one rank's program of actions over its stage graphs.
+
+It knows nothing about LLaMA: a stage is a graph module with parameter placeholders, an optional
+`hidden_in` input and one output (activation, or the summed loss on the last stage). Actions:
+
+    F / B            forward / backward of one (micro-batch, chunk) unit on a stage
+    SEND_* / RECV_*  point-to-point activations and gradients (consecutive ones are batched)
+    RS / AG          gradient reduce-scatter / parameter all-gather of a bucket (ZeRO-2, see zero.py)
+    OPT              gradient synchronisation and the optimizer step
+
+Sends are asynchronous and never block; a receive is waited for only right before its tensor is used.
+The runtime also measures what the planner predicts: live activation bytes per stage and a timeline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lcgraph.passes import StageGraph
+from lcgraph.relay import RelayContext
+from lcgraph.schedule import Action
+
+P2P_KINDS = ("SEND_F", "SEND_B", "RECV_F", "RECV_B")
+
+
+@dataclass
+class UnitData:
+    """Inputs of one (micro-batch, chunk) unit on this rank (already sharded for sequence parallelism)."""
+
+    input_ids: torch.Tensor  # [B, s]
+    position_ids: torch.Tensor  # [B, s]
+    labels: torch.Tensor  # [B, s]
+
+
+class ActivationMeter:
+    """Counts bytes the autograd graph saves for backward, per unit, excluding parameters."""
+
+    def __init__(self, param_ptrs: set[int]):
+        self.param_ptrs = param_ptrs
+        self.unit_bytes: dict[tuple, int] = {}
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+        self._current: tuple | None = None
+
+    def hooks(self, unit: tuple):
+        self._current, self._seen = unit, set()
+        self.unit_bytes[unit] = 0
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if ptr not in self.param_ptrs and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.unit_bytes[self._current] += t.untyped_storage().nbytes()
+        return t
+
+    def forward_done(self, unit: tuple, extra: int = 0) -> None:
+        self.live += self.unit_bytes[unit]
+        self.peak = max(self.peak, self.live + extra)
+
+    def backward_done(self, unit: tuple) -> None:
+        self.live -= self.unit_bytes.pop(unit)
+
+
+@dataclass
+class StageState:
+    """A stage graph with its real parameters and per-step bookkeeping."""
+
+    graph: StageGraph
+    params: dict[str, torch.nn.Parameter]  # HF name -> parameter
+    buffers: dict[str, torch.Tensor]  # HF name -> buffer
+    relay: RelayContext = field(default_factory=RelayContext)
+
+    def kwargs(self, unit: UnitData, hidden_in) -> dict[str, torch.Tensor]:
+        g = self.graph
+        args = {ph: self.params[name] for ph, name in g.param_names.items()}
+        args.update({ph: self.buffers[name] for ph, name in g.buffer_names.items()})
+        given = {"input_ids": unit.input_ids, "position_ids": unit.position_ids, "labels": unit.labels,
+                 "hidden_in": hidden_in}
+        args.update({name: given[name] for name in g.inputs})
+        return args
+
+
+class Interpreter:
+    """Executes one rank's program for one optimizer step."""
+
+    def __init__(self, program: list[Action], stages: dict[int, StageState], pp_peers: dict[int, int],
+                 hidden_shape, dtype, device, optimizer_step, record_timeline: bool = True):
+        self.program = program
+        self.stages = stages
+        self.pp_peers = pp_peers  # pipeline rank -> global rank of my (dp, sp) replica on it
+        self.hidden_shape = hidden_shape  # (batch, hidden) of the residual stream
+        self.dtype, self.device = dtype, device
+        self.optimizer_step = optimizer_step  # callable(interpreter) run by OPT (grad sync + update)
+        ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
+        self.meters = {i: ActivationMeter(ptrs) for i in stages}
+        self.timeline: list[tuple[str, float, float]] = []
+        self.record_timeline = record_timeline
+        self.collective_hook = None  # set by zero.py: callable(action, interpreter)
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def run_step(self, units: dict[tuple[int, int], UnitData], loss_scale: float) -> torch.Tensor:
+        """Run the program; `units[(mb, chunk)]` are this rank's inputs. Returns this rank's summed loss."""
+        self.units, self.loss_scale = units, loss_scale
+        self.saved: dict[tuple, tuple] = {}
+        self.inbox: dict[tuple, tuple] = {}
+        self.sends: list = []
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        i = 0
+        while i < len(self.program):
+            action = self.program[i]
+            if action.kind in P2P_KINDS:  # batch consecutive sends (or receives) into one call
+                j = i
+                while j < len(self.program) and self.program[j].kind in P2P_KINDS \
+                        and self.program[j].kind[:4] == action.kind[:4]:
+                    j += 1
+                self._timed(action.kind[:4].lower(), self._p2p, self.program[i:j])
+                i = j
+                continue
+            self._timed(action.token(len(self.stages) > 1), self._dispatch, action)
+            i += 1
+        for work in self.sends:
+            work.wait()
+        return self.loss_sum
+
+    def _timed(self, name: str, fn, arg):
+        start = time.perf_counter()
+        fn(arg)
+        if self.record_timeline:
+            self.timeline.append((name, start, time.perf_counter()))
+
+    def _dispatch(self, action: Action):
+        if action.kind == "F":
+            self._forward(action)
+        elif action.kind == "B":
+            self._backward(action)
+        elif action.kind == "OPT":
+            for work in self.sends:
+                work.wait()
+            self.sends = []
+            self.optimizer_step(self)
+        elif self.collective_hook is not None:
+            self.collective_hook(action, self)
+        else:
+            raise RuntimeError(f"no handler for action {action}")
+
+    # --- compute -------------------------------------------------------------------------------------------
+    def _forward(self, a: Action):
+        st = self.stages[a.stage]
+        unit = self.units[(a.mb, a.chunk)]
+        hidden_in = None
+        if not st.graph.is_first:
+            hidden_in = self.inbox.pop(("F", a.stage, a.mb, a.chunk))
+            hidden_in.requires_grad_(True)
+        RelayContext.current = st.relay
+        st.relay.unit = (a.mb, a.chunk)
+        key = (a.stage, a.mb, a.chunk)
+        with self.meters[a.stage].hooks(key):
+            out = st.graph.gm(**st.kwargs(unit, hidden_in))
+        if st.graph.is_last:
+            self.loss_sum += out.detach()
+            out = out * self.loss_scale
+        self.meters[a.stage].forward_done(key, st.relay.live_bytes())
+        self.saved[key] = (hidden_in, out)
+
+    def _backward(self, a: Action):
+        st = self.stages[a.stage]
+        key = (a.stage, a.mb, a.chunk)
+        hidden_in, out = self.saved.pop(key)
+        if st.graph.is_last:
+            out.backward()
+        else:
+            out.backward(self.inbox.pop(("B", a.stage, a.mb, a.chunk)))
+        self.meters[a.stage].backward_done(key)
+        if hidden_in is not None:
+            self.saved[("grad",) + key] = hidden_in.grad
+
+    # --- point to point ------------------------------------------------------------------------------------
+    def _unit_shape(self, a: Action):
+        unit = self.units[(a.mb, a.chunk)]
+        batch, hidden = self.hidden_shape
+        return (batch, unit.input_ids.shape[1], hidden)
+
+    def _p2p(self, actions: list[Action]):
+        ops, recvs = [], []
+        for a in actions:
+            peer = self.pp_peers[a.peer]
+            if a.kind == "SEND_F":
+                tensor = self.saved[(a.stage, a.mb, a.chunk)][1].detach()
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
+            elif a.kind == "SEND_B":
+                tensor = self.saved.pop(("grad", a.stage, a.mb, a.chunk))
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
+            else:
+                buf = torch.empty(self._unit_shape(a), dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buf, peer))
+                recvs.append((a, buf))
+        works = dist.batch_isend_irecv(ops)
+        if actions[0].kind.startswith("SEND"):
+            self.sends.extend(works)  # waited at OPT: a send never blocks the program
+            return
+        for w in works:  # receives sit right before the compute that needs them
+            w.wait()
+        for a, buf in recvs:
+            self.inbox[(a.kind[-1], a.stage, a.mb, a.chunk)] = buf

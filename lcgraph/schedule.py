@@ -1,0 +1,572 @@
+"""Per-rank pipeline programs: build them, check them, dump them, estimate them.
+
+A schedule is one program per pipeline rank; a program is the ordered list of actions that the runtime
+interpreter executes. The builders emit compute only (F, B and a final OPT); `add_p2p` makes the
+transfers between ranks explicit; `validate` proves that a set of programs is complete, respects the
+Seq1F1B dependencies and cannot deadlock. The unit of work is (stage, micro-batch, sequence chunk).
+
+Pure Python on purpose (no torch): schedules are planned, dumped and tested without GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+COMPUTE_KINDS = ("F", "B")
+P2P_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
+COLLECTIVE_KINDS = ("RS", "AG")
+KINDS = COMPUTE_KINDS + P2P_KINDS + ("OPT",) + COLLECTIVE_KINDS
+SCHEDULES = ("gpipe", "1f1b", "seq1f1b", "interleaved_1f1b")
+SPLIT_MODES = ("even", "uniform_comp")
+
+# Token prefix and arrow of each p2p kind: "sF3.1>1" sends to rank 1, "rF3.1<0" receives from rank 0.
+# The lower-case prefix keeps p2p tokens from reading as compute tokens (F or B followed by a digit).
+_P2P_TOKEN = {"SEND_F": ("sF", ">"), "RECV_F": ("rF", "<"), "SEND_B": ("sB", ">"), "RECV_B": ("rB", "<")}
+_MAX_LISTED = 8  # problems quoted in one error message
+
+
+class ScheduleError(ValueError):
+    """Programs that are incomplete, out of dependency order, or that deadlock."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a rank's program.
+
+    For p2p actions `stage` is the stage of the local compute the transfer belongs to: SEND_F(s) ships
+    the output of F(s) and is received by RECV_F(s+1) on the next stage's rank. RS/AG (collectives
+    added by later passes) carry their bucket index in `mb`.
+    """
+
+    kind: str
+    stage: int
+    mb: int = 0
+    chunk: int = 0
+    peer: int = -1
+
+    def token(self, multi_stage: bool) -> str:
+        """Short text form used by programs.txt; `multi_stage` appends '@<stage>' to staged actions."""
+        if self.kind == "OPT":
+            return "OPT"
+        if self.kind in COLLECTIVE_KINDS:
+            return f"{self.kind}{self.mb}"
+        body = f"{self.mb}.{self.chunk}" + (f"@{self.stage}" if multi_stage else "")
+        if self.kind in COMPUTE_KINDS:
+            return self.kind + body
+        if self.kind in _P2P_TOKEN:
+            prefix, arrow = _P2P_TOKEN[self.kind]
+            return f"{prefix}{body}{arrow}{self.peer}"
+        raise ValueError(f"unknown action kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
+
+
+Program = list[Action]
+Key = tuple[str, int, int, int]  # (kind, stage, mb, chunk): identity of a staged action, peer ignored
+
+
+def _key(action: Action) -> Key:
+    return (action.kind, action.stage, action.mb, action.chunk)
+
+
+def _describe(key: Key) -> str:
+    kind, stage, mb, chunk = key
+    return f"{kind}{mb}.{chunk}@{stage}"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What to schedule: `pp` ranks, m micro-batches of k sequence chunks, v stages per rank.
+
+    Stage s lives on rank s % pp, so with v > 1 rank r holds stages r, r + pp, r + 2*pp, ...
+    k > 1 is for seq1f1b (and gpipe); v > 1 only for interleaved_1f1b.
+    """
+
+    name: str
+    pp: int
+    microbatches: int
+    seq_chunks: int = 1
+    virtual_stages: int = 1
+
+    def __post_init__(self) -> None:
+        for field in ("pp", "microbatches", "seq_chunks", "virtual_stages"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"ScheduleSpec.{field} must be >= 1, got {getattr(self, field)}")
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.pp
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builders: compute-only programs, one per rank.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _forward_units(spec: ScheduleSpec) -> list[tuple[int, int]]:
+    """(mb, chunk) in forward order: a chunk needs the K/V of the earlier chunks of its micro-batch."""
+    return [(mb, c) for mb in range(spec.microbatches) for c in range(spec.seq_chunks)]
+
+
+def _backward_units(spec: ScheduleSpec) -> list[tuple[int, int]]:
+    """(mb, chunk) in backward order: FIFO over micro-batches, LIFO over chunks, because the last
+    chunk's attention backward produces the dK/dV that every earlier chunk needs."""
+    k = spec.seq_chunks
+    return [(mb, c) for mb in range(spec.microbatches) for c in reversed(range(k))]
+
+
+def _one_f_one_b(forwards: Program, backwards: Program, warmup: int) -> Program:
+    """Warm-up forwards, then alternate one forward and one backward, then drain the backwards."""
+    warmup = min(warmup, len(forwards))
+    program = forwards[:warmup]
+    for fwd, bwd in zip(forwards[warmup:], backwards):
+        program += [fwd, bwd]
+    return program + backwards[len(forwards) - warmup:]
+
+
+def _build_gpipe(spec: ScheduleSpec, rank: int) -> Program:
+    """All forwards, then all backwards in micro-batch order (chunks of one micro-batch LIFO)."""
+    forwards = [Action("F", rank, mb, c) for mb, c in _forward_units(spec)]
+    backwards = [Action("B", rank, mb, c) for mb, c in _backward_units(spec)]
+    return forwards + backwards
+
+
+def _build_1f1b(spec: ScheduleSpec, rank: int) -> Program:
+    """Megatron's non-interleaved 1F1B: rank r runs p - r - 1 warm-up forwards."""
+    if spec.seq_chunks != 1:
+        raise ValueError(f"1f1b has no sequence chunks (got seq_chunks={spec.seq_chunks}); "
+                         "use name='seq1f1b' to split sequences")
+    m, p = spec.microbatches, spec.pp
+    forwards = [Action("F", rank, mb) for mb in range(m)]
+    backwards = [Action("B", rank, mb) for mb in range(m)]
+    return _one_f_one_b(forwards, backwards, warmup=p - rank - 1)
+
+
+def _build_seq1f1b(spec: ScheduleSpec, rank: int) -> Program:
+    """Seq1F1B: 1F1B over (mb, chunk) units; k - 1 extra warm-up forwards fill the chunk pipeline."""
+    p, k = spec.pp, spec.seq_chunks
+    forwards = [Action("F", rank, mb, c) for mb, c in _forward_units(spec)]
+    backwards = [Action("B", rank, mb, c) for mb, c in _backward_units(spec)]
+    return _one_f_one_b(forwards, backwards, warmup=(p - rank - 1) + (k - 1))
+
+
+def _interleaved_order(spec: ScheduleSpec, rank: int, kind: str) -> Program:
+    """Megatron's interleaved order: groups of p micro-batches sweep the rank's stages in turn,
+    first to last for forwards and last to first for backwards."""
+    p, v, m = spec.pp, spec.virtual_stages, spec.microbatches
+    stages = [j * p + rank for j in range(v)]
+    if kind == "B":
+        stages.reverse()
+    program = []
+    for first in range(0, m, p):
+        group = range(first, min(first + p, m))
+        program += [Action(kind, stage, mb) for stage in stages for mb in group]
+    return program
+
+
+def _build_interleaved_1f1b(spec: ScheduleSpec, rank: int) -> Program:
+    """Megatron's interleaved 1F1B: v stages per rank, 2*(p - r - 1) + (v - 1)*p warm-up forwards.
+
+    (v - 1)*p forwards take the first group of p micro-batches through all but this rank's last stage;
+    2*(p - r - 1) more fill the round trip to the last rank and back before the first backward arrives.
+    """
+    p, v, m = spec.pp, spec.virtual_stages, spec.microbatches
+    if spec.seq_chunks != 1:
+        raise ValueError(f"interleaved_1f1b has no sequence chunks (got seq_chunks={spec.seq_chunks}); "
+                         "set seq_chunks=1 or use name='seq1f1b'")
+    if v == 1:
+        return _build_1f1b(spec, rank)  # the 2*(p - r - 1) warm-up would only cost memory here
+    if m % p != 0 and m > p:
+        # A partial last group behind full ones deadlocks with this warm-up count (validate shows it).
+        raise ValueError(f"interleaved_1f1b needs microbatches a multiple of pp, or at most pp (got "
+                         f"microbatches={m}, pp={p}); use {m - m % p} or {m + p - m % p} micro-batches")
+    forwards = _interleaved_order(spec, rank, "F")
+    backwards = _interleaved_order(spec, rank, "B")
+    return _one_f_one_b(forwards, backwards, warmup=2 * (p - rank - 1) + (v - 1) * p)
+
+
+_BUILDERS: dict[str, Callable[[ScheduleSpec, int], Program]] = {
+    "gpipe": _build_gpipe,
+    "1f1b": _build_1f1b,
+    "seq1f1b": _build_seq1f1b,
+    "interleaved_1f1b": _build_interleaved_1f1b,
+}
+
+
+def build_programs(spec: ScheduleSpec) -> list[Program]:
+    """Compute-only programs (F, B, then OPT), one per pipeline rank."""
+    if spec.name not in _BUILDERS:
+        raise ValueError(f"unknown schedule {spec.name!r}; valid names: {', '.join(SCHEDULES)}")
+    if spec.virtual_stages != 1 and spec.name != "interleaved_1f1b":
+        raise ValueError(f"{spec.name} runs one stage per rank (got virtual_stages="
+                         f"{spec.virtual_stages}); use name='interleaved_1f1b' or virtual_stages=1")
+    builder = _BUILDERS[spec.name]
+    return [builder(spec, rank) + [Action("OPT", -1)] for rank in range(spec.pp)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Point-to-point transfers.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _remote_neighbour(spec: ScheduleSpec, stage: int, step: int) -> int | None:
+    """Rank of stage + step, or None when it does not exist or lives on this rank (a local hand-off)."""
+    other = stage + step
+    if not 0 <= other < spec.num_stages or spec.rank_of(other) == spec.rank_of(stage):
+        return None
+    return spec.rank_of(other)
+
+
+def _p2p_around(action: Action, spec: ScheduleSpec) -> tuple[Program, Program]:
+    """The receives that must precede a compute action and the sends that follow it."""
+    if action.kind not in COMPUTE_KINDS:
+        return [], []
+    upstream = -1 if action.kind == "F" else 1  # where the input comes from
+    recv_from = _remote_neighbour(spec, action.stage, upstream)
+    send_to = _remote_neighbour(spec, action.stage, -upstream)
+    at = (action.stage, action.mb, action.chunk)
+    before = [] if recv_from is None else [Action("RECV_" + action.kind, *at, peer=recv_from)]
+    after = [] if send_to is None else [Action("SEND_" + action.kind, *at, peer=send_to)]
+    return before, after
+
+
+def add_p2p(programs: list[Program], spec: ScheduleSpec) -> list[Program]:
+    """Wrap each compute action in its receive (just before) and send (just after).
+
+    Stages on the same rank hand tensors over locally and get no transfer actions.
+    """
+    result = []
+    for program in programs:
+        with_p2p: Program = []
+        for action in program:
+            before, after = _p2p_around(action, spec)
+            with_p2p += before + [action] + after
+        result.append(with_p2p)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation and replay.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _has_p2p(programs: list[Program]) -> bool:
+    return any(a.kind in P2P_KINDS for program in programs for a in program)
+
+
+def _dependencies(action: Action, spec: ScheduleSpec, explicit_p2p: bool) -> list[Key]:
+    """Keys that must have run before `action` (ANCHORS section 1).
+
+    With explicit p2p a remote input arrives through this rank's RECV; otherwise p2p is implicit and
+    the remote compute itself is the dependency.
+    """
+    kind, stage, mb, chunk = _key(action)
+    last_chunk = spec.seq_chunks - 1
+    if kind == "SEND_F":
+        return [("F", stage, mb, chunk)]
+    if kind == "SEND_B":
+        return [("B", stage, mb, chunk)]
+    if kind == "RECV_F":
+        return [("SEND_F", stage - 1, mb, chunk)]
+    if kind == "RECV_B":
+        return [("SEND_B", stage + 1, mb, chunk)]
+    if kind not in COMPUTE_KINDS:
+        return []
+    upstream = -1 if kind == "F" else 1
+    deps: list[Key] = []
+    if 0 <= stage + upstream < spec.num_stages:
+        remote = _remote_neighbour(spec, stage, upstream) is not None
+        deps.append(("RECV_" + kind, stage, mb, chunk) if remote and explicit_p2p
+                    else (kind, stage + upstream, mb, chunk))
+    if kind == "F" and chunk > 0:
+        deps.append(("F", stage, mb, chunk - 1))  # K/V of the earlier chunk
+    if kind == "B":
+        deps.append(("F", stage, mb, chunk))  # its own forward (on the last stage: the loss)
+        if chunk < last_chunk:
+            deps.append(("B", stage, mb, chunk + 1))  # dK/dV relayed from the later chunk
+    return deps
+
+
+def _problems(problems: list[str], header: str) -> ScheduleError:
+    listed = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+    return ScheduleError(header + "\n  " + "\n  ".join(listed) + more)
+
+
+def _check_placement(programs: list[Program], spec: ScheduleSpec) -> None:
+    """Every staged action is in range, of a known kind, and on the rank that owns its stage."""
+    bounds = {"stage": spec.num_stages, "mb": spec.microbatches, "chunk": spec.seq_chunks}
+    problems = []
+    for rank, program in enumerate(programs):
+        for action in program:
+            if action.kind not in KINDS:
+                problems.append(f"rank {rank}: unknown kind {action.kind!r} (valid: {', '.join(KINDS)})")
+                continue
+            if action.kind not in COMPUTE_KINDS + P2P_KINDS:
+                continue
+            for field, bound in bounds.items():
+                if not 0 <= getattr(action, field) < bound:
+                    problems.append(f"rank {rank}: {action.token(True)} has {field} outside [0, {bound})")
+            if 0 <= action.stage < spec.num_stages and spec.rank_of(action.stage) != rank:
+                problems.append(f"rank {rank}: {action.token(True)} belongs on rank "
+                                f"{spec.rank_of(action.stage)}")
+    if problems:
+        raise _problems(problems, "actions out of place:")
+
+
+def _check_complete(programs: list[Program], spec: ScheduleSpec) -> None:
+    """One F and one B per (stage, mb, chunk), and each rank ends its compute with exactly one OPT."""
+    problems = []
+    counts = Counter(_key(a) for program in programs for a in program if a.kind in COMPUTE_KINDS)
+    for stage in range(spec.num_stages):
+        for mb in range(spec.microbatches):
+            for chunk in range(spec.seq_chunks):
+                for kind in COMPUTE_KINDS:
+                    n = counts[(kind, stage, mb, chunk)]
+                    if n != 1:
+                        problems.append(f"{_describe((kind, stage, mb, chunk))} appears {n} times, "
+                                        "expected once")
+    for rank, program in enumerate(programs):
+        compute = [a.kind for a in program if a.kind in COMPUTE_KINDS + ("OPT",)]
+        if compute.count("OPT") != 1 or compute[-1] != "OPT":
+            problems.append(f"rank {rank}: must end its compute with exactly one OPT "
+                            f"(has {compute.count('OPT')}, last compute {compute[-1] if compute else None})")
+    if problems:
+        raise _problems(problems, "incomplete programs:")
+
+
+def _check_p2p_matches(programs: list[Program], spec: ScheduleSpec) -> None:
+    """With explicit p2p, each rank holds exactly the transfers its compute needs, peers included."""
+    problems = []
+    for rank, program in enumerate(programs):
+        actual = Counter(a for a in program if a.kind in P2P_KINDS)
+        expected: Counter[Action] = Counter()
+        for action in program:
+            before, after = _p2p_around(action, spec)
+            expected.update(before + after)
+        for action in (expected - actual):
+            problems.append(f"rank {rank}: missing {action.token(True)}")
+        for action in (actual - expected):
+            problems.append(f"rank {rank}: unexpected {action.token(True)}")
+    if problems:
+        raise _problems(problems, "p2p actions do not match the compute:")
+
+
+def _check_local_order(programs: list[Program], spec: ScheduleSpec, explicit_p2p: bool) -> None:
+    """Dependencies on the same rank must come earlier in that rank's program."""
+    problems = []
+    for rank, program in enumerate(programs):
+        position = {_key(a): i for i, a in enumerate(program)}
+        for i, action in enumerate(program):
+            for dep in _dependencies(action, spec, explicit_p2p):
+                if spec.rank_of(dep[1]) == rank and position.get(dep, len(program)) > i:
+                    problems.append(f"rank {rank}: {action.token(True)} comes before its "
+                                    f"dependency {_describe(dep)}")
+    if problems:
+        raise _problems(problems, "dependency order violated:")
+
+
+def _replay(programs: list[Program], spec: ScheduleSpec,
+            duration: Callable[[Action], float]) -> list[float]:
+    """Run every rank in program order; an action starts once its dependencies have finished.
+
+    Sends never block; a receive waits for its send. Returns each rank's finish time, or raises
+    ScheduleError naming each stuck rank's next action when no rank can advance.
+    """
+    explicit_p2p = _has_p2p(programs)
+    finished: dict[Key, float] = {}
+    clock = [0.0] * len(programs)
+    position = [0] * len(programs)
+    progressed = True
+    while progressed:
+        progressed = False
+        for rank, program in enumerate(programs):
+            while position[rank] < len(program):
+                action = program[position[rank]]
+                deps = _dependencies(action, spec, explicit_p2p)
+                if any(dep not in finished for dep in deps):
+                    break
+                start = max([clock[rank]] + [finished[dep] for dep in deps])
+                clock[rank] = finished[_key(action)] = start + duration(action)
+                position[rank] += 1
+                progressed = True
+    stuck = []
+    for rank, program in enumerate(programs):
+        if position[rank] < len(program):
+            action = program[position[rank]]
+            waits = [_describe(d) for d in _dependencies(action, spec, explicit_p2p) if d not in finished]
+            stuck.append(f"rank {rank}: stuck at {action.token(True)} waiting for {', '.join(waits)}")
+    if stuck:
+        raise _problems(stuck, "deadlock: no rank can advance")
+    return clock
+
+
+def validate(programs: list[Program], spec: ScheduleSpec) -> None:
+    """Raise ScheduleError unless the programs are complete, dependency-ordered and deadlock-free.
+
+    Works on compute-only programs (p2p implicit) and on programs with explicit p2p actions.
+    """
+    if len(programs) != spec.pp:
+        raise ScheduleError(f"expected {spec.pp} programs (one per rank), got {len(programs)}")
+    explicit_p2p = _has_p2p(programs)
+    _check_placement(programs, spec)
+    _check_complete(programs, spec)
+    if explicit_p2p:
+        _check_p2p_matches(programs, spec)
+    _check_local_order(programs, spec, explicit_p2p)
+    _replay(programs, spec, duration=lambda action: 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Estimates: bubble and activation memory.
+# ---------------------------------------------------------------------------------------------------
+
+
+def bubble_fraction(programs: list[Program], spec: ScheduleSpec,
+                    f_time: float = 1.0, b_time: float = 2.0) -> float:
+    """Idle share of ranks x makespan, replaying the programs with free p2p.
+
+    f_time and b_time are one micro-batch's forward and backward on one rank; each (mb, chunk) unit on
+    one stage costs its 1/(k*v) share, i.e. chunks are assumed to cost the same.
+    """
+    share = 1.0 / (spec.seq_chunks * spec.virtual_stages)
+    cost = {"F": f_time * share, "B": b_time * share}
+
+    def duration(action: Action) -> float:
+        return cost.get(action.kind, 0.0)
+
+    makespan = max(_replay(programs, spec, duration))
+    busy = sum(duration(a) for program in programs for a in program)
+    return 1.0 - busy / (len(programs) * makespan)
+
+
+def peak_inflight(programs: list[Program], spec: ScheduleSpec) -> list[int]:
+    """Per rank, the most (stage, mb, chunk) units whose F has run but whose B has not: the number of
+    activation sets the rank must hold at once."""
+    if len(programs) != spec.pp:
+        raise ValueError(f"expected {spec.pp} programs (one per rank), got {len(programs)}")
+    peaks = []
+    for program in programs:
+        live = peak = 0
+        for action in program:
+            live += {"F": 1, "B": -1}.get(action.kind, 0)
+            peak = max(peak, live)
+        peaks.append(peak)
+    return peaks
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequence chunk lengths.
+# ---------------------------------------------------------------------------------------------------
+
+
+def split_sequence(seq_len: int, k: int, mode: str, flops_per_token: float = 1.0,
+                   flops_per_pair: float = 0.0, align: int = 1) -> list[int]:
+    """Lengths of the k chunks of one sequence, in order.
+
+    "even": equal lengths. "uniform_comp": equal cost, where a chunk of length s ending at position P
+    costs flops_per_token*s + flops_per_pair*(s*(P - s) + s*(s + 1)/2) (its causal attention pairs),
+    so later chunks are shorter. Lengths are multiples of `align`.
+    """
+    if k < 1 or align < 1:
+        raise ValueError(f"k and align must be >= 1, got k={k}, align={align}")
+    if mode == "even":
+        if seq_len % (k * align) != 0:
+            raise ValueError(f"even split needs seq_len divisible by k*align = {k}*{align} = {k * align}, "
+                             f"got seq_len={seq_len}; pad the sequence to a multiple of {k * align} "
+                             "or change k/align")
+        return [seq_len // k] * k
+    if mode == "uniform_comp":
+        return _equal_cost_split(seq_len, k, flops_per_token, flops_per_pair, align)
+    raise ValueError(f"unknown split mode {mode!r}; valid modes: {', '.join(SPLIT_MODES)}")
+
+
+def _equal_cost_split(seq_len: int, k: int, per_token: float, per_pair: float, align: int) -> list[int]:
+    """Cut where the prefix cost reaches i/k of the total, from the last chunk backwards.
+
+    Cutting at absolute boundaries (not chunk by chunk) keeps rounding errors from accumulating.
+    """
+    if seq_len % align != 0 or seq_len < k * align:
+        raise ValueError(f"uniform_comp needs seq_len a multiple of align={align} and at least "
+                         f"k*align={k * align}, got seq_len={seq_len}; pad the sequence or lower k/align")
+    if per_token < 0 or per_pair < 0 or per_token + per_pair == 0:
+        raise ValueError(f"costs must be >= 0 and not both zero, got flops_per_token={per_token}, "
+                         f"flops_per_pair={per_pair}")
+    target = _prefix_cost(seq_len, per_token, per_pair) / k
+    lengths = []
+    end = seq_len
+    for i in range(k - 1, 0, -1):  # the boundary where chunk i starts
+        start = round(_prefix_position(i * target, per_token, per_pair) / align) * align
+        start = min(max(start, i * align), end - align)  # leave >= align for this chunk and each earlier one
+        lengths.append(end - start)
+        end = start
+    lengths.append(end)  # the first chunk takes the remainder
+    return lengths[::-1]
+
+
+def _prefix_cost(position: float, per_token: float, per_pair: float) -> float:
+    """Cost of tokens [0, position): linear work plus the causal pairs position*(position+1)/2."""
+    return per_token * position + per_pair * position * (position + 1) / 2
+
+
+def _prefix_position(cost: float, per_token: float, per_pair: float) -> float:
+    """Inverse of _prefix_cost (positive root, written to stay exact when per_pair is 0)."""
+    linear = per_token + per_pair / 2
+    return 2 * cost / (linear + (linear * linear + 2 * per_pair * cost) ** 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text dump (programs.txt) and its parser.
+# ---------------------------------------------------------------------------------------------------
+
+
+def format_programs(programs: list[Program], spec: ScheduleSpec) -> str:
+    """One line per rank, 'rank R: ' then the action tokens; '@<stage>' when a rank holds several."""
+    multi_stage = spec.virtual_stages > 1
+    lines = [f"rank {rank}: " + " ".join(a.token(multi_stage) for a in program)
+             for rank, program in enumerate(programs)]
+    return "\n".join(lines) + "\n"
+
+
+_TOKEN_RE = re.compile(
+    r"(?P<kind>F|B|sF|rF|sB|rB)(?P<mb>\d+)\.(?P<chunk>\d+)(?:@(?P<stage>\d+))?"
+    r"(?:(?P<arrow>[<>])(?P<peer>\d+))?"
+    r"|(?P<coll>RS|AG)(?P<bucket>\d+)|(?P<opt>OPT)"
+)
+_KIND_OF_PREFIX = {"F": "F", "B": "B", **{prefix: kind for kind, (prefix, _) in _P2P_TOKEN.items()}}
+
+
+def parse_programs(text: str) -> list[Program]:
+    """Inverse of format_programs. Without '@<stage>' a staged action is on stage = its rank."""
+    programs = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        head, _, body = line.partition(":")
+        rank = int(head.removeprefix("rank").strip())
+        if rank != len(programs):
+            raise ValueError(f"expected 'rank {len(programs)}:', got {head!r}")
+        programs.append([_parse_token(token, rank) for token in body.split()])
+    return programs
+
+
+def _parse_token(token: str, rank: int) -> Action:
+    match = _TOKEN_RE.fullmatch(token)
+    if match is None:
+        raise ValueError(f"cannot parse action token {token!r}")
+    if match["opt"]:
+        return Action("OPT", -1)
+    if match["coll"]:
+        return Action(match["coll"], -1, int(match["bucket"]))
+    kind = _KIND_OF_PREFIX[match["kind"]]
+    arrow = _P2P_TOKEN[kind][1] if kind in P2P_KINDS else None
+    if match["arrow"] != arrow:
+        raise ValueError(f"action token {token!r}: sends end in '>peer', receives in '<peer', "
+                         "compute has no peer")
+    stage = rank if match["stage"] is None else int(match["stage"])
+    peer = -1 if match["peer"] is None else int(match["peer"])
+    return Action(kind, stage, int(match["mb"]), int(match["chunk"]), peer)
