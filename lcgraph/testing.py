@@ -18,7 +18,7 @@ import torch
 TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=4",
         "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
         "data.seq_len=64", "data.max_corpus_mb=0.3", "train.steps=5", "train.progress=false",
-        "logging.wandb.mode=disabled", "train.device=cpu", "optim.warmup_steps=1"]
+        "logging.wandb.mode=disabled", "train.device=cpu", "optim.warmup_steps=1", "optim.lr=1e-3"]
 
 
 def compose(*overrides: str, tiny: bool = True):
