@@ -103,8 +103,11 @@ def build_meta_model(config):
         return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
 
 
-def capture(model_or_config, example_seq_len: int = 16) -> CapturedGraph:
-    """Export `model_or_config` (an HF causal LM or its config) to an annotated fx graph on meta tensors."""
+def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16) -> CapturedGraph:
+    """Export `model_or_config` (an HF causal LM or its config) to an annotated fx graph on meta tensors.
+
+    The sequence dim is dynamic; the batch (micro-batch size) is fixed at capture.
+    """
     config = getattr(model_or_config, "config", model_or_config)
     check_llama_like(config)
     if isinstance(model_or_config, torch.nn.Module):
@@ -115,7 +118,7 @@ def capture(model_or_config, example_seq_len: int = 16) -> CapturedGraph:
         model = build_meta_model(config)
     started = time.perf_counter()
     seq = torch.export.Dim("seq", min=2, max=1 << 24)
-    example = {k: torch.zeros(1, example_seq_len, dtype=torch.long, device="meta") for k in ("input_ids", "position_ids", "labels")}
+    example = {k: torch.zeros(batch_size, example_seq_len, dtype=torch.long, device="meta") for k in ("input_ids", "position_ids", "labels")}
     try:
         ep = torch.export.export(
             _CausalLMLoss(model), (), kwargs=example, dynamic_shapes={k: {1: seq} for k in example}, strict=False
@@ -124,6 +127,8 @@ def capture(model_or_config, example_seq_len: int = 16) -> CapturedGraph:
         raise CaptureError(f"torch.export failed for {type(model).__name__}: {str(exc).splitlines()[0]}") from exc
     gm = ep.graph_module  # lifted form: parameters and buffers are placeholders
     param_names, buffer_names = _signature_names(ep)
+    if getattr(config, "tie_word_embeddings", False):  # one tensor, one canonical name: the embedding's
+        param_names = {k: "model.embed_tokens.weight" if v == "lm_head.weight" else v for k, v in param_names.items()}
     gm.graph.eliminate_dead_code()
     gm.recompile()
     captured = CapturedGraph(gm, config, param_names, buffer_names)
