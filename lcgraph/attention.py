@@ -65,9 +65,10 @@ def _causal_mask(sq: int, sk: int, device) -> torch.Tensor:
 def _math(q, k, v, scale):
     groups = q.shape[1] // k.shape[1]
     k, v = _expand_kv(k, groups), _expand_kv(v, groups)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # low precision inputs accumulate in fp32
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+    return torch.matmul(scores.softmax(-1), v.to(acc)).to(q.dtype)
 
 
 def _sdpa(q, k, v, scale):

@@ -129,6 +129,7 @@ def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16) -> 
     param_names, buffer_names = _signature_names(ep)
     if getattr(config, "tie_word_embeddings", False):  # one tensor, one canonical name: the embedding's
         param_names = {k: "model.embed_tokens.weight" if v == "lm_head.weight" else v for k, v in param_names.items()}
+    _sizes_from_position_ids(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     captured = CapturedGraph(gm, config, param_names, buffer_names)
@@ -148,6 +149,18 @@ def _signature_names(ep) -> tuple[dict[str, str], dict[str, str]]:
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             buffers[spec.arg.name] = name
     return params, buffers
+
+
+def _sizes_from_position_ids(gm: torch.fx.GraphModule) -> None:
+    """Read the sequence length from position_ids, the one input every pipeline stage receives.
+
+    export may take it from labels or input_ids (they share the symbol); a stage without those inputs
+    would otherwise need them just for their shape.
+    """
+    inputs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for node in gm.graph.nodes:
+        if node.target == torch.ops.aten.sym_size.int and node.args[0].name in ("labels", "input_ids"):
+            node.args = (inputs["position_ids"], *node.args[1:])
 
 
 # --- annotation ----------------------------------------------------------------------------------------------

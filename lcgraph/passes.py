@@ -179,6 +179,8 @@ def _extract_stage(captured: CapturedGraph, owner, s: int, stages: int, layers: 
         (boundary,) = {a for n in nxt for a in n.all_input_nodes if owner[a] is not None and owner[a] != s + 1}
         graph.output(env[boundary])
     graph.eliminate_dead_code()
+    for node in [n for n in graph.nodes if n.op == "placeholder" and not n.users]:
+        graph.erase_node(node)  # e.g. labels seen only through a shape on a stage without the loss
     gm = fx.GraphModule(torch.nn.Module(), graph)
     names = {n.name for n in graph.nodes if n.op == "placeholder"}
     params = {k: v for k, v in captured.param_names.items() if k in names}

@@ -1,0 +1,105 @@
+"""Pipeline stages and Seq1F1B: every schedule on real gloo ranks matches the single-process run.
+
+One launch per pipeline width runs the whole grid of schedules x micro-batch counts (process start-up
+dominates on 2 cores); the single-process references run in the test process.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from lcgraph import passes
+from lcgraph.capture import capture
+from lcgraph.model import build_config
+from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
+
+SCHEDULES = [("gpipe", 1, "even"), ("1f1b", 1, "even"), ("seq1f1b", 2, "even"), ("seq1f1b", 2, "uniform_comp"),
+             ("seq1f1b", 4, "even"), ("seq1f1b", 4, "uniform_comp")]
+MICROBATCHES = (1, 2, 4)
+
+
+def layout(pp, schedule, k, split, m, *extra):
+    return compose(f"parallel.pp={pp}", f"parallel.schedule={schedule}", f"parallel.seq_chunks={k}",
+                   f"parallel.chunk_split={split}", f"parallel.microbatches={m}", *extra)
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {m: train_local(compose(f"parallel.microbatches={m}")) for m in MICROBATCHES}
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_schedule_matches_single_process(pp, references):
+    grid = list(itertools.product(SCHEDULES, MICROBATCHES))
+    results = train_spawned([layout(pp, s, k, split, m) for (s, k, split), m in grid], world=pp)
+    for ((schedule, k, split), m), result in zip(grid, results):
+        ref_losses, ref_params, _ = references[m]
+        assert_close_run(result["losses"], result["params"], ref_losses, ref_params,
+                         label=f"pp={pp} {schedule} k={k} {split} m={m}")
+
+
+def test_seq1f1b_stage0_activation_peak_follows_p_plus_k_minus_1_over_k():
+    """Peak live activations on stage 0: (p+k-1)/k micro-batches for seq1f1b against p for 1f1b."""
+    p, k, m = 2, 4, 4
+    cfgs = [layout(p, "1f1b", 1, "even", 1), layout(p, "1f1b", 1, "even", m), layout(p, "seq1f1b", k, "even", m)]
+    one_mb, onef1b, seq = (r["ranks"][0]["activation_peaks"][0] for r in train_spawned(cfgs, world=p))
+    assert onef1b == pytest.approx(p * one_mb, rel=0.15)
+    assert seq == pytest.approx((p + k - 1) / k * one_mb, rel=0.15)
+    assert seq < onef1b
+
+
+def test_partition_balances_layers_and_stages_hold_only_their_parameters():
+    captured = capture(build_config(compose("model.num_hidden_layers=6").model))
+    costs, first, last = passes.layer_costs(captured, 64)
+    counts = passes.balance_layers(costs, first, last, 3)
+    assert sum(counts) == 6 and len(counts) == 3
+    stages = passes.partition(captured, counts)
+    names = [set(s.param_names.values()) for s in stages]
+    assert "model.embed_tokens.weight" in names[0] and "lm_head.weight" in names[-1]
+    assert all("model.layers.0.mlp.up_proj.weight" not in n for n in names[1:])
+    assert [s.inputs for s in stages] == [["input_ids", "position_ids"], ["position_ids", "hidden_in"],
+                                         ["position_ids", "labels", "hidden_in"]]
+
+
+def test_partition_refuses_more_stages_than_layers():
+    with pytest.raises(passes.PlanError, match="5 stages but the model has 4 layers"):
+        passes.balance_layers([1.0] * 4, 0.0, 0.0, 5)
+
+
+def test_uniform_comp_chunks_come_from_the_graph_costs():
+    from lcgraph.train import Job
+
+    cfg = compose("parallel.pp=1", "parallel.schedule=seq1f1b", "parallel.seq_chunks=4",
+                  "parallel.chunk_split=uniform_comp", "data.seq_len=256")
+    job = Job(cfg, "/tmp/lcgraph-unused", 0, 1)
+    lengths = job.chunk_lengths
+    assert sum(lengths) == 256 and lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+
+
+def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward():
+    from lcgraph.attention import attention_reference
+    from lcgraph.relay import RelayContext, relay_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    k2, v2 = k[:, :2].detach().requires_grad_(True), v[:, :2].detach().requires_grad_(True)  # GQA: 2 kv heads
+    full = attention_reference(q, k2, v2, 0.3)
+    grad = torch.randn_like(full)
+    full.backward(grad)
+    ctx = RelayContext()
+    RelayContext.current = ctx
+    bounds = [0, 11, 18, 24]
+    leaves, outs = [], []
+    for c in range(3):
+        sl = slice(bounds[c], bounds[c + 1])
+        qc, kc, vc = (t.detach()[:, :, sl].clone().requires_grad_(True) for t in (q, k2, v2))
+        ctx.unit = (0, c)
+        outs.append(relay_attention(qc, kc, vc, 0.3, 0))
+        leaves.append((qc, kc, vc))
+    for c in reversed(range(3)):  # last chunk first: it relays dK/dV to the earlier ones
+        outs[c].backward(grad[:, :, bounds[c]:bounds[c + 1]])
+    torch.testing.assert_close(torch.cat(outs, 2), full)
+    for i, ref in enumerate((q.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(torch.cat([leaf[i].grad for leaf in leaves], 2), ref)
+    assert not ctx.caches  # freed after chunk 0's backward
