@@ -24,6 +24,7 @@ def save_checkpoint(job, target: Path, step: int) -> None:
     from safetensors.torch import save_file
 
     c, par = job.coords, job.cfg.parallel
+    job.optimizer.sync_params()
     stages = par.pp * par.virtual_stages
     tmp = target.with_name(target.name + ".tmp")
     if c.rank == 0:

@@ -21,8 +21,9 @@ def set_sp_group(group, size: int) -> None:
 
 def _all_to_all(x: torch.Tensor) -> torch.Tensor:
     """Exchange dim-0 blocks: block i goes to rank i of the sp group."""
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=_sp_group)
+    x = x.contiguous()
+    out = torch.empty_like(x)  # contiguous like x: all_to_all_single reads and writes flat memory
+    dist.all_to_all_single(out, x, group=_sp_group)
     stats["all_to_all"] += 1
     stats["all_to_all_bytes"] += x.numel() * x.element_size()
     return out

@@ -140,6 +140,8 @@ class Plan:
 
     def to_json(self) -> dict:
         ev, cost = self.main, self.main.cost
+        chunks = range(len(cost.chunk_lengths))
+        p2p = [cost.p2p_time(0, 1, c) for c in chunks] if len(cost.layer_counts) > 1 else []
         return {
             "model": self.model,
             "layout": {**dataclasses.asdict(cost.layout), "gpus": cost.layout.gpus, "schedule": ev.spec.name,
@@ -149,8 +151,7 @@ class Plan:
             "layer_counts": list(cost.layer_counts),
             "chunk_lengths": list(cost.chunk_lengths),
             "stages": self.stage_rows(),
-            "summary": {**ev.summary(), "p2p_s_per_chunk": [cost.p2p_time(0, 1, c) for c in range(len(cost.chunk_lengths))]
-                        if cost.layout.pp > 1 else [],
+            "summary": {**ev.summary(), "p2p_s_per_chunk": p2p,
                         "grad_sync_s": [cost.grad_sync_time(s) for s in range(len(cost.layer_counts))]},
             "alternatives": [{"label": label, **(alt.summary() if isinstance(alt, Evaluation) else {"error": alt})}
                              for label, alt in self.alternatives],
@@ -191,11 +192,11 @@ def build_plan(cfg, captured=None) -> Plan:
     profile = load_profile(settings["device"])
     if settings["gpus_per_node"]:
         profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
-    if captured is None:
-        captured = capture(build_config(cfg.model))
-    config = captured.config
+    config = captured.config if captured is not None else build_config(cfg.model)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)
+    check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)  # before the capture's seconds
+    if captured is None:
+        captured = capture(config)
     graph = GraphCosts.from_captured(captured, settings["dtype"])
     par, seq = cfg.parallel, cfg.data.seq_len
     layout = Layout(par.pp, par.dp, par.sp, cfg.data.micro_batch_size, par.zero, par.virtual_stages)
@@ -236,8 +237,19 @@ def _alternatives(graph, profile, layout, counts, seq, par, chunks) -> list[tupl
 
 # --- output ------------------------------------------------------------------------------------------------------
 
-def _gib(n: float) -> str:
-    return f"{n / GiB:.1f}"
+def _size(n: float) -> str:
+    """Bytes in binary units, short: 16.4G, 340M, 12K."""
+    for unit, scale in (("G", GiB), ("M", 2**20), ("K", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
 
 
 def _ms_list(values: list[float]) -> str:
@@ -254,31 +266,33 @@ def print_plan(plan: Plan, console=None) -> None:
     lay, dev, m = cost.layout, cost.profile, plan.model
     seq = sum(cost.chunk_lengths)
     console.print(f"[bold]{m['name']}[/]: {m['layers']} layers, hidden {m['hidden_size']}, {m['heads']} heads "
-                  f"({m['kv_heads']} kv, head dim {m['head_dim']}), {m['params'] / 1e9:.2f}B params | "
-                  f"seq {seq:,} x {lay.micro_batch} per micro-batch, {ev.spec.microbatches} micro-batches x dp "
+                  f"({m['kv_heads']} kv, head dim {m['head_dim']}), {_count(m['params'])} params")
+    console.print(f"seq {seq:,} x {lay.micro_batch} per micro-batch, {ev.spec.microbatches} micro-batches x dp "
                   f"{lay.dp} | pp {lay.pp} x dp {lay.dp} x sp {lay.sp} = {lay.gpus} x {dev.name} "
-                  f"({_gib(dev.memory_bytes)} GiB) | {cost.graph.dtype}, zero={lay.zero}")
+                  f"({_size(dev.memory_bytes)}) | {cost.graph.dtype}, zero={lay.zero}")
     console.print(f"{ev.label}: chunks {cost.chunk_lengths}, layers per stage {cost.layer_counts}")
-    table = Table(title="per stage (one rank; memory in GiB at the stage's peak, times per chunk of one micro-batch)")
+    table = Table(title="per stage: one rank's memory at the stage's peak (G = GiB), "
+                        "times per chunk of one micro-batch")
     for col in ("stage", "rank", "layers", "params", "weights", "grads", "optim", "activ.", "KV relay",
                 "total / GPU", "fwd ms", "bwd ms"):
         table.add_column(col, justify="right")
     for r in plan.stage_rows():
         layers = f"{r['layers'][0]}-{r['layers'][1]}" if r["layers"] else "-"
         style = "red" if r["total_bytes"] > dev.memory_bytes else ""
-        table.add_row(str(r["stage"]), str(r["rank"]), layers, f"{r['params'] / 1e9:.2f}B", _gib(r["weights_bytes"]),
-                      _gib(r["grads_bytes"]), _gib(r["optimizer_bytes"]), _gib(r["activations_bytes"]),
-                      _gib(r["kv_relay_bytes"]), f"[{style}]{_gib(r['total_bytes'])} ({r['memory_fraction']:.0%})[/]"
-                      if style else f"{_gib(r['total_bytes'])} ({r['memory_fraction']:.0%})",
+        total = f"{_size(r['total_bytes'])} ({r['memory_fraction']:.0%})"
+        table.add_row(str(r["stage"]), str(r["rank"]), layers, _count(r["params"]), _size(r["weights_bytes"]),
+                      _size(r["grads_bytes"]), _size(r["optimizer_bytes"]), _size(r["activations_bytes"]),
+                      _size(r["kv_relay_bytes"]), f"[{style}]{total}[/]" if style else total,
                       _ms_list(r["forward_s"]), _ms_list(r["backward_s"]))
     console.print(table)
     s = ev.summary()
-    fits = "fits" if s["fits"] else f"[red]does NOT fit: peak {_gib(s['peak_bytes'])} GiB > {_gib(dev.memory_bytes)} GiB[/]"
+    fits = (f"fits: peak {_size(s['peak_bytes'])} of {_size(dev.memory_bytes)}" if s["fits"] else
+            f"[red]does NOT fit: peak {_size(s['peak_bytes'])} > {_size(dev.memory_bytes)}[/]")
     console.print(f"step {s['step_time_s']:.3f} s | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
                   f"MFU {s['mfu']:.1%} | bubble {s['bubble']:.1%} | {fits}")
     if len(plan.alternatives) > 1:
         alt = Table(title="alternatives (same layout and micro-batches)")
-        for col in ("schedule", "chunks", "step s", "tokens/s/GPU", "MFU", "bubble", "peak GiB", "fits"):
+        for col in ("schedule", "chunks", "step s", "tokens/s/GPU", "MFU", "bubble", "peak mem", "fits"):
             alt.add_column(col, justify="right")
         for label, a in plan.alternatives:
             if isinstance(a, str):
@@ -287,7 +301,7 @@ def print_plan(plan: Plan, console=None) -> None:
             x = a.summary()
             chunks = _short_chunks(x["chunk_lengths"])
             alt.add_row(label, chunks, f"{x['step_time_s']:.3f}", f"{x['tokens_per_s_per_gpu']:,.0f}",
-                        f"{x['mfu']:.1%}", f"{x['bubble']:.1%}", _gib(x["peak_bytes"]),
+                        f"{x['mfu']:.1%}", f"{x['bubble']:.1%}", _size(x["peak_bytes"]),
                         "yes" if x["fits"] else "[red]no[/]")
         console.print(alt)
     for note in plan.notes:
@@ -331,9 +345,9 @@ def plan_main(cfg) -> None:
             sys.exit(2)
         raise
     out = HydraConfig.get().runtime.output_dir
-    write_plan(plan, out)
+    written = write_plan(plan, out)
     print_plan(plan)
-    print(f"wrote plan.json, programs.txt, timeline.json to {out}")
+    print(f"wrote {', '.join(p.name for p in written)} to {out}")
 
 
 def main() -> None:

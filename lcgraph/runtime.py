@@ -90,18 +90,22 @@ class Interpreter:
     """Executes one rank's program for one optimizer step."""
 
     def __init__(self, program: list[Action], stages: dict[int, StageState], pp_peers: dict[int, int],
-                 hidden_shape, dtype, device, optimizer_step, record_timeline: bool = True):
+                 hidden_shape, dtype, device, optimizer, record_timeline: bool = True):
         self.program = program
         self.stages = stages
         self.pp_peers = pp_peers  # pipeline rank -> global rank of my (dp, sp) replica on it
         self.hidden_shape = hidden_shape  # (batch, hidden) of the residual stream
         self.dtype, self.device = dtype, device
-        self.optimizer_step = optimizer_step  # callable(interpreter) run by OPT (grad sync + update)
+        self.optimizer = optimizer  # sync_and_step (OPT), collective (RS/AG), before/after_backward, before_forward
+        self.final_backward = {}  # stage -> index of its last B in the program (gradients final after it)
+        for i, a in enumerate(program):
+            if a.kind == "B":
+                self.final_backward[a.stage] = i
+        self.grad_norm = 0.0
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
         self.meters = {i: ActivationMeter(ptrs) for i in stages}
         self.timeline: list[tuple[str, float, float]] = []
         self.record_timeline = record_timeline
-        self.collective_hook = None  # set by zero.py: callable(action, interpreter)
 
     # --- one step ------------------------------------------------------------------------------------------
     def run_step(self, units: dict[tuple[int, int], UnitData], loss_scale: float) -> torch.Tensor:
@@ -122,6 +126,7 @@ class Interpreter:
                 self._timed(action.kind[:4].lower(), self._p2p, self.program[i:j])
                 i = j
                 continue
+            self._index = i
             self._timed(action.token(len(self.stages) > 1), self._dispatch, action)
             i += 1
         for work in self.sends:
@@ -143,9 +148,9 @@ class Interpreter:
             for work in self.sends:
                 work.wait()
             self.sends = []
-            self.optimizer_step(self)
-        elif self.collective_hook is not None:
-            self.collective_hook(action, self)
+            self.grad_norm = self.optimizer.sync_and_step(self)
+        elif action.kind in ("RS", "AG"):
+            self.optimizer.collective(action, self)
         else:
             raise RuntimeError(f"no handler for action {action}")
 
@@ -153,6 +158,7 @@ class Interpreter:
     def _forward(self, a: Action):
         st = self.stages[a.stage]
         unit = self.units[(a.mb, a.chunk)]
+        self.optimizer.before_forward(a)
         hidden_in = None
         if not st.graph.is_first:
             hidden_in = self.inbox.pop(("F", a.stage, a.mb, a.chunk))
@@ -172,10 +178,13 @@ class Interpreter:
         st = self.stages[a.stage]
         key = (a.stage, a.mb, a.chunk)
         hidden_in, out = self.saved.pop(key)
+        final = self.final_backward[a.stage] == self._index
+        self.optimizer.before_backward(a, final)
         if st.graph.is_last:
             out.backward()
         else:
             out.backward(self.inbox.pop(("B", a.stage, a.mb, a.chunk)))
+        self.optimizer.after_backward(a, final)
         self.meters[a.stage].backward_done(key)
         if hidden_in is not None:
             self.saved[("grad",) + key] = hidden_in.grad

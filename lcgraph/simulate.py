@@ -95,13 +95,17 @@ class _Memory:
         self.peaks = {s: StagePeak(self.static[s]) for s in self.static}
         self.rank_peak = [0.0] * spec.pp
 
+    def _relay_kv(self, key: tuple[int, int]) -> float:
+        """K/V the relay holds for (stage, mb): pending chunks, plus their dK/dV once its backward began."""
+        doubled = key in self.started and self.spec.seq_chunks > 1
+        return self.pending_kv.get(key, 0.0) * (2.0 if doubled else 1.0)
+
     def apply(self, action: Action) -> None:
         if action.kind not in COMPUTE_KINDS:
             return
         s, key = action.stage, (action.stage, action.mb)
         act, kv = self.costs.unit_bytes(s, action.chunk)
-        relay_factor = lambda: 2.0 if key in self.started and self.spec.seq_chunks > 1 else 1.0  # noqa: E731
-        self.kv[s] -= self.pending_kv.get(key, 0.0) * relay_factor()
+        self.kv[s] -= self._relay_kv(key)
         if action.kind == "F":
             self.act[s] += act
             self.pending_kv[key] = self.pending_kv.get(key, 0.0) + kv
@@ -109,9 +113,9 @@ class _Memory:
             self.act[s] -= act
             self.pending_kv[key] = self.pending_kv.get(key, 0.0) - kv
             self.started.add(key)
-            if action.chunk == 0:
+            if action.chunk == 0:  # the micro-batch is done on this stage: the relay frees its cache
                 self.pending_kv.pop(key)
-        self.kv[s] += self.pending_kv.get(key, 0.0) * relay_factor()
+        self.kv[s] += self._relay_kv(key)
         self._record(s)
 
     def _record(self, s: int) -> None:

@@ -67,7 +67,8 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
             record = {"losses": losses, "params": params if keep else {},
                       "activation_peaks": extra["activation_peaks"], "relay_peaks": extra["relay_peaks"],
                       "optimizer_state_bytes": extra["optimizer_state_bytes"],
-                      "events": getattr(job.optimizer, "events", [])}
+                      "events": getattr(job.optimizer, "events", []), "timeline": job.interpreter.timeline,
+                      "program": [a.token(False) for a in job.interpreter.program]}
             torch.save(record, os.path.join(out_dir, f"{i}-rank{rank}.pt"))
             dist.barrier()
     finally:

@@ -75,17 +75,22 @@ def write_png(timeline, path, title: str = "") -> Path | None:
     import matplotlib.pyplot as plt
 
     ranks = sorted({e[0] for e in timeline})
-    fig, ax = plt.subplots(figsize=(12, 0.5 * len(ranks) + 1.2))
-    for rank, name, start, end in timeline:
-        if _lane(name) == 0:
-            ax.barh(rank, end - start, left=start, height=0.8, color=COLORS[_kind(name)], edgecolor="white",
-                    linewidth=0.3)
+    compute = [e for e in timeline if _lane(e[1]) == 0]
+    span = max((e[3] for e in compute), default=1.0) or 1.0
+    fig, ax = plt.subplots(figsize=(14, 0.55 * len(ranks) + 1.5))
+    for rank, name, start, end in compute:
+        ax.barh(rank, end - start, left=start, height=0.8, color=COLORS[_kind(name)], edgecolor="white",
+                linewidth=0.3)
+        if (end - start) > span / 45:  # label the bars wide enough to read
+            ax.text((start + end) / 2, rank, name, ha="center", va="center", fontsize=6, color="white")
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
-    ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(handles, list(COLORS), loc="upper right", ncol=len(COLORS), fontsize="small")
+    ax.set_title(title, loc="left")
+    kinds = [k for k in COLORS if any(_kind(e[1]) == k for e in compute)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds]
+    ax.legend(handles, kinds, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(kinds), fontsize="small",
+              frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,7 @@ class Job:
         self._setup_schedule()
         self._setup_stages()
         self._setup_optimizer()
+        self._setup_interpreter()
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
@@ -153,10 +154,6 @@ class Job:
             buffers = model.rotary_buffers(self.config, g.buffer_names.values(), self.device)
             self.stages[s] = StageState(g, params, buffers)
         self.tied = self._tied_names()
-        peers = {r: c.global_rank(r) for r in range(par.pp)}
-        self.interpreter = Interpreter(self.programs[c.pp_rank], self.stages, peers,
-                                       (self.cfg.data.micro_batch_size, self.config.hidden_size),
-                                       self.dtype, self.device, self._optimizer_step)
 
     def _tied_names(self) -> list[str]:
         """Parameters held by two pipeline stages (tied embeddings): their gradients are summed across them."""
@@ -169,9 +166,31 @@ class Job:
         return ["model.embed_tokens.weight"] if c.pp_rank in (0, par.pp - 1) else []
 
     def _setup_optimizer(self):
-        from lcgraph.zero import build_optimizer
+        from lcgraph.zero import add_bucket_actions, build_optimizer
 
         self.optimizer = build_optimizer(self)
+        # every rank needs every rank's RS/AG actions for programs.txt; buckets are per stage, so ask
+        # each stage's layout: ranks of one pipeline rank agree, other pipeline ranks report theirs
+        actions = self._gather_bucket_actions(self.optimizer.program_actions())
+        self.programs = [add_bucket_actions(p, actions) for p in self.programs]
+        schedule.validate(self.programs, self.spec)
+
+    def _gather_bucket_actions(self, mine: dict) -> dict:
+        if self.world == 1:
+            return mine
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        merged = {}
+        for d in everyone:
+            merged.update(d)
+        return merged
+
+    def _setup_interpreter(self):
+        c = self.coords
+        peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
+        self.interpreter = Interpreter(self.programs[c.pp_rank], self.stages, peers,
+                                       (self.cfg.data.micro_batch_size, self.config.hidden_size),
+                                       self.dtype, self.device, self.optimizer)
 
     def _dumper(self):
         from lcgraph.viz import dump_graph
@@ -224,18 +243,15 @@ class Job:
         elapsed = time.perf_counter() - started
         tokens = total
         return {"step": step + 1, "loss": float(loss_sum) / total, "tokens": tokens, "step_time_s": elapsed,
-                "tokens_per_s": tokens / elapsed, "lr": lr_at(step, self.cfg), "grad_norm": self.last_grad_norm}
-
-    def _optimizer_step(self, interp: Interpreter) -> None:
-        self.last_grad_norm = self.optimizer.sync_and_step(interp)
-
-    last_grad_norm = 0.0
+                "tokens_per_s": tokens / elapsed, "lr": lr_at(step, self.cfg), "grad_norm": self.interpreter.grad_norm}
 
     # --- memory --------------------------------------------------------------------------------------------
     def activation_peaks(self) -> dict[int, int]:
         return {s: m.peak for s, m in self.interpreter.meters.items()}
 
     def all_params(self) -> dict[str, torch.Tensor]:
+        if hasattr(self, "optimizer"):
+            self.optimizer.sync_params()
         out = {}
         for st in self.stages.values():
             out.update(st.params)

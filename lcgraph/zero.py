@@ -1,59 +1,337 @@
-"""Gradient synchronisation and the optimizer step of one rank (run by the OPT action).
+"""Gradient synchronisation and the optimizer step (the RS, AG and OPT actions of a stage program).
 
-Replicas of a stage (its dp x sp ranks) sum their gradients; parameters shared by two stages (tied
-embeddings) sum theirs across the pipeline; the global gradient norm is clipped; AdamW updates.
+ZeRO-2 with overlapped reduce-scatter (Megatron-LLaMA's distributed optimizer), `ShardedAdamW`:
+- A stage's parameters live in flat buckets of whole parameters, in gradient-ready order (the last
+  layers' gradients are final first). Parameters and gradients are views into the bucket buffers.
+- The `add_bucket_actions` pass puts `RS<b>` after the stage's last backward and `AG<b>` after OPT.
+  The interpreter arms grad-ready hooks for that last backward, so each bucket's reduce-scatter over the
+  stage's dp*sp replicas is *issued* the moment its last gradient is accumulated, while the backward
+  goes on; the RS action is where the program *waits* for it. Issue and wait times are recorded.
+- Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
+  two AdamW moments. OPT clips by the global norm and updates the shard; AG all-gathers the updated
+  parameters asynchronously, waited just before the stage's first forward of the next step.
+
+`ReplicatedAdamW` (parallel.zero=false) all-reduces whole gradients at OPT instead.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 
+from lcgraph.schedule import Action
 
-class ReplicatedAdamW(torch.optim.AdamW):
-    """AdamW whose step first all-reduces gradients over the stage replicas, then clips the global norm."""
 
+def _param_order(stage) -> list[str]:
+    """HF names of a stage's parameters, last-used first (the order their gradients become final)."""
+    first_use = {}
+    for i, node in enumerate(stage.graph.gm.graph.nodes):
+        for arg in node.all_input_nodes:
+            if arg.name in stage.graph.param_names and arg.name not in first_use:
+                first_use[arg.name] = i
+    names = sorted(first_use, key=first_use.get, reverse=True)
+    return [stage.graph.param_names[ph] for ph in names]
+
+
+@dataclass
+class Bucket:
+    stage: int
+    index: int
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    param_flat: torch.Tensor
+    grad_flat: torch.Tensor
+    decay_mask: torch.Tensor  # 1 where weight decay applies (matrices), per element of my shard
+    shard: slice
+    tied: bool = False
+    pending: set = field(default_factory=set)
+    work: object = None
+    master: torch.Tensor | None = None
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+    grad_shard: torch.Tensor | None = None
+    gather: object = None
+
+
+class ShardedAdamW:
     def __init__(self, job):
         self.job = job
-        params = job.all_params()
-        decay = [p for n, p in params.items() if p.ndim >= 2]
-        no_decay = [p for n, p in params.items() if p.ndim < 2]
         o = job.cfg.optim
-        super().__init__([{"params": decay, "weight_decay": o.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}],
-                         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+        self.lr, self.betas, self.eps, self.wd = o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay
+        self.param_groups = [{"lr": o.lr}]  # the trainer sets the lr per step here
+        self.group_size = job.coords.dp * job.coords.sp
+        self.group = job.replica_group if self.group_size > 1 else None
+        self.step_count = 0
+        self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time)
+        limit = max(1, int(job.cfg.parallel.bucket_mb * 2**20))
+        self.buckets: list[Bucket] = []
+        for s, stage in job.stages.items():
+            self._make_buckets(s, stage, limit)
+        self._hooks = []
 
+    # --- layout ------------------------------------------------------------------------------------------
+    def _make_buckets(self, s: int, stage, limit: int) -> None:
+        order = [n for n in _param_order(stage) if n not in self.job.tied]
+        groups, current, size = [], [], 0
+        for name in order:
+            p = stage.params[name]
+            if current and size + p.numel() * p.element_size() > limit:
+                groups.append((current, False))
+                current, size = [], 0
+            current.append(name)
+            size += p.numel() * p.element_size()
+        if current:
+            groups.append((current, False))
+        groups += [([n], True) for n in self.job.tied if n in stage.params]  # synced across stages first
+        for names, tied in groups:
+            self.buckets.append(self._bucket(s, len(self.buckets), names, stage.params, tied))
+
+    def _bucket(self, s, index, names, params, tied) -> Bucket:
+        plist = [params[n] for n in names]
+        total = sum(p.numel() for p in plist)
+        padded = math.ceil(total / self.group_size) * self.group_size
+        ref = plist[0]
+        param_flat = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
+        grad_flat = torch.zeros_like(param_flat)
+        decay = torch.zeros(padded, dtype=torch.float32, device=ref.device)
+        offset = 0
+        for p in plist:
+            n = p.numel()
+            param_flat[offset:offset + n].copy_(p.detach().flatten())
+            p.data = param_flat[offset:offset + n].view_as(p)
+            p.grad = grad_flat[offset:offset + n].view_as(p)
+            decay[offset:offset + n] = 1.0 if p.ndim >= 2 else 0.0
+            offset += n
+        rank = self.job.coords.dp_rank * self.job.coords.sp + self.job.coords.sp_rank
+        per = padded // self.group_size
+        shard = slice(rank * per, (rank + 1) * per)
+        b = Bucket(s, index, names, plist, param_flat, grad_flat, decay[shard].clone(), shard, tied)
+        master_dtype = torch.float32
+        own = param_flat[shard]
+        b.master = own if own.dtype == master_dtype else own.to(master_dtype).clone()
+        b.exp_avg = torch.zeros_like(b.master)
+        b.exp_avg_sq = torch.zeros_like(b.master)
+        return b
+
+    def state_bytes(self) -> int:
+        """Optimizer state held by this rank: fp32 master (if a separate copy) and the two moments."""
+        total = 0
+        for b in self.buckets:
+            extra = b.master.data_ptr() != b.param_flat[b.shard].data_ptr()
+            total += (b.exp_avg.numel() + b.exp_avg_sq.numel() + (b.master.numel() if extra else 0)) * 4
+        return total
+
+    def program_actions(self) -> dict[int, tuple[list[Action], list[Action]]]:
+        """Per stage: the RS actions (after its last backward) and AG actions (after OPT)."""
+        out: dict[int, tuple[list[Action], list[Action]]] = {}
+        if self.group is None:
+            return out
+        for b in self.buckets:
+            rs, ag = out.setdefault(b.stage, ([], []))
+            rs.append(Action("RS", b.stage, b.index))
+            ag.append(Action("AG", b.stage, b.index))
+        return out
+
+    # --- interpreter hooks --------------------------------------------------------------------------------
+    def before_forward(self, action: Action) -> None:
+        """Wait for the all-gathers of this stage's parameters (issued at AG) before their first use."""
+        for b in self.buckets:
+            if b.stage == action.stage and b.gather is not None:
+                b.gather.wait()
+                b.gather = None
+                self.events.append(("ag_wait", b.stage, b.index, time.perf_counter()))
+
+    def sync_params(self) -> None:
+        """Finish every outstanding all-gather (before parameters are read outside a step)."""
+        for b in self.buckets:
+            if b.gather is not None:
+                b.gather.wait()
+                b.gather = None
+
+    def before_backward(self, action: Action, final: bool) -> None:
+        """For the stage's last backward of the step: issue each bucket's reduce-scatter once it is final."""
+        if not final or self.group is None:
+            return
+        for b in self.buckets:
+            if b.stage != action.stage or b.tied:
+                continue
+            b.pending = {id(p) for p in b.params}
+            for p in b.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._ready_hook(b)))
+
+    def _ready_hook(self, b: Bucket):
+        def hook(p):
+            b.pending.discard(id(p))
+            if not b.pending and b.work is None:
+                self._issue(b)
+        return hook
+
+    def after_backward(self, action: Action, final: bool) -> None:
+        if final:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            for b in self.buckets:  # parameters the last backward did not reach (unused on this stage)
+                if b.stage == action.stage and not b.tied and b.work is None and self.group is not None:
+                    self._issue(b)
+
+    def _issue(self, b: Bucket) -> None:
+        b.grad_shard = torch.empty(b.shard.stop - b.shard.start, dtype=b.grad_flat.dtype, device=b.grad_flat.device)
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        b.work = reduce_scatter(b.grad_shard, b.grad_flat, group=self.group, async_op=True)
+        self.events.append(("rs_issue", b.stage, b.index, time.perf_counter()))
+
+    def collective(self, action: Action, interp) -> None:
+        b = self.buckets[action.mb]
+        if action.kind == "RS":
+            if b.tied:  # the tied weight's gradient must first be summed across the two stages
+                dist.all_reduce(b.grad_flat, group=self.job.tied_group)
+                self._issue(b)
+            b.work.wait()
+            self.events.append(("rs_wait", b.stage, b.index, time.perf_counter()))
+        elif action.kind == "AG":
+            own = b.param_flat[b.shard].clone()
+            b.gather = _all_gather(b.param_flat, own, self.group)
+            self.events.append(("ag_issue", b.stage, b.index, time.perf_counter()))
+
+    # --- OPT ----------------------------------------------------------------------------------------------
     def sync_and_step(self, interp) -> float:
-        job = self.job
-        params = job.all_params()
-        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
-        for n, p in params.items():
-            p.grad = grads[n]
-        if job.replica_group is not None and job.coords.dp * job.coords.sp > 1:
-            for g in grads.values():
-                dist.all_reduce(g, group=job.replica_group)
-        for name in job.tied:
-            dist.all_reduce(grads[name], group=job.tied_group)
-        norm = self._global_norm(grads)
-        clip = job.cfg.optim.grad_clip
-        if clip > 0 and norm > clip:
-            for g in grads.values():
-                g.mul_(clip / (norm + 1e-6))
-        self.step()
-        self.zero_grad(set_to_none=True)
+        if self.group is None:
+            for name in self.job.tied:
+                b = next(b for b in self.buckets if name in b.names)
+                dist.all_reduce(b.grad_flat, group=self.job.tied_group)
+            for b in self.buckets:
+                b.grad_shard = b.grad_flat[b.shard]
+        norm = self._global_norm()
+        clip = self.job.cfg.optim.grad_clip
+        scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
+        self.step_count += 1
+        lr = self.param_groups[0]["lr"]
+        for b in self.buckets:
+            grad = b.grad_shard.to(b.master.dtype)
+            self._adamw(b, grad.mul_(scale) if scale != 1.0 else grad, lr)
+            if b.master.data_ptr() != b.param_flat[b.shard].data_ptr():
+                b.param_flat[b.shard].copy_(b.master)
+            b.grad_flat.zero_()
+            b.work = None
         return norm
 
-    def _global_norm(self, grads: dict[str, torch.Tensor]) -> float:
+    def _adamw(self, b: Bucket, grad: torch.Tensor, lr: float) -> None:
+        """torch.optim.AdamW's update, element-wise on this rank's shard."""
+        beta1, beta2 = self.betas
+        if self.wd:
+            b.master.mul_(1 - lr * self.wd * b.decay_mask)
+        b.exp_avg.lerp_(grad, 1 - beta1)
+        b.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bc1 = 1 - beta1 ** self.step_count
+        bc2 = 1 - beta2 ** self.step_count
+        denom = (b.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(self.eps)
+        b.master.addcdiv_(b.exp_avg, denom, value=-lr / bc1)
+
+    def _global_norm(self) -> float:
         job = self.job
-        counted = {n: g for n, g in grads.items()
-                   if not (n in job.tied and job.coords.pp_rank != 0)}  # a tied weight counts once
         sq = torch.zeros((), dtype=torch.float64, device=job.device)
-        for g in counted.values():
-            sq += g.double().pow(2).sum()
+        for b in self.buckets:
+            if b.tied and job.coords.pp_rank != 0:
+                continue  # a tied weight counts once
+            sq += b.grad_shard.double().pow(2).sum()
+        if self.group is not None:
+            dist.all_reduce(sq, group=self.group)
         if job.mesh is not None and job.coords.pp > 1:
             dist.all_reduce(sq, group=job.mesh["pp"].get_group())
         return float(sq.sqrt())
 
 
+def _all_gather(out: torch.Tensor, shard: torch.Tensor, group):
+    """Asynchronous all-gather of equal shards into `out` (all_gather_single where torch has it)."""
+    gather = getattr(dist, "all_gather_single", None)
+    if gather is not None:
+        return gather(out, shard, group=group, async_op=True)
+    return dist.all_gather_into_tensor(out, shard, group=group, async_op=True)
+
+
+class ReplicatedAdamW(torch.optim.AdamW):
+    """AdamW whose step first all-reduces whole gradients over the stage replicas (parallel.zero=false)."""
+
+    def __init__(self, job):
+        self.job = job
+        params = job.all_params()
+        o = job.cfg.optim
+        super().__init__([{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": o.weight_decay},
+                          {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
+                         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+
+    def before_forward(self, action):
+        pass
+
+    def sync_params(self):
+        pass
+
+    def before_backward(self, action, final):
+        pass
+
+    def after_backward(self, action, final):
+        pass
+
+    def collective(self, action, interp):
+        raise RuntimeError(f"{action} needs parallel.zero=true")
+
+    def program_actions(self):
+        return {}
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
+                   if torch.is_tensor(t) and t.ndim > 0)
+
+    def sync_and_step(self, interp) -> float:
+        job = self.job
+        params = job.all_params()
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if job.replica_group is not None and job.coords.dp * job.coords.sp > 1:
+            for p in params.values():
+                dist.all_reduce(p.grad, group=job.replica_group)
+        for name in job.tied:
+            dist.all_reduce(params[name].grad, group=job.tied_group)
+        sq = torch.zeros((), dtype=torch.float64, device=job.device)
+        for n, p in params.items():
+            if not (n in job.tied and job.coords.pp_rank != 0):
+                sq += p.grad.double().pow(2).sum()
+        if job.mesh is not None and job.coords.pp > 1:
+            dist.all_reduce(sq, group=job.mesh["pp"].get_group())
+        norm = float(sq.sqrt())
+        clip = job.cfg.optim.grad_clip
+        if clip > 0 and norm > clip:
+            for p in params.values():
+                p.grad.mul_(clip / (norm + 1e-6))
+        self.step()
+        self.zero_grad(set_to_none=True)
+        return norm
+
+
+def add_bucket_actions(program: list[Action], actions: dict[int, tuple[list[Action], list[Action]]]) -> list[Action]:
+    """Insert RS<b> after each stage's last backward and AG<b> right after OPT."""
+    last_b = {}
+    for i, a in enumerate(program):
+        if a.kind == "B":
+            last_b[a.stage] = i
+    mine = {s: actions[s] for s in last_b if s in actions}  # stages this program runs
+    out = []
+    for i, a in enumerate(program):
+        out.append(a)
+        for stage, (rs, _) in mine.items():
+            if last_b[stage] == i:
+                out.extend(rs)
+        if a.kind == "OPT":
+            for _, ag in mine.values():
+                out.extend(ag)
+    return out
+
+
 def build_optimizer(job):
-    return ReplicatedAdamW(job)
+    return ShardedAdamW(job) if job.cfg.parallel.zero else ReplicatedAdamW(job)

@@ -1,0 +1,238 @@
+"""Planner: simulator vs the closed forms of ANCHORS section 1, cost and memory model, lcgraph-plan end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lcgraph.costmodel import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
+from lcgraph.schedule import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
+from lcgraph.simulate import UniformCosts, simulate
+from lcgraph.timeline import from_measured, trace_events, write_timeline
+
+TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2)
+
+
+def programs(name, p, m, k=1, v=1, p2p=True):
+    spec = ScheduleSpec(name, p, m, k, v)
+    progs = build_programs(spec)
+    return (add_p2p(progs, spec) if p2p else progs), spec
+
+
+@pytest.fixture(scope="module")
+def tiny_graph():
+    from transformers import LlamaConfig
+
+    from lcgraph.capture import capture
+
+    return GraphCosts.from_captured(capture(LlamaConfig(**TINY_SHAPE)), "bf16")
+
+
+# --- simulator vs closed forms (equal-cost chunks, free p2p) ----------------------------------------------
+
+@pytest.mark.parametrize("p,m,k", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (3, 5, 4), (4, 4, 8)])
+def test_seq1f1b_bubble_and_stage0_activations_match_closed_form(p, m, k):
+    progs, spec = programs("seq1f1b", p, m, k)
+    sim = simulate(progs, spec, UniformCosts(f=1.0, b=2.3, k=k))
+    assert sim.bubble == pytest.approx((p - 1) / (k * m + p - 1))
+    assert sim.peaks[0].activations == pytest.approx((p + k - 1) / k)  # in units of one micro-batch
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 4), (3, 7)])
+def test_1f1b_and_gpipe_bubble_and_activations_match_closed_form(p, m):
+    for name, stage0 in (("1f1b", p), ("gpipe", m)):
+        progs, spec = programs(name, p, m)
+        sim = simulate(progs, spec, UniformCosts(f=1.0, b=2.0))
+        assert sim.bubble == pytest.approx((p - 1) / (m + p - 1)), name
+        assert sim.peaks[0].activations == pytest.approx(stage0), name
+
+
+def test_interleaved_bubble_and_rank0_memory_match_closed_form():
+    p, m, v = 4, 8, 2
+    progs, spec = programs("interleaved_1f1b", p, m, v=v)
+    sim = simulate(progs, spec, UniformCosts(f=1.0, b=2.0, k=v))  # each stage holds 1/v of a micro-batch
+    assert sim.bubble == pytest.approx((p - 1) / (v * m + p - 1))
+    assert sim.rank_peak[0] == pytest.approx(p * (1 + (p - 1) / (p * v)))
+
+
+def test_seq1f1b_halves_stage0_activations_against_1f1b_at_same_bubble_or_better():
+    p, m, k = 4, 8, 4
+    one, spec1 = programs("1f1b", p, m)
+    seq, speck = programs("seq1f1b", p, m, k)
+    a = simulate(one, spec1, UniformCosts(k=1))
+    b = simulate(seq, speck, UniformCosts(k=k))
+    assert b.peaks[0].activations <= a.peaks[0].activations / 2
+    assert b.bubble < a.bubble
+
+
+def test_simulator_agrees_with_schedule_bubble_estimate_with_and_without_p2p():
+    for name, p, m, k in (("seq1f1b", 3, 4, 2), ("1f1b", 4, 6, 1)):
+        progs, spec = programs(name, p, m, k, p2p=False)
+        expected = bubble_fraction(progs, spec, 1.0, 2.0)
+        for prog in (progs, add_p2p(progs, spec)):
+            assert simulate(prog, spec, UniformCosts(1.0, 2.0, k)).bubble == pytest.approx(expected)
+
+
+class _SlowLinks(UniformCosts):
+    def transfer(self, action):
+        return 0.25
+
+
+def test_transfers_delay_the_step_and_show_on_the_wire_lane():
+    progs, spec = programs("1f1b", 3, 4)
+    free = simulate(progs, spec, UniformCosts())
+    slow = simulate(progs, spec, _SlowLinks())
+    assert slow.step_time > free.step_time
+    wire = [e for e in slow.timeline if e.name[0].islower()]
+    assert wire and all(e.end - e.start >= 0.25 - 1e-12 for e in wire)
+
+
+def test_timeline_respects_pipeline_and_chunk_dependencies():
+    progs, spec = programs("seq1f1b", 3, 3, 3)
+    sim = simulate(progs, spec, UniformCosts(1.0, 2.0, 3))
+    at = {(e.rank, e.name): e for e in sim.timeline}
+    for r in range(1, 3):
+        assert at[(r, "F1.2")].start >= at[(r - 1, "F1.2")].end  # upstream stage first
+    assert at[(0, "F1.1")].start >= at[(0, "F1.0")].end  # K/V of the earlier chunk
+    assert at[(0, "B1.0")].start >= at[(0, "B1.1")].end  # dK/dV relayed from the later chunk
+
+
+def test_kv_relay_doubles_while_a_micro_batch_runs_its_backward():
+    progs, spec = programs("seq1f1b", 1, 1, 4)
+    sim = simulate(progs, spec, UniformCosts(k=4, activations=0.0, kv=4.0))
+    assert sim.peaks[0].kv_relay == pytest.approx(6.0)  # after B of chunk 3: K/V + dK/dV of chunks 0..2
+
+
+# --- profiles and cost model -------------------------------------------------------------------------------
+
+def test_shipped_profiles_load_and_interpolate_attention_rates():
+    assert {"h100", "h200", "a100"} <= set(profile_names())
+    h100 = load_profile("h100")
+    assert h100.matmul_flops == pytest.approx(798e12)
+    assert h100.attention_rate(32768, 128) == pytest.approx(590e12)
+    assert h100.attention_rate(16384, 64) == pytest.approx(440e12)
+    assert 480e12 < h100.attention_rate(8192, 128) < 560e12  # between the 4k and 16k points
+    assert load_profile("h200").memory_bytes > h100.memory_bytes
+    assert "not measured" in load_profile("a100").source
+    assert DeviceProfile.from_dict(h100.to_dict()) == h100
+    with pytest.raises(ValueError, match="unknown keys"):
+        DeviceProfile.from_dict({**h100.to_dict(), "tflops": 1})
+    with pytest.raises(FileNotFoundError, match="shipped profiles"):
+        load_profile("tpu")
+
+
+def test_graph_costs_reproduce_the_mfu_convention_and_parameter_count(tiny_graph):
+    c = TINY_SHAPE
+    h, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv_dim = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * f
+    n = L * per_layer + V * h  # matmul weights with the head, no embedding
+    seq = 1000
+    # 6N + 6LhS, with the exact causal pair count S(S+1)/2 per sequence
+    assert tiny_graph.model_flops_per_token(seq) == pytest.approx(6 * n + 6 * L * h * (seq + 1))
+    assert tiny_graph.total().params == n + V * h + (2 * L + 1) * h  # + embedding + norms
+    assert tiny_graph.total().attention_layers == L
+    assert tiny_graph.head_dim == h // c["num_attention_heads"]
+
+
+def _cost(graph, chunks, **layout):
+    return CostModel(graph, load_profile("h100"), Layout(**{"pp": 2, **layout}), [2, 2], chunks)
+
+
+def test_zero_shards_optimizer_state_over_dp_times_sp(tiny_graph):
+    full = _cost(tiny_graph, [1024], dp=2, sp=4, zero=False).stage_memory(0)
+    sharded = _cost(tiny_graph, [1024], dp=2, sp=4, zero=True).stage_memory(0)
+    assert sharded.optimizer == pytest.approx(full.optimizer / 8)
+    assert (sharded.weights, sharded.grads) == (full.weights, full.grads)
+    params = tiny_graph.stage([0, 1], True, False).params
+    assert full.optimizer == params * 12  # fp32 master + two moments (bf16 model)
+    assert full.weights == params * 2
+
+
+def test_sequence_parallel_and_chunks_divide_per_rank_work_and_memory(tiny_graph):
+    one = _cost(tiny_graph, [4096])
+    sp2 = _cost(tiny_graph, [4096], sp=2)
+    parts1, parts2 = one.compute_parts(0, 4096, 0), sp2.compute_parts(0, 4096, 0)
+    for part in ("matmul", "attention", "traffic"):
+        assert parts2[part] == pytest.approx(parts1[part] / 2)
+    assert parts1["all_to_all"] == 0 < parts2["all_to_all"]
+    assert sp2.unit_activations(0, 0)[0] == pytest.approx(one.unit_activations(0, 0)[0] / 2)
+    # sp=4 > kv_heads=2: each rank holds a repeated K/V head, so K/V do not shrink below one head
+    sp4 = _cost(tiny_graph, [4096], sp=4)
+    assert sp4.unit_activations(0, 0)[0] > one.unit_activations(0, 0)[0] / 4
+    chunked = _cost(tiny_graph, [2048, 2048])
+    act, kv = chunked.unit_activations(0, 1)
+    assert kv > 0 and one.unit_activations(0, 0)[1] == 0  # K/V move to the relay column only with chunks
+    assert act + kv == pytest.approx(one.unit_activations(0, 0)[0] / 2)
+    # a later chunk attends its prefix: same tokens, more attention pairs, longer
+    assert chunked.forward_time(0, 1) > chunked.forward_time(0, 0)
+    assert chunked.backward_time(0, 0) > chunked.forward_time(0, 0)
+
+
+def test_p2p_and_grad_sync_use_the_link_they_cross(tiny_graph):
+    inside = _cost(tiny_graph, [4096], dp=2)  # pipeline neighbours 2 ranks apart: same node
+    across = _cost(tiny_graph, [4096], dp=8)  # 8 ranks apart: next node
+    assert across.p2p_time(0, 1, 0) == pytest.approx(inside.p2p_time(0, 1, 0) * 450 / 50)
+    assert _cost(tiny_graph, [4096]).grad_sync_time(0) == 0.0
+    assert across.grad_sync_time(0) > 0
+
+
+# --- timeline files ----------------------------------------------------------------------------------------
+
+def test_trace_json_is_valid_chrome_trace(tmp_path):
+    progs, spec = programs("seq1f1b", 2, 2, 2)
+    sim = simulate(progs, spec, _SlowLinks(k=2))
+    written = write_timeline(sim.timeline, tmp_path, title="test")
+    trace = json.loads((tmp_path / "timeline.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    assert all(e["dur"] >= 0 and {"name", "ts", "tid"} <= set(e) for e in spans)
+    assert {e["tid"] for e in spans if e["name"].startswith(("sF", "sB"))} == {1}
+    assert written[0].name == "timeline.json"
+
+
+def test_measured_runtime_timeline_converts_to_the_same_format():
+    measured = {0: [("F0.0", 100.0, 100.5), ("send", 100.5, 100.6)],
+                1: [("recv", 100.2, 100.6), ("F0.0", 100.6, 101.0)]}
+    events = from_measured(measured)
+    assert min(e[2] for e in events) == 0.0
+    assert (1, "F0.0", pytest.approx(0.6), pytest.approx(1.0)) in [tuple(e) for e in events]
+    spans = [e for e in trace_events(events)["traceEvents"] if e["ph"] == "X"]
+    assert sorted((e["pid"], e["tid"]) for e in spans) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+# --- lcgraph-plan end to end -------------------------------------------------------------------------------
+
+def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
+    args = ["model.num_hidden_layers=4", "model.hidden_size=64", "model.intermediate_size=128",
+            "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
+            "parallel=seq1f1b", "data.seq_len=2048", "train.dtype=bf16", "+plan.device=a100",
+            "+plan.chunks=[2,4]", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "lcgraph.plan", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "alternatives" in done.stdout and "seq1f1b k=4" in done.stdout
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["device"]["name"] == "a100"
+    assert plan["layer_counts"] == [2, 2] and len(plan["stages"]) == 2
+    assert len(plan["chunk_lengths"]) == 4 and sum(plan["chunk_lengths"]) == 2048
+    assert [a["label"] for a in plan["alternatives"]][1:] == ["gpipe", "1f1b", "seq1f1b k=2", "seq1f1b k=4"]
+    assert plan["summary"]["fits"] and 0 < plan["summary"]["bubble"] < 1
+    spec = ScheduleSpec("seq1f1b", 2, 2, 4)
+    validate(parse_programs((tmp_path / "programs.txt").read_text()), spec)
+    json.loads((tmp_path / "timeline.json").read_text())
+
+
+def test_plan_refuses_a_bad_layout_before_capturing():
+    from lcgraph.passes import PlanError
+    from lcgraph.plan import build_plan
+    from lcgraph.testing import compose
+
+    with pytest.raises(PlanError, match="layers"):
+        build_plan(compose("parallel.pp=8"))
+    with pytest.raises(ValueError, match="plan.device"):
+        build_plan(compose("+plan.devcie=h100"))

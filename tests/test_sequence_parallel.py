@@ -1,0 +1,81 @@
+"""Ulysses sequence parallelism and ZeRO-2, alone and composed with pipeline stages and Seq1F1B.
+
+A step's global batch is dp x microbatches sequences, so every layout is compared with the single-process
+run over the same sequences (dp=2, m=2 against m=4). The model has 4 heads and 2 kv heads, so sp=4
+exercises K/V head replication.
+"""
+
+import pytest
+import torch
+
+from lcgraph import passes
+from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
+
+M = 2
+LAYOUTS = {  # world size -> (pp, sp, dp) layouts
+    2: [(1, 2, 1)],
+    4: [(1, 4, 1), (2, 2, 1), (1, 2, 2)],
+    8: [(2, 2, 2)],
+}
+
+
+def layout(pp, sp, dp, *extra):
+    schedule = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"] if pp > 1 else []
+    return compose(f"parallel.pp={pp}", f"parallel.sp={sp}", f"parallel.dp={dp}", f"parallel.microbatches={M}",
+                   "parallel.bucket_mb=0.05", *schedule, *extra)
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {dp: train_local(compose(f"parallel.microbatches={M * dp}")) for dp in (1, 2)}
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_ulysses_zero2_layouts_match_single_process(world, references):
+    layouts = LAYOUTS[world]
+    results = train_spawned([layout(*lay) for lay in layouts], world=world)
+    for (pp, sp, dp), result in zip(layouts, results):
+        ref_losses, ref_params, ref_extra = references[dp]
+        assert_close_run(result["losses"], result["params"], ref_losses, ref_params, label=f"pp={pp} sp={sp} dp={dp}")
+        # ZeRO-2: each replica keeps 1/(dp*sp) of its stage's optimizer state
+        if pp == 1:
+            for rank in result["ranks"]:
+                assert rank["optimizer_state_bytes"] == pytest.approx(ref_extra["optimizer_state_bytes"] / (dp * sp),
+                                                                      rel=0.05)
+        # the reduce-scatters are program actions, issued during the step's last backward
+        for rank in result["ranks"]:
+            assert any(t.startswith("RS") for t in rank["program"]) and any(t.startswith("AG") for t in rank["program"])
+            issues = [t for what, _, _, t in rank["events"] if what == "rs_issue"]
+            last_b_end = max(end for name, _, end in rank["timeline"][-len(rank["program"]):] if name.startswith("B"))
+            assert issues and min(issues) < last_b_end
+
+
+def test_kv_heads_fewer_than_sp_are_replicated_and_bad_layouts_are_refused():
+    cfg = compose("parallel.sp=4").model
+    from lcgraph.model import build_config
+
+    config = build_config(cfg)
+    passes.check_ulysses(config, 4)  # 4 heads, 2 kv heads: K/V replicated to 4
+    with pytest.raises(passes.PlanError, match="sp=3 must divide num_attention_heads=4"):
+        passes.check_ulysses(config, 3)
+    with pytest.raises(passes.PlanError, match="sp=6 and num_key_value_heads=4"):
+        passes.check_ulysses(_heads(12, 4), 6)  # neither divides the other
+
+
+def _heads(h, kv):
+    class C:
+        num_attention_heads, num_key_value_heads = h, kv
+    return C()
+
+
+def test_all_to_all_is_inserted_around_every_attention():
+    from lcgraph.capture import capture
+    from lcgraph.collectives import heads_to_seq, seq_to_heads
+    from lcgraph.model import build_config
+
+    captured = capture(build_config(compose().model))
+    (stage,) = passes.partition(captured, [4])
+    stage = passes.ulysses(stage, 4)
+    targets = [n.target for n in stage.gm.graph.nodes]
+    assert targets.count(seq_to_heads) == 3 * 4 and targets.count(heads_to_seq) == 4
+    assert targets.count(torch.repeat_interleave) == 2 * 4  # kv heads 2 < sp 4
