@@ -306,10 +306,16 @@ def graph_flops(captured: CapturedGraph, seq_len: int) -> float:
 
 
 def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
-    """Rewrite device constants baked in at capture (meta) to the device the graph will run on."""
+    """Rewrite device constants baked in at capture (meta) to the device the graph will run on.
+
+    Capture-time metadata asserts (which name the meta device) are dropped with them.
+    """
     def fix(a):
         return device if isinstance(a, torch.device) else a
 
+    for node in list(gm.graph.nodes):
+        if node.target == torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
     for node in gm.graph.nodes:
         if node.op == "call_function":
             node.args = torch.fx.node.map_aggregate(node.args, fix)

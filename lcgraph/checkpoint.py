@@ -48,7 +48,8 @@ def save_checkpoint(job, target: Path, step: int) -> None:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"step": step},
                                                                       "weight_map": merged}, indent=1))
         job.config.save_pretrained(tmp)
-        job.tokenizer.save_pretrained(tmp)
+        if job.tokenizer is not None:
+            job.tokenizer.save_pretrained(tmp)
         old = target.with_name(target.name + ".old")
         if target.exists():
             os.replace(target, old)

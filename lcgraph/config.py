@@ -37,6 +37,7 @@ class DataConfig:
     seq_len: int = 256
     micro_batch_size: int = 1
     max_corpus_mb: float = 3.0
+    synthetic: bool = False  # uniform random tokens (benchmarks, planning runs): no corpus, no tokenizer
 
 
 @dataclass
@@ -77,6 +78,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only the final checkpoint
     allow_oversubscribe: bool = False
     progress: bool = True
+    fused_loss: bool = True  # LM head + cross-entropy without materialising the logits
+    recompute: bool = False  # keep only each unit's stage input; rerun its forward in backward
+    compile: bool = False  # torch.compile each stage graph
 
 
 @dataclass

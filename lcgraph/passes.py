@@ -4,10 +4,12 @@ Each pass is a small function with a docstring saying what it rewrites, what it 
 guarantees. `PASSES` lists them in the fixed order `compile_stages` applies them; `dump.graphs=true`
 writes the graph after each one.
 
-    retarget_device   device constants baked in at capture (meta) -> the run's device
+    retarget_device   device constants baked in at capture (meta) -> the run's device; capture-time asserts dropped
     partition         cut at decoder-layer boundaries into pp stage graphs (rotary tables recomputed per stage)
     kv_relay          attention -> attention over [KV of earlier chunks || this chunk] (Seq1F1B)
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
+    fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
+    lower_attention   on GPU, attention -> PyTorch SDPA under autograd (no recompute in backward)
 """
 
 from __future__ import annotations
@@ -207,6 +209,59 @@ def kv_relay(stage: StageGraph) -> StageGraph:
     return stage
 
 
+# --- fused loss ----------------------------------------------------------------------------------------
+
+_PASS_THROUGH = {torch.ops.aten.to.dtype, torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default,
+                 torch.ops.aten.reshape.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default}
+
+
+def fuse_loss(stage: StageGraph) -> StageGraph:
+    """Replace lm_head linear -> fp32 cast -> cross_entropy(sum) with `fused.linear_cross_entropy`.
+
+    Assumes: the last stage ends in HF's head and lcgraph's summed loss. Guarantees: the same loss and
+    gradients (fp32 softmax per block) without materialising [tokens x vocab] logits.
+    """
+    from lcgraph.fused import linear_cross_entropy
+
+    graph = stage.gm.graph
+    ce = next((n for n in graph.nodes if n.target == torch.ops.aten.cross_entropy_loss.default), None)
+    if ce is None:
+        return stage
+    logits, labels = ce.args[:2]
+    reduction = ce.args[3] if len(ce.args) > 3 else ce.kwargs.get("reduction", 1)
+    while logits.target in _PASS_THROUGH:
+        logits = logits.args[0]
+    if logits.target != torch.ops.aten.linear.default or reduction != 2:  # 2: sum
+        return stage
+    with graph.inserting_before(ce):
+        fused = graph.call_function(linear_cross_entropy, (logits.args[0], logits.args[1], labels))
+    fused.meta = dict(ce.meta)
+    fused.meta["lcgraph"] = NodeInfo(part="loss", layer=None, role="loss", seq_dim=None,
+                                     flops_per_token=logits.meta["lcgraph"].flops_per_token)
+    ce.replace_all_uses_with(fused)
+    graph.erase_node(ce)
+    graph.eliminate_dead_code()
+    stage.gm.recompile()
+    return stage
+
+
+# --- attention lowering ---------------------------------------------------------------------------------
+
+def lower_attention(stage: StageGraph) -> StageGraph:
+    """On GPU: call SDPA directly under autograd, so backward uses the kernel's saved statistics.
+
+    Assumes: the stage runs on CUDA and has no KV relay (relay nodes keep their own autograd).
+    Guarantees: same attention as `lcgraph::attention`, one node per layer.
+    """
+    from lcgraph.attention import attention_reference
+
+    for node in stage.attention_nodes():
+        if node.target == ATTENTION:
+            node.target = attention_reference
+    stage.gm.recompile()
+    return stage
+
+
 # --- Ulysses ------------------------------------------------------------------------------------------------
 
 def ulysses(stage: StageGraph, sp: int) -> StageGraph:
@@ -255,26 +310,28 @@ def check_ulysses(config, sp: int) -> None:
                         "(K/V heads are replicated up to sp); change sp")
 
 
-PASSES = ("retarget_device", "partition", "kv_relay", "ulysses")
+PASSES = ("retarget_device", "partition", "kv_relay", "ulysses", "fuse_loss", "lower_attention")
 
 
 def compile_stages(captured: CapturedGraph, layer_counts: list[int], device, seq_chunks: int, sp: int,
-                   only: set[int] | None = None, dump=None) -> dict[int, StageGraph]:
-    """Run the passes in order; return the stage graphs (only those in `only`, when given)."""
-    retarget_device(captured.gm, torch.device(device))
+                   only: set[int] | None = None, dump=None, fused_loss: bool = True) -> dict[int, StageGraph]:
+    """Run the passes in their fixed order; return the stage graphs (only those in `only`, when given)."""
+    device = torch.device(device)
+    retarget_device(captured.gm, device)
     if dump:
         dump("01_retarget_device", captured.gm)
     stages = partition(captured, layer_counts)
     chosen = {s.index: s for s in stages if only is None or s.index in only}
+    steps = [("03_kv_relay", kv_relay, seq_chunks > 1),
+             ("04_ulysses", lambda st: ulysses(st, sp), sp > 1),
+             ("05_fuse_loss", fuse_loss, fused_loss),
+             ("06_lower_attention", lower_attention, device.type == "cuda")]
     for s in chosen.values():
         if dump:
             dump(f"02_partition_stage{s.index}", s.gm)
-        if seq_chunks > 1:
-            kv_relay(s)
-            if dump:
-                dump(f"03_kv_relay_stage{s.index}", s.gm)
-        if sp > 1:
-            ulysses(s, sp)
-            if dump:
-                dump(f"04_ulysses_stage{s.index}", s.gm)
+        for name, apply, wanted in steps:
+            if wanted:
+                apply(s)
+                if dump:
+                    dump(f"{name}_stage{s.index}", s.gm)
     return chosen

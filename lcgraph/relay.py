@@ -35,6 +35,7 @@ class RelayContext:
     def __init__(self):
         self.caches: dict[tuple[int, int], _LayerCache] = {}
         self.unit: tuple[int, int] = (0, 0)
+        self.recompute = False  # True while a backward reruns a chunk's forward (cache already holds it)
         self.peak_bytes = 0
 
     def cache(self, layer: int) -> _LayerCache:
@@ -52,14 +53,16 @@ class _RelayAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, relay: RelayContext, layer: int):
         cache = relay.cache(layer)
         chunk = relay.unit[1]
-        if len(cache.keys) != chunk:
-            raise RuntimeError(f"KV relay: layer {layer} chunk {chunk} runs after {len(cache.keys)} cached chunks")
-        prefix_k, prefix_v = list(cache.keys), list(cache.values)
+        expected = chunk + 1 if relay.recompute else chunk
+        if len(cache.keys) != expected:
+            raise RuntimeError(f"KV relay: layer {layer} chunk {chunk} runs with {len(cache.keys)} cached chunks")
+        prefix_k, prefix_v = cache.keys[:chunk], cache.values[:chunk]
         k_all = torch.cat(prefix_k + [k], dim=2) if prefix_k else k
         v_all = torch.cat(prefix_v + [v], dim=2) if prefix_v else v
         out = attention_reference(q, k_all, v_all, scale)
-        cache.keys.append(k.detach())
-        cache.values.append(v.detach())
+        if not relay.recompute:
+            cache.keys.append(k.detach())
+            cache.values.append(v.detach())
         relay.peak_bytes = max(relay.peak_bytes, relay.live_bytes())
         ctx.save_for_backward(q, k, v)
         ctx.prefix = (prefix_k, prefix_v)  # references to the cache, no copy

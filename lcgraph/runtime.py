@@ -90,7 +90,7 @@ class Interpreter:
     """Executes one rank's program for one optimizer step."""
 
     def __init__(self, program: list[Action], stages: dict[int, StageState], pp_peers: dict[int, int],
-                 hidden_shape, dtype, device, optimizer, record_timeline: bool = True):
+                 hidden_shape, dtype, device, optimizer, record_timeline: bool = True, recompute: bool = False):
         self.program = program
         self.stages = stages
         self.pp_peers = pp_peers  # pipeline rank -> global rank of my (dp, sp) replica on it
@@ -102,6 +102,7 @@ class Interpreter:
             if a.kind == "B":
                 self.final_backward[a.stage] = i
         self.grad_norm = 0.0
+        self.recompute = recompute  # F keeps only its inputs; B reruns the forward under autograd
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
         self.meters = {i: ActivationMeter(ptrs) for i in stages}
         self.timeline: list[tuple[str, float, float]] = []
@@ -166,18 +167,33 @@ class Interpreter:
         RelayContext.current = st.relay
         st.relay.unit = (a.mb, a.chunk)
         key = (a.stage, a.mb, a.chunk)
-        with self.meters[a.stage].hooks(key):
+        with self.meters[a.stage].hooks(key), torch.set_grad_enabled(not self.recompute):
             out = st.graph.gm(**st.kwargs(unit, hidden_in))
+        if self.recompute and hidden_in is not None:
+            self.meters[a.stage].unit_bytes[key] += hidden_in.numel() * hidden_in.element_size()
         if st.graph.is_last:
             self.loss_sum += out.detach()
             out = out * self.loss_scale
         self.meters[a.stage].forward_done(key, st.relay.live_bytes())
         self.saved[key] = (hidden_in, out)
 
+    def _rerun_forward(self, a: Action, hidden_in):
+        """Recompute mode: the unit's forward again, now recording the autograd graph."""
+        st = self.stages[a.stage]
+        RelayContext.current = st.relay
+        st.relay.unit, st.relay.recompute = (a.mb, a.chunk), True
+        try:
+            out = st.graph.gm(**st.kwargs(self.units[(a.mb, a.chunk)], hidden_in))
+        finally:
+            st.relay.recompute = False
+        return out * self.loss_scale if st.graph.is_last else out
+
     def _backward(self, a: Action):
         st = self.stages[a.stage]
         key = (a.stage, a.mb, a.chunk)
         hidden_in, out = self.saved.pop(key)
+        if self.recompute:
+            out = self._rerun_forward(a, hidden_in)
         final = self.final_backward[a.stage] == self._index
         self.optimizer.before_backward(a, final)
         if st.graph.is_last:

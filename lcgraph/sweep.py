@@ -73,7 +73,8 @@ def _split(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def collect(sweep_dir: Path, known: dict[str, list[str]] | None = None, status: dict[str, str] | None = None) -> list[dict]:
+def collect(sweep_dir: Path, known: dict[str, list[str]] | None = None,
+            status: dict[str, str] | None = None) -> list[dict]:
     """One row per job: its directory, overrides, summary metrics and status."""
     rows = []
     for job_dir in _job_dirs(sweep_dir):
@@ -100,14 +101,17 @@ def _mib(n: Any) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
 
+def _number(value: Any, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def _cells(row: dict, keys: list[str]) -> dict[str, str]:
     over = dict(map(_split, row["overrides"]))
     peaks = row["activation_peak_bytes_per_stage"]
-    number = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
     return {"job": row["job"], **{k: over.get(k, "") for k in keys},
-            "tokens_per_s": number(row["tokens_per_s"], ".1f"), "final_loss": number(row["final_loss"], ".4f"),
+            "tokens_per_s": _number(row["tokens_per_s"], ".1f"), "final_loss": _number(row["final_loss"], ".4f"),
             "activation_peak_mib_per_stage": " / ".join(_mib(p) for p in peaks) if peaks else "",
-            "bubble_fraction": number(row["bubble_fraction"], ".3f"), "cuda_peak_mib": _mib(row["cuda_peak_bytes"]),
+            "bubble_fraction": _number(row["bubble_fraction"], ".3f"), "cuda_peak_mib": _mib(row["cuda_peak_bytes"]),
             "status": row["status"]}
 
 

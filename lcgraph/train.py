@@ -100,6 +100,11 @@ class Job:
 
     def _setup_data(self):
         d = self.cfg.data
+        if d.synthetic:
+            g = torch.Generator().manual_seed(self.cfg.train.seed)
+            tokens = torch.randint(0, self.config.vocab_size, (max(1 << 20, 4 * d.seq_len),), generator=g)
+            self.tokenizer, self.sampler = None, data.WindowSampler(tokens, d.seq_len, self.cfg.train.seed)
+            return
         files = data.corpus_files(d.path, int(d.max_corpus_mb * 2**20))
         self.tokenizer = data.build_tokenizer(self.cfg.model.path, self.config.vocab_size, files)
         if len(self.tokenizer) > self.config.vocab_size:
@@ -142,7 +147,10 @@ class Job:
         mine = {s for s in range(par.pp * par.virtual_stages) if s % par.pp == c.pp_rank}
         dump = self._dumper() if self.cfg.dump.graphs else None
         graphs = passes.compile_stages(self.captured, self.layer_counts, self.device, self.spec.seq_chunks,
-                                       par.sp, only=mine, dump=dump)
+                                       par.sp, only=mine, dump=dump, fused_loss=self.cfg.train.fused_loss)
+        if self.cfg.train.compile:
+            for g in graphs.values():
+                g.gm = torch.compile(g.gm, dynamic=False)
         self.stages: dict[int, StageState] = {}
         for s, g in graphs.items():
             shapes = {name: _placeholder_shape(g.gm, ph) for ph, name in g.param_names.items()}
@@ -190,7 +198,7 @@ class Job:
         peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
         self.interpreter = Interpreter(self.programs[c.pp_rank], self.stages, peers,
                                        (self.cfg.data.micro_batch_size, self.config.hidden_size),
-                                       self.dtype, self.device, self.optimizer)
+                                       self.dtype, self.device, self.optimizer, recompute=self.cfg.train.recompute)
 
     def _dumper(self):
         from lcgraph.viz import dump_graph

@@ -96,7 +96,8 @@ def check_schedule(par) -> None:
         return
     if pp < 2 or v < 2:
         raise PlanError(f"parallel.schedule=interleaved_1f1b needs parallel.pp >= 2 and parallel.virtual_stages >= 2 "
-                        f"(got parallel.pp={pp}, parallel.virtual_stages={v}); raise them or use parallel.schedule=1f1b")
+                        f"(got parallel.pp={pp}, parallel.virtual_stages={v}); raise them or use "
+                        "parallel.schedule=1f1b")
     if m % pp and m > pp:
         raise PlanError(f"parallel.schedule=interleaved_1f1b needs parallel.microbatches a multiple of parallel.pp "
                         f"or at most parallel.pp (got parallel.microbatches={m}, parallel.pp={pp}); "

@@ -25,7 +25,8 @@ def run_captured(captured, hf, ids, pos, labels):
     buffers = lcmodel.rotary_buffers(hf.config, captured.buffer_names.values(), "cpu")
     kwargs = {**params, **{ph: buffers[n] for ph, n in captured.buffer_names.items()},
               "input_ids": ids, "position_ids": pos, "labels": labels}
-    (loss_sum,) = captured.gm(**kwargs)
+    out = captured.gm(**kwargs)
+    loss_sum = out[0] if isinstance(out, (tuple, list)) else out
     loss = loss_sum / labels.numel()
     loss.backward()
     return loss, {captured.param_names[ph]: p.grad for ph, p in params.items()}
@@ -101,3 +102,27 @@ def test_70b_shape_captures_on_meta_without_real_weights():
     assert all(v.device.type == "meta" for v in vals if isinstance(v, torch.Tensor))
     assert sum(n.meta["lcgraph"].role == "attention" for n in captured.graph.nodes) == 80
     print(f"70B capture: {captured.capture_seconds:.1f}s, {len(captured.graph.nodes)} nodes")
+
+
+def test_fused_linear_cross_entropy_matches_the_unfused_head_and_loss():
+    from lcgraph import passes
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    hf = LlamaForCausalLM(config).float()
+    ids, labels = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 40))
+    labels[0, -5:] = -100  # ignored targets stay ignored
+    pos = torch.arange(40).expand(2, -1)
+    results = []
+    for fuse in (False, True):
+        captured = capture(tiny_config(), batch_size=2)
+        (stage,) = passes.compile_stages(captured, [3], "cpu", 1, 1, fused_loss=fuse).values()
+        targets = [n.target for n in stage.gm.graph.nodes]
+        assert (torch.ops.aten.cross_entropy_loss.default not in targets) == fuse
+        captured.gm = stage.gm
+        captured.param_names, captured.buffer_names = stage.param_names, stage.buffer_names
+        results.append(run_captured(captured, hf, ids, pos, labels))
+    (loss_ref, grads_ref), (loss, grads) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
