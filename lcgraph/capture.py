@@ -94,19 +94,24 @@ def check_llama_like(config) -> None:
         )
 
 
-def build_meta_model(config):
-    """The HF model with every parameter on the meta device: shapes only, no real weights."""
+def build_meta_model(config, dtype=torch.float32):
+    """The HF model with every parameter on the meta device: shapes only, no real weights.
+
+    The dtype matters: HF casts back to the input dtype in norms and rotary, and export bakes it in.
+    """
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = register_with_transformers()
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+    return model.to(dtype)
 
 
-def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16) -> CapturedGraph:
+def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16,
+            dtype: torch.dtype = torch.float32) -> CapturedGraph:
     """Export `model_or_config` (an HF causal LM or its config) to an annotated fx graph on meta tensors.
 
-    The sequence dim is dynamic; the batch (micro-batch size) is fixed at capture.
+    The sequence dim is dynamic; the batch (micro-batch size) and the parameter dtype are fixed at capture.
     """
     config = getattr(model_or_config, "config", model_or_config)
     check_llama_like(config)
@@ -115,7 +120,7 @@ def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16) -> 
         model_or_config.set_attn_implementation(model_or_config.config._attn_implementation)
         model = model_or_config
     else:
-        model = build_meta_model(config)
+        model = build_meta_model(config, dtype)
     started = time.perf_counter()
     seq = torch.export.Dim("seq", min=2, max=1 << 24)
     example = {k: torch.zeros(batch_size, example_seq_len, dtype=torch.long, device="meta") for k in ("input_ids", "position_ids", "labels")}
@@ -316,8 +321,14 @@ def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
     for node in list(gm.graph.nodes):
         if node.target == torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
+    autocast = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
     for node in gm.graph.nodes:
         if node.op == "call_function":
             node.args = torch.fx.node.map_aggregate(node.args, fix)
             node.kwargs = torch.fx.node.map_aggregate(node.kwargs, fix)
+            if autocast is not None and node.target == autocast and node.args[0] == "meta":
+                node.args = (device.type, *node.args[1:])  # autocast regions name a device type string
+    for sub in gm.modules():
+        if sub is not gm and isinstance(sub, torch.fx.GraphModule):
+            retarget_device(sub, device)
     gm.recompile()

@@ -32,6 +32,7 @@ def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     from lcgraph.logging import RunLogger
     from lcgraph.schedule import format_programs
     from lcgraph.train import Job
+    from lcgraph.viz import comm_times, write_measured_timeline
 
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
@@ -41,13 +42,16 @@ def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         logger.note(f"layers per stage {job.layer_counts}, chunks {job.chunk_lengths}, "
                     f"capture {job.captured.capture_seconds:.1f}s")
     every = cfg.train.checkpoint_every
+    mark = 0
     for step in range(cfg.train.steps):
+        mark = len(job.interpreter.timeline)  # where this step's timeline starts
         metrics = job.run_step(step)
-        logger.log(metrics)
+        logger.log({**metrics, **comm_times(job.interpreter.timeline[mark:])})
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
             save_checkpoint(job, run_path / "checkpoint", step + 1)
     save_checkpoint(job, run_path / "checkpoint", cfg.train.steps)
-    summary = logger.finish(extra=_memory_summary(job, world))
+    measured = write_measured_timeline(job, run_path, world, since=mark)  # collective: every rank
+    summary = logger.finish(extra={**_memory_summary(job, world), **measured})
     return summary
 
 

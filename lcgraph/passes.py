@@ -183,7 +183,7 @@ def _extract_stage(captured: CapturedGraph, owner, s: int, stages: int, layers: 
     graph.eliminate_dead_code()
     for node in [n for n in graph.nodes if n.op == "placeholder" and not n.users]:
         graph.erase_node(node)  # e.g. labels seen only through a shape on a stage without the loss
-    gm = fx.GraphModule(torch.nn.Module(), graph)
+    gm = fx.GraphModule(captured.gm, graph)  # the root supplies submodules of higher-order ops (autocast regions)
     names = {n.name for n in graph.nodes if n.op == "placeholder"}
     params = {k: v for k, v in captured.param_names.items() if k in names}
     buffers = {k: v for k, v in captured.buffer_names.items() if k in names}

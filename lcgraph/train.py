@@ -79,7 +79,7 @@ class Job:
         self._setup_groups()
         self.config = model.build_config(cfg.model)
         self._setup_data()
-        self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size)
+        self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
         self._setup_optimizer()

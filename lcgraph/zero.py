@@ -45,14 +45,12 @@ class Bucket:
     params: list[torch.nn.Parameter]
     param_flat: torch.Tensor
     grad_flat: torch.Tensor
-    decay_mask: torch.Tensor  # 1 where weight decay applies (matrices), per element of my shard
+    decay: bool  # weight decay applies (matrices) or not (norms); a bucket holds one kind
     shard: slice
     tied: bool = False
     pending: set = field(default_factory=set)
     work: object = None
-    master: torch.Tensor | None = None
-    exp_avg: torch.Tensor | None = None
-    exp_avg_sq: torch.Tensor | None = None
+    master: torch.Tensor | None = None  # fp32, an alias of the parameter shard when training in fp32
     grad_shard: torch.Tensor | None = None
     gather: object = None
 
@@ -62,22 +60,23 @@ class ShardedAdamW:
         self.job = job
         o = job.cfg.optim
         self.lr, self.betas, self.eps, self.wd = o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay
-        self.param_groups = [{"lr": o.lr}]  # the trainer sets the lr per step here
         self.group_size = job.coords.dp * job.coords.sp
         self.group = job.replica_group if self.group_size > 1 else None
-        self.step_count = 0
         self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time)
         limit = max(1, int(job.cfg.parallel.bucket_mb * 2**20))
         self.buckets: list[Bucket] = []
         for s, stage in job.stages.items():
             self._make_buckets(s, stage, limit)
         self._hooks = []
+        self.adamw = self._make_adamw()
+        self.param_groups = self.adamw.param_groups  # the trainer sets the lr per step here
 
     # --- layout ------------------------------------------------------------------------------------------
     def _make_buckets(self, s: int, stage, limit: int) -> None:
         order = [n for n in _param_order(stage) if n not in self.job.tied]
+        decay = [n for n in order if stage.params[n].ndim >= 2]
         groups, current, size = [], [], 0
-        for name in order:
+        for name in decay:
             p = stage.params[name]
             if current and size + p.numel() * p.element_size() > limit:
                 groups.append((current, False))
@@ -86,6 +85,9 @@ class ShardedAdamW:
             size += p.numel() * p.element_size()
         if current:
             groups.append((current, False))
+        no_decay = [n for n in order if stage.params[n].ndim < 2]  # norms: small, one bucket, no weight decay
+        if no_decay:
+            groups.append((no_decay, False))
         groups += [([n], True) for n in self.job.tied if n in stage.params]  # synced across stages first
         for names, tied in groups:
             self.buckets.append(self._bucket(s, len(self.buckets), names, stage.params, tied))
@@ -97,32 +99,38 @@ class ShardedAdamW:
         ref = plist[0]
         param_flat = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
         grad_flat = torch.zeros_like(param_flat)
-        decay = torch.zeros(padded, dtype=torch.float32, device=ref.device)
         offset = 0
         for p in plist:
             n = p.numel()
             param_flat[offset:offset + n].copy_(p.detach().flatten())
             p.data = param_flat[offset:offset + n].view_as(p)
             p.grad = grad_flat[offset:offset + n].view_as(p)
-            decay[offset:offset + n] = 1.0 if p.ndim >= 2 else 0.0
             offset += n
         rank = self.job.coords.dp_rank * self.job.coords.sp + self.job.coords.sp_rank
         per = padded // self.group_size
         shard = slice(rank * per, (rank + 1) * per)
-        b = Bucket(s, index, names, plist, param_flat, grad_flat, decay[shard].clone(), shard, tied)
+        b = Bucket(s, index, names, plist, param_flat, grad_flat, plist[0].ndim >= 2, shard, tied)
         master_dtype = torch.float32
         own = param_flat[shard]
         b.master = own if own.dtype == master_dtype else own.to(master_dtype).clone()
-        b.exp_avg = torch.zeros_like(b.master)
-        b.exp_avg_sq = torch.zeros_like(b.master)
         return b
+
+    def _make_adamw(self) -> torch.optim.AdamW:
+        """torch's AdamW over the shards' fp32 masters (fused kernel where the device has it)."""
+        for b in self.buckets:
+            b.master = torch.nn.Parameter(b.master, requires_grad=False)  # shares storage: still an alias
+        groups = [{"params": [b.master for b in self.buckets if b.decay], "weight_decay": self.wd},
+                  {"params": [b.master for b in self.buckets if not b.decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        fused = self.job.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused, foreach=not fused)
 
     def state_bytes(self) -> int:
         """Optimizer state held by this rank: fp32 master (if a separate copy) and the two moments."""
         total = 0
         for b in self.buckets:
             extra = b.master.data_ptr() != b.param_flat[b.shard].data_ptr()
-            total += (b.exp_avg.numel() + b.exp_avg_sq.numel() + (b.master.numel() if extra else 0)) * 4
+            total += (2 * b.master.numel() + (b.master.numel() if extra else 0)) * 4  # two moments (+ master)
         return total
 
     def program_actions(self) -> dict[int, tuple[list[Action], list[Action]]]:
@@ -209,28 +217,17 @@ class ShardedAdamW:
         norm = self._global_norm()
         clip = self.job.cfg.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
-        self.step_count += 1
-        lr = self.param_groups[0]["lr"]
         for b in self.buckets:
-            grad = b.grad_shard.to(b.master.dtype)
-            self._adamw(b, grad.mul_(scale) if scale != 1.0 else grad, lr)
+            grad = b.grad_shard if b.grad_shard.dtype == torch.float32 else b.grad_shard.float()
+            b.master.grad = grad.mul_(scale) if scale != 1.0 else grad
+        self.adamw.step()
+        for b in self.buckets:
+            b.master.grad = None
             if b.master.data_ptr() != b.param_flat[b.shard].data_ptr():
                 b.param_flat[b.shard].copy_(b.master)
             b.grad_flat.zero_()
             b.work = None
         return norm
-
-    def _adamw(self, b: Bucket, grad: torch.Tensor, lr: float) -> None:
-        """torch.optim.AdamW's update, element-wise on this rank's shard."""
-        beta1, beta2 = self.betas
-        if self.wd:
-            b.master.mul_(1 - lr * self.wd * b.decay_mask)
-        b.exp_avg.lerp_(grad, 1 - beta1)
-        b.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bc1 = 1 - beta1 ** self.step_count
-        bc2 = 1 - beta2 ** self.step_count
-        denom = (b.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(self.eps)
-        b.master.addcdiv_(b.exp_avg, denom, value=-lr / bc1)
 
     def _global_norm(self) -> float:
         job = self.job
@@ -238,7 +235,7 @@ class ShardedAdamW:
         for b in self.buckets:
             if b.tied and job.coords.pp_rank != 0:
                 continue  # a tied weight counts once
-            sq += b.grad_shard.double().pow(2).sum()
+            sq += torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32).double() ** 2
         if self.group is not None:
             dist.all_reduce(sq, group=self.group)
         if job.mesh is not None and job.coords.pp > 1:

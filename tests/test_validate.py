@@ -130,7 +130,7 @@ def check_programs(cfg) -> None:
     assert sum(lengths) == cfg.data.seq_len and all(n > 0 and n % par.sp == 0 for n in lengths), lengths
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts())
 def test_layouts_are_refused_exactly_when_a_rule_is_broken(d):
     broken = violations(d)

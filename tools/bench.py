@@ -94,12 +94,27 @@ def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, 
             torch.cuda.synchronize()
             start = time.perf_counter()
         losses.append(job.run_step(step)["loss"])
+    if PROFILE_DIR:
+        _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_lcgraph_{variant}_{seq}.txt")
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     result = {"tokens_per_s": seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
               "loss_first": losses[0]}
     del job
     return result
+
+
+PROFILE_DIR = None
+
+
+def _profile(step_fn, path: Path) -> None:
+    """One more step under torch.profiler; the kernels by GPU time go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
 def _safe(fn, *args) -> dict:
@@ -138,7 +153,10 @@ def main() -> None:
     ap.add_argument("--max-seq", action="store_true", help="bisect the longest trainable sequence")
     ap.add_argument("--max-limit", type=int, default=1 << 19)
     ap.add_argument("--json", default="bench.json")
+    ap.add_argument("--profile", default=None, help="directory for a torch.profiler kernel table per lcgraph run")
     args = ap.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
 
     from rich.console import Console
     from rich.table import Table
