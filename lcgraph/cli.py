@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 from lcgraph.paths import conf_dir
 
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
+
 USER_ERRORS = ("PlanError", "CaptureError", "ModelPathError", "ScheduleError", "FileNotFoundError", "ValueError")
 
 

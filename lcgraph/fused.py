@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-BLOCK_BYTES = 1 << 31  # fp32 logits per block: 2 GiB (few blocks: the fp32 dW accumulation is per block)
+BLOCK_BYTES = 1 << 30  # fp32 logits per block: 1 GiB (few blocks: the fp32 dW accumulation runs per block)
 
 
 def _block_rows(vocab: int) -> int:

@@ -51,6 +51,7 @@ class Bucket:
     pending: set = field(default_factory=set)
     work: object = None
     master: torch.Tensor | None = None  # fp32, an alias of the parameter shard when training in fp32
+    master_grad: torch.Tensor | None = None  # fp32 gradient of the shard (allocated once, bf16 runs only)
     grad_shard: torch.Tensor | None = None
     gather: object = None
 
@@ -113,6 +114,8 @@ class ShardedAdamW:
         master_dtype = torch.float32
         own = param_flat[shard]
         b.master = own if own.dtype == master_dtype else own.to(master_dtype).clone()
+        if own.dtype != master_dtype:
+            b.master_grad = torch.empty_like(b.master)
         return b
 
     def _make_adamw(self) -> torch.optim.AdamW:
@@ -218,7 +221,7 @@ class ShardedAdamW:
         clip = self.job.cfg.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         for b in self.buckets:
-            grad = b.grad_shard if b.grad_shard.dtype == torch.float32 else b.grad_shard.float()
+            grad = b.grad_shard if b.master_grad is None else b.master_grad.copy_(b.grad_shard)
             b.master.grad = grad.mul_(scale) if scale != 1.0 else grad
         self.adamw.step()
         for b in self.buckets:

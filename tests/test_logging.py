@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -31,6 +32,8 @@ def wandb_records(run_dir):
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            return
         chunk += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -40,10 +43,18 @@ def wandb_records(run_dir):
             yield record
 
 
-def offline_run(run_dir) -> dict:
-    """history (one dict per wandb.log, nested keys joined by '/'), metric definitions, summary updates."""
+def offline_run(run_dir, timeout: float = 60.0) -> dict:
+    """history (one dict per wandb.log, nested keys joined by '/'), metric definitions, summary updates.
+
+    wandb.finish() can return before W&B's service has written the file out (seen on a loaded machine):
+    wait for the run's exit record."""
+    deadline = time.monotonic() + timeout
+    records = list(wandb_records(run_dir))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = list(wandb_records(run_dir))
     run = {"history": [], "metrics": {}, "summary": {}}
-    for r in wandb_records(run_dir):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "history":
             run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
