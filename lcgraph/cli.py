@@ -23,8 +23,13 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 USER_ERRORS = ("PlanError", "CaptureError", "ModelPathError", "ScheduleError", "FileNotFoundError", "ValueError")
 
 
-def fail(message: str) -> None:
+def fail(message: str, mode=None) -> None:
+    """One line for the user; in a multirun, the job fails and the sweep goes on."""
     print(f"lcgraph: error: {message}", file=sys.stderr)
+    from hydra.types import RunMode
+
+    if mode == RunMode.MULTIRUN:
+        raise RuntimeError(message)
     sys.exit(2)
 
 
@@ -69,6 +74,12 @@ def _memory_summary(job, world: int) -> dict:
     return out
 
 
+def _share_cores() -> None:
+    """Local CPU ranks split the machine's cores instead of each taking all of them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
 def _worker(cfg_yaml: str, run_dir: str) -> None:
     """Entry of a spawned rank (elastic launcher) or of a torchrun rank."""
     from omegaconf import OmegaConf
@@ -76,6 +87,7 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
     cfg = OmegaConf.create(cfg_yaml)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     backend = "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
+    _share_cores()
     dist.init_process_group(backend)
     try:
         run(cfg, run_dir, rank, world)
@@ -100,11 +112,15 @@ def train_main(cfg) -> None:
 
     from lcgraph.validate import validate_plan
 
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ:
+        import submitit  # SLURM through hydra-submitit-launcher: each task joins as a torchrun-style rank
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     try:
         validate_plan(cfg)
     except Exception as exc:  # noqa: BLE001 - a user's plan error is one line, not a traceback
         if type(exc).__name__ in USER_ERRORS:
-            fail(str(exc))
+            fail(str(exc), HydraConfig.get().mode)
         raise
     run_dir = HydraConfig.get().runtime.output_dir
     world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
@@ -118,7 +134,7 @@ def train_main(cfg) -> None:
             run(cfg, run_dir)
     except Exception as exc:  # noqa: BLE001
         if type(exc).__name__ in USER_ERRORS:
-            fail(str(exc))
+            fail(str(exc), HydraConfig.get().mode)
         raise
     print(f"run directory: {run_dir}")
 

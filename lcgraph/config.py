@@ -128,6 +128,9 @@ def register_configs() -> None:
 
     from lcgraph.paths import recipes_dir
 
+    from lcgraph.sweep import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="lcgraph_schema", node=LcgraphConfig)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("parallel", ParallelConfig),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=4",
+TINY = ["parallel=single", "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=4",
         "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
         "data.seq_len=64", "data.max_corpus_mb=0.3", "train.steps=5", "train.progress=false",
         "logging.wandb.mode=disabled", "train.device=cpu", "optim.warmup_steps=1", "optim.lr=1e-3"]
@@ -57,6 +57,9 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
+    from lcgraph.cli import _share_cores
+
+    _share_cores()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     try:

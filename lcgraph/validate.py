@@ -155,9 +155,12 @@ def check_launch(cfg, env, gpus: int | None, cpus: int | None = None) -> None:
         where = f"LOCAL_WORLD_SIZE={local} ranks on this node" if "WORLD_SIZE" in env else f"{product} ranks"
         raise PlanError(f"{where} but only {gpus} GPUs here; lower the layout, run under torchrun/SLURM on "
                         f"{-(-world // gpus)} nodes, or set train.allow_oversubscribe=true")
-    if gpus is None and cpus is not None and local > cpus:
-        raise PlanError(f"{product} ranks on train.device=cpu but only {cpus} CPU cores here; lower the layout "
-                        "or set train.allow_oversubscribe=true")
+    if gpus is None and cpus is not None and local > CPU_RANKS_PER_CORE * cpus:
+        raise PlanError(f"{product} ranks on train.device=cpu but only {cpus} CPU cores here (at most "
+                        f"{CPU_RANKS_PER_CORE} ranks per core); lower the layout or set train.allow_oversubscribe=true")
+
+
+CPU_RANKS_PER_CORE = 4  # CPU ranks time-share cores (small CPU runs and tests); more is only slow
 
 
 def _cpu_count() -> int:
