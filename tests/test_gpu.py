@@ -33,7 +33,7 @@ def test_bf16_loss_matches_hf_at_4k_tokens():
     from lcgraph.testing import compose
     from lcgraph.train import Job
 
-    cfg = compose("model=llama3_1b", "model.num_hidden_layers=4", "data.seq_len=4096", "data.synthetic=true",
+    cfg = compose("parallel=single", "model=llama3_1b", "model.num_hidden_layers=4", "data.seq_len=4096", "data.synthetic=true",
                   "train.dtype=bf16", "train.device=cuda", "train.steps=1", "logging.wandb.mode=disabled",
                   "train.progress=false", tiny=False)
     job = Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1)

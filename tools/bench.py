@@ -86,7 +86,7 @@ def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, 
 
     _free()
     overrides = [o.format(chunks=chunks) for o in VARIANTS[variant]]
-    cfg = compose(f"model={model_name}", f"data.seq_len={seq}", "data.synthetic=true", "train.dtype=bf16",
+    cfg = compose("parallel=single", f"model={model_name}", f"data.seq_len={seq}", "data.synthetic=true", "train.dtype=bf16",
                   "train.device=cuda", f"train.steps={warmup + steps}", "logging.wandb.mode=disabled",
                   "train.progress=false", "optim.warmup_steps=1", *overrides, tiny=False)
     job = Job(cfg, Path("/tmp/lcgraph-bench"), 0, 1)
