@@ -90,18 +90,22 @@ def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, 
                   "train.device=cuda", f"train.steps={warmup + steps}", "logging.wandb.mode=disabled",
                   "train.progress=false", "optim.warmup_steps=1", *overrides, tiny=False)
     job = Job(cfg, Path("/tmp/lcgraph-bench"), 0, 1)
-    losses, start = [], None
+    losses, start, times = [], None, []
     for step in range(warmup + steps):
         if step == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        losses.append(job.run_step(step)["loss"])
+        metrics = job.run_step(step)
+        losses.append(metrics["loss"])
+        times.append(round(metrics["step_time_s"], 3))
     if PROFILE_DIR:
         _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_lcgraph_{variant}_{seq}.txt")
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    stats = torch.cuda.memory_stats()
     result = {"tokens_per_s": seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "loss_first": losses[0]}
+              "loss_first": losses[0], "step_times": times, "alloc_retries": stats.get("num_alloc_retries"),
+              "reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30}
     del job
     return result
 
