@@ -19,6 +19,29 @@ def _block_rows(vocab: int) -> int:
     return max(256, BLOCK_BYTES // (4 * vocab))
 
 
+def _block_loss_and_grad(logits, target, valid):
+    """Summed CE of one block and d(loss)/d(logits) (softmax minus one-hot), softmax math in fp32."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    probs = torch.exp(logits - lse.unsqueeze(1))
+    onehot = torch.nn.functional.one_hot(target, logits.shape[1]).to(probs.dtype)
+    return loss, (probs - onehot) * valid.unsqueeze(1)
+
+
+_compiled = {}
+
+
+def _block_fn(device: torch.device):
+    """On GPU the block's elementwise work runs as one compiled (fused) kernel; eager elsewhere."""
+    if device.type != "cuda":
+        return _block_loss_and_grad
+    if "cuda" not in _compiled:
+        _compiled["cuda"] = torch.compile(_block_loss_and_grad, dynamic=True)
+    return _compiled["cuda"]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels):
@@ -29,19 +52,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = _block_rows(weight.shape[0])
+        block = _block_fn(h.device)
         for start in range(0, h.shape[0], rows):
             hb, yb = h[start:start + rows], y[start:start + rows]
-            logits = (hb @ weight.t()).float()
             valid = yb != IGNORE_INDEX
-            target = torch.where(valid, yb, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+            loss, dlogits = block(hb @ weight.t(), torch.where(valid, yb, 0), valid)
+            total += loss
             if need_h or need_w:
-                probs = torch.exp(logits.sub_(lse.unsqueeze(1)))  # softmax, in place of the logits
-                probs[torch.arange(len(yb), device=yb.device), target] -= 1.0
-                probs.mul_(valid.unsqueeze(1))
-                dlogits = probs.to(hb.dtype)
+                dlogits = dlogits.to(hb.dtype)
                 if need_h:
                     grad_h[start:start + rows] = dlogits @ weight
                 if need_w:

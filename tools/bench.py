@@ -131,6 +131,21 @@ def _safe(fn, *args) -> dict:
         return {"oom": True}
 
 
+def isolated(side: str, seq: int, args, variant: str = "default") -> dict:
+    """One measurement in a fresh process, so neither side inherits the other's GPU memory."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--one", side, "--seq", str(seq), "--variant", variant, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--chunks", str(args.chunks), "--model", args.model]
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def longest(fn, start: int, limit: int) -> int:
     """Largest power-of-two multiple of `start` (then bisected to 4k granularity) that trains."""
     ok, seq = 0, start
@@ -159,10 +174,13 @@ def main() -> None:
     ap.add_argument("--max-seq", action="store_true", help="bisect the longest trainable sequence")
     ap.add_argument("--max-limit", type=int, default=1 << 19)
     ap.add_argument("--json", default="bench.json")
+    ap.add_argument("--one", choices=["hf", "lcgraph"], help=argparse.SUPPRESS)  # internal: one isolated run
     ap.add_argument("--profile", default=None, help="directory for a torch.profiler kernel table per lcgraph run")
     args = ap.parse_args()
     global PROFILE_DIR
     PROFILE_DIR = args.profile
+    if args.one:
+        return _run_one(args)
 
     from rich.console import Console
     from rich.table import Table
@@ -175,9 +193,9 @@ def main() -> None:
     rows = []
     for seq in args.seq:
         flops = model_flops_per_token(config, seq)
-        hf = {"skipped": True} if args.skip_hf else _safe(bench_hf, config, seq, args.steps, args.warmup)
+        hf = {"skipped": True} if args.skip_hf else isolated("hf", seq, args)
         for variant in args.variant:
-            lc = _safe(bench_lcgraph, seq, args.steps, args.warmup, variant, args.chunks, args.model)
+            lc = isolated("lcgraph", seq, args, variant)
             rows.append({"seq": seq, "variant": variant, "hf": hf, "lcgraph": lc, "flops_per_token": flops})
             print(json.dumps(rows[-1]), flush=True)
     table = Table(title=f"{args.model}, bf16, batch 1, MFU = (6N + 6*L*h*S) * tokens/s / {args.peak_tflops} TFLOP/s")
@@ -208,6 +226,19 @@ def main() -> None:
                                                                  args.model), 8192, args.max_limit)
         print(f"longest trainable sequence: HF {out['max_seq_hf']}, lcgraph {out['max_seq_lcgraph']}")
     Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+def _run_one(args) -> None:
+    from lcgraph.model import build_config
+    from lcgraph.testing import compose
+
+    seq = args.seq[0]
+    if args.one == "hf":
+        config = build_config(compose(f"model={args.model}", tiny=False).model)
+        result = _safe(bench_hf, config, seq, args.steps, args.warmup)
+    else:
+        result = _safe(bench_lcgraph, seq, args.steps, args.warmup, args.variant[0], args.chunks, args.model)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
