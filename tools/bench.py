@@ -28,7 +28,7 @@ VARIANTS = {  # lcgraph variants: config overrides
     "default": [],
     "compile": ["train.compile=true"],
     "chunked": ["parallel.schedule=seq1f1b", "parallel.seq_chunks={chunks}", "train.recompute=true",
-                "parallel.chunk_split=uniform_comp"],
+                "parallel.chunk_split=even"],  # one stage: memory follows the longest chunk
 }
 
 
