@@ -308,6 +308,7 @@ class Layout:
     micro_batch: int = 1  # sequences per micro-batch
     zero: bool = True  # optimizer state sharded over the dp*sp replicas of a stage
     virtual_stages: int = 1
+    recompute: bool = False  # train.recompute: units keep only their stage input; backward reruns forward
 
     @property
     def replicas(self) -> int:
@@ -374,8 +375,9 @@ class CostModel:
 
     def backward_time(self, stage: int, chunk: int) -> float:
         p = self.compute_parts(stage, self.chunk_lengths[chunk], self.prefixes[chunk])
+        rerun = self.forward_time(stage, chunk) if self.layout.recompute else 0.0
         return (BACKWARD_MATMUL * p["matmul"] + BACKWARD_ATTENTION * p["attention"]
-                + BACKWARD_TRAFFIC * p["traffic"] + p["all_to_all"])
+                + BACKWARD_TRAFFIC * p["traffic"] + p["all_to_all"] + rerun)
 
     # --- communication -----------------------------------------------------------------------------------
     def p2p_time(self, src_stage: int, dst_stage: int, chunk: int) -> float:
@@ -413,7 +415,16 @@ class CostModel:
         tokens = lay.micro_batch * self.chunk_lengths[chunk] / lay.sp
         kv = c.kv_per_token * tokens * max(1.0, lay.sp / self.graph.kv_heads)
         saved = c.saved_per_token * tokens
+        if lay.recompute:  # only the unit's input stays; its full activations exist during its backward
+            saved = self.graph.hidden_size * self.graph.dtype_bytes * tokens
         return (saved, kv) if len(self.chunk_lengths) > 1 else (saved + kv, 0.0)
+
+    def recompute_transient(self, stage: int) -> float:
+        """Recompute: the largest unit's full activations, alive while its backward runs."""
+        if not self.layout.recompute:
+            return 0.0
+        c, lay = self.stages[stage], self.layout
+        return c.saved_per_token * lay.micro_batch * max(self.chunk_lengths) / lay.sp
 
     # --- the simulator's interface -----------------------------------------------------------------------
     def duration(self, action, rank: int) -> float:
@@ -435,7 +446,7 @@ class CostModel:
         return 0.0
 
     def static_bytes(self, stage: int) -> float:
-        return self.stage_memory(stage).total
+        return self.stage_memory(stage).total + self.recompute_transient(stage)
 
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
         return self.unit_activations(stage, chunk)
