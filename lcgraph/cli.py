@@ -136,7 +136,8 @@ def train_main(cfg) -> None:
         if type(exc).__name__ in USER_ERRORS:
             fail(str(exc), HydraConfig.get().mode)
         raise
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run directory: {run_dir}")
 
 
 def _join_torchrun(cfg, run_dir: str) -> None:
