@@ -65,3 +65,10 @@ def test_torchrun_ranks_share_rank0s_run_directory(tmp_path):
     assert len(lines) == 3 and all("loss" in json.loads(ln) for ln in lines)
     assert "rank 1:" in (run / "programs.txt").read_text()
     assert (run / "checkpoint" / "model.safetensors.index.json").is_file()
+
+
+def test_same_config_and_seed_give_the_same_losses():
+    first, _, _ = train_local(compose("train.steps=3"))
+    again, _, _ = train_local(compose("train.steps=3"))
+    other, _, _ = train_local(compose("train.steps=3", "train.seed=1"))
+    assert first == again and first != other

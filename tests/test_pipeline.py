@@ -103,3 +103,12 @@ def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward()
     for i, ref in enumerate((q.grad, k2.grad, v2.grad)):
         torch.testing.assert_close(torch.cat([leaf[i].grad for leaf in leaves], 2), ref)
     assert not ctx.caches  # freed after chunk 0's backward
+
+
+def test_interleaved_1f1b_with_two_stages_per_rank_matches_single_process(references):
+    cfgs = [compose("parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b",
+                    f"parallel.microbatches={m}") for m in (2, 4)]
+    for m, result in zip((2, 4), train_spawned(cfgs, world=2)):
+        assert result["ranks"][0]["program"].count("F0.0") == 2  # rank 0 runs stages 0 and 2
+        assert_close_run(result["losses"], result["params"], references[m][0], references[m][1],
+                         label=f"interleaved v=2 m={m}")

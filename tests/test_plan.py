@@ -236,3 +236,18 @@ def test_plan_refuses_a_bad_layout_before_capturing():
         build_plan(compose("parallel.pp=8"))
     with pytest.raises(ValueError, match="plan.device"):
         build_plan(compose("+plan.devcie=h100"))
+
+
+def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
+    """The flagship recipe: captured on meta, planned for 64 H200s, fits with recompute."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lcgraph.plan", "+recipe=llama70b_1m", "+plan.device=h200",
+                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["layout"]["gpus"] == 64 and plan["model"]["layers"] == 80 and plan["summary"]["fits"]
+    assert (tmp_path / "programs.txt").read_text().count("rank ") == 8
+    print(f"70B 1M plan: {plan['plan_seconds']:.1f}s")
