@@ -113,7 +113,7 @@ def test_the_logger_sends_trainer_metrics_by_section_against_step_and_pictures_a
     assert series(run, "memory/activation_peak_bytes/stage1") == [(2, 200)]
     assert series(run, "comm/comm_s/rank1") == [(2, 0.2)]
     assert series(run, "graphs/02_partition_stage0/_type") == [(2, "html-file")]
-    assert {k for k, v in run["history"][-1].items() if v == "table-file"} == {
+    assert {k for h in run["history"] for k, v in h.items() if v == "table-file"} == {
         "plan/stages/_type", "plan/alternatives/_type", "plan/summary/_type"}
     assert run["summary"]["final_loss"] == 3.0
 
@@ -162,8 +162,8 @@ def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offl
         assert [s for s, _ in series(run, key)] == [1, 2, 3], key
     assert all(math.isfinite(v) for _, v in series(run, "train/loss"))
     assert series(run, "perf/bubble_fraction") == [(3, summary["bubble_fraction"])]
-    assert [k for k in run["history"][-2] if k.startswith("memory/activation_peak_bytes/")] == [
-        "memory/activation_peak_bytes/stage0", "memory/activation_peak_bytes/stage1"]
+    assert sorted({k for h in run["history"] for k in h if k.startswith("memory/activation_peak_bytes/")}) == [
+        "memory/activation_peak_bytes/stage0", "memory/activation_peak_bytes/stage1"]  # record order varies
     media = {k.removesuffix("/_type"): v for h in run["history"] for k, v in h.items() if k.endswith("/_type")}
     assert media["graphs/03_kv_relay_stage1"] == "html-file" and media["plan/stages"] == "table-file"
     if matplotlib_available():
