@@ -14,6 +14,7 @@ The runtime also measures what the planner predicts: live activation bytes per s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -39,8 +40,8 @@ class UnitData:
 class ActivationMeter:
     """Counts bytes the autograd graph saves for backward, per unit, excluding parameters."""
 
-    def __init__(self, param_ptrs: set[int]):
-        self.param_ptrs = param_ptrs
+    def __init__(self, param_ptrs: set[int], enabled: bool = True):
+        self.param_ptrs, self.enabled = param_ptrs, enabled  # off on GPU: the hook costs, the allocator reports
         self.unit_bytes: dict[tuple, int] = {}
         self.live = 0
         self.peak = 0
@@ -50,6 +51,8 @@ class ActivationMeter:
     def hooks(self, unit: tuple):
         self._current, self._seen = unit, set()
         self.unit_bytes[unit] = 0
+        if not self.enabled:
+            return contextlib.nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor):
@@ -90,7 +93,8 @@ class Interpreter:
     """Executes one rank's program for one optimizer step."""
 
     def __init__(self, program: list[Action], stages: dict[int, StageState], pp_peers: dict[int, int],
-                 hidden_shape, dtype, device, optimizer, record_timeline: bool = True, recompute: bool = False):
+                 hidden_shape, dtype, device, optimizer, record_timeline: bool = True, recompute: bool = False,
+                 measure_activations: bool = True):
         self.program = program
         self.stages = stages
         self.pp_peers = pp_peers  # pipeline rank -> global rank of my (dp, sp) replica on it
@@ -104,7 +108,7 @@ class Interpreter:
         self.grad_norm = 0.0
         self.recompute = recompute  # F keeps only its inputs; B reruns the forward under autograd
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
-        self.meters = {i: ActivationMeter(ptrs) for i in stages}
+        self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
         self.timeline: list[tuple[str, float, float]] = []
         self.record_timeline = record_timeline
 

@@ -198,7 +198,8 @@ class Job:
         peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
         self.interpreter = Interpreter(self.programs[c.pp_rank], self.stages, peers,
                                        (self.cfg.data.micro_batch_size, self.config.hidden_size),
-                                       self.dtype, self.device, self.optimizer, recompute=self.cfg.train.recompute)
+                                       self.dtype, self.device, self.optimizer, recompute=self.cfg.train.recompute,
+                                       measure_activations=self.device.type == "cpu")
 
     def _dumper(self):
         from lcgraph.viz import dump_graph

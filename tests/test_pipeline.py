@@ -112,3 +112,12 @@ def test_interleaved_1f1b_with_two_stages_per_rank_matches_single_process(refere
         assert result["ranks"][0]["program"].count("F0.0") == 2  # rank 0 runs stages 0 and 2
         assert_close_run(result["losses"], result["params"], references[m][0], references[m][1],
                          label=f"interleaved v=2 m={m}")
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_recompute_keeps_only_unit_inputs_and_matches_single_process(chunks, references):
+    """train.recompute: forward without a graph, rerun in backward (with the KV relay when chunked)."""
+    extra = ["parallel.schedule=seq1f1b", f"parallel.seq_chunks={chunks}"] if chunks > 1 else []
+    losses, params, info = train_local(compose("parallel.microbatches=2", "train.recompute=true", *extra))
+    assert_close_run(losses, params, references[2][0], references[2][1], label=f"recompute k={chunks}")
+    assert info["activation_peaks"][0] <= 0.1 * references[2][2]["activation_peaks"][0]
