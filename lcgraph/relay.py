@@ -59,15 +59,9 @@ class _RelayAttention(torch.autograd.Function):
         prefix_k, prefix_v = cache.keys[:chunk], cache.values[:chunk]
         k_all = torch.cat(prefix_k + [k], dim=2) if prefix_k else k
         v_all = torch.cat(prefix_v + [v], dim=2) if prefix_v else v
-        if relay.recompute:  # backward follows at once: keep the kernel's own graph (its saved LSE), no rerun
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(True) for t in (q, k_all, v_all)]
-                out = attention_reference(*leaves, scale)
-            ctx.graph = (out, leaves)
-            out = out.detach()
-        else:
-            ctx.graph = None
-            out = attention_reference(q, k_all, v_all, scale)
+        # The backward reruns the kernel (attention_backward) rather than keeping its graph: a kept graph
+        # holds every layer's [prefix || chunk] K/V at once, which ran out of memory at 256k on an H100.
+        out = attention_reference(q, k_all, v_all, scale)
         if not relay.recompute:
             cache.keys.append(k.detach())
             cache.values.append(v.detach())
@@ -80,15 +74,10 @@ class _RelayAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
-        if ctx.graph is not None:
-            out, leaves = ctx.graph
-            ctx.graph = None
-            dq, dk_all, dv_all = torch.autograd.grad(out, leaves, grad_out)
-        else:
-            prefix_k, prefix_v = ctx.prefix
-            k_all = torch.cat(prefix_k + [k], dim=2) if prefix_k else k
-            v_all = torch.cat(prefix_v + [v], dim=2) if prefix_v else v
-            dq, dk_all, dv_all = attention_backward(grad_out.contiguous(), q, k_all, v_all, ctx.scale)
+        prefix_k, prefix_v = ctx.prefix
+        k_all = torch.cat(prefix_k + [k], dim=2) if prefix_k else k
+        v_all = torch.cat(prefix_v + [v], dim=2) if prefix_v else v
+        dq, dk_all, dv_all = attention_backward(grad_out.contiguous(), q, k_all, v_all, ctx.scale)
         cache = ctx.relay.caches[(ctx.mb, ctx.layer)]
         start, length = dk_all.shape[2] - k.shape[2], k.shape[2]
         dk, dv = dk_all[:, :, start:], dv_all[:, :, start:]
