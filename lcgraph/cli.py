@@ -45,7 +45,7 @@ def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     job = Job(cfg, run_path, rank, world)
     logger = RunLogger(cfg, run_path, enabled=rank == 0)
     if rank == 0:
-        (run_path / "programs.txt").write_text(format_programs(job.programs, job.spec) + "\n")
+        (run_path / "programs.txt").write_text(format_programs(job.programs, job.spec).rstrip("\n") + "\n")
         logger.note(f"layers per stage {job.layer_counts}, chunks {job.chunk_lengths}, "
                     f"capture {job.captured.capture_seconds:.1f}s")
     every = cfg.train.checkpoint_every

@@ -315,11 +315,15 @@ class ReplicatedAdamW(torch.optim.AdamW):
 
 
 def add_bucket_actions(program: list[Action], actions: dict[int, tuple[list[Action], list[Action]]]) -> list[Action]:
-    """Insert RS<b> after each stage's last backward and AG<b> right after OPT."""
+    """Insert RS<b> after each stage's last backward (and the sends right after it: the previous stage
+    must not wait for this one's reduce-scatter) and AG<b> right after OPT."""
     last_b = {}
     for i, a in enumerate(program):
         if a.kind == "B":
-            last_b[a.stage] = i
+            j = i
+            while j + 1 < len(program) and program[j + 1].kind.startswith("SEND"):
+                j += 1
+            last_b[a.stage] = j
     mine = {s: actions[s] for s in last_b if s in actions}  # stages this program runs
     out = []
     for i, a in enumerate(program):

@@ -72,3 +72,17 @@ def test_same_config_and_seed_give_the_same_losses():
     again, _, _ = train_local(compose("train.steps=3"))
     other, _, _ = train_local(compose("train.steps=3", "train.seed=1"))
     assert first == again and first != other
+
+
+def test_the_default_plan_is_pp2_sp2_seq1f1b_on_four_spawned_ranks(tmp_path):
+    cfg = compose(tiny=False)
+    assert (cfg.parallel.pp, cfg.parallel.sp, cfg.parallel.schedule, cfg.model.num_hidden_layers) == (2, 2, "seq1f1b", 4)
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "lcgraph", "train.steps=2", "data.seq_len=64", "data.max_corpus_mb=0.3",
+                          "train.progress=false", "logging.wandb.mode=disabled", f"hydra.run.dir={run}"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == f"run directory: {run}"
+    programs = (run / "programs.txt").read_text().splitlines()
+    assert len(programs) == 2 and "RS" in programs[0] and "AG" in programs[1]  # pipeline ranks, ZeRO actions
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
