@@ -370,15 +370,17 @@ def _check_local_order(programs: list[Program], spec: ScheduleSpec, explicit_p2p
         raise _problems(problems, "dependency order violated:")
 
 
-def _replay(programs: list[Program], spec: ScheduleSpec,
-            duration: Callable[[Action], float]) -> list[float]:
-    """Run every rank in program order; an action starts once its dependencies have finished.
+def replay(programs: list[Program], spec: ScheduleSpec,
+           step: Callable[[int, Action, float], tuple[float, float]]) -> list[float]:
+    """Run every rank in program order; an action starts once its dependencies' results are available.
 
-    Sends never block; a receive waits for its send. Returns each rank's finish time, or raises
-    ScheduleError naming each stuck rank's next action when no rank can advance.
+    `step(rank, action, start)` runs `action` on `rank` from time `start` and returns (the rank's clock
+    after it, the time its result is available to dependents: later than the clock for a send that
+    is still on the wire). Sends never block; a receive waits for its send. Returns each rank's finish
+    time, or raises ScheduleError naming each stuck rank's next action when no rank can advance.
     """
     explicit_p2p = _has_p2p(programs)
-    finished: dict[Key, float] = {}
+    available: dict[Key, float] = {}
     clock = [0.0] * len(programs)
     position = [0] * len(programs)
     progressed = True
@@ -388,21 +390,29 @@ def _replay(programs: list[Program], spec: ScheduleSpec,
             while position[rank] < len(program):
                 action = program[position[rank]]
                 deps = _dependencies(action, spec, explicit_p2p)
-                if any(dep not in finished for dep in deps):
+                if any(dep not in available for dep in deps):
                     break
-                start = max([clock[rank]] + [finished[dep] for dep in deps])
-                clock[rank] = finished[_key(action)] = start + duration(action)
+                start = max([clock[rank]] + [available[dep] for dep in deps])
+                clock[rank], available[_key(action)] = step(rank, action, start)
                 position[rank] += 1
                 progressed = True
     stuck = []
     for rank, program in enumerate(programs):
         if position[rank] < len(program):
             action = program[position[rank]]
-            waits = [_describe(d) for d in _dependencies(action, spec, explicit_p2p) if d not in finished]
+            waits = [_describe(d) for d in _dependencies(action, spec, explicit_p2p) if d not in available]
             stuck.append(f"rank {rank}: stuck at {action.token(True)} waiting for {', '.join(waits)}")
     if stuck:
         raise _problems(stuck, "deadlock: no rank can advance")
     return clock
+
+
+def _timed_step(duration: Callable[[Action], float]):
+    """A replay step where an action's result is available as soon as it finishes."""
+    def step(rank: int, action: Action, start: float) -> tuple[float, float]:
+        end = start + duration(action)
+        return end, end
+    return step
 
 
 def validate(programs: list[Program], spec: ScheduleSpec) -> None:
@@ -418,7 +428,7 @@ def validate(programs: list[Program], spec: ScheduleSpec) -> None:
     if explicit_p2p:
         _check_p2p_matches(programs, spec)
     _check_local_order(programs, spec, explicit_p2p)
-    _replay(programs, spec, duration=lambda action: 0.0)
+    replay(programs, spec, _timed_step(lambda action: 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,7 +449,7 @@ def bubble_fraction(programs: list[Program], spec: ScheduleSpec,
     def duration(action: Action) -> float:
         return cost.get(action.kind, 0.0)
 
-    makespan = max(_replay(programs, spec, duration))
+    makespan = max(replay(programs, spec, _timed_step(duration)))
     busy = sum(duration(a) for program in programs for a in program)
     return 1.0 - busy / (len(programs) * makespan)
 

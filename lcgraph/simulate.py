@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from lcgraph.schedule import COMPUTE_KINDS, Action, Program, ScheduleError, ScheduleSpec, _dependencies, _has_p2p
+from lcgraph.schedule import COMPUTE_KINDS, Action, Program, ScheduleSpec, replay
 
 
 class Event(NamedTuple):
@@ -130,11 +130,7 @@ class _Memory:
 
 def simulate(programs: list[Program], spec: ScheduleSpec, costs) -> SimResult:
     """Run the programs against `costs`; raise ScheduleError if they deadlock."""
-    explicit_p2p = _has_p2p(programs)
     multi_stage = spec.virtual_stages > 1
-    done: dict[tuple, float] = {}  # key -> time its result is available (a send: when it arrives)
-    clock = [0.0] * len(programs)
-    position = [0] * len(programs)
     link_free: dict[tuple[int, int], float] = {}
     busy = [0.0] * len(programs)
     timeline: list[Event] = []
@@ -142,36 +138,24 @@ def simulate(programs: list[Program], spec: ScheduleSpec, costs) -> SimResult:
     for s in range(spec.num_stages):
         memory._record(s)
     pipeline_end = 0.0
-    progressed = True
-    while progressed:
-        progressed = False
-        for rank, program in enumerate(programs):
-            while position[rank] < len(program):
-                action = program[position[rank]]
-                deps = _dependencies(action, spec, explicit_p2p)
-                if any(d not in done for d in deps):
-                    break
-                start = max([clock[rank]] + [done[d] for d in deps])
-                end = start + costs.duration(action, rank)
-                key = (action.kind, action.stage, action.mb, action.chunk)
-                done[key] = end
-                if action.kind.startswith("SEND"):
-                    link = (rank, action.peer)
-                    sent = max(end, link_free.get(link, 0.0))
-                    done[key] = link_free[link] = sent + costs.transfer(action)
-                    timeline.append(Event(rank, action.token(multi_stage), sent, done[key]))
-                elif end > start or action.kind in COMPUTE_KINDS:
-                    timeline.append(Event(rank, action.token(multi_stage), start, end))
-                if action.kind in COMPUTE_KINDS:
-                    busy[rank] += end - start
-                    pipeline_end = max(pipeline_end, end)
-                memory.apply(action)
-                clock[rank] = end
-                position[rank] += 1
-                progressed = True
-    stuck = [f"rank {r}: stuck at {p[position[r]].token(True)}" for r, p in enumerate(programs) if position[r] < len(p)]
-    if stuck:
-        raise ScheduleError("deadlock in simulation:\n  " + "\n  ".join(stuck))
+
+    def step(rank: int, action: Action, start: float) -> tuple[float, float]:
+        nonlocal pipeline_end
+        end = available = start + costs.duration(action, rank)
+        if action.kind.startswith("SEND"):  # the link carries one message at a time
+            link = (rank, action.peer)
+            sent = max(end, link_free.get(link, 0.0))
+            available = link_free[link] = sent + costs.transfer(action)
+            timeline.append(Event(rank, action.token(multi_stage), sent, available))
+        elif end > start or action.kind in COMPUTE_KINDS:
+            timeline.append(Event(rank, action.token(multi_stage), start, end))
+        if action.kind in COMPUTE_KINDS:
+            busy[rank] += end - start
+            pipeline_end = max(pipeline_end, end)
+        memory.apply(action)
+        return end, available
+
+    clock = replay(programs, spec, step)
     step_time = max(clock + [e.end for e in timeline], default=0.0)
     bubble = 1.0 - sum(busy) / (len(programs) * pipeline_end) if pipeline_end > 0 else 0.0
     timeline.sort(key=lambda e: (e.rank, e.start, e.end))
