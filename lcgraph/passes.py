@@ -102,6 +102,21 @@ def balance_layers(costs: list[float], first: float, last: float, stages: int) -
     return counts[::-1]
 
 
+def plan_layer_counts(captured: CapturedGraph, parallel, seq_len: int) -> list[int]:
+    """Layers per stage of a plan: `parallel.pp_layers` when given, else a FLOP-balanced split over
+    pp * virtual_stages stages. The trainer and the planner both ask here, so they agree."""
+    stages = parallel.pp * parallel.virtual_stages
+    layers = captured.num_layers()
+    if parallel.pp_layers:
+        counts = list(parallel.pp_layers)
+        if len(counts) != stages or sum(counts) != layers:
+            raise PlanError(f"parallel.pp_layers={counts} must have {stages} entries summing to "
+                            f"num_hidden_layers={layers}")
+        return counts
+    costs, first, last = layer_costs(captured, seq_len)
+    return balance_layers(costs, first, last, stages)
+
+
 def stage_of_layers(counts: list[int]) -> list[int]:
     return [s for s, c in enumerate(counts) for _ in range(c)]
 

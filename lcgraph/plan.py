@@ -163,20 +163,16 @@ class Plan:
 
 
 def _layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
-    """What the trainer uses (train.Job._layer_counts): parallel.pp_layers, or a FLOP-balanced split; and
-    a balanced split over pp stages for the alternatives (one stage per rank)."""
+    """The trainer's layer counts (passes.plan_layer_counts), and a balanced split over pp stages for
+    the alternatives (one stage per rank)."""
     from lcgraph import passes
 
     par = cfg.parallel
+    counts = passes.plan_layer_counts(captured, par, cfg.data.seq_len)
+    if len(counts) == par.pp:
+        return counts, counts
     costs, first, last = passes.layer_costs(captured, cfg.data.seq_len)
-    per_rank = passes.balance_layers(costs, first, last, par.pp)
-    if par.pp_layers:
-        counts = list(par.pp_layers)
-    elif par.virtual_stages > 1:
-        counts = passes.balance_layers(costs, first, last, par.pp * par.virtual_stages)
-    else:
-        counts = per_rank
-    return counts, (counts if len(counts) == par.pp else per_rank)
+    return counts, passes.balance_layers(costs, first, last, par.pp)
 
 
 def build_plan(cfg, captured=None) -> Plan:

@@ -129,21 +129,9 @@ class Job:
         per_pair = sum(n.meta["lcgraph"].flops_per_pair for n in self.captured.graph.nodes)
         return schedule.split_sequence(seq, k, par.chunk_split, per_token, per_pair, align=par.sp)
 
-    def _layer_counts(self) -> list[int]:
-        par = self.cfg.parallel
-        stages = par.pp * par.virtual_stages
-        if par.pp_layers:
-            counts = list(par.pp_layers)
-            if len(counts) != stages or sum(counts) != self.config.num_hidden_layers:
-                raise passes.PlanError(f"parallel.pp_layers={counts} must have {stages} entries summing to "
-                                       f"num_hidden_layers={self.config.num_hidden_layers}")
-            return counts
-        costs, first, last = passes.layer_costs(self.captured, self.cfg.data.seq_len)
-        return passes.balance_layers(costs, first, last, stages)
-
     def _setup_stages(self):
         c, par = self.coords, self.cfg.parallel
-        self.layer_counts = self._layer_counts()
+        self.layer_counts = passes.plan_layer_counts(self.captured, par, self.cfg.data.seq_len)
         mine = {s for s in range(par.pp * par.virtual_stages) if s % par.pp == c.pp_rank}
         dump = self._dumper() if self.cfg.dump.graphs else None
         graphs = passes.compile_stages(self.captured, self.layer_counts, self.device, self.spec.seq_chunks,
