@@ -7,10 +7,10 @@ run directory is shared with the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,14 +23,47 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 USER_ERRORS = ("PlanError", "CaptureError", "ModelPathError", "ScheduleError", "FileNotFoundError", "ValueError")
 
 
-def fail(message: str, mode=None) -> None:
+def fail(message: str, mode=None, prog: str = "lcgraph") -> None:
     """One line for the user; in a multirun, the job fails and the sweep goes on."""
-    print(f"lcgraph: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {message}", file=sys.stderr)
     from hydra.types import RunMode
 
     if mode == RunMode.MULTIRUN:
         raise RuntimeError(message)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str = "lcgraph", sweep_goes_on: bool = True):
+    """A user's error (a plan that cannot work, a missing file) ends the app with one line, no traceback."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001
+        if type(exc).__name__ not in USER_ERRORS:
+            raise
+        from hydra.core.hydra_config import HydraConfig
+
+        fail(str(exc), HydraConfig.get().mode if sweep_goes_on else None, prog)
+
+
+def hydra_app(task) -> None:
+    """Run `task(cfg)` as a Hydra app over lcgraph's config groups and recipes (lcgraph-train, lcgraph-plan)."""
+    import hydra
+
+    from lcgraph.config import register_configs
+
+    register_configs()
+    hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(task)()
+
+
+def launch_local(world: int, entry, *args, run_id: str = "lcgraph") -> None:
+    """Run `entry(*args)` on `world` local ranks with torch's elastic launcher (the engine behind torchrun)."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"{run_id}-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    elastic_launch(config, entry)(*args)
 
 
 def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
@@ -98,12 +131,8 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
 def spawn(cfg, run_dir: str, world: int) -> None:
     """Start `world` local ranks with torch's elastic launcher and wait for them."""
     from omegaconf import OmegaConf
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"lcgraph-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
-    elastic_launch(config, _worker)(OmegaConf.to_yaml(cfg, resolve=True), run_dir)
+    launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
 
 
 def train_main(cfg) -> None:
@@ -116,15 +145,11 @@ def train_main(cfg) -> None:
         import submitit  # SLURM through hydra-submitit-launcher: each task joins as a torchrun-style rank
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    try:
+    with one_line_errors():
         validate_plan(cfg)
-    except Exception as exc:  # noqa: BLE001 - a user's plan error is one line, not a traceback
-        if type(exc).__name__ in USER_ERRORS:
-            fail(str(exc), HydraConfig.get().mode)
-        raise
     run_dir = HydraConfig.get().runtime.output_dir
     world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
-    try:
+    with one_line_errors():
         if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             _join_torchrun(cfg, run_dir)
         elif world > 1:
@@ -132,10 +157,6 @@ def train_main(cfg) -> None:
             _print_summary(run_dir)
         else:
             run(cfg, run_dir)
-    except Exception as exc:  # noqa: BLE001
-        if type(exc).__name__ in USER_ERRORS:
-            fail(str(exc), HydraConfig.get().mode)
-        raise
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run directory: {run_dir}")
 
@@ -159,13 +180,7 @@ def _print_summary(run_dir: str) -> None:
 
 
 def main() -> None:
-    import hydra
-
-    from lcgraph.config import register_configs
-
-    register_configs()
-    app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(train_main)
-    app()
+    hydra_app(train_main)
 
 
 if __name__ == "__main__":

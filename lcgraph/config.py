@@ -138,3 +138,16 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
     for recipe in sorted(recipes_dir().glob("*.yaml")):
         cs.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
+
+
+def compose_config(overrides: list[str]):
+    """The config exactly as lcgraph-train composes it (groups, schema, recipes), without running an app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lcgraph.paths import conf_dir
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return compose("config", overrides=list(overrides))

@@ -27,11 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lcgraph.paths import conf_dir
 
 DEFAULTS = {"device": "h100", "gpus_per_node": None, "dtype": None, "alternatives": True, "chunks": [2, 4, 8],
             "timeline": True}
-USER_ERRORS = ("PlanError", "CaptureError", "ModelPathError", "ScheduleError", "FileNotFoundError", "ValueError")
 GiB = 2**30
 
 
@@ -334,13 +332,10 @@ def plan_main(cfg) -> None:
     """The Hydra task: plan, print, write to the run directory."""
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    from lcgraph.cli import one_line_errors
+
+    with one_line_errors("lcgraph-plan", sweep_goes_on=False):
         plan = build_plan(cfg)
-    except Exception as exc:  # noqa: BLE001 - a user's plan error is one line, not a traceback
-        if type(exc).__name__ in USER_ERRORS:
-            print(f"lcgraph-plan: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        raise
     out = HydraConfig.get().runtime.output_dir
     written = write_plan(plan, out)
     print_plan(plan)
@@ -348,13 +343,9 @@ def plan_main(cfg) -> None:
 
 
 def main() -> None:
-    import hydra
+    from lcgraph.cli import hydra_app
 
-    from lcgraph.config import register_configs
-
-    register_configs()
-    app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(plan_main)
-    app()
+    hydra_app(plan_main)
 
 
 if __name__ == "__main__":

@@ -22,17 +22,10 @@ TINY = ["parallel=single", "model.hidden_size=64", "model.intermediate_size=128"
 
 
 def compose(*overrides: str, tiny: bool = True):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """A config as the CLI composes it; `tiny` puts the tiny CPU test shape first."""
+    from lcgraph.config import compose_config
 
-    from lcgraph.config import register_configs
-    from lcgraph.paths import conf_dir
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        return hydra_compose("config", overrides=(TINY if tiny else []) + list(overrides))
+    return compose_config((TINY if tiny else []) + list(overrides))
 
 
 def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor], dict]:
@@ -81,13 +74,11 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
 def train_spawned(cfgs: list, world: int) -> list[dict]:
     """Train each config on `world` spawned ranks; per config: losses (rank 0), merged params, per-rank records."""
     from omegaconf import OmegaConf
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from lcgraph.cli import launch_local
 
     out = tempfile.mkdtemp(prefix="lcgraph-grid-")
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"test-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
-    elastic_launch(launch, _grid_worker)([OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out)
+    launch_local(world, _grid_worker, [OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out, run_id="test")
     results = []
     for i in range(len(cfgs)):
         ranks = [torch.load(os.path.join(out, f"{i}-rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -6,7 +6,6 @@ ever materialised); `train(cfg, run_dir)` is the loop with metrics, W&B, progres
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

@@ -624,13 +624,9 @@ def main(argv: list[str] | None = None) -> None:
     """Capture the configured model on the meta device, run the passes, dump every graph (all stages)."""
     import argparse
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from lcgraph import model, passes
     from lcgraph.capture import capture
-    from lcgraph.config import register_configs
-    from lcgraph.paths import conf_dir
+    from lcgraph.config import compose_config
     from lcgraph.plan import _layer_counts
 
     ap = argparse.ArgumentParser(prog="python -m lcgraph.viz", description=main.__doc__)
@@ -639,10 +635,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="also draw decoder layer L node by node (repeatable; default: each graph's first layer)")
     ap.add_argument("overrides", nargs="*", help="the training config's overrides, e.g. parallel.pp=4")
     args = ap.parse_args(argv)
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose("config", overrides=args.overrides)
+    cfg = compose_config(args.overrides)
     par = cfg.parallel
     captured = capture(model.build_config(cfg.model), batch_size=cfg.data.micro_batch_size)
     counts, _ = _layer_counts(cfg, captured)
