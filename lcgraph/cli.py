@@ -82,15 +82,13 @@ def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         logger.note(f"layers per stage {job.layer_counts}, chunks {job.chunk_lengths}, "
                     f"capture {job.captured.capture_seconds:.1f}s")
     every = cfg.train.checkpoint_every
-    mark = 0
     for step in range(cfg.train.steps):
-        mark = len(job.interpreter.timeline)  # where this step's timeline starts
         metrics = job.run_step(step)
-        logger.log({**metrics, **comm_times(job.interpreter.timeline[mark:])})
+        logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
             save_checkpoint(job, run_path / "checkpoint", step + 1)
     save_checkpoint(job, run_path / "checkpoint", cfg.train.steps)
-    measured = write_measured_timeline(job, run_path, world, since=mark)  # collective: every rank
+    measured = write_measured_timeline(job, run_path, world)  # collective: every rank
     summary = logger.finish(extra={**_memory_summary(job, world), **measured})
     return summary
 

@@ -109,13 +109,15 @@ class Interpreter:
         self.recompute = recompute  # F keeps only its inputs; B reruns the forward under autograd
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
         self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
-        self.timeline: list[tuple[str, float, float]] = []
+        self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
         self.record_timeline = record_timeline
 
     # --- one step ------------------------------------------------------------------------------------------
     def run_step(self, units: dict[tuple[int, int], UnitData], loss_scale: float) -> torch.Tensor:
         """Run the program; `units[(mb, chunk)]` are this rank's inputs. Returns this rank's summed loss."""
         self.units, self.loss_scale = units, loss_scale
+        self.timeline = []  # a long run must not grow it: the last step is what gets reported
+        self.optimizer.start_step()
         self.saved: dict[tuple, tuple] = {}
         self.inbox: dict[tuple, tuple] = {}
         self.sends: list = []
@@ -140,7 +142,8 @@ class Interpreter:
 
     def _timed(self, name: str, fn, arg):
         start = time.perf_counter()
-        fn(arg)
+        with torch.profiler.record_function(name):  # names the action's kernels in a profiler trace
+            fn(arg)
         if self.record_timeline:
             self.timeline.append((name, start, time.perf_counter()))
 

@@ -509,11 +509,11 @@ def measured_bubble(timeline) -> dict:
     return {"bubble_fraction": bubble, "measured_pipeline_s": span, "measured_step_s": step}
 
 
-def _rank_record(job, since: int, world: int) -> dict:
+def _rank_record(job, world: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    entries = list(job.interpreter.timeline[since:])
+    entries = list(job.interpreter.timeline)
     lo = min((s for _, s, _ in entries), default=0.0)
     hi = max((e for _, _, e in entries), default=0.0)
     events = [e for e in getattr(job.optimizer, "events", []) if lo <= e[3] <= hi]
@@ -547,7 +547,7 @@ def zero_trace_events(events, t0: float) -> list[dict]:
         out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 2, "args": {"name": "ZeRO buckets"}})
     for i, (rank, what, stage, bucket, t) in enumerate(sorted(events, key=lambda e: e[4])):
         ts = (t - t0) * 1e6
-        out.append({"ph": "i", "s": "t", "name": f"{what} b{bucket}", "cat": "zero", "pid": rank, "tid": 2, "ts": ts,
+        out.append({"ph": "i", "s": "t", "name": f"{what} b{bucket}" if bucket >= 0 else what, "cat": "zero", "pid": rank, "tid": 2, "ts": ts,
                     "args": {"stage": stage, "bucket": bucket}})
         op, _, phase = what.partition("_")
         key = (rank, op, stage, bucket)
@@ -561,11 +561,11 @@ def zero_trace_events(events, t0: float) -> list[dict]:
     return out
 
 
-def write_measured_timeline(job, run_dir, world: int, since: int = 0) -> dict:
+def write_measured_timeline(job, run_dir, world: int) -> dict:
     """Gather the last step's timeline of every rank to rank 0; rank 0 writes timeline.json (+ .png).
 
-    `since`: index in `job.interpreter.timeline` where the last step starts. Collective: every rank calls
-    it. Returns on every rank: bubble_fraction, measured_pipeline_s, measured_step_s, comm_s_per_rank and,
+    `job.interpreter.timeline` holds the last step; ZeRO events outside it are dropped. Collective: every
+    rank calls it. Returns on every rank: bubble_fraction, measured_pipeline_s, measured_step_s, comm_s_per_rank and,
     on CUDA, cuda_peak_bytes_per_rank. A timeline.json from `lcgraph-plan` in the same directory is kept
     as timeline_predicted.json (and .png).
     """
@@ -575,7 +575,7 @@ def write_measured_timeline(job, run_dir, world: int, since: int = 0) -> dict:
 
     from lcgraph.timeline import from_measured, trace_events, write_png
 
-    mine = _rank_record(job, since, world)
+    mine = _rank_record(job, world)
     records = [mine]
     if world > 1 and dist.is_initialized():
         records = [None] * world

@@ -63,7 +63,7 @@ class ShardedAdamW:
         self.lr, self.betas, self.eps, self.wd = o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay
         self.group_size = job.coords.dp * job.coords.sp
         self.group = job.replica_group if self.group_size > 1 else None
-        self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time)
+        self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time) since the step began
         limit = max(1, int(job.cfg.parallel.bucket_mb * 2**20))
         self.buckets: list[Bucket] = []
         for s, stage in job.stages.items():
@@ -148,6 +148,9 @@ class ShardedAdamW:
         return out
 
     # --- interpreter hooks --------------------------------------------------------------------------------
+    def start_step(self) -> None:
+        self.events = []  # the all-gathers issued at the previous step's end stay in flight
+
     def before_forward(self, action: Action) -> None:
         """Wait for the all-gathers of this stage's parameters (issued at AG) before their first use."""
         for b in self.buckets:
@@ -183,6 +186,7 @@ class ShardedAdamW:
 
     def after_backward(self, action: Action, final: bool) -> None:
         if final:
+            self.events.append(("backward_end", action.stage, -1, time.perf_counter()))  # autograd has returned
             for h in self._hooks:
                 h.remove()
             self._hooks = []
@@ -264,6 +268,9 @@ class ReplicatedAdamW(torch.optim.AdamW):
         super().__init__([{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": o.weight_decay},
                           {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
                          lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+
+    def start_step(self):
+        pass
 
     def before_forward(self, action):
         pass

@@ -186,14 +186,14 @@ def fake_job(timeline, events, rank=0):
                            coords=SimpleNamespace(rank=rank), device=torch.device("cpu"))
 
 
-STEP0 = [("F0.0", 0.0, 1.0), ("B0.0", 1.0, 3.0), ("OPT", 3.0, 3.5)]
 STEP1 = [("F0.0", 10.0, 11.0), ("recv", 11.0, 11.5), ("B0.0", 11.5, 13.5), ("RS0", 13.6, 14.0), ("OPT", 14.0, 14.5),
          ("AG0", 14.5, 14.6)]
-EVENTS = [("rs_issue", 0, 0, 2.0), ("rs_issue", 0, 0, 12.0), ("rs_wait", 0, 0, 14.0), ("ag_issue", 0, 0, 14.55)]
+EVENTS = [("rs_issue", 0, 0, 2.0),  # the first one is the step before's
+          ("rs_issue", 0, 0, 12.0), ("rs_wait", 0, 0, 14.0), ("ag_issue", 0, 0, 14.55)]
 
 
 def test_the_measured_timeline_is_the_last_step_as_a_trace_with_a_zero_track_and_its_bubble(tmp_path):
-    stats = viz.write_measured_timeline(fake_job(STEP0 + STEP1, EVENTS), tmp_path, world=1, since=len(STEP0))
+    stats = viz.write_measured_timeline(fake_job(STEP1, EVENTS), tmp_path, world=1)
     # pipeline time: 10.0 .. 13.5 (last B); busy F + B = 3.0 of 3.5
     assert stats["bubble_fraction"] == pytest.approx(1 - 3.0 / 3.5)
     assert stats["measured_step_s"] == pytest.approx(4.6)

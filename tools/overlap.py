@@ -1,0 +1,114 @@
+"""Measure how much of the ZeRO-2 gradient reduce-scatter runs behind backward, with torch.profiler.
+
+    python3 tools/overlap.py --out runs/overlap parallel=single parallel.dp=2             # any lcgraph-train overrides
+    torchrun --nproc-per-node 8 tools/overlap.py --out runs/ov model=llama3_1b train.device=cuda \\
+        train.dtype=bf16 data.synthetic=true data.seq_len=32768 parallel=single parallel.dp=2 parallel.sp=4
+
+Each rank runs `--warmup` steps, then one step under torch.profiler, and writes trace_rank<r>.json
+(open in https://ui.perfetto.dev). Rank 0 prints, per rank, the reduce-scatter time, the share of it
+that ran beside compute (`lcgraph/overlap.py` says how each backend's spans are found), and whether
+the first bucket's reduce-scatter was issued before the step's last backward ended (the runtime's own
+events); all of it goes to overlap.json. The plan is validated before any rank starts; under torchrun
+every rank joins, otherwise the ranks are spawned here (NCCL on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def issued_before_last_backward(job) -> bool | None:
+    """The runtime's own record: the first rs_issue precedes the return of the step's last backward."""
+    events = getattr(job.optimizer, "events", [])
+    issues = [t for what, _, _, t in events if what == "rs_issue"]
+    ends = [t for what, _, _, t in events if what == "backward_end"]
+    return (min(issues) < max(ends)) if issues and ends else None
+
+
+def profile_rank(cfg_yaml: str, out: str, warmup: int) -> None:
+    """One rank: train `warmup` steps, profile the next, write its trace; rank 0 gathers the report."""
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torch.profiler import ProfilerActivity, profile
+
+    from lcgraph.cli import _share_cores
+    from lcgraph.overlap import analyze
+    from lcgraph.train import Job
+
+    cfg = OmegaConf.create(cfg_yaml)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    _share_cores()
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    try:
+        job = Job(cfg, Path(out), rank, world)
+        for step in range(warmup):
+            job.run_step(step)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            metrics = job.run_step(warmup)
+        path = Path(out) / f"trace_rank{rank}.json"
+        prof.export_chrome_trace(str(path))
+        mine = {"rank": rank, **analyze(json.loads(path.read_text())).as_dict(),
+                "rs_actions": sum(a.kind == "RS" for a in job.interpreter.program),
+                "issued_before_last_backward": issued_before_last_backward(job), "step_time_s": metrics["step_time_s"]}
+        everyone = [mine]
+        if world > 1:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, mine)
+        if rank == 0:
+            report(everyone, Path(out))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def report(ranks: list[dict], out: Path) -> None:
+    (out / "overlap.json").write_text(json.dumps({"ranks": ranks}, indent=1) + "\n")
+    print(f"{'rank':>4} {'device':>6} {'RS ops':>6} {'RS ms':>9} {'beside compute ms':>17} {'overlap':>7} "
+          f"{'issued before last B ends':>25} {'step ms':>9}")
+    for r in ranks:
+        print(f"{r['rank']:>4} {r['device']:>6} {r['rs_count']:>6} {r['rs_s'] * 1e3:>9.2f} "
+              f"{r['overlapped_s'] * 1e3:>17.2f} {r['fraction']:>7.1%} {str(r['issued_before_last_backward']):>25} "
+              f"{r['step_time_s'] * 1e3:>9.1f}")
+    if not any(r["rs_count"] for r in ranks):
+        print("no reduce-scatter ran: ZeRO-2 shards over dp*sp replicas, so this layout needs dp*sp > 1")
+    print(f"wrote {out / 'overlap.json'} and trace_rank*.json")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/overlap", help="directory for traces and overlap.json")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the profiled one")
+    parser.add_argument("overrides", nargs="*", help="lcgraph-train config overrides")
+    args = parser.parse_args(argv)
+
+    from omegaconf import OmegaConf
+
+    from lcgraph.cli import launch_local, one_line_errors
+    from lcgraph.config import compose_config
+    from lcgraph.validate import validate_plan
+
+    cfg = compose_config(args.overrides + [f"train.steps={args.warmup + 1}"])
+    with one_line_errors("overlap", sweep_goes_on=False):
+        validate_plan(cfg)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
+    if "LOCAL_RANK" in os.environ or world == 1:
+        profile_rank(text, args.out, args.warmup)
+    else:
+        launch_local(world, profile_rank, text, args.out, args.warmup, run_id="overlap")
+
+
+if __name__ == "__main__":
+    main()
