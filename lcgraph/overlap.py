@@ -31,6 +31,7 @@ class Overlap:
     rs_count: int  # reduce-scatter kernels (CUDA) or gloo runs (CPU) in the step
     rs_s: float  # time some reduce-scatter ran (union of its spans)
     overlapped_s: float  # of that, time compute ran too
+    compute_s: float  # time some compute ran (kernels on CUDA, autograd functions on CPU)
     backward_s: float  # union of backward action ranges (CPU wall time of the "B" actions)
 
     @property
@@ -82,10 +83,10 @@ def analyze(trace: dict) -> Overlap:
     if kernels:
         rs = [_span(k) for k in kernels if NCCL_RS.search(k["name"])]
         compute = [_span(k) for k in kernels if "nccl" not in k["name"].lower()]
-        return Overlap("cuda", len(rs), length(rs), length(intersect(rs, compute)), length(backward))
+        return Overlap("cuda", len(rs), length(rs), length(intersect(rs, compute)), length(compute), length(backward))
     rs = _gloo_reduce_scatters(spans)
     compute = [_span(e) for e in spans if e["name"].startswith("autograd::engine::evaluate_function")]
-    return Overlap("cpu", len(rs), length(rs), length(intersect(rs, compute)), length(backward))
+    return Overlap("cpu", len(rs), length(rs), length(intersect(rs, compute)), length(compute), length(backward))
 
 
 def _gloo_reduce_scatters(spans: list[dict]) -> list[tuple[float, float]]:

@@ -234,8 +234,8 @@ class Job:
         loss_sum = self.interpreter.run_step(units, 1.0 / total)
         if self.world > 1:
             dist.all_reduce(loss_sum)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":  # the compute stream only: the ZeRO all-gathers go on into the next step
+            torch.cuda.current_stream(self.device).synchronize()
         elapsed = time.perf_counter() - started
         tokens = total
         return {"step": step + 1, "loss": float(loss_sum) / total, "tokens": tokens, "step_time_s": elapsed,

@@ -37,6 +37,7 @@ def test_on_cuda_reduce_scatter_kernels_are_measured_against_compute_kernels():
     assert (result.device, result.rs_count) == ("cuda", 1)
     assert result.rs_s == pytest.approx(400e-6) and result.overlapped_s == pytest.approx(200e-6)
     assert result.fraction == pytest.approx(0.5) and result.backward_s == pytest.approx(1e-3)
+    assert result.compute_s == pytest.approx(500e-6)
 
 
 def test_overlap_tool_finds_every_bucket_reduce_scatter_running_beside_backward(tmp_path):

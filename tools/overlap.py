@@ -75,11 +75,11 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int) -> None:
 def report(ranks: list[dict], out: Path) -> None:
     (out / "overlap.json").write_text(json.dumps({"ranks": ranks}, indent=1) + "\n")
     print(f"{'rank':>4} {'device':>6} {'RS ops':>6} {'RS ms':>9} {'beside compute ms':>17} {'overlap':>7} "
-          f"{'issued before last B ends':>25} {'step ms':>9}")
+          f"{'compute ms':>10} {'issued before last B ends':>25} {'step ms':>9}")
     for r in ranks:
         print(f"{r['rank']:>4} {r['device']:>6} {r['rs_count']:>6} {r['rs_s'] * 1e3:>9.2f} "
-              f"{r['overlapped_s'] * 1e3:>17.2f} {r['fraction']:>7.1%} {str(r['issued_before_last_backward']):>25} "
-              f"{r['step_time_s'] * 1e3:>9.1f}")
+              f"{r['overlapped_s'] * 1e3:>17.2f} {r['fraction']:>7.1%} {r['compute_s'] * 1e3:>10.1f} "
+              f"{str(r['issued_before_last_backward']):>25} {r['step_time_s'] * 1e3:>9.1f}")
     if not any(r["rs_count"] for r in ranks):
         print("no reduce-scatter ran: ZeRO-2 shards over dp*sp replicas, so this layout needs dp*sp > 1")
     print(f"wrote {out / 'overlap.json'} and trace_rank*.json")
