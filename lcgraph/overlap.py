@@ -1,18 +1,23 @@
-"""How much of the ZeRO reduce-scatter is hidden behind backward, read from a torch.profiler trace.
+"""How much ZeRO communication is hidden behind compute, read from a torch.profiler trace.
 
-`tools/overlap.py` profiles one training step per rank and hands each rank's Chrome trace here.
-The interpreter wraps every action in `record_function(<action token>)`, so "B..." ranges mark backward.
+`tools/overlap.py` profiles training steps on every rank and hands each rank's Chrome trace here.
+The interpreter wraps every action in `record_function(<action token>)`, so "F..." and "B..." ranges
+mark forward and backward. Two collectives are measured:
 
-- CUDA (the trace has kernels): reduce-scatter = NCCL kernels named ReduceScatter; compute = every
-  other kernel. After a bucket's RS action waits, the compute stream waits for the NCCL stream, so the
-  only compute that can run beside a reduce-scatter is the backward still in flight: its overlap with
-  compute kernels is its overlap with backward.
-- CPU (gloo): the collective runs on a gloo worker thread ("gloo:*" ranges); the one that follows each
-  `c10d::_reduce_scatter_base_` call on the main thread is that bucket's reduce-scatter (gloo runs a
-  process group's work in issue order; gloo runs it as an all-reduce). Compute = the autograd engine's
-  `evaluate_function` ranges (CPU backward runs on the calling thread).
+- reduce_scatter of gradient buckets, issued during the last backward: should run beside backward;
+- all_gather of updated parameters, issued after OPT and waited by graph nodes in the next forward:
+  should run beside that forward (only the steps after the first profiled one show it).
 
-`overlap` = total time where a reduce-scatter and compute run at once / total reduce-scatter time.
+CUDA (the trace has kernels): a collective = NCCL kernels of its name; compute = every other kernel.
+The compute stream waits for a bucket's collective only where the program or graph waits for it, so
+what runs beside a reduce-scatter is the backward still in flight, and beside an all-gather the
+forward of the layers already gathered.
+CPU (gloo): the collective runs on a gloo worker thread ("gloo:*" ranges, a reduce-scatter run as an
+all-reduce); the first such range after each `c10d::` call on the main thread is that call's work
+(gloo runs a process group's work in issue order). Compute: the autograd engine's `evaluate_function`
+ranges for backward, the `aten::` ops inside "F" ranges for forward (CPU ops run on the calling thread).
+
+`fraction` = time a collective and compute ran at once / time the collective ran.
 """
 
 from __future__ import annotations
@@ -20,23 +25,24 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-NCCL_RS = re.compile(r"nccl.*reduce_?scatter", re.IGNORECASE)
-RS_CALL = re.compile(r"reduce_scatter", re.IGNORECASE)
-GLOO_RS = re.compile(r"^gloo:(reduce_scatter|all_reduce|allreduce)")  # gloo runs _reduce_scatter_base_ as an all-reduce
+# name: (NCCL kernel, c10d call on the main thread, gloo worker range)
+COLLECTIVES = {
+    "reduce_scatter": (r"nccl.*reduce_?scatter", r"^c10d::.*reduce_scatter", r"^gloo:(reduce_scatter|all_?reduce)"),
+    "all_gather": (r"nccl.*all_?gather", r"^c10d::.*all_?gather", r"^gloo:all_?gather"),
+}
 
 
 @dataclass
 class Overlap:
     device: str  # "cuda" or "cpu": which rule found the spans
-    rs_count: int  # reduce-scatter kernels (CUDA) or gloo runs (CPU) in the step
-    rs_s: float  # time some reduce-scatter ran (union of its spans)
+    count: int  # kernels (CUDA) or gloo runs (CPU) of the collective
+    comm_s: float  # time the collective ran (union of its spans)
     overlapped_s: float  # of that, time compute ran too
-    compute_s: float  # time some compute ran (kernels on CUDA, autograd functions on CPU)
-    backward_s: float  # union of backward action ranges (CPU wall time of the "B" actions)
+    compute_s: float  # time the compute it is measured against ran
 
     @property
     def fraction(self) -> float:
-        return self.overlapped_s / self.rs_s if self.rs_s > 0 else 0.0
+        return self.overlapped_s / self.comm_s if self.comm_s > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {**asdict(self), "fraction": self.fraction}
@@ -75,28 +81,35 @@ def _span(e: dict) -> tuple[float, float]:
     return e["ts"] * 1e-6, (e["ts"] + e.get("dur", 0.0)) * 1e-6
 
 
-def analyze(trace: dict) -> Overlap:
-    """The reduce-scatter / compute overlap of one rank's profiled step (a Chrome trace dict)."""
+def _measure(device: str, comm: list, compute: list) -> Overlap:
+    return Overlap(device, len(comm), length(comm), length(intersect(comm, compute)), length(compute))
+
+
+def analyze(trace: dict) -> dict[str, Overlap]:
+    """Per collective, its overlap with compute in one rank's profiled steps (a Chrome trace dict)."""
     spans = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
-    backward = [_span(e) for e in spans if e.get("cat") == "user_annotation" and e["name"].startswith("B")]
     kernels = [e for e in spans if e.get("cat") == "kernel"]
     if kernels:
-        rs = [_span(k) for k in kernels if NCCL_RS.search(k["name"])]
         compute = [_span(k) for k in kernels if "nccl" not in k["name"].lower()]
-        return Overlap("cuda", len(rs), length(rs), length(intersect(rs, compute)), length(compute), length(backward))
-    rs = _gloo_reduce_scatters(spans)
-    compute = [_span(e) for e in spans if e["name"].startswith("autograd::engine::evaluate_function")]
-    return Overlap("cpu", len(rs), length(rs), length(intersect(rs, compute)), length(compute), length(backward))
+        return {name: _measure("cuda", [_span(k) for k in kernels if re.search(kernel, k["name"], re.IGNORECASE)],
+                               compute)
+                for name, (kernel, _, _) in COLLECTIVES.items()}
+    backward = [_span(e) for e in spans if e["name"].startswith("autograd::engine::evaluate_function")]
+    forward = intersect([_span(e) for e in spans if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")],
+                        [_span(e) for e in spans if e.get("cat") == "user_annotation" and e["name"].startswith("F")])
+    compute = {"reduce_scatter": backward, "all_gather": forward}
+    return {name: _measure("cpu", _gloo_runs(spans, call, work), compute[name])
+            for name, (_, call, work) in COLLECTIVES.items()}
 
 
-def _gloo_reduce_scatters(spans: list[dict]) -> list[tuple[float, float]]:
-    calls = sorted(e["ts"] for e in spans if e.get("cat") == "cpu_op" and e["name"].startswith("c10d::")
-                   and RS_CALL.search(e["name"]))
-    work = sorted((e for e in spans if GLOO_RS.match(e["name"])), key=lambda e: e["ts"])
+def _gloo_runs(spans: list[dict], call: str, work: str) -> list[tuple[float, float]]:
+    """The gloo worker range that ran each matching c10d call (the first unclaimed one after it)."""
+    calls = sorted(e["ts"] for e in spans if e.get("cat") == "cpu_op" and re.search(call, e["name"]))
+    runs = sorted((e for e in spans if re.search(work, e["name"])), key=lambda e: e["ts"])
     out, used = [], set()
     for issued in calls:
-        run = next((i for i, e in enumerate(work) if e["ts"] >= issued and i not in used), None)
+        run = next((i for i, e in enumerate(runs) if e["ts"] >= issued and i not in used), None)
         if run is not None:
             used.add(run)
-            out.append(_span(work[run]))
+            out.append(_span(runs[run]))
     return out

@@ -10,6 +10,8 @@ writes the graph after each one.
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
     fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
     lower_attention   on GPU, attention -> PyTorch SDPA under autograd (no recompute in backward)
+    gather_waits      (zero.py, once ZeRO-2 has cut its buckets) a wait for each bucket's parameter
+                      all-gather right before the forward first reads one of its parameters
 """
 
 from __future__ import annotations
@@ -325,7 +327,8 @@ def check_ulysses(config, sp: int) -> None:
                         "(K/V heads are replicated up to sp); change sp")
 
 
-PASSES = ("retarget_device", "partition", "kv_relay", "ulysses", "fuse_loss", "lower_attention")
+PASSES = ("retarget_device", "partition", "kv_relay", "ulysses", "fuse_loss", "lower_attention",
+          "gather_waits")  # the last one is zero.gather_waits: it needs the optimizer's bucket layout
 
 
 def compile_stages(captured: CapturedGraph, layer_counts: list[int], device, seq_chunks: int, sp: int,

@@ -164,6 +164,12 @@ class Job:
         from lcgraph.zero import add_bucket_actions, build_optimizer
 
         self.optimizer = build_optimizer(self)
+        if hasattr(self.optimizer, "gather_waits") and not self.cfg.train.compile:  # a compiled graph is sealed
+            dump = self._dumper() if self.cfg.dump.graphs else None
+            for s, st in self.stages.items():
+                self.optimizer.gather_waits(st.graph)
+                if dump and self.optimizer.waited_in_graph:
+                    dump(f"07_gather_waits_stage{s}", st.graph.gm)
         # every rank needs every rank's RS/AG actions for programs.txt; buckets are per stage, so ask
         # each stage's layout: ranks of one pipeline rank agree, other pipeline ranks report theirs
         actions = self._gather_bucket_actions(self.optimizer.program_actions())

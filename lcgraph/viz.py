@@ -6,7 +6,8 @@ each pass `dump_graph` writes, under graphs/,
     NN_<pass>.txt           one line per node with its annotations (part, layer, role)
     NN_<pass>.svg           one box per decoder layer, plus inputs / shared / embed / norm / head / loss /
                             output boxes, with the edges between boxes; a stage's boxes take its colour;
-                            badges count all-to-all (A2A), KV-relay attention (KV) and reduce-scatter (RS)
+                            badges count all-to-all (A2A), KV-relay attention (KV) and ZeRO all-gather
+                            waits (AG: where the forward first reads a bucket's parameters)
     NN_<pass>.html          the same picture, self-contained; each box expands to its nodes
     NN_<pass>_layerL.svg    decoder layer L node by node (default: the graph's first layer)
 
@@ -27,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BADGES = {"all_to_all": ("A2A", "#8e5ea2"), "kv_relay": ("KV", "#2a9d8f"), "reduce_scatter": ("RS", "#9d755d")}
+BADGES = {"all_to_all": ("A2A", "#8e5ea2"), "kv_relay": ("KV", "#2a9d8f"), "all_gather_wait": ("AG", "#9d755d")}
 PART_FILL = {"inputs": "#ffffff", "output": "#ffffff", "shared": "#eeeeee", "embed": "#d9f0d3", "layer": "#dbe9f6",
              "norm": "#fdebd0", "head": "#fdd0a2", "loss": "#fcbba1"}
 STAGE_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6",
@@ -79,18 +80,17 @@ class Box:
 
 
 def badge_of(node) -> str | None:
-    """all_to_all (Ulysses), kv_relay (Seq1F1B attention) or reduce_scatter, for the badges; else None."""
+    """all_to_all (Ulysses), kv_relay (Seq1F1B attention) or all_gather_wait (ZeRO), for the badges; else None."""
     from lcgraph.relay import relay_attention
 
     info = node.meta.get("lcgraph")
     role = getattr(info, "role", None)
-    name = getattr(node.target, "__name__", str(node.target))
     if role == "all_to_all":
         return "all_to_all"
     if node.target is relay_attention:
         return "kv_relay"
-    if role == "reduce_scatter" or "reduce_scatter" in name:
-        return "reduce_scatter"
+    if role == "all_gather_wait":
+        return "all_gather_wait"
     return None
 
 

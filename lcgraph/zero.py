@@ -9,7 +9,10 @@ ZeRO-2 with overlapped reduce-scatter (Megatron-LLaMA's distributed optimizer), 
   goes on; the RS action is where the program *waits* for it. Issue and wait times are recorded.
 - Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
   two AdamW moments. OPT clips by the global norm and updates the shard; AG all-gathers the updated
-  parameters asynchronously, waited just before the stage's first forward of the next step.
+  parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait
+  node for each bucket right before the first graph node that reads one of its parameters, so the next
+  step's forward runs while later buckets are still being gathered (without the pass, as under
+  `train.compile`, the stage's first forward waits for all of them).
 
 `ReplicatedAdamW` (parallel.zero=false) all-reduces whole gradients at OPT instead.
 """
@@ -69,6 +72,7 @@ class ShardedAdamW:
         for s, stage in job.stages.items():
             self._make_buckets(s, stage, limit)
         self._hooks = []
+        self.waited_in_graph: set[int] = set()  # buckets whose gather wait is a graph node (gather_waits)
         self.adamw = self._make_adamw()
         self.param_groups = self.adamw.param_groups  # the trainer sets the lr per step here
 
@@ -142,22 +146,34 @@ class ShardedAdamW:
         if self.group is None:
             return out
         for b in self.buckets:
-            rs, ag = out.setdefault(b.stage, ([], []))
-            rs.append(Action("RS", b.stage, b.index))
-            ag.append(Action("AG", b.stage, b.index))
+            out.setdefault(b.stage, ([], []))[0].append(Action("RS", b.stage, b.index))
+        for b in reversed(self.buckets):  # gradient-ready order reversed: the order the forward reads them
+            out[b.stage][1].append(Action("AG", b.stage, b.index))
         return out
+
+    def gather_waits(self, stage) -> None:
+        """The `gather_waits` pass on one of this rank's stage graphs (see the module docstring)."""
+        if self.group is not None:
+            mine = [b for b in self.buckets if b.stage == stage.index]
+            self.waited_in_graph |= gather_waits(stage, {n: b.index for b in mine for n in b.names}, self.wait_gather)
+
+    def wait_gather(self, index: int) -> None:
+        """A graph node: the parameters of bucket `index` are read next (a no-op when none is in flight)."""
+        b = self.buckets[index]
+        if b.gather is not None:
+            b.gather.wait()
+            b.gather = None
+            self.events.append(("ag_wait", b.stage, b.index, time.perf_counter()))
 
     # --- interpreter hooks --------------------------------------------------------------------------------
     def start_step(self) -> None:
         self.events = []  # the all-gathers issued at the previous step's end stay in flight
 
     def before_forward(self, action: Action) -> None:
-        """Wait for the all-gathers of this stage's parameters (issued at AG) before their first use."""
+        """Wait for the all-gathers (issued at AG) of this stage's buckets that have no wait node."""
         for b in self.buckets:
-            if b.stage == action.stage and b.gather is not None:
-                b.gather.wait()
-                b.gather = None
-                self.events.append(("ag_wait", b.stage, b.index, time.perf_counter()))
+            if b.stage == action.stage and b.index not in self.waited_in_graph:
+                self.wait_gather(b.index)
 
     def sync_params(self) -> None:
         """Finish every outstanding all-gather (before parameters are read outside a step)."""
@@ -342,6 +358,32 @@ def add_bucket_actions(program: list[Action], actions: dict[int, tuple[list[Acti
             for _, ag in mine.values():
                 out.extend(ag)
     return out
+
+
+def gather_waits(stage, bucket_of: dict[str, int], wait) -> set[int]:
+    """Insert `wait(bucket)` right before the first node that reads a parameter of that bucket.
+
+    Assumes: `bucket_of` maps this stage's HF parameter names to bucket indices and `wait` is a no-op
+    for a bucket with nothing in flight (first step, recomputed forward). Guarantees: no parameter
+    placeholder is read before its bucket's wait node; nothing else in the graph changes. Returns the
+    buckets that got a wait node.
+    """
+    from lcgraph.capture import NodeInfo
+
+    graph = stage.gm.graph
+    bucket_of_ph = {ph: bucket_of[name] for ph, name in stage.param_names.items() if name in bucket_of}
+    waited: set[int] = set()
+    for node in list(graph.nodes):
+        due = sorted({bucket_of_ph[a.name] for a in node.all_input_nodes if a.name in bucket_of_ph} - waited)
+        for index in due:
+            with graph.inserting_before(node):
+                w = graph.call_function(wait, (index,))
+            info = node.meta.get("lcgraph")
+            w.meta["lcgraph"] = NodeInfo(part=info.part if info else "glue", layer=info.layer if info else None,
+                                         role="all_gather_wait", seq_dim=None)
+            waited.add(index)
+    stage.gm.recompile()
+    return waited
 
 
 def build_optimizer(job):

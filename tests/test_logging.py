@@ -131,7 +131,8 @@ def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offl
     result = subprocess.run(
         [sys.executable, "-m", "lcgraph", *tiny, "model.num_hidden_layers=2", "train.steps=3",
          "logging.wandb.mode=offline", "dump.graphs=true", "parallel.pp=2", "parallel.schedule=seq1f1b",
-         "parallel.seq_chunks=2", "parallel.microbatches=2", f"hydra.run.dir={run_dir}"],
+         "parallel.seq_chunks=2", "parallel.microbatches=2", "parallel.dp=2", "parallel.bucket_mb=0.05",
+         f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, env={**env, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}, timeout=300,
         check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -141,11 +142,13 @@ def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offl
         ET.parse(graphs / f"{name}.svg")
         assert (graphs / f"{name}.txt").is_file() and "<details" in (graphs / f"{name}.html").read_text()
     assert "KV 1" in (graphs / "03_kv_relay_stage1.svg").read_text()
+    gathers = (graphs / "07_gather_waits_stage1.txt").read_text()
+    assert gathers.count("all_gather_wait") >= 2  # ZeRO over dp=2: a wait per bucket, where it is first read
 
     trace = json.loads((run_dir / "timeline.json").read_text())
     assert trace["otherData"]["source"] == "measured"
     names = {(e["pid"], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}
-    for rank in (0, 1):  # the last step of both ranks: 2 micro-batches x 2 chunks, forward and backward
+    for rank in range(4):  # the last step of every rank (2 stages x dp 2): 2 micro-batches x 2 chunks, F and B
         assert {(rank, f"{kind}{mb}.{c}") for kind in "FB" for mb in (0, 1) for c in (0, 1)} <= names
         assert (rank, "OPT") in names
     assert "otherData" not in json.loads((run_dir / "timeline_predicted.json").read_text())
@@ -153,9 +156,10 @@ def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offl
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 < summary["bubble_fraction"] < 1.0  # two stages: some idle time is unavoidable
-    assert len(summary["comm_s_per_rank"]) == 2 and len(summary["activation_peak_bytes_per_stage"]) == 2
+    assert len(summary["comm_s_per_rank"]) == 4 and len(summary["activation_peak_bytes_per_stage"]) == 2
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps] == [1, 2, 3] and all(m["comm_s"] >= m["p2p_s"] > 0 for m in steps)
+    assert all(m["grad_sync_s"] > 0 for m in steps)  # RS and AG actions of the ZeRO buckets
 
     run = offline_run(run_dir)
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s", "comm/comm_s"):

@@ -8,7 +8,7 @@ exercises K/V head replication.
 import pytest
 import torch
 
-from lcgraph import passes
+from lcgraph import passes, zero
 from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
 
 M = 2
@@ -48,6 +48,9 @@ def test_ulysses_zero2_layouts_match_single_process(world, references):
             issues = [t for what, _, _, t in rank["events"] if what == "rs_issue"]
             (backward_end,) = [t for what, _, _, t in rank["events"] if what == "backward_end"]
             assert issues and min(issues) < backward_end
+            # each bucket's all-gather (issued at the step before's end) is waited once, by its graph node
+            waits = [b for what, _, b, _ in rank["events"] if what == "ag_wait"]
+            assert sorted(waits) == sorted(int(t[2:]) for t in rank["program"] if t.startswith("AG"))
             # the records hold the last step only (a long run must not grow them)
             assert len(rank["timeline"]) <= len(rank["program"])
             assert min(start for _, start, _ in rank["timeline"]) < min(t for *_, t in rank["events"])
@@ -82,3 +85,26 @@ def test_all_to_all_is_inserted_around_every_attention():
     targets = [n.target for n in stage.gm.graph.nodes]
     assert targets.count(seq_to_heads) == 3 * 4 and targets.count(heads_to_seq) == 4
     assert targets.count(torch.repeat_interleave) == 2 * 4  # kv heads 2 < sp 4
+
+
+def test_gather_waits_come_before_the_first_read_of_each_buckets_parameters():
+    from lcgraph.capture import capture
+    from lcgraph.model import build_config
+
+    captured = capture(build_config(compose().model))
+    (stage,) = passes.partition(captured, [4])
+    names = stage.param_names.values()
+    bucket_of = {n: int(n.split(".")[2]) if ".layers." in n else 9 for n in names}  # a bucket per layer + rest
+
+    def wait(index):
+        pass
+
+    assert zero.gather_waits(stage, bucket_of, wait) == {0, 1, 2, 3, 9}
+    nodes = list(stage.gm.graph.nodes)
+    waits = {n.args[0]: i for i, n in enumerate(nodes) if n.target is wait}
+    assert sorted(waits) == [0, 1, 2, 3, 9]  # one wait per bucket
+    assert all(nodes[i].meta["lcgraph"].role == "all_gather_wait" for i in waits.values())
+    for ph, name in stage.param_names.items():
+        first_read = min(nodes.index(u) for u in next(n for n in nodes if n.name == ph).users)
+        assert waits[bucket_of[name]] < first_read, name
+    assert waits[0] < waits[1] < waits[2] < waits[3]  # in the order the forward reads the layers

@@ -18,11 +18,11 @@ from lcgraph.timeline import matplotlib_available, write_trace
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-def reduce_scatter(x):  # stands in for a gradient reduce-scatter node in a graph
-    return x
+def wait_gather(index):  # a ZeRO all-gather wait node, as zero.gather_waits inserts
+    return None
 
 
-def synthetic_llama(layers: int, rs_layer: int | None = None) -> fx.GraphModule:
+def synthetic_llama(layers: int, ag_layer: int | None = None) -> fx.GraphModule:
     """A graph shaped like a captured LLaMA (annotated like capture.annotate does), `layers` deep, built in ms."""
     g = fx.Graph()
 
@@ -43,10 +43,10 @@ def synthetic_llama(layers: int, rs_layer: int | None = None) -> fx.GraphModule:
     h = node(torch.nn.functional.embedding, (ids, embed_w), "embed", role="embedding")
     cos = node(torch.cos, (pos,), "shared", role="rotary")
     for i, w in enumerate(weights):
+        if i == ag_layer:
+            node(wait_gather, (0,), "layer", i, "all_gather_wait")
         q = node(torch.nn.functional.linear, (h, w), "layer", i, "projection", flops=128.0)
         a = node(torch.mul, (q, cos), "layer", i, "attention")
-        if i == rs_layer:
-            a = node(reduce_scatter, (a,), "layer", i)
         h = node(torch.add, (h, a), "layer", i, "residual")
     n = node(torch.rsqrt, (h,), "norm", role="norm")
     logits = node(torch.nn.functional.linear, (n, head_w), "head", role="head")
@@ -67,7 +67,7 @@ def texts(element) -> list[str]:
 # --- graph pictures ------------------------------------------------------------------------------------------
 
 def test_an_80_layer_graph_is_one_box_per_layer_in_a_compact_picture_with_fan_out_collapsed(tmp_path):
-    files = viz.dump_graph(synthetic_llama(80, rs_layer=7), tmp_path / "01_retarget_device")
+    files = viz.dump_graph(synthetic_llama(80, ag_layer=7), tmp_path / "01_retarget_device")
     assert [f.name for f in files] == ["01_retarget_device.txt", "01_retarget_device.svg", "01_retarget_device.html",
                                        "01_retarget_device_layer0.svg"]
     text = (tmp_path / "01_retarget_device.svg").read_text()
@@ -79,7 +79,7 @@ def test_an_80_layer_graph_is_one_box_per_layer_in_a_compact_picture_with_fan_ou
     edges = [p for p in root.iter(f"{SVG}path") if p.get("marker-end")]
     assert len(edges) < 100  # 79 layer-to-layer arrows + a few; shared -> layers drawn once
     assert texts(root).count("to all 80 layers") == 1
-    assert "RS 1" in texts(boxes["layer-7"]) and not any("RS" in t for t in texts(boxes["layer-8"]))
+    assert "AG 1" in texts(boxes["layer-7"]) and not any("AG" in t for t in texts(boxes["layer-8"]))
     assert texts(boxes["layer-3"])[1] == "3 nodes · 64 params · 128FLOP/tok"  # sums of the NodeInfo annotations
 
 

@@ -1,15 +1,16 @@
-"""Measure how much of the ZeRO-2 gradient reduce-scatter runs behind backward, with torch.profiler.
+"""Measure how much ZeRO-2 communication runs behind compute, with torch.profiler.
 
     python3 tools/overlap.py --out runs/overlap parallel=single parallel.dp=2             # any lcgraph-train overrides
     torchrun --nproc-per-node 8 tools/overlap.py --out runs/ov model=llama3_1b train.device=cuda \\
         train.dtype=bf16 data.synthetic=true data.seq_len=32768 parallel=single parallel.dp=2 parallel.sp=4
 
-Each rank runs `--warmup` steps, then one step under torch.profiler, and writes trace_rank<r>.json
-(open in https://ui.perfetto.dev). Rank 0 prints, per rank, the reduce-scatter time, the share of it
-that ran beside compute (`lcgraph/overlap.py` says how each backend's spans are found), and whether
-the first bucket's reduce-scatter was issued before the step's last backward ended (the runtime's own
-events); all of it goes to overlap.json. The plan is validated before any rank starts; under torchrun
-every rank joins, otherwise the ranks are spawned here (NCCL on CUDA, gloo on CPU).
+Each rank runs `--warmup` steps, then `--steps` steps under torch.profiler, and writes
+trace_rank<r>.json (open in https://ui.perfetto.dev). Rank 0 prints, per rank and collective (the
+gradient reduce-scatter, the parameter all-gather), the time it ran, the share of it that ran beside
+compute (`lcgraph/overlap.py` says how each backend's spans are found), and whether the first bucket's
+reduce-scatter was issued before the step's last backward returned (the runtime's own events); all of
+it goes to overlap.json. The plan is validated before any rank starts; under torchrun every rank
+joins, otherwise the ranks are spawned here (NCCL on CUDA, gloo on CPU).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def issued_before_last_backward(job) -> bool | None:
     return (min(issues) < max(ends)) if issues and ends else None
 
 
-def profile_rank(cfg_yaml: str, out: str, warmup: int) -> None:
-    """One rank: train `warmup` steps, profile the next, write its trace; rank 0 gathers the report."""
+def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
+    """One rank: train `warmup` steps, profile `steps` more, write its trace; rank 0 gathers the report."""
     import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf
@@ -55,12 +56,15 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int) -> None:
             job.run_step(step)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
-            metrics = job.run_step(warmup)
+            times = [job.run_step(warmup + i)["step_time_s"] for i in range(steps)]
         path = Path(out) / f"trace_rank{rank}.json"
         prof.export_chrome_trace(str(path))
-        mine = {"rank": rank, **analyze(json.loads(path.read_text())).as_dict(),
+        found = analyze(json.loads(path.read_text()))
+        mine = {"rank": rank, "steps": steps, "step_time_s": sum(times) / steps,
+                "issued_before_last_backward": issued_before_last_backward(job),
                 "rs_actions": sum(a.kind == "RS" for a in job.interpreter.program),
-                "issued_before_last_backward": issued_before_last_backward(job), "step_time_s": metrics["step_time_s"]}
+                "ag_actions": sum(a.kind == "AG" for a in job.interpreter.program),
+                **{name: o.as_dict() for name, o in found.items()}}
         everyone = [mine]
         if world > 1:
             everyone = [None] * world
@@ -74,13 +78,18 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int) -> None:
 
 def report(ranks: list[dict], out: Path) -> None:
     (out / "overlap.json").write_text(json.dumps({"ranks": ranks}, indent=1) + "\n")
-    print(f"{'rank':>4} {'device':>6} {'RS ops':>6} {'RS ms':>9} {'beside compute ms':>17} {'overlap':>7} "
-          f"{'compute ms':>10} {'issued before last B ends':>25} {'step ms':>9}")
+    print(f"{'rank':>4} {'collective':>14} {'device':>6} {'ops':>5} {'comm ms':>9} {'beside compute ms':>17} "
+          f"{'overlap':>7} {'compute ms':>10}")
     for r in ranks:
-        print(f"{r['rank']:>4} {r['device']:>6} {r['rs_count']:>6} {r['rs_s'] * 1e3:>9.2f} "
-              f"{r['overlapped_s'] * 1e3:>17.2f} {r['fraction']:>7.1%} {r['compute_s'] * 1e3:>10.1f} "
-              f"{str(r['issued_before_last_backward']):>25} {r['step_time_s'] * 1e3:>9.1f}")
-    if not any(r["rs_count"] for r in ranks):
+        for name in ("reduce_scatter", "all_gather"):
+            o = r[name]
+            print(f"{r['rank']:>4} {name:>14} {o['device']:>6} {o['count']:>5} {o['comm_s'] * 1e3:>9.2f} "
+                  f"{o['overlapped_s'] * 1e3:>17.2f} {o['fraction']:>7.1%} {o['compute_s'] * 1e3:>10.1f}")
+    issued = [r["issued_before_last_backward"] for r in ranks]
+    print(f"first reduce-scatter issued before the last backward returned, per rank: {issued}; "
+          f"mean step {sum(r['step_time_s'] for r in ranks) / len(ranks) * 1e3:.1f} ms over {ranks[0]['steps']} "
+          "profiled steps")
+    if not any(r["reduce_scatter"]["count"] for r in ranks):
         print("no reduce-scatter ran: ZeRO-2 shards over dp*sp replicas, so this layout needs dp*sp > 1")
     print(f"wrote {out / 'overlap.json'} and trace_rank*.json")
 
@@ -88,7 +97,9 @@ def report(ranks: list[dict], out: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/overlap", help="directory for traces and overlap.json")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before the profiled one")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the profiled ones")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="profiled steps (all-gathers overlap the forward of the step after their issue)")
     parser.add_argument("overrides", nargs="*", help="lcgraph-train config overrides")
     args = parser.parse_args(argv)
 
@@ -98,16 +109,16 @@ def main(argv=None) -> None:
     from lcgraph.config import compose_config
     from lcgraph.validate import validate_plan
 
-    cfg = compose_config(args.overrides + [f"train.steps={args.warmup + 1}"])
+    cfg = compose_config(args.overrides + [f"train.steps={args.warmup + args.steps}"])
     with one_line_errors("overlap", sweep_goes_on=False):
         validate_plan(cfg)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg, resolve=True)
     world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
     if "LOCAL_RANK" in os.environ or world == 1:
-        profile_rank(text, args.out, args.warmup)
+        profile_rank(text, args.out, args.warmup, args.steps)
     else:
-        launch_local(world, profile_rank, text, args.out, args.warmup, run_id="overlap")
+        launch_local(world, profile_rank, text, args.out, args.warmup, args.steps, run_id="overlap")
 
 
 if __name__ == "__main__":
