@@ -8,10 +8,12 @@ mark forward and backward. Two collectives are measured:
 - all_gather of updated parameters, issued after OPT and waited by graph nodes in the next forward:
   should run beside that forward (only the steps after the first profiled one show it).
 
-CUDA (the trace has kernels): a collective = NCCL kernels of its name; compute = every other kernel.
-The compute stream waits for a bucket's collective only where the program or graph waits for it, so
-what runs beside a reduce-scatter is the backward still in flight, and beside an all-gather the
-forward of the layers already gathered.
+CUDA (the trace has kernels): a collective = the GPU work (kernels, copies) launched inside its c10d
+call on the CPU (found through the profiler's External id, since an NCCL kernel's name need not say
+which collective it runs; the kernel name is the fallback); compute = every other kernel. The
+compute stream waits for a bucket's collective only where the program or graph waits for it, so what
+runs beside a reduce-scatter is the backward still in flight, and beside an all-gather the forward of
+the layers already gathered.
 CPU (gloo): the collective runs on a gloo worker thread ("gloo:*" ranges, a reduce-scatter run as an
 all-reduce); the first such range after each `c10d::` call on the main thread is that call's work
 (gloo runs a process group's work in issue order). Compute: the autograd engine's `evaluate_function`
@@ -30,6 +32,7 @@ COLLECTIVES = {
     "reduce_scatter": (r"nccl.*reduce_?scatter", r"^c10d::.*reduce_scatter", r"^gloo:(reduce_scatter|all_?reduce)"),
     "all_gather": (r"nccl.*all_?gather", r"^c10d::.*all_?gather", r"^gloo:all_?gather"),
 }
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 @dataclass
@@ -88,18 +91,48 @@ def _measure(device: str, comm: list, compute: list) -> Overlap:
 def analyze(trace: dict) -> dict[str, Overlap]:
     """Per collective, its overlap with compute in one rank's profiled steps (a Chrome trace dict)."""
     spans = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
-    kernels = [e for e in spans if e.get("cat") == "kernel"]
-    if kernels:
-        compute = [_span(k) for k in kernels if "nccl" not in k["name"].lower()]
-        return {name: _measure("cuda", [_span(k) for k in kernels if re.search(kernel, k["name"], re.IGNORECASE)],
-                               compute)
-                for name, (kernel, _, _) in COLLECTIVES.items()}
+    if any(e.get("cat") == "kernel" for e in spans):
+        return _analyze_cuda(spans)
     backward = [_span(e) for e in spans if e["name"].startswith("autograd::engine::evaluate_function")]
     forward = intersect([_span(e) for e in spans if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")],
                         [_span(e) for e in spans if e.get("cat") == "user_annotation" and e["name"].startswith("F")])
     compute = {"reduce_scatter": backward, "all_gather": forward}
     return {name: _measure("cpu", _gloo_runs(spans, call, work), compute[name])
             for name, (_, call, work) in COLLECTIVES.items()}
+
+
+def _analyze_cuda(spans: list[dict]) -> dict[str, Overlap]:
+    work = [e for e in spans if e.get("cat") in GPU_WORK]
+    owner = _collective_of(spans, work)
+    found = {name: [] for name in COLLECTIVES}
+    compute = []
+    for e in work:
+        name = owner.get(id(e)) or next((n for n, (kernel, _, _) in COLLECTIVES.items()
+                                         if re.search(kernel, e["name"], re.IGNORECASE)), None)
+        if name in found:
+            found[name].append(_span(e))
+        elif e.get("cat") == "kernel" and "nccl" not in e["name"].lower() and name is None:
+            compute.append(_span(e))
+    return {name: _measure("cuda", found[name], compute) for name in COLLECTIVES}
+
+
+def _collective_of(spans: list[dict], work: list[dict]) -> dict[int, str]:
+    """id(GPU event) -> the collective whose c10d call (on the CPU) launched it, or "other" for any other
+    c10d call (p2p, all-to-all, all-reduce): the CPU op it carries the External id of lies inside that call."""
+    ops = [e for e in spans if e.get("cat") in ("cpu_op", "user_annotation")]
+    by_id = {e["args"]["External id"]: e for e in ops if "External id" in e.get("args", {})}
+    calls = [e for e in ops if e["name"].startswith(("c10d::", "nccl:"))]
+    out = {}
+    for e in work:
+        op = by_id.get(e.get("args", {}).get("External id"))
+        if op is None:
+            continue
+        call = next((c for c in calls if c.get("tid") == op.get("tid") and c["ts"] <= op["ts"]
+                     and op["ts"] + op.get("dur", 0) <= c["ts"] + c.get("dur", 0)), None)
+        if call is not None:
+            out[id(e)] = next((n for n, (_, c10d, _) in COLLECTIVES.items()
+                               if re.search(c10d, call["name"].replace("nccl:", "c10d::"))), "other")
+    return out
 
 
 def _gloo_runs(spans: list[dict], call: str, work: str) -> list[tuple[float, float]]:

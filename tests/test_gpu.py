@@ -68,3 +68,41 @@ def test_overlap_tool_reads_a_cuda_profiler_trace(tmp_path):
     rs = rank["reduce_scatter"]
     assert rs["device"] == "cuda" and rs["count"] == 0 and rank["all_gather"]["count"] == 0
     assert 0.5 * rank["step_time_s"] < rs["compute_s"] / rank["steps"] < 1.5 * rank["step_time_s"]
+
+
+def test_nccl_collectives_in_a_cuda_trace_are_found_through_their_c10d_call(tmp_path):
+    """A one-rank NCCL group (one GPU here): NCCL copies instead of running a ring kernel, but the copy
+    is still launched inside the c10d call, which is how lcgraph.overlap finds a collective's GPU work."""
+    import json
+    import os
+
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from lcgraph.overlap import analyze
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        a = torch.randn(4096, 4096, device="cuda")
+        grads, shard = torch.randn(64 << 20, device="cuda"), torch.empty(64 << 20, device="cuda")
+        params = torch.empty(64 << 20, device="cuda")
+        dist.reduce_scatter_tensor(shard, grads)  # the communicator starts outside the trace
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.record_function("B0.0"):
+                work = dist.reduce_scatter_tensor(shard, grads, async_op=True)
+                for _ in range(8):
+                    a = torch.nn.functional.normalize(a @ a)
+            work.wait()
+            dist.all_gather_into_tensor(params, shard)
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    finally:
+        dist.destroy_process_group()
+    found = analyze(json.loads((tmp_path / "trace.json").read_text()))
+    rs, ag = found["reduce_scatter"], found["all_gather"]
+    assert rs.device == "cuda" and rs.count >= 1 and ag.count >= 1 and rs.comm_s > 0
+    assert rs.compute_s > 0  # the matmuls, not the collectives' copies
+    print(json.dumps({k: v.as_dict() for k, v in found.items()}))

@@ -20,25 +20,30 @@ def test_span_union_and_intersection():
     assert length([(0, 1), (0.5, 2), (5, 6)]) == 3
 
 
-def _event(name, cat, ts, dur, tid=1):
-    return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 0, "tid": tid}
+def _event(name, cat, ts, dur, tid=1, ext=None):
+    return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 0, "tid": tid,
+            "args": {} if ext is None else {"External id": ext}}
 
 
-def test_on_cuda_collective_kernels_are_measured_against_compute_kernels():
+def test_on_cuda_collective_work_is_found_by_its_c10d_call_and_measured_against_compute_kernels():
     trace = {"traceEvents": [
         _event("B0.0", "user_annotation", 0, 1000),
-        _event("ampere_sgemm_128x64_nn", "kernel", 100, 400, tid=7),  # compute
+        _event("aten::mm", "cpu_op", 10, 5, ext=1),
+        _event("c10d::_reduce_scatter_base_", "cpu_op", 20, 10, ext=2),
+        _event("record_param_comms", "cpu_op", 21, 8, ext=3),  # the innermost op at the NCCL launch
+        _event("c10d::alltoall_base_", "cpu_op", 40, 10, ext=4),
+        _event("ampere_sgemm_128x64_nn", "kernel", 100, 400, tid=7, ext=1),  # compute
         _event("elementwise_kernel", "kernel", 600, 100, tid=7),
-        _event("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "kernel", 400, 400,
-               tid=20),  # beside compute 400..500 and 600..700
+        # NCCL's kernel name need not name the collective: the c10d call that launched it does
+        _event("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", "kernel", 400, 400, tid=20, ext=3),
+        _event("ncclDevKernel_AllToAll(ncclDevKernelArgsStorage<4096ul>)", "kernel", 0, 100, tid=21, ext=4),
         _event("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "kernel", 900, 100, tid=20),
-        _event("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", "kernel", 0, 900, tid=21),  # neither
     ]}
     found = analyze(trace)
     rs, ag = found["reduce_scatter"], found["all_gather"]
-    assert (rs.device, rs.count, ag.count) == ("cuda", 1, 1)
-    assert rs.comm_s == pytest.approx(400e-6) and rs.overlapped_s == pytest.approx(200e-6)
-    assert rs.fraction == pytest.approx(0.5) and rs.compute_s == pytest.approx(500e-6)
+    assert (rs.device, rs.count, ag.count) == ("cuda", 1, 1)  # the all-gather by its kernel name (no External id)
+    assert rs.comm_s == pytest.approx(400e-6) and rs.overlapped_s == pytest.approx(200e-6)  # 400..500, 600..700
+    assert rs.fraction == pytest.approx(0.5) and rs.compute_s == pytest.approx(500e-6)  # the all-to-all is not compute
     assert ag.comm_s == pytest.approx(100e-6) and ag.overlapped_s == 0
 
 
