@@ -37,11 +37,13 @@ def test_ulysses_zero2_layouts_match_single_process(world, references):
     for (pp, sp, dp), result in zip(layouts, results):
         ref_losses, ref_params, ref_extra = references[dp]
         assert_close_run(result["losses"], result["params"], ref_losses, ref_params, label=f"pp={pp} sp={sp} dp={dp}")
-        # ZeRO-2: each replica keeps 1/(dp*sp) of its stage's optimizer state
-        if pp == 1:
-            for rank in result["ranks"]:
-                assert rank["optimizer_state_bytes"] == pytest.approx(ref_extra["optimizer_state_bytes"] / (dp * sp),
-                                                                      rel=0.05)
+        # ZeRO-2: the dp*sp replicas of a stage split its optimizer state evenly, and all ranks together
+        # hold one unsharded copy (padding aside): each rank keeps 1/(dp*sp) of its stage's state
+        per_rank = [rank["optimizer_state_bytes"] for rank in result["ranks"]]
+        assert sum(per_rank) == pytest.approx(ref_extra["optimizer_state_bytes"], rel=0.05)
+        for stage in range(pp):
+            replicas = per_rank[stage * dp * sp:(stage + 1) * dp * sp]
+            assert len(set(replicas)) == 1, replicas
         # the reduce-scatters are program actions, the first issued while the step's last backward runs
         for rank in result["ranks"]:
             assert any(t.startswith("RS") for t in rank["program"]) and any(t.startswith("AG") for t in rank["program"])
