@@ -105,6 +105,11 @@ def _memory_summary(job, world: int) -> dict:
     return out
 
 
+def backend_for(cfg) -> str:
+    """The torch.distributed backend of a run: NCCL on GPUs, gloo on CPU."""
+    return "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
 def _share_cores() -> None:
     """Local CPU ranks split the machine's cores instead of each taking all of them."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -117,9 +122,8 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
 
     cfg = OmegaConf.create(cfg_yaml)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    backend = "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
     _share_cores()
-    dist.init_process_group(backend)
+    dist.init_process_group(backend_for(cfg))
     try:
         run(cfg, run_dir, rank, world)
     finally:
@@ -160,8 +164,7 @@ def train_main(cfg) -> None:
 
 
 def _join_torchrun(cfg, run_dir: str) -> None:
-    backend = "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend_for(cfg))
     shared = [run_dir]
     dist.broadcast_object_list(shared, src=0)  # all ranks use rank 0's run directory
     try:

@@ -107,11 +107,10 @@ def _analyze_cuda(spans: list[dict]) -> dict[str, Overlap]:
     found = {name: [] for name in COLLECTIVES}
     compute = []
     for e in work:
-        name = owner.get(id(e)) or next((n for n, (kernel, _, _) in COLLECTIVES.items()
-                                         if re.search(kernel, e["name"], re.IGNORECASE)), None)
+        name = owner.get(id(e)) or _named(e["name"], column=0)
         if name in found:
             found[name].append(_span(e))
-        elif e.get("cat") == "kernel" and "nccl" not in e["name"].lower() and name is None:
+        elif name is None and e.get("cat") == "kernel" and "nccl" not in e["name"].lower():
             compute.append(_span(e))
     return {name: _measure("cuda", found[name], compute) for name in COLLECTIVES}
 
@@ -130,9 +129,13 @@ def _collective_of(spans: list[dict], work: list[dict]) -> dict[int, str]:
         call = next((c for c in calls if c.get("tid") == op.get("tid") and c["ts"] <= op["ts"]
                      and op["ts"] + op.get("dur", 0) <= c["ts"] + c.get("dur", 0)), None)
         if call is not None:
-            out[id(e)] = next((n for n, (_, c10d, _) in COLLECTIVES.items()
-                               if re.search(c10d, call["name"].replace("nccl:", "c10d::"))), "other")
+            out[id(e)] = _named(call["name"].replace("nccl:", "c10d::"), column=1) or "other"
     return out
+
+
+def _named(text: str, column: int) -> str | None:
+    """The collective whose pattern in COLLECTIVES column `column` (0 kernel, 1 c10d call) matches `text`."""
+    return next((n for n, patterns in COLLECTIVES.items() if re.search(patterns[column], text, re.IGNORECASE)), None)
 
 
 def _gloo_runs(spans: list[dict], call: str, work: str) -> list[tuple[float, float]]:

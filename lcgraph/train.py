@@ -164,11 +164,10 @@ class Job:
         from lcgraph.zero import add_bucket_actions, build_optimizer
 
         self.optimizer = build_optimizer(self)
-        if hasattr(self.optimizer, "gather_waits") and not self.cfg.train.compile:  # a compiled graph is sealed
+        if not self.cfg.train.compile:  # a compiled graph is sealed: its first forward waits for every bucket
             dump = self._dumper() if self.cfg.dump.graphs else None
             for s, st in self.stages.items():
-                self.optimizer.gather_waits(st.graph)
-                if dump and self.optimizer.waited_in_graph:
+                if self.optimizer.gather_waits(st.graph) and dump:
                     dump(f"07_gather_waits_stage{s}", st.graph.gm)
         # every rank needs every rank's RS/AG actions for programs.txt; buckets are per stage, so ask
         # each stage's layout: ranks of one pipeline rank agree, other pipeline ranks report theirs

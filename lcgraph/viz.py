@@ -547,7 +547,8 @@ def zero_trace_events(events, t0: float) -> list[dict]:
         out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 2, "args": {"name": "ZeRO buckets"}})
     for i, (rank, what, stage, bucket, t) in enumerate(sorted(events, key=lambda e: e[4])):
         ts = (t - t0) * 1e6
-        out.append({"ph": "i", "s": "t", "name": f"{what} b{bucket}" if bucket >= 0 else what, "cat": "zero", "pid": rank, "tid": 2, "ts": ts,
+        label = f"{what} b{bucket}" if bucket >= 0 else what  # bucket -1: a stage event (backward_end)
+        out.append({"ph": "i", "s": "t", "name": label, "cat": "zero", "pid": rank, "tid": 2, "ts": ts,
                     "args": {"stage": stage, "bucket": bucket}})
         op, _, phase = what.partition("_")
         key = (rank, op, stage, bucket)

@@ -151,18 +151,20 @@ class ShardedAdamW:
             out[b.stage][1].append(Action("AG", b.stage, b.index))
         return out
 
-    def gather_waits(self, stage) -> None:
-        """The `gather_waits` pass on one of this rank's stage graphs (see the module docstring)."""
-        if self.group is not None:
-            mine = [b for b in self.buckets if b.stage == stage.index]
-            self.waited_in_graph |= gather_waits(stage, {n: b.index for b in mine for n in b.names}, self.wait_gather)
+    def gather_waits(self, stage) -> bool:
+        """The `gather_waits` pass on one of this rank's stage graphs (see the module docstring); whether
+        it inserted any wait node."""
+        if self.group is None:
+            return False
+        mine = [b for b in self.buckets if b.stage == stage.index]
+        waited = gather_waits(stage, {n: b.index for b in mine for n in b.names}, self.wait_gather)
+        self.waited_in_graph |= waited
+        return bool(waited)
 
     def wait_gather(self, index: int) -> None:
         """A graph node: the parameters of bucket `index` are read next (a no-op when none is in flight)."""
         b = self.buckets[index]
-        if b.gather is not None:
-            b.gather.wait()
-            b.gather = None
+        if _finish_gather(b):
             self.events.append(("ag_wait", b.stage, b.index, time.perf_counter()))
 
     # --- interpreter hooks --------------------------------------------------------------------------------
@@ -178,9 +180,7 @@ class ShardedAdamW:
     def sync_params(self) -> None:
         """Finish every outstanding all-gather (before parameters are read outside a step)."""
         for b in self.buckets:
-            if b.gather is not None:
-                b.gather.wait()
-                b.gather = None
+            _finish_gather(b)
 
     def before_backward(self, action: Action, final: bool) -> None:
         """For the stage's last backward of the step: issue each bucket's reduce-scatter once it is final."""
@@ -266,6 +266,15 @@ class ShardedAdamW:
         return float(sq.sqrt())
 
 
+def _finish_gather(b: Bucket) -> bool:
+    """Wait for the bucket's parameter all-gather if one is in flight; whether there was one."""
+    if b.gather is None:
+        return False
+    b.gather.wait()
+    b.gather = None
+    return True
+
+
 def _all_gather(out: torch.Tensor, shard: torch.Tensor, group):
     """Asynchronous all-gather of equal shards into `out` (all_gather_single where torch has it)."""
     gather = getattr(dist, "all_gather_single", None)
@@ -287,6 +296,9 @@ class ReplicatedAdamW(torch.optim.AdamW):
 
     def start_step(self):
         pass
+
+    def gather_waits(self, stage) -> bool:
+        return False  # parameters are never sharded: nothing to gather
 
     def before_forward(self, action):
         pass

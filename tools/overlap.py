@@ -34,21 +34,20 @@ def issued_before_last_backward(job) -> bool | None:
 
 def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     """One rank: train `warmup` steps, profile `steps` more, write its trace; rank 0 gathers the report."""
-    import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.cli import _share_cores
+    from lcgraph.cli import _share_cores, backend_for
     from lcgraph.overlap import analyze
     from lcgraph.train import Job
 
     cfg = OmegaConf.create(cfg_yaml)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    cuda = backend_for(cfg) == "nccl"
     _share_cores()
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend_for(cfg))
     rank = dist.get_rank() if world > 1 else 0
     try:
         job = Job(cfg, Path(out), rank, world)
