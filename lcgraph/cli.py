@@ -8,6 +8,7 @@ run directory is shared with the others.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -94,20 +95,42 @@ def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
 
 
 def _memory_summary(job, world: int) -> dict:
-    peaks = torch.zeros(job.coords.pp * job.cfg.parallel.virtual_stages, dtype=torch.float64)
+    # on the job's device: an NCCL group has no CPU backend
+    peaks = torch.zeros(job.coords.pp * job.cfg.parallel.virtual_stages, dtype=torch.float64, device=job.device)
     for s, v in job.activation_peaks().items():
         peaks[s] = v
     if world > 1:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     out = {"activation_peak_bytes_per_stage": [int(v) for v in peaks.tolist()]}
-    if torch.cuda.is_available() and job.device.type == "cuda":
-        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    if job.device.type == "cuda":
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(job.device))
     return out
 
 
 def backend_for(cfg) -> str:
     """The torch.distributed backend of a run: NCCL on GPUs, gloo on CPU."""
     return "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(cfg) -> None:
+    """Join the process group; on GPUs first bind this rank to its own device (LOCAL_RANK).
+
+    NCCL refuses two ranks on one GPU, and every collective before the first CUDA call (the run
+    directory broadcast, barriers) would otherwise run on device 0 in every process.
+    """
+    backend = backend_for(cfg)
+    timeout = datetime.timedelta(seconds=cfg.train.comm_timeout_s)
+    if backend != "nccl":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if local >= torch.cuda.device_count():
+        raise RuntimeError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; "
+                           "start one process per GPU")
+    torch.cuda.set_device(local)
+    # LCGRAPH_NCCL_EAGER_INIT=0: communicators are created at first use instead of here
+    eager = os.environ.get("LCGRAPH_NCCL_EAGER_INIT", "1") != "0"
+    dist.init_process_group(backend, timeout=timeout, device_id=torch.device("cuda", local) if eager else None)
 
 
 def _share_cores() -> None:
@@ -123,7 +146,7 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
     cfg = OmegaConf.create(cfg_yaml)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _share_cores()
-    dist.init_process_group(backend_for(cfg))
+    init_distributed(cfg)
     try:
         run(cfg, run_dir, rank, world)
     finally:
@@ -155,6 +178,7 @@ def train_main(cfg) -> None:
         if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             _join_torchrun(cfg, run_dir)
         elif world > 1:
+            _check_gpus(cfg, world)
             spawn(cfg, run_dir, world)
             _print_summary(run_dir)
         else:
@@ -163,8 +187,17 @@ def train_main(cfg) -> None:
         print(f"run directory: {run_dir}")
 
 
+def _check_gpus(cfg, world: int) -> None:
+    """lcgraph's own launcher starts every rank on this node: on GPUs, one per GPU."""
+    gpus = torch.cuda.device_count()
+    if backend_for(cfg) == "nccl" and world > gpus:
+        raise ValueError(f"pp*dp*sp = {world} ranks but this node has {gpus} GPUs (NCCL runs one rank per GPU); "
+                         f"lower the layout to {gpus} ranks, use train.device=cpu, or launch on more nodes "
+                         "with torchrun")
+
+
 def _join_torchrun(cfg, run_dir: str) -> None:
-    dist.init_process_group(backend_for(cfg))
+    init_distributed(cfg)
     shared = [run_dir]
     dist.broadcast_object_list(shared, src=0)  # all ranks use rank 0's run directory
     try:

@@ -81,6 +81,7 @@ class TrainConfig:
     fused_loss: bool = True  # LM head + cross-entropy without materialising the logits
     recompute: bool = False  # keep only each unit's stage input; rerun its forward in backward
     compile: bool = False  # torch.compile each stage graph
+    comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
 
 
 @dataclass

@@ -84,13 +84,14 @@ def evaluate(graph, profile, layout, layer_counts: list[int], seq_len: int, sche
              microbatches: int, seq_chunks: int = 1, chunk_split: str = "uniform_comp",
              label: str | None = None) -> Evaluation:
     """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
-    from lcgraph import schedule
+    from lcgraph import nccl, schedule
     from lcgraph.costmodel import CostModel
     from lcgraph.simulate import simulate
 
     k = seq_chunks if schedule_name == "seq1f1b" else 1
     spec = schedule.ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
     programs = schedule.add_p2p(schedule.build_programs(spec), spec)
+    nccl.check(programs, spec, nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero))
     if k == 1:
         lengths = [seq_len]
     else:

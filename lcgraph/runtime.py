@@ -4,11 +4,13 @@ It knows nothing about LLaMA: a stage is a graph module with parameter placehold
 `hidden_in` input and one output (activation, or the summed loss on the last stage). Actions:
 
     F / B            forward / backward of one (micro-batch, chunk) unit on a stage
-    SEND_* / RECV_*  point-to-point activations and gradients (consecutive ones are batched)
+    [SEND_* RECV_*]  a p2p group: point-to-point activations and gradients issued as one batch_isend_irecv,
+                     exactly as programs.txt brackets them (a bare token is a group of one)
     RS / AG          gradient reduce-scatter / parameter all-gather of a bucket (ZeRO-2, see zero.py)
     OPT              gradient synchronisation and the optimizer step
 
-Sends are asynchronous and never block; a receive is waited for only right before its tensor is used.
+Groups are asynchronous: a received tensor is waited for right before the compute that reads it, and
+every group is finished by OPT.
 The runtime also measures what the planner predicts: live activation bytes per stage and a timeline.
 """
 
@@ -23,9 +25,7 @@ import torch.distributed as dist
 
 from lcgraph.passes import StageGraph
 from lcgraph.relay import RelayContext
-from lcgraph.schedule import Action
-
-P2P_KINDS = ("SEND_F", "SEND_B", "RECV_F", "RECV_B")
+from lcgraph.schedule import P2P_KINDS, Action, issue_units, unit_token
 
 
 @dataclass
@@ -122,23 +122,27 @@ class Interpreter:
         self.inbox: dict[tuple, tuple] = {}
         self.sends: list = []
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        i = 0
-        while i < len(self.program):
-            action = self.program[i]
-            if action.kind in P2P_KINDS:  # batch consecutive sends (or receives) into one call
-                j = i
-                while j < len(self.program) and self.program[j].kind in P2P_KINDS \
-                        and self.program[j].kind[:4] == action.kind[:4]:
-                    j += 1
-                self._timed(action.kind[:4].lower(), self._p2p, self.program[i:j])
-                i = j
-                continue
-            self._index = i
-            self._timed(action.token(len(self.stages) > 1), self._dispatch, action)
-            i += 1
-        for work in self.sends:
-            work.wait()
+        self.pending: dict[tuple, list] = {}  # inbox key -> works of the p2p group receiving it
+        self._done: set[int] = set()  # ids of the p2p works already waited for
+        self.issued: list[str] = []  # the p2p groups as issued, in programs.txt's form (tests compare them)
+        multi_stage = len(self.stages) > 1
+        self._index = 0
+        for unit in issue_units(self.program):
+            head = unit[0]
+            if head.kind in P2P_KINDS:
+                self._timed(unit_token(unit, multi_stage), self._p2p, unit)
+            else:
+                self._timed(head.token(multi_stage), self._dispatch, head)
+            self._index += len(unit)
+        self._finish(self.sends)
         return self.loss_sum
+
+    def _finish(self, works: list) -> None:
+        """Wait for p2p works once each (a second wait on a finished gloo receive never returns)."""
+        for work in works:
+            if id(work) not in self._done:
+                work.wait()
+                self._done.add(id(work))
 
     def _timed(self, name: str, fn, arg):
         start = time.perf_counter()
@@ -153,8 +157,7 @@ class Interpreter:
         elif action.kind == "B":
             self._backward(action)
         elif action.kind == "OPT":
-            for work in self.sends:
-                work.wait()
+            self._finish(self.sends)
             self.sends = []
             self.grad_norm = self.optimizer.sync_and_step(self)
         elif action.kind in ("RS", "AG"):
@@ -169,7 +172,7 @@ class Interpreter:
         self.optimizer.before_forward(a)
         hidden_in = None
         if not st.graph.is_first:
-            hidden_in = self.inbox.pop(("F", a.stage, a.mb, a.chunk))
+            hidden_in = self._receive(("F", a.stage, a.mb, a.chunk))
             hidden_in.requires_grad_(True)
         RelayContext.current = st.relay
         st.relay.unit = (a.mb, a.chunk)
@@ -206,7 +209,7 @@ class Interpreter:
         if st.graph.is_last:
             out.backward()
         else:
-            out.backward(self.inbox.pop(("B", a.stage, a.mb, a.chunk)))
+            out.backward(self._receive(("B", a.stage, a.mb, a.chunk)))
         self.optimizer.after_backward(a, final)
         self.meters[a.stage].backward_done(key)
         if hidden_in is not None:
@@ -218,9 +221,10 @@ class Interpreter:
         batch, hidden = self.hidden_shape
         return (batch, unit.input_ids.shape[1], hidden)
 
-    def _p2p(self, actions: list[Action]):
+    def _p2p(self, group: list[Action]):
+        """Issue one p2p group as one batch; its receives are waited for by the compute that reads them."""
         ops, recvs = [], []
-        for a in actions:
+        for a in group:
             peer = self.pp_peers[a.peer]
             if a.kind == "SEND_F":
                 tensor = self.saved[(a.stage, a.mb, a.chunk)][1].detach()
@@ -233,10 +237,18 @@ class Interpreter:
                 ops.append(dist.P2POp(dist.irecv, buf, peer))
                 recvs.append((a, buf))
         works = dist.batch_isend_irecv(ops)
-        if actions[0].kind.startswith("SEND"):
-            self.sends.extend(works)  # waited at OPT: a send never blocks the program
-            return
-        for w in works:  # receives sit right before the compute that needs them
-            w.wait()
+        self.issued.append(unit_token(group, len(self.stages) > 1))
+        self.sends.extend(works)  # all finished by OPT
         for a, buf in recvs:
-            self.inbox[(a.kind[-1], a.stage, a.mb, a.chunk)] = buf
+            key = (a.kind[-1], a.stage, a.mb, a.chunk)
+            self.inbox[key], self.pending[key] = buf, works
+
+    def _receive(self, key: tuple) -> torch.Tensor:
+        """The tensor a p2p group received for `key`, once the group has finished."""
+        works = self.pending.pop(key)
+        start = time.perf_counter()
+        self._finish(works)
+        if self.record_timeline:
+            kind, stage, mb, chunk = key
+            self.timeline.append((f"wait {kind}{mb}.{chunk}@{stage}", start, time.perf_counter()))
+        return self.inbox.pop(key)

@@ -5,6 +5,9 @@ interpreter executes. The builders emit compute only (F, B and a final OPT); `ad
 transfers between ranks explicit; `validate` proves that a set of programs is complete, respects the
 Seq1F1B dependencies and cannot deadlock. The unit of work is (stage, micro-batch, sequence chunk).
 
+P2P actions come in groups (`group_p2p`): the sends and receives that must progress together are
+issued as one `batch_isend_irecv`, as NCCL needs (see `lcgraph.nccl` for the model that checks it).
+
 Pure Python on purpose (no torch): schedules are planned, dumped and tested without GPUs.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 COMPUTE_KINDS = ("F", "B")
 P2P_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -46,6 +49,7 @@ class Action:
     mb: int = 0
     chunk: int = 0
     peer: int = -1
+    group: int = -1  # p2p only: actions of one group are issued together (one batch_isend_irecv)
 
     def token(self, multi_stage: bool) -> str:
         """Short text form used by programs.txt; `multi_stage` appends '@<stage>' to staged actions."""
@@ -235,7 +239,8 @@ def _p2p_around(action: Action, spec: ScheduleSpec) -> tuple[Program, Program]:
 
 
 def add_p2p(programs: list[Program], spec: ScheduleSpec) -> list[Program]:
-    """Wrap each compute action in its receive (just before) and send (just after).
+    """Make the transfers explicit: each compute's receive (just before it) and send (just after it),
+    then group them (`group_p2p`; with several stages per rank also `receive_ahead`).
 
     Stages on the same rank hand tensors over locally and get no transfer actions.
     """
@@ -245,8 +250,83 @@ def add_p2p(programs: list[Program], spec: ScheduleSpec) -> list[Program]:
         for action in program:
             before, after = _p2p_around(action, spec)
             with_p2p += before + [action] + after
-        result.append(with_p2p)
+        grouped = group_p2p(with_p2p)
+        result.append(receive_ahead(grouped) if spec.virtual_stages > 1 else grouped)
     return result
+
+
+def group_p2p(program: Program) -> Program:
+    """Make each run of p2p actions between two other actions one group, issued as one batch.
+
+    Such a run holds the sends of the compute before it and the receives of the compute after it. On
+    NCCL a large send completes only once the peer runs the matching receive, and each rank pair shares
+    one in-order stream: issued alone, 1F1B's `sF(m+1)` on rank i and `sB(m)` on rank i+1 each sit in
+    front of the receive the other needs. In one group they progress together (Megatron-LM's
+    send_forward_recv_backward; torch.distributed.pipelining's fwd_send + bwd_recv batch).
+    """
+    out: Program = []
+    group, previous_p2p = -1, False
+    for action in program:
+        is_p2p = action.kind in P2P_KINDS
+        if is_p2p and not previous_p2p:
+            group += 1
+        out.append(replace(action, group=group if is_p2p else -1))
+        previous_p2p = is_p2p
+    return out
+
+
+def receive_ahead(program: Program) -> Program:
+    """A group of sends only takes along the receive of the next group with the same peer, posted early.
+
+    Why: with several stages per rank, a rank's sends to a neighbour can run ahead of the order in
+    which the neighbour receives them: rank 0 posts `sB0@2` alone and later `[sF3@0 rB1@2]`, while
+    rank 1 sends `sB1@3` before it receives `rB0@1`. On one in-order stream each waits for the other.
+    Posting `rB1@2` beside `sB0@2` lets both progress; the receive is still waited for only right
+    before its tensor is used (Megatron-LM's interleaved schedule posts next step's receives likewise).
+    """
+    units = issue_units(program)
+    for i, unit in enumerate(units):
+        if not unit or unit[0].kind not in P2P_KINDS or any(a.kind.startswith("RECV") for a in unit):
+            continue
+        for peer in dict.fromkeys(a.peer for a in unit):
+            j = next((j for j in range(i + 1, len(units)) if any(a.peer == peer for a in units[j])), None)
+            recv = None if j is None else next((a for a in units[j] if a.kind.startswith("RECV")
+                                                and a.peer == peer), None)
+            if recv is not None:  # only from the next group with this peer: never jump its stream order
+                units[j] = [a for a in units[j] if a is not recv]
+                unit.append(recv)
+    return group_p2p([a for unit in units if unit for a in unit])
+
+
+def ungroup_p2p(program: Program) -> Program:
+    """Every p2p action a group of its own: how programs were issued before `group_p2p` (a known-bad form)."""
+    out: Program = []
+    group = -1
+    for action in program:
+        if action.kind in P2P_KINDS:
+            group += 1
+            action = replace(action, group=group)
+        out.append(action)
+    return out
+
+
+def issue_units(program: Program) -> list[Program]:
+    """The program as the runtime issues it: one p2p group per unit, every other action alone."""
+    units: list[Program] = []
+    for action in program:
+        joins = (action.kind in P2P_KINDS and units and units[-1][-1].kind in P2P_KINDS
+                 and units[-1][-1].group == action.group)
+        if joins:
+            units[-1].append(action)
+        else:
+            units.append([action])
+    return units
+
+
+def unit_token(unit: Program, multi_stage: bool) -> str:
+    """programs.txt's form of one issue unit: a group of several p2p actions is bracketed."""
+    body = " ".join(a.token(multi_stage) for a in unit)
+    return f"[{body}]" if len(unit) > 1 else body
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,18 +350,16 @@ def _dependencies(action: Action, spec: ScheduleSpec, explicit_p2p: bool) -> lis
         return [("F", stage, mb, chunk)]
     if kind == "SEND_B":
         return [("B", stage, mb, chunk)]
-    if kind == "RECV_F":
-        return [("SEND_F", stage - 1, mb, chunk)]
-    if kind == "RECV_B":
-        return [("SEND_B", stage + 1, mb, chunk)]
     if kind not in COMPUTE_KINDS:
-        return []
+        return []  # a receive is posted at once; the compute that reads it waits for the message
     upstream = -1 if kind == "F" else 1
     deps: list[Key] = []
     if 0 <= stage + upstream < spec.num_stages:
         remote = _remote_neighbour(spec, stage, upstream) is not None
-        deps.append(("RECV_" + kind, stage, mb, chunk) if remote and explicit_p2p
-                    else (kind, stage + upstream, mb, chunk))
+        if remote and explicit_p2p:
+            deps += [("RECV_" + kind, stage, mb, chunk), ("SEND_" + kind, stage + upstream, mb, chunk)]
+        else:
+            deps.append((kind, stage + upstream, mb, chunk))
     if kind == "F" and chunk > 0:
         deps.append(("F", stage, mb, chunk - 1))  # K/V of the earlier chunk
     if kind == "B":
@@ -345,6 +423,7 @@ def _check_p2p_matches(programs: list[Program], spec: ScheduleSpec) -> None:
     for rank, program in enumerate(programs):
         actual = Counter(a for a in program if a.kind in P2P_KINDS)
         expected: Counter[Action] = Counter()
+        actual = Counter(replace(a, group=-1) for a in program if a.kind in P2P_KINDS)
         for action in program:
             before, after = _p2p_around(action, spec)
             expected.update(before + after)
@@ -354,6 +433,23 @@ def _check_p2p_matches(programs: list[Program], spec: ScheduleSpec) -> None:
             problems.append(f"rank {rank}: unexpected {action.token(True)}")
     if problems:
         raise _problems(problems, "p2p actions do not match the compute:")
+
+
+def _check_groups(programs: list[Program]) -> None:
+    """Each p2p action has a group, and a group's actions stand together in the program."""
+    problems = []
+    for rank, program in enumerate(programs):
+        seen: set[int] = set()
+        for unit in issue_units(program):
+            head = unit[0]
+            if head.kind not in P2P_KINDS:
+                continue
+            if head.group < 0 or head.group in seen:
+                problems.append(f"rank {rank}: {unit_token(unit, True)} has group {head.group}, "
+                                "which is missing or split by other actions")
+            seen.add(head.group)
+    if problems:
+        raise _problems(problems, "p2p groups malformed:")
 
 
 def _check_local_order(programs: list[Program], spec: ScheduleSpec, explicit_p2p: bool) -> None:
@@ -416,7 +512,8 @@ def _timed_step(duration: Callable[[Action], float]):
 
 
 def validate(programs: list[Program], spec: ScheduleSpec) -> None:
-    """Raise ScheduleError unless the programs are complete, dependency-ordered and deadlock-free.
+    """Raise ScheduleError unless the programs are complete, dependency-ordered and deadlock-free on an
+    ideal network (sends never block). `lcgraph.nccl.check` adds NCCL's rules and the collectives.
 
     Works on compute-only programs (p2p implicit) and on programs with explicit p2p actions.
     """
@@ -427,6 +524,7 @@ def validate(programs: list[Program], spec: ScheduleSpec) -> None:
     _check_complete(programs, spec)
     if explicit_p2p:
         _check_p2p_matches(programs, spec)
+        _check_groups(programs)
     _check_local_order(programs, spec, explicit_p2p)
     replay(programs, spec, _timed_step(lambda action: 0.0))
 
@@ -535,9 +633,10 @@ def _prefix_position(cost: float, per_token: float, per_pair: float) -> float:
 
 
 def format_programs(programs: list[Program], spec: ScheduleSpec) -> str:
-    """One line per rank, 'rank R: ' then the action tokens; '@<stage>' when a rank holds several."""
+    """One line per rank, 'rank R: ' then the action tokens; '@<stage>' when a rank holds several;
+    a p2p group of several actions in brackets, '[sF1.0>1 rB0.0<1]'."""
     multi_stage = spec.virtual_stages > 1
-    lines = [f"rank {rank}: " + " ".join(a.token(multi_stage) for a in program)
+    lines = [f"rank {rank}: " + " ".join(unit_token(u, multi_stage) for u in issue_units(program))
              for rank, program in enumerate(programs)]
     return "\n".join(lines) + "\n"
 
@@ -560,8 +659,31 @@ def parse_programs(text: str) -> list[Program]:
         rank = int(head.removeprefix("rank").strip())
         if rank != len(programs):
             raise ValueError(f"expected 'rank {len(programs)}:', got {head!r}")
-        programs.append([_parse_token(token, rank) for token in body.split()])
+        programs.append(_parse_body(body, rank))
     return programs
+
+
+def _parse_body(body: str, rank: int) -> Program:
+    """Tokens of one rank; '[' opens a p2p group and ']' closes it; a bare p2p token is a group of one."""
+    program: Program = []
+    group, open_group = -1, False
+    for raw in body.split():
+        opens, closes = raw.startswith("["), raw.endswith("]")
+        token = raw.removeprefix("[").removesuffix("]")
+        if (opens and open_group) or (closes and not (opens or open_group)):
+            raise ValueError(f"rank {rank}: unbalanced brackets at {raw!r}")
+        action = _parse_token(token, rank)
+        if action.kind in P2P_KINDS:
+            if not open_group:
+                group += 1
+            action = replace(action, group=group)
+        elif opens or open_group:
+            raise ValueError(f"rank {rank}: {token!r} in a p2p group; groups hold sends and receives only")
+        open_group = (open_group or opens) and not closes
+        program.append(action)
+    if open_group:
+        raise ValueError(f"rank {rank}: a p2p group is not closed with ']'")
+    return program
 
 
 def _parse_token(token: str, rank: int) -> Action:

@@ -32,9 +32,10 @@ def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, t
     from lcgraph.train import Job
 
     job = Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), rank, world)
-    losses = [job.run_step(step)["loss"] for step in range(cfg.train.steps)]
+    metrics = [job.run_step(step) for step in range(cfg.train.steps)]
+    losses = [m["loss"] for m in metrics]
     params = {n: p.detach().cpu().clone() for n, p in job.all_params().items()}
-    extra = {"activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
+    extra = {"grad_norms": [m["grad_norm"] for m in metrics], "activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
                                                                          for s, st in job.stages.items()},
              "optimizer_state_bytes": job.optimizer.state_bytes() if hasattr(job.optimizer, "state_bytes") else 0,
              "job": job}
@@ -46,39 +47,47 @@ def train_local(cfg):
     return _train(cfg)
 
 
-def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
+def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -> None:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from lcgraph.cli import _share_cores
+    from lcgraph.cli import _share_cores, init_distributed
+    from lcgraph.schedule import format_programs
 
     _share_cores()
-    dist.init_process_group("gloo")
+    first = OmegaConf.create(cfg_yamls[0])
+    init_distributed(first)  # NCCL when the configs train on cuda (one rank per GPU), else gloo
     rank = dist.get_rank()
     try:
         for i, text in enumerate(cfg_yamls):
             losses, params, extra = _train(OmegaConf.create(text), rank, dist.get_world_size())
             job = extra.pop("job")
-            keep = job.coords.dp_rank == 0 and job.coords.sp_rank == 0
-            record = {"losses": losses, "params": params if keep else {},
+            keep = keep_params and job.coords.dp_rank == 0 and job.coords.sp_rank == 0
+            record = {"losses": losses, "grad_norms": extra["grad_norms"], "params": params if keep else {},
                       "activation_peaks": extra["activation_peaks"], "relay_peaks": extra["relay_peaks"],
                       "optimizer_state_bytes": extra["optimizer_state_bytes"],
                       "events": getattr(job.optimizer, "events", []), "timeline": job.interpreter.timeline,
-                      "program": [a.token(False) for a in job.interpreter.program]}
+                      "program": [a.token(False) for a in job.interpreter.program],
+                      "issued": job.interpreter.issued, "programs_txt": format_programs(job.programs, job.spec)}
             torch.save(record, os.path.join(out_dir, f"{i}-rank{rank}.pt"))
+            del job, params, extra
             dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def train_spawned(cfgs: list, world: int) -> list[dict]:
-    """Train each config on `world` spawned ranks; per config: losses (rank 0), merged params, per-rank records."""
+def train_spawned(cfgs: list, world: int, keep_params: bool = True) -> list[dict]:
+    """Train each config on `world` spawned ranks; per config: losses (rank 0), merged params, per-rank records.
+
+    Configs that train on cuda run on NCCL, one rank per GPU; `keep_params=False` skips saving parameters
+    (large models)."""
     from omegaconf import OmegaConf
 
     from lcgraph.cli import launch_local
 
     out = tempfile.mkdtemp(prefix="lcgraph-grid-")
-    launch_local(world, _grid_worker, [OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out, run_id="test")
+    launch_local(world, _grid_worker, [OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out, keep_params,
+                 run_id="test")
     results = []
     for i in range(len(cfgs)):
         ranks = [torch.load(os.path.join(out, f"{i}-rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -3,7 +3,7 @@
 A timeline is a list of (rank, name, start, end) in seconds: what `lcgraph.simulate.simulate` predicts,
 or what the runtime measured (`Interpreter.timeline` holds (name, start, end) per rank; convert it with
 `from_measured`). In the trace every rank is a process (pid = rank) with two threads: compute (tid 0:
-F, B, OPT, RS, AG) and wire (tid 1: sends and receives, whose names start lower-case). Open the JSON
+F, B, OPT, RS, AG) and wire (tid 1: p2p groups and waits for received tensors, whose names do not start upper-case). Open the JSON
 in https://ui.perfetto.dev or chrome://tracing.
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lcgraph import attention, collectives, data, model, passes, schedule
+from lcgraph import attention, collectives, data, model, nccl, passes, schedule
 from lcgraph.capture import IGNORE_INDEX, capture
 from lcgraph.runtime import Interpreter, StageState, UnitData
 
@@ -171,19 +171,23 @@ class Job:
                     dump(f"07_gather_waits_stage{s}", st.graph.gm)
         # every rank needs every rank's RS/AG actions for programs.txt; buckets are per stage, so ask
         # each stage's layout: ranks of one pipeline rank agree, other pipeline ranks report theirs
-        actions = self._gather_bucket_actions(self.optimizer.program_actions())
+        actions, tied_buckets = self._gather_bucket_actions(self.optimizer.program_actions(),
+                                                            self.optimizer.tied_buckets())
         self.programs = [add_bucket_actions(p, actions) for p in self.programs]
         schedule.validate(self.programs, self.spec)
+        par = self.cfg.parallel
+        tied = par.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
+        nccl.check(self.programs, self.spec, nccl.Comms(par.dp, par.sp, tied, par.zero, tied_buckets))
 
-    def _gather_bucket_actions(self, mine: dict) -> dict:
+    def _gather_bucket_actions(self, mine: dict, tied: frozenset) -> tuple[dict, frozenset]:
         if self.world == 1:
-            return mine
+            return mine, tied
         everyone = [None] * self.world
-        dist.all_gather_object(everyone, mine)
-        merged = {}
-        for d in everyone:
-            merged.update(d)
-        return merged
+        dist.all_gather_object(everyone, (mine, tied))
+        merged: dict = {}
+        for actions, _ in everyone:
+            merged.update(actions)
+        return merged, frozenset().union(*(t for _, t in everyone))
 
     def _setup_interpreter(self):
         c = self.coords

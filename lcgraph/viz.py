@@ -487,10 +487,11 @@ def dump_graph(gm, path: Path, stage: int | None = None, layers: list[int] | Non
 def comm_times(entries) -> dict:
     """Seconds of one rank's step (Interpreter.timeline entries) spent in communication actions.
 
-    p2p_s: posting sends and waiting for receives; grad_sync_s: RS (waiting for a bucket's reduce-scatter)
+    p2p_s: issuing p2p groups and waiting for received tensors (the wire entries: names not starting
+    upper-case, as the runtime and the simulator write them); grad_sync_s: RS (waiting for a bucket's reduce-scatter)
     and AG (issuing all-gathers). Overlapped communication (an RS issued during backward) is not counted.
     """
-    p2p = sum(end - start for name, start, end in entries if name in ("send", "recv"))
+    p2p = sum(end - start for name, start, end in entries if not name[:1].isupper())
     sync = sum(end - start for name, start, end in entries if name.startswith(("RS", "AG")))
     return {"p2p_s": p2p, "grad_sync_s": sync, "comm_s": p2p + sync}
 

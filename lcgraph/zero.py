@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from lcgraph.schedule import Action
+from lcgraph.schedule import Action, issue_units
 
 
 def _param_order(stage) -> list[str]:
@@ -150,6 +150,10 @@ class ShardedAdamW:
         for b in reversed(self.buckets):  # gradient-ready order reversed: the order the forward reads them
             out[b.stage][1].append(Action("AG", b.stage, b.index))
         return out
+
+    def tied_buckets(self) -> frozenset[tuple[int, int]]:
+        """(stage, bucket) of the tied embedding's buckets: their RS first all-reduces across the pipeline."""
+        return frozenset((b.stage, b.index) for b in self.buckets if b.tied and self.group is not None)
 
     def gather_waits(self, stage) -> bool:
         """The `gather_waits` pass on one of this rank's stage graphs (see the module docstring); whether
@@ -318,6 +322,9 @@ class ReplicatedAdamW(torch.optim.AdamW):
     def program_actions(self):
         return {}
 
+    def tied_buckets(self) -> frozenset[tuple[int, int]]:
+        return frozenset()
+
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
                    if torch.is_tensor(t) and t.ndim > 0)
@@ -350,24 +357,32 @@ class ReplicatedAdamW(torch.optim.AdamW):
 
 
 def add_bucket_actions(program: list[Action], actions: dict[int, tuple[list[Action], list[Action]]]) -> list[Action]:
-    """Insert RS<b> after each stage's last backward (and the sends right after it: the previous stage
-    must not wait for this one's reduce-scatter) and AG<b> right after OPT."""
-    last_b = {}
-    for i, a in enumerate(program):
+    """Insert the RS<b> of every stage the rank holds after its last backward (and after the p2p group
+    that sends that backward's gradient), and AG<b> right after OPT.
+
+    RS is where the program waits for a reduce-scatter issued during backward (and, for a tied
+    embedding, first all-reduces it with the other end of the pipeline). Waiting after the rank's last
+    backward, not each stage's, matters with several stages per rank: a tied all-reduce after stage
+    2p-1's last backward would stall rank p-1 while rank 0 still needs its gradients for stage 0, a
+    cycle of waits across two communicators (found by `lcgraph.nccl.check`).
+    """
+    units = issue_units(program)
+    last = None
+    for i, unit in enumerate(units):
+        a = unit[0]
         if a.kind == "B":
-            j = i
-            while j + 1 < len(program) and program[j + 1].kind.startswith("SEND"):
-                j += 1
-            last_b[a.stage] = j
-    mine = {s: actions[s] for s in last_b if s in actions}  # stages this program runs
+            sends = i + 1 < len(units) and any(x.kind == "SEND_B" and (x.stage, x.mb, x.chunk) ==
+                                               (a.stage, a.mb, a.chunk) for x in units[i + 1])
+            last = i + 1 if sends else i
+    mine = [actions[s] for s in sorted({a.stage for a in program if a.kind == "B"}) if s in actions]
     out = []
-    for i, a in enumerate(program):
-        out.append(a)
-        for stage, (rs, _) in mine.items():
-            if last_b[stage] == i:
+    for i, unit in enumerate(units):
+        out.extend(unit)
+        if i == last:
+            for rs, _ in mine:
                 out.extend(rs)
-        if a.kind == "OPT":
-            for _, ag in mine.values():
+        if unit[0].kind == "OPT":
+            for _, ag in mine:
                 out.extend(ag)
     return out
 

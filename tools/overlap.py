@@ -38,7 +38,7 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.cli import _share_cores, backend_for
+    from lcgraph.cli import _share_cores, backend_for, init_distributed
     from lcgraph.overlap import analyze
     from lcgraph.train import Job
 
@@ -47,7 +47,7 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     cuda = backend_for(cfg) == "nccl"
     _share_cores()
     if world > 1:
-        dist.init_process_group(backend_for(cfg))
+        init_distributed(cfg)
     rank = dist.get_rank() if world > 1 else 0
     try:
         job = Job(cfg, Path(out), rank, world)

@@ -1,0 +1,170 @@
+"""NCCL's rules: every built schedule passes the NCCL model; known-bad programs are rejected by name;
+the runtime issues exactly the p2p groups that programs.txt shows."""
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcgraph import nccl
+from lcgraph.schedule import (
+    Action,
+    ScheduleError,
+    ScheduleSpec,
+    add_p2p,
+    build_programs,
+    format_programs,
+    group_p2p,
+    parse_programs,
+    ungroup_p2p,
+    validate,
+)
+from lcgraph.zero import add_bucket_actions
+
+
+def built(spec):
+    return add_p2p(build_programs(spec), spec)
+
+
+def with_buckets(programs, spec, per_stage=2):
+    """RS/AG actions as the distributed optimizer adds them: two buckets per stage, the embedding's
+    (first and last stage's bucket 0) tied."""
+    actions = {s: ([Action("RS", s, per_stage * s + b) for b in range(per_stage)],
+                   [Action("AG", s, per_stage * s + b) for b in reversed(range(per_stage))])
+               for s in range(spec.num_stages)}
+    tied = frozenset({(0, 0), (spec.num_stages - 1, per_stage * (spec.num_stages - 1))})
+    return [add_bucket_actions(p, actions) for p in programs], tied
+
+
+@st.composite
+def specs(draw):
+    name = draw(st.sampled_from(["gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"]))
+    pp = draw(st.sampled_from([2, 3, 4, 8]))
+    if name == "interleaved_1f1b":
+        v = draw(st.integers(2, 3))
+        m = draw(st.sampled_from([pp, 2 * pp, 3 * pp] + list(range(1, pp))))
+        return ScheduleSpec(name, pp, m, 1, v)
+    m = draw(st.integers(1, 10))
+    k = draw(st.integers(1, 4)) if name in ("gpipe", "seq1f1b") else 1
+    return ScheduleSpec(name, pp, m, k)
+
+
+@settings(max_examples=150, deadline=None)
+@given(spec=specs(), dp=st.integers(1, 2), sp=st.integers(1, 2), zero=st.booleans(),
+       streams=st.sampled_from(["pair", "rank"]))
+def test_every_built_schedule_passes_the_nccl_model(spec, dp, sp, zero, streams):
+    programs = built(spec)
+    tied: frozenset = frozenset()
+    if zero and dp * sp > 1:
+        programs, tied = with_buckets(programs, spec)
+    validate(programs, spec)
+    nccl.check(programs, spec, nccl.Comms(dp, sp, tied=spec.num_stages > 1, zero=zero, tied_buckets=tied), streams)
+
+
+@pytest.mark.parametrize("name,pp,m,k,v", [("1f1b", 2, 4, 1, 1), ("1f1b", 4, 8, 1, 1), ("seq1f1b", 2, 2, 2, 1),
+                                           ("seq1f1b", 4, 4, 4, 1), ("interleaved_1f1b", 2, 4, 1, 2)])
+def test_ungrouped_programs_deadlock_and_the_message_names_ranks_and_actions(name, pp, m, k, v):
+    spec = ScheduleSpec(name, pp, m, k, v)
+    ungrouped = [ungroup_p2p(p) for p in built(spec)]
+    validate(ungrouped, spec)  # an ideal network (gloo) runs them
+    with pytest.raises(ScheduleError, match="deadlock under NCCL") as error:
+        nccl.check(ungrouped, spec)
+    stuck = re.findall(r"rank (\d+) waits in (\S+)", str(error.value))
+    assert len(stuck) >= 2, str(error.value)
+
+
+def test_the_classic_1f1b_hang_is_reported_as_it_happens():
+    spec = ScheduleSpec("1f1b", 2, 4)
+    ungrouped = [ungroup_p2p(p) for p in built(spec)]
+    with pytest.raises(ScheduleError) as error:
+        nccl.check(ungrouped, spec)
+    text = str(error.value)
+    assert "rank 0 waits in B0.0 (waiting for rB0.0<1): rB0.0<1 is queued behind sF1.0>1" in text
+    assert "rank 1 waits in F1.0 (waiting for rF1.0<0): rF1.0<0 is queued behind sB0.0>0" in text
+
+
+def test_grouped_1f1b_pairs_each_send_with_the_receive_beside_it():
+    spec = ScheduleSpec("1f1b", 2, 4)
+    text = format_programs(built(spec), spec)
+    assert "[sF1.0>1 rB0.0<1]" in text.splitlines()[0]
+    assert "[sB0.0>0 rF1.0<0]" in text.splitlines()[1]
+    nccl.check(parse_programs(text), spec)
+
+
+def test_interleaved_needs_receive_ahead():
+    spec = ScheduleSpec("interleaved_1f1b", 2, 4, 1, 2)
+    runs_only = []
+    for program in build_programs(spec):
+        # add_p2p without receive_ahead: only the runs between computes grouped
+        from lcgraph.schedule import _p2p_around
+
+        flat = []
+        for a in program:
+            before, after = _p2p_around(a, spec)
+            flat += before + [a] + after
+        runs_only.append(group_p2p(flat))
+    validate(runs_only, spec)
+    with pytest.raises(ScheduleError, match="queued behind sB0.0@2>1"):
+        nccl.check(runs_only, spec)
+    nccl.check(built(spec), spec)
+
+
+def test_messages_out_of_order_are_a_mismatch_not_a_silent_swap():
+    spec = ScheduleSpec("gpipe", 2, 2)
+    programs = built(spec)
+    sends = [i for i, a in enumerate(programs[0]) if a.kind == "SEND_F"]
+    programs[0][sends[0]], programs[0][sends[1]] = programs[0][sends[1]], programs[0][sends[0]]
+    with pytest.raises(ScheduleError, match="message 0 is sF1.0>1 but the receiver expects rF0.0<0"):
+        nccl.check(programs, spec)
+
+
+def test_a_tied_all_reduce_per_stage_would_deadlock_interleaved():
+    # The RS of the tied embedding all-reduces across the pipeline's ends. Waiting for it right after
+    # the last stage's last backward (not the rank's) stalls rank 1 while rank 0 still needs it.
+    spec = ScheduleSpec("interleaved_1f1b", 2, 2, 1, 2)
+    programs = built(spec)
+    last_stage = spec.num_stages - 1
+    rank = spec.rank_of(last_stage)
+    last_b = max(i for i, a in enumerate(programs[rank]) if a.kind == "B" and a.stage == last_stage)
+    early = list(programs[rank])
+    early.insert(last_b + 1, Action("RS", last_stage, 0))
+    others = [a for a in programs[0]]
+    others.insert(len(others) - 1, Action("RS", 0, 1))
+    bad = [others, early]
+    tied = frozenset({(0, 1), (last_stage, 0)})
+    with pytest.raises(ScheduleError, match="tied-embedding gradient all-reduce"):
+        nccl.check(bad, spec, nccl.Comms(dp=2, tied=True, zero=True, tied_buckets=tied))
+    good, tied = with_buckets(built(spec), spec)
+    nccl.check(good, spec, nccl.Comms(dp=2, tied=True, zero=True, tied_buckets=tied))
+
+
+def test_stricter_single_stream_reading_also_holds():
+    for spec in (ScheduleSpec("seq1f1b", 4, 4, 4), ScheduleSpec("interleaved_1f1b", 4, 8, 1, 2)):
+        nccl.check(built(spec), spec, streams="rank")
+
+
+def test_format_brackets_groups_and_parse_keeps_them():
+    spec = ScheduleSpec("seq1f1b", 3, 2, 2)
+    programs = built(spec)
+    text = format_programs(programs, spec)
+    assert parse_programs(text) == programs
+    assert parse_programs(text.replace("[", "").replace("]", "")) != programs  # groups are part of a program
+    with pytest.raises(ValueError, match="unbalanced"):
+        parse_programs("rank 0: F0.0 sF0.0>1]")
+
+
+@pytest.mark.slow
+def test_runtime_issues_exactly_the_groups_that_programs_txt_shows():
+    from lcgraph.testing import compose, train_spawned
+
+    cfgs = [compose("parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=4", "parallel.seq_chunks=1",
+                    "train.steps=1"),
+            compose("parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2",
+                    "parallel.microbatches=4", "parallel.seq_chunks=1", "train.steps=1")]
+    for result in train_spawned(cfgs, world=2):
+        for rank, record in enumerate(result["ranks"]):
+            line = record["programs_txt"].splitlines()[rank]
+            shown = re.findall(r"\[[^\]]+\]|\b[sr][FB]\S+", line.partition(":")[2])
+            assert record["issued"] == shown, (line, record["issued"])
+            assert any(g.startswith("[") for g in shown)
