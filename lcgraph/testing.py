@@ -3,7 +3,8 @@
 `compose(...)` builds a config exactly as `lcgraph-train` would (Hydra compose, same groups, same
 recipes). `train_local(cfg)` trains in this process; `train_spawned(cfgs, world)` launches `world`
 ranks once (torch's elastic launcher, gloo on CPU) and trains each config in turn inside them, so a
-grid of layouts costs one process start. Both return per-step losses and the final parameters.
+grid of layouts costs one process start. Both return per-step losses and the final parameters
+(and the gradient norms before clipping).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, t
     from lcgraph.train import Job
 
     job = Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), rank, world)
-    losses = [job.run_step(step)["loss"] for step in range(cfg.train.steps)]
+    metrics = [job.run_step(step) for step in range(cfg.train.steps)]
+    losses = [m["loss"] for m in metrics]
     params = {n: p.detach().cpu().clone() for n, p in job.all_params().items()}
     extra = {"activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
                                                                          for s, st in job.stages.items()},
              "optimizer_state_bytes": job.optimizer.state_bytes() if hasattr(job.optimizer, "state_bytes") else 0,
-             "job": job}
+             "grad_norms": [m["grad_norm"] for m in metrics], "job": job}
     return losses, params, extra
 
 
@@ -62,7 +64,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
             keep = job.coords.dp_rank == 0 and job.coords.sp_rank == 0
             record = {"losses": losses, "params": params if keep else {},
                       "activation_peaks": extra["activation_peaks"], "relay_peaks": extra["relay_peaks"],
-                      "optimizer_state_bytes": extra["optimizer_state_bytes"],
+                      "optimizer_state_bytes": extra["optimizer_state_bytes"], "grad_norms": extra["grad_norms"],
                       "events": getattr(job.optimizer, "events", []), "timeline": job.interpreter.timeline,
                       "program": [a.token(False) for a in job.interpreter.program]}
             torch.save(record, os.path.join(out_dir, f"{i}-rank{rank}.pt"))
@@ -85,7 +87,8 @@ def train_spawned(cfgs: list, world: int) -> list[dict]:
         params = {}
         for r in ranks:
             params.update(r["params"])
-        results.append({"losses": ranks[0]["losses"], "params": params, "ranks": ranks})
+        results.append({"losses": ranks[0]["losses"], "grad_norms": ranks[0]["grad_norms"], "params": params,
+                        "ranks": ranks})
     return results
 
 

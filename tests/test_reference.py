@@ -107,24 +107,27 @@ def reference():
     return get
 
 
-def check(result_losses, result_params, ref, rtol=FP32, label=""):
+def check(result_losses, result_params, ref, rtol=FP32, label="", grad_norms=None):
+    """Losses, parameters and (clipping hides a wrong gradient scale from both) the pre-clip gradient norms."""
     losses, norms, params = ref
     assert min(norms) > 2 * CLIP, f"clipping must be active (grad norms {norms})"
     assert_close_run(result_losses, result_params, losses, params, rtol=rtol, label=label)
+    torch.testing.assert_close(torch.tensor(grad_norms), torch.tensor(norms), rtol=max(rtol, 1e-4), atol=0,
+                               msg=lambda m: f"{label}: gradient norms differ\n{m}")
 
 
 # --- single process ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_single_process_matches_hf_eager_adamw_with_clipping_and_warmup(tied, reference):
-    losses, params, _ = train_local(run_cfg("parallel.microbatches=2", tied=tied))
-    check(losses, params, reference(2, tied), label=f"single tied={tied}")
+    losses, params, extra = train_local(run_cfg("parallel.microbatches=2", tied=tied))
+    check(losses, params, reference(2, tied), label=f"single tied={tied}", grad_norms=extra["grad_norms"])
 
 
 def test_compiled_stage_graphs_match_hf_eager(reference):
     """train.compile=true (inductor on CPU); one decoder layer and 3 steps keep the compile short."""
     one_layer = "model.num_hidden_layers=1"
-    losses, params, _ = train_local(run_cfg("train.compile=true", one_layer, tied=True, steps=3))
-    check(losses, params, reference(1, True, 3, one_layer), label="compile")
+    losses, params, extra = train_local(run_cfg("train.compile=true", one_layer, tied=True, steps=3))
+    check(losses, params, reference(1, True, 3, one_layer), label="compile", grad_norms=extra["grad_norms"])
 
 
 # --- two ranks --------------------------------------------------------------------------------------------
@@ -146,7 +149,8 @@ def test_two_rank_layouts_match_hf_eager(reference):
     results = train_spawned([run_cfg(*TWO_RANKS[k][0], tied=TWO_RANKS[k][1]) for k in labels], world=2)
     for label, result in zip(labels, results):
         _, tied, batch = TWO_RANKS[label]
-        check(result["losses"], result["params"], reference(batch, tied), label=label)
+        check(result["losses"], result["params"], reference(batch, tied), label=label,
+              grad_norms=result["grad_norms"])
 
 
 FOUR_RANKS = {  # label -> (overrides, tied, sequences per step, tolerance)
@@ -165,7 +169,8 @@ def test_four_rank_layouts_match_hf_eager(reference):
     for label, result in zip(labels, results):
         _, tied, batch, rtol = FOUR_RANKS[label]
         params = {n: p.float() for n, p in result["params"].items()}
-        check(result["losses"], params, reference(batch, tied), rtol=rtol, label=label)
+        check(result["losses"], params, reference(batch, tied), rtol=rtol, label=label,
+              grad_norms=result["grad_norms"])
 
 
 def test_two_rank_checkpoint_round_trips_through_model_path_and_from_pretrained(tmp_path, reference):
