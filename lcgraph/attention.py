@@ -106,7 +106,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 @attention.register_fake
 def _(q, k, v, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernel returns it (q is often a transposed view)
 
 
 def attention_backward(grad_out, q, k, v, scale: float):

@@ -3,7 +3,8 @@
 `compose(...)` builds a config exactly as `lcgraph-train` would (Hydra compose, same groups, same
 recipes). `train_local(cfg)` trains in this process; `train_spawned(cfgs, world)` launches `world`
 ranks once (torch's elastic launcher, gloo on CPU) and trains each config in turn inside them, so a
-grid of layouts costs one process start. Both return per-step losses and the final parameters.
+grid of layouts costs one process start. Both return per-step losses and the final parameters
+(and the gradient norms before clipping).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, t
     extra = {"grad_norms": [m["grad_norm"] for m in metrics], "activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
                                                                          for s, st in job.stages.items()},
              "optimizer_state_bytes": job.optimizer.state_bytes() if hasattr(job.optimizer, "state_bytes") else 0,
-             "job": job}
+             "grad_norms": [m["grad_norm"] for m in metrics], "job": job}
     return losses, params, extra
 
 
@@ -65,7 +66,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -
             keep = keep_params and job.coords.dp_rank == 0 and job.coords.sp_rank == 0
             record = {"losses": losses, "grad_norms": extra["grad_norms"], "params": params if keep else {},
                       "activation_peaks": extra["activation_peaks"], "relay_peaks": extra["relay_peaks"],
-                      "optimizer_state_bytes": extra["optimizer_state_bytes"],
+                      "optimizer_state_bytes": extra["optimizer_state_bytes"], "grad_norms": extra["grad_norms"],
                       "events": getattr(job.optimizer, "events", []), "timeline": job.interpreter.timeline,
                       "program": [a.token(False) for a in job.interpreter.program],
                       "issued": job.interpreter.issued, "programs_txt": format_programs(job.programs, job.spec)}
@@ -94,7 +95,8 @@ def train_spawned(cfgs: list, world: int, keep_params: bool = True) -> list[dict
         params = {}
         for r in ranks:
             params.update(r["params"])
-        results.append({"losses": ranks[0]["losses"], "params": params, "ranks": ranks})
+        results.append({"losses": ranks[0]["losses"], "grad_norms": ranks[0]["grad_norms"], "params": params,
+                        "ranks": ranks})
     return results
 
 

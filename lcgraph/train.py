@@ -55,11 +55,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step (steps counted from 1, as
+    Megatron does: the peak is step `warmup_steps`, the minimum step `steps`)."""
     o, total = cfg.optim, cfg.train.steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    progress = (step + 1 - o.warmup_steps) / max(1, total - o.warmup_steps)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 

@@ -223,9 +223,8 @@ class ShardedAdamW:
     def collective(self, action: Action, interp) -> None:
         b = self.buckets[action.mb]
         if action.kind == "RS":
-            if b.tied:  # the tied weight's gradient must first be summed across the two stages
-                dist.all_reduce(b.grad_flat, group=self.job.tied_group)
-                self._issue(b)
+            if b.tied:  # summed across the two stages at OPT: here the other stage's rank may still run
+                return  # backwards that this rank's earlier stages wait for (interleaved: deadlock)
             b.work.wait()
             self.events.append(("rs_wait", b.stage, b.index, time.perf_counter()))
         elif action.kind == "AG":
@@ -235,6 +234,11 @@ class ShardedAdamW:
 
     # --- OPT ----------------------------------------------------------------------------------------------
     def sync_and_step(self, interp) -> float:
+        for b in self.buckets:
+            if b.tied and self.group is not None:  # the tied weight: sum across the two stages, then RS
+                dist.all_reduce(b.grad_flat, group=self.job.tied_group)
+                self._issue(b)
+                b.work.wait()
         if self.group is None:
             for name in self.job.tied:
                 b = next(b for b in self.buckets if name in b.names)
