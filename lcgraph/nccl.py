@@ -16,7 +16,7 @@ rules, for every global rank of a (pp, dp, sp) layout:
 - The host issues kernels in program order and waits: for a p2p group holding a receive right before
   the compute that uses the received tensor, for the
   Ulysses all-to-alls inside F and B, for a reduce-scatter at its RS action, for every send at OPT,
-  for the tied-embedding, gradient and grad-norm all-reduces at OPT, for the loss all-reduce after the
+  for the tied-embedding sum (and its reduce-scatter), gradient and grad-norm all-reduces at OPT, for the loss all-reduce after the
   step, and for the all-gathers (the next step's forward).
 
 A step deadlocks when some rank can never finish; waits that cross communicators (a rank in an
@@ -41,7 +41,8 @@ class Comms:
 
     `zero`: the distributed optimizer (RS/AG actions in the programs; `tied_buckets` names the
     (stage, bucket) of a tied embedding, all-reduced across first and last stage before its RS);
-    otherwise gradients are all-reduced over the stage's dp*sp replicas at OPT.
+    otherwise gradients are all-reduced over the stage's dp*sp replicas at OPT. The tied sum runs at
+    OPT (`tied_sum_at="rs"` models summing it at the bucket's RS action, which deadlocks interleaved).
     """
 
     dp: int = 1
@@ -49,6 +50,7 @@ class Comms:
     tied: bool = False
     zero: bool = True
     tied_buckets: frozenset[tuple[int, int]] = frozenset()
+    tied_sum_at: Literal["opt", "rs"] = "opt"  # where the runtime sums a tied bucket ("rs": the old placement)
 
 
 @dataclass
@@ -182,7 +184,7 @@ class _Builder:
                             scatters[bucket] = self.collective(rank, "replicas", self.members("replicas", rank),
                                                                f"RS{bucket}", wait=False)
             elif head.kind == "RS":
-                if (head.stage, head.mb) in self.comms.tied_buckets:
+                if (head.stage, head.mb) in self.comms.tied_buckets and self.comms.tied_sum_at == "rs":
                     self.collective(rank, "tied", self.members("tied", rank), "tied-embedding gradient all-reduce")
                     scatters[head.mb] = self.collective(rank, "replicas", self.members("replicas", rank),
                                                         f"RS{head.mb}", wait=False)
@@ -193,13 +195,17 @@ class _Builder:
                                                f"AG{head.mb}", wait=False))
             elif head.kind == "OPT":
                 self.wait(rank, sends, "OPT (waiting for its sends)")
-                self.optimizer_step(rank)
+                tied = [(s, b) for s, buckets in rs_of.items() for b in buckets if (s, b) in self.comms.tied_buckets]
+                self.optimizer_step(rank, tied if self.comms.tied_sum_at == "opt" else [])
             position += len(unit)
         self.collective(rank, "world", self.members("world", rank), "loss all-reduce")
         self.wait(rank, [g for g in gathers if g is not None], "the next forward's all-gathers")
 
-    def optimizer_step(self, rank: int) -> None:
+    def optimizer_step(self, rank: int, tied_buckets: list[tuple[int, int]]) -> None:
         replicas = self.members("replicas", rank)
+        for _, bucket in tied_buckets:  # sum the tied embedding across the pipeline's ends, then scatter it
+            self.collective(rank, "tied", self.members("tied", rank), "tied-embedding gradient all-reduce")
+            self.collective(rank, "replicas", replicas, f"RS{bucket}")
         if not self.comms.zero:
             self.collective(rank, "replicas", replicas, "gradient all-reduce")
             self.collective(rank, "tied", self.members("tied", rank), "tied-embedding gradient all-reduce")

@@ -36,7 +36,7 @@ def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, t
     metrics = [job.run_step(step) for step in range(cfg.train.steps)]
     losses = [m["loss"] for m in metrics]
     params = {n: p.detach().cpu().clone() for n, p in job.all_params().items()}
-    extra = {"grad_norms": [m["grad_norm"] for m in metrics], "activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
+    extra = {"activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
                                                                          for s, st in job.stages.items()},
              "optimizer_state_bytes": job.optimizer.state_bytes() if hasattr(job.optimizer, "state_bytes") else 0,
              "grad_norms": [m["grad_norm"] for m in metrics], "job": job}
@@ -64,7 +64,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -
             losses, params, extra = _train(OmegaConf.create(text), rank, dist.get_world_size())
             job = extra.pop("job")
             keep = keep_params and job.coords.dp_rank == 0 and job.coords.sp_rank == 0
-            record = {"losses": losses, "grad_norms": extra["grad_norms"], "params": params if keep else {},
+            record = {"losses": losses, "params": params if keep else {},
                       "activation_peaks": extra["activation_peaks"], "relay_peaks": extra["relay_peaks"],
                       "optimizer_state_bytes": extra["optimizer_state_bytes"], "grad_norms": extra["grad_norms"],
                       "events": getattr(job.optimizer, "events", []), "timeline": job.interpreter.timeline,

@@ -119,24 +119,23 @@ def test_messages_out_of_order_are_a_mismatch_not_a_silent_swap():
         nccl.check(programs, spec)
 
 
-def test_a_tied_all_reduce_per_stage_would_deadlock_interleaved():
-    # The RS of the tied embedding all-reduces across the pipeline's ends. Waiting for it right after
-    # the last stage's last backward (not the rank's) stalls rank 1 while rank 0 still needs it.
+def test_a_tied_sum_at_the_rs_action_would_deadlock_interleaved():
+    # Summing the tied embedding across the pipeline's ends at its RS action stalls the last stage's rank
+    # while rank 0 still needs that rank's backwards for stage 0: a wait cycle across two communicators.
     spec = ScheduleSpec("interleaved_1f1b", 2, 2, 1, 2)
-    programs = built(spec)
-    last_stage = spec.num_stages - 1
-    rank = spec.rank_of(last_stage)
-    last_b = max(i for i, a in enumerate(programs[rank]) if a.kind == "B" and a.stage == last_stage)
-    early = list(programs[rank])
-    early.insert(last_b + 1, Action("RS", last_stage, 0))
-    others = [a for a in programs[0]]
-    others.insert(len(others) - 1, Action("RS", 0, 1))
-    bad = [others, early]
-    tied = frozenset({(0, 1), (last_stage, 0)})
+    programs, tied = with_buckets(built(spec), spec)
+    at_rs = nccl.Comms(dp=2, tied=True, zero=True, tied_buckets=tied, tied_sum_at="rs")
+    per_stage = []
+    for rank, program in enumerate(programs):  # RS right after each stage's own last backward
+        rs = [a for a in program if a.kind == "RS"]
+        rest = [a for a in program if a.kind != "RS"]
+        for a in rs:
+            last_b = max(i for i, x in enumerate(rest) if x.kind == "B" and x.stage == a.stage)
+            rest.insert(last_b + 1, a)
+        per_stage.append(rest)
     with pytest.raises(ScheduleError, match="tied-embedding gradient all-reduce"):
-        nccl.check(bad, spec, nccl.Comms(dp=2, tied=True, zero=True, tied_buckets=tied))
-    good, tied = with_buckets(built(spec), spec)
-    nccl.check(good, spec, nccl.Comms(dp=2, tied=True, zero=True, tied_buckets=tied))
+        nccl.check(per_stage, spec, at_rs)
+    nccl.check(programs, spec, nccl.Comms(dp=2, tied=True, zero=True, tied_buckets=tied))
 
 
 def test_stricter_single_stream_reading_also_holds():
