@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph import model as lcmodel
-from lcgraph.capture import CaptureError, capture, graph_flops, retarget_device
+from lcgraph.runtime import model as lcmodel
+from lcgraph.graph.capture import CaptureError, capture, graph_flops, retarget_device
 
 ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -105,7 +105,7 @@ def test_70b_shape_captures_on_meta_without_real_weights():
 
 
 def test_fused_linear_cross_entropy_matches_the_unfused_head_and_loss():
-    from lcgraph import passes
+    from lcgraph.graph import passes
 
     torch.manual_seed(0)
     config = tiny_config()

@@ -8,8 +8,8 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph import data
-from lcgraph.testing import TINY, compose, train_local
+from lcgraph.runtime import data
+from lcgraph.app.testing import TINY, compose, train_local
 
 TINY_CLI = [o for o in TINY if not o.startswith("parallel=")] + ["train.steps=3"]
 
@@ -39,7 +39,7 @@ def test_model_path_loads_a_local_hf_directory_and_the_checkpoint_round_trips(tm
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), unit.labels.flatten())
     assert abs(losses[0] - float(ref)) < 1e-5 * float(ref)
 
-    from lcgraph.checkpoint import save_checkpoint
+    from lcgraph.runtime.checkpoint import save_checkpoint
 
     save_checkpoint(job, tmp_path / "ckpt", 1)
     _, reloaded, _ = train_local(compose("model=hf", f"model.path={tmp_path / 'ckpt'}", "train.steps=0"))

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("backend", ["sdpa", "math"] + (["flash_attn"] if __import__("importlib").util.find_spec("flash_attn") else []))
 @pytest.mark.parametrize("sq,sk", [(256, 256), (128, 384)])
 def test_attention_backends_agree_with_cpu_reference(backend, sq, sk):
-    from lcgraph import attention
+    from lcgraph.ops import attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 8, sq, 64, dtype=torch.float32)
@@ -30,8 +30,8 @@ def test_attention_backends_agree_with_cpu_reference(backend, sq, sk):
 def test_bf16_loss_matches_hf_at_4k_tokens():
     from transformers import LlamaForCausalLM
 
-    from lcgraph.testing import compose
-    from lcgraph.train import Job
+    from lcgraph.app.testing import compose
+    from lcgraph.app.job import Job
 
     cfg = compose("parallel=single", "model=llama3_1b", "model.num_hidden_layers=4", "data.seq_len=4096", "data.synthetic=true",
                   "train.dtype=bf16", "train.device=cuda", "train.steps=1", "logging.wandb.mode=disabled",
@@ -72,14 +72,14 @@ def test_overlap_tool_reads_a_cuda_profiler_trace(tmp_path):
 
 def test_nccl_collectives_in_a_cuda_trace_are_found_through_their_c10d_call(tmp_path):
     """A one-rank NCCL group (one GPU here): NCCL copies instead of running a ring kernel, but the copy
-    is still launched inside the c10d call, which is how lcgraph.overlap finds a collective's GPU work."""
+    is still launched inside the c10d call, which is how lcgraph.observability.overlap finds a collective's GPU work."""
     import json
     import os
 
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.overlap import analyze
+    from lcgraph.observability.overlap import analyze
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")

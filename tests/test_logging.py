@@ -12,9 +12,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from lcgraph.logging import RunLogger, metric_key, spread
-from lcgraph.testing import TINY, compose
-from lcgraph.timeline import matplotlib_available, write_trace
+from lcgraph.observability.metrics import RunLogger, metric_key, spread
+from lcgraph.app.testing import TINY, compose
+from lcgraph.observability.timeline import matplotlib_available, write_trace
 
 # --- reading an offline W&B run back -------------------------------------------------------------------------
 

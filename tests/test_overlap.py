@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lcgraph.overlap import analyze, intersect, length, union
-from lcgraph.testing import TINY
+from lcgraph.observability.overlap import analyze, intersect, length, union
+from lcgraph.app.testing import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 

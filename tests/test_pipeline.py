@@ -9,10 +9,10 @@ import itertools
 import pytest
 import torch
 
-from lcgraph import passes
-from lcgraph.capture import capture
-from lcgraph.model import build_config
-from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.graph import passes
+from lcgraph.graph.capture import capture
+from lcgraph.runtime.model import build_config
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
 
 SCHEDULES = [("gpipe", 1, "even"), ("1f1b", 1, "even"), ("seq1f1b", 2, "even"), ("seq1f1b", 2, "uniform_comp"),
              ("seq1f1b", 4, "even"), ("seq1f1b", 4, "uniform_comp")]
@@ -68,7 +68,7 @@ def test_partition_refuses_more_stages_than_layers():
 
 
 def test_uniform_comp_chunks_come_from_the_graph_costs():
-    from lcgraph.train import Job
+    from lcgraph.app.job import Job
 
     cfg = compose("parallel.pp=1", "parallel.schedule=seq1f1b", "parallel.seq_chunks=4",
                   "parallel.chunk_split=uniform_comp", "data.seq_len=256")
@@ -78,8 +78,8 @@ def test_uniform_comp_chunks_come_from_the_graph_costs():
 
 
 def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward():
-    from lcgraph.attention import attention_reference
-    from lcgraph.relay import RelayContext, relay_attention
+    from lcgraph.ops.attention import attention_reference
+    from lcgraph.ops.relay import RelayContext, relay_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))

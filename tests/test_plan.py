@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from lcgraph.costmodel import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
-from lcgraph.schedule import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
-from lcgraph.simulate import UniformCosts, simulate
-from lcgraph.timeline import from_measured, trace_events, write_timeline
+from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
+from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
+from lcgraph.planner.simulator import UniformCosts, simulate
+from lcgraph.observability.timeline import from_measured, trace_events, write_timeline
 
 TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -26,7 +26,7 @@ def programs(name, p, m, k=1, v=1, p2p=True):
 def tiny_graph():
     from transformers import LlamaConfig
 
-    from lcgraph.capture import capture
+    from lcgraph.graph.capture import capture
 
     return GraphCosts.from_captured(capture(LlamaConfig(**TINY_SHAPE)), "bf16")
 
@@ -212,7 +212,7 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
             "parallel=seq1f1b", "data.seq_len=2048", "train.dtype=bf16", "+plan.device=a100",
             "+plan.chunks=[2,4]", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "lcgraph.plan", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "lcgraph.planner.plan", *args], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "alternatives" in done.stdout and "seq1f1b k=4" in done.stdout
@@ -228,9 +228,9 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
 
 
 def test_plan_refuses_a_bad_layout_before_capturing():
-    from lcgraph.passes import PlanError
-    from lcgraph.plan import build_plan
-    from lcgraph.testing import compose
+    from lcgraph.graph.passes import PlanError
+    from lcgraph.planner.plan import build_plan
+    from lcgraph.app.testing import compose
 
     with pytest.raises(PlanError, match="layers"):
         build_plan(compose("parallel.pp=8"))
@@ -244,7 +244,7 @@ def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lcgraph.plan", "+recipe=llama70b_1m", "+plan.device=h200",
+    out = subprocess.run([sys.executable, "-m", "lcgraph.planner.plan", "+recipe=llama70b_1m", "+plan.device=h200",
                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())

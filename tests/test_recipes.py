@@ -13,9 +13,9 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from lcgraph.paths import recipes_dir
-from lcgraph.testing import TINY, compose, train_local, train_spawned
-from lcgraph.validate import check_choices, check_layout, check_model, validate_plan
+from lcgraph.app.paths import recipes_dir
+from lcgraph.app.testing import TINY, compose, train_local, train_spawned
+from lcgraph.app.validate import check_choices, check_layout, check_model, validate_plan
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 SHIPPED = {"llama70b_1m", "llama8b_256k", "llama7b_64k_seq1f1b", "llama1b_128k_1gpu", "tiny_cpu"}
@@ -91,7 +91,7 @@ def read_csv(path) -> list[dict]:
 
 @pytest.mark.slow
 def test_multirun_writes_a_comparison_table_and_shares_a_wandb_group(tmp_path):
-    from lcgraph.sweep import main as rebuild
+    from lcgraph.observability.sweep import main as rebuild
 
     sweep = tmp_path / "sweep"
     tiny = [o for o in TINY if not o.startswith(("train.steps", "model.num_hidden_layers"))]
@@ -99,7 +99,7 @@ def test_multirun_writes_a_comparison_table_and_shares_a_wandb_group(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lcgraph", "-m", "parallel.schedule=1f1b,gpipe", *tiny, "train.steps=2",
          "model.num_hidden_layers=2", "logging.wandb.group=${lcgraph_sweep_group:}", f"hydra.sweep.dir={sweep}",
-         "++hydra.callbacks.sweep_table._target_=lcgraph.sweep.SweepTable"],
+         "++hydra.callbacks.sweep_table._target_=lcgraph.observability.sweep.SweepTable"],
         check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(sweep / "comparison.csv")
@@ -114,5 +114,5 @@ def test_multirun_writes_a_comparison_table_and_shares_a_wandb_group(tmp_path):
     assert groups == {str(sweep)}
 
     (sweep / "comparison.csv").unlink()
-    rebuild([str(sweep)])  # python -m lcgraph.sweep SWEEP_DIR
+    rebuild([str(sweep)])  # python -m lcgraph.observability.sweep SWEEP_DIR
     assert [r["parallel.schedule"] for r in read_csv(sweep / "comparison.csv")] == ["1f1b", "gpipe"]

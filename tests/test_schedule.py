@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lcgraph.schedule import (
+from lcgraph.schedule.programs import (
     Action,
     ScheduleError,
     ScheduleSpec,

@@ -8,8 +8,9 @@ exercises K/V head replication.
 import pytest
 import torch
 
-from lcgraph import passes, zero
-from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.graph import passes
+from lcgraph.runtime import optimizer as zero
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
 
 M = 2
 LAYOUTS = {  # world size -> (pp, sp, dp) layouts
@@ -60,7 +61,7 @@ def test_ulysses_zero2_layouts_match_single_process(world, references):
 
 def test_kv_heads_fewer_than_sp_are_replicated_and_bad_layouts_are_refused():
     cfg = compose("parallel.sp=4").model
-    from lcgraph.model import build_config
+    from lcgraph.runtime.model import build_config
 
     config = build_config(cfg)
     passes.check_ulysses(config, 4)  # 4 heads, 2 kv heads: K/V replicated to 4
@@ -77,9 +78,9 @@ def _heads(h, kv):
 
 
 def test_all_to_all_is_inserted_around_every_attention():
-    from lcgraph.capture import capture
-    from lcgraph.collectives import heads_to_seq, seq_to_heads
-    from lcgraph.model import build_config
+    from lcgraph.graph.capture import capture
+    from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
+    from lcgraph.runtime.model import build_config
 
     captured = capture(build_config(compose().model))
     (stage,) = passes.partition(captured, [4])
@@ -90,8 +91,8 @@ def test_all_to_all_is_inserted_around_every_attention():
 
 
 def test_gather_waits_come_before_the_first_read_of_each_buckets_parameters():
-    from lcgraph.capture import capture
-    from lcgraph.model import build_config
+    from lcgraph.graph.capture import capture
+    from lcgraph.runtime.model import build_config
 
     captured = capture(build_config(compose().model))
     (stage,) = passes.partition(captured, [4])

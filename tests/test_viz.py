@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import fx
 
-from lcgraph import viz
-from lcgraph.capture import NodeInfo
-from lcgraph.timeline import matplotlib_available, write_trace
+from lcgraph.observability import graphs as viz
+from lcgraph.graph.capture import NodeInfo
+from lcgraph.observability.timeline import matplotlib_available, write_trace
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -101,8 +101,8 @@ def stage_dumps(tmp_path_factory):
     """A real tiny LLaMA through every CPU pass (meta device): 2 stages, Seq1F1B with 2 chunks, Ulysses sp=2."""
     from transformers import LlamaConfig
 
-    from lcgraph.capture import capture
-    from lcgraph.passes import compile_stages
+    from lcgraph.graph.capture import capture
+    from lcgraph.graph.passes import compile_stages
 
     out = tmp_path_factory.mktemp("graphs")
     captured = capture(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -38,9 +38,9 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.cli import _share_cores, backend_for
-    from lcgraph.overlap import analyze
-    from lcgraph.train import Job
+    from lcgraph.app.cli import _share_cores, backend_for
+    from lcgraph.observability.overlap import analyze
+    from lcgraph.app.job import Job
 
     cfg = OmegaConf.create(cfg_yaml)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -104,9 +104,9 @@ def main(argv=None) -> None:
 
     from omegaconf import OmegaConf
 
-    from lcgraph.cli import launch_local, one_line_errors
-    from lcgraph.config import compose_config
-    from lcgraph.validate import validate_plan
+    from lcgraph.app.cli import launch_local, one_line_errors
+    from lcgraph.app.config import compose_config
+    from lcgraph.app.validate import validate_plan
 
     cfg = compose_config(args.overrides + [f"train.steps={args.warmup + args.steps}"])
     with one_line_errors("overlap", sweep_goes_on=False):

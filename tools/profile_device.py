@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         print("profile_device: no CUDA GPU visible", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
-    from lcgraph.costmodel import load_profile
+    from lcgraph.planner.costs import load_profile
 
     base = load_profile(args.base).to_dict()
     props = torch.cuda.get_device_properties(0)

@@ -20,7 +20,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from lcgraph.attention import register_with_transformers
+from lcgraph.ops.attention import register_with_transformers
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # decoder-only models with the LLaMA layer layout
 IGNORE_INDEX = -100

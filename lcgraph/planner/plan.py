@@ -84,9 +84,9 @@ def evaluate(graph, profile, layout, layer_counts: list[int], seq_len: int, sche
              microbatches: int, seq_chunks: int = 1, chunk_split: str = "uniform_comp",
              label: str | None = None) -> Evaluation:
     """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
-    from lcgraph import schedule
-    from lcgraph.costmodel import CostModel
-    from lcgraph.simulate import simulate
+    from lcgraph.schedule import programs as schedule
+    from lcgraph.planner.costs import CostModel
+    from lcgraph.planner.simulator import simulate
 
     k = seq_chunks if schedule_name == "seq1f1b" else 1
     spec = schedule.ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
@@ -163,7 +163,7 @@ class Plan:
 def _layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
     """The trainer's layer counts (passes.plan_layer_counts), and a balanced split over pp stages for
     the alternatives (one stage per rank)."""
-    from lcgraph import passes
+    from lcgraph.graph import passes
 
     par = cfg.parallel
     counts = passes.plan_layer_counts(captured, par, cfg.data.seq_len)
@@ -175,10 +175,10 @@ def _layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
 
 def build_plan(cfg, captured=None) -> Plan:
     """Capture (unless given), cost, simulate the configured layout and the alternatives."""
-    from lcgraph.capture import capture
-    from lcgraph.costmodel import GraphCosts, Layout, load_profile
-    from lcgraph.model import build_config
-    from lcgraph.validate import check_choices, check_layout
+    from lcgraph.graph.capture import capture
+    from lcgraph.planner.costs import GraphCosts, Layout, load_profile
+    from lcgraph.runtime.model import build_config
+    from lcgraph.app.validate import check_choices, check_layout
 
     started = time.perf_counter()
     settings = plan_settings(cfg)
@@ -216,7 +216,7 @@ def build_plan(cfg, captured=None) -> Plan:
 
 def _alternatives(graph, profile, layout, counts, seq, par, chunks) -> list[tuple[str, Evaluation | str]]:
     """gpipe, 1f1b and seq1f1b with each chunk count (uniform_comp), same layout and micro-batches."""
-    from lcgraph.schedule import ScheduleError
+    from lcgraph.schedule.programs import ScheduleError
 
     candidates = [("gpipe", 1), ("1f1b", 1)] + [("seq1f1b", int(k)) for k in chunks]
     out = []
@@ -312,8 +312,8 @@ def _short_chunks(lengths: list[int]) -> str:
 
 def write_plan(plan: Plan, out_dir) -> list[Path]:
     """plan.json, programs.txt and (unless +plan.timeline=false) timeline.json / timeline.png."""
-    from lcgraph.schedule import format_programs
-    from lcgraph.timeline import matplotlib_available, write_timeline
+    from lcgraph.schedule.programs import format_programs
+    from lcgraph.observability.timeline import matplotlib_available, write_timeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def plan_main(cfg) -> None:
     """The Hydra task: plan, print, write to the run directory."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lcgraph.cli import one_line_errors
+    from lcgraph.app.cli import one_line_errors
 
     with one_line_errors("lcgraph-plan", sweep_goes_on=False):
         plan = build_plan(cfg)
@@ -343,7 +343,7 @@ def plan_main(cfg) -> None:
 
 
 def main() -> None:
-    from lcgraph.cli import hydra_app
+    from lcgraph.app.cli import hydra_app
 
     hydra_app(plan_main)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lcgraph.capture import IGNORE_INDEX
+from lcgraph.graph.capture import IGNORE_INDEX
 
 EOS = "<|endoftext|>"
 

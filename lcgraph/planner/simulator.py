@@ -11,7 +11,7 @@ a receive waits for its message. `costs` says how long things take and what they
     costs.static_bytes(stage) -> bytes          weights, grads, optimizer state
     costs.unit_bytes(stage, chunk) -> (activation bytes, K/V bytes) of one (mb, chunk) unit
 
-`lcgraph.costmodel.CostModel` is the real one; `UniformCosts` (equal chunks) is what the closed forms
+`lcgraph.planner.costs.CostModel` is the real one; `UniformCosts` (equal chunks) is what the closed forms
 of ANCHORS section 1 assume. Memory follows program order: F adds a unit's activations and K/V, B frees
 them; while a micro-batch's backward is under way the KV relay also holds dK/dV for its pending prefix.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from lcgraph.schedule import COMPUTE_KINDS, Action, Program, ScheduleSpec, replay
+from lcgraph.schedule.programs import COMPUTE_KINDS, Action, Program, ScheduleSpec, replay
 
 
 class Event(NamedTuple):

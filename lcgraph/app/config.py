@@ -126,9 +126,9 @@ def register_configs() -> None:
     """Schemas for the config groups, and every recipe in recipes/ as `+recipe=NAME`."""
     from omegaconf import OmegaConf
 
-    from lcgraph.paths import recipes_dir
+    from lcgraph.app.paths import recipes_dir
 
-    from lcgraph.sweep import register_resolvers
+    from lcgraph.observability.sweep import register_resolvers
 
     register_resolvers()
     cs = ConfigStore.instance()
@@ -145,7 +145,7 @@ def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lcgraph.paths import conf_dir
+    from lcgraph.app.paths import conf_dir
 
     register_configs()
     GlobalHydra.instance().clear()

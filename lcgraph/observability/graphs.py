@@ -1,6 +1,6 @@
 """Pictures of what lcgraph built and what it ran: graph dumps per pass, and the measured timeline.
 
-Graphs (`dump.graphs=true` in training, or `python -m lcgraph.viz OVERRIDES` without training): after
+Graphs (`dump.graphs=true` in training, or `python -m lcgraph.observability.graphs OVERRIDES` without training): after
 each pass `dump_graph` writes, under graphs/,
 
     NN_<pass>.txt           one line per node with its annotations (part, layer, role)
@@ -81,7 +81,7 @@ class Box:
 
 def badge_of(node) -> str | None:
     """all_to_all (Ulysses), kv_relay (Seq1F1B attention) or all_gather_wait (ZeRO), for the badges; else None."""
-    from lcgraph.relay import relay_attention
+    from lcgraph.ops.relay import relay_attention
 
     info = node.meta.get("lcgraph")
     role = getattr(info, "role", None)
@@ -574,7 +574,7 @@ def write_measured_timeline(job, run_dir, world: int) -> dict:
 
     import torch.distributed as dist
 
-    from lcgraph.timeline import from_measured, trace_events, write_png
+    from lcgraph.observability.timeline import from_measured, trace_events, write_png
 
     mine = _rank_record(job, world)
     records = [mine]
@@ -619,18 +619,19 @@ def _keep_predicted(out: Path) -> None:
             (out / "timeline.png").replace(out / "timeline_predicted.png")
 
 
-# --- `python -m lcgraph.viz`: the pictures of a config, without training ----------------------------------
+# --- `python -m lcgraph.observability.graphs`: the pictures of a config, without training ----------------------------------
 
 def main(argv: list[str] | None = None) -> None:
     """Capture the configured model on the meta device, run the passes, dump every graph (all stages)."""
     import argparse
 
-    from lcgraph import model, passes
-    from lcgraph.capture import capture
-    from lcgraph.config import compose_config
-    from lcgraph.plan import _layer_counts
+    from lcgraph.graph import passes
+    from lcgraph.runtime import model
+    from lcgraph.graph.capture import capture
+    from lcgraph.app.config import compose_config
+    from lcgraph.planner.plan import _layer_counts
 
-    ap = argparse.ArgumentParser(prog="python -m lcgraph.viz", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m lcgraph.observability.graphs", description=main.__doc__)
     ap.add_argument("--out", default="graphs", help="directory for the pictures (default: graphs)")
     ap.add_argument("--layer-level", type=int, action="append", metavar="L",
                     help="also draw decoder layer L node by node (repeatable; default: each graph's first layer)")

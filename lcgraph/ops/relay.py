@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lcgraph.attention import attention_backward, attention_reference
+from lcgraph.ops.attention import attention_backward, attention_reference
 
 
 @dataclass

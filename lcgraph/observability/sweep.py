@@ -9,12 +9,12 @@ peak. Register it in conf/config.yaml:
     hydra:
       callbacks:
         sweep_table:
-          _target_: lcgraph.sweep.SweepTable
+          _target_: lcgraph.observability.sweep.SweepTable
 
 The `lcgraph_sweep_group` resolver gives every job of a multirun the same W&B group (the sweep
 directory) and a plain run none: `logging.wandb.group: ${lcgraph_sweep_group:}`.
 
-`python -m lcgraph.sweep SWEEP_DIR` rebuilds the table of a finished (or interrupted) sweep.
+`python -m lcgraph.observability.sweep SWEEP_DIR` rebuilds the table of a finished (or interrupted) sweep.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class SweepTable(Callback):
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not Path(args[0]).is_dir():
-        print("usage: python -m lcgraph.sweep SWEEP_DIR", file=sys.stderr)
+        print("usage: python -m lcgraph.observability.sweep SWEEP_DIR", file=sys.stderr)
         sys.exit(2)
     sweep_dir = Path(args[0])
     rows = collect(sweep_dir)

@@ -334,7 +334,7 @@ class StageMemory:
 class CostModel:
     """Durations and bytes of one plan: graph costs x device x layout x chunk lengths x layer split.
 
-    Implements what `lcgraph.simulate.simulate` asks of its costs: duration, transfer, static_bytes
+    Implements what `lcgraph.planner.simulator.simulate` asks of its costs: duration, transfer, static_bytes
     and unit_bytes of an action / stage / chunk.
     """
 

@@ -23,13 +23,13 @@ TINY = ["parallel=single", "model.hidden_size=64", "model.intermediate_size=128"
 
 def compose(*overrides: str, tiny: bool = True):
     """A config as the CLI composes it; `tiny` puts the tiny CPU test shape first."""
-    from lcgraph.config import compose_config
+    from lcgraph.app.config import compose_config
 
     return compose_config((TINY if tiny else []) + list(overrides))
 
 
 def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor], dict]:
-    from lcgraph.train import Job
+    from lcgraph.app.job import Job
 
     job = Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), rank, world)
     losses = [job.run_step(step)["loss"] for step in range(cfg.train.steps)]
@@ -50,7 +50,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from lcgraph.cli import _share_cores
+    from lcgraph.app.cli import _share_cores
 
     _share_cores()
     dist.init_process_group("gloo")
@@ -75,7 +75,7 @@ def train_spawned(cfgs: list, world: int) -> list[dict]:
     """Train each config on `world` spawned ranks; per config: losses (rank 0), merged params, per-rank records."""
     from omegaconf import OmegaConf
 
-    from lcgraph.cli import launch_local
+    from lcgraph.app.cli import launch_local
 
     out = tempfile.mkdtemp(prefix="lcgraph-grid-")
     launch_local(world, _grid_worker, [OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out, run_id="test")

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from lcgraph.passes import StageGraph
-from lcgraph.relay import RelayContext
-from lcgraph.schedule import Action
+from lcgraph.graph.passes import StageGraph
+from lcgraph.ops.relay import RelayContext
+from lcgraph.schedule.programs import Action
 
 P2P_KINDS = ("SEND_F", "SEND_B", "RECV_F", "RECV_B")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lcgraph.paths import conf_dir
+from lcgraph.app.paths import conf_dir
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 
@@ -50,7 +50,7 @@ def hydra_app(task) -> None:
     """Run `task(cfg)` as a Hydra app over lcgraph's config groups and recipes (lcgraph-train, lcgraph-plan)."""
     import hydra
 
-    from lcgraph.config import register_configs
+    from lcgraph.app.config import register_configs
 
     register_configs()
     hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(task)()
@@ -68,11 +68,11 @@ def launch_local(world: int, entry, *args, run_id: str = "lcgraph") -> None:
 
 def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
-    from lcgraph.checkpoint import save_checkpoint
-    from lcgraph.logging import RunLogger
-    from lcgraph.schedule import format_programs
-    from lcgraph.train import Job
-    from lcgraph.viz import comm_times, write_measured_timeline
+    from lcgraph.runtime.checkpoint import save_checkpoint
+    from lcgraph.observability.metrics import RunLogger
+    from lcgraph.schedule.programs import format_programs
+    from lcgraph.app.job import Job
+    from lcgraph.observability.graphs import comm_times, write_measured_timeline
 
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
@@ -141,7 +141,7 @@ def train_main(cfg) -> None:
     """Validate, then run in this process, spawn the ranks, or join torchrun's."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lcgraph.validate import validate_plan
+    from lcgraph.app.validate import validate_plan
 
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ:
         import submitit  # SLURM through hydra-submitit-launcher: each task joins as a torchrun-style rank

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parents[1]  # the lcgraph package
 
 
 def _first(*candidates: Path) -> Path:

@@ -1,6 +1,6 @@
 """Timelines as files: Chrome/Perfetto trace JSON (timeline.json) and a Gantt chart (timeline.png).
 
-A timeline is a list of (rank, name, start, end) in seconds: what `lcgraph.simulate.simulate` predicts,
+A timeline is a list of (rank, name, start, end) in seconds: what `lcgraph.planner.simulator.simulate` predicts,
 or what the runtime measured (`Interpreter.timeline` holds (name, start, end) per rank; convert it with
 `from_measured`). In the trace every rank is a process (pid = rank) with two threads: compute (tid 0:
 F, B, OPT, RS, AG) and wire (tid 1: sends and receives, whose names start lower-case). Open the JSON
