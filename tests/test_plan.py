@@ -212,7 +212,7 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
             "parallel=seq1f1b", "data.seq_len=2048", "train.dtype=bf16", "+plan.device=a100",
             "+plan.chunks=[2,4]", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "lcgraph.planner.plan", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "lcgraph.app.plan_cli", *args], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "alternatives" in done.stdout and "seq1f1b k=4" in done.stdout
@@ -229,13 +229,13 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
 
 def test_plan_refuses_a_bad_layout_before_capturing():
     from lcgraph.graph.passes import PlanError
-    from lcgraph.planner.plan import build_plan
+    from lcgraph.app.plan_cli import checked_plan
     from lcgraph.app.testing import compose
 
     with pytest.raises(PlanError, match="layers"):
-        build_plan(compose("parallel.pp=8"))
+        checked_plan(compose("parallel.pp=8"))
     with pytest.raises(ValueError, match="plan.device"):
-        build_plan(compose("+plan.devcie=h100"))
+        checked_plan(compose("+plan.devcie=h100"))
 
 
 def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
@@ -244,7 +244,7 @@ def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lcgraph.planner.plan", "+recipe=llama70b_1m", "+plan.device=h200",
+    out = subprocess.run([sys.executable, "-m", "lcgraph.app.plan_cli", "+recipe=llama70b_1m", "+plan.device=h200",
                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())

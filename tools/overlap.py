@@ -38,14 +38,14 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.app.cli import _share_cores, backend_for
+    from lcgraph.app.cli import share_cores, backend_for
     from lcgraph.observability.overlap import analyze
     from lcgraph.app.job import Job
 
     cfg = OmegaConf.create(cfg_yaml)
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = backend_for(cfg) == "nccl"
-    _share_cores()
+    share_cores()
     if world > 1:
         dist.init_process_group(backend_for(cfg))
     rank = dist.get_rank() if world > 1 else 0

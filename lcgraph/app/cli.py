@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lcgraph.app.config import register_configs
+from lcgraph.app.job import Job
 from lcgraph.app.paths import conf_dir
+from lcgraph.app.validate import validate_plan
+from lcgraph.observability.graphs import comm_times, write_measured_timeline
+from lcgraph.observability.metrics import RunLogger
+from lcgraph.runtime.checkpoint import save_checkpoint
+from lcgraph.schedule.programs import format_programs
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 
@@ -50,7 +57,6 @@ def hydra_app(task) -> None:
     """Run `task(cfg)` as a Hydra app over lcgraph's config groups and recipes (lcgraph-train, lcgraph-plan)."""
     import hydra
 
-    from lcgraph.app.config import register_configs
 
     register_configs()
     hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(task)()
@@ -68,11 +74,6 @@ def launch_local(world: int, entry, *args, run_id: str = "lcgraph") -> None:
 
 def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
-    from lcgraph.runtime.checkpoint import save_checkpoint
-    from lcgraph.observability.metrics import RunLogger
-    from lcgraph.schedule.programs import format_programs
-    from lcgraph.app.job import Job
-    from lcgraph.observability.graphs import comm_times, write_measured_timeline
 
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
@@ -110,7 +111,7 @@ def backend_for(cfg) -> str:
     return "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
-def _share_cores() -> None:
+def share_cores() -> None:
     """Local CPU ranks split the machine's cores instead of each taking all of them."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -122,7 +123,7 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
 
     cfg = OmegaConf.create(cfg_yaml)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _share_cores()
+    share_cores()
     dist.init_process_group(backend_for(cfg))
     try:
         run(cfg, run_dir, rank, world)
@@ -141,7 +142,6 @@ def train_main(cfg) -> None:
     """Validate, then run in this process, spawn the ranks, or join torchrun's."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lcgraph.app.validate import validate_plan
 
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ:
         import submitit  # SLURM through hydra-submitit-launcher: each task joins as a torchrun-style rank

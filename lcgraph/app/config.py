@@ -11,6 +11,9 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from lcgraph.app.paths import conf_dir, recipes_dir
+from lcgraph.observability.sweep import register_resolvers
+
 
 @dataclass
 class ModelConfig:
@@ -126,9 +129,7 @@ def register_configs() -> None:
     """Schemas for the config groups, and every recipe in recipes/ as `+recipe=NAME`."""
     from omegaconf import OmegaConf
 
-    from lcgraph.app.paths import recipes_dir
 
-    from lcgraph.observability.sweep import register_resolvers
 
     register_resolvers()
     cs = ConfigStore.instance()
@@ -145,7 +146,6 @@ def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lcgraph.app.paths import conf_dir
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 
 from lcgraph.graph import passes
+from lcgraph.graph.capture import IGNORE_INDEX, capture
+from lcgraph.observability.graphs import dump_graph
 from lcgraph.ops import attention, collectives
 from lcgraph.runtime import data, model
-from lcgraph.schedule import programs as schedule
-from lcgraph.graph.capture import IGNORE_INDEX, capture
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
+from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
+from lcgraph.schedule import programs as schedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -164,7 +166,6 @@ class Job:
         return ["model.embed_tokens.weight"] if c.pp_rank in (0, par.pp - 1) else []
 
     def _setup_optimizer(self):
-        from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
 
         self.optimizer = build_optimizer(self)
         if not self.cfg.train.compile:  # a compiled graph is sealed: its first forward waits for every bucket
@@ -197,7 +198,6 @@ class Job:
                                        measure_activations=self.device.type == "cpu")
 
     def _dumper(self):
-        from lcgraph.observability.graphs import dump_graph
 
         out = self.run_dir / "graphs"
 

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+from lcgraph.app.cli import launch_local, share_cores
+from lcgraph.app.config import compose_config
+from lcgraph.app.job import Job
+
 TINY = ["parallel=single", "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=4",
         "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
         "data.seq_len=64", "data.max_corpus_mb=0.3", "train.steps=5", "train.progress=false",
@@ -23,13 +27,11 @@ TINY = ["parallel=single", "model.hidden_size=64", "model.intermediate_size=128"
 
 def compose(*overrides: str, tiny: bool = True):
     """A config as the CLI composes it; `tiny` puts the tiny CPU test shape first."""
-    from lcgraph.app.config import compose_config
 
     return compose_config((TINY if tiny else []) + list(overrides))
 
 
 def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor], dict]:
-    from lcgraph.app.job import Job
 
     job = Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), rank, world)
     losses = [job.run_step(step)["loss"] for step in range(cfg.train.steps)]
@@ -50,9 +52,8 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from lcgraph.app.cli import _share_cores
 
-    _share_cores()
+    share_cores()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     try:
@@ -75,7 +76,6 @@ def train_spawned(cfgs: list, world: int) -> list[dict]:
     """Train each config on `world` spawned ranks; per config: losses (rank 0), merged params, per-rank records."""
     from omegaconf import OmegaConf
 
-    from lcgraph.app.cli import launch_local
 
     out = tempfile.mkdtemp(prefix="lcgraph-grid-")
     launch_local(world, _grid_worker, [OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out, run_id="test")

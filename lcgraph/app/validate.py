@@ -26,7 +26,9 @@ from __future__ import annotations
 import os
 
 from lcgraph.app.config import CHOICES
+from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import PlanError, check_ulysses
+from lcgraph.runtime.model import build_config
 
 COUNT_KEYS = ("parallel.pp", "parallel.sp", "parallel.dp", "parallel.microbatches", "parallel.seq_chunks",
               "parallel.virtual_stages", "data.seq_len", "data.micro_batch_size")
@@ -174,8 +176,6 @@ def validate_plan(cfg, env=None) -> None:
     """All checks that need only the config (no process, no weights); `env` defaults to os.environ."""
     import torch
 
-    from lcgraph.graph.capture import check_llama_like
-    from lcgraph.runtime.model import build_config
 
     env = os.environ if env is None else env
     check_choices(cfg)

@@ -22,6 +22,10 @@ import torch
 import torch.fx as fx
 
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
+from lcgraph.ops.attention import attention_reference
+from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
+from lcgraph.ops.fused import linear_cross_entropy
+from lcgraph.ops.relay import relay_attention
 
 ATTENTION = torch.ops.lcgraph.attention.default
 
@@ -217,7 +221,6 @@ def kv_relay(stage: StageGraph) -> StageGraph:
     chunk backwards last-to-first within a micro-batch. Guarantees: outputs and gradients equal full-
     sequence attention; cross-chunk gradients travel through the relay, never through autograd edges.
     """
-    from lcgraph.ops.relay import relay_attention
 
     for node in stage.attention_nodes():
         node.target = relay_attention
@@ -238,7 +241,6 @@ def fuse_loss(stage: StageGraph) -> StageGraph:
     Assumes: the last stage ends in HF's head and lcgraph's summed loss. Guarantees: the same loss and
     gradients (fp32 softmax per block) without materialising [tokens x vocab] logits.
     """
-    from lcgraph.ops.fused import linear_cross_entropy
 
     graph = stage.gm.graph
     ce = next((n for n in graph.nodes if n.target == torch.ops.aten.cross_entropy_loss.default), None)
@@ -270,7 +272,6 @@ def lower_attention(stage: StageGraph) -> StageGraph:
     Assumes: the stage runs on CUDA and has no KV relay (relay nodes keep their own autograd).
     Guarantees: same attention as `lcgraph::attention`, one node per layer.
     """
-    from lcgraph.ops.attention import attention_reference
 
     for node in stage.attention_nodes():
         if node.target == ATTENTION:
@@ -289,7 +290,6 @@ def ulysses(stage: StageGraph, sp: int) -> StageGraph:
     to sp first). Guarantees: each rank attends its own heads over the full sequence; the all-to-alls
     are autograd-aware (their backward is the inverse all-to-all).
     """
-    from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
 
     if sp == 1:
         return stage

@@ -1,6 +1,6 @@
 """Pictures of what lcgraph built and what it ran: graph dumps per pass, and the measured timeline.
 
-Graphs (`dump.graphs=true` in training, or `python -m lcgraph.observability.graphs OVERRIDES` without training): after
+Graphs (`dump.graphs=true` in training, or `python -m lcgraph.app.pictures OVERRIDES` without training): after
 each pass `dump_graph` writes, under graphs/,
 
     NN_<pass>.txt           one line per node with its annotations (part, layer, role)
@@ -27,6 +27,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lcgraph.observability.timeline import from_measured, trace_events, write_png
+from lcgraph.ops.relay import relay_attention
 
 BADGES = {"all_to_all": ("A2A", "#8e5ea2"), "kv_relay": ("KV", "#2a9d8f"), "all_gather_wait": ("AG", "#9d755d")}
 PART_FILL = {"inputs": "#ffffff", "output": "#ffffff", "shared": "#eeeeee", "embed": "#d9f0d3", "layer": "#dbe9f6",
@@ -81,7 +84,6 @@ class Box:
 
 def badge_of(node) -> str | None:
     """all_to_all (Ulysses), kv_relay (Seq1F1B attention) or all_gather_wait (ZeRO), for the badges; else None."""
-    from lcgraph.ops.relay import relay_attention
 
     info = node.meta.get("lcgraph")
     role = getattr(info, "role", None)
@@ -574,7 +576,6 @@ def write_measured_timeline(job, run_dir, world: int) -> dict:
 
     import torch.distributed as dist
 
-    from lcgraph.observability.timeline import from_measured, trace_events, write_png
 
     mine = _rank_record(job, world)
     records = [mine]
@@ -617,41 +618,3 @@ def _keep_predicted(out: Path) -> None:
         old.replace(out / "timeline_predicted.json")
         if (out / "timeline.png").is_file():
             (out / "timeline.png").replace(out / "timeline_predicted.png")
-
-
-# --- `python -m lcgraph.observability.graphs`: the pictures of a config, without training ----------------------------------
-
-def main(argv: list[str] | None = None) -> None:
-    """Capture the configured model on the meta device, run the passes, dump every graph (all stages)."""
-    import argparse
-
-    from lcgraph.graph import passes
-    from lcgraph.runtime import model
-    from lcgraph.graph.capture import capture
-    from lcgraph.app.config import compose_config
-    from lcgraph.planner.plan import _layer_counts
-
-    ap = argparse.ArgumentParser(prog="python -m lcgraph.observability.graphs", description=main.__doc__)
-    ap.add_argument("--out", default="graphs", help="directory for the pictures (default: graphs)")
-    ap.add_argument("--layer-level", type=int, action="append", metavar="L",
-                    help="also draw decoder layer L node by node (repeatable; default: each graph's first layer)")
-    ap.add_argument("overrides", nargs="*", help="the training config's overrides, e.g. parallel.pp=4")
-    args = ap.parse_args(argv)
-    cfg = compose_config(args.overrides)
-    par = cfg.parallel
-    captured = capture(model.build_config(cfg.model), batch_size=cfg.data.micro_batch_size)
-    counts, _ = _layer_counts(cfg, captured)
-    out = Path(args.out)
-
-    def dump(name, gm):
-        present = {b.layer for b in boxes_of(gm)[0].values() if b.part == "layer"}
-        layers = None if args.layer_level is None else [L for L in args.layer_level if L in present]
-        dump_graph(gm, out / name, layers=layers)
-
-    passes.compile_stages(captured, counts, "meta", par.seq_chunks if par.schedule == "seq1f1b" else 1, par.sp,
-                          dump=dump)
-    print(f"wrote {len(list(out.glob('*.svg')))} pictures to {out}/ (layers per stage {counts})")
-
-
-if __name__ == "__main__":
-    main()

@@ -27,6 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lcgraph.graph import passes
+from lcgraph.graph.capture import capture
+from lcgraph.observability.timeline import matplotlib_available, write_timeline
+from lcgraph.planner.costs import CostModel, GraphCosts, Layout, load_profile
+from lcgraph.planner.simulator import simulate
+from lcgraph.runtime.model import build_config
+from lcgraph.schedule import programs as schedule
+from lcgraph.schedule.programs import ScheduleError, format_programs
 
 DEFAULTS = {"device": "h100", "gpus_per_node": None, "dtype": None, "alternatives": True, "chunks": [2, 4, 8],
             "timeline": True}
@@ -84,9 +92,6 @@ def evaluate(graph, profile, layout, layer_counts: list[int], seq_len: int, sche
              microbatches: int, seq_chunks: int = 1, chunk_split: str = "uniform_comp",
              label: str | None = None) -> Evaluation:
     """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
-    from lcgraph.schedule import programs as schedule
-    from lcgraph.planner.costs import CostModel
-    from lcgraph.planner.simulator import simulate
 
     k = seq_chunks if schedule_name == "seq1f1b" else 1
     spec = schedule.ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
@@ -160,10 +165,9 @@ class Plan:
         }
 
 
-def _layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
+def layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
     """The trainer's layer counts (passes.plan_layer_counts), and a balanced split over pp stages for
     the alternatives (one stage per rank)."""
-    from lcgraph.graph import passes
 
     par = cfg.parallel
     counts = passes.plan_layer_counts(captured, par, cfg.data.seq_len)
@@ -175,27 +179,21 @@ def _layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
 
 def build_plan(cfg, captured=None) -> Plan:
     """Capture (unless given), cost, simulate the configured layout and the alternatives."""
-    from lcgraph.graph.capture import capture
-    from lcgraph.planner.costs import GraphCosts, Layout, load_profile
-    from lcgraph.runtime.model import build_config
-    from lcgraph.app.validate import check_choices, check_layout
 
     started = time.perf_counter()
     settings = plan_settings(cfg)
-    check_choices(cfg)
     profile = load_profile(settings["device"])
     if settings["gpus_per_node"]:
         profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
     config = captured.config if captured is not None else build_config(cfg.model)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)  # before the capture's seconds
     if captured is None:
         captured = capture(config)
     graph = GraphCosts.from_captured(captured, settings["dtype"])
     par, seq = cfg.parallel, cfg.data.seq_len
     layout = Layout(par.pp, par.dp, par.sp, cfg.data.micro_batch_size, par.zero, par.virtual_stages,
                     recompute=bool(cfg.train.get("recompute", False)))
-    counts, alt_counts = _layer_counts(cfg, captured)
+    counts, alt_counts = layer_counts(cfg, captured)
     main = evaluate(graph, profile, layout, counts, seq, par.schedule, par.microbatches, par.seq_chunks,
                     par.chunk_split, label=f"{par.schedule} (this config)")
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
@@ -216,7 +214,6 @@ def build_plan(cfg, captured=None) -> Plan:
 
 def _alternatives(graph, profile, layout, counts, seq, par, chunks) -> list[tuple[str, Evaluation | str]]:
     """gpipe, 1f1b and seq1f1b with each chunk count (uniform_comp), same layout and micro-batches."""
-    from lcgraph.schedule.programs import ScheduleError
 
     candidates = [("gpipe", 1), ("1f1b", 1)] + [("seq1f1b", int(k)) for k in chunks]
     out = []
@@ -312,8 +309,6 @@ def _short_chunks(lengths: list[int]) -> str:
 
 def write_plan(plan: Plan, out_dir) -> list[Path]:
     """plan.json, programs.txt and (unless +plan.timeline=false) timeline.json / timeline.png."""
-    from lcgraph.schedule.programs import format_programs
-    from lcgraph.observability.timeline import matplotlib_available, write_timeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,27 +321,3 @@ def write_plan(plan: Plan, out_dir) -> list[Path]:
         written += write_timeline(ev.sim.timeline, out, title=f"{ev.label}: predicted step")
     (out / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     return written
-
-
-def plan_main(cfg) -> None:
-    """The Hydra task: plan, print, write to the run directory."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from lcgraph.app.cli import one_line_errors
-
-    with one_line_errors("lcgraph-plan", sweep_goes_on=False):
-        plan = build_plan(cfg)
-    out = HydraConfig.get().runtime.output_dir
-    written = write_plan(plan, out)
-    print_plan(plan)
-    print(f"wrote {', '.join(p.name for p in written)} to {out}")
-
-
-def main() -> None:
-    from lcgraph.app.cli import hydra_app
-
-    hydra_app(plan_main)
-
-
-if __name__ == "__main__":
-    main()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lcgraph.graph.capture import NodeInfo
 from lcgraph.schedule.programs import Action
 
 
@@ -380,7 +381,6 @@ def gather_waits(stage, bucket_of: dict[str, int], wait) -> set[int]:
     placeholder is read before its bucket's wait node; nothing else in the graph changes. Returns the
     buckets that got a wait node.
     """
-    from lcgraph.graph.capture import NodeInfo
 
     graph = stage.gm.graph
     bucket_of_ph = {ph: bucket_of[name] for ph, name in stage.param_names.items() if name in bucket_of}
