@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph.runtime import model as lcmodel
 from lcgraph.graph.capture import CaptureError, capture, graph_flops, retarget_device
+from lcgraph.runtime import model as lcmodel
 
 ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}

@@ -8,8 +8,8 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph.runtime import data
 from lcgraph.app.testing import TINY, compose, train_local
+from lcgraph.runtime import data
 
 TINY_CLI = [o for o in TINY if not o.startswith("parallel=")] + ["train.steps=3"]
 

@@ -30,8 +30,8 @@ def test_attention_backends_agree_with_cpu_reference(backend, sq, sk):
 def test_bf16_loss_matches_hf_at_4k_tokens():
     from transformers import LlamaForCausalLM
 
-    from lcgraph.app.testing import compose
     from lcgraph.app.job import Job
+    from lcgraph.app.testing import compose
 
     cfg = compose("parallel=single", "model=llama3_1b", "model.num_hidden_layers=4", "data.seq_len=4096", "data.synthetic=true",
                   "train.dtype=bf16", "train.device=cuda", "train.steps=1", "logging.wandb.mode=disabled",

@@ -12,8 +12,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from lcgraph.observability.metrics import RunLogger, metric_key, spread
 from lcgraph.app.testing import TINY, compose
+from lcgraph.observability.metrics import RunLogger, metric_key, spread
 from lcgraph.observability.timeline import matplotlib_available, write_trace
 
 # --- reading an offline W&B run back -------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lcgraph.observability.overlap import analyze, intersect, length, union
 from lcgraph.app.testing import TINY
+from lcgraph.observability.overlap import analyze, intersect, length, union
 
 ROOT = Path(__file__).resolve().parents[1]
 

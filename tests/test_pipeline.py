@@ -9,10 +9,11 @@ import itertools
 import pytest
 import torch
 
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
 from lcgraph.runtime.model import build_config
-from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
 
 SCHEDULES = [("gpipe", 1, "even"), ("1f1b", 1, "even"), ("seq1f1b", 2, "even"), ("seq1f1b", 2, "uniform_comp"),
              ("seq1f1b", 4, "even"), ("seq1f1b", 4, "uniform_comp")]
@@ -63,7 +64,7 @@ def test_partition_balances_layers_and_stages_hold_only_their_parameters():
 
 
 def test_partition_refuses_more_stages_than_layers():
-    with pytest.raises(passes.PlanError, match="5 stages but the model has 4 layers"):
+    with pytest.raises(PlanError, match="5 stages but the model has 4 layers"):
         passes.balance_layers([1.0] * 4, 0.0, 0.0, 5)
 
 

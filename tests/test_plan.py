@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
-from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
-from lcgraph.planner.simulator import UniformCosts, simulate
 from lcgraph.observability.timeline import from_measured, trace_events, write_timeline
+from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
+from lcgraph.planner.simulator import UniformCosts, simulate
+from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
 
 TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -228,9 +228,9 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
 
 
 def test_plan_refuses_a_bad_layout_before_capturing():
-    from lcgraph.graph.passes import PlanError
     from lcgraph.app.plan_cli import checked_plan
     from lcgraph.app.testing import compose
+    from lcgraph.errors import PlanError
 
     with pytest.raises(PlanError, match="layers"):
         checked_plan(compose("parallel.pp=8"))

@@ -8,9 +8,10 @@ exercises K/V head replication.
 import pytest
 import torch
 
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.runtime import optimizer as zero
-from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
 
 M = 2
 LAYOUTS = {  # world size -> (pp, sp, dp) layouts
@@ -65,9 +66,9 @@ def test_kv_heads_fewer_than_sp_are_replicated_and_bad_layouts_are_refused():
 
     config = build_config(cfg)
     passes.check_ulysses(config, 4)  # 4 heads, 2 kv heads: K/V replicated to 4
-    with pytest.raises(passes.PlanError, match="sp=3 must divide num_attention_heads=4"):
+    with pytest.raises(PlanError, match="sp=3 must divide num_attention_heads=4"):
         passes.check_ulysses(config, 3)
-    with pytest.raises(passes.PlanError, match="sp=6 and num_key_value_heads=4"):
+    with pytest.raises(PlanError, match="sp=6 and num_key_value_heads=4"):
         passes.check_ulysses(_heads(12, 4), 6)  # neither divides the other
 
 

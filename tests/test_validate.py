@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lcgraph.schedule import programs as schedule
 from lcgraph.app.config import LcgraphConfig
-from lcgraph.graph.passes import PlanError
 from lcgraph.app.testing import compose, train_local
 from lcgraph.app.validate import check_launch, validate_plan
+from lcgraph.errors import PlanError
+from lcgraph.schedule import programs as schedule
 
 SCHEDULES = ("gpipe", "1f1b", "seq1f1b", "interleaved_1f1b")
 SPLITS = ("even", "uniform_comp")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import fx
 
-from lcgraph.observability import graphs as viz
 from lcgraph.graph.capture import NodeInfo
+from lcgraph.observability import graphs as viz
 from lcgraph.observability.timeline import matplotlib_available, write_trace
 
 SVG = "{http://www.w3.org/2000/svg}"

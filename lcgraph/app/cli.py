@@ -20,15 +20,13 @@ from lcgraph.app.config import register_configs
 from lcgraph.app.job import Job
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.validate import validate_plan
+from lcgraph.errors import LcgraphError, full_tracebacks
 from lcgraph.observability.graphs import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger
 from lcgraph.runtime.checkpoint import save_checkpoint
 from lcgraph.schedule.programs import format_programs
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
-
-USER_ERRORS = ("PlanError", "CaptureError", "ModelPathError", "ScheduleError", "FileNotFoundError", "ValueError")
-
 
 def fail(message: str, mode=None, prog: str = "lcgraph") -> None:
     """One line for the user; in a multirun, the job fails and the sweep goes on."""
@@ -42,11 +40,14 @@ def fail(message: str, mode=None, prog: str = "lcgraph") -> None:
 
 @contextlib.contextmanager
 def one_line_errors(prog: str = "lcgraph", sweep_goes_on: bool = True):
-    """A user's error (a plan that cannot work, a missing file) ends the app with one line, no traceback."""
+    """A user's error (an LcgraphError: a plan that cannot work, a missing file) ends the app with one line.
+
+    Anything else is a bug and keeps its traceback; LCGRAPH_TRACEBACK=1 shows user errors' tracebacks too.
+    """
     try:
         yield
-    except Exception as exc:  # noqa: BLE001
-        if type(exc).__name__ not in USER_ERRORS:
+    except LcgraphError as exc:
+        if full_tracebacks():
             raise
         from hydra.core.hydra_config import HydraConfig
 

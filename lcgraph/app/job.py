@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lcgraph.errors import DataError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture
 from lcgraph.observability.graphs import dump_graph
@@ -112,7 +113,7 @@ class Job:
         files = data.corpus_files(d.path, int(d.max_corpus_mb * 2**20))
         self.tokenizer = data.build_tokenizer(self.cfg.model.path, self.config.vocab_size, files)
         if len(self.tokenizer) > self.config.vocab_size:
-            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but model.vocab_size={self.config.vocab_size}")
+            raise DataError(f"tokenizer has {len(self.tokenizer)} tokens but model.vocab_size={self.config.vocab_size}")
         self.sampler = data.WindowSampler(data.load_tokens(files, self.tokenizer), d.seq_len, self.cfg.train.seed)
 
     def _setup_schedule(self):

@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 
 from lcgraph.app.config import CHOICES
+from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph.capture import check_llama_like
-from lcgraph.graph.passes import PlanError, check_ulysses
+from lcgraph.graph.passes import check_ulysses
 from lcgraph.runtime.model import build_config
 
 COUNT_KEYS = ("parallel.pp", "parallel.sp", "parallel.dp", "parallel.microbatches", "parallel.seq_chunks",
@@ -147,19 +148,19 @@ def check_launch(cfg, env, gpus: int | None, cpus: int | None = None) -> None:
     world = par.pp * par.sp * par.dp
     product = f"parallel.pp={par.pp} x parallel.sp={par.sp} x parallel.dp={par.dp} = {world}"
     if "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) != world:
-        raise PlanError(f"the launcher started WORLD_SIZE={env['WORLD_SIZE']} ranks but {product}; launch {world} "
-                        "ranks (torchrun --nnodes x --nproc-per-node, or SLURM nodes x tasks_per_node) "
-                        "or change the layout")
+        raise LaunchError(f"the launcher started WORLD_SIZE={env['WORLD_SIZE']} ranks but {product}; launch {world} "
+                          "ranks (torchrun --nnodes x --nproc-per-node, or SLURM nodes x tasks_per_node) "
+                          "or change the layout")
     local = int(env.get("LOCAL_WORLD_SIZE", world)) if "WORLD_SIZE" in env else world
     if cfg.train.allow_oversubscribe:
         return
     if gpus is not None and local > gpus:
         where = f"LOCAL_WORLD_SIZE={local} ranks on this node" if "WORLD_SIZE" in env else f"{product} ranks"
-        raise PlanError(f"{where} but only {gpus} GPUs here; lower the layout, run under torchrun/SLURM on "
-                        f"{-(-world // gpus)} nodes, or set train.allow_oversubscribe=true")
+        raise LaunchError(f"{where} but only {gpus} GPUs here; lower the layout, run under torchrun/SLURM on "
+                          f"{-(-world // gpus)} nodes, or set train.allow_oversubscribe=true")
     if gpus is None and cpus is not None and local > CPU_RANKS_PER_CORE * cpus:
-        raise PlanError(f"{product} ranks on train.device=cpu but only {cpus} CPU cores here (at most "
-                        f"{CPU_RANKS_PER_CORE} ranks per core); lower the layout or set train.allow_oversubscribe=true")
+        raise LaunchError(f"{product} ranks on train.device=cpu but only {cpus} CPU cores here (at most "
+                          f"{CPU_RANKS_PER_CORE} ranks per core); lower the layout or set train.allow_oversubscribe=true")
 
 
 CPU_RANKS_PER_CORE = 4  # CPU ranks time-share cores (small CPU runs and tests); more is only slow

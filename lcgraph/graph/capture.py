@@ -20,14 +20,11 @@ import sympy
 import torch
 import torch.nn.functional as F
 
+from lcgraph.errors import TRACEBACK_ENV, CaptureError
 from lcgraph.ops.attention import register_with_transformers
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # decoder-only models with the LLaMA layer layout
 IGNORE_INDEX = -100
-
-
-class CaptureError(ValueError):
-    """The model cannot be captured (not LLaMA-like, or export failed); the message says why."""
 
 
 @dataclass
@@ -129,7 +126,8 @@ def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16,
             _CausalLMLoss(model), (), kwargs=example, dynamic_shapes={k: {1: seq} for k in example}, strict=False
         )
     except Exception as exc:  # export errors are long; keep the first line and say what to do
-        raise CaptureError(f"torch.export failed for {type(model).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise CaptureError(f"torch.export failed for {type(model).__name__}: {str(exc).splitlines()[0]} "
+                           f"(set {TRACEBACK_ENV}=1 for the full cause)") from exc
     gm = ep.graph_module  # lifted form: parameters and buffers are placeholders
     param_names, buffer_names = _signature_names(ep)
     if getattr(config, "tie_word_embeddings", False):  # one tensor, one canonical name: the embedding's

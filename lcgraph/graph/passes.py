@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from lcgraph.errors import PlanError
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
 from lcgraph.ops.attention import attention_reference
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
@@ -28,10 +29,6 @@ from lcgraph.ops.fused import linear_cross_entropy
 from lcgraph.ops.relay import relay_attention
 
 ATTENTION = torch.ops.lcgraph.attention.default
-
-
-class PlanError(ValueError):
-    """A parallel layout that cannot work; the message names the numbers and the fix."""
 
 
 @dataclass

@@ -23,6 +23,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from lcgraph.errors import ProfileError
+
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -117,7 +119,7 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     if not path.suffix:
         path = PROFILES_DIR / f"{name_or_path}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"device profile {name_or_path!r} not found; shipped profiles: "
+        raise ProfileError(f"device profile {name_or_path!r} not found; shipped profiles: "
                                 f"{', '.join(profile_names())}, or give the path of a JSON file "
                                 "(tools/profile_device.py writes one)")
     return DeviceProfile.from_dict(json.loads(path.read_text()))

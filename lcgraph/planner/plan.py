@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
@@ -49,7 +50,7 @@ def plan_settings(cfg) -> dict:
     given = OmegaConf.to_container(section, resolve=True) if section is not None else {}
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
+        raise PlanError(f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
                          f"{', '.join('plan.' + k for k in DEFAULTS)}")
     settings = {**DEFAULTS, **given}
     settings["dtype"] = settings["dtype"] or cfg.train.dtype

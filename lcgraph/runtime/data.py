@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lcgraph.errors import DataError, DataPathError
 from lcgraph.graph.capture import IGNORE_INDEX
 
 EOS = "<|endoftext|>"
@@ -30,7 +31,7 @@ def corpus_files(path: str | None, max_bytes: int) -> list[Path]:
     """Sorted text files of `path` (or of the standard library), up to `max_bytes` in total."""
     root = Path(path) if path else Path(sysconfig.get_paths()["stdlib"])
     if not root.exists():
-        raise FileNotFoundError(f"data.path={str(root)!r} does not exist; give a text file or a directory of them")
+        raise DataPathError(f"data.path={str(root)!r} does not exist; give a text file or a directory of them")
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*.py" if not path else "*") if p.is_file() and "site-packages" not in p.parts
     )
@@ -42,7 +43,7 @@ def corpus_files(path: str | None, max_bytes: int) -> list[Path]:
         chosen.append(f)
         total += size
     if not chosen:
-        raise FileNotFoundError(f"no text files under {root}")
+        raise DataPathError(f"no text files under {root}")
     return chosen
 
 
@@ -105,7 +106,7 @@ class WindowSampler:
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int):
         if len(tokens) < seq_len + 2:
-            raise ValueError(f"corpus has {len(tokens)} tokens, fewer than data.seq_len={seq_len}+1; "
+            raise DataError(f"corpus has {len(tokens)} tokens, fewer than data.seq_len={seq_len}+1; "
                              "lower data.seq_len or give a larger data.path")
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
 

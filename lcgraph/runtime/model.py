@@ -15,13 +15,11 @@ from pathlib import Path
 
 import torch
 
+from lcgraph.errors import ModelPathError
+
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
               "initializer_range", "head_dim")
-
-
-class ModelPathError(FileNotFoundError):
-    """model.path does not hold a usable HF checkpoint directory."""
 
 
 def build_config(model_cfg) -> "transformers.PretrainedConfig":  # noqa: F821

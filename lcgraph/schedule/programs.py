@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lcgraph.errors import LcgraphError
+
 COMPUTE_KINDS = ("F", "B")
 P2P_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 COLLECTIVE_KINDS = ("RS", "AG")
@@ -28,7 +30,7 @@ _P2P_TOKEN = {"SEND_F": ("sF", ">"), "RECV_F": ("rF", "<"), "SEND_B": ("sB", ">"
 _MAX_LISTED = 8  # problems quoted in one error message
 
 
-class ScheduleError(ValueError):
+class ScheduleError(LcgraphError, ValueError):
     """Programs that are incomplete, out of dependency order, or that deadlock."""
 
 
