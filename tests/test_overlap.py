@@ -1,4 +1,4 @@
-"""ZeRO-2 overlap evidence from profiler traces: the span arithmetic, the CUDA kernel rule, and
+"""Distributed-optimizer overlap evidence from profiler traces: the span arithmetic, the CUDA kernel rule, and
 tools/overlap.py end to end on 2 gloo ranks (sp=2), whose reduce-scatters run beside backward."""
 
 import json

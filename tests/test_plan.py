@@ -1,4 +1,4 @@
-"""Planner: simulator vs the closed forms of ANCHORS section 1, cost and memory model, lcgraph-plan end to end."""
+"""Planner: simulator vs the closed-form bubbles of GPipe, 1F1B and Seq1F1B (arXiv 2406.03488), cost and memory model, lcgraph-plan end to end."""
 
 import json
 import os

@@ -356,7 +356,7 @@ def test_peak_inflight_seq1f1b_holds_p_plus_k_minus_1_chunks_on_stage_0():
 
 
 def test_peak_inflight_interleaved_matches_megatron_memory_formula():
-    # ANCHORS: stage 0 holds about p*M*(1 + (p-1)/(p*v)); one stage unit is M/v, so v*p + p - 1 units.
+    # Megatron's interleaved schedule (arXiv 2104.04473): stage 0 holds about p*M*(1 + (p-1)/(p*v)); one stage unit is M/v, so v*p + p - 1 units.
     for pp, v in itertools.product((2, 4), (2, 3)):
         for m in (pp, 2 * pp, 4 * pp):
             programs, spec = programs_for("interleaved_1f1b", pp, m, v=v)

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism and ZeRO-2, alone and composed with pipeline stages and Seq1F1B.
+"""Ulysses sequence parallelism and the distributed optimizer, alone and composed with pipeline stages and Seq1F1B.
 
 A step's global batch is dp x microbatches sequences, so every layout is compared with the single-process
 run over the same sequences (dp=2, m=2 against m=4). The model has 4 heads and 2 kv heads, so sp=4
@@ -33,13 +33,13 @@ def references():
 
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
-def test_ulysses_zero2_layouts_match_single_process(world, references):
+def test_ulysses_distributed_optimizer_layouts_match_single_process(world, references):
     layouts = LAYOUTS[world]
     results = train_spawned([layout(*lay) for lay in layouts], world=world)
     for (pp, sp, dp), result in zip(layouts, results):
         ref_losses, ref_params, ref_extra = references[dp]
         assert_close_run(result["losses"], result["params"], ref_losses, ref_params, label=f"pp={pp} sp={sp} dp={dp}")
-        # ZeRO-2: the dp*sp replicas of a stage split its optimizer state evenly, and all ranks together
+        # distributed optimizer: the dp*sp replicas of a stage split its optimizer state evenly, and all ranks together
         # hold one unsharded copy (padding aside): each rank keeps 1/(dp*sp) of its stage's state
         per_rank = [rank["optimizer_state_bytes"] for rank in result["ranks"]]
         assert sum(per_rank) == pytest.approx(ref_extra["optimizer_state_bytes"], rel=0.05)

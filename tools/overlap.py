@@ -1,4 +1,4 @@
-"""Measure how much ZeRO-2 communication runs behind compute, with torch.profiler.
+"""Measure how much distributed-optimizer communication runs behind compute, with torch.profiler.
 
     python3 tools/overlap.py --out runs/overlap parallel=single parallel.dp=2             # any lcgraph-train overrides
     torchrun --nproc-per-node 8 tools/overlap.py --out runs/ov model=llama3_1b train.device=cuda \\
@@ -7,7 +7,7 @@
 Each rank runs `--warmup` steps, then `--steps` steps under torch.profiler, and writes
 trace_rank<r>.json (open in https://ui.perfetto.dev). Rank 0 prints, per rank and collective (the
 gradient reduce-scatter, the parameter all-gather), the time it ran, the share of it that ran beside
-compute (`lcgraph/overlap.py` says how each backend's spans are found), and whether the first bucket's
+compute (`lcgraph/observability/overlap.py` says how each backend's spans are found), and whether the first bucket's
 reduce-scatter was issued before the step's last backward returned (the runtime's own events); all of
 it goes to overlap.json. The plan is validated before any rank starts; under torchrun every rank
 joins, otherwise the ranks are spawned here (NCCL on CUDA, gloo on CPU).
@@ -89,7 +89,7 @@ def report(ranks: list[dict], out: Path) -> None:
           f"mean step {sum(r['step_time_s'] for r in ranks) / len(ranks) * 1e3:.1f} ms over {ranks[0]['steps']} "
           "profiled steps")
     if not any(r["reduce_scatter"]["count"] for r in ranks):
-        print("no reduce-scatter ran: ZeRO-2 shards over dp*sp replicas, so this layout needs dp*sp > 1")
+        print("no reduce-scatter ran: the distributed optimizer shards over dp*sp replicas, so this layout needs dp*sp > 1")
     print(f"wrote {out / 'overlap.json'} and trace_rank*.json")
 
 

@@ -1,4 +1,4 @@
-"""Measure a GPU's rates and write a device profile for lcgraph-plan (same JSON as lcgraph/profiles/*.json).
+"""Measure a GPU's rates and write a device profile for lcgraph-plan (same JSON as lcgraph/planner/profiles/*.json).
 
     python tools/profile_device.py --base h100 --name h100-measured --out h100-measured.json
     lcgraph-plan +plan.device=h100-measured.json ...

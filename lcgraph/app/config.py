@@ -54,7 +54,7 @@ class ParallelConfig:
     chunk_split: str = "even"  # even | uniform_comp
     virtual_stages: int = 1
     pp_layers: Optional[list[int]] = None
-    zero: bool = True  # shard optimizer state over the dp*sp replicas of a stage (ZeRO-2)
+    zero: bool = True  # shard optimizer state over the dp*sp replicas of a stage (distributed optimizer: ZeRO-1 memory, reduce-scatter)
     bucket_mb: float = 25.0
 
 

@@ -8,7 +8,6 @@ grid of layouts costs one process start. Both return per-step losses and the fin
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -103,7 +102,3 @@ def assert_close_run(got_losses, got_params, ref_losses, ref_params, rtol=1e-5, 
     for name, ref in ref_params.items():
         err = float((got_params[name].double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
         assert err <= rtol, f"{label}: parameter {name} differs by {err:.2e} relative (limit {rtol:.0e})"
-
-
-def summary_json(path) -> dict:
-    return json.loads(Path(path).read_text())

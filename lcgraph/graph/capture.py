@@ -61,9 +61,6 @@ class CapturedGraph:
     def graph(self) -> torch.fx.Graph:
         return self.gm.graph
 
-    def info(self, node: torch.fx.Node) -> NodeInfo:
-        return node.meta["lcgraph"]
-
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 

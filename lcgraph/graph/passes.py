@@ -10,7 +10,7 @@ writes the graph after each one.
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
     fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
     lower_attention   on GPU, attention -> PyTorch SDPA under autograd (no recompute in backward)
-    gather_waits      (zero.py, once ZeRO-2 has cut its buckets) a wait for each bucket's parameter
+    gather_waits      (runtime/optimizer.py, once the distributed optimizer has cut its buckets) a wait for each bucket's parameter
                       all-gather right before the forward first reads one of its parameters
 """
 

@@ -13,7 +13,7 @@ Time of one (chunk of s tokens, prefix of P tokens) unit on a stage, per rank of
     backward = 2 x matmul + 2.5 x attention (includes recomputing QK^T) + 2 x traffic + same all-to-alls
 
 Collectives use ring formulas (bytes * (n - 1) / n / bandwidth); p2p is bytes / bandwidth. A profile
-(`DeviceProfile`, JSON in lcgraph/profiles/) holds the rates. See docs/planner.md.
+(`DeviceProfile`, JSON in lcgraph/planner/profiles/) holds the rates. See docs/planner.md.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ ADAM_STATE_BYTES = 8  # two fp32 moments per parameter
 MASTER_BYTES = 4  # fp32 master copy when the model runs in a lower precision
 OPTIMIZER_TRAFFIC = 32  # bytes moved per parameter by one AdamW update (master, moments, grad, param)
 # Unfused eager kernels move more bytes than the forward graph's tensors show (fp32 upcasts inside
-# RMSNorm, contiguous copies before matmuls, gradient accumulation). Calibrated on ANCHORS section 6:
-# an HF eager step of Llama-3.2-1B at 16k spends 146 ms in memory-bound glue on an H100, where the
+# RMSNorm, contiguous copies before matmuls, gradient accumulation). Calibrated on a measured
+# HF eager step of Llama-3.2-1B at 16k spends 146 ms in memory-bound glue on an H100, where the
 # annotations alone predict 78 ms.
 TRAFFIC_CALIBRATION = 1.9
 
@@ -238,7 +238,7 @@ class GraphCosts:
         return self.stage(list(range(len(self.layers))), True, True)
 
     def model_flops_per_token(self, seq_len: int) -> float:
-        """MFU convention (ANCHORS 5): 6N (matmul weights, head included) + 6*L*h*S for causal attention,
+        """MFU convention (PaLM, arXiv 2204.02311, appendix B): 6N (matmul weights, head included) + 6*L*h*S for causal attention,
         i.e. 3 x forward FLOPs per token of a full causal sequence of `seq_len`."""
         t = self.total()
         return 3.0 * (t.matmul_per_token + t.attention_per_pair * (seq_len + 1) / 2)

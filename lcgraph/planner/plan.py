@@ -3,7 +3,7 @@
 The same Hydra app as `lcgraph-train` (same conf/ groups, same `+recipe=NAME`, every override), so a
 training command line with `lcgraph-train` replaced by `lcgraph-plan` plans that very run. It captures
 the model on the meta device (shapes only), reads the per-node costs of the capture once
-(`costmodel.GraphCosts`), splits layers like the trainer does, builds the per-rank programs and replays
+(`costs.GraphCosts`), splits layers like the trainer does, builds the per-rank programs and replays
 them in the simulator against the cost model of a device profile. It prints one row per pipeline stage
 and a table of alternative schedules, and writes plan.json, programs.txt and timeline.json (+ .png
 with matplotlib) to the run directory.
@@ -66,7 +66,7 @@ class Evaluation:
     label: str
     spec: object  # schedule.ScheduleSpec
     programs: list
-    cost: object  # costmodel.CostModel
+    cost: object  # costs.CostModel
     sim: object  # simulate.SimResult
     tokens_per_step: int
     model_flops_per_token: float
@@ -262,7 +262,8 @@ def print_plan(plan: Plan, console=None) -> None:
                   f"({m['kv_heads']} kv, head dim {m['head_dim']}), {_count(m['params'])} params")
     console.print(f"seq {seq:,} x {lay.micro_batch} per micro-batch, {ev.spec.microbatches} micro-batches x dp "
                   f"{lay.dp} | pp {lay.pp} x dp {lay.dp} x sp {lay.sp} = {lay.gpus} x {dev.name} "
-                  f"({_size(dev.memory_bytes)}) | {cost.graph.dtype}, zero={lay.zero}")
+                  f"({_size(dev.memory_bytes)}) | {cost.graph.dtype}, optimizer "
+                  f"{'distributed (ZeRO-1, reduce-scatter)' if lay.zero else 'replicated (all-reduce)'}")
     console.print(f"{ev.label}: chunks {cost.chunk_lengths}, layers per stage {cost.layer_counts}")
     table = Table(title="per stage: one rank's memory at the stage's peak (G = GiB), "
                         "times per chunk of one micro-batch")

@@ -12,7 +12,7 @@ a receive waits for its message. `costs` says how long things take and what they
     costs.unit_bytes(stage, chunk) -> (activation bytes, K/V bytes) of one (mb, chunk) unit
 
 `lcgraph.planner.costs.CostModel` is the real one; `UniformCosts` (equal chunks) is what the closed forms
-of ANCHORS section 1 assume. Memory follows program order: F adds a unit's activations and K/V, B frees
+of the schedule papers assume (GPipe, 1F1B, Seq1F1B: arXiv 2406.03488). Memory follows program order: F adds a unit's activations and K/V, B frees
 them; while a micro-batch's backward is under way the KV relay also holds dK/dV for its pending prefix.
 """
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from lcgraph.errors import CheckpointError
+
 
 def _barrier():
     if dist.is_initialized():
@@ -29,7 +31,10 @@ def save_checkpoint(job, target: Path, step: int) -> None:
     tmp = target.with_name(target.name + ".tmp")
     if c.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:  # a read-only or full disk, or a file where the directory goes: the user's to fix
+            raise CheckpointError(f"cannot write a checkpoint at {target}: {exc}") from exc
     _barrier()
     weight_map = {}
     tie = getattr(job.config, "tie_word_embeddings", False)

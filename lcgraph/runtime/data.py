@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from lcgraph.errors import DataError, DataPathError
-from lcgraph.graph.capture import IGNORE_INDEX
 
 EOS = "<|endoftext|>"
 
@@ -116,10 +115,3 @@ class WindowSampler:
         window = self.tokens[start:start + self.seq_len + 1]
         labels = window[1:].clone()
         return window[:-1].clone(), labels
-
-
-def shift_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """Labels for a sequence with no next token known for the last position (ignored)."""
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[..., :-1] = input_ids[..., 1:]
-    return labels

@@ -5,7 +5,7 @@ It knows nothing about LLaMA: a stage is a graph module with parameter placehold
 
     F / B            forward / backward of one (micro-batch, chunk) unit on a stage
     SEND_* / RECV_*  point-to-point activations and gradients (consecutive ones are batched)
-    RS / AG          gradient reduce-scatter / parameter all-gather of a bucket (ZeRO-2, see zero.py)
+    RS / AG          gradient reduce-scatter / parameter all-gather of a bucket (distributed optimizer, see optimizer.py)
     OPT              gradient synchronisation and the optimizer step
 
 Sends are asynchronous and never block; a receive is waited for only right before its tensor is used.

@@ -9,7 +9,6 @@ from a local safetensors checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 
@@ -105,17 +104,3 @@ def rotary_buffers(config, names, device) -> dict[str, torch.Tensor]:
             raise ValueError(f"captured buffer {name!r} is not a rotary table; lcgraph cannot compute it")
         out[name] = getattr(rotary, attr).to(device)
     return out
-
-
-def save_hf_checkpoint(params: dict[str, torch.Tensor], config, path: str, tokenizer=None) -> None:
-    """Write a directory loadable by `model.path=` and by HF's from_pretrained (safetensors + config)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in params.items()}
-    if getattr(config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)

@@ -1,6 +1,8 @@
 """Gradient synchronisation and the optimizer step (the RS, AG and OPT actions of a stage program).
 
-ZeRO-2 with overlapped reduce-scatter (Megatron-LLaMA's distributed optimizer), `ShardedAdamW`:
+The distributed optimizer, `ShardedAdamW`: ZeRO-1 memory with reduce-scatter communication, like
+Megatron's distributed optimizer. Optimizer state is sharded; gradients are not (every replica keeps
+whole-stage gradient buffers), so this is not ZeRO-2.
 - A stage's parameters live in flat buckets of whole parameters, in gradient-ready order (the last
   layers' gradients are final first). Parameters and gradients are views into the bucket buffers.
 - The `add_bucket_actions` pass puts `RS<b>` after the stage's last backward and `AG<b>` after OPT.

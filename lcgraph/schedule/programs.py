@@ -261,7 +261,7 @@ def _has_p2p(programs: list[Program]) -> bool:
 
 
 def _dependencies(action: Action, spec: ScheduleSpec, explicit_p2p: bool) -> list[Key]:
-    """Keys that must have run before `action` (ANCHORS section 1).
+    """Keys that must have run before `action` (the data dependencies of GPipe, 1F1B and Seq1F1B).
 
     With explicit p2p a remote input arrives through this rank's RECV; otherwise p2p is implicit and
     the remote compute itself is the dependency.
