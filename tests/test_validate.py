@@ -239,3 +239,18 @@ def test_cli_config_error_is_a_short_hydra_message(tmp_path, override, named):
     assert result.returncode != 0
     assert named in result.stderr and "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 10, result.stderr
+
+
+def test_the_config_choices_are_what_the_code_knows():
+    """The schema's Literal choices agree with the names the schedule builders and attention backends take."""
+    from typing import get_args
+
+    from lcgraph.app.config import AttentionBackend, ChunkSplit, Dtype, ScheduleName
+    from lcgraph.app.job import DTYPES
+    from lcgraph.ops.attention import BACKENDS
+    from lcgraph.schedule.programs import SCHEDULES, SPLIT_MODES
+
+    assert get_args(ScheduleName) == SCHEDULES
+    assert get_args(ChunkSplit) == SPLIT_MODES
+    assert get_args(AttentionBackend) == BACKENDS
+    assert set(get_args(Dtype)) == set(DTYPES)

@@ -81,8 +81,8 @@ def bench_hf(config, seq: int, steps: int, warmup: int) -> dict:
 
 
 def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, model_name: str) -> dict:
-    from lcgraph.app.testing import compose
     from lcgraph.app.job import Job
+    from lcgraph.app.testing import compose
 
     _free()
     overrides = [o.format(chunks=chunks) for o in VARIANTS[variant]]
@@ -185,8 +185,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lcgraph.runtime.model import build_config
     from lcgraph.app.testing import compose
+    from lcgraph.runtime.model import build_config
 
     config = build_config(compose(f"model={args.model}", tiny=False).model)
     config._attn_implementation = "sdpa"
@@ -229,8 +229,8 @@ def main() -> None:
 
 
 def _run_one(args) -> None:
-    from lcgraph.runtime.model import build_config
     from lcgraph.app.testing import compose
+    from lcgraph.runtime.model import build_config
 
     seq = args.seq[0]
     if args.one == "hf":

@@ -38,9 +38,9 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.app.cli import share_cores, backend_for
-    from lcgraph.observability.overlap import analyze
+    from lcgraph.app.cli import backend_for, share_cores
     from lcgraph.app.job import Job
+    from lcgraph.observability.overlap import analyze
 
     cfg = OmegaConf.create(cfg_yaml)
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -6,13 +6,29 @@ a misspelt key or a wrong type is refused by Hydra with one line naming it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from collections.abc import Iterator
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Literal, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 
 from lcgraph.app.paths import conf_dir, recipes_dir
 from lcgraph.observability.sweep import register_resolvers
+
+# The values a choice field takes. OmegaConf cannot check Literal annotations, so each choice field is a
+# `str` for Hydra and carries its Literal in the field's metadata (`choice`); validate.check_choices
+# reads them from the schema (`choice_fields`), and mypy users of the config read the aliases.
+Dtype = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+AttentionBackend = Literal["auto", "math", "sdpa", "flash_attn"]
+ScheduleName = Literal["gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"]
+ChunkSplit = Literal["even", "uniform_comp"]
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+def choice(options: Any, default: str) -> Any:
+    """A `str` field for Hydra whose allowed values are the Literal `options`."""
+    return field(default=default, metadata={"choices": get_args(options)})
 
 
 @dataclass
@@ -48,13 +64,13 @@ class ParallelConfig:
     pp: int = 1
     sp: int = 1
     dp: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b | seq1f1b | interleaved_1f1b
+    schedule: str = choice(ScheduleName, "1f1b")
     microbatches: int = 1
     seq_chunks: int = 1
-    chunk_split: str = "even"  # even | uniform_comp
+    chunk_split: str = choice(ChunkSplit, "even")
     virtual_stages: int = 1
     pp_layers: Optional[list[int]] = None
-    zero: bool = True  # shard optimizer state over the dp*sp replicas of a stage (distributed optimizer: ZeRO-1 memory, reduce-scatter)
+    zero: bool = True  # distributed optimizer: optimizer state sharded over the dp*sp replicas (ZeRO-1, RS)
     bucket_mb: float = 25.0
 
 
@@ -74,9 +90,9 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 200
     seed: int = 0
-    dtype: str = "fp32"  # fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda
-    attention: str = "auto"  # auto | math | sdpa | flash_attn
+    dtype: str = choice(Dtype, "fp32")
+    device: str = choice(Device, "auto")
+    attention: str = choice(AttentionBackend, "auto")
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only the final checkpoint
     allow_oversubscribe: bool = False
@@ -88,7 +104,7 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = choice(WandbMode, "offline")
     project: str = "lcgraph"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -115,14 +131,14 @@ class LcgraphConfig:
     dump: DumpConfig = field(default_factory=DumpConfig)
 
 
-CHOICES = {
-    "train.dtype": ("fp32", "bf16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.attention": ("auto", "math", "sdpa", "flash_attn"),
-    "parallel.schedule": ("gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"),
-    "parallel.chunk_split": ("even", "uniform_comp"),
-    "logging.wandb.mode": ("offline", "online", "disabled"),
-}
+def choice_fields(schema: Any = LcgraphConfig, prefix: str = "") -> Iterator[tuple[str, tuple[str, ...]]]:
+    """(dotted key, allowed values) of every choice field in the schema, e.g. ("parallel.schedule", (...))."""
+    for f in fields(schema):
+        kind = f.default_factory if f.default_factory is not MISSING else None
+        if kind is not None and is_dataclass(kind):
+            yield from choice_fields(kind, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata:
+            yield f"{prefix}{f.name}", f.metadata["choices"]
 
 
 def register_configs() -> None:

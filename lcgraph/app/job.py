@@ -41,7 +41,7 @@ class Coords:
     sp_rank: int
 
     @classmethod
-    def of(cls, rank: int, pp: int, dp: int, sp: int) -> "Coords":
+    def of(cls, rank: int, pp: int, dp: int, sp: int) -> Coords:
         return cls(rank, pp, dp, sp, rank // (dp * sp), (rank // sp) % dp, rank % sp)
 
     def global_rank(self, pp_rank: int, dp_rank: int | None = None, sp_rank: int | None = None) -> int:

@@ -37,7 +37,7 @@ def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, t
     params = {n: p.detach().cpu().clone() for n, p in job.all_params().items()}
     extra = {"activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
                                                                          for s, st in job.stages.items()},
-             "optimizer_state_bytes": job.optimizer.state_bytes() if hasattr(job.optimizer, "state_bytes") else 0,
+             "optimizer_state_bytes": job.optimizer.state_bytes(),
              "job": job}
     return losses, params, extra
 
@@ -63,7 +63,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
             record = {"losses": losses, "params": params if keep else {},
                       "activation_peaks": extra["activation_peaks"], "relay_peaks": extra["relay_peaks"],
                       "optimizer_state_bytes": extra["optimizer_state_bytes"],
-                      "events": getattr(job.optimizer, "events", []), "timeline": job.interpreter.timeline,
+                      "events": job.optimizer.events, "timeline": job.interpreter.timeline,
                       "program": [a.token(False) for a in job.interpreter.program]}
             torch.save(record, os.path.join(out_dir, f"{i}-rank{rank}.pt"))
             dist.barrier()

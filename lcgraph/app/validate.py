@@ -4,7 +4,7 @@ Each check raises PlanError naming every value involved as `key=value`, and the 
 order they are checked (docs/recipes.md lists them with examples):
 
     choices    train.dtype, train.device, train.attention, parallel.schedule, parallel.chunk_split and
-               logging.wandb.mode take one of the values in config.CHOICES
+               logging.wandb.mode take one of the values their schema field declares (config.choice)
     counts     parallel.{pp, sp, dp, microbatches, seq_chunks, virtual_stages}, data.seq_len and
                data.micro_batch_size are >= 1
     model      hidden_size % num_attention_heads == 0 (unless head_dim is set), an even head dim (RoPE),
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-from lcgraph.app.config import CHOICES
+from lcgraph.app.config import choice_fields
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import check_ulysses
@@ -43,7 +43,7 @@ def _get(cfg, dotted: str):
 
 
 def check_choices(cfg) -> None:
-    for key, allowed in CHOICES.items():
+    for key, allowed in choice_fields():
         value = _get(cfg, key)
         if value not in allowed:
             raise PlanError(f"{key}={value} is not a known choice; use one of: {', '.join(allowed)}")

@@ -518,7 +518,7 @@ def _rank_record(job, world: int) -> dict:
     entries = list(job.interpreter.timeline)
     lo = min((s for _, s, _ in entries), default=0.0)
     hi = max((e for _, _, e in entries), default=0.0)
-    events = [e for e in getattr(job.optimizer, "events", []) if lo <= e[3] <= hi]
+    events = [e for e in job.optimizer.events if lo <= e[3] <= hi]
     record = {"rank": job.coords.rank, "host": socket.gethostname(), "timeline": entries, "events": events}
     if torch.cuda.is_available() and job.device.type == "cuda":
         record["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())

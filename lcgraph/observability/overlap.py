@@ -104,7 +104,7 @@ def analyze(trace: dict) -> dict[str, Overlap]:
 def _analyze_cuda(spans: list[dict]) -> dict[str, Overlap]:
     work = [e for e in spans if e.get("cat") in GPU_WORK]
     owner = _collective_of(spans, work)
-    found = {name: [] for name in COLLECTIVES}
+    found: dict[str, list] = {name: [] for name in COLLECTIVES}
     compute = []
     for e in work:
         name = owner.get(id(e)) or _named(e["name"], column=0)

@@ -30,7 +30,7 @@ def _block_loss_and_grad(logits, target, valid):
     return loss, (probs - onehot) * valid.unsqueeze(1)
 
 
-_compiled = {}
+_compiled: dict = {}
 
 
 def _block_fn(device: torch.device):

@@ -30,7 +30,7 @@ class _LayerCache:
 class RelayContext:
     """Per-stage KV caches keyed by (micro-batch, layer); `current` = (micro-batch, chunk) running now."""
 
-    current: "RelayContext | None" = None
+    current: RelayContext | None = None
 
     def __init__(self):
         self.caches: dict[tuple[int, int], _LayerCache] = {}

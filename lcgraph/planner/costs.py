@@ -71,7 +71,7 @@ class DeviceProfile:
     source: str = ""
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DeviceProfile":
+    def from_dict(cls, data: dict) -> DeviceProfile:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -142,7 +142,7 @@ class Coeffs:
     params: int = 0
     attention_layers: int = 0
 
-    def __add__(self, other: "Coeffs") -> "Coeffs":
+    def __add__(self, other: Coeffs) -> Coeffs:
         return Coeffs(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
@@ -166,7 +166,7 @@ class GraphCosts:
         return DTYPE_BYTES[self.dtype]
 
     @classmethod
-    def from_captured(cls, captured, dtype: str = "bf16") -> "GraphCosts":
+    def from_captured(cls, captured, dtype: str = "bf16") -> GraphCosts:
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype {dtype!r} unknown; choose one of {', '.join(DTYPE_BYTES)}")
         config = captured.config
@@ -279,7 +279,7 @@ def _is_activation(node) -> bool:
 
 def _storage_bases(nodes) -> dict:
     """Each node -> the node that allocated its storage (views resolve to their source)."""
-    base = {}
+    base: dict = {}
     for node in nodes:
         src = node.args[0] if node.op == "call_function" and node.args else None
         base[node] = base.get(src, node) if _op_name(node) in VIEW_OPS and src in base else node

@@ -32,7 +32,7 @@ from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
 from lcgraph.planner.costs import CostModel, GraphCosts, Layout, load_profile
-from lcgraph.planner.simulator import simulate
+from lcgraph.planner.simulator import SimResult, simulate
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule import programs as schedule
 from lcgraph.schedule.programs import ScheduleError, format_programs
@@ -47,11 +47,11 @@ def plan_settings(cfg) -> dict:
     from omegaconf import OmegaConf
 
     section = OmegaConf.select(cfg, "plan", default=None)
-    given = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+    given: dict = OmegaConf.to_container(section, resolve=True) if section is not None else {}  # type: ignore[assignment]
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise PlanError(f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
-                         f"{', '.join('plan.' + k for k in DEFAULTS)}")
+                        f"{', '.join('plan.' + k for k in DEFAULTS)}")
     settings = {**DEFAULTS, **given}
     settings["dtype"] = settings["dtype"] or cfg.train.dtype
     return settings
@@ -64,10 +64,10 @@ class Evaluation:
     """A schedule evaluated for one layout: its programs, cost model and simulation."""
 
     label: str
-    spec: object  # schedule.ScheduleSpec
+    spec: schedule.ScheduleSpec
     programs: list
-    cost: object  # costs.CostModel
-    sim: object  # simulate.SimResult
+    cost: CostModel
+    sim: SimResult
     tokens_per_step: int
     model_flops_per_token: float
 
@@ -217,7 +217,7 @@ def _alternatives(graph, profile, layout, counts, seq, par, chunks) -> list[tupl
     """gpipe, 1f1b and seq1f1b with each chunk count (uniform_comp), same layout and micro-batches."""
 
     candidates = [("gpipe", 1), ("1f1b", 1)] + [("seq1f1b", int(k)) for k in chunks]
-    out = []
+    out: list[tuple[str, Evaluation | str]] = []
     for name, k in candidates:
         label = name if k == 1 else f"seq1f1b k={k}"
         try:

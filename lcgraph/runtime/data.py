@@ -34,7 +34,8 @@ def corpus_files(path: str | None, max_bytes: int) -> list[Path]:
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*.py" if not path else "*") if p.is_file() and "site-packages" not in p.parts
     )
-    chosen, total = [], 0
+    chosen: list[Path] = []
+    total = 0
     for f in files:
         size = f.stat().st_size
         if total + size > max_bytes and chosen:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -89,11 +90,34 @@ class StageState:
         return args
 
 
+
+class OptimizerHooks(Protocol):
+    """What the interpreter calls on the optimizer (runtime/optimizer.py: ShardedAdamW, ReplicatedAdamW).
+
+    The optimizer, not the interpreter, knows buckets and replicas: the interpreter only says where in
+    the program it is (before/after a forward or backward, at an RS/AG action, at OPT).
+    """
+
+    events: list[tuple[str, int, int, float]]  # (what, stage, bucket, time) of this step, for timelines
+    param_groups: list[dict[str, Any]]  # the trainer sets the learning rate here every step
+
+    def start_step(self) -> None: ...
+    def before_forward(self, action: Action) -> None: ...
+    def before_backward(self, action: Action, final: bool) -> None: ...
+    def after_backward(self, action: Action, final: bool) -> None: ...
+    def collective(self, action: Action, interp: Interpreter) -> None: ...
+    def sync_and_step(self, interp: Interpreter) -> float: ...
+    def sync_params(self) -> None: ...
+    def program_actions(self) -> dict[int, tuple[list[Action], list[Action]]]: ...
+    def gather_waits(self, stage: StageGraph) -> bool: ...
+    def state_bytes(self) -> int: ...
+
+
 class Interpreter:
     """Executes one rank's program for one optimizer step."""
 
     def __init__(self, program: list[Action], stages: dict[int, StageState], pp_peers: dict[int, int],
-                 hidden_shape, dtype, device, optimizer, record_timeline: bool = True, recompute: bool = False,
+                 hidden_shape, dtype, device, optimizer: OptimizerHooks, record_timeline: bool = True, recompute: bool = False,
                  measure_activations: bool = True):
         self.program = program
         self.stages = stages

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "initializer_range", "head_dim")
 
 
-def build_config(model_cfg) -> "transformers.PretrainedConfig":  # noqa: F821
+def build_config(model_cfg) -> Any:  # a transformers.PretrainedConfig (imported lazily: it is slow)
     """HF config from `model.path` (a local directory) or from the shape keys of the model config group."""
     from transformers import AutoConfig, LlamaConfig
 

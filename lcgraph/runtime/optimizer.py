@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from lcgraph.graph.capture import NodeInfo
+from lcgraph.runtime.interpreter import OptimizerHooks
 from lcgraph.schedule.programs import Action
 
 
@@ -296,6 +297,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
         super().__init__([{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": o.weight_decay},
                           {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}],
                          lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+        self.events: list[tuple[str, int, int, float]] = []  # no buckets: nothing to time
 
     def start_step(self):
         pass
@@ -400,5 +402,6 @@ def gather_waits(stage, bucket_of: dict[str, int], wait) -> set[int]:
     return waited
 
 
-def build_optimizer(job):
+def build_optimizer(job) -> OptimizerHooks:
+    """The distributed optimizer (parallel.zero=true) or replicated AdamW; both are the interpreter's OptimizerHooks."""
     return ShardedAdamW(job) if job.cfg.parallel.zero else ReplicatedAdamW(job)
