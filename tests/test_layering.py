@@ -71,11 +71,14 @@ def test_every_package_is_in_the_layering_and_says_what_it_owns():
         assert doc and "May import" in doc, f"lcgraph/{name}/__init__.py must say what it owns and may import"
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from lcgraph.app.cli import main\n", "runtime (layer 2) imports app (layer 5)"),
-    ("def f():\n    from lcgraph.ops import fused\n", "inside a function"),
-    ("from lcgraph.runtime.data import _private\n", "private name _private"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from lcgraph.app.cli import main\n", "runtime (layer 2) imports app (layer 5)"),
+        ("def f():\n    from lcgraph.ops import fused\n", "inside a function"),
+        ("from lcgraph.runtime.data import _private\n", "private name _private"),
+    ],
+)
 def test_the_check_catches_an_upward_import(tmp_path, source, expected):
     (tmp_path / "runtime").mkdir()
     (tmp_path / "runtime" / "bad.py").write_text(source)

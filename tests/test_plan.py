@@ -12,8 +12,14 @@ from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, 
 from lcgraph.planner.simulator import UniformCosts, simulate
 from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
 
-TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2)
+TINY_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def programs(name, p, m, k=1, v=1, p2p=True):
@@ -32,6 +38,7 @@ def tiny_graph():
 
 
 # --- simulator vs closed forms (equal-cost chunks, free p2p) ----------------------------------------------
+
 
 @pytest.mark.parametrize("p,m,k", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (3, 5, 4), (4, 4, 8)])
 def test_seq1f1b_bubble_and_stage0_activations_match_closed_form(p, m, k):
@@ -108,6 +115,7 @@ def test_kv_relay_doubles_while_a_micro_batch_runs_its_backward():
 
 # --- profiles and cost model -------------------------------------------------------------------------------
 
+
 def test_shipped_profiles_load_and_interpolate_attention_rates():
     assert {"h100", "h200", "a100"} <= set(profile_names())
     h100 = load_profile("h100")
@@ -182,6 +190,7 @@ def test_p2p_and_grad_sync_use_the_link_they_cross(tiny_graph):
 
 # --- timeline files ----------------------------------------------------------------------------------------
 
+
 def test_trace_json_is_valid_chrome_trace(tmp_path):
     progs, spec = programs("seq1f1b", 2, 2, 2)
     sim = simulate(progs, spec, _SlowLinks(k=2))
@@ -195,8 +204,10 @@ def test_trace_json_is_valid_chrome_trace(tmp_path):
 
 
 def test_measured_runtime_timeline_converts_to_the_same_format():
-    measured = {0: [("F0.0", 100.0, 100.5), ("send", 100.5, 100.6)],
-                1: [("recv", 100.2, 100.6), ("F0.0", 100.6, 101.0)]}
+    measured = {
+        0: [("F0.0", 100.0, 100.5), ("send", 100.5, 100.6)],
+        1: [("recv", 100.2, 100.6), ("F0.0", 100.6, 101.0)],
+    }
     events = from_measured(measured)
     assert min(e[2] for e in events) == 0.0
     assert (1, "F0.0", pytest.approx(0.6), pytest.approx(1.0)) in [tuple(e) for e in events]
@@ -206,14 +217,26 @@ def test_measured_runtime_timeline_converts_to_the_same_format():
 
 # --- lcgraph-plan end to end -------------------------------------------------------------------------------
 
+
 def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
-    args = ["model.num_hidden_layers=4", "model.hidden_size=64", "model.intermediate_size=128",
-            "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
-            "parallel=seq1f1b", "data.seq_len=2048", "train.dtype=bf16", "+plan.device=a100",
-            "+plan.chunks=[2,4]", f"hydra.run.dir={tmp_path}"]
+    args = [
+        "model.num_hidden_layers=4",
+        "model.hidden_size=64",
+        "model.intermediate_size=128",
+        "model.num_attention_heads=4",
+        "model.num_key_value_heads=2",
+        "model.vocab_size=512",
+        "parallel=seq1f1b",
+        "data.seq_len=2048",
+        "train.dtype=bf16",
+        "+plan.device=a100",
+        "+plan.chunks=[2,4]",
+        f"hydra.run.dir={tmp_path}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "lcgraph.app.plan_cli", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lcgraph.app.plan_cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "alternatives" in done.stdout and "seq1f1b k=4" in done.stdout
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -244,8 +267,19 @@ def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lcgraph.app.plan_cli", "+recipe=llama70b_1m", "+plan.device=h200",
-                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lcgraph.app.plan_cli",
+            "+recipe=llama70b_1m",
+            "+plan.device=h200",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["layout"]["gpus"] == 64 and plan["model"]["layers"] == 80 and plan["summary"]["fits"]

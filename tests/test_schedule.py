@@ -60,10 +60,12 @@ def test_only_compute_tokens_start_with_f_or_b_and_a_digit():
 def test_format_programs_1f1b_example_line():
     programs, spec = programs_for("1f1b", 4, 8)
     text = format_programs(programs, spec)
-    assert lines(text)[0] == ("rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0 F5.0 B2.0 F6.0 B3.0 F7.0 "
-                              "B4.0 B5.0 B6.0 B7.0 OPT")
-    assert lines(text)[3] == ("rank 3: F0.0 B0.0 F1.0 B1.0 F2.0 B2.0 F3.0 B3.0 F4.0 B4.0 F5.0 B5.0 "
-                              "F6.0 B6.0 F7.0 B7.0 OPT")
+    assert lines(text)[0] == (
+        "rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0 F5.0 B2.0 F6.0 B3.0 F7.0 B4.0 B5.0 B6.0 B7.0 OPT"
+    )
+    assert lines(text)[3] == (
+        "rank 3: F0.0 B0.0 F1.0 B1.0 F2.0 B2.0 F3.0 B3.0 F4.0 B4.0 F5.0 B5.0 F6.0 B6.0 F7.0 B7.0 OPT"
+    )
 
 
 def test_format_marks_stage_when_a_rank_holds_several():
@@ -190,12 +192,22 @@ def test_validator_rejects_backward_before_its_forward():
 
 def test_validator_rejects_chunks_out_of_order():
     spec = ScheduleSpec("seq1f1b", 1, 1, seq_chunks=2)
-    forward_swapped = [Action("F", 0, 0, 1), Action("F", 0, 0, 0), Action("B", 0, 0, 1),
-                       Action("B", 0, 0, 0), Action("OPT", -1)]
+    forward_swapped = [
+        Action("F", 0, 0, 1),
+        Action("F", 0, 0, 0),
+        Action("B", 0, 0, 1),
+        Action("B", 0, 0, 0),
+        Action("OPT", -1),
+    ]
     with pytest.raises(ScheduleError, match="F0.1@0 comes before its dependency F0.0@0"):
         validate([forward_swapped], spec)
-    backward_fifo = [Action("F", 0, 0, 0), Action("F", 0, 0, 1), Action("B", 0, 0, 0),
-                     Action("B", 0, 0, 1), Action("OPT", -1)]
+    backward_fifo = [
+        Action("F", 0, 0, 0),
+        Action("F", 0, 0, 1),
+        Action("B", 0, 0, 0),
+        Action("B", 0, 0, 1),
+        Action("OPT", -1),
+    ]
     with pytest.raises(ScheduleError, match="B0.0@0 comes before its dependency B0.1@0"):
         validate([backward_fifo], spec)
 
@@ -225,10 +237,20 @@ def test_validator_requires_one_final_opt_per_rank():
 
 def test_validator_finds_deadlock_of_two_ranks_receiving_first():
     spec = ScheduleSpec("1f1b", 2, 1)
-    rank0 = [Action("RECV_B", 0, peer=1), Action("F", 0), Action("SEND_F", 0, peer=1),
-             Action("B", 0), Action("OPT", -1)]
-    rank1 = [Action("RECV_F", 1, peer=0), Action("F", 1), Action("B", 1),
-             Action("SEND_B", 1, peer=0), Action("OPT", -1)]
+    rank0 = [
+        Action("RECV_B", 0, peer=1),
+        Action("F", 0),
+        Action("SEND_F", 0, peer=1),
+        Action("B", 0),
+        Action("OPT", -1),
+    ]
+    rank1 = [
+        Action("RECV_F", 1, peer=0),
+        Action("F", 1),
+        Action("B", 1),
+        Action("SEND_B", 1, peer=0),
+        Action("OPT", -1),
+    ]
     with pytest.raises(ScheduleError, match="deadlock") as error:
         validate([rank0, rank1], spec)
     assert "rank 0: stuck at rB0.0@0<1" in str(error.value)
@@ -331,8 +353,7 @@ def test_bubble_ignores_explicit_p2p_and_depends_on_backward_cost():
     programs, spec = programs_for("seq1f1b", 4, 8, k=2)
     assert bubble_fraction(add_p2p(programs, spec), spec) == pytest.approx(bubble_fraction(programs, spec))
     assert bubble_fraction(programs, spec, f_time=1.0, b_time=1.0) == pytest.approx(3 / 19)
-    assert bubble_fraction([[Action("F", 0), Action("B", 0), Action("OPT", -1)]],
-                           ScheduleSpec("1f1b", 1, 1)) == 0.0
+    assert bubble_fraction([[Action("F", 0), Action("B", 0), Action("OPT", -1)]], ScheduleSpec("1f1b", 1, 1)) == 0.0
 
 
 def test_peak_inflight_1f1b_holds_p_microbatches_on_stage_0():

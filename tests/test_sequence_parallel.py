@@ -22,9 +22,18 @@ LAYOUTS = {  # world size -> (pp, sp, dp) layouts
 
 
 def layout(pp, sp, dp, *extra):
-    schedule = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"] if pp > 1 else []
-    return compose(f"parallel.pp={pp}", f"parallel.sp={sp}", f"parallel.dp={dp}", f"parallel.microbatches={M}",
-                   "parallel.bucket_mb=0.05", *schedule, *extra)
+    schedule = (
+        ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"] if pp > 1 else []
+    )
+    return compose(
+        f"parallel.pp={pp}",
+        f"parallel.sp={sp}",
+        f"parallel.dp={dp}",
+        f"parallel.microbatches={M}",
+        "parallel.bucket_mb=0.05",
+        *schedule,
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +53,7 @@ def test_ulysses_distributed_optimizer_layouts_match_single_process(world, refer
         per_rank = [rank["optimizer_state_bytes"] for rank in result["ranks"]]
         assert sum(per_rank) == pytest.approx(ref_extra["optimizer_state_bytes"], rel=0.05)
         for stage in range(pp):
-            replicas = per_rank[stage * dp * sp:(stage + 1) * dp * sp]
+            replicas = per_rank[stage * dp * sp : (stage + 1) * dp * sp]
             assert len(set(replicas)) == 1, replicas
         # the reduce-scatters are program actions, the first issued while the step's last backward runs
         for rank in result["ranks"]:
@@ -75,6 +84,7 @@ def test_kv_heads_fewer_than_sp_are_replicated_and_bad_layouts_are_refused():
 def _heads(h, kv):
     class C:
         num_attention_heads, num_key_value_heads = h, kv
+
     return C()
 
 

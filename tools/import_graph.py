@@ -34,8 +34,11 @@ def package_edges() -> Counter:
 
 
 def modules(package: str) -> list[tuple[str, int]]:
-    return [(p.stem, len(p.read_text().splitlines())) for p in sorted((PACKAGE / package).glob("*.py"))
-            if p.stem != "__init__"]
+    return [
+        (p.stem, len(p.read_text().splitlines()))
+        for p in sorted((PACKAGE / package).glob("*.py"))
+        if p.stem != "__init__"
+    ]
 
 
 def svg() -> str:
@@ -45,22 +48,31 @@ def svg() -> str:
         for c, name in enumerate(row):
             boxes[name] = (MARGIN + c * (width + MARGIN), MARGIN + r * (BOX_H + ROW_GAP), width)
     height = MARGIN * 2 + len(ROWS) * (BOX_H + ROW_GAP) - ROW_GAP
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif">',
-           '<defs><marker id="a" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
-           'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif">',
+        '<defs><marker id="a" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+        'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
+    ]
     for (src, dst), n in sorted(package_edges().items()):
         (x1, y1, w1), (x2, y2, w2) = boxes[src], boxes[dst]
         a, b = (x1 + w1 / 2 + (x2 - x1) * 0.05, y1 + BOX_H), (x2 + w2 / 2 - (x2 - x1) * 0.05, y2)
-        out.append(f'<path d="M{a[0]:.0f},{a[1]} C{a[0]:.0f},{a[1] + 30} {b[0]:.0f},{b[1] - 30} {b[0]:.0f},{b[1]}" '
-                   f'fill="none" stroke="#555" stroke-opacity="0.55" marker-end="url(#a)"/>')
-        out.append(f'<text x="{(a[0] + b[0]) / 2 + 4:.0f}" y="{(a[1] + b[1]) / 2:.0f}" font-size="10" '
-                   f'fill="#555">{n}</text>')
+        out.append(
+            f'<path d="M{a[0]:.0f},{a[1]} C{a[0]:.0f},{a[1] + 30} {b[0]:.0f},{b[1] - 30} {b[0]:.0f},{b[1]}" '
+            f'fill="none" stroke="#555" stroke-opacity="0.55" marker-end="url(#a)"/>'
+        )
+        out.append(
+            f'<text x="{(a[0] + b[0]) / 2 + 4:.0f}" y="{(a[1] + b[1]) / 2:.0f}" font-size="10" fill="#555">{n}</text>'
+        )
     for name, (x, y, w) in boxes.items():
         mods = modules(name)
         text = ", ".join(f"{m} {n}" for m, n in mods)
-        out.append(f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{BOX_H}" rx="6" fill="#dbe7f3" stroke="#2b5d8a"/>')
-        out.append(f'<text x="{x + 8:.0f}" y="{y + 20}" font-size="15" font-weight="bold">lcgraph/{name}/ '
-                   f'<tspan font-weight="normal" font-size="11">{sum(n for _, n in mods)} lines</tspan></text>')
+        out.append(
+            f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{BOX_H}" rx="6" fill="#dbe7f3" stroke="#2b5d8a"/>'
+        )
+        out.append(
+            f'<text x="{x + 8:.0f}" y="{y + 20}" font-size="15" font-weight="bold">lcgraph/{name}/ '
+            f'<tspan font-weight="normal" font-size="11">{sum(n for _, n in mods)} lines</tspan></text>'
+        )
         out.append(f'<text x="{x + 8:.0f}" y="{y + 42}" font-size="10.5" fill="#333">{text}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -145,13 +145,17 @@ def register_configs() -> None:
     """Schemas for the config groups, and every recipe in recipes/ as `+recipe=NAME`."""
     from omegaconf import OmegaConf
 
-
-
     register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="lcgraph_schema", node=LcgraphConfig)
-    for group, node in (("model", ModelConfig), ("data", DataConfig), ("parallel", ParallelConfig),
-                        ("optim", OptimConfig), ("train", TrainConfig), ("logging", LoggingConfig)):
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("parallel", ParallelConfig),
+        ("optim", OptimConfig),
+        ("train", TrainConfig),
+        ("logging", LoggingConfig),
+    ):
         cs.store(group=group, name=f"{group}_schema", node=node)
     for recipe in sorted(recipes_dir().glob("*.yaml")):
         cs.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
@@ -161,7 +165,6 @@ def compose_config(overrides: list[str]):
     """The config exactly as lcgraph-train composes it (groups, schema, recipes), without running an app."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
 
     register_configs()
     GlobalHydra.instance().clear()

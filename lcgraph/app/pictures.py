@@ -21,8 +21,13 @@ def main(argv: list[str] | None = None) -> None:
     """Capture the configured model on the meta device, run the passes, dump every graph (all stages)."""
     ap = argparse.ArgumentParser(prog="python -m lcgraph.app.pictures", description=main.__doc__)
     ap.add_argument("--out", default="graphs", help="directory for the pictures (default: graphs)")
-    ap.add_argument("--layer-level", type=int, action="append", metavar="L",
-                    help="also draw decoder layer L node by node (repeatable; default: each graph's first layer)")
+    ap.add_argument(
+        "--layer-level",
+        type=int,
+        action="append",
+        metavar="L",
+        help="also draw decoder layer L node by node (repeatable; default: each graph's first layer)",
+    )
     ap.add_argument("overrides", nargs="*", help="the training config's overrides, e.g. parallel.pp=4")
     args = ap.parse_args(argv)
     cfg = compose_config(args.overrides)
@@ -36,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         layers = None if args.layer_level is None else [L for L in args.layer_level if L in present]
         dump_graph(gm, out / name, layers=layers)
 
-    passes.compile_stages(captured, counts, "meta", par.seq_chunks if par.schedule == "seq1f1b" else 1, par.sp,
-                          dump=dump)
+    passes.compile_stages(
+        captured, counts, "meta", par.seq_chunks if par.schedule == "seq1f1b" else 1, par.sp, dump=dump
+    )
     print(f"wrote {len(list(out.glob('*.svg')))} pictures to {out}/ (layers per stage {counts})")
 
 

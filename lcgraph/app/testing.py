@@ -18,10 +18,23 @@ from lcgraph.app.cli import launch_local, share_cores
 from lcgraph.app.config import compose_config
 from lcgraph.app.job import Job
 
-TINY = ["parallel=single", "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=4",
-        "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
-        "data.seq_len=64", "data.max_corpus_mb=0.3", "train.steps=5", "train.progress=false",
-        "logging.wandb.mode=disabled", "train.device=cpu", "optim.warmup_steps=1", "optim.lr=1e-3"]
+TINY = [
+    "parallel=single",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=4",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=512",
+    "data.seq_len=64",
+    "data.max_corpus_mb=0.3",
+    "train.steps=5",
+    "train.progress=false",
+    "logging.wandb.mode=disabled",
+    "train.device=cpu",
+    "optim.warmup_steps=1",
+    "optim.lr=1e-3",
+]
 
 
 def compose(*overrides: str, tiny: bool = True):
@@ -35,10 +48,12 @@ def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, t
     job = Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), rank, world)
     losses = [job.run_step(step)["loss"] for step in range(cfg.train.steps)]
     params = {n: p.detach().cpu().clone() for n, p in job.all_params().items()}
-    extra = {"activation_peaks": job.activation_peaks(), "relay_peaks": {s: st.relay.peak_bytes
-                                                                         for s, st in job.stages.items()},
-             "optimizer_state_bytes": job.optimizer.state_bytes(),
-             "job": job}
+    extra = {
+        "activation_peaks": job.activation_peaks(),
+        "relay_peaks": {s: st.relay.peak_bytes for s, st in job.stages.items()},
+        "optimizer_state_bytes": job.optimizer.state_bytes(),
+        "job": job,
+    }
     return losses, params, extra
 
 
@@ -51,7 +66,6 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-
     share_cores()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -60,11 +74,16 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
             losses, params, extra = _train(OmegaConf.create(text), rank, dist.get_world_size())
             job = extra.pop("job")
             keep = job.coords.dp_rank == 0 and job.coords.sp_rank == 0
-            record = {"losses": losses, "params": params if keep else {},
-                      "activation_peaks": extra["activation_peaks"], "relay_peaks": extra["relay_peaks"],
-                      "optimizer_state_bytes": extra["optimizer_state_bytes"],
-                      "events": job.optimizer.events, "timeline": job.interpreter.timeline,
-                      "program": [a.token(False) for a in job.interpreter.program]}
+            record = {
+                "losses": losses,
+                "params": params if keep else {},
+                "activation_peaks": extra["activation_peaks"],
+                "relay_peaks": extra["relay_peaks"],
+                "optimizer_state_bytes": extra["optimizer_state_bytes"],
+                "events": job.optimizer.events,
+                "timeline": job.interpreter.timeline,
+                "program": [a.token(False) for a in job.interpreter.program],
+            }
             torch.save(record, os.path.join(out_dir, f"{i}-rank{rank}.pt"))
             dist.barrier()
     finally:
@@ -74,7 +93,6 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str) -> None:
 def train_spawned(cfgs: list, world: int) -> list[dict]:
     """Train each config on `world` spawned ranks; per config: losses (rank 0), merged params, per-rank records."""
     from omegaconf import OmegaConf
-
 
     out = tempfile.mkdtemp(prefix="lcgraph-grid-")
     launch_local(world, _grid_worker, [OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out, run_id="test")
@@ -96,8 +114,13 @@ def assert_close_run(got_losses, got_params, ref_losses, ref_params, rtol=1e-5, 
     update of that one element, so element-wise relative error is no measure of a pass's exactness.
     """
     assert len(got_losses) == len(ref_losses), label
-    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(ref_losses), rtol=rtol, atol=0,
-                               msg=lambda m: f"{label}: losses differ\n{m}")
+    torch.testing.assert_close(
+        torch.tensor(got_losses),
+        torch.tensor(ref_losses),
+        rtol=rtol,
+        atol=0,
+        msg=lambda m: f"{label}: losses differ\n{m}",
+    )
     assert set(got_params) == set(ref_params), f"{label}: parameter names differ"
     for name, ref in ref_params.items():
         err = float((got_params[name].double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))

@@ -101,8 +101,9 @@ def build_meta_model(config, dtype=torch.float32):
     return model.to(dtype)
 
 
-def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16,
-            dtype: torch.dtype = torch.float32) -> CapturedGraph:
+def capture(
+    model_or_config, batch_size: int = 1, example_seq_len: int = 16, dtype: torch.dtype = torch.float32
+) -> CapturedGraph:
     """Export `model_or_config` (an HF causal LM or its config) to an annotated fx graph on meta tensors.
 
     The sequence dim is dynamic; the batch (micro-batch size) and the parameter dtype are fixed at capture.
@@ -117,14 +118,19 @@ def capture(model_or_config, batch_size: int = 1, example_seq_len: int = 16,
         model = build_meta_model(config, dtype)
     started = time.perf_counter()
     seq = torch.export.Dim("seq", min=2, max=1 << 24)
-    example = {k: torch.zeros(batch_size, example_seq_len, dtype=torch.long, device="meta") for k in ("input_ids", "position_ids", "labels")}
+    example = {
+        k: torch.zeros(batch_size, example_seq_len, dtype=torch.long, device="meta")
+        for k in ("input_ids", "position_ids", "labels")
+    }
     try:
         ep = torch.export.export(
             _CausalLMLoss(model), (), kwargs=example, dynamic_shapes={k: {1: seq} for k in example}, strict=False
         )
     except Exception as exc:  # export errors are long; keep the first line and say what to do
-        raise CaptureError(f"torch.export failed for {type(model).__name__}: {str(exc).splitlines()[0]} "
-                           f"(set {TRACEBACK_ENV}=1 for the full cause)") from exc
+        raise CaptureError(
+            f"torch.export failed for {type(model).__name__}: {str(exc).splitlines()[0]} "
+            f"(set {TRACEBACK_ENV}=1 for the full cause)"
+        ) from exc
     gm = ep.graph_module  # lifted form: parameters and buffers are placeholders
     param_names, buffer_names = _signature_names(ep)
     if getattr(config, "tie_word_embeddings", False):  # one tensor, one canonical name: the embedding's
@@ -225,8 +231,14 @@ def _role_of(node: torch.fx.Node, path: str, part: str) -> str:
     return "glue"
 
 
-_ROTARY_OPS = {torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.neg.default,
-               torch.ops.aten.cat.default, torch.ops.aten.slice.Tensor, torch.ops.aten.unsqueeze.default}
+_ROTARY_OPS = {
+    torch.ops.aten.mul.Tensor,
+    torch.ops.aten.add.Tensor,
+    torch.ops.aten.neg.default,
+    torch.ops.aten.cat.default,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.unsqueeze.default,
+}
 
 
 class _SeqPoly:
@@ -310,6 +322,7 @@ def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
 
     Capture-time metadata asserts (which name the meta device) are dropped with them.
     """
+
     def fix(a):
         return device if isinstance(a, torch.device) else a
 

@@ -61,6 +61,7 @@ def _is_attention(node: fx.Node) -> bool:
 
 # --- partition ---------------------------------------------------------------------------------------------
 
+
 def layer_costs(captured: CapturedGraph, seq_len: int) -> tuple[list[float], float, float]:
     """Forward FLOPs per decoder layer, of the embedding side and of the head side (norm, head, loss)."""
     layers = [0.0] * captured.num_layers()
@@ -113,8 +114,9 @@ def plan_layer_counts(captured: CapturedGraph, parallel, seq_len: int) -> list[i
     if parallel.pp_layers:
         counts = list(parallel.pp_layers)
         if len(counts) != stages or sum(counts) != layers:
-            raise PlanError(f"parallel.pp_layers={counts} must have {stages} entries summing to "
-                            f"num_hidden_layers={layers}")
+            raise PlanError(
+                f"parallel.pp_layers={counts} must have {stages} entries summing to num_hidden_layers={layers}"
+            )
         return counts
     costs, first, last = layer_costs(captured, seq_len)
     return balance_layers(costs, first, last, stages)
@@ -211,6 +213,7 @@ def _extract_stage(captured: CapturedGraph, owner, s: int, stages: int, layers: 
 
 # --- KV relay (Seq1F1B) ----------------------------------------------------------------------------------
 
+
 def kv_relay(stage: StageGraph) -> StageGraph:
     """Rewrite every attention node to attend the cached K/V of earlier chunks of the same micro-batch.
 
@@ -228,8 +231,14 @@ def kv_relay(stage: StageGraph) -> StageGraph:
 
 # --- fused loss ----------------------------------------------------------------------------------------
 
-_PASS_THROUGH = {torch.ops.aten.to.dtype, torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default,
-                 torch.ops.aten.reshape.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default}
+_PASS_THROUGH = {
+    torch.ops.aten.to.dtype,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten._to_copy.default,
+}
 
 
 def fuse_loss(stage: StageGraph) -> StageGraph:
@@ -252,8 +261,9 @@ def fuse_loss(stage: StageGraph) -> StageGraph:
     with graph.inserting_before(ce):
         fused = graph.call_function(linear_cross_entropy, (logits.args[0], logits.args[1], labels))
     fused.meta = dict(ce.meta)
-    fused.meta["lcgraph"] = NodeInfo(part="loss", layer=None, role="loss", seq_dim=None,
-                                     flops_per_token=logits.meta["lcgraph"].flops_per_token)
+    fused.meta["lcgraph"] = NodeInfo(
+        part="loss", layer=None, role="loss", seq_dim=None, flops_per_token=logits.meta["lcgraph"].flops_per_token
+    )
     ce.replace_all_uses_with(fused)
     graph.erase_node(ce)
     graph.eliminate_dead_code()
@@ -262,6 +272,7 @@ def fuse_loss(stage: StageGraph) -> StageGraph:
 
 
 # --- attention lowering ---------------------------------------------------------------------------------
+
 
 def lower_attention(stage: StageGraph) -> StageGraph:
     """On GPU: call SDPA directly under autograd, so backward uses the kernel's saved statistics.
@@ -278,6 +289,7 @@ def lower_attention(stage: StageGraph) -> StageGraph:
 
 
 # --- Ulysses ------------------------------------------------------------------------------------------------
+
 
 def ulysses(stage: StageGraph, sp: int) -> StageGraph:
     """Insert all-to-all around each attention: [B, H, S/sp, D] x sp ranks <-> [B, H/sp, S, D].
@@ -301,8 +313,9 @@ def ulysses(stage: StageGraph, sp: int) -> StageGraph:
             out = graph.call_function(heads_to_seq, (node,))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
         for new in (q2, k2, v2, out):
-            new.meta["lcgraph"] = NodeInfo(part=node.meta["lcgraph"].part, layer=node.meta["lcgraph"].layer,
-                                           role="all_to_all", seq_dim=2)
+            new.meta["lcgraph"] = NodeInfo(
+                part=node.meta["lcgraph"].part, layer=node.meta["lcgraph"].layer, role="all_to_all", seq_dim=2
+            )
     stage.gm.recompile()
     return stage
 
@@ -317,19 +330,38 @@ def _repeat_kv_node(graph: fx.Graph, node: fx.Node, sp: int) -> fx.Node:
 def check_ulysses(config, sp: int) -> None:
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if heads % sp:
-        raise PlanError(f"parallel.sp={sp} must divide num_attention_heads={heads}; pick sp in "
-                        f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
+        raise PlanError(
+            f"parallel.sp={sp} must divide num_attention_heads={heads}; pick sp in "
+            f"{[d for d in range(1, heads + 1) if heads % d == 0]}"
+        )
     if kv % sp and sp % kv:
-        raise PlanError(f"parallel.sp={sp} and num_key_value_heads={kv}: one must divide the other "
-                        "(K/V heads are replicated up to sp); change sp")
+        raise PlanError(
+            f"parallel.sp={sp} and num_key_value_heads={kv}: one must divide the other "
+            "(K/V heads are replicated up to sp); change sp"
+        )
 
 
-PASSES = ("retarget_device", "partition", "kv_relay", "ulysses", "fuse_loss", "lower_attention",
-          "gather_waits")  # the last one is zero.gather_waits: it needs the optimizer's bucket layout
+PASSES = (
+    "retarget_device",
+    "partition",
+    "kv_relay",
+    "ulysses",
+    "fuse_loss",
+    "lower_attention",
+    "gather_waits",
+)  # the last one is zero.gather_waits: it needs the optimizer's bucket layout
 
 
-def compile_stages(captured: CapturedGraph, layer_counts: list[int], device, seq_chunks: int, sp: int,
-                   only: set[int] | None = None, dump=None, fused_loss: bool = True) -> dict[int, StageGraph]:
+def compile_stages(
+    captured: CapturedGraph,
+    layer_counts: list[int],
+    device,
+    seq_chunks: int,
+    sp: int,
+    only: set[int] | None = None,
+    dump=None,
+    fused_loss: bool = True,
+) -> dict[int, StageGraph]:
     """Run the passes in their fixed order; return the stage graphs (only those in `only`, when given)."""
     device = torch.device(device)
     retarget_device(captured.gm, device)
@@ -337,10 +369,12 @@ def compile_stages(captured: CapturedGraph, layer_counts: list[int], device, seq
         dump("01_retarget_device", captured.gm)
     stages = partition(captured, layer_counts)
     chosen = {s.index: s for s in stages if only is None or s.index in only}
-    steps = [("03_kv_relay", kv_relay, seq_chunks > 1),
-             ("04_ulysses", lambda st: ulysses(st, sp), sp > 1),
-             ("05_fuse_loss", fuse_loss, fused_loss),
-             ("06_lower_attention", lower_attention, device.type == "cuda")]
+    steps = [
+        ("03_kv_relay", kv_relay, seq_chunks > 1),
+        ("04_ulysses", lambda st: ulysses(st, sp), sp > 1),
+        ("05_fuse_loss", fuse_loss, fused_loss),
+        ("06_lower_attention", lower_attention, device.type == "cuda"),
+    ]
     for s in chosen.values():
         if dump:
             dump(f"02_partition_stage{s.index}", s.gm)

@@ -32,13 +32,40 @@ from lcgraph.observability.timeline import from_measured, trace_events, write_pn
 from lcgraph.ops.relay import relay_attention
 
 BADGES = {"all_to_all": ("A2A", "#8e5ea2"), "kv_relay": ("KV", "#2a9d8f"), "all_gather_wait": ("AG", "#9d755d")}
-PART_FILL = {"inputs": "#ffffff", "output": "#ffffff", "shared": "#eeeeee", "embed": "#d9f0d3", "layer": "#dbe9f6",
-             "norm": "#fdebd0", "head": "#fdd0a2", "loss": "#fcbba1"}
-STAGE_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6",
-                "#9d755d", "#bab0ac"]
-ROLE_FILL = {"attention": "#c6dbef", "projection": "#fdd0a2", "mlp": "#c7e9c0", "norm": "#fdebd0",
-             "rotary": "#d0ece9", "residual": "#fcbba1", "all_to_all": "#dadaeb", "embedding": "#d9f0d3",
-             "head": "#fdd0a2", "loss": "#fcbba1"}
+PART_FILL = {
+    "inputs": "#ffffff",
+    "output": "#ffffff",
+    "shared": "#eeeeee",
+    "embed": "#d9f0d3",
+    "layer": "#dbe9f6",
+    "norm": "#fdebd0",
+    "head": "#fdd0a2",
+    "loss": "#fcbba1",
+}
+STAGE_COLORS = [
+    "#4c78a8",
+    "#f58518",
+    "#54a24b",
+    "#e45756",
+    "#72b7b2",
+    "#eeca3b",
+    "#b279a2",
+    "#ff9da6",
+    "#9d755d",
+    "#bab0ac",
+]
+ROLE_FILL = {
+    "attention": "#c6dbef",
+    "projection": "#fdd0a2",
+    "mlp": "#c7e9c0",
+    "norm": "#fdebd0",
+    "rotary": "#d0ece9",
+    "residual": "#fcbba1",
+    "all_to_all": "#dadaeb",
+    "embedding": "#d9f0d3",
+    "head": "#fdd0a2",
+    "loss": "#fcbba1",
+}
 BW, BH, GX, GY, MARGIN, TOP = 236, 50, 26, 36, 20, 58  # box view geometry (px)
 NW, NH = 160, 36  # node view boxes
 GRID_COLS = 6
@@ -56,6 +83,7 @@ def graph_text(gm) -> str:
 
 
 # --- boxes: the graph collapsed per decoder layer ----------------------------------------------------------
+
 
 @dataclass
 class Box:
@@ -172,6 +200,7 @@ def stage_from_name(name: str) -> int | None:
 
 # --- layout: inputs and shared on top, decoder layers in a snaking grid, head side below --------------------
 
+
 def _rows(keys: list[str], edges: Counter) -> list[list[str]]:
     """Layered layout of `keys` (in first-appearance order): a box sits one row below its latest input."""
     rank: dict[str, int] = {}
@@ -229,21 +258,28 @@ def _layout(boxes: dict[str, Box], edges: Counter):
 
 # --- SVG ----------------------------------------------------------------------------------------------------
 
+
 def _esc(s) -> str:
     return html.escape(str(s), quote=True)
 
 
 def _lighten(color: str, keep: float = 0.3) -> str:
-    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
     return "#" + "".join(f"{int(v * keep + 255 * (1 - keep)):02x}" for v in (r, g, b))
 
 
 def _svg_open(width: float, height: float) -> list[str]:
-    return [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-             f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="12">'),
-            ('<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-             'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#666"/></marker></defs>'),
-            f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>']
+    return [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="12">'
+        ),
+        (
+            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#666"/></marker></defs>'
+        ),
+        f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>',
+    ]
 
 
 def _edge(d: str, label: str = "", at=None, opacity: float = 1.0) -> str:
@@ -264,8 +300,14 @@ def _box_edges(boxes, edges, pos, frame, width) -> list[str]:
         x = min(max(ax + BW / 2, frame[0] + 20), frame[0] + frame[2] - 20)
         n = layer_targets[a]
         label = f"to all {n} layers" if n == n_layers else f"to {n} layers"
-        out.append(_edge(f"M{ax + BW / 2:.0f},{ay + BH:.0f} C{ax + BW / 2:.0f},{frame[1] - 10:.0f} {x:.0f},"
-                         f"{ay + BH + 10:.0f} {x:.0f},{frame[1]:.0f}", label, (x, frame[1] - 4)))
+        out.append(
+            _edge(
+                f"M{ax + BW / 2:.0f},{ay + BH:.0f} C{ax + BW / 2:.0f},{frame[1] - 10:.0f} {x:.0f},"
+                f"{ay + BH + 10:.0f} {x:.0f},{frame[1]:.0f}",
+                label,
+                (x, frame[1] - 4),
+            )
+        )
     for (a, b), n in edges.items():
         if a in fanned and boxes[b].part == "layer":
             continue
@@ -274,27 +316,42 @@ def _box_edges(boxes, edges, pos, frame, width) -> list[str]:
         grid_between = frame is not None and ay < frame[1] and by > frame[1] + frame[3]
         if abs(ay - by) < 1:  # same row: side to side
             x1, x2 = (ax + BW, bx) if bx > ax else (ax, bx + BW)
-            out.append(_edge(f"M{x1:.0f},{ay + BH / 2:.0f} L{x2:.0f},{by + BH / 2:.0f}", label,
-                             ((x1 + x2) / 2, ay + BH / 2 - 4)))
+            out.append(
+                _edge(
+                    f"M{x1:.0f},{ay + BH / 2:.0f} L{x2:.0f},{by + BH / 2:.0f}", label, ((x1 + x2) / 2, ay + BH / 2 - 4)
+                )
+            )
         elif by > ay + BH + GY + 20 and not grid_between:  # down past a row: leave sideways, not through it
             x1 = ax if bx + BW / 2 < ax + BW / 2 else ax + BW
             x2, y1 = bx + BW / 2, ay + BH / 2
-            out.append(_edge(f"M{x1:.0f},{y1:.0f} C{x2:.0f},{y1:.0f} {x2:.0f},{y1:.0f} {x2:.0f},{by:.0f}", label,
-                             (x2, by - 6)))
+            out.append(
+                _edge(f"M{x1:.0f},{y1:.0f} C{x2:.0f},{y1:.0f} {x2:.0f},{y1:.0f} {x2:.0f},{by:.0f}", label, (x2, by - 6))
+            )
         elif by > ay and not grid_between:  # downwards to the next row
             x1, y1, x2, y2 = ax + BW / 2, ay + BH, bx + BW / 2, by
             mid = (y1 + y2) / 2
-            out.append(_edge(f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}", label,
-                             ((x1 + x2) / 2, mid)))
+            out.append(
+                _edge(
+                    f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}",
+                    label,
+                    ((x1 + x2) / 2, mid),
+                )
+            )
         else:  # around the layer block (or back up): along a side margin
             side = "right" if by > ay else "left"
             routes[side] += 1
             edge_x = (width - 10 - 8 * routes[side]) if side == "right" else (10 + 8 * routes[side])
             x1 = ax + BW if side == "right" else ax
             x2 = bx + BW if side == "right" else bx
-            out.append(_edge(f"M{x1:.0f},{ay + BH / 2:.0f} L{edge_x:.0f},{ay + BH / 2:.0f} "
-                             f"L{edge_x:.0f},{by + BH / 2:.0f} L{x2:.0f},{by + BH / 2:.0f}", label,
-                             (edge_x, (ay + by) / 2 + BH / 2), opacity=0.7))
+            out.append(
+                _edge(
+                    f"M{x1:.0f},{ay + BH / 2:.0f} L{edge_x:.0f},{ay + BH / 2:.0f} "
+                    f"L{edge_x:.0f},{by + BH / 2:.0f} L{x2:.0f},{by + BH / 2:.0f}",
+                    label,
+                    (edge_x, (ay + by) / 2 + BH / 2),
+                    opacity=0.7,
+                )
+            )
     return out
 
 
@@ -306,20 +363,26 @@ def _box_svg(box: Box, x: float, y: float, stage: int | None, link: bool) -> str
         fill, stroke, sw = _lighten(color), color, 2
     roles = Counter(getattr(n.meta.get("lcgraph"), "role", n.op) for n in box.nodes)
     tip = f"{box.key}: " + ", ".join(f"{r} {c}" for r, c in roles.most_common())
-    parts = [f'<g class="box" id="box-{box.id}"><title>{_esc(tip)}</title>',
-             (f'<rect x="{x:.0f}" y="{y:.0f}" width="{BW}" height="{BH}" rx="6" fill="{fill}" stroke="{stroke}" '
-              f'stroke-width="{sw}"/>'),
-             f'<text x="{x + 10:.0f}" y="{y + 20:.0f}" font-weight="bold" font-size="13">{_esc(box.key)}</text>',
-             f'<text x="{x + 10:.0f}" y="{y + 38:.0f}" font-size="10" fill="#444">{_esc(box.detail())}</text>']
+    parts = [
+        f'<g class="box" id="box-{box.id}"><title>{_esc(tip)}</title>',
+        (
+            f'<rect x="{x:.0f}" y="{y:.0f}" width="{BW}" height="{BH}" rx="6" fill="{fill}" stroke="{stroke}" '
+            f'stroke-width="{sw}"/>'
+        ),
+        f'<text x="{x + 10:.0f}" y="{y + 20:.0f}" font-weight="bold" font-size="13">{_esc(box.key)}</text>',
+        f'<text x="{x + 10:.0f}" y="{y + 38:.0f}" font-size="10" fill="#444">{_esc(box.detail())}</text>',
+    ]
     bx = x + BW - 4
     for kind, count in sorted(box.badges.items(), reverse=True):
         text, color = BADGES[kind]
         label = f"{text} {count}"
         w = 8 + 6.5 * len(label)
         bx -= w + 3
-        parts.append(f'<g class="badge {kind}"><rect x="{bx:.0f}" y="{y + 5:.0f}" width="{w:.0f}" height="15" rx="7" '
-                     f'fill="{color}"/><text x="{bx + w / 2:.0f}" y="{y + 16:.0f}" text-anchor="middle" '
-                     f'font-size="10" fill="white" font-weight="bold">{_esc(label)}</text></g>')
+        parts.append(
+            f'<g class="badge {kind}"><rect x="{bx:.0f}" y="{y + 5:.0f}" width="{w:.0f}" height="15" rx="7" '
+            f'fill="{color}"/><text x="{bx + w / 2:.0f}" y="{y + 16:.0f}" text-anchor="middle" '
+            f'font-size="10" fill="white" font-weight="bold">{_esc(label)}</text></g>'
+        )
     parts.append("</g>")
     body = "".join(parts)
     return f'<a href="#d-{box.id}">{body}</a>' if link else body
@@ -340,10 +403,14 @@ def graph_svg(gm, title: str = "", stage: int | None = None, link: bool = False)
     out.append(f'<text x="{MARGIN}" y="42" font-size="11" fill="#555">{_esc(" · ".join(sub))}</text>')
     if frame is not None:
         layers = sorted(b.layer for b in boxes.values() if b.part == "layer")
-        out.append(f'<rect x="{frame[0]:.0f}" y="{frame[1]:.0f}" width="{frame[2]:.0f}" height="{frame[3]:.0f}" '
-                   f'rx="10" fill="none" stroke="#999" stroke-dasharray="5,4"/>')
-        out.append(f'<text x="{frame[0] + frame[2]:.0f}" y="{frame[1] - 4:.0f}" text-anchor="end" font-size="11" '
-                   f'fill="#555">decoder layers {layers[0]}-{layers[-1]} ({len(layers)}), in snake order</text>')
+        out.append(
+            f'<rect x="{frame[0]:.0f}" y="{frame[1]:.0f}" width="{frame[2]:.0f}" height="{frame[3]:.0f}" '
+            f'rx="10" fill="none" stroke="#999" stroke-dasharray="5,4"/>'
+        )
+        out.append(
+            f'<text x="{frame[0] + frame[2]:.0f}" y="{frame[1] - 4:.0f}" text-anchor="end" font-size="11" '
+            f'fill="#555">decoder layers {layers[0]}-{layers[-1]} ({len(layers)}), in snake order</text>'
+        )
     out += _box_edges(boxes, edges, pos, frame, width)
     out += [_box_svg(b, *pos[k], stage, link) for k, b in boxes.items()]
     out.append("</svg>")
@@ -373,15 +440,22 @@ def layer_svg(gm, layer: int, title: str = "") -> str:
     height = TOP + len(rows) * (NH + 28) + MARGIN
     pos = {}
     for r, row in enumerate(rows):  # each row ordered by where its inputs sit (fewer crossings)
-        row.sort(key=lambda n: _mean([pos[a][0] for a in getattr(n, "all_input_nodes", ()) if a in pos]
-                                     + ([pos["from outside"][0]] if n in ext_in else []), width / 2))
+        row.sort(
+            key=lambda n: _mean(
+                [pos[a][0] for a in getattr(n, "all_input_nodes", ()) if a in pos]
+                + ([pos["from outside"][0]] if n in ext_in else []),
+                width / 2,
+            )
+        )
         x0 = width / 2 - (len(row) * (NW + 14) - 14) / 2
         for i, n in enumerate(row):
             pos[n] = (x0 + i * (NW + 14), TOP + r * (NH + 28))
     out = _svg_open(width, height)
     out.append(f'<text x="{MARGIN}" y="24" font-size="16" font-weight="bold">{_esc(title or key)}</text>')
-    out.append(f'<text x="{MARGIN}" y="42" font-size="11" fill="#555">{len(nodes)} nodes of {key}, '
-               f'colour = role, parameters omitted</text>')
+    out.append(
+        f'<text x="{MARGIN}" y="42" font-size="11" fill="#555">{len(nodes)} nodes of {key}, '
+        f"colour = role, parameters omitted</text>"
+    )
     links = [(a, n) for n in nodes for a in n.all_input_nodes if a in inside]
     links += [("from outside", n) for n in ext_in] + [(n, "to outside") for n in ext_out]
     for a, b in links:
@@ -389,13 +463,19 @@ def layer_svg(gm, layer: int, title: str = "") -> str:
         x1, y1, x2, y2 = ax + NW / 2, ay + NH, bx + NW / 2, by
         mid = (y1 + y2) / 2
         skip = (rank.get(b, last) - rank.get(a, 0)) > 1
-        out.append(_edge(f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}",
-                         opacity=0.35 if skip else 0.9))
+        out.append(
+            _edge(
+                f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}",
+                opacity=0.35 if skip else 0.9,
+            )
+        )
     for n, (x, y) in pos.items():
         if isinstance(n, str):
-            out.append(f'<rect x="{x:.0f}" y="{y:.0f}" width="{NW}" height="{NH}" rx="{NH / 2:.0f}" fill="#fff" '
-                       f'stroke="#999" stroke-dasharray="4,3"/><text x="{x + NW / 2:.0f}" y="{y + 22:.0f}" '
-                       f'text-anchor="middle" fill="#555">{n}</text>')
+            out.append(
+                f'<rect x="{x:.0f}" y="{y:.0f}" width="{NW}" height="{NH}" rx="{NH / 2:.0f}" fill="#fff" '
+                f'stroke="#999" stroke-dasharray="4,3"/><text x="{x + NW / 2:.0f}" y="{y + 22:.0f}" '
+                f'text-anchor="middle" fill="#555">{n}</text>'
+            )
             continue
         info = n.meta.get("lcgraph")
         role = getattr(info, "role", "?")
@@ -403,13 +483,15 @@ def layer_svg(gm, layer: int, title: str = "") -> str:
         stroke, sw = (BADGES[badge][1], 3) if badge else ("#666", 1)
         target = getattr(n.target, "__name__", str(n.target))
         tip = f"{n.name} = {target}({', '.join(a.name for a in n.all_input_nodes)}) [{role}]"
-        out.append(f'<g><title>{_esc(tip)}</title>'
-                   f'<rect x="{x:.0f}" y="{y:.0f}" width="{NW}" height="{NH}" rx="4" '
-                   f'fill="{ROLE_FILL.get(role, "#eeeeee")}" stroke="{stroke}" stroke-width="{sw}"/>'
-                   f'<text x="{x + 6:.0f}" y="{y + 15:.0f}" font-size="11" font-weight="bold">'
-                   f'{_esc(n.name[:24])}</text>'
-                   f'<text x="{x + 6:.0f}" y="{y + 29:.0f}" font-size="10" fill="#444">'
-                   f'{_esc((target + " · " + role)[:28])}</text></g>')
+        out.append(
+            f"<g><title>{_esc(tip)}</title>"
+            f'<rect x="{x:.0f}" y="{y:.0f}" width="{NW}" height="{NH}" rx="4" '
+            f'fill="{ROLE_FILL.get(role, "#eeeeee")}" stroke="{stroke}" stroke-width="{sw}"/>'
+            f'<text x="{x + 6:.0f}" y="{y + 15:.0f}" font-size="11" font-weight="bold">'
+            f"{_esc(n.name[:24])}</text>"
+            f'<text x="{x + 6:.0f}" y="{y + 29:.0f}" font-size="10" fill="#444">'
+            f"{_esc((target + ' · ' + role)[:28])}</text></g>"
+        )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -431,26 +513,38 @@ window.addEventListener('hashchange',openHash);openHash();"""
 def graph_html(gm, title: str = "", stage: int | None = None) -> str:
     """Self-contained page: the box picture (click a box to open it) and one expandable list per box."""
     boxes, _, _ = boxes_of(gm)
-    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-              f"<style>{_HTML_STYLE}</style></head><body><h2>{_esc(title)}</h2>"),
-             ("<p>Click a box to open its nodes. <button onclick='setAll(true)'>expand all</button> "
-              "<button onclick='setAll(false)'>collapse all</button></p>"),
-             f"<div class='pic'>{graph_svg(gm, title, stage, link=True)}</div>"]
+    parts = [
+        (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+            f"<style>{_HTML_STYLE}</style></head><body><h2>{_esc(title)}</h2>"
+        ),
+        (
+            "<p>Click a box to open its nodes. <button onclick='setAll(true)'>expand all</button> "
+            "<button onclick='setAll(false)'>collapse all</button></p>"
+        ),
+        f"<div class='pic'>{graph_svg(gm, title, stage, link=True)}</div>",
+    ]
     for box in boxes.values():
-        badges = "".join(f"<span class='b' style='background:{BADGES[k][1]}'>{BADGES[k][0]} {c}</span>"
-                         for k, c in sorted(box.badges.items()))
+        badges = "".join(
+            f"<span class='b' style='background:{BADGES[k][1]}'>{BADGES[k][0]} {c}</span>"
+            for k, c in sorted(box.badges.items())
+        )
         rows = []
         for n in box.nodes:
             info = n.meta.get("lcgraph")
             target = getattr(n.target, "__name__", str(n.target))
             flops = getattr(info, "flops_per_token", 0.0) or 0.0
-            rows.append(f"<tr><td>{_esc(n.name)}</td><td>{n.op}</td><td>{_esc(target)}</td>"
-                        f"<td>{_esc(getattr(info, 'role', ''))}</td><td>{_esc(getattr(info, 'seq_dim', ''))}</td>"
-                        f"<td>{_si(flops) if flops else ''}</td>"
-                        f"<td>{_esc(', '.join(a.name for a in n.all_input_nodes))}</td></tr>")
-        parts.append(f"<details id='d-{box.id}'><summary><b>{_esc(box.key)}</b> — {_esc(box.detail())}{badges}"
-                     f"</summary><table><tr><th>node</th><th>op</th><th>target</th><th>role</th><th>seq dim</th>"
-                     f"<th>FLOP/tok</th><th>inputs</th></tr>{''.join(rows)}</table></details>")
+            rows.append(
+                f"<tr><td>{_esc(n.name)}</td><td>{n.op}</td><td>{_esc(target)}</td>"
+                f"<td>{_esc(getattr(info, 'role', ''))}</td><td>{_esc(getattr(info, 'seq_dim', ''))}</td>"
+                f"<td>{_si(flops) if flops else ''}</td>"
+                f"<td>{_esc(', '.join(a.name for a in n.all_input_nodes))}</td></tr>"
+            )
+        parts.append(
+            f"<details id='d-{box.id}'><summary><b>{_esc(box.key)}</b> — {_esc(box.detail())}{badges}"
+            f"</summary><table><tr><th>node</th><th>op</th><th>target</th><th>role</th><th>seq dim</th>"
+            f"<th>FLOP/tok</th><th>inputs</th></tr>{''.join(rows)}</table></details>"
+        )
     parts.append(f"<script>{_HTML_SCRIPT}</script></body></html>")
     return "\n".join(parts) + "\n"
 
@@ -485,6 +579,7 @@ def dump_graph(gm, path: Path, stage: int | None = None, layers: list[int] | Non
 
 
 # --- measured timeline --------------------------------------------------------------------------------------
+
 
 def comm_times(entries) -> dict:
     """Seconds of one rank's step (Interpreter.timeline entries) spent in communication actions.
@@ -550,16 +645,31 @@ def zero_trace_events(events, t0: float) -> list[dict]:
     for i, (rank, what, stage, bucket, t) in enumerate(sorted(events, key=lambda e: e[4])):
         ts = (t - t0) * 1e6
         label = f"{what} b{bucket}" if bucket >= 0 else what  # bucket -1: a stage event (backward_end)
-        out.append({"ph": "i", "s": "t", "name": label, "cat": "zero", "pid": rank, "tid": 2, "ts": ts,
-                    "args": {"stage": stage, "bucket": bucket}})
+        out.append(
+            {
+                "ph": "i",
+                "s": "t",
+                "name": label,
+                "cat": "zero",
+                "pid": rank,
+                "tid": 2,
+                "ts": ts,
+                "args": {"stage": stage, "bucket": bucket},
+            }
+        )
         op, _, phase = what.partition("_")
         key = (rank, op, stage, bucket)
         if phase == "issue":
             open_at[key] = (ts, i)
         elif key in open_at:
             start, ident = open_at.pop(key)
-            common = {"name": f"{op.upper()} b{bucket} in flight", "cat": "zero", "id": f"{rank}-{ident}",
-                      "pid": rank, "tid": 2}
+            common = {
+                "name": f"{op.upper()} b{bucket} in flight",
+                "cat": "zero",
+                "id": f"{rank}-{ident}",
+                "pid": rank,
+                "tid": 2,
+            }
             out += [{**common, "ph": "b", "ts": start}, {**common, "ph": "e", "ts": ts}]
     return out
 
@@ -575,7 +685,6 @@ def write_measured_timeline(job, run_dir, world: int) -> dict:
     import json
 
     import torch.distributed as dist
-
 
     mine = _rank_record(job, world)
     records = [mine]
@@ -596,8 +705,11 @@ def write_measured_timeline(job, run_dir, world: int) -> dict:
     _keep_predicted(out)
     trace = trace_events(timeline)
     trace["traceEvents"] += zero_trace_events(events, t0)
-    trace["otherData"] = {"source": "measured", "step": "last", **{k: v for k, v in stats.items()
-                                                                    if not isinstance(v, list)}}
+    trace["otherData"] = {
+        "source": "measured",
+        "step": "last",
+        **{k: v for k, v in stats.items() if not isinstance(v, list)},
+    }
     (out / "timeline.json").write_text(json.dumps(trace))
     if timeline:
         write_png(timeline, out / "timeline.png", title=f"measured: last step, bubble {stats['bubble_fraction']:.1%}")

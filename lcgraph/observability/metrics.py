@@ -23,12 +23,24 @@ from omegaconf import OmegaConf
 
 SECTIONS = {
     "train": ("loss", "lr", "grad_norm", "tokens"),
-    "perf": ("tokens_per_s", "step_time_s", "tflops_per_gpu", "mfu", "bubble_fraction", "measured_step_s",
-             "measured_pipeline_s"),
+    "perf": (
+        "tokens_per_s",
+        "step_time_s",
+        "tflops_per_gpu",
+        "mfu",
+        "bubble_fraction",
+        "measured_step_s",
+        "measured_pipeline_s",
+    ),
     "comm": ("p2p_s", "grad_sync_s", "comm_s"),
 }
-SUMMARIES = {"train/loss": "min,last", "perf/tokens_per_s": "mean,max", "perf/step_time_s": "mean,min",
-             "perf/mfu": "mean,max", "perf/tflops_per_gpu": "mean,max"}
+SUMMARIES = {
+    "train/loss": "min,last",
+    "perf/tokens_per_s": "mean,max",
+    "perf/step_time_s": "mean,min",
+    "perf/mfu": "mean,max",
+    "perf/tflops_per_gpu": "mean,max",
+}
 
 
 def metric_key(name: str) -> str:
@@ -79,8 +91,15 @@ class RunLogger:
             return None
         import wandb
 
-        run = wandb.init(project=w.project, entity=w.entity, group=w.group, mode=w.mode, dir=str(self.run_dir),
-                         config=OmegaConf.to_container(self.cfg, resolve=True), reinit="finish_previous")
+        run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            group=w.group,
+            mode=w.mode,
+            dir=str(self.run_dir),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            reinit="finish_previous",
+        )
         run.define_metric("step")
         for section in ("train", "perf", "memory", "comm", "timeline", "graphs", "plan"):
             run.define_metric(f"{section}/*", step_metric="step")
@@ -91,9 +110,15 @@ class RunLogger:
     def _init_progress(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                            TimeRemainingColumn(), transient=False)
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:.0f} tok/s"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         progress.start()
         self.task = progress.add_task("train", total=self.cfg.train.steps, loss=float("nan"), tps=0.0)
         return progress
@@ -121,11 +146,14 @@ class RunLogger:
         if self.progress is not None:
             self.progress.stop()
         h = self.history
-        tail = h[len(h) // 2:] or h
+        tail = h[len(h) // 2 :] or h
         summary = {
-            "steps": len(h), "final_loss": h[-1]["loss"] if h else None, "first_loss": h[0]["loss"] if h else None,
+            "steps": len(h),
+            "final_loss": h[-1]["loss"] if h else None,
+            "first_loss": h[0]["loss"] if h else None,
             "tokens_per_s": sum(m["tokens"] for m in tail) / max(1e-9, sum(m["step_time_s"] for m in tail)),
-            "wall_s": time.perf_counter() - self.started, **(extra or {}),
+            "wall_s": time.perf_counter() - self.started,
+            **(extra or {}),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
@@ -166,7 +194,7 @@ def plan_tables(plan: dict) -> dict:
 
     def table(rows: list[dict]):
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        cell = (lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+        cell = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v
         return wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])
 
     out = {}

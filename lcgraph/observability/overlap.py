@@ -94,11 +94,15 @@ def analyze(trace: dict) -> dict[str, Overlap]:
     if any(e.get("cat") == "kernel" for e in spans):
         return _analyze_cuda(spans)
     backward = [_span(e) for e in spans if e["name"].startswith("autograd::engine::evaluate_function")]
-    forward = intersect([_span(e) for e in spans if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")],
-                        [_span(e) for e in spans if e.get("cat") == "user_annotation" and e["name"].startswith("F")])
+    forward = intersect(
+        [_span(e) for e in spans if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")],
+        [_span(e) for e in spans if e.get("cat") == "user_annotation" and e["name"].startswith("F")],
+    )
     compute = {"reduce_scatter": backward, "all_gather": forward}
-    return {name: _measure("cpu", _gloo_runs(spans, call, work), compute[name])
-            for name, (_, call, work) in COLLECTIVES.items()}
+    return {
+        name: _measure("cpu", _gloo_runs(spans, call, work), compute[name])
+        for name, (_, call, work) in COLLECTIVES.items()
+    }
 
 
 def _analyze_cuda(spans: list[dict]) -> dict[str, Overlap]:
@@ -126,8 +130,16 @@ def _collective_of(spans: list[dict], work: list[dict]) -> dict[int, str]:
         op = by_id.get(e.get("args", {}).get("External id"))
         if op is None:
             continue
-        call = next((c for c in calls if c.get("tid") == op.get("tid") and c["ts"] <= op["ts"]
-                     and op["ts"] + op.get("dur", 0) <= c["ts"] + c.get("dur", 0)), None)
+        call = next(
+            (
+                c
+                for c in calls
+                if c.get("tid") == op.get("tid")
+                and c["ts"] <= op["ts"]
+                and op["ts"] + op.get("dur", 0) <= c["ts"] + c.get("dur", 0)
+            ),
+            None,
+        )
         if call is not None:
             out[id(e)] = _named(call["name"].replace("nccl:", "c10d::"), column=1) or "other"
     return out

@@ -73,17 +73,24 @@ def _split(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def collect(sweep_dir: Path, known: dict[str, list[str]] | None = None,
-            status: dict[str, str] | None = None) -> list[dict]:
+def collect(
+    sweep_dir: Path, known: dict[str, list[str]] | None = None, status: dict[str, str] | None = None
+) -> list[dict]:
     """One row per job: its directory, overrides, summary metrics and status."""
     rows = []
     for job_dir in _job_dirs(sweep_dir):
         key = str(job_dir.resolve())
         summary_path = job_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        rows.append({"job": str(job_dir.relative_to(sweep_dir)), "overrides": _overrides(job_dir, known or {}),
-                     "status": (status or {}).get(key, "completed" if summary else "no summary.json"),
-                     **{m: summary.get(m) for m in METRICS}, "summary": summary})
+        rows.append(
+            {
+                "job": str(job_dir.relative_to(sweep_dir)),
+                "overrides": _overrides(job_dir, known or {}),
+                "status": (status or {}).get(key, "completed" if summary else "no summary.json"),
+                **{m: summary.get(m) for m in METRICS},
+                "summary": summary,
+            }
+        )
     return rows
 
 
@@ -93,8 +100,9 @@ def swept_keys(rows: list[dict]) -> list[str]:
     for row in rows:
         for key, value in map(_split, row["overrides"]):
             values.setdefault(key, set()).add(value)
-    return [k for k, vs in values.items()
-            if len(vs) > 1 or any(k not in dict(map(_split, r["overrides"])) for r in rows)]
+    return [
+        k for k, vs in values.items() if len(vs) > 1 or any(k not in dict(map(_split, r["overrides"])) for r in rows)
+    ]
 
 
 def _mib(n: Any) -> str:
@@ -108,11 +116,16 @@ def _number(value: Any, fmt: str) -> str:
 def _cells(row: dict, keys: list[str]) -> dict[str, str]:
     over = dict(map(_split, row["overrides"]))
     peaks = row["activation_peak_bytes_per_stage"]
-    return {"job": row["job"], **{k: over.get(k, "") for k in keys},
-            "tokens_per_s": _number(row["tokens_per_s"], ".1f"), "final_loss": _number(row["final_loss"], ".4f"),
-            "activation_peak_mib_per_stage": " / ".join(_mib(p) for p in peaks) if peaks else "",
-            "bubble_fraction": _number(row["bubble_fraction"], ".3f"), "cuda_peak_mib": _mib(row["cuda_peak_bytes"]),
-            "status": row["status"]}
+    return {
+        "job": row["job"],
+        **{k: over.get(k, "") for k in keys},
+        "tokens_per_s": _number(row["tokens_per_s"], ".1f"),
+        "final_loss": _number(row["final_loss"], ".4f"),
+        "activation_peak_mib_per_stage": " / ".join(_mib(p) for p in peaks) if peaks else "",
+        "bubble_fraction": _number(row["bubble_fraction"], ".3f"),
+        "cuda_peak_mib": _mib(row["cuda_peak_bytes"]),
+        "status": row["status"],
+    }
 
 
 def write_comparison(sweep_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
@@ -135,8 +148,11 @@ def print_table(sweep_dir: Path, rows: list[dict], file=None) -> None:
     keys = swept_keys(rows)
     table = Table(title=f"lcgraph sweep {sweep_dir}")
     cells = [_cells(r, keys) for r in rows]
-    shown = [c for c in (cells[0] if cells else {"job": ""})
-             if any(row[c] for row in cells) or c in ("job", "tokens_per_s", "final_loss")]
+    shown = [
+        c
+        for c in (cells[0] if cells else {"job": ""})
+        if any(row[c] for row in cells) or c in ("job", "tokens_per_s", "final_loss")
+    ]
     for column in shown:
         table.add_column(column, justify="right" if column not in ("job", "status", *keys) else "left")
     for row in cells:

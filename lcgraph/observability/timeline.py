@@ -49,8 +49,17 @@ def trace_events(timeline, label: str = "rank") -> dict:
         for tid, thread in ((0, "compute"), (1, "p2p")):
             events.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": thread}})
     for rank, name, start, end in timeline:
-        events.append({"ph": "X", "name": name, "cat": _kind(name), "pid": rank, "tid": _lane(name),
-                       "ts": start * 1e6, "dur": max(end - start, 0.0) * 1e6})
+        events.append(
+            {
+                "ph": "X",
+                "name": name,
+                "cat": _kind(name),
+                "pid": rank,
+                "tid": _lane(name),
+                "ts": start * 1e6,
+                "dur": max(end - start, 0.0) * 1e6,
+            }
+        )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
@@ -79,8 +88,7 @@ def write_png(timeline, path, title: str = "") -> Path | None:
     span = max((e[3] for e in compute), default=1.0) or 1.0
     fig, ax = plt.subplots(figsize=(14, 0.55 * len(ranks) + 1.5))
     for rank, name, start, end in compute:
-        ax.barh(rank, end - start, left=start, height=0.8, color=COLORS[_kind(name)], edgecolor="white",
-                linewidth=0.3)
+        ax.barh(rank, end - start, left=start, height=0.8, color=COLORS[_kind(name)], edgecolor="white", linewidth=0.3)
         if (end - start) > span / 45:  # label the bars wide enough to read
             ax.text((start + end) / 2, rank, name, ha="center", va="center", fontsize=6, color="white")
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
@@ -89,8 +97,9 @@ def write_png(timeline, path, title: str = "") -> Path | None:
     ax.set_title(title, loc="left")
     kinds = [k for k in COLORS if any(_kind(e[1]) == k for e in compute)]
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds]
-    ax.legend(handles, kinds, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(kinds), fontsize="small",
-              frameon=False)
+    ax.legend(
+        handles, kinds, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(kinds), fontsize="small", frameon=False
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,14 +54,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = _block_rows(weight.shape[0])
         block = _block_fn(h.device)
         for start in range(0, h.shape[0], rows):
-            hb, yb = h[start:start + rows], y[start:start + rows]
+            hb, yb = h[start : start + rows], y[start : start + rows]
             valid = yb != IGNORE_INDEX
             loss, dlogits = block(hb @ weight.t(), torch.where(valid, yb, 0), valid)
             total += loss
             if need_h or need_w:
                 dlogits = dlogits.to(hb.dtype)
                 if need_h:
-                    grad_h[start:start + rows] = dlogits @ weight
+                    grad_h[start : start + rows] = dlogits @ weight
                 if need_w:
                     grad_w += (dlogits.t() @ hb).float()
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)

@@ -82,8 +82,8 @@ class _RelayAttention(torch.autograd.Function):
         start, length = dk_all.shape[2] - k.shape[2], k.shape[2]
         dk, dv = dk_all[:, :, start:], dv_all[:, :, start:]
         if cache.grad_k is not None:  # what later chunks relayed for this chunk's positions
-            dk = dk + cache.grad_k[:, :, start:start + length]
-            dv = dv + cache.grad_v[:, :, start:start + length]
+            dk = dk + cache.grad_k[:, :, start : start + length]
+            dv = dv + cache.grad_v[:, :, start : start + length]
         if start:
             _park_prefix_grad(cache, dk_all[:, :, :start], dv_all[:, :, :start])
         else:

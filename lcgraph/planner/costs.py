@@ -41,11 +41,41 @@ OPTIMIZER_TRAFFIC = 32  # bytes moved per parameter by one AdamW update (master,
 TRAFFIC_CALIBRATION = 1.9
 
 # ops whose output shares its input's storage: no new memory, no memory traffic
-VIEW_OPS = {"view", "_unsafe_view", "reshape", "transpose", "unsqueeze", "squeeze", "slice", "select", "expand",
-            "permute", "t", "alias", "flatten", "unflatten", "detach", "contiguous"}
+VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "transpose",
+    "unsqueeze",
+    "squeeze",
+    "slice",
+    "select",
+    "expand",
+    "permute",
+    "t",
+    "alias",
+    "flatten",
+    "unflatten",
+    "detach",
+    "contiguous",
+}
 # ops that keep nothing for backward (their gradient needs no saved tensor)
-NO_SAVE_OPS = VIEW_OPS | {"add", "sub", "neg", "cat", "to", "_to_copy", "clone", "mean", "sum", "embedding",
-                          "_assert_tensor_metadata", "sym_size", "repeat_interleave", "copy"}
+NO_SAVE_OPS = VIEW_OPS | {
+    "add",
+    "sub",
+    "neg",
+    "cat",
+    "to",
+    "_to_copy",
+    "clone",
+    "mean",
+    "sum",
+    "embedding",
+    "_assert_tensor_metadata",
+    "sym_size",
+    "repeat_interleave",
+    "copy",
+}
 # ops that keep their own output for backward (on top of, or instead of, their inputs)
 SAVES_OUTPUT_OPS = {"rsqrt", "exp", "sigmoid", "tanh", "_softmax", "softmax", "attention"}
 FREE_OPS = {"_assert_tensor_metadata", "sym_size"}  # bookkeeping, no kernel
@@ -53,6 +83,7 @@ COMPUTE_OPS = {"linear", "attention"}  # timed by FLOPs, not by memory traffic
 
 
 # --- device profiles ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class DeviceProfile:
@@ -77,8 +108,9 @@ class DeviceProfile:
         if unknown:
             raise ValueError(f"device profile {data.get('name')!r}: unknown keys {unknown}; known: {sorted(known)}")
         data = dict(data)
-        data["attention_flops"] = {int(d): sorted((int(s), float(r)) for s, r in table)
-                                   for d, table in data["attention_flops"].items()}
+        data["attention_flops"] = {
+            int(d): sorted((int(s), float(r)) for s, r in table) for d, table in data["attention_flops"].items()
+        }
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -119,13 +151,16 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     if not path.suffix:
         path = PROFILES_DIR / f"{name_or_path}.json"
     if not path.is_file():
-        raise ProfileError(f"device profile {name_or_path!r} not found; shipped profiles: "
-                                f"{', '.join(profile_names())}, or give the path of a JSON file "
-                                "(tools/profile_device.py writes one)")
+        raise ProfileError(
+            f"device profile {name_or_path!r} not found; shipped profiles: "
+            f"{', '.join(profile_names())}, or give the path of a JSON file "
+            "(tools/profile_device.py writes one)"
+        )
     return DeviceProfile.from_dict(json.loads(path.read_text()))
 
 
 # --- costs read from the graph -----------------------------------------------------------------------------
+
 
 @dataclass
 class Coeffs:
@@ -219,8 +254,18 @@ class GraphCosts:
                 tied += node.meta["val"].numel()
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = [groups[("layer", i)] for i in range(captured.num_layers())]
-        return cls(layers, groups["first"], groups["last"], groups["shared"], config.hidden_size,
-                   config.num_attention_heads, kv_heads, head_dim, dtype, tied)
+        return cls(
+            layers,
+            groups["first"],
+            groups["last"],
+            groups["shared"],
+            config.hidden_size,
+            config.num_attention_heads,
+            kv_heads,
+            head_dim,
+            dtype,
+            tied,
+        )
 
     def stage(self, layers: list[int], is_first: bool, is_last: bool) -> Coeffs:
         total = self.shared
@@ -300,6 +345,7 @@ def _bytes_per_token(node, dtype: str) -> float:
 
 # --- a layout on a device ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Layout:
     """The parallel layout and step shape the costs are evaluated for."""
@@ -350,8 +396,10 @@ class CostModel:
     def __post_init__(self) -> None:
         n = len(self.layer_counts)
         starts = [sum(self.layer_counts[:s]) for s in range(n)]
-        self.stages = [self.graph.stage(list(range(starts[s], starts[s] + c)), s == 0, s == n - 1)
-                       for s, c in enumerate(self.layer_counts)]
+        self.stages = [
+            self.graph.stage(list(range(starts[s], starts[s] + c)), s == 0, s == n - 1)
+            for s, c in enumerate(self.layer_counts)
+        ]
         self.prefixes = [sum(self.chunk_lengths[:c]) for c in range(len(self.chunk_lengths))]
 
     # --- compute -----------------------------------------------------------------------------------------
@@ -367,7 +415,8 @@ class CostModel:
         return {
             "matmul": c.matmul_per_token * tokens / dev.matmul_rate(dtype),
             "attention": c.attention_per_pair * pairs / dev.attention_rate(length, self.graph.head_dim, dtype)
-            if c.attention_per_pair else 0.0,
+            if c.attention_per_pair
+            else 0.0,
             "traffic": TRAFFIC_CALIBRATION * c.traffic_per_token * tokens / dev.memory_bandwidth,
             "all_to_all": a2a,
         }
@@ -378,8 +427,13 @@ class CostModel:
     def backward_time(self, stage: int, chunk: int) -> float:
         p = self.compute_parts(stage, self.chunk_lengths[chunk], self.prefixes[chunk])
         rerun = self.forward_time(stage, chunk) if self.layout.recompute else 0.0
-        return (BACKWARD_MATMUL * p["matmul"] + BACKWARD_ATTENTION * p["attention"]
-                + BACKWARD_TRAFFIC * p["traffic"] + p["all_to_all"] + rerun)
+        return (
+            BACKWARD_MATMUL * p["matmul"]
+            + BACKWARD_ATTENTION * p["attention"]
+            + BACKWARD_TRAFFIC * p["traffic"]
+            + p["all_to_all"]
+            + rerun
+        )
 
     # --- communication -----------------------------------------------------------------------------------
     def p2p_time(self, src_stage: int, dst_stage: int, chunk: int) -> float:

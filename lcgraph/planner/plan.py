@@ -37,8 +37,14 @@ from lcgraph.runtime.model import build_config
 from lcgraph.schedule import programs as schedule
 from lcgraph.schedule.programs import ScheduleError, format_programs
 
-DEFAULTS = {"device": "h100", "gpus_per_node": None, "dtype": None, "alternatives": True, "chunks": [2, 4, 8],
-            "timeline": True}
+DEFAULTS = {
+    "device": "h100",
+    "gpus_per_node": None,
+    "dtype": None,
+    "alternatives": True,
+    "chunks": [2, 4, 8],
+    "timeline": True,
+}
 GiB = 2**30
 
 
@@ -50,14 +56,17 @@ def plan_settings(cfg) -> dict:
     given: dict = OmegaConf.to_container(section, resolve=True) if section is not None else {}  # type: ignore[assignment]
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise PlanError(f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
-                        f"{', '.join('plan.' + k for k in DEFAULTS)}")
+        raise PlanError(
+            f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
+            f"{', '.join('plan.' + k for k in DEFAULTS)}"
+        )
     settings = {**DEFAULTS, **given}
     settings["dtype"] = settings["dtype"] or cfg.train.dtype
     return settings
 
 
 # --- one layout, evaluated -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Evaluation:
@@ -80,18 +89,32 @@ class Evaluation:
         tokens_per_s_gpu = self.tokens_per_step / sim.step_time / self.gpus
         peak = max(sim.rank_peak)
         return {
-            "schedule": self.spec.name, "seq_chunks": self.spec.seq_chunks,
-            "chunk_lengths": list(self.cost.chunk_lengths), "step_time_s": sim.step_time,
-            "pipeline_time_s": sim.pipeline_time, "tokens_per_step": self.tokens_per_step,
+            "schedule": self.spec.name,
+            "seq_chunks": self.spec.seq_chunks,
+            "chunk_lengths": list(self.cost.chunk_lengths),
+            "step_time_s": sim.step_time,
+            "pipeline_time_s": sim.pipeline_time,
+            "tokens_per_step": self.tokens_per_step,
             "tokens_per_s_per_gpu": tokens_per_s_gpu,
             "mfu": self.model_flops_per_token * tokens_per_s_gpu / dev.matmul_flops,
-            "bubble": sim.bubble, "peak_bytes": peak, "fits": peak <= dev.memory_bytes,
+            "bubble": sim.bubble,
+            "peak_bytes": peak,
+            "fits": peak <= dev.memory_bytes,
         }
 
 
-def evaluate(graph, profile, layout, layer_counts: list[int], seq_len: int, schedule_name: str,
-             microbatches: int, seq_chunks: int = 1, chunk_split: str = "uniform_comp",
-             label: str | None = None) -> Evaluation:
+def evaluate(
+    graph,
+    profile,
+    layout,
+    layer_counts: list[int],
+    seq_len: int,
+    schedule_name: str,
+    microbatches: int,
+    seq_chunks: int = 1,
+    chunk_split: str = "uniform_comp",
+    label: str | None = None,
+) -> Evaluation:
     """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
 
     k = seq_chunks if schedule_name == "seq1f1b" else 1
@@ -111,6 +134,7 @@ def evaluate(graph, profile, layout, layer_counts: list[int], seq_len: int, sche
 
 # --- the whole plan --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Plan:
     settings: dict
@@ -128,17 +152,25 @@ class Plan:
             mem, peak = cost.stage_memory(s), ev.sim.peaks[s]
             k = len(cost.chunk_lengths)
             parts = [cost.compute_parts(s, cost.chunk_lengths[c], cost.prefixes[c]) for c in range(k)]
-            rows.append({
-                "stage": s, "rank": ev.spec.rank_of(s), "layers": [first, first + count - 1] if count else [],
-                "params": cost.stages[s].params,
-                "weights_bytes": mem.weights, "grads_bytes": mem.grads, "optimizer_bytes": mem.optimizer,
-                "activations_bytes": peak.activations, "kv_relay_bytes": peak.kv_relay, "total_bytes": peak.total,
-                "memory_fraction": peak.total / cost.profile.memory_bytes,
-                "forward_s": [cost.forward_time(s, c) for c in range(k)],
-                "backward_s": [cost.backward_time(s, c) for c in range(k)],
-                "forward_parts_s": {name: sum(p[name] for p in parts) for name in parts[0]},
-                "busy_s": ev.sim.busy[ev.spec.rank_of(s)],
-            })
+            rows.append(
+                {
+                    "stage": s,
+                    "rank": ev.spec.rank_of(s),
+                    "layers": [first, first + count - 1] if count else [],
+                    "params": cost.stages[s].params,
+                    "weights_bytes": mem.weights,
+                    "grads_bytes": mem.grads,
+                    "optimizer_bytes": mem.optimizer,
+                    "activations_bytes": peak.activations,
+                    "kv_relay_bytes": peak.kv_relay,
+                    "total_bytes": peak.total,
+                    "memory_fraction": peak.total / cost.profile.memory_bytes,
+                    "forward_s": [cost.forward_time(s, c) for c in range(k)],
+                    "backward_s": [cost.backward_time(s, c) for c in range(k)],
+                    "forward_parts_s": {name: sum(p[name] for p in parts) for name in parts[0]},
+                    "busy_s": ev.sim.busy[ev.spec.rank_of(s)],
+                }
+            )
             first += count
         return rows
 
@@ -148,17 +180,28 @@ class Plan:
         p2p = [cost.p2p_time(0, 1, c) for c in chunks] if len(cost.layer_counts) > 1 else []
         return {
             "model": self.model,
-            "layout": {**dataclasses.asdict(cost.layout), "gpus": cost.layout.gpus, "schedule": ev.spec.name,
-                       "microbatches": ev.spec.microbatches, "seq_chunks": ev.spec.seq_chunks,
-                       "seq_len": sum(cost.chunk_lengths), "dtype": cost.graph.dtype},
+            "layout": {
+                **dataclasses.asdict(cost.layout),
+                "gpus": cost.layout.gpus,
+                "schedule": ev.spec.name,
+                "microbatches": ev.spec.microbatches,
+                "seq_chunks": ev.spec.seq_chunks,
+                "seq_len": sum(cost.chunk_lengths),
+                "dtype": cost.graph.dtype,
+            },
             "device": cost.profile.to_dict(),
             "layer_counts": list(cost.layer_counts),
             "chunk_lengths": list(cost.chunk_lengths),
             "stages": self.stage_rows(),
-            "summary": {**ev.summary(), "p2p_s_per_chunk": p2p,
-                        "grad_sync_s": [cost.grad_sync_time(s) for s in range(len(cost.layer_counts))]},
-            "alternatives": [{"label": label, **(alt.summary() if isinstance(alt, Evaluation) else {"error": alt})}
-                             for label, alt in self.alternatives],
+            "summary": {
+                **ev.summary(),
+                "p2p_s_per_chunk": p2p,
+                "grad_sync_s": [cost.grad_sync_time(s) for s in range(len(cost.layer_counts))],
+            },
+            "alternatives": [
+                {"label": label, **(alt.summary() if isinstance(alt, Evaluation) else {"error": alt})}
+                for label, alt in self.alternatives
+            ],
             "settings": self.settings,
             "notes": self.notes,
             "capture_seconds": self.capture_seconds,
@@ -192,23 +235,50 @@ def build_plan(cfg, captured=None) -> Plan:
         captured = capture(config)
     graph = GraphCosts.from_captured(captured, settings["dtype"])
     par, seq = cfg.parallel, cfg.data.seq_len
-    layout = Layout(par.pp, par.dp, par.sp, cfg.data.micro_batch_size, par.zero, par.virtual_stages,
-                    recompute=bool(cfg.train.get("recompute", False)))
+    layout = Layout(
+        par.pp,
+        par.dp,
+        par.sp,
+        cfg.data.micro_batch_size,
+        par.zero,
+        par.virtual_stages,
+        recompute=bool(cfg.train.get("recompute", False)),
+    )
     counts, alt_counts = layer_counts(cfg, captured)
-    main = evaluate(graph, profile, layout, counts, seq, par.schedule, par.microbatches, par.seq_chunks,
-                    par.chunk_split, label=f"{par.schedule} (this config)")
+    main = evaluate(
+        graph,
+        profile,
+        layout,
+        counts,
+        seq,
+        par.schedule,
+        par.microbatches,
+        par.seq_chunks,
+        par.chunk_split,
+        label=f"{par.schedule} (this config)",
+    )
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
     if settings["alternatives"]:
-        alternatives += _alternatives(graph, profile, dataclasses.replace(layout, virtual_stages=1), alt_counts,
-                                      seq, par, settings["chunks"])
-    model = {"name": cfg.model.name, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-             "heads": config.num_attention_heads, "kv_heads": kv, "head_dim": graph.head_dim,
-             "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
-             "params": graph.total().params}
+        alternatives += _alternatives(
+            graph, profile, dataclasses.replace(layout, virtual_stages=1), alt_counts, seq, par, settings["chunks"]
+        )
+    model = {
+        "name": cfg.model.name,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "kv_heads": kv,
+        "head_dim": graph.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "params": graph.total().params,
+    }
     plan = Plan(settings, main, alternatives, model, captured.capture_seconds)
     if settings["dtype"] == "fp32":
-        plan.notes.append("dtype fp32: matmul and attention are timed at the profile's fp32 rate; plan bf16 runs "
-                          "with train.dtype=bf16 or +plan.dtype=bf16")
+        plan.notes.append(
+            "dtype fp32: matmul and attention are timed at the profile's fp32 rate; plan bf16 runs "
+            "with train.dtype=bf16 or +plan.dtype=bf16"
+        )
     plan.seconds = time.perf_counter() - started
     return plan
 
@@ -221,14 +291,21 @@ def _alternatives(graph, profile, layout, counts, seq, par, chunks) -> list[tupl
     for name, k in candidates:
         label = name if k == 1 else f"seq1f1b k={k}"
         try:
-            out.append((label, evaluate(graph, profile, layout, counts, seq, name, par.microbatches, k,
-                                        "uniform_comp", label=label)))
+            out.append(
+                (
+                    label,
+                    evaluate(
+                        graph, profile, layout, counts, seq, name, par.microbatches, k, "uniform_comp", label=label
+                    ),
+                )
+            )
         except (ValueError, ScheduleError) as exc:
             out.append((label, str(exc).splitlines()[0]))
     return out
 
 
 # --- output ------------------------------------------------------------------------------------------------------
+
 
 def _size(n: float) -> str:
     """Bytes in binary units, short: 16.4G, 340M, 12K."""
@@ -258,32 +335,64 @@ def print_plan(plan: Plan, console=None) -> None:
     ev, cost = plan.main, plan.main.cost
     lay, dev, m = cost.layout, cost.profile, plan.model
     seq = sum(cost.chunk_lengths)
-    console.print(f"[bold]{m['name']}[/]: {m['layers']} layers, hidden {m['hidden_size']}, {m['heads']} heads "
-                  f"({m['kv_heads']} kv, head dim {m['head_dim']}), {_count(m['params'])} params")
-    console.print(f"seq {seq:,} x {lay.micro_batch} per micro-batch, {ev.spec.microbatches} micro-batches x dp "
-                  f"{lay.dp} | pp {lay.pp} x dp {lay.dp} x sp {lay.sp} = {lay.gpus} x {dev.name} "
-                  f"({_size(dev.memory_bytes)}) | {cost.graph.dtype}, optimizer "
-                  f"{'distributed (ZeRO-1, reduce-scatter)' if lay.zero else 'replicated (all-reduce)'}")
+    console.print(
+        f"[bold]{m['name']}[/]: {m['layers']} layers, hidden {m['hidden_size']}, {m['heads']} heads "
+        f"({m['kv_heads']} kv, head dim {m['head_dim']}), {_count(m['params'])} params"
+    )
+    console.print(
+        f"seq {seq:,} x {lay.micro_batch} per micro-batch, {ev.spec.microbatches} micro-batches x dp "
+        f"{lay.dp} | pp {lay.pp} x dp {lay.dp} x sp {lay.sp} = {lay.gpus} x {dev.name} "
+        f"({_size(dev.memory_bytes)}) | {cost.graph.dtype}, optimizer "
+        f"{'distributed (ZeRO-1, reduce-scatter)' if lay.zero else 'replicated (all-reduce)'}"
+    )
     console.print(f"{ev.label}: chunks {cost.chunk_lengths}, layers per stage {cost.layer_counts}")
-    table = Table(title="per stage: one rank's memory at the stage's peak (G = GiB), "
-                        "times per chunk of one micro-batch")
-    for col in ("stage", "rank", "layers", "params", "weights", "grads", "optim", "activ.", "KV relay",
-                "total / GPU", "fwd ms", "bwd ms"):
+    table = Table(
+        title="per stage: one rank's memory at the stage's peak (G = GiB), times per chunk of one micro-batch"
+    )
+    for col in (
+        "stage",
+        "rank",
+        "layers",
+        "params",
+        "weights",
+        "grads",
+        "optim",
+        "activ.",
+        "KV relay",
+        "total / GPU",
+        "fwd ms",
+        "bwd ms",
+    ):
         table.add_column(col, justify="right")
     for r in plan.stage_rows():
         layers = f"{r['layers'][0]}-{r['layers'][1]}" if r["layers"] else "-"
         style = "red" if r["total_bytes"] > dev.memory_bytes else ""
         total = f"{_size(r['total_bytes'])} ({r['memory_fraction']:.0%})"
-        table.add_row(str(r["stage"]), str(r["rank"]), layers, _count(r["params"]), _size(r["weights_bytes"]),
-                      _size(r["grads_bytes"]), _size(r["optimizer_bytes"]), _size(r["activations_bytes"]),
-                      _size(r["kv_relay_bytes"]), f"[{style}]{total}[/]" if style else total,
-                      _ms_list(r["forward_s"]), _ms_list(r["backward_s"]))
+        table.add_row(
+            str(r["stage"]),
+            str(r["rank"]),
+            layers,
+            _count(r["params"]),
+            _size(r["weights_bytes"]),
+            _size(r["grads_bytes"]),
+            _size(r["optimizer_bytes"]),
+            _size(r["activations_bytes"]),
+            _size(r["kv_relay_bytes"]),
+            f"[{style}]{total}[/]" if style else total,
+            _ms_list(r["forward_s"]),
+            _ms_list(r["backward_s"]),
+        )
     console.print(table)
     s = ev.summary()
-    fits = (f"fits: peak {_size(s['peak_bytes'])} of {_size(dev.memory_bytes)}" if s["fits"] else
-            f"[red]does NOT fit: peak {_size(s['peak_bytes'])} > {_size(dev.memory_bytes)}[/]")
-    console.print(f"step {s['step_time_s']:.3f} s | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
-                  f"MFU {s['mfu']:.1%} | bubble {s['bubble']:.1%} | {fits}")
+    fits = (
+        f"fits: peak {_size(s['peak_bytes'])} of {_size(dev.memory_bytes)}"
+        if s["fits"]
+        else f"[red]does NOT fit: peak {_size(s['peak_bytes'])} > {_size(dev.memory_bytes)}[/]"
+    )
+    console.print(
+        f"step {s['step_time_s']:.3f} s | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
+        f"MFU {s['mfu']:.1%} | bubble {s['bubble']:.1%} | {fits}"
+    )
     if len(plan.alternatives) > 1:
         alt = Table(title="alternatives (same layout and micro-batches)")
         for col in ("schedule", "chunks", "step s", "tokens/s/GPU", "MFU", "bubble", "peak mem", "fits"):
@@ -294,9 +403,16 @@ def print_plan(plan: Plan, console=None) -> None:
                 continue
             x = a.summary()
             chunks = _short_chunks(x["chunk_lengths"])
-            alt.add_row(label, chunks, f"{x['step_time_s']:.3f}", f"{x['tokens_per_s_per_gpu']:,.0f}",
-                        f"{x['mfu']:.1%}", f"{x['bubble']:.1%}", _size(x["peak_bytes"]),
-                        "yes" if x["fits"] else "[red]no[/]")
+            alt.add_row(
+                label,
+                chunks,
+                f"{x['step_time_s']:.3f}",
+                f"{x['tokens_per_s_per_gpu']:,.0f}",
+                f"{x['mfu']:.1%}",
+                f"{x['bubble']:.1%}",
+                _size(x["peak_bytes"]),
+                "yes" if x["fits"] else "[red]no[/]",
+            )
         console.print(alt)
     for note in plan.notes:
         console.print(f"note: {note}")

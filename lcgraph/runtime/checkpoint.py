@@ -40,8 +40,11 @@ def save_checkpoint(job, target: Path, step: int) -> None:
     tie = getattr(job.config, "tie_word_embeddings", False)
     for s, st in job.stages.items():
         fname = f"model-{s + 1:05d}-of-{stages:05d}.safetensors"
-        tensors = {n: p.detach().cpu().contiguous() for n, p in st.params.items()
-                   if not (tie and n == "model.embed_tokens.weight" and s != 0)}
+        tensors = {
+            n: p.detach().cpu().contiguous()
+            for n, p in st.params.items()
+            if not (tie and n == "model.embed_tokens.weight" and s != 0)
+        }
         if c.dp_rank == 0 and c.sp_rank == 0:
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in tensors})
@@ -50,8 +53,9 @@ def save_checkpoint(job, target: Path, step: int) -> None:
         dist.all_gather_object(maps, weight_map)
     if c.rank == 0:
         merged = {k: v for m in maps for k, v in m.items()}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"step": step},
-                                                                      "weight_map": merged}, indent=1))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"step": step}, "weight_map": merged}, indent=1)
+        )
         job.config.save_pretrained(tmp)
         if job.tokenizer is not None:
             job.tokenizer.save_pretrained(tmp)

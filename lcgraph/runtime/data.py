@@ -31,8 +31,12 @@ def corpus_files(path: str | None, max_bytes: int) -> list[Path]:
     root = Path(path) if path else Path(sysconfig.get_paths()["stdlib"])
     if not root.exists():
         raise DataPathError(f"data.path={str(root)!r} does not exist; give a text file or a directory of them")
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*.py" if not path else "*") if p.is_file() and "site-packages" not in p.parts
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(
+            p for p in root.rglob("*.py" if not path else "*") if p.is_file() and "site-packages" not in p.parts
+        )
     )
     chosen: list[Path] = []
     total = 0
@@ -72,8 +76,12 @@ def build_tokenizer(model_path: str | None, vocab_size: int, files: list[Path]):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(_read(files), trainer=trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -106,13 +114,15 @@ class WindowSampler:
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int):
         if len(tokens) < seq_len + 2:
-            raise DataError(f"corpus has {len(tokens)} tokens, fewer than data.seq_len={seq_len}+1; "
-                             "lower data.seq_len or give a larger data.path")
+            raise DataError(
+                f"corpus has {len(tokens)} tokens, fewer than data.seq_len={seq_len}+1; "
+                "lower data.seq_len or give a larger data.path"
+            )
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 7919 + index)
         start = int(torch.randint(0, len(self.tokens) - self.seq_len - 1, (1,), generator=g))
-        window = self.tokens[start:start + self.seq_len + 1]
+        window = self.tokens[start : start + self.seq_len + 1]
         labels = window[1:].clone()
         return window[:-1].clone(), labels

@@ -17,9 +17,20 @@ import torch
 
 from lcgraph.errors import ModelPathError
 
-SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
-              "initializer_range", "head_dim")
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+    "initializer_range",
+    "head_dim",
+)
 
 
 def build_config(model_cfg) -> Any:  # a transformers.PretrainedConfig (imported lazily: it is slow)
