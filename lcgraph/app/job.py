@@ -1,7 +1,8 @@
 """One rank's training job: plan -> capture -> passes -> programs -> interpreter, step after step.
 
 `Job` builds everything a rank needs from the resolved config (only its own stage's parameters are
-ever materialised); `train(cfg, run_dir)` is the loop with metrics, W&B, progress and checkpoints.
+ever materialised); `run_step(step)` runs one optimizer step. The loop around it, with metrics, W&B,
+progress and checkpoints, is `lcgraph.app.cli.run`.
 """
 
 from __future__ import annotations
