@@ -28,6 +28,7 @@ from lcgraph.schedule.programs import format_programs
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 
+
 def fail(message: str, mode=None, prog: str = "lcgraph") -> None:
     """One line for the user; in a multirun, the job fails and the sweep goes on."""
     print(f"{prog}: error: {message}", file=sys.stderr)
@@ -58,7 +59,6 @@ def hydra_app(task) -> None:
     """Run `task(cfg)` as a Hydra app over lcgraph's config groups and recipes (lcgraph-train, lcgraph-plan)."""
     import hydra
 
-
     register_configs()
     hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(task)()
 
@@ -75,7 +75,6 @@ def launch_local(world: int, entry, *args, run_id: str = "lcgraph") -> None:
 
 def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
-
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
     logger = RunLogger(cfg, run_path, enabled=rank == 0)
