@@ -1,3 +1,3 @@
-from lcgraph.cli import main
+from lcgraph.app.cli import main
 
 main()

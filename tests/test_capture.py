@@ -4,17 +4,30 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph import model as lcmodel
-from lcgraph.capture import CaptureError, capture, graph_flops, retarget_device
+from lcgraph.graph.capture import CaptureError, capture, graph_flops, retarget_device
+from lcgraph.runtime import model as lcmodel
 
-ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+ROPE_LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def tiny_config(tied=False, rope_scaling=None):
-    return LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=tied,
-                       rope_scaling=rope_scaling, attention_dropout=0.0)
+    return LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        rope_scaling=rope_scaling,
+        attention_dropout=0.0,
+    )
 
 
 def run_captured(captured, hf, ids, pos, labels):
@@ -23,8 +36,13 @@ def run_captured(captured, hf, ids, pos, labels):
     named = dict(hf.named_parameters())
     params = {ph: named[name].detach().clone().requires_grad_(True) for ph, name in captured.param_names.items()}
     buffers = lcmodel.rotary_buffers(hf.config, captured.buffer_names.values(), "cpu")
-    kwargs = {**params, **{ph: buffers[n] for ph, n in captured.buffer_names.items()},
-              "input_ids": ids, "position_ids": pos, "labels": labels}
+    kwargs = {
+        **params,
+        **{ph: buffers[n] for ph, n in captured.buffer_names.items()},
+        "input_ids": ids,
+        "position_ids": pos,
+        "labels": labels,
+    }
     out = captured.gm(**kwargs)
     loss_sum = out[0] if isinstance(out, (tuple, list)) else out
     loss = loss_sum / labels.numel()
@@ -32,8 +50,9 @@ def run_captured(captured, hf, ids, pos, labels):
     return loss, {captured.param_names[ph]: p.grad for ph, p in params.items()}
 
 
-@pytest.mark.parametrize("tied,rope", [(False, None), (True, None), (False, ROPE_LLAMA3)],
-                         ids=["untied", "tied", "llama3_rope"])
+@pytest.mark.parametrize(
+    "tied,rope", [(False, None), (True, None), (False, ROPE_LLAMA3)], ids=["untied", "tied", "llama3_rope"]
+)
 def test_captured_graph_matches_hf_eager_loss_and_gradients(tied, rope):
     torch.manual_seed(0)
     config = tiny_config(tied, rope)
@@ -43,8 +62,9 @@ def test_captured_graph_matches_hf_eager_loss_and_gradients(tied, rope):
     ids = torch.randint(0, config.vocab_size, (2, seq))
     pos = torch.arange(seq).expand(2, -1)
     labels = torch.randint(0, config.vocab_size, (2, seq))
-    ref = torch.nn.functional.cross_entropy(hf(input_ids=ids, position_ids=pos).logits.float().flatten(0, 1),
-                                            labels.flatten())
+    ref = torch.nn.functional.cross_entropy(
+        hf(input_ids=ids, position_ids=pos).logits.float().flatten(0, 1), labels.flatten()
+    )
     ref.backward()
     ref_grads = {n: p.grad for n, p in hf.named_parameters()}
 
@@ -95,8 +115,14 @@ def test_non_llama_model_is_refused_with_a_clear_message():
 
 
 def test_70b_shape_captures_on_meta_without_real_weights():
-    config = LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    )
     captured = capture(config)
     vals = [n.meta["val"] for n in captured.graph.nodes if n.op == "placeholder" and "val" in n.meta]
     assert all(v.device.type == "meta" for v in vals if isinstance(v, torch.Tensor))
@@ -105,7 +131,7 @@ def test_70b_shape_captures_on_meta_without_real_weights():
 
 
 def test_fused_linear_cross_entropy_matches_the_unfused_head_and_loss():
-    from lcgraph import passes
+    from lcgraph.graph import passes
 
     torch.manual_seed(0)
     config = tiny_config()

@@ -8,8 +8,8 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph import data
-from lcgraph.testing import TINY, compose, train_local
+from lcgraph.app.testing import TINY, compose, train_local
+from lcgraph.runtime import data
 
 TINY_CLI = [o for o in TINY if not o.startswith("parallel=")] + ["train.steps=3"]
 
@@ -18,8 +18,15 @@ def _hf_dir(tmp_path):
     """A real HF checkpoint directory: config, safetensors weights, tokenizer."""
     files = data.corpus_files(None, int(0.3 * 2**20))
     tokenizer = data.build_tokenizer(None, 512, files)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(1)
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "hf")
@@ -39,7 +46,7 @@ def test_model_path_loads_a_local_hf_directory_and_the_checkpoint_round_trips(tm
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), unit.labels.flatten())
     assert abs(losses[0] - float(ref)) < 1e-5 * float(ref)
 
-    from lcgraph.checkpoint import save_checkpoint
+    from lcgraph.runtime.checkpoint import save_checkpoint
 
     save_checkpoint(job, tmp_path / "ckpt", 1)
     _, reloaded, _ = train_local(compose("model=hf", f"model.path={tmp_path / 'ckpt'}", "train.steps=0"))
@@ -48,8 +55,19 @@ def test_model_path_loads_a_local_hf_directory_and_the_checkpoint_round_trips(tm
 
 
 def test_missing_model_path_is_one_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lcgraph", "model=hf", f"model.path={tmp_path}/nope", *TINY_CLI,
-                          f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lcgraph",
+            "model=hf",
+            f"model.path={tmp_path}/nope",
+            *TINY_CLI,
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0
     assert "lcgraph: error: model.path=" in out.stderr and "Traceback" not in out.stderr
 
@@ -57,8 +75,20 @@ def test_missing_model_path_is_one_clear_error(tmp_path):
 def test_torchrun_ranks_share_rank0s_run_directory(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lcgraph",
-           *TINY_CLI, "parallel=seq1f1b", "parallel.seq_chunks=2", f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lcgraph",
+        *TINY_CLI,
+        "parallel=seq1f1b",
+        "parallel.seq_chunks=2",
+        f"hydra.run.dir={run}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -76,11 +106,30 @@ def test_same_config_and_seed_give_the_same_losses():
 
 def test_the_default_plan_is_pp2_sp2_seq1f1b_on_four_spawned_ranks(tmp_path):
     cfg = compose(tiny=False)
-    assert (cfg.parallel.pp, cfg.parallel.sp, cfg.parallel.schedule, cfg.model.num_hidden_layers) == (2, 2, "seq1f1b", 4)
+    assert (cfg.parallel.pp, cfg.parallel.sp, cfg.parallel.schedule, cfg.model.num_hidden_layers) == (
+        2,
+        2,
+        "seq1f1b",
+        4,
+    )
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "lcgraph", "train.steps=2", "data.seq_len=64", "data.max_corpus_mb=0.3",
-                          "train.progress=false", "logging.wandb.mode=disabled", f"hydra.run.dir={run}"],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lcgraph",
+            "train.steps=2",
+            "data.seq_len=64",
+            "data.max_corpus_mb=0.3",
+            "train.progress=false",
+            "logging.wandb.mode=disabled",
+            f"hydra.run.dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"run directory: {run}"
     programs = (run / "programs.txt").read_text().splitlines()

@@ -6,10 +6,12 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"] + (["flash_attn"] if __import__("importlib").util.find_spec("flash_attn") else []))
+@pytest.mark.parametrize(
+    "backend", ["sdpa", "math"] + (["flash_attn"] if __import__("importlib").util.find_spec("flash_attn") else [])
+)
 @pytest.mark.parametrize("sq,sk", [(256, 256), (128, 384)])
 def test_attention_backends_agree_with_cpu_reference(backend, sq, sk):
-    from lcgraph import attention
+    from lcgraph.ops import attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 8, sq, 64, dtype=torch.float32)
@@ -30,12 +32,22 @@ def test_attention_backends_agree_with_cpu_reference(backend, sq, sk):
 def test_bf16_loss_matches_hf_at_4k_tokens():
     from transformers import LlamaForCausalLM
 
-    from lcgraph.testing import compose
-    from lcgraph.train import Job
+    from lcgraph.app.job import Job
+    from lcgraph.app.testing import compose
 
-    cfg = compose("parallel=single", "model=llama3_1b", "model.num_hidden_layers=4", "data.seq_len=4096", "data.synthetic=true",
-                  "train.dtype=bf16", "train.device=cuda", "train.steps=1", "logging.wandb.mode=disabled",
-                  "train.progress=false", tiny=False)
+    cfg = compose(
+        "parallel=single",
+        "model=llama3_1b",
+        "model.num_hidden_layers=4",
+        "data.seq_len=4096",
+        "data.synthetic=true",
+        "train.dtype=bf16",
+        "train.device=cuda",
+        "train.steps=1",
+        "logging.wandb.mode=disabled",
+        "train.progress=false",
+        tiny=False,
+    )
     job = Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1)
     units, total = job.step_units(0)
     params = {n: p.detach().clone() for n, p in job.all_params().items()}  # before the update
@@ -60,10 +72,27 @@ def test_overlap_tool_reads_a_cuda_profiler_trace(tmp_path):
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "overlap.py"
-    subprocess.run([sys.executable, str(tool), "--out", str(tmp_path), "--warmup", "1", "parallel=single",
-                    "model=llama3_1b", "model.num_hidden_layers=2", "data.seq_len=4096", "data.synthetic=true",
-                    "train.dtype=bf16", "train.device=cuda", "logging.wandb.mode=disabled", "train.progress=false"],
-                   check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            "--out",
+            str(tmp_path),
+            "--warmup",
+            "1",
+            "parallel=single",
+            "model=llama3_1b",
+            "model.num_hidden_layers=2",
+            "data.seq_len=4096",
+            "data.synthetic=true",
+            "train.dtype=bf16",
+            "train.device=cuda",
+            "logging.wandb.mode=disabled",
+            "train.progress=false",
+        ],
+        check=True,
+        timeout=600,
+    )
     (rank,) = json.loads((tmp_path / "overlap.json").read_text())["ranks"]
     rs = rank["reduce_scatter"]
     assert rs["device"] == "cuda" and rs["count"] == 0 and rank["all_gather"]["count"] == 0
@@ -72,14 +101,14 @@ def test_overlap_tool_reads_a_cuda_profiler_trace(tmp_path):
 
 def test_nccl_collectives_in_a_cuda_trace_are_found_through_their_c10d_call(tmp_path):
     """A one-rank NCCL group (one GPU here): NCCL copies instead of running a ring kernel, but the copy
-    is still launched inside the c10d call, which is how lcgraph.overlap finds a collective's GPU work."""
+    is still launched inside the c10d call, which is how lcgraph.observability.overlap finds a collective's GPU work."""
     import json
     import os
 
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.overlap import analyze
+    from lcgraph.observability.overlap import analyze
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")

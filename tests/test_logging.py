@@ -12,11 +12,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from lcgraph.logging import RunLogger, metric_key, spread
-from lcgraph.testing import TINY, compose
-from lcgraph.timeline import matplotlib_available, write_trace
+from lcgraph.app.testing import TINY, compose
+from lcgraph.observability.metrics import RunLogger, metric_key, spread
+from lcgraph.observability.timeline import matplotlib_available, write_trace
 
 # --- reading an offline W&B run back -------------------------------------------------------------------------
+
 
 def wandb_records(run_dir):
     """Protobuf records of the offline run under run_dir/wandb: a LevelDB-style log (7-byte header ':W&B' + magic
@@ -31,10 +32,10 @@ def wandb_records(run_dir):
         if 32768 - pos % 32768 < 7:  # block trailer too short for a chunk header
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if pos + 7 + length > len(data):  # still being written
             return
-        chunk += data[pos + 7:pos + 7 + length]
+        chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = pb.Record()
@@ -71,33 +72,92 @@ def series(run, key) -> list:
 
 # --- the logger --------------------------------------------------------------------------------------------
 
+
 def test_metric_names_go_to_sections_and_lists_spread_per_stage_and_rank():
-    assert [metric_key(k) for k in ("loss", "lr", "tokens_per_s", "mfu", "tflops_per_gpu", "comm_s", "p2p_s",
-                                    "cuda_peak_bytes", "custom", "perf/x")] == [
-        "train/loss", "train/lr", "perf/tokens_per_s", "perf/mfu", "perf/tflops_per_gpu", "comm/comm_s",
-        "comm/p2p_s", "memory/cuda_peak_bytes", "train/custom", "perf/x"]
-    assert spread({"activation_peak_bytes_per_stage": [1, 2], "comm_s_per_rank": [0.5], "bubble_fraction": 0.25,
-                   "flag": True, "notes": "x"}) == {
-        "memory/activation_peak_bytes/stage0": 1, "memory/activation_peak_bytes/stage1": 2,
-        "comm/comm_s/rank0": 0.5, "perf/bubble_fraction": 0.25}
+    assert [
+        metric_key(k)
+        for k in (
+            "loss",
+            "lr",
+            "tokens_per_s",
+            "mfu",
+            "tflops_per_gpu",
+            "comm_s",
+            "p2p_s",
+            "cuda_peak_bytes",
+            "custom",
+            "perf/x",
+        )
+    ] == [
+        "train/loss",
+        "train/lr",
+        "perf/tokens_per_s",
+        "perf/mfu",
+        "perf/tflops_per_gpu",
+        "comm/comm_s",
+        "comm/p2p_s",
+        "memory/cuda_peak_bytes",
+        "train/custom",
+        "perf/x",
+    ]
+    assert spread(
+        {
+            "activation_peak_bytes_per_stage": [1, 2],
+            "comm_s_per_rank": [0.5],
+            "bubble_fraction": 0.25,
+            "flag": True,
+            "notes": "x",
+        }
+    ) == {
+        "memory/activation_peak_bytes/stage0": 1,
+        "memory/activation_peak_bytes/stage1": 2,
+        "comm/comm_s/rank0": 0.5,
+        "perf/bubble_fraction": 0.25,
+    }
 
 
-def test_the_logger_sends_trainer_metrics_by_section_against_step_and_pictures_and_plan_at_the_end(tmp_path,
-                                                                                                   monkeypatch):
+def test_the_logger_sends_trainer_metrics_by_section_against_step_and_pictures_and_plan_at_the_end(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = compose("logging.wandb.mode=offline", "train.steps=2")
     (tmp_path / "graphs").mkdir()
     (tmp_path / "graphs" / "02_partition_stage0.html").write_text("<html><body><svg></svg></body></html>")
-    (tmp_path / "plan.json").write_text(json.dumps({
-        "stages": [{"stage": 0, "layers": [0, 1], "total_bytes": 10}, {"stage": 1, "layers": [2, 3], "total_bytes": 9}],
-        "alternatives": [{"label": "gpipe", "step_time_s": 1.0}, {"label": "1f1b k=9", "error": "too many chunks"}],
-        "summary": {"step_time_s": 1.0, "bubble": 0.2}}))
+    (tmp_path / "plan.json").write_text(
+        json.dumps(
+            {
+                "stages": [
+                    {"stage": 0, "layers": [0, 1], "total_bytes": 10},
+                    {"stage": 1, "layers": [2, 3], "total_bytes": 9},
+                ],
+                "alternatives": [
+                    {"label": "gpipe", "step_time_s": 1.0},
+                    {"label": "1f1b k=9", "error": "too many chunks"},
+                ],
+                "summary": {"step_time_s": 1.0, "bubble": 0.2},
+            }
+        )
+    )
     logger = RunLogger(cfg, tmp_path)
     for step in (1, 2):
-        logger.log({"step": step, "loss": 5.0 - step, "tokens": 64, "step_time_s": 0.5, "tokens_per_s": 128.0,
-                    "lr": 1e-3, "grad_norm": 1.5, "tflops_per_gpu": 0.01, "mfu": 0.001, "comm_s": 0.1, "p2p_s": 0.1})
-    summary = logger.finish(extra={"activation_peak_bytes_per_stage": [100, 200], "bubble_fraction": 0.25,
-                                   "comm_s_per_rank": [0.1, 0.2]})
+        logger.log(
+            {
+                "step": step,
+                "loss": 5.0 - step,
+                "tokens": 64,
+                "step_time_s": 0.5,
+                "tokens_per_s": 128.0,
+                "lr": 1e-3,
+                "grad_norm": 1.5,
+                "tflops_per_gpu": 0.01,
+                "mfu": 0.001,
+                "comm_s": 0.1,
+                "p2p_s": 0.1,
+            }
+        )
+    summary = logger.finish(
+        extra={"activation_peak_bytes_per_stage": [100, 200], "bubble_fraction": 0.25, "comm_s_per_rank": [0.1, 0.2]}
+    )
     assert summary["bubble_fraction"] == 0.25 and summary["final_loss"] == 3.0
     assert json.loads((tmp_path / "summary.json").read_text())["activation_peak_bytes_per_stage"] == [100, 200]
     assert [json.loads(line)["mfu"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.001] * 2
@@ -105,8 +165,17 @@ def test_the_logger_sends_trainer_metrics_by_section_against_step_and_pictures_a
     run = offline_run(tmp_path)
     for section in ("train", "perf", "memory", "comm", "graphs", "timeline", "plan"):
         assert run["metrics"][f"{section}/*"] == "step"
-    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
-                "perf/tflops_per_gpu", "perf/mfu", "comm/comm_s", "comm/p2p_s"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "perf/tflops_per_gpu",
+        "perf/mfu",
+        "comm/comm_s",
+        "comm/p2p_s",
+    ):
         assert [s for s, _ in series(run, key)] == [1, 2], key
     assert series(run, "train/loss") == [(1, 4.0), (2, 3.0)]
     assert series(run, "perf/bubble_fraction") == [(2, 0.25)]
@@ -114,11 +183,15 @@ def test_the_logger_sends_trainer_metrics_by_section_against_step_and_pictures_a
     assert series(run, "comm/comm_s/rank1") == [(2, 0.2)]
     assert series(run, "graphs/02_partition_stage0/_type") == [(2, "html-file")]
     assert {k for h in run["history"] for k, v in h.items() if v == "table-file"} == {
-        "plan/stages/_type", "plan/alternatives/_type", "plan/summary/_type"}
+        "plan/stages/_type",
+        "plan/alternatives/_type",
+        "plan/summary/_type",
+    }
     assert run["summary"]["final_loss"] == 3.0
 
 
 # --- a real run ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offline_wandb_run(tmp_path):
@@ -129,12 +202,29 @@ def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offl
     tiny = [o for o in TINY if not o.startswith(("train.steps", "model.num_hidden_layers", "logging.wandb.mode"))]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "LOCAL_RANK", "RANK")}
     result = subprocess.run(
-        [sys.executable, "-m", "lcgraph", *tiny, "model.num_hidden_layers=2", "train.steps=3",
-         "logging.wandb.mode=offline", "dump.graphs=true", "parallel.pp=2", "parallel.schedule=seq1f1b",
-         "parallel.seq_chunks=2", "parallel.microbatches=2", "parallel.dp=2", "parallel.bucket_mb=0.05",
-         f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, env={**env, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}, timeout=300,
-        check=False)
+        [
+            sys.executable,
+            "-m",
+            "lcgraph",
+            *tiny,
+            "model.num_hidden_layers=2",
+            "train.steps=3",
+            "logging.wandb.mode=offline",
+            "dump.graphs=true",
+            "parallel.pp=2",
+            "parallel.schedule=seq1f1b",
+            "parallel.seq_chunks=2",
+            "parallel.microbatches=2",
+            "parallel.dp=2",
+            "parallel.bucket_mb=0.05",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     graphs = run_dir / "graphs"
@@ -167,7 +257,9 @@ def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offl
     assert all(math.isfinite(v) for _, v in series(run, "train/loss"))
     assert series(run, "perf/bubble_fraction") == [(3, summary["bubble_fraction"])]
     assert sorted({k for h in run["history"] for k in h if k.startswith("memory/activation_peak_bytes/")}) == [
-        "memory/activation_peak_bytes/stage0", "memory/activation_peak_bytes/stage1"]  # record order varies
+        "memory/activation_peak_bytes/stage0",
+        "memory/activation_peak_bytes/stage1",
+    ]  # record order varies
     media = {k.removesuffix("/_type"): v for h in run["history"] for k, v in h.items() if k.endswith("/_type")}
     assert media["graphs/03_kv_relay_stage1"] == "html-file" and media["plan/stages"] == "table-file"
     if matplotlib_available():

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcgraph import nccl
-from lcgraph.schedule import (
+from lcgraph.runtime.optimizer import add_bucket_actions
+from lcgraph.schedule import nccl
+from lcgraph.schedule.programs import (
     Action,
     ScheduleError,
     ScheduleSpec,
@@ -20,7 +21,6 @@ from lcgraph.schedule import (
     ungroup_p2p,
     validate,
 )
-from lcgraph.zero import add_bucket_actions
 
 
 def built(spec):
@@ -30,9 +30,13 @@ def built(spec):
 def with_buckets(programs, spec, per_stage=2):
     """RS/AG actions as the distributed optimizer adds them: two buckets per stage, the embedding's
     (first and last stage's bucket 0) tied."""
-    actions = {s: ([Action("RS", s, per_stage * s + b) for b in range(per_stage)],
-                   [Action("AG", s, per_stage * s + b) for b in reversed(range(per_stage))])
-               for s in range(spec.num_stages)}
+    actions = {
+        s: (
+            [Action("RS", s, per_stage * s + b) for b in range(per_stage)],
+            [Action("AG", s, per_stage * s + b) for b in reversed(range(per_stage))],
+        )
+        for s in range(spec.num_stages)
+    }
     tied = frozenset({(0, 0), (spec.num_stages - 1, per_stage * (spec.num_stages - 1))})
     return [add_bucket_actions(p, actions) for p in programs], tied
 
@@ -51,8 +55,13 @@ def specs(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(spec=specs(), dp=st.integers(1, 2), sp=st.integers(1, 2), zero=st.booleans(),
-       streams=st.sampled_from(["pair", "rank"]))
+@given(
+    spec=specs(),
+    dp=st.integers(1, 2),
+    sp=st.integers(1, 2),
+    zero=st.booleans(),
+    streams=st.sampled_from(["pair", "rank"]),
+)
 def test_every_built_schedule_passes_the_nccl_model(spec, dp, sp, zero, streams):
     programs = built(spec)
     tied: frozenset = frozenset()
@@ -62,8 +71,16 @@ def test_every_built_schedule_passes_the_nccl_model(spec, dp, sp, zero, streams)
     nccl.check(programs, spec, nccl.Comms(dp, sp, tied=spec.num_stages > 1, zero=zero, tied_buckets=tied), streams)
 
 
-@pytest.mark.parametrize("name,pp,m,k,v", [("1f1b", 2, 4, 1, 1), ("1f1b", 4, 8, 1, 1), ("seq1f1b", 2, 2, 2, 1),
-                                           ("seq1f1b", 4, 4, 4, 1), ("interleaved_1f1b", 2, 4, 1, 2)])
+@pytest.mark.parametrize(
+    "name,pp,m,k,v",
+    [
+        ("1f1b", 2, 4, 1, 1),
+        ("1f1b", 4, 8, 1, 1),
+        ("seq1f1b", 2, 2, 2, 1),
+        ("seq1f1b", 4, 4, 4, 1),
+        ("interleaved_1f1b", 2, 4, 1, 2),
+    ],
+)
 def test_ungrouped_programs_deadlock_and_the_message_names_ranks_and_actions(name, pp, m, k, v):
     spec = ScheduleSpec(name, pp, m, k, v)
     ungrouped = [ungroup_p2p(p) for p in built(spec)]
@@ -97,11 +114,11 @@ def test_interleaved_needs_receive_ahead():
     runs_only = []
     for program in build_programs(spec):
         # add_p2p without receive_ahead: only the runs between computes grouped
-        from lcgraph.schedule import _p2p_around
+        from lcgraph.schedule.programs import p2p_around
 
         flat = []
         for a in program:
-            before, after = _p2p_around(a, spec)
+            before, after = p2p_around(a, spec)
             flat += before + [a] + after
         runs_only.append(group_p2p(flat))
     validate(runs_only, spec)
@@ -126,7 +143,7 @@ def test_a_tied_sum_at_the_rs_action_would_deadlock_interleaved():
     programs, tied = with_buckets(built(spec), spec)
     at_rs = nccl.Comms(dp=2, tied=True, zero=True, tied_buckets=tied, tied_sum_at="rs")
     per_stage = []
-    for rank, program in enumerate(programs):  # RS right after each stage's own last backward
+    for program in programs:  # RS right after each stage's own last backward
         rs = [a for a in program if a.kind == "RS"]
         rest = [a for a in program if a.kind != "RS"]
         for a in rs:
@@ -155,12 +172,25 @@ def test_format_brackets_groups_and_parse_keeps_them():
 
 @pytest.mark.slow
 def test_runtime_issues_exactly_the_groups_that_programs_txt_shows():
-    from lcgraph.testing import compose, train_spawned
+    from lcgraph.app.testing import compose, train_spawned
 
-    cfgs = [compose("parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=4", "parallel.seq_chunks=1",
-                    "train.steps=1"),
-            compose("parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2",
-                    "parallel.microbatches=4", "parallel.seq_chunks=1", "train.steps=1")]
+    cfgs = [
+        compose(
+            "parallel.pp=2",
+            "parallel.schedule=1f1b",
+            "parallel.microbatches=4",
+            "parallel.seq_chunks=1",
+            "train.steps=1",
+        ),
+        compose(
+            "parallel.pp=2",
+            "parallel.schedule=interleaved_1f1b",
+            "parallel.virtual_stages=2",
+            "parallel.microbatches=4",
+            "parallel.seq_chunks=1",
+            "train.steps=1",
+        ),
+    ]
     for result in train_spawned(cfgs, world=2):
         for rank, record in enumerate(result["ranks"]):
             line = record["programs_txt"].splitlines()[rank]

@@ -9,19 +9,32 @@ import itertools
 import pytest
 import torch
 
-from lcgraph import passes
-from lcgraph.capture import capture
-from lcgraph.model import build_config
-from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.errors import PlanError
+from lcgraph.graph import passes
+from lcgraph.graph.capture import capture
+from lcgraph.runtime.model import build_config
 
-SCHEDULES = [("gpipe", 1, "even"), ("1f1b", 1, "even"), ("seq1f1b", 2, "even"), ("seq1f1b", 2, "uniform_comp"),
-             ("seq1f1b", 4, "even"), ("seq1f1b", 4, "uniform_comp")]
+SCHEDULES = [
+    ("gpipe", 1, "even"),
+    ("1f1b", 1, "even"),
+    ("seq1f1b", 2, "even"),
+    ("seq1f1b", 2, "uniform_comp"),
+    ("seq1f1b", 4, "even"),
+    ("seq1f1b", 4, "uniform_comp"),
+]
 MICROBATCHES = (1, 2, 4)
 
 
 def layout(pp, schedule, k, split, m, *extra):
-    return compose(f"parallel.pp={pp}", f"parallel.schedule={schedule}", f"parallel.seq_chunks={k}",
-                   f"parallel.chunk_split={split}", f"parallel.microbatches={m}", *extra)
+    return compose(
+        f"parallel.pp={pp}",
+        f"parallel.schedule={schedule}",
+        f"parallel.seq_chunks={k}",
+        f"parallel.chunk_split={split}",
+        f"parallel.microbatches={m}",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +48,9 @@ def test_every_schedule_matches_single_process(pp, references):
     results = train_spawned([layout(pp, s, k, split, m) for (s, k, split), m in grid], world=pp)
     for ((schedule, k, split), m), result in zip(grid, results):
         ref_losses, ref_params, _ = references[m]
-        assert_close_run(result["losses"], result["params"], ref_losses, ref_params,
-                         label=f"pp={pp} {schedule} k={k} {split} m={m}")
+        assert_close_run(
+            result["losses"], result["params"], ref_losses, ref_params, label=f"pp={pp} {schedule} k={k} {split} m={m}"
+        )
 
 
 def test_seq1f1b_stage0_activation_peak_follows_p_plus_k_minus_1_over_k():
@@ -58,28 +72,36 @@ def test_partition_balances_layers_and_stages_hold_only_their_parameters():
     names = [set(s.param_names.values()) for s in stages]
     assert "model.embed_tokens.weight" in names[0] and "lm_head.weight" in names[-1]
     assert all("model.layers.0.mlp.up_proj.weight" not in n for n in names[1:])
-    assert [s.inputs for s in stages] == [["input_ids", "position_ids"], ["position_ids", "hidden_in"],
-                                         ["position_ids", "labels", "hidden_in"]]
+    assert [s.inputs for s in stages] == [
+        ["input_ids", "position_ids"],
+        ["position_ids", "hidden_in"],
+        ["position_ids", "labels", "hidden_in"],
+    ]
 
 
 def test_partition_refuses_more_stages_than_layers():
-    with pytest.raises(passes.PlanError, match="5 stages but the model has 4 layers"):
+    with pytest.raises(PlanError, match="5 stages but the model has 4 layers"):
         passes.balance_layers([1.0] * 4, 0.0, 0.0, 5)
 
 
 def test_uniform_comp_chunks_come_from_the_graph_costs():
-    from lcgraph.train import Job
+    from lcgraph.app.job import Job
 
-    cfg = compose("parallel.pp=1", "parallel.schedule=seq1f1b", "parallel.seq_chunks=4",
-                  "parallel.chunk_split=uniform_comp", "data.seq_len=256")
+    cfg = compose(
+        "parallel.pp=1",
+        "parallel.schedule=seq1f1b",
+        "parallel.seq_chunks=4",
+        "parallel.chunk_split=uniform_comp",
+        "data.seq_len=256",
+    )
     job = Job(cfg, "/tmp/lcgraph-unused", 0, 1)
     lengths = job.chunk_lengths
     assert sum(lengths) == 256 and lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 
 
 def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward():
-    from lcgraph.attention import attention_reference
-    from lcgraph.relay import RelayContext, relay_attention
+    from lcgraph.ops.attention import attention_reference
+    from lcgraph.ops.relay import RelayContext, relay_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -98,7 +120,7 @@ def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward()
         outs.append(relay_attention(qc, kc, vc, 0.3, 0))
         leaves.append((qc, kc, vc))
     for c in reversed(range(3)):  # last chunk first: it relays dK/dV to the earlier ones
-        outs[c].backward(grad[:, :, bounds[c]:bounds[c + 1]])
+        outs[c].backward(grad[:, :, bounds[c] : bounds[c + 1]])
     torch.testing.assert_close(torch.cat(outs, 2), full)
     for i, ref in enumerate((q.grad, k2.grad, v2.grad)):
         torch.testing.assert_close(torch.cat([leaf[i].grad for leaf in leaves], 2), ref)
@@ -106,12 +128,20 @@ def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward()
 
 
 def test_interleaved_1f1b_with_two_stages_per_rank_matches_single_process(references):
-    cfgs = [compose("parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b",
-                    f"parallel.microbatches={m}") for m in (2, 4)]
+    cfgs = [
+        compose(
+            "parallel.pp=2",
+            "parallel.virtual_stages=2",
+            "parallel.schedule=interleaved_1f1b",
+            f"parallel.microbatches={m}",
+        )
+        for m in (2, 4)
+    ]
     for m, result in zip((2, 4), train_spawned(cfgs, world=2)):
         assert result["ranks"][0]["program"].count("F0.0") == 2  # rank 0 runs stages 0 and 2
-        assert_close_run(result["losses"], result["params"], references[m][0], references[m][1],
-                         label=f"interleaved v=2 m={m}")
+        assert_close_run(
+            result["losses"], result["params"], references[m][0], references[m][1], label=f"interleaved v=2 m={m}"
+        )
 
 
 @pytest.mark.parametrize("chunks", [1, 4])

@@ -1,4 +1,4 @@
-"""Planner: simulator vs the closed forms of ANCHORS section 1, cost and memory model, lcgraph-plan end to end."""
+"""Planner: simulator vs the closed-form bubbles of GPipe, 1F1B and Seq1F1B (arXiv 2406.03488), cost and memory model, lcgraph-plan end to end."""
 
 import json
 import os
@@ -7,13 +7,19 @@ import sys
 
 import pytest
 
-from lcgraph.costmodel import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
-from lcgraph.schedule import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
-from lcgraph.simulate import UniformCosts, simulate
-from lcgraph.timeline import from_measured, trace_events, write_timeline
+from lcgraph.observability.timeline import from_measured, trace_events, write_timeline
+from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
+from lcgraph.planner.simulator import UniformCosts, simulate
+from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
 
-TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2)
+TINY_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def programs(name, p, m, k=1, v=1, p2p=True):
@@ -26,12 +32,13 @@ def programs(name, p, m, k=1, v=1, p2p=True):
 def tiny_graph():
     from transformers import LlamaConfig
 
-    from lcgraph.capture import capture
+    from lcgraph.graph.capture import capture
 
     return GraphCosts.from_captured(capture(LlamaConfig(**TINY_SHAPE)), "bf16")
 
 
 # --- simulator vs closed forms (equal-cost chunks, free p2p) ----------------------------------------------
+
 
 @pytest.mark.parametrize("p,m,k", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (3, 5, 4), (4, 4, 8)])
 def test_seq1f1b_bubble_and_stage0_activations_match_closed_form(p, m, k):
@@ -108,15 +115,24 @@ def test_kv_relay_doubles_while_a_micro_batch_runs_its_backward():
 
 # --- profiles and cost model -------------------------------------------------------------------------------
 
+
 def test_attention_rate_interpolates_linearly_in_log_seq_and_picks_the_nearest_head_dim():
     """Behaviour on a hand-made profile (round numbers), not the shipped values read back."""
-    prof = DeviceProfile.from_dict({
-        "name": "toy", "memory_bytes": 1e9, "matmul_flops": 100.0, "fp32_flops": 7.0,
-        "attention_flops": {"128": [[1024, 10.0], [4096, 30.0]], "64": [[1024, 1.0], [4096, 3.0]]},
-        "memory_bandwidth": 1.0, "intra_node_bw": 1.0, "inter_node_bw": 1.0})
+    prof = DeviceProfile.from_dict(
+        {
+            "name": "toy",
+            "memory_bytes": 1e9,
+            "matmul_flops": 100.0,
+            "fp32_flops": 7.0,
+            "attention_flops": {"128": [[1024, 10.0], [4096, 30.0]], "64": [[1024, 1.0], [4096, 3.0]]},
+            "memory_bandwidth": 1.0,
+            "intra_node_bw": 1.0,
+            "inter_node_bw": 1.0,
+        }
+    )
     assert prof.attention_rate(2048, 128) == pytest.approx(20.0)  # halfway in log2: 10 + (30 - 10) / 2
     assert prof.attention_rate(2048, 64) == pytest.approx(2.0)
-    assert prof.attention_rate(1024 * 2 ** 1.5, 128) == pytest.approx(25.0)  # three quarters of the way
+    assert prof.attention_rate(1024 * 2**1.5, 128) == pytest.approx(25.0)  # three quarters of the way
     assert prof.attention_rate(16, 128) == 10.0 and prof.attention_rate(1 << 20, 128) == 30.0  # clamped at the ends
     assert prof.attention_rate(2048, 96) == pytest.approx(20.0)  # nearer 128 than 64 in log2
     assert prof.attention_rate(2048, 80) == pytest.approx(2.0)  # nearer 64 (in log2)
@@ -198,6 +214,7 @@ def test_p2p_and_grad_sync_use_the_link_they_cross(tiny_graph):
 
 # --- timeline files ----------------------------------------------------------------------------------------
 
+
 def test_trace_json_is_valid_chrome_trace(tmp_path):
     progs, spec = programs("seq1f1b", 2, 2, 2)
     sim = simulate(progs, spec, _SlowLinks(k=2))
@@ -211,8 +228,10 @@ def test_trace_json_is_valid_chrome_trace(tmp_path):
 
 
 def test_measured_runtime_timeline_converts_to_the_same_format():
-    measured = {0: [("F0.0", 100.0, 100.5), ("send", 100.5, 100.6)],
-                1: [("recv", 100.2, 100.6), ("F0.0", 100.6, 101.0)]}
+    measured = {
+        0: [("F0.0", 100.0, 100.5), ("send", 100.5, 100.6)],
+        1: [("recv", 100.2, 100.6), ("F0.0", 100.6, 101.0)],
+    }
     events = from_measured(measured)
     assert min(e[2] for e in events) == 0.0
     assert (1, "F0.0", pytest.approx(0.6), pytest.approx(1.0)) in [tuple(e) for e in events]
@@ -222,14 +241,26 @@ def test_measured_runtime_timeline_converts_to_the_same_format():
 
 # --- lcgraph-plan end to end -------------------------------------------------------------------------------
 
+
 def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
-    args = ["model.num_hidden_layers=4", "model.hidden_size=64", "model.intermediate_size=128",
-            "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
-            "parallel=seq1f1b", "data.seq_len=2048", "train.dtype=bf16", "+plan.device=a100",
-            "+plan.chunks=[2,4]", f"hydra.run.dir={tmp_path}"]
+    args = [
+        "model.num_hidden_layers=4",
+        "model.hidden_size=64",
+        "model.intermediate_size=128",
+        "model.num_attention_heads=4",
+        "model.num_key_value_heads=2",
+        "model.vocab_size=512",
+        "parallel=seq1f1b",
+        "data.seq_len=2048",
+        "train.dtype=bf16",
+        "+plan.device=a100",
+        "+plan.chunks=[2,4]",
+        f"hydra.run.dir={tmp_path}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "lcgraph.plan", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lcgraph.app.plan_cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "alternatives" in done.stdout and "seq1f1b k=4" in done.stdout
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -251,18 +282,25 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
 def test_plan_fits_only_when_the_peak_is_within_the_devices_memory(tmp_path):
     """`fits` follows the device's memory: the same plan on a profile with room for exactly its peak fits,
     one byte less does not; the stage weights are the hand-counted parameters x 2 bytes (bf16)."""
-    from lcgraph.plan import build_plan
-    from lcgraph.testing import compose
+    from lcgraph.app.testing import compose
+    from lcgraph.planner.plan import build_plan
 
     def plan_on(memory):
         toy = {**load_profile("h100").to_dict(), "name": "toy", "memory_bytes": memory}
         (tmp_path / "toy.json").write_text(json.dumps(toy))
-        return build_plan(compose("parallel.pp=2", "data.seq_len=1024", "train.dtype=bf16",
-                                  f"+plan.device={tmp_path / 'toy.json'}", "+plan.alternatives=false")).to_json()
+        return build_plan(
+            compose(
+                "parallel.pp=2",
+                "data.seq_len=1024",
+                "train.dtype=bf16",
+                f"+plan.device={tmp_path / 'toy.json'}",
+                "+plan.alternatives=false",
+            )
+        ).to_json()
 
     plan = plan_on(1e12)
     c = TINY_SHAPE
-    h, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    h, f, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     kv_dim = h // c["num_attention_heads"] * c["num_key_value_heads"]
     layer = 2 * h * h + 2 * h * kv_dim + 3 * h * f + 2 * h
     assert [s["params"] for s in plan["stages"]] == [V * h + 2 * layer, 2 * layer + h + V * h]
@@ -272,14 +310,14 @@ def test_plan_fits_only_when_the_peak_is_within_the_devices_memory(tmp_path):
 
 
 def test_plan_refuses_a_bad_layout_before_capturing():
-    from lcgraph.passes import PlanError
-    from lcgraph.plan import build_plan
-    from lcgraph.testing import compose
+    from lcgraph.app.plan_cli import checked_plan
+    from lcgraph.app.testing import compose
+    from lcgraph.errors import PlanError
 
     with pytest.raises(PlanError, match="layers"):
-        build_plan(compose("parallel.pp=8"))
+        checked_plan(compose("parallel.pp=8"))
     with pytest.raises(ValueError, match="plan.device"):
-        build_plan(compose("+plan.devcie=h100"))
+        checked_plan(compose("+plan.devcie=h100"))
 
 
 def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
@@ -288,8 +326,19 @@ def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lcgraph.plan", "+recipe=llama70b_1m", "+plan.device=h200",
-                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lcgraph.app.plan_cli",
+            "+recipe=llama70b_1m",
+            "+plan.device=h200",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["layout"]["gpus"] == 64 and plan["model"]["layers"] == 80 and plan["summary"]["fits"]

@@ -13,20 +13,34 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from lcgraph.paths import recipes_dir
-from lcgraph.testing import TINY, compose, train_local, train_spawned
-from lcgraph.validate import check_choices, check_layout, check_model, validate_plan
+from lcgraph.app.paths import recipes_dir
+from lcgraph.app.testing import TINY, compose, train_local, train_spawned
+from lcgraph.app.validate import check_choices, check_layout, check_model, validate_plan
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 SHIPPED = {"llama70b_1m", "llama8b_256k", "llama7b_64k_seq1f1b", "llama1b_128k_1gpu", "tiny_cpu"}
 
 # What a developer types to try a recipe on a laptop: the recipe's layout and schedule, a tiny shape.
-SHRINK = ["model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-          "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
-          "data.seq_len=64", "data.max_corpus_mb=0.3", "parallel.sp=1", "parallel.dp=1",
-          "parallel.microbatches=2", "train.steps=2", "train.device=cpu", "train.dtype=fp32",
-          "train.checkpoint_every=0", "logging.wandb.mode=disabled", "train.progress=false",
-          "optim.warmup_steps=1"]
+SHRINK = [
+    "model.num_hidden_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=512",
+    "data.seq_len=64",
+    "data.max_corpus_mb=0.3",
+    "parallel.sp=1",
+    "parallel.dp=1",
+    "parallel.microbatches=2",
+    "train.steps=2",
+    "train.device=cpu",
+    "train.dtype=fp32",
+    "train.checkpoint_every=0",
+    "logging.wandb.mode=disabled",
+    "train.progress=false",
+    "optim.warmup_steps=1",
+]
 
 
 def test_the_shipped_recipes_are_global_packages():
@@ -50,8 +64,9 @@ def test_a_recipe_key_outside_the_schema_fails_to_compose():
 
     repo = ConfigStore.instance().repo
     compose(tiny=False)  # registers the schema and the recipes
-    ConfigStore.instance().store(group="recipe", name="misspelt", package="_global_",
-                                 node=OmegaConf.create({"parallel": {"ppp": 2}}))
+    ConfigStore.instance().store(
+        group="recipe", name="misspelt", package="_global_", node=OmegaConf.create({"parallel": {"ppp": 2}})
+    )
     try:
         with pytest.raises(ConfigCompositionException, match="ppp"):
             compose("+recipe=misspelt", tiny=False)
@@ -91,16 +106,32 @@ def read_csv(path) -> list[dict]:
 
 @pytest.mark.slow
 def test_multirun_writes_a_comparison_table_and_shares_a_wandb_group(tmp_path):
-    from lcgraph.sweep import main as rebuild
+    from lcgraph.observability.sweep import main as rebuild
 
     sweep = tmp_path / "sweep"
     tiny = [o for o in TINY if not o.startswith(("train.steps", "model.num_hidden_layers"))]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run(
-        [sys.executable, "-m", "lcgraph", "-m", "parallel.schedule=1f1b,gpipe", *tiny, "train.steps=2",
-         "model.num_hidden_layers=2", "logging.wandb.group=${lcgraph_sweep_group:}", f"hydra.sweep.dir={sweep}",
-         "++hydra.callbacks.sweep_table._target_=lcgraph.sweep.SweepTable"],
-        check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "lcgraph",
+            "-m",
+            "parallel.schedule=1f1b,gpipe",
+            *tiny,
+            "train.steps=2",
+            "model.num_hidden_layers=2",
+            "logging.wandb.group=${lcgraph_sweep_group:}",
+            f"hydra.sweep.dir={sweep}",
+            "++hydra.callbacks.sweep_table._target_=lcgraph.observability.sweep.SweepTable",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(sweep / "comparison.csv")
     assert [r["parallel.schedule"] for r in rows] == ["1f1b", "gpipe"]
@@ -114,5 +145,5 @@ def test_multirun_writes_a_comparison_table_and_shares_a_wandb_group(tmp_path):
     assert groups == {str(sweep)}
 
     (sweep / "comparison.csv").unlink()
-    rebuild([str(sweep)])  # python -m lcgraph.sweep SWEEP_DIR
+    rebuild([str(sweep)])  # python -m lcgraph.observability.sweep SWEEP_DIR
     assert [r["parallel.schedule"] for r in read_csv(sweep / "comparison.csv")] == ["1f1b", "gpipe"]

@@ -23,19 +23,26 @@ enough to move the parameters beyond the tolerance.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lcgraph import data
-from lcgraph.model import init_parameter
-from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.runtime import data
+from lcgraph.runtime.model import init_parameter
 
 STEPS, WARMUP, LR, MIN_RATIO, CLIP, WD = 4, 2, 1e-3, 0.1, 0.05, 0.1
-ACTIVE = [f"train.steps={STEPS}", f"optim.warmup_steps={WARMUP}", f"optim.lr={LR}", f"optim.min_lr_ratio={MIN_RATIO}",
-          f"optim.grad_clip={CLIP}", f"optim.weight_decay={WD}", "parallel.bucket_mb=0.05"]
+ACTIVE = [
+    f"train.steps={STEPS}",
+    f"optim.warmup_steps={WARMUP}",
+    f"optim.lr={LR}",
+    f"optim.min_lr_ratio={MIN_RATIO}",
+    f"optim.grad_clip={CLIP}",
+    f"optim.weight_decay={WD}",
+    "parallel.bucket_mb=0.05",
+]
 FP32 = 1e-5  # fp32, different summation order: losses relative, parameters relative in norm per tensor
 BF16 = 1e-2  # bf16 weights and activations against the fp32 reference (a bf16 weight alone is off by ~2e-3)
 
@@ -52,7 +59,7 @@ def reference_lr(step: int, steps: int = STEPS) -> float:
     return LR * (MIN_RATIO + (1 - MIN_RATIO) * (1 + math.cos(math.pi * done)) / 2)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sampler(seq_len: int, vocab: int, max_mb: float, seed: int):
     files = data.corpus_files(None, int(max_mb * 2**20))
     return data.WindowSampler(data.load_tokens(files, data.build_tokenizer(None, vocab, files)), seq_len, seed)
@@ -63,11 +70,20 @@ def hf_reference(cfg, batch: int, steps: int = STEPS):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
-    config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-                         num_key_value_heads=m.num_key_value_heads, rms_norm_eps=m.rms_norm_eps,
-                         rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
-                         tie_word_embeddings=m.tie_word_embeddings, attention_dropout=0.0, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        rms_norm_eps=m.rms_norm_eps,
+        rope_theta=m.rope_theta,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config).float()
     with torch.no_grad():
@@ -75,9 +91,16 @@ def hf_reference(cfg, batch: int, steps: int = STEPS):
             p.copy_(init_parameter(name, p.shape, config, cfg.train.seed))
     named = dict(model.named_parameters())
     no_decay = [n for n in named if "norm" in n or n.endswith(".bias")]  # the HF Trainer's groups
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in no_decay], "weight_decay": WD},
-                                   {"params": [named[n] for n in no_decay], "weight_decay": 0.0}],
-                                  lr=LR, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named.items() if n not in no_decay], "weight_decay": WD},
+            {"params": [named[n] for n in no_decay], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        foreach=False,
+    )
     sampler = _sampler(cfg.data.seq_len, m.vocab_size, cfg.data.max_corpus_mb, cfg.train.seed)
     losses, norms = [], []
     for step in range(steps):
@@ -104,6 +127,7 @@ def reference():
         if key not in cache:
             cache[key] = hf_reference(run_cfg(*model, tied=tied, steps=steps), batch, steps)
         return cache[key]
+
     return get
 
 
@@ -112,8 +136,13 @@ def check(result_losses, result_params, ref, rtol=FP32, label="", grad_norms=Non
     losses, norms, params = ref
     assert min(norms) > 2 * CLIP, f"clipping must be active (grad norms {norms})"
     assert_close_run(result_losses, result_params, losses, params, rtol=rtol, label=label)
-    torch.testing.assert_close(torch.tensor(grad_norms), torch.tensor(norms), rtol=max(rtol, 1e-4), atol=0,
-                               msg=lambda m: f"{label}: gradient norms differ\n{m}")
+    torch.testing.assert_close(
+        torch.tensor(grad_norms),
+        torch.tensor(norms),
+        rtol=max(rtol, 1e-4),
+        atol=0,
+        msg=lambda m: f"{label}: gradient norms differ\n{m}",
+    )
 
 
 # --- single process ---------------------------------------------------------------------------------------
@@ -151,20 +180,33 @@ def test_two_rank_layouts_match_hf_eager(reference):
     for label, result in zip(labels, results):
         _, tied, batch = TWO_RANKS[label]
         try:
-            check(result["losses"], result["params"], reference(batch, tied), label=label,
-                  grad_norms=result["grad_norms"])
+            check(
+                result["losses"], result["params"], reference(batch, tied), label=label, grad_norms=result["grad_norms"]
+            )
         except AssertionError as exc:
             failed.append(str(exc).splitlines()[0])
     assert not failed, "\n".join(failed)
 
 
 FOUR_RANKS = {  # label -> (overrides, tied, sequences per step, tolerance)
-    "interleaved v=2 x dp=2 distributed optimizer, tied": (["parallel.pp=2", "parallel.dp=2",
-                                                            "parallel.microbatches=2",
-                                                            "parallel.schedule=interleaved_1f1b",
-                                                            "parallel.virtual_stages=2"], True, 4, FP32),
-    "bf16 pp=2 x sp=2 seq1f1b (the default layout)": (["parallel.pp=2", "parallel.sp=2", "parallel.microbatches=2",
-                                                       *SEQ1F1B, "train.dtype=bf16"], False, 2, BF16),
+    "interleaved v=2 x dp=2 distributed optimizer, tied": (
+        [
+            "parallel.pp=2",
+            "parallel.dp=2",
+            "parallel.microbatches=2",
+            "parallel.schedule=interleaved_1f1b",
+            "parallel.virtual_stages=2",
+        ],
+        True,
+        4,
+        FP32,
+    ),
+    "bf16 pp=2 x sp=2 seq1f1b (the default layout)": (
+        ["parallel.pp=2", "parallel.sp=2", "parallel.microbatches=2", *SEQ1F1B, "train.dtype=bf16"],
+        False,
+        2,
+        BF16,
+    ),
 }
 
 
@@ -176,8 +218,14 @@ def test_four_rank_layouts_match_hf_eager(reference):
         _, tied, batch, rtol = FOUR_RANKS[label]
         params = {n: p.float() for n, p in result["params"].items()}
         try:
-            check(result["losses"], params, reference(batch, tied), rtol=rtol, label=label,
-                  grad_norms=result["grad_norms"])
+            check(
+                result["losses"],
+                params,
+                reference(batch, tied),
+                rtol=rtol,
+                label=label,
+                grad_norms=result["grad_norms"],
+            )
         except AssertionError as exc:
             failed.append(str(exc).splitlines()[0])
     assert not failed, "\n".join(failed)
@@ -190,7 +238,7 @@ def test_two_rank_checkpoint_round_trips_through_model_path_and_from_pretrained(
 
     from transformers import LlamaForCausalLM
 
-    from lcgraph.cli import spawn
+    from lcgraph.app.cli import spawn
 
     spawn(run_cfg(*PP2, *SEQ1F1B, tied=True, steps=2), str(tmp_path), world=2)
     ckpt = tmp_path / "checkpoint"

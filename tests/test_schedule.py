@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lcgraph.schedule import (
+from lcgraph.schedule.programs import (
     Action,
     ScheduleError,
     ScheduleSpec,
@@ -60,10 +60,12 @@ def test_only_compute_tokens_start_with_f_or_b_and_a_digit():
 def test_format_programs_1f1b_example_line():
     programs, spec = programs_for("1f1b", 4, 8)
     text = format_programs(programs, spec)
-    assert lines(text)[0] == ("rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0 F5.0 B2.0 F6.0 B3.0 F7.0 "
-                              "B4.0 B5.0 B6.0 B7.0 OPT")
-    assert lines(text)[3] == ("rank 3: F0.0 B0.0 F1.0 B1.0 F2.0 B2.0 F3.0 B3.0 F4.0 B4.0 F5.0 B5.0 "
-                              "F6.0 B6.0 F7.0 B7.0 OPT")
+    assert lines(text)[0] == (
+        "rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0 F5.0 B2.0 F6.0 B3.0 F7.0 B4.0 B5.0 B6.0 B7.0 OPT"
+    )
+    assert lines(text)[3] == (
+        "rank 3: F0.0 B0.0 F1.0 B1.0 F2.0 B2.0 F3.0 B3.0 F4.0 B4.0 F5.0 B5.0 F6.0 B6.0 F7.0 B7.0 OPT"
+    )
 
 
 def test_format_marks_stage_when_a_rank_holds_several():
@@ -190,12 +192,22 @@ def test_validator_rejects_backward_before_its_forward():
 
 def test_validator_rejects_chunks_out_of_order():
     spec = ScheduleSpec("seq1f1b", 1, 1, seq_chunks=2)
-    forward_swapped = [Action("F", 0, 0, 1), Action("F", 0, 0, 0), Action("B", 0, 0, 1),
-                       Action("B", 0, 0, 0), Action("OPT", -1)]
+    forward_swapped = [
+        Action("F", 0, 0, 1),
+        Action("F", 0, 0, 0),
+        Action("B", 0, 0, 1),
+        Action("B", 0, 0, 0),
+        Action("OPT", -1),
+    ]
     with pytest.raises(ScheduleError, match="F0.1@0 comes before its dependency F0.0@0"):
         validate([forward_swapped], spec)
-    backward_fifo = [Action("F", 0, 0, 0), Action("F", 0, 0, 1), Action("B", 0, 0, 0),
-                     Action("B", 0, 0, 1), Action("OPT", -1)]
+    backward_fifo = [
+        Action("F", 0, 0, 0),
+        Action("F", 0, 0, 1),
+        Action("B", 0, 0, 0),
+        Action("B", 0, 0, 1),
+        Action("OPT", -1),
+    ]
     with pytest.raises(ScheduleError, match="B0.0@0 comes before its dependency B0.1@0"):
         validate([backward_fifo], spec)
 
@@ -226,19 +238,39 @@ def test_validator_requires_one_final_opt_per_rank():
 def test_ideal_validator_lets_a_receive_be_posted_early():
     # On an ideal network a receive posted before a send is harmless (NCCL's rules: tests/test_nccl.py).
     spec = ScheduleSpec("1f1b", 2, 1)
-    rank0 = [Action("RECV_B", 0, peer=1, group=0), Action("F", 0), Action("SEND_F", 0, peer=1, group=1),
-             Action("B", 0), Action("OPT", -1)]
-    rank1 = [Action("RECV_F", 1, peer=0, group=0), Action("F", 1), Action("B", 1),
-             Action("SEND_B", 1, peer=0, group=1), Action("OPT", -1)]
+    rank0 = [
+        Action("RECV_B", 0, peer=1, group=0),
+        Action("F", 0),
+        Action("SEND_F", 0, peer=1, group=1),
+        Action("B", 0),
+        Action("OPT", -1),
+    ]
+    rank1 = [
+        Action("RECV_F", 1, peer=0, group=0),
+        Action("F", 1),
+        Action("B", 1),
+        Action("SEND_B", 1, peer=0, group=1),
+        Action("OPT", -1),
+    ]
     validate([rank0, rank1], spec)
 
 
 def test_validator_rejects_a_backward_before_its_forward_with_p2p():
     spec = ScheduleSpec("1f1b", 2, 1)
-    rank0 = [Action("RECV_B", 0, peer=1, group=0), Action("B", 0), Action("F", 0),
-             Action("SEND_F", 0, peer=1, group=1), Action("OPT", -1)]
-    rank1 = [Action("RECV_F", 1, peer=0, group=0), Action("F", 1), Action("B", 1),
-             Action("SEND_B", 1, peer=0, group=1), Action("OPT", -1)]
+    rank0 = [
+        Action("RECV_B", 0, peer=1, group=0),
+        Action("B", 0),
+        Action("F", 0),
+        Action("SEND_F", 0, peer=1, group=1),
+        Action("OPT", -1),
+    ]
+    rank1 = [
+        Action("RECV_F", 1, peer=0, group=0),
+        Action("F", 1),
+        Action("B", 1),
+        Action("SEND_B", 1, peer=0, group=1),
+        Action("OPT", -1),
+    ]
     with pytest.raises(ScheduleError, match="B0.0@0 comes before its dependency F0.0@0"):
         validate([rank0, rank1], spec)
 
@@ -339,8 +371,7 @@ def test_bubble_ignores_explicit_p2p_and_depends_on_backward_cost():
     programs, spec = programs_for("seq1f1b", 4, 8, k=2)
     assert bubble_fraction(add_p2p(programs, spec), spec) == pytest.approx(bubble_fraction(programs, spec))
     assert bubble_fraction(programs, spec, f_time=1.0, b_time=1.0) == pytest.approx(3 / 19)
-    assert bubble_fraction([[Action("F", 0), Action("B", 0), Action("OPT", -1)]],
-                           ScheduleSpec("1f1b", 1, 1)) == 0.0
+    assert bubble_fraction([[Action("F", 0), Action("B", 0), Action("OPT", -1)]], ScheduleSpec("1f1b", 1, 1)) == 0.0
 
 
 def test_peak_inflight_1f1b_holds_p_microbatches_on_stage_0():
@@ -364,7 +395,7 @@ def test_peak_inflight_seq1f1b_holds_p_plus_k_minus_1_chunks_on_stage_0():
 
 
 def test_peak_inflight_interleaved_matches_megatron_memory_formula():
-    # ANCHORS: stage 0 holds about p*M*(1 + (p-1)/(p*v)); one stage unit is M/v, so v*p + p - 1 units.
+    # Megatron's interleaved schedule (arXiv 2104.04473): stage 0 holds about p*M*(1 + (p-1)/(p*v)); one stage unit is M/v, so v*p + p - 1 units.
     for pp, v in itertools.product((2, 4), (2, 3)):
         for m in (pp, 2 * pp, 4 * pp):
             programs, spec = programs_for("interleaved_1f1b", pp, m, v=v)

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism and ZeRO-2, alone and composed with pipeline stages and Seq1F1B.
+"""Ulysses sequence parallelism and the distributed optimizer, alone and composed with pipeline stages and Seq1F1B.
 
 A step's global batch is dp x microbatches sequences, so every layout is compared with the single-process
 run over the same sequences (dp=2, m=2 against m=4). The model has 4 heads and 2 kv heads, so sp=4
@@ -8,8 +8,10 @@ exercises K/V head replication.
 import pytest
 import torch
 
-from lcgraph import passes, zero
-from lcgraph.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.errors import PlanError
+from lcgraph.graph import passes
+from lcgraph.runtime import optimizer as zero
 
 M = 2
 LAYOUTS = {  # world size -> (pp, sp, dp) layouts
@@ -20,9 +22,18 @@ LAYOUTS = {  # world size -> (pp, sp, dp) layouts
 
 
 def layout(pp, sp, dp, *extra):
-    schedule = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"] if pp > 1 else []
-    return compose(f"parallel.pp={pp}", f"parallel.sp={sp}", f"parallel.dp={dp}", f"parallel.microbatches={M}",
-                   "parallel.bucket_mb=0.05", *schedule, *extra)
+    schedule = (
+        ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"] if pp > 1 else []
+    )
+    return compose(
+        f"parallel.pp={pp}",
+        f"parallel.sp={sp}",
+        f"parallel.dp={dp}",
+        f"parallel.microbatches={M}",
+        "parallel.bucket_mb=0.05",
+        *schedule,
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +42,18 @@ def references():
 
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
-def test_ulysses_zero2_layouts_match_single_process(world, references):
+def test_ulysses_distributed_optimizer_layouts_match_single_process(world, references):
     layouts = LAYOUTS[world]
     results = train_spawned([layout(*lay) for lay in layouts], world=world)
     for (pp, sp, dp), result in zip(layouts, results):
         ref_losses, ref_params, ref_extra = references[dp]
         assert_close_run(result["losses"], result["params"], ref_losses, ref_params, label=f"pp={pp} sp={sp} dp={dp}")
-        # ZeRO-2: the dp*sp replicas of a stage split its optimizer state evenly, and all ranks together
+        # distributed optimizer: the dp*sp replicas of a stage split its optimizer state evenly, and all ranks together
         # hold one unsharded copy (padding aside): each rank keeps 1/(dp*sp) of its stage's state
         per_rank = [rank["optimizer_state_bytes"] for rank in result["ranks"]]
         assert sum(per_rank) == pytest.approx(ref_extra["optimizer_state_bytes"], rel=0.05)
         for stage in range(pp):
-            replicas = per_rank[stage * dp * sp:(stage + 1) * dp * sp]
+            replicas = per_rank[stage * dp * sp : (stage + 1) * dp * sp]
             assert len(set(replicas)) == 1, replicas
         # the reduce-scatters are program actions, the first issued while the step's last backward runs
         for rank in result["ranks"]:
@@ -61,26 +72,27 @@ def test_ulysses_zero2_layouts_match_single_process(world, references):
 
 def test_kv_heads_fewer_than_sp_are_replicated_and_bad_layouts_are_refused():
     cfg = compose("parallel.sp=4").model
-    from lcgraph.model import build_config
+    from lcgraph.runtime.model import build_config
 
     config = build_config(cfg)
     passes.check_ulysses(config, 4)  # 4 heads, 2 kv heads: K/V replicated to 4
-    with pytest.raises(passes.PlanError, match="sp=3 must divide num_attention_heads=4"):
+    with pytest.raises(PlanError, match="sp=3 must divide num_attention_heads=4"):
         passes.check_ulysses(config, 3)
-    with pytest.raises(passes.PlanError, match="sp=6 and num_key_value_heads=4"):
+    with pytest.raises(PlanError, match="sp=6 and num_key_value_heads=4"):
         passes.check_ulysses(_heads(12, 4), 6)  # neither divides the other
 
 
 def _heads(h, kv):
     class C:
         num_attention_heads, num_key_value_heads = h, kv
+
     return C()
 
 
 def test_all_to_all_is_inserted_around_every_attention():
-    from lcgraph.capture import capture
-    from lcgraph.collectives import heads_to_seq, seq_to_heads
-    from lcgraph.model import build_config
+    from lcgraph.graph.capture import capture
+    from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
+    from lcgraph.runtime.model import build_config
 
     captured = capture(build_config(compose().model))
     (stage,) = passes.partition(captured, [4])
@@ -91,8 +103,8 @@ def test_all_to_all_is_inserted_around_every_attention():
 
 
 def test_gather_waits_come_before_the_first_read_of_each_buckets_parameters():
-    from lcgraph.capture import capture
-    from lcgraph.model import build_config
+    from lcgraph.graph.capture import capture
+    from lcgraph.runtime.model import build_config
 
     captured = capture(build_config(compose().model))
     (stage,) = passes.partition(captured, [4])

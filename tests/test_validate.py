@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lcgraph import schedule
-from lcgraph.config import LcgraphConfig
-from lcgraph.passes import PlanError
-from lcgraph.testing import compose, train_local
-from lcgraph.validate import check_launch, validate_plan
+from lcgraph.app.config import LcgraphConfig
+from lcgraph.app.testing import compose, train_local
+from lcgraph.app.validate import check_launch, validate_plan
+from lcgraph.errors import PlanError
+from lcgraph.schedule import programs as schedule
 
 SCHEDULES = ("gpipe", "1f1b", "seq1f1b", "interleaved_1f1b")
 SPLITS = ("even", "uniform_comp")
@@ -52,8 +52,10 @@ def violations(d: dict) -> list[tuple[str, ...]]:
     if heads % kv:
         out.append((f"model.num_attention_heads={heads}", f"model.num_key_value_heads={kv}"))
     if pp * v > layers:
-        out.append((f"parallel.pp={pp}", f"model.num_hidden_layers={layers}")
-                   + ((f"parallel.virtual_stages={v}",) if v > 1 else ()))
+        out.append(
+            (f"parallel.pp={pp}", f"model.num_hidden_layers={layers}")
+            + ((f"parallel.virtual_stages={v}",) if v > 1 else ())
+        )
     if k > 1 and name != "seq1f1b":
         out.append((f"parallel.seq_chunks={k}", f"parallel.schedule={name}"))
     if v > 1 and name != "interleaved_1f1b":
@@ -94,11 +96,21 @@ def layouts(draw):
     v = draw(st.integers(2, 3)) if name == "interleaved_1f1b" else draw(st.sampled_from((1,) * 6 + (2,)))
     heads = draw(st.sampled_from((4, 8, 4, 8, 2, 6)))
     seq = sp * k * draw(st.integers(1, 6)) if draw(st.integers(0, 5)) else draw(st.integers(1, 64))
-    d = dict(pp=pp, sp=sp, dp=draw(st.integers(1, 2)), schedule=name, microbatches=draw(st.integers(1, 6)),
-             seq_chunks=k, chunk_split=draw(st.sampled_from(SPLITS * 6 + ("ragged",))), virtual_stages=v,
-             seq_len=seq, layers=max(1, pp * v + draw(st.integers(-1, 3))), heads=heads,
-             kv_heads=draw(st.sampled_from([h for h in (1, 2, 4, 8) if heads % h == 0] * 4 + [3, 4])),
-             hidden=heads * 16 + draw(st.sampled_from((0,) * 12 + (8,))))
+    d = dict(
+        pp=pp,
+        sp=sp,
+        dp=draw(st.integers(1, 2)),
+        schedule=name,
+        microbatches=draw(st.integers(1, 6)),
+        seq_chunks=k,
+        chunk_split=draw(st.sampled_from(SPLITS * 6 + ("ragged",))),
+        virtual_stages=v,
+        seq_len=seq,
+        layers=max(1, pp * v + draw(st.integers(-1, 3))),
+        heads=heads,
+        kv_heads=draw(st.sampled_from([h for h in (1, 2, 4, 8) if heads % h == 0] * 4 + [3, 4])),
+        hidden=heads * 16 + draw(st.sampled_from((0,) * 12 + (8,))),
+    )
     broken = draw(st.sampled_from((None,) * 20 + ("pp", "microbatches", "seq_chunks")))
     if broken:
         d[broken] = 0
@@ -106,13 +118,23 @@ def layouts(draw):
 
 
 def overrides(d: dict) -> list[str]:
-    return [f"parallel.pp={d['pp']}", f"parallel.sp={d['sp']}", f"parallel.dp={d['dp']}",
-            f"parallel.schedule={d['schedule']}", f"parallel.microbatches={d['microbatches']}",
-            f"parallel.seq_chunks={d['seq_chunks']}", f"parallel.chunk_split={d['chunk_split']}",
-            f"parallel.virtual_stages={d['virtual_stages']}", f"data.seq_len={d['seq_len']}",
-            f"model.num_hidden_layers={d['layers']}", f"model.num_attention_heads={d['heads']}",
-            f"model.num_key_value_heads={d['kv_heads']}", f"model.hidden_size={d['hidden']}",
-            "train.device=cpu", "train.allow_oversubscribe=true"]
+    return [
+        f"parallel.pp={d['pp']}",
+        f"parallel.sp={d['sp']}",
+        f"parallel.dp={d['dp']}",
+        f"parallel.schedule={d['schedule']}",
+        f"parallel.microbatches={d['microbatches']}",
+        f"parallel.seq_chunks={d['seq_chunks']}",
+        f"parallel.chunk_split={d['chunk_split']}",
+        f"parallel.virtual_stages={d['virtual_stages']}",
+        f"data.seq_len={d['seq_len']}",
+        f"model.num_hidden_layers={d['layers']}",
+        f"model.num_attention_heads={d['heads']}",
+        f"model.num_key_value_heads={d['kv_heads']}",
+        f"model.hidden_size={d['hidden']}",
+        "train.device=cpu",
+        "train.allow_oversubscribe=true",
+    ]
 
 
 def schema_config(d: dict):
@@ -151,10 +173,21 @@ def single_rank_layouts(draw):
     name = draw(st.sampled_from(("gpipe", "1f1b", "seq1f1b")))
     k = draw(st.integers(2, 4)) if name == "seq1f1b" else 1
     heads = draw(st.sampled_from((2, 4)))
-    return dict(pp=1, sp=1, dp=1, schedule=name, microbatches=draw(st.integers(1, 2)), seq_chunks=k,
-                chunk_split=draw(st.sampled_from(SPLITS)), virtual_stages=1, seq_len=k * draw(st.integers(4, 12)),
-                layers=draw(st.integers(1, 3)), heads=heads, kv_heads=draw(st.sampled_from((1, heads))),
-                hidden=16 * heads)
+    return dict(
+        pp=1,
+        sp=1,
+        dp=1,
+        schedule=name,
+        microbatches=draw(st.integers(1, 2)),
+        seq_chunks=k,
+        chunk_split=draw(st.sampled_from(SPLITS)),
+        virtual_stages=1,
+        seq_len=k * draw(st.integers(4, 12)),
+        layers=draw(st.integers(1, 3)),
+        heads=heads,
+        kv_heads=draw(st.sampled_from((1, heads))),
+        hidden=16 * heads,
+    )
 
 
 @settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -171,8 +204,10 @@ def test_valid_single_rank_layouts_train_one_step(d):
 
 
 def plan(**keys):
-    return OmegaConf.merge(OmegaConf.structured(LcgraphConfig),
-                           OmegaConf.from_dotlist([f"{k.replace('__', '.')}={v}" for k, v in keys.items()]))
+    return OmegaConf.merge(
+        OmegaConf.structured(LcgraphConfig),
+        OmegaConf.from_dotlist([f"{k.replace('__', '.')}={v}" for k, v in keys.items()]),
+    )
 
 
 def refused(fn, *texts):
@@ -184,8 +219,13 @@ def refused(fn, *texts):
 
 def test_launcher_world_size_must_match_the_layout():
     cfg = plan(parallel__pp=2, parallel__sp=2)
-    refused(lambda: check_launch(cfg, {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, gpus=8),
-            "WORLD_SIZE=8", "parallel.pp=2", "parallel.sp=2", "parallel.dp=1")
+    refused(
+        lambda: check_launch(cfg, {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, gpus=8),
+        "WORLD_SIZE=8",
+        "parallel.pp=2",
+        "parallel.sp=2",
+        "parallel.dp=1",
+    )
     check_launch(cfg, {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, gpus=8)
 
 
@@ -204,12 +244,20 @@ def test_config_rules_outside_the_drawn_ranges():
     refused(lambda: validate_plan(plan(train__dtype="fp16", **base), env={}), "train.dtype=fp16")
     refused(lambda: validate_plan(plan(data__micro_batch_size=0, **base), env={}), "data.micro_batch_size=0")
     refused(lambda: validate_plan(plan(parallel__sp=0, **base), env={}), "parallel.sp=0")
-    refused(lambda: validate_plan(plan(model__hidden_size=100, **base), env={}),
-            "model.hidden_size=100", "model.num_attention_heads=8")
-    refused(lambda: validate_plan(plan(parallel__pp=2, parallel__pp_layers="[3,2]", **base), env={}),
-            "parallel.pp_layers=[3, 2]", "model.num_hidden_layers=4")
-    refused(lambda: validate_plan(plan(parallel__pp=2, parallel__pp_layers="[4,0]", **base), env={}),
-            "parallel.pp_layers=[4, 0]")
+    refused(
+        lambda: validate_plan(plan(model__hidden_size=100, **base), env={}),
+        "model.hidden_size=100",
+        "model.num_attention_heads=8",
+    )
+    refused(
+        lambda: validate_plan(plan(parallel__pp=2, parallel__pp_layers="[3,2]", **base), env={}),
+        "parallel.pp_layers=[3, 2]",
+        "model.num_hidden_layers=4",
+    )
+    refused(
+        lambda: validate_plan(plan(parallel__pp=2, parallel__pp_layers="[4,0]", **base), env={}),
+        "parallel.pp_layers=[4, 0]",
+    )
     validate_plan(plan(parallel__pp=2, parallel__pp_layers="[3,1]", **base), env={})
 
 
@@ -218,8 +266,15 @@ def test_config_rules_outside_the_drawn_ranges():
 
 def lcgraph_cli(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, "-m", "lcgraph", *args, f"hydra.run.dir={tmp_path}/run"],
-                          check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lcgraph", *args, f"hydra.run.dir={tmp_path}/run"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -239,3 +294,18 @@ def test_cli_config_error_is_a_short_hydra_message(tmp_path, override, named):
     assert result.returncode != 0
     assert named in result.stderr and "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 10, result.stderr
+
+
+def test_the_config_choices_are_what_the_code_knows():
+    """The schema's Literal choices agree with the names the schedule builders and attention backends take."""
+    from typing import get_args
+
+    from lcgraph.app.config import AttentionBackend, ChunkSplit, Dtype, ScheduleName
+    from lcgraph.app.job import DTYPES
+    from lcgraph.ops.attention import BACKENDS
+    from lcgraph.schedule.programs import SCHEDULES, SPLIT_MODES
+
+    assert get_args(ScheduleName) == SCHEDULES
+    assert get_args(ChunkSplit) == SPLIT_MODES
+    assert get_args(AttentionBackend) == BACKENDS
+    assert set(get_args(Dtype)) == set(DTYPES)

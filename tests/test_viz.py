@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import fx
 
-from lcgraph import viz
-from lcgraph.capture import NodeInfo
-from lcgraph.timeline import matplotlib_available, write_trace
+from lcgraph.graph.capture import NodeInfo
+from lcgraph.observability import graphs as viz
+from lcgraph.observability.timeline import matplotlib_available, write_trace
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -66,15 +66,27 @@ def texts(element) -> list[str]:
 
 # --- graph pictures ------------------------------------------------------------------------------------------
 
+
 def test_an_80_layer_graph_is_one_box_per_layer_in_a_compact_picture_with_fan_out_collapsed(tmp_path):
     files = viz.dump_graph(synthetic_llama(80, ag_layer=7), tmp_path / "01_retarget_device")
-    assert [f.name for f in files] == ["01_retarget_device.txt", "01_retarget_device.svg", "01_retarget_device.html",
-                                       "01_retarget_device_layer0.svg"]
+    assert [f.name for f in files] == [
+        "01_retarget_device.txt",
+        "01_retarget_device.svg",
+        "01_retarget_device.html",
+        "01_retarget_device_layer0.svg",
+    ]
     text = (tmp_path / "01_retarget_device.svg").read_text()
     root = ET.fromstring(text)
     boxes = boxes_in(text)
-    assert set(boxes) == {f"layer-{i}" for i in range(80)} | {"inputs", "embed", "shared", "norm", "head", "loss",
-                                                                "output"}
+    assert set(boxes) == {f"layer-{i}" for i in range(80)} | {
+        "inputs",
+        "embed",
+        "shared",
+        "norm",
+        "head",
+        "loss",
+        "output",
+    }
     assert float(root.get("width")) < 1800 and float(root.get("height")) < 2200  # a grid, not an 80-row column
     edges = [p for p in root.iter(f"{SVG}path") if p.get("marker-end")]
     assert len(edges) < 100  # 79 layer-to-layer arrows + a few; shared -> layers drawn once
@@ -101,12 +113,20 @@ def stage_dumps(tmp_path_factory):
     """A real tiny LLaMA through every CPU pass (meta device): 2 stages, Seq1F1B with 2 chunks, Ulysses sp=2."""
     from transformers import LlamaConfig
 
-    from lcgraph.capture import capture
-    from lcgraph.passes import compile_stages
+    from lcgraph.graph.capture import capture
+    from lcgraph.graph.passes import compile_stages
 
     out = tmp_path_factory.mktemp("graphs")
-    captured = capture(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2))
+    captured = capture(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     graphs = {}
 
     def dump(name, gm):
@@ -148,8 +168,8 @@ def test_the_html_view_is_self_contained_and_expands_each_box_to_its_nodes(stage
     parser.feed(page)
     assert not parser.external
     assert {"d-layer-2", "d-layer-3", "d-shared", "d-inputs", "d-output"} <= set(parser.details)
-    layer3 = page[page.index("id='d-layer-3'"):]
-    layer3 = layer3[:layer3.index("</details>")]
+    layer3 = page[page.index("id='d-layer-3'") :]
+    layer3 = layer3[: layer3.index("</details>")]
     for n in graphs["04_ulysses_stage1"].graph.nodes:
         info = n.meta.get("lcgraph")
         if info is not None and info.part == "layer" and info.layer == 3 and n.op != "placeholder":
@@ -163,8 +183,13 @@ def test_the_layer_level_picture_has_one_box_per_node_of_that_layer(stage_dumps,
     viz.dump_graph(gm, tmp_path / "stage1", layers=[3])
     root = ET.parse(tmp_path / "stage1_layer3.svg").getroot()
     drawn = {t.text for t in root.iter(f"{SVG}text") if t.get("font-weight") == "bold"} - {"stage1: layer 3"}
-    nodes = {n.name for n in gm.graph.nodes if n.op != "placeholder"
-             and getattr(n.meta.get("lcgraph"), "part", None) == "layer" and n.meta["lcgraph"].layer == 3}
+    nodes = {
+        n.name
+        for n in gm.graph.nodes
+        if n.op != "placeholder"
+        and getattr(n.meta.get("lcgraph"), "part", None) == "layer"
+        and n.meta["lcgraph"].layer == 3
+    }
     assert drawn == nodes
     assert len([n for n in nodes if n.startswith(("seq_to_heads", "heads_to_seq"))]) == 4
 
@@ -181,15 +206,30 @@ def test_a_picture_that_cannot_be_drawn_leaves_the_text_dump_and_a_warning(tmp_p
 
 # --- measured timeline ---------------------------------------------------------------------------------------
 
+
 def fake_job(timeline, events, rank=0):
-    return SimpleNamespace(interpreter=SimpleNamespace(timeline=timeline), optimizer=SimpleNamespace(events=events),
-                           coords=SimpleNamespace(rank=rank), device=torch.device("cpu"))
+    return SimpleNamespace(
+        interpreter=SimpleNamespace(timeline=timeline),
+        optimizer=SimpleNamespace(events=events),
+        coords=SimpleNamespace(rank=rank),
+        device=torch.device("cpu"),
+    )
 
 
-STEP1 = [("F0.0", 10.0, 11.0), ("recv", 11.0, 11.5), ("B0.0", 11.5, 13.5), ("RS0", 13.6, 14.0), ("OPT", 14.0, 14.5),
-         ("AG0", 14.5, 14.6)]
-EVENTS = [("rs_issue", 0, 0, 2.0),  # the first one is the step before's
-          ("rs_issue", 0, 0, 12.0), ("rs_wait", 0, 0, 14.0), ("ag_issue", 0, 0, 14.55)]
+STEP1 = [
+    ("F0.0", 10.0, 11.0),
+    ("recv", 11.0, 11.5),
+    ("B0.0", 11.5, 13.5),
+    ("RS0", 13.6, 14.0),
+    ("OPT", 14.0, 14.5),
+    ("AG0", 14.5, 14.6),
+]
+EVENTS = [
+    ("rs_issue", 0, 0, 2.0),  # the first one is the step before's
+    ("rs_issue", 0, 0, 12.0),
+    ("rs_wait", 0, 0, 14.0),
+    ("ag_issue", 0, 0, 14.55),
+]
 
 
 def test_the_measured_timeline_is_the_last_step_as_a_trace_with_a_zero_track_and_its_bubble(tmp_path):
@@ -213,10 +253,17 @@ def test_the_measured_timeline_is_the_last_step_as_a_trace_with_a_zero_track_and
 
 
 def test_ranks_on_another_host_are_aligned_at_the_barrier_and_one_hosts_ranks_keep_their_clock():
-    records = [{"rank": 0, "host": "a", "sync": 100.0, "timeline": [("F0.0", 99.0, 99.5)], "events": []},
-               {"rank": 1, "host": "a", "sync": 100.2, "timeline": [("F0.0", 99.5, 99.8)], "events": []},
-               {"rank": 2, "host": "b", "sync": 5000.0, "timeline": [("F0.0", 4999.5, 4999.9)],
-                "events": [("rs_issue", 0, 0, 4999.6)]}]
+    records = [
+        {"rank": 0, "host": "a", "sync": 100.0, "timeline": [("F0.0", 99.0, 99.5)], "events": []},
+        {"rank": 1, "host": "a", "sync": 100.2, "timeline": [("F0.0", 99.5, 99.8)], "events": []},
+        {
+            "rank": 2,
+            "host": "b",
+            "sync": 5000.0,
+            "timeline": [("F0.0", 4999.5, 4999.9)],
+            "events": [("rs_issue", 0, 0, 4999.6)],
+        },
+    ]
     timelines, events = viz._align(records)
     assert timelines[1] == [("F0.0", 99.5, 99.8)]  # same host: same monotonic clock, no shift
     assert timelines[2] == [("F0.0", pytest.approx(99.5), pytest.approx(99.9))]

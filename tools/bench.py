@@ -27,8 +27,12 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 VARIANTS = {  # lcgraph variants: config overrides
     "default": [],
     "compile": ["train.compile=true"],
-    "chunked": ["parallel.schedule=seq1f1b", "parallel.seq_chunks={chunks}", "train.recompute=true",
-                "parallel.chunk_split=even"],  # one stage: memory follows the longest chunk
+    "chunked": [
+        "parallel.schedule=seq1f1b",
+        "parallel.seq_chunks={chunks}",
+        "train.recompute=true",
+        "parallel.chunk_split=even",
+    ],  # one stage: memory follows the longest chunk
 }
 
 
@@ -74,21 +78,35 @@ def bench_hf(config, seq: int, steps: int, warmup: int) -> dict:
         losses.append(float(out.loss))
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    result = {"tokens_per_s": seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "loss_first": losses[0]}
+    result = {
+        "tokens_per_s": seq * steps / elapsed,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss_first": losses[0],
+    }
     del model, opt
     return result
 
 
 def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, model_name: str) -> dict:
-    from lcgraph.testing import compose
-    from lcgraph.train import Job
+    from lcgraph.app.job import Job
+    from lcgraph.app.testing import compose
 
     _free()
     overrides = [o.format(chunks=chunks) for o in VARIANTS[variant]]
-    cfg = compose("parallel=single", f"model={model_name}", f"data.seq_len={seq}", "data.synthetic=true", "train.dtype=bf16",
-                  "train.device=cuda", f"train.steps={warmup + steps}", "logging.wandb.mode=disabled",
-                  "train.progress=false", "optim.warmup_steps=1", *overrides, tiny=False)
+    cfg = compose(
+        "parallel=single",
+        f"model={model_name}",
+        f"data.seq_len={seq}",
+        "data.synthetic=true",
+        "train.dtype=bf16",
+        "train.device=cuda",
+        f"train.steps={warmup + steps}",
+        "logging.wandb.mode=disabled",
+        "train.progress=false",
+        "optim.warmup_steps=1",
+        *overrides,
+        tiny=False,
+    )
     job = Job(cfg, Path("/tmp/lcgraph-bench"), 0, 1)
     losses, start, times = [], None, []
     for step in range(warmup + steps):
@@ -103,9 +121,14 @@ def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, 
     if PROFILE_DIR:  # after the timed steps: the profiled step must not count in tokens/s
         _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_lcgraph_{variant}_{seq}.txt")
     stats = torch.cuda.memory_stats()
-    result = {"tokens_per_s": seq * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "loss_first": losses[0], "step_times": times, "alloc_retries": stats.get("num_alloc_retries"),
-              "reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30}
+    result = {
+        "tokens_per_s": seq * steps / elapsed,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss_first": losses[0],
+        "step_times": times,
+        "alloc_retries": stats.get("num_alloc_retries"),
+        "reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+    }
     del job
     return result
 
@@ -135,15 +158,31 @@ def isolated(side: str, seq: int, args, variant: str = "default") -> dict:
     """One measurement in a fresh process, so neither side inherits the other's GPU memory."""
     import subprocess
 
-    cmd = [sys.executable, __file__, "--one", side, "--seq", str(seq), "--variant", variant, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--chunks", str(args.chunks), "--model", args.model]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        side,
+        "--seq",
+        str(seq),
+        "--variant",
+        variant,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--chunks",
+        str(args.chunks),
+        "--model",
+        args.model,
+    ]
     if args.profile:
         cmd += ["--profile", args.profile]
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def longest(fn, start: int, limit: int) -> int:
@@ -185,8 +224,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lcgraph.model import build_config
-    from lcgraph.testing import compose
+    from lcgraph.app.testing import compose
+    from lcgraph.runtime.model import build_config
 
     config = build_config(compose(f"model={args.model}", tiny=False).model)
     config._attn_implementation = "sdpa"
@@ -199,8 +238,18 @@ def main() -> None:
             rows.append({"seq": seq, "variant": variant, "hf": hf, "lcgraph": lc, "flops_per_token": flops})
             print(json.dumps(rows[-1]), flush=True)
     table = Table(title=f"{args.model}, bf16, batch 1, MFU = (6N + 6*L*h*S) * tokens/s / {args.peak_tflops} TFLOP/s")
-    for col in ("seq", "variant", "HF tok/s", "HF MFU", "HF GiB", "lcgraph tok/s", "lcgraph MFU", "lcgraph GiB",
-                "speed x", "loss HF/lcg"):
+    for col in (
+        "seq",
+        "variant",
+        "HF tok/s",
+        "HF MFU",
+        "HF GiB",
+        "lcgraph tok/s",
+        "lcgraph MFU",
+        "lcgraph GiB",
+        "speed x",
+        "loss HF/lcg",
+    ):
         table.add_column(col, justify="right")
 
     def fmt(r, key, f="{:.0f}"):
@@ -214,23 +263,32 @@ def main() -> None:
                 side["mfu"] = side["tflops"] / args.peak_tflops
         ratio = lc["tokens_per_s"] / hf["tokens_per_s"] if "tokens_per_s" in lc and "tokens_per_s" in hf else None
         r["ratio"] = ratio
-        table.add_row(str(r["seq"]), r["variant"], fmt(hf, "tokens_per_s"), fmt(hf, "mfu", "{:.2f}"),
-                      fmt(hf, "peak_gib", "{:.1f}"), fmt(lc, "tokens_per_s"), fmt(lc, "mfu", "{:.2f}"),
-                      fmt(lc, "peak_gib", "{:.1f}"), "-" if ratio is None else f"{ratio:.2f}",
-                      f"{hf.get('loss_first', float('nan')):.3f}/{lc.get('loss_first', float('nan')):.3f}")
+        table.add_row(
+            str(r["seq"]),
+            r["variant"],
+            fmt(hf, "tokens_per_s"),
+            fmt(hf, "mfu", "{:.2f}"),
+            fmt(hf, "peak_gib", "{:.1f}"),
+            fmt(lc, "tokens_per_s"),
+            fmt(lc, "mfu", "{:.2f}"),
+            fmt(lc, "peak_gib", "{:.1f}"),
+            "-" if ratio is None else f"{ratio:.2f}",
+            f"{hf.get('loss_first', float('nan')):.3f}/{lc.get('loss_first', float('nan')):.3f}",
+        )
     Console().print(table)
     out = {"rows": rows, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.max_seq:
         out["max_seq_hf"] = longest(lambda s: bench_hf(config, s, 1, 1), 8192, args.max_limit)
-        out["max_seq_lcgraph"] = longest(lambda s: bench_lcgraph(s, 1, 1, "chunked", max(args.chunks, s // 16384),
-                                                                 args.model), 8192, args.max_limit)
+        out["max_seq_lcgraph"] = longest(
+            lambda s: bench_lcgraph(s, 1, 1, "chunked", max(args.chunks, s // 16384), args.model), 8192, args.max_limit
+        )
         print(f"longest trainable sequence: HF {out['max_seq_hf']}, lcgraph {out['max_seq_lcgraph']}")
     Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 def _run_one(args) -> None:
-    from lcgraph.model import build_config
-    from lcgraph.testing import compose
+    from lcgraph.app.testing import compose
+    from lcgraph.runtime.model import build_config
 
     seq = args.seq[0]
     if args.one == "hf":

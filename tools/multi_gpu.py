@@ -24,39 +24,64 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODEL = ["model=llama3_1b", "data.synthetic=true", "train.dtype=bf16", "train.device=cuda",
-         "logging.wandb.mode=disabled", "train.progress=false"]
+MODEL = [
+    "model=llama3_1b",
+    "data.synthetic=true",
+    "train.dtype=bf16",
+    "train.device=cuda",
+    "logging.wandb.mode=disabled",
+    "train.progress=false",
+]
 
 
 def experiments(args) -> dict[str, list[tuple[str, list[str]]]]:
     """name -> [(label, overrides)], the first entry of each is the baseline."""
-    pipe = [f"data.seq_len={args.pipeline_seq}", "parallel.pp=2", "parallel.sp=1", "parallel.dp=1",
-            f"parallel.microbatches={args.microbatches}", f"model.max_position_embeddings={args.pipeline_seq}"]
-    uly = [f"data.seq_len={args.ulysses_seq}", "parallel.pp=1", "parallel.dp=1", "parallel.schedule=seq1f1b",
-           f"parallel.seq_chunks={args.ulysses_chunks}", "parallel.microbatches=1", "train.recompute=true",
-           f"model.max_position_embeddings={args.ulysses_seq}"]
+    pipe = [
+        f"data.seq_len={args.pipeline_seq}",
+        "parallel.pp=2",
+        "parallel.sp=1",
+        "parallel.dp=1",
+        f"parallel.microbatches={args.microbatches}",
+        f"model.max_position_embeddings={args.pipeline_seq}",
+    ]
+    uly = [
+        f"data.seq_len={args.ulysses_seq}",
+        "parallel.pp=1",
+        "parallel.dp=1",
+        "parallel.schedule=seq1f1b",
+        f"parallel.seq_chunks={args.ulysses_chunks}",
+        "parallel.microbatches=1",
+        "train.recompute=true",
+        f"model.max_position_embeddings={args.ulysses_seq}",
+    ]
     return {
-        "pipeline": [("1f1b", pipe + ["parallel.schedule=1f1b", "parallel.seq_chunks=1"]),
-                     (f"seq1f1b k={args.chunks}", pipe + ["parallel.schedule=seq1f1b", f"parallel.seq_chunks={args.chunks}"])],
+        "pipeline": [
+            ("1f1b", pipe + ["parallel.schedule=1f1b", "parallel.seq_chunks=1"]),
+            (f"seq1f1b k={args.chunks}", pipe + ["parallel.schedule=seq1f1b", f"parallel.seq_chunks={args.chunks}"]),
+        ],
         "ulysses": [("1 GPU", uly + ["parallel.sp=1"]), ("sp=2", uly + ["parallel.sp=2"])],
     }
 
 
 def measure(overrides: list[str], run_dir: Path, steps: int, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "lcgraph", *MODEL, *overrides, f"train.steps={steps}", f"hydra.run.dir={run_dir}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     if done.returncode != 0:
         return {"error": (done.stdout + done.stderr)[-1500:]}
     s = json.loads((run_dir / "summary.json").read_text())
     peaks = s.get("cuda_peak_bytes_per_rank") or [s.get("cuda_peak_bytes", 0)]
-    return {"tokens_per_s": s["tokens_per_s"], "peak_gib_per_gpu": [p / 2**30 for p in peaks],
-            "final_loss": s["final_loss"]}
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "peak_gib_per_gpu": [p / 2**30 for p in peaks],
+        "final_loss": s["final_loss"],
+    }
 
 
 def predict(overrides: list[str], device: str) -> dict:
-    from lcgraph.plan import build_plan
-    from lcgraph.testing import compose
+    from lcgraph.app.testing import compose
+    from lcgraph.planner.plan import build_plan
 
     cfg = compose(*MODEL, *overrides, f"+plan.device={device}", "+plan.alternatives=false", tiny=False)
     s = build_plan(cfg).main.summary()
@@ -84,8 +109,9 @@ def main() -> None:
             continue
         rows = []
         for label, overrides in runs:
-            measured = measure(overrides, args.out / f"{name}-{label.replace(' ', '').replace('=', '')}",
-                               args.steps, args.timeout)
+            measured = measure(
+                overrides, args.out / f"{name}-{label.replace(' ', '').replace('=', '')}", args.steps, args.timeout
+            )
             try:
                 predicted = predict(overrides, args.device)
             except Exception as exc:  # noqa: BLE001 - a planner failure is reported beside the measurement
@@ -99,19 +125,25 @@ def main() -> None:
 
 def _print(name: str, rows: list[dict]) -> None:
     base = rows[0]["measured"].get("tokens_per_s")
-    print(f"\n{name}: label | tokens/s | vs {rows[0]['label']} | peak GiB per GPU | predicted tokens/s (pred/meas) "
-          "| predicted GiB (pred/meas)")
+    print(
+        f"\n{name}: label | tokens/s | vs {rows[0]['label']} | peak GiB per GPU | predicted tokens/s (pred/meas) "
+        "| predicted GiB (pred/meas)"
+    )
     for r in rows:
         m, p = r["measured"], r["predicted"]
         if "error" in m:
             print(f"  {r['label']}: FAILED {m['error'][-300:]}")
             continue
         peak = max(m["peak_gib_per_gpu"])
-        line = f"  {r['label']} | {m['tokens_per_s']:,.0f} | {m['tokens_per_s'] / base:.2f}x | " \
-               f"{', '.join(f'{g:.1f}' for g in m['peak_gib_per_gpu'])}"
+        line = (
+            f"  {r['label']} | {m['tokens_per_s']:,.0f} | {m['tokens_per_s'] / base:.2f}x | "
+            f"{', '.join(f'{g:.1f}' for g in m['peak_gib_per_gpu'])}"
+        )
         if "error" not in p:
-            line += f" | {p['tokens_per_s']:,.0f} ({p['tokens_per_s'] / m['tokens_per_s']:.2f}) | " \
-                    f"{p['peak_gib_per_gpu']:.1f} ({p['peak_gib_per_gpu'] / peak:.2f})"
+            line += (
+                f" | {p['tokens_per_s']:,.0f} ({p['tokens_per_s'] / m['tokens_per_s']:.2f}) | "
+                f"{p['peak_gib_per_gpu']:.1f} ({p['peak_gib_per_gpu'] / peak:.2f})"
+            )
         print(line)
     if name == "ulysses" and len(rows) == 2 and all("error" not in r["measured"] for r in rows):
         eff = rows[1]["measured"]["tokens_per_s"] / (2 * base)

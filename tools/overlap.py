@@ -1,4 +1,4 @@
-"""Measure how much ZeRO-2 communication runs behind compute, with torch.profiler.
+"""Measure how much distributed-optimizer communication runs behind compute, with torch.profiler.
 
     python3 tools/overlap.py --out runs/overlap parallel=single parallel.dp=2             # any lcgraph-train overrides
     torchrun --nproc-per-node 8 tools/overlap.py --out runs/ov model=llama3_1b train.device=cuda \\
@@ -7,7 +7,7 @@
 Each rank runs `--warmup` steps, then `--steps` steps under torch.profiler, and writes
 trace_rank<r>.json (open in https://ui.perfetto.dev). Rank 0 prints, per rank and collective (the
 gradient reduce-scatter, the parameter all-gather), the time it ran, the share of it that ran beside
-compute (`lcgraph/overlap.py` says how each backend's spans are found), and whether the first bucket's
+compute (`lcgraph/observability/overlap.py` says how each backend's spans are found), and whether the first bucket's
 reduce-scatter was issued before the step's last backward returned (the runtime's own events); all of
 it goes to overlap.json. The plan is validated before any rank starts; under torchrun every rank
 joins, otherwise the ranks are spawned here (NCCL on CUDA, gloo on CPU).
@@ -38,14 +38,14 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
-    from lcgraph.cli import _share_cores, backend_for, init_distributed
-    from lcgraph.overlap import analyze
-    from lcgraph.train import Job
+    from lcgraph.app.cli import backend_for, init_distributed, share_cores
+    from lcgraph.app.job import Job
+    from lcgraph.observability.overlap import analyze
 
     cfg = OmegaConf.create(cfg_yaml)
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = backend_for(cfg) == "nccl"
-    _share_cores()
+    share_cores()
     if world > 1:
         init_distributed(cfg)
     rank = dist.get_rank() if world > 1 else 0
@@ -59,11 +59,15 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
         path = Path(out) / f"trace_rank{rank}.json"
         prof.export_chrome_trace(str(path))
         found = analyze(json.loads(path.read_text()))
-        mine = {"rank": rank, "steps": steps, "step_time_s": sum(times) / steps,
-                "issued_before_last_backward": issued_before_last_backward(job),
-                "rs_actions": sum(a.kind == "RS" for a in job.interpreter.program),
-                "ag_actions": sum(a.kind == "AG" for a in job.interpreter.program),
-                **{name: o.as_dict() for name, o in found.items()}}
+        mine = {
+            "rank": rank,
+            "steps": steps,
+            "step_time_s": sum(times) / steps,
+            "issued_before_last_backward": issued_before_last_backward(job),
+            "rs_actions": sum(a.kind == "RS" for a in job.interpreter.program),
+            "ag_actions": sum(a.kind == "AG" for a in job.interpreter.program),
+            **{name: o.as_dict() for name, o in found.items()},
+        }
         everyone = [mine]
         if world > 1:
             everyone = [None] * world
@@ -77,19 +81,27 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
 
 def report(ranks: list[dict], out: Path) -> None:
     (out / "overlap.json").write_text(json.dumps({"ranks": ranks}, indent=1) + "\n")
-    print(f"{'rank':>4} {'collective':>14} {'device':>6} {'ops':>5} {'comm ms':>9} {'beside compute ms':>17} "
-          f"{'overlap':>7} {'compute ms':>10}")
+    print(
+        f"{'rank':>4} {'collective':>14} {'device':>6} {'ops':>5} {'comm ms':>9} {'beside compute ms':>17} "
+        f"{'overlap':>7} {'compute ms':>10}"
+    )
     for r in ranks:
         for name in ("reduce_scatter", "all_gather"):
             o = r[name]
-            print(f"{r['rank']:>4} {name:>14} {o['device']:>6} {o['count']:>5} {o['comm_s'] * 1e3:>9.2f} "
-                  f"{o['overlapped_s'] * 1e3:>17.2f} {o['fraction']:>7.1%} {o['compute_s'] * 1e3:>10.1f}")
+            print(
+                f"{r['rank']:>4} {name:>14} {o['device']:>6} {o['count']:>5} {o['comm_s'] * 1e3:>9.2f} "
+                f"{o['overlapped_s'] * 1e3:>17.2f} {o['fraction']:>7.1%} {o['compute_s'] * 1e3:>10.1f}"
+            )
     issued = [r["issued_before_last_backward"] for r in ranks]
-    print(f"first reduce-scatter issued before the last backward returned, per rank: {issued}; "
-          f"mean step {sum(r['step_time_s'] for r in ranks) / len(ranks) * 1e3:.1f} ms over {ranks[0]['steps']} "
-          "profiled steps")
+    print(
+        f"first reduce-scatter issued before the last backward returned, per rank: {issued}; "
+        f"mean step {sum(r['step_time_s'] for r in ranks) / len(ranks) * 1e3:.1f} ms over {ranks[0]['steps']} "
+        "profiled steps"
+    )
     if not any(r["reduce_scatter"]["count"] for r in ranks):
-        print("no reduce-scatter ran: ZeRO-2 shards over dp*sp replicas, so this layout needs dp*sp > 1")
+        print(
+            "no reduce-scatter ran: the distributed optimizer shards over dp*sp replicas, so this layout needs dp*sp > 1"
+        )
     print(f"wrote {out / 'overlap.json'} and trace_rank*.json")
 
 
@@ -97,16 +109,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/overlap", help="directory for traces and overlap.json")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the profiled ones")
-    parser.add_argument("--steps", type=int, default=2,
-                        help="profiled steps (all-gathers overlap the forward of the step after their issue)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="profiled steps (all-gathers overlap the forward of the step after their issue)",
+    )
     parser.add_argument("overrides", nargs="*", help="lcgraph-train config overrides")
     args = parser.parse_args(argv)
 
     from omegaconf import OmegaConf
 
-    from lcgraph.cli import launch_local, one_line_errors
-    from lcgraph.config import compose_config
-    from lcgraph.validate import validate_plan
+    from lcgraph.app.cli import launch_local, one_line_errors
+    from lcgraph.app.config import compose_config
+    from lcgraph.app.validate import validate_plan
 
     cfg = compose_config(args.overrides + [f"train.steps={args.warmup + args.steps}"])
     with one_line_errors("overlap", sweep_goes_on=False):

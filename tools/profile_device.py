@@ -1,4 +1,4 @@
-"""Measure a GPU's rates and write a device profile for lcgraph-plan (same JSON as lcgraph/profiles/*.json).
+"""Measure a GPU's rates and write a device profile for lcgraph-plan (same JSON as lcgraph/planner/profiles/*.json).
 
     python tools/profile_device.py --base h100 --name h100-measured --out h100-measured.json
     lcgraph-plan +plan.device=h100-measured.json ...
@@ -88,10 +88,12 @@ def attention_rate(seq_len: int, head_dim: int, repeats: int) -> tuple[float, st
     grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     forward = 4.0 * heads * head_dim * seq_len * (seq_len + 1) / 2
     for name, backend in _attention_backend():
+
         def step():
             with sdpa_kernel([backend]):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             torch.autograd.grad(out, (q, k, v), grad)
+
         try:
             seconds = timed(step, repeats)
         except RuntimeError as exc:  # backend not available for this shape / build
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
         print("profile_device: no CUDA GPU visible", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
-    from lcgraph.costmodel import load_profile
+    from lcgraph.planner.costs import load_profile
 
     base = load_profile(args.base).to_dict()
     props = torch.cuda.get_device_properties(0)
@@ -162,16 +164,21 @@ def main(argv=None) -> int:
         "memory_bandwidth": _round(hbm),
         "intra_node_bw": _round(intra),
         "gpus_per_node": gpus if gpus > 1 else base["gpus_per_node"],
-        "source": (f"Measured {time.strftime('%Y-%m-%d')} on {props.name} with torch {torch.__version__} "
-                   f"(CUDA {torch.version.cuda}): bf16 matmul, fp32 matmul (TF32 off), causal SDPA fwd+bwd "
-                   f"({', '.join(sorted(backends))}), HBM copy"
-                   + (", GPU-to-GPU copy" if gpus > 1 else "")
-                   + f". Kept from profile {base['name']!r}: inter_node_bw"
-                   + ("" if gpus > 1 else ", intra_node_bw, gpus_per_node") + "."),
+        "source": (
+            f"Measured {time.strftime('%Y-%m-%d')} on {props.name} with torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}): bf16 matmul, fp32 matmul (TF32 off), causal SDPA fwd+bwd "
+            f"({', '.join(sorted(backends))}), HBM copy"
+            + (", GPU-to-GPU copy" if gpus > 1 else "")
+            + f". Kept from profile {base['name']!r}: inter_node_bw"
+            + ("" if gpus > 1 else ", intra_node_bw, gpus_per_node")
+            + "."
+        ),
     }
     Path(args.out).write_text(json.dumps(profile, indent=2) + "\n")
-    print(f"wrote {args.out} in {time.time() - started:.0f} s: matmul {matmul / 1e12:.0f} TFLOP/s, "
-          f"attention d=128 at S={attention['128'][-1][0]}: {attention['128'][-1][1] / 1e12:.0f} TFLOP/s")
+    print(
+        f"wrote {args.out} in {time.time() - started:.0f} s: matmul {matmul / 1e12:.0f} TFLOP/s, "
+        f"attention d=128 at S={attention['128'][-1][0]}: {attention['128'][-1][1] / 1e12:.0f} TFLOP/s"
+    )
     return 0
 
 

@@ -1,0 +1,318 @@
+"""One rank's training job: plan -> capture -> passes -> programs -> interpreter, step after step.
+
+`Job` builds everything a rank needs from the resolved config (only its own stage's parameters are
+ever materialised); `run_step(step)` runs one optimizer step. The loop around it, with metrics, W&B,
+progress and checkpoints, is `lcgraph.app.cli.run`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lcgraph.errors import DataError
+from lcgraph.graph import passes
+from lcgraph.graph.capture import IGNORE_INDEX, capture
+from lcgraph.observability.graphs import dump_graph
+from lcgraph.ops import attention, collectives
+from lcgraph.runtime import data, model
+from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
+from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
+from lcgraph.schedule import nccl
+from lcgraph.schedule import programs as schedule
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Coords:
+    """This rank's place in the (pp, dp, sp) mesh; sp is innermost so its all-to-alls stay within a node."""
+
+    rank: int
+    pp: int
+    dp: int
+    sp: int
+    pp_rank: int
+    dp_rank: int
+    sp_rank: int
+
+    @classmethod
+    def of(cls, rank: int, pp: int, dp: int, sp: int) -> Coords:
+        return cls(rank, pp, dp, sp, rank // (dp * sp), (rank // sp) % dp, rank % sp)
+
+    def global_rank(self, pp_rank: int, dp_rank: int | None = None, sp_rank: int | None = None) -> int:
+        dp_rank = self.dp_rank if dp_rank is None else dp_rank
+        sp_rank = self.sp_rank if sp_rank is None else sp_rank
+        return pp_rank * self.dp * self.sp + dp_rank * self.sp + sp_rank
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step (steps counted from 1, as
+    Megatron does: the peak is step `warmup_steps`, the minimum step `steps`)."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step + 1 - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Job:
+    """Everything one rank holds for a run."""
+
+    def __init__(self, cfg, run_dir: Path, rank: int = 0, world: int = 1):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        par = cfg.parallel
+        self.coords = Coords.of(rank, par.pp, par.dp, par.sp)
+        self.world = world
+        self.device = pick_device(cfg.train.device)
+        self.dtype = DTYPES[cfg.train.dtype]
+        attention.set_backend(cfg.train.attention)
+        torch.manual_seed(cfg.train.seed)
+        self._setup_groups()
+        self.config = model.build_config(cfg.model)
+        self._setup_data()
+        self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
+        self._setup_schedule()
+        self._setup_stages()
+        self._setup_optimizer()
+        self._setup_interpreter()
+
+    # --- setup ---------------------------------------------------------------------------------------------
+    def _setup_groups(self):
+        c = self.coords
+        self.mesh = None
+        self.sp_group = self.replica_group = self.tied_group = None
+        if self.world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (c.pp, c.dp, c.sp), mesh_dim_names=("pp", "dp", "sp"))
+            self.sp_group = self.mesh["sp"].get_group()
+            self.replica_group = self.mesh["dp", "sp"]._flatten("dp_sp").get_group()
+        collectives.set_sp_group(self.sp_group, c.sp)
+
+    def _setup_data(self):
+        d = self.cfg.data
+        if d.synthetic:
+            g = torch.Generator().manual_seed(self.cfg.train.seed)
+            tokens = torch.randint(0, self.config.vocab_size, (max(1 << 20, 4 * d.seq_len),), generator=g)
+            self.tokenizer, self.sampler = None, data.WindowSampler(tokens, d.seq_len, self.cfg.train.seed)
+            return
+        files = data.corpus_files(d.path, int(d.max_corpus_mb * 2**20))
+        self.tokenizer = data.build_tokenizer(self.cfg.model.path, self.config.vocab_size, files)
+        if len(self.tokenizer) > self.config.vocab_size:
+            raise DataError(f"tokenizer has {len(self.tokenizer)} tokens but model.vocab_size={self.config.vocab_size}")
+        self.sampler = data.WindowSampler(data.load_tokens(files, self.tokenizer), d.seq_len, self.cfg.train.seed)
+
+    def _setup_schedule(self):
+        par = self.cfg.parallel
+        k = par.seq_chunks if par.schedule == "seq1f1b" else 1
+        self.spec = schedule.ScheduleSpec(par.schedule, par.pp, par.microbatches, k, par.virtual_stages)
+        programs = schedule.build_programs(self.spec)
+        programs = schedule.add_p2p(programs, self.spec)
+        schedule.validate(programs, self.spec)
+        self.programs = programs
+        self.chunk_lengths = self._chunk_lengths(k)
+
+    def _chunk_lengths(self, k: int) -> list[int]:
+        par, seq = self.cfg.parallel, self.cfg.data.seq_len
+        if k == 1:
+            return [seq]
+        per_token = sum(n.meta["lcgraph"].flops_per_token for n in self.captured.graph.nodes)
+        per_pair = sum(n.meta["lcgraph"].flops_per_pair for n in self.captured.graph.nodes)
+        return schedule.split_sequence(seq, k, par.chunk_split, per_token, per_pair, align=par.sp)
+
+    def _setup_stages(self):
+        c, par = self.coords, self.cfg.parallel
+        self.layer_counts = passes.plan_layer_counts(self.captured, par, self.cfg.data.seq_len)
+        mine = {s for s in range(par.pp * par.virtual_stages) if s % par.pp == c.pp_rank}
+        dump = self._dumper() if self.cfg.dump.graphs else None
+        graphs = passes.compile_stages(
+            self.captured,
+            self.layer_counts,
+            self.device,
+            self.spec.seq_chunks,
+            par.sp,
+            only=mine,
+            dump=dump,
+            fused_loss=self.cfg.train.fused_loss,
+        )
+        if self.cfg.train.compile:
+            for g in graphs.values():
+                g.gm = torch.compile(g.gm, dynamic=False)
+        self.stages: dict[int, StageState] = {}
+        for s, g in graphs.items():
+            shapes = {name: _placeholder_shape(g.gm, ph) for ph, name in g.param_names.items()}
+            if self.cfg.model.path:
+                values = model.load_parameters(self.cfg.model.path, shapes, self.config, self.device, self.dtype)
+            else:
+                values = model.init_parameters(shapes, self.config, self.cfg.train.seed, self.device, self.dtype)
+            params = {n: torch.nn.Parameter(v) for n, v in values.items()}
+            buffers = model.rotary_buffers(self.config, g.buffer_names.values(), self.device)
+            self.stages[s] = StageState(g, params, buffers)
+        self.tied = self._tied_names()
+
+    def _tied_names(self) -> list[str]:
+        """Parameters held by two pipeline stages (tied embeddings): their gradients are summed across them."""
+        par = self.cfg.parallel
+        if par.pp == 1 or not getattr(self.config, "tie_word_embeddings", False):
+            return []
+        c = self.coords
+        self.tied_group = _subgroups(
+            [[c.global_rank(0, d, s), c.global_rank(par.pp - 1, d, s)] for d in range(par.dp) for s in range(par.sp)],
+            c.rank,
+        )
+        return ["model.embed_tokens.weight"] if c.pp_rank in (0, par.pp - 1) else []
+
+    def _setup_optimizer(self):
+
+        self.optimizer = build_optimizer(self)
+        if not self.cfg.train.compile:  # a compiled graph is sealed: its first forward waits for every bucket
+            dump = self._dumper() if self.cfg.dump.graphs else None
+            for s, st in self.stages.items():
+                if self.optimizer.gather_waits(st.graph) and dump:
+                    dump(f"07_gather_waits_stage{s}", st.graph.gm)
+        # every rank needs every rank's RS/AG actions for programs.txt; buckets are per stage, so ask
+        # each stage's layout: ranks of one pipeline rank agree, other pipeline ranks report theirs
+        actions, tied_buckets = self._gather_bucket_actions(
+            self.optimizer.program_actions(), self.optimizer.tied_buckets()
+        )
+        self.programs = [add_bucket_actions(p, actions) for p in self.programs]
+        schedule.validate(self.programs, self.spec)
+        par = self.cfg.parallel
+        tied = par.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
+        nccl.check(self.programs, self.spec, nccl.Comms(par.dp, par.sp, tied, par.zero, tied_buckets))
+
+    def _gather_bucket_actions(self, mine: dict, tied: frozenset) -> tuple[dict, frozenset]:
+        if self.world == 1:
+            return mine, tied
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, (mine, tied))
+        merged: dict = {}
+        for actions, _ in everyone:
+            merged.update(actions)
+        return merged, frozenset().union(*(t for _, t in everyone))
+
+    def _setup_interpreter(self):
+        c = self.coords
+        peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
+        self.interpreter = Interpreter(
+            self.programs[c.pp_rank],
+            self.stages,
+            peers,
+            (self.cfg.data.micro_batch_size, self.config.hidden_size),
+            self.dtype,
+            self.device,
+            self.optimizer,
+            recompute=self.cfg.train.recompute,
+            measure_activations=self.device.type == "cpu",
+        )
+
+    def _dumper(self):
+
+        out = self.run_dir / "graphs"
+
+        def dump(name, gm):
+            if self.coords.dp_rank == 0 and self.coords.sp_rank == 0:
+                dump_graph(gm, out / name)
+
+        return dump
+
+    # --- data ----------------------------------------------------------------------------------------------
+    def step_units(self, step: int) -> tuple[dict, int]:
+        """This rank's (micro-batch, chunk) inputs for `step`, and the step's global count of target tokens."""
+        par, d = self.cfg.parallel, self.cfg.data
+        per_step = par.dp * par.microbatches
+        units, total = {}, 0
+        offsets = [0]
+        for length in self.chunk_lengths:
+            offsets.append(offsets[-1] + length)
+        for dp_rank in range(par.dp):
+            for mb in range(par.microbatches):
+                rows = [
+                    self.sampler.sample((step * per_step + dp_rank * par.microbatches + mb) * d.micro_batch_size + b)
+                    for b in range(d.micro_batch_size)
+                ]
+                ids = torch.stack([r[0] for r in rows])
+                labels = torch.stack([r[1] for r in rows])
+                total += int((labels != IGNORE_INDEX).sum())
+                if dp_rank != self.coords.dp_rank:
+                    continue
+                for c, length in enumerate(self.chunk_lengths):
+                    shard = length // par.sp
+                    start = offsets[c] + self.coords.sp_rank * shard
+                    sl = slice(start, start + shard)
+                    pos = torch.arange(start, start + shard).unsqueeze(0).expand(ids.shape[0], -1)
+                    units[(mb, c)] = UnitData(
+                        ids[:, sl].to(self.device), pos.to(self.device), labels[:, sl].to(self.device)
+                    )
+        return units, total
+
+    # --- step ----------------------------------------------------------------------------------------------
+    def run_step(self, step: int) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.cfg)
+        units, total = self.step_units(step)
+        started = time.perf_counter()
+        loss_sum = self.interpreter.run_step(units, 1.0 / total)
+        if self.world > 1:
+            dist.all_reduce(loss_sum)
+        if self.device.type == "cuda":  # the compute stream only: the ZeRO all-gathers go on into the next step
+            torch.cuda.current_stream(self.device).synchronize()
+        elapsed = time.perf_counter() - started
+        tokens = total
+        return {
+            "step": step + 1,
+            "loss": float(loss_sum) / total,
+            "tokens": tokens,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "lr": lr_at(step, self.cfg),
+            "grad_norm": self.interpreter.grad_norm,
+        }
+
+    # --- memory --------------------------------------------------------------------------------------------
+    def activation_peaks(self) -> dict[int, int]:
+        return {s: m.peak for s, m in self.interpreter.meters.items()}
+
+    def all_params(self) -> dict[str, torch.Tensor]:
+        if hasattr(self, "optimizer"):
+            self.optimizer.sync_params()
+        out = {}
+        for st in self.stages.values():
+            out.update(st.params)
+        return out
+
+
+def _placeholder_shape(gm, name):
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.name == name:
+            return tuple(int(s) for s in n.meta["val"].shape)
+    raise KeyError(name)
+
+
+def _subgroups(groups: list[list[int]], rank: int):
+    """Create every group (all ranks must call this in the same order); return the one holding `rank`."""
+    if not dist.is_initialized():
+        return None
+    mine = None
+    for ranks in groups:
+        g = dist.new_group(sorted(set(ranks)))
+        if rank in ranks:
+            mine = g
+    return mine

@@ -1,0 +1,51 @@
+"""`python -m lcgraph.app.pictures OVERRIDES`: the graph pictures of a config, without training.
+
+Captures the configured model on the meta device (no weights, no GPU), runs the passes for every stage
+and draws each graph with lcgraph.observability.graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lcgraph.app.config import compose_config
+from lcgraph.graph import passes
+from lcgraph.graph.capture import capture
+from lcgraph.observability.graphs import boxes_of, dump_graph
+from lcgraph.planner.plan import layer_counts
+from lcgraph.runtime import model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Capture the configured model on the meta device, run the passes, dump every graph (all stages)."""
+    ap = argparse.ArgumentParser(prog="python -m lcgraph.app.pictures", description=main.__doc__)
+    ap.add_argument("--out", default="graphs", help="directory for the pictures (default: graphs)")
+    ap.add_argument(
+        "--layer-level",
+        type=int,
+        action="append",
+        metavar="L",
+        help="also draw decoder layer L node by node (repeatable; default: each graph's first layer)",
+    )
+    ap.add_argument("overrides", nargs="*", help="the training config's overrides, e.g. parallel.pp=4")
+    args = ap.parse_args(argv)
+    cfg = compose_config(args.overrides)
+    par = cfg.parallel
+    captured = capture(model.build_config(cfg.model), batch_size=cfg.data.micro_batch_size)
+    counts, _ = layer_counts(cfg, captured)
+    out = Path(args.out)
+
+    def dump(name, gm):
+        present = {b.layer for b in boxes_of(gm)[0].values() if b.part == "layer"}
+        layers = None if args.layer_level is None else [L for L in args.layer_level if L in present]
+        dump_graph(gm, out / name, layers=layers)
+
+    passes.compile_stages(
+        captured, counts, "meta", par.seq_chunks if par.schedule == "seq1f1b" else 1, par.sp, dump=dump
+    )
+    print(f"wrote {len(list(out.glob('*.svg')))} pictures to {out}/ (layers per stage {counts})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""`lcgraph-plan`: the Hydra task around lcgraph.planner.plan (validate, plan, print, write).
+
+The planner predicts; this module is the command: it refuses a config that cannot work before the
+capture's seconds are spent, and turns a user's mistake into one line.
+"""
+
+from __future__ import annotations
+
+from hydra.core.hydra_config import HydraConfig
+
+from lcgraph.app.cli import hydra_app, one_line_errors
+from lcgraph.app.validate import check_choices, check_layout
+from lcgraph.planner.plan import Plan, build_plan, print_plan, write_plan
+from lcgraph.runtime.model import build_config
+
+
+def checked_plan(cfg) -> Plan:
+    """Check the config's choices and layout (cheap, before the capture), then build the plan."""
+    check_choices(cfg)
+    config = build_config(cfg.model)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)
+    return build_plan(cfg)
+
+
+def plan_main(cfg) -> None:
+    """The Hydra task: plan, print, write to the run directory."""
+    with one_line_errors("lcgraph-plan", sweep_goes_on=False):
+        plan = checked_plan(cfg)
+    out = HydraConfig.get().runtime.output_dir
+    written = write_plan(plan, out)
+    print_plan(plan)
+    print(f"wrote {', '.join(p.name for p in written)} to {out}")
+
+
+def main() -> None:
+    hydra_app(plan_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Helpers that make a multi-rank test read like a single-process one.
+
+`compose(...)` builds a config exactly as `lcgraph-train` would (Hydra compose, same groups, same
+recipes). `train_local(cfg)` trains in this process; `train_spawned(cfgs, world)` launches `world`
+ranks once (torch's elastic launcher, gloo on CPU) and trains each config in turn inside them, so a
+grid of layouts costs one process start. Both return per-step losses and the final parameters
+(and the gradient norms before clipping).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lcgraph.app.cli import init_distributed, launch_local, share_cores
+from lcgraph.app.config import compose_config
+from lcgraph.app.job import Job
+from lcgraph.schedule.programs import format_programs
+
+TINY = [
+    "parallel=single",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=4",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=512",
+    "data.seq_len=64",
+    "data.max_corpus_mb=0.3",
+    "train.steps=5",
+    "train.progress=false",
+    "logging.wandb.mode=disabled",
+    "train.device=cpu",
+    "optim.warmup_steps=1",
+    "optim.lr=1e-3",
+]
+
+
+def compose(*overrides: str, tiny: bool = True):
+    """A config as the CLI composes it; `tiny` puts the tiny CPU test shape first."""
+
+    return compose_config((TINY if tiny else []) + list(overrides))
+
+
+def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+
+    job = Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), rank, world)
+    metrics = [job.run_step(step) for step in range(cfg.train.steps)]
+    losses = [m["loss"] for m in metrics]
+    params = {n: p.detach().cpu().clone() for n, p in job.all_params().items()}
+    extra = {
+        "activation_peaks": job.activation_peaks(),
+        "relay_peaks": {s: st.relay.peak_bytes for s, st in job.stages.items()},
+        "optimizer_state_bytes": job.optimizer.state_bytes(),
+        "grad_norms": [m["grad_norm"] for m in metrics],
+        "job": job,
+    }
+    return losses, params, extra
+
+
+def train_local(cfg):
+    """Train in this process; returns (losses, params, extras)."""
+    return _train(cfg)
+
+
+def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -> None:
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    share_cores()
+    first = OmegaConf.create(cfg_yamls[0])
+    init_distributed(first)  # NCCL when the configs train on cuda (one rank per GPU), else gloo
+    rank = dist.get_rank()
+    try:
+        for i, text in enumerate(cfg_yamls):
+            losses, params, extra = _train(OmegaConf.create(text), rank, dist.get_world_size())
+            job = extra.pop("job")
+            keep = keep_params and job.coords.dp_rank == 0 and job.coords.sp_rank == 0
+            record = {
+                "losses": losses,
+                "grad_norms": extra["grad_norms"],
+                "params": params if keep else {},
+                "activation_peaks": extra["activation_peaks"],
+                "relay_peaks": extra["relay_peaks"],
+                "optimizer_state_bytes": extra["optimizer_state_bytes"],
+                "events": job.optimizer.events,
+                "timeline": job.interpreter.timeline,
+                "program": [a.token(False) for a in job.interpreter.program],
+                "issued": job.interpreter.issued,
+                "programs_txt": format_programs(job.programs, job.spec),
+            }
+            torch.save(record, os.path.join(out_dir, f"{i}-rank{rank}.pt"))
+            del job, params, extra
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def train_spawned(cfgs: list, world: int, keep_params: bool = True) -> list[dict]:
+    """Train each config on `world` spawned ranks; per config: losses (rank 0), merged params, per-rank records.
+
+    Configs that train on cuda run on NCCL, one rank per GPU; `keep_params=False` skips saving parameters
+    (large models)."""
+    from omegaconf import OmegaConf
+
+    out = tempfile.mkdtemp(prefix="lcgraph-grid-")
+    launch_local(
+        world, _grid_worker, [OmegaConf.to_yaml(c, resolve=True) for c in cfgs], out, keep_params, run_id="test"
+    )
+    results = []
+    for i in range(len(cfgs)):
+        ranks = [torch.load(os.path.join(out, f"{i}-rank{r}.pt"), weights_only=False) for r in range(world)]
+        params = {}
+        for r in ranks:
+            params.update(r["params"])
+        results.append(
+            {"losses": ranks[0]["losses"], "grad_norms": ranks[0]["grad_norms"], "params": params, "ranks": ranks}
+        )
+    return results
+
+
+def assert_close_run(got_losses, got_params, ref_losses, ref_params, rtol=1e-5, label=""):
+    """Per-step losses within `rtol` relative; each parameter tensor within `rtol` relative in norm.
+
+    Parameters are compared tensor-wise (||got - ref|| / ||ref||): a parallel run sums the same terms in
+    another order, and AdamW turns the fp32 rounding of a near-zero gradient element into a full-size
+    update of that one element, so element-wise relative error is no measure of a pass's exactness.
+    """
+    assert len(got_losses) == len(ref_losses), label
+    torch.testing.assert_close(
+        torch.tensor(got_losses),
+        torch.tensor(ref_losses),
+        rtol=rtol,
+        atol=0,
+        msg=lambda m: f"{label}: losses differ\n{m}",
+    )
+    assert set(got_params) == set(ref_params), f"{label}: parameter names differ"
+    for name, ref in ref_params.items():
+        err = float((got_params[name].double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+        assert err <= rtol, f"{label}: parameter {name} differs by {err:.2e} relative (limit {rtol:.0e})"

@@ -1,0 +1,235 @@
+"""Up-front plan validation: every layout that cannot work is refused before any process starts.
+
+Each check raises PlanError naming every value involved as `key=value`, and the fix. The rules, in the
+order they are checked (docs/recipes.md lists them with examples):
+
+    choices    train.dtype, train.device, train.attention, parallel.schedule, parallel.chunk_split and
+               logging.wandb.mode take one of the values their schema field declares (config.choice)
+    counts     parallel.{pp, sp, dp, microbatches, seq_chunks, virtual_stages}, data.seq_len and
+               data.micro_batch_size are >= 1
+    model      hidden_size % num_attention_heads == 0 (unless head_dim is set), an even head dim (RoPE),
+               and num_attention_heads % num_key_value_heads == 0
+    stages     pp * virtual_stages <= num_hidden_layers; pp_layers, when given, has one entry >= 1 per
+               stage and sums to num_hidden_layers
+    schedule   seq_chunks > 1 only with seq1f1b; virtual_stages > 1 only with interleaved_1f1b, which
+               needs pp >= 2, virtual_stages >= 2, and microbatches % pp == 0 or microbatches <= pp
+    sequence   with k = seq_chunks (seq1f1b) or 1: seq_len % sp == 0; seq_len % (sp * k) == 0 for
+               chunk_split=even; seq_len >= 2 * sp * k
+    ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
+    launch     under a launcher (WORLD_SIZE set) WORLD_SIZE == pp * sp * dp; the ranks of this node fit
+               its GPUs (train.device cuda/auto with a GPU) or its CPU cores (train.device=cpu), unless
+               train.allow_oversubscribe=true
+"""
+
+from __future__ import annotations
+
+import os
+
+from lcgraph.app.config import choice_fields
+from lcgraph.errors import LaunchError, PlanError
+from lcgraph.graph.capture import check_llama_like
+from lcgraph.graph.passes import check_ulysses
+from lcgraph.runtime.model import build_config
+
+COUNT_KEYS = (
+    "parallel.pp",
+    "parallel.sp",
+    "parallel.dp",
+    "parallel.microbatches",
+    "parallel.seq_chunks",
+    "parallel.virtual_stages",
+    "data.seq_len",
+    "data.micro_batch_size",
+)
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_choices(cfg) -> None:
+    for key, allowed in choice_fields():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise PlanError(f"{key}={value} is not a known choice; use one of: {', '.join(allowed)}")
+
+
+def check_counts(cfg) -> None:
+    for key in COUNT_KEYS:
+        value = _get(cfg, key)
+        if value < 1:
+            raise PlanError(f"{key}={value} must be >= 1")
+
+
+def check_model(hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
+    if heads < 1 or kv_heads < 1:
+        raise PlanError(f"model.num_attention_heads={heads} and model.num_key_value_heads={kv_heads} must be >= 1")
+    if head_dim is None and hidden % heads:
+        raise PlanError(
+            f"model.hidden_size={hidden} is not divisible by model.num_attention_heads={heads}; "
+            f"use a multiple of {heads} or set model.head_dim"
+        )
+    dim = head_dim if head_dim is not None else hidden // heads
+    if dim % 2:
+        what = (
+            f"model.head_dim={head_dim}"
+            if head_dim is not None
+            else f"model.hidden_size={hidden} / model.num_attention_heads={heads} = {dim}"
+        )
+        raise PlanError(f"head dim {what} is odd; RoPE rotates pairs of channels: use an even head dim")
+    if heads % kv_heads:
+        fits = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise PlanError(
+            f"model.num_attention_heads={heads} is not a multiple of model.num_key_value_heads="
+            f"{kv_heads} (grouped-query attention); use num_key_value_heads in {fits}"
+        )
+
+
+def check_stages(par, num_layers: int) -> None:
+    stages = par.pp * par.virtual_stages
+    what = f"parallel.pp={par.pp}" + (
+        f" x parallel.virtual_stages={par.virtual_stages} = {stages}" if par.virtual_stages > 1 else ""
+    )
+    if stages > num_layers:
+        raise PlanError(
+            f"{what} pipeline stages but model.num_hidden_layers={num_layers}: every stage needs a "
+            f"layer; use at most {num_layers} stages"
+        )
+    if par.pp_layers is not None:
+        counts = list(par.pp_layers)
+        if len(counts) != stages or sum(counts) != num_layers or min(counts) < 1:
+            raise PlanError(
+                f"parallel.pp_layers={counts} must have {stages} entries ({what} stages), each >= 1, "
+                f"summing to model.num_hidden_layers={num_layers}; or drop it to balance by FLOPs"
+            )
+
+
+def check_schedule(par) -> None:
+    name, pp, v, m, k = par.schedule, par.pp, par.virtual_stages, par.microbatches, par.seq_chunks
+    if k > 1 and name != "seq1f1b":
+        raise PlanError(
+            f"parallel.seq_chunks={k} needs parallel.schedule=seq1f1b (got parallel.schedule={name}); "
+            "set parallel.seq_chunks=1 or parallel.schedule=seq1f1b"
+        )
+    if v > 1 and name != "interleaved_1f1b":
+        raise PlanError(
+            f"parallel.virtual_stages={v} needs parallel.schedule=interleaved_1f1b (got "
+            f"parallel.schedule={name}); set parallel.virtual_stages=1"
+        )
+    if name != "interleaved_1f1b":
+        return
+    if pp < 2 or v < 2:
+        raise PlanError(
+            f"parallel.schedule=interleaved_1f1b needs parallel.pp >= 2 and parallel.virtual_stages >= 2 "
+            f"(got parallel.pp={pp}, parallel.virtual_stages={v}); raise them or use "
+            "parallel.schedule=1f1b"
+        )
+    if m % pp and m > pp:
+        raise PlanError(
+            f"parallel.schedule=interleaved_1f1b needs parallel.microbatches a multiple of parallel.pp "
+            f"or at most parallel.pp (got parallel.microbatches={m}, parallel.pp={pp}); "
+            f"use parallel.microbatches={m - m % pp} or {m + pp - m % pp}"
+        )
+
+
+def check_sequence(par, seq: int) -> None:
+    sp = par.sp
+    k = par.seq_chunks if par.schedule == "seq1f1b" else 1
+    if seq % sp:
+        raise PlanError(
+            f"data.seq_len={seq} is not divisible by parallel.sp={sp}: every Ulysses rank holds "
+            f"seq_len/sp tokens; use data.seq_len={seq - seq % sp or sp}"
+        )
+    if par.chunk_split == "even" and seq % (sp * k):
+        raise PlanError(
+            f"data.seq_len={seq} is not divisible by parallel.sp={sp} x parallel.seq_chunks={k} = "
+            f"{sp * k} (parallel.chunk_split=even); use data.seq_len={seq - seq % (sp * k) or sp * k} "
+            "or parallel.chunk_split=uniform_comp"
+        )
+    if seq < 2 * sp * k:
+        raise PlanError(
+            f"data.seq_len={seq} is too short for parallel.sp={sp} x parallel.seq_chunks={k} chunks of "
+            f">= 2 tokens each; use data.seq_len >= {2 * sp * k} or fewer chunks"
+        )
+
+
+def check_layout(cfg, num_layers: int, heads: int, kv_heads: int, device_count: int | None = None) -> None:
+    """The layout rules that need only the config and the model's shape (no process, no weights)."""
+    par = cfg.parallel
+    check_counts(cfg)
+    check_stages(par, num_layers)
+    check_schedule(par)
+    check_sequence(par, cfg.data.seq_len)
+    check_ulysses(_Heads(heads, kv_heads), par.sp)
+    if device_count is not None:
+        check_launch(cfg, env={}, gpus=device_count)
+
+
+class _Heads:
+    def __init__(self, heads, kv):
+        self.num_attention_heads, self.num_key_value_heads = heads, kv
+
+
+def check_launch(cfg, env, gpus: int | None, cpus: int | None = None) -> None:
+    """World size against the launcher (torchrun/SLURM export WORLD_SIZE) and this node's devices.
+
+    `gpus` is the number of GPUs the ranks will use (None: they run on CPU, `cpus` cores).
+    """
+    par = cfg.parallel
+    world = par.pp * par.sp * par.dp
+    product = f"parallel.pp={par.pp} x parallel.sp={par.sp} x parallel.dp={par.dp} = {world}"
+    if "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) != world:
+        raise LaunchError(
+            f"the launcher started WORLD_SIZE={env['WORLD_SIZE']} ranks but {product}; launch {world} "
+            "ranks (torchrun --nnodes x --nproc-per-node, or SLURM nodes x tasks_per_node) "
+            "or change the layout"
+        )
+    local = int(env.get("LOCAL_WORLD_SIZE", world)) if "WORLD_SIZE" in env else world
+    if cfg.train.allow_oversubscribe:
+        return
+    if gpus is not None and local > gpus:
+        where = f"LOCAL_WORLD_SIZE={local} ranks on this node" if "WORLD_SIZE" in env else f"{product} ranks"
+        raise LaunchError(
+            f"{where} but only {gpus} GPUs here; lower the layout, run under torchrun/SLURM on "
+            f"{-(-world // gpus)} nodes, or set train.allow_oversubscribe=true"
+        )
+    if gpus is None and cpus is not None and local > CPU_RANKS_PER_CORE * cpus:
+        raise LaunchError(
+            f"{product} ranks on train.device=cpu but only {cpus} CPU cores here (at most "
+            f"{CPU_RANKS_PER_CORE} ranks per core); lower the layout or set train.allow_oversubscribe=true"
+        )
+
+
+CPU_RANKS_PER_CORE = 4  # CPU ranks time-share cores (small CPU runs and tests); more is only slow
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def validate_plan(cfg, env=None) -> None:
+    """All checks that need only the config (no process, no weights); `env` defaults to os.environ."""
+    import torch
+
+    env = os.environ if env is None else env
+    check_choices(cfg)
+    check_counts(cfg)
+    m = cfg.model
+    if not m.get("path"):  # before HF's own config checks, whose errors are tracebacks
+        check_model(m.hidden_size, m.num_attention_heads, m.num_key_value_heads or m.num_attention_heads, m.head_dim)
+    config = build_config(m)
+    check_llama_like(config)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    check_model(config.hidden_size, config.num_attention_heads, kv, getattr(config, "head_dim", None))
+    check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)
+    device = cfg.train.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PlanError("train.device=cuda but no GPU is visible; use train.device=cpu")
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    check_launch(cfg, env, gpus=torch.cuda.device_count() if on_gpu else None, cpus=_cpu_count())

@@ -1,0 +1,342 @@
+"""Capture: an unmodified HF LLaMA -> one torch.fx graph with lcgraph annotations on every node.
+
+`capture(model_or_config)` wraps the HF model with a summed cross-entropy loss (labels are shifted
+by the data pipeline, before any chunking or sharding), exports it with torch.export (transformers 5
+has no fx tracer) with a dynamic sequence dimension and explicit position ids, and annotates every
+node once with a `NodeInfo`: which part of the model it belongs to, its role, its sequence dim and
+its cost as a function of the sequence length. Everything downstream reads those annotations.
+
+Attention becomes one `lcgraph::attention` node per layer (see attention.py); HF's mask building
+disappears because the mask function returns None.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from lcgraph.errors import TRACEBACK_ENV, CaptureError
+from lcgraph.ops.attention import register_with_transformers
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # decoder-only models with the LLaMA layer layout
+IGNORE_INDEX = -100
+
+
+@dataclass
+class NodeInfo:
+    """What lcgraph knows about one node; computed once at capture, carried by every pass."""
+
+    part: str  # input | param | buffer | shared | embed | layer | norm | head | loss | output
+    layer: int | None  # decoder layer index for part == "layer"
+    role: str  # attention | projection | mlp | norm | rotary | residual | embedding | head | loss | glue | ...
+    seq_dim: int | None  # which dim of the output is the sequence (None: not sequence-shaped)
+    flops_per_token: float = 0.0  # matmul FLOPs (forward) that scale with the token count
+    flops_per_pair: float = 0.0  # attention FLOPs (forward) per attended (query, key) pair
+    bytes_per_token: float = 0.0  # output bytes that scale with the token count
+    const_bytes: float = 0.0  # output bytes independent of the sequence length (parameters)
+
+    def flops(self, seq_len: int, prefix: int = 0) -> float:
+        """Forward FLOPs for a chunk of `seq_len` tokens that attends `prefix` earlier tokens causally."""
+        pairs = seq_len * prefix + seq_len * (seq_len + 1) / 2
+        return self.flops_per_token * seq_len + self.flops_per_pair * pairs
+
+
+@dataclass
+class CapturedGraph:
+    """The captured graph plus what is needed to run it with real tensors."""
+
+    gm: torch.fx.GraphModule
+    config: object  # the HF config
+    param_names: dict[str, str]  # placeholder name -> HF parameter name
+    buffer_names: dict[str, str]  # placeholder name -> HF buffer name
+    input_names: list[str] = field(default_factory=lambda: ["input_ids", "position_ids", "labels"])
+    capture_seconds: float = 0.0
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.gm.graph
+
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+
+class _CausalLMLoss(torch.nn.Module):
+    """HF causal LM + summed token cross-entropy; the caller divides by the step's token count."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids, position_ids, labels):
+        logits = self.hf(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+
+def check_llama_like(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_LIKE:
+        raise CaptureError(
+            f"model_type {model_type!r} is not LLaMA-like; lcgraph captures {', '.join(LLAMA_LIKE)} decoder models. "
+            "Point model.path at a LLaMA checkpoint directory."
+        )
+
+
+def build_meta_model(config, dtype=torch.float32):
+    """The HF model with every parameter on the meta device: shapes only, no real weights.
+
+    The dtype matters: HF casts back to the input dtype in norms and rotary, and export bakes it in.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = register_with_transformers()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+    return model.to(dtype)
+
+
+def capture(
+    model_or_config, batch_size: int = 1, example_seq_len: int = 16, dtype: torch.dtype = torch.float32
+) -> CapturedGraph:
+    """Export `model_or_config` (an HF causal LM or its config) to an annotated fx graph on meta tensors.
+
+    The sequence dim is dynamic; the batch (micro-batch size) and the parameter dtype are fixed at capture.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    check_llama_like(config)
+    if isinstance(model_or_config, torch.nn.Module):
+        model_or_config.config._attn_implementation = register_with_transformers()
+        model_or_config.set_attn_implementation(model_or_config.config._attn_implementation)
+        model = model_or_config
+    else:
+        model = build_meta_model(config, dtype)
+    started = time.perf_counter()
+    seq = torch.export.Dim("seq", min=2, max=1 << 24)
+    example = {
+        k: torch.zeros(batch_size, example_seq_len, dtype=torch.long, device="meta")
+        for k in ("input_ids", "position_ids", "labels")
+    }
+    try:
+        ep = torch.export.export(
+            _CausalLMLoss(model), (), kwargs=example, dynamic_shapes={k: {1: seq} for k in example}, strict=False
+        )
+    except Exception as exc:  # export errors are long; keep the first line and say what to do
+        raise CaptureError(
+            f"torch.export failed for {type(model).__name__}: {str(exc).splitlines()[0]} "
+            f"(set {TRACEBACK_ENV}=1 for the full cause)"
+        ) from exc
+    gm = ep.graph_module  # lifted form: parameters and buffers are placeholders
+    param_names, buffer_names = _signature_names(ep)
+    if getattr(config, "tie_word_embeddings", False):  # one tensor, one canonical name: the embedding's
+        param_names = {k: "model.embed_tokens.weight" if v == "lm_head.weight" else v for k, v in param_names.items()}
+    _sizes_from_position_ids(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    captured = CapturedGraph(gm, config, param_names, buffer_names)
+    annotate(captured)
+    captured.capture_seconds = time.perf_counter() - started
+    return captured
+
+
+def _signature_names(ep) -> tuple[dict[str, str], dict[str, str]]:
+    from torch.export.graph_signature import InputKind
+
+    params, buffers = {}, {}
+    for spec in ep.graph_signature.input_specs:
+        name = spec.target.removeprefix("hf.") if spec.target else None
+        if spec.kind == InputKind.PARAMETER:
+            params[spec.arg.name] = name
+        elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            buffers[spec.arg.name] = name
+    return params, buffers
+
+
+def _sizes_from_position_ids(gm: torch.fx.GraphModule) -> None:
+    """Read the sequence length from position_ids, the one input every pipeline stage receives.
+
+    export may take it from labels or input_ids (they share the symbol); a stage without those inputs
+    would otherwise need them just for their shape.
+    """
+    inputs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for node in gm.graph.nodes:
+        if node.target == torch.ops.aten.sym_size.int and node.args[0].name in ("labels", "input_ids"):
+            node.args = (inputs["position_ids"], *node.args[1:])
+
+
+# --- annotation ----------------------------------------------------------------------------------------------
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = "" if path.startswith("_empty_nn_module_stack") else path
+    return re.sub(r"^hf\.?", "", path)
+
+
+def _part_of(path: str, captured: CapturedGraph, node: torch.fx.Node) -> tuple[str, int | None]:
+    if node.op == "placeholder":
+        if node.name in captured.param_names:
+            name = captured.param_names[node.name]
+            m = _LAYER_RE.search(name)
+            return ("param", int(m.group(1)) if m else None)
+        return ("buffer", None) if node.name in captured.buffer_names else ("input", None)
+    if node.op == "output":
+        return ("output", None)
+    m = _LAYER_RE.search(path)
+    if m:
+        return ("layer", int(m.group(1)))
+    if "embed_tokens" in path:
+        return ("embed", None)
+    if path.endswith("model.norm") or path == "norm" or path.endswith(".norm"):
+        return ("norm", None)
+    if "lm_head" in path or node.target == torch.ops.aten.alias.default:
+        return ("head", None)
+    if path == "":
+        return ("wrapper", None)  # resolved by annotate(): loss after the head, shared before it
+    return ("shared", None)  # rotary tables, position-id checks: recomputed on every stage that needs them
+
+
+def _role_of(node: torch.fx.Node, path: str, part: str) -> str:
+    target = node.target
+    if target == torch.ops.lcgraph.attention.default:
+        return "attention"
+    if part in ("param", "buffer", "input", "output", "loss"):
+        return part
+    if part == "embed":
+        return "embedding"
+    if part == "head":
+        return "head"
+    if path.endswith(("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "projection"
+    if ".mlp" in path or path.endswith("mlp") or "act_fn" in path:
+        return "mlp"
+    if path.endswith("norm"):
+        return "norm"
+    if "rotary" in path:
+        return "rotary"
+    if path.endswith("self_attn"):
+        return "rotary" if target in _ROTARY_OPS else "glue"
+    if target == torch.ops.aten.add.Tensor and part == "layer":
+        return "residual"
+    return "glue"
+
+
+_ROTARY_OPS = {
+    torch.ops.aten.mul.Tensor,
+    torch.ops.aten.add.Tensor,
+    torch.ops.aten.neg.default,
+    torch.ops.aten.cat.default,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.unsqueeze.default,
+}
+
+
+class _SeqPoly:
+    """Evaluates symbolic sizes at given sequence lengths (cached: a 70B graph repeats a few shapes)."""
+
+    def __init__(self, seq_symbol):
+        self.sym = seq_symbol
+        self.cache: dict = {}
+
+    def at(self, size, seq_len: int) -> int:
+        if not isinstance(size, torch.SymInt):
+            return int(size)
+        expr = size.node.expr
+        key = (expr, seq_len)
+        if key not in self.cache:
+            self.cache[key] = int(sympy.sympify(expr).subs(self.sym, seq_len))
+        return self.cache[key]
+
+    def has_seq(self, size) -> bool:
+        return isinstance(size, torch.SymInt) and self.sym in size.node.expr.free_symbols
+
+    def numel(self, shape, seq_len: int) -> int:
+        total = 1
+        for s in shape:
+            total *= self.at(s, seq_len)
+        return total
+
+    def linear_coeffs(self, fn) -> tuple[float, float]:
+        """(per-token, constant) for a function that is linear in the sequence length."""
+        one, two = fn(1), fn(2)
+        return float(two - one), float(2 * one - two)
+
+
+def _seq_symbol(gm: torch.fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name == "input_ids":
+            size = node.meta["val"].shape[1]
+            return next(iter(size.node.expr.free_symbols))
+    raise CaptureError("captured graph has no input_ids placeholder")
+
+
+def annotate(captured: CapturedGraph) -> None:
+    """Attach a NodeInfo to every node (part, layer, role, seq dim, costs)."""
+    poly = _SeqPoly(_seq_symbol(captured.gm))
+    seen_head = False
+    for node in captured.graph.nodes:
+        path = _module_path(node)
+        part, layer = _part_of(path, captured, node)
+        seen_head = seen_head or part == "head"
+        if part == "wrapper":
+            part = "loss" if seen_head else "shared"
+        info = NodeInfo(part=part, layer=layer, role=_role_of(node, path, part), seq_dim=None)
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims = [i for i, s in enumerate(val.shape) if poly.has_seq(s)]
+            info.seq_dim = dims[0] if dims else None
+            size = val.element_size()
+            info.bytes_per_token, info.const_bytes = poly.linear_coeffs(lambda s: poly.numel(val.shape, s) * size)
+        _add_flops(node, info, poly)
+        node.meta["lcgraph"] = info
+
+
+def _add_flops(node: torch.fx.Node, info: NodeInfo, poly: _SeqPoly) -> None:
+    if node.target == torch.ops.aten.linear.default:
+        x, w = node.args[0].meta["val"], node.args[1].meta["val"]
+        out_features = poly.at(w.shape[0], 1)
+        info.flops_per_token, _ = poly.linear_coeffs(lambda s: 2 * poly.numel(x.shape, s) * out_features)
+    elif node.target == torch.ops.lcgraph.attention.default:
+        q = node.args[0].meta["val"]
+        batch, heads, dim = (poly.at(q.shape[i], 1) for i in (0, 1, 3))
+        info.flops_per_pair = 4.0 * batch * heads * dim  # QK^T and PV: 2 FLOPs per MAC each
+
+
+def graph_flops(captured: CapturedGraph, seq_len: int) -> float:
+    """Forward FLOPs of the whole captured graph for one sequence of `seq_len` tokens."""
+    return sum(n.meta["lcgraph"].flops(seq_len) for n in captured.graph.nodes)
+
+
+def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
+    """Rewrite device constants baked in at capture (meta) to the device the graph will run on.
+
+    Capture-time metadata asserts (which name the meta device) are dropped with them.
+    """
+
+    def fix(a):
+        return device if isinstance(a, torch.device) else a
+
+    for node in list(gm.graph.nodes):
+        if node.target == torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    autocast = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = torch.fx.node.map_aggregate(node.args, fix)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, fix)
+            if autocast is not None and node.target == autocast and node.args[0] == "meta":
+                node.args = (device.type, *node.args[1:])  # autocast regions name a device type string
+    for sub in gm.modules():
+        if sub is not gm and isinstance(sub, torch.fx.GraphModule):
+            retarget_device(sub, device)
+    gm.recompile()

@@ -1,0 +1,207 @@
+"""What a run reports: metrics.jsonl, W&B (offline by default), a rich progress bar, summary.json.
+
+metrics.jsonl has one flat dict per step, as the trainer returns it. W&B gets the same numbers under
+sections, all plotted against `step`:
+
+    train/   loss, lr, grad_norm, tokens
+    perf/    tokens_per_s, step_time_s, tflops_per_gpu, mfu (when the trainer gives them), bubble_fraction
+    memory/  activation peak per stage, CUDA peak per rank (at the end)
+    comm/    p2p_s, grad_sync_s, comm_s per step (rank 0), comm_s per rank (last step, at the end)
+
+and at the end: timeline.png as an image, every graph picture (graphs/*.html) as HTML, plan.json (from
+`lcgraph-plan` into the same directory) as tables. `wandb sync RUN_DIR/wandb/offline-run-*` uploads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+SECTIONS = {
+    "train": ("loss", "lr", "grad_norm", "tokens"),
+    "perf": (
+        "tokens_per_s",
+        "step_time_s",
+        "tflops_per_gpu",
+        "mfu",
+        "bubble_fraction",
+        "measured_step_s",
+        "measured_pipeline_s",
+    ),
+    "comm": ("p2p_s", "grad_sync_s", "comm_s"),
+}
+SUMMARIES = {
+    "train/loss": "min,last",
+    "perf/tokens_per_s": "mean,max",
+    "perf/step_time_s": "mean,min",
+    "perf/mfu": "mean,max",
+    "perf/tflops_per_gpu": "mean,max",
+}
+
+
+def metric_key(name: str) -> str:
+    """W&B key of a flat metric name: its section + name ("loss" -> "train/loss"); names with a '/' stay."""
+    if "/" in name:
+        return name
+    for section, names in SECTIONS.items():
+        if name in names:
+            return f"{section}/{name}"
+    if "bytes" in name or "memory" in name:
+        return f"memory/{name}"
+    if name.startswith("comm") or name.endswith("_comm_s"):
+        return f"comm/{name}"
+    return f"train/{name}"
+
+
+def spread(values: dict) -> dict:
+    """End-of-run numbers as W&B keys: scalars by section; lists named *_per_stage / *_per_rank one key each."""
+    out = {}
+    for name, v in values.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[metric_key(name)] = v
+        elif isinstance(v, list):
+            unit = next((u for u in ("stage", "rank") if name.endswith(f"_per_{u}")), "")
+            base = metric_key(name.removesuffix(f"_per_{unit}") if unit else name)
+            out.update({f"{base}/{unit}{i}": x for i, x in enumerate(v) if isinstance(x, (int, float))})
+    return out
+
+
+class RunLogger:
+    def __init__(self, cfg, run_dir: Path, enabled: bool = True):
+        self.enabled, self.run_dir, self.cfg = enabled, Path(run_dir), cfg
+        self.history: list[dict] = []
+        self.started = time.perf_counter()
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.metrics = open(self.run_dir / "metrics.jsonl", "w")
+        self.wandb = self._init_wandb()
+        self.progress = self._init_progress() if cfg.train.progress else None
+
+    def _init_wandb(self):
+        w = self.cfg.logging.wandb
+        if w.mode == "disabled":
+            return None
+        import wandb
+
+        run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            group=w.group,
+            mode=w.mode,
+            dir=str(self.run_dir),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            reinit="finish_previous",
+        )
+        run.define_metric("step")
+        for section in ("train", "perf", "memory", "comm", "timeline", "graphs", "plan"):
+            run.define_metric(f"{section}/*", step_metric="step")
+        for key, summary in SUMMARIES.items():
+            run.define_metric(key, step_metric="step", summary=summary)
+        return run
+
+    def _init_progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:.0f} tok/s"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        progress.start()
+        self.task = progress.add_task("train", total=self.cfg.train.steps, loss=float("nan"), tps=0.0)
+        return progress
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            print(f"lcgraph: {text}", flush=True)
+
+    def log(self, metrics: dict) -> None:
+        """One step's metrics (must hold step, loss, tokens, step_time_s, tokens_per_s; any other key is kept)."""
+        if not self.enabled:
+            return
+        self.history.append(metrics)
+        self.metrics.write(json.dumps(metrics) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log({"step": metrics["step"], **{metric_key(k): v for k, v in metrics.items() if k != "step"}})
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=metrics["loss"], tps=metrics["tokens_per_s"])
+
+    def finish(self, extra: dict | None = None) -> dict:
+        """Write summary.json (first/final loss, tokens/s over the second half, `extra`); close W&B."""
+        if not self.enabled:
+            return {}
+        if self.progress is not None:
+            self.progress.stop()
+        h = self.history
+        tail = h[len(h) // 2 :] or h
+        summary = {
+            "steps": len(h),
+            "final_loss": h[-1]["loss"] if h else None,
+            "first_loss": h[0]["loss"] if h else None,
+            "tokens_per_s": sum(m["tokens"] for m in tail) / max(1e-9, sum(m["step_time_s"] for m in tail)),
+            "wall_s": time.perf_counter() - self.started,
+            **(extra or {}),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
+        if self.wandb is not None:
+            step = h[-1]["step"] if h else 0
+            self.wandb.log({"step": step, **spread(extra or {})})
+            try:
+                self._log_files(step)
+            except Exception as exc:  # noqa: BLE001 - a picture W&B cannot take must not fail the run
+                print(f"lcgraph: warning: W&B media not logged: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.wandb.summary.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+            self.wandb.finish()
+        return summary
+
+    def _log_files(self, step: int) -> None:
+        """The run directory's pictures and plan as W&B media: timeline PNGs, graph pages, plan tables."""
+        import wandb
+
+        media = {}
+        for name, key in (("timeline.png", "timeline/measured"), ("timeline_predicted.png", "timeline/predicted")):
+            if (self.run_dir / name).is_file():
+                media[key] = wandb.Image(str(self.run_dir / name))
+        for page in sorted((self.run_dir / "graphs").glob("*.html")):
+            media[f"graphs/{page.stem}"] = wandb.Html(str(page), inject=False)
+        plan = self.run_dir / "plan.json"
+        if plan.is_file():
+            media.update(plan_tables(json.loads(plan.read_text())))
+        if media:
+            self.wandb.log({"step": step, **media})
+        for name in ("timeline.json", "timeline_predicted.json", "plan.json", "programs.txt"):
+            if (self.run_dir / name).is_file():
+                self.wandb.save(str(self.run_dir / name), base_path=str(self.run_dir), policy="end")
+
+
+def plan_tables(plan: dict) -> dict:
+    """plan.json (lcgraph-plan) as W&B tables: one row per stage, one per alternative schedule."""
+    import wandb
+
+    def table(rows: list[dict]):
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        cell = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v
+        return wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])
+
+    out = {}
+    if plan.get("stages"):
+        out["plan/stages"] = table(plan["stages"])
+    if plan.get("alternatives"):
+        out["plan/alternatives"] = table(plan["alternatives"])
+    if plan.get("summary"):
+        out["plan/summary"] = table([plan["summary"]])
+    return out

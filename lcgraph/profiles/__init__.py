@@ -1,1 +1,0 @@
-"""Device profiles shipped with lcgraph (h100.json, h200.json, a100.json); see lcgraph.costmodel.load_profile."""

@@ -1,0 +1,292 @@
+"""The stage-program interpreter: runs one rank's program of actions over its stage graphs.
+
+It knows nothing about LLaMA: a stage is a graph module with parameter placeholders, an optional
+`hidden_in` input and one output (activation, or the summed loss on the last stage). Actions:
+
+    F / B            forward / backward of one (micro-batch, chunk) unit on a stage
+    [SEND_* RECV_*]  a p2p group: point-to-point activations and gradients issued as one batch_isend_irecv,
+                     exactly as programs.txt brackets them (a bare token is a group of one)
+    RS / AG          gradient reduce-scatter / parameter all-gather of a bucket (distributed optimizer, see optimizer.py)
+    OPT              gradient synchronisation and the optimizer step
+
+Groups are asynchronous: a received tensor is waited for right before the compute that reads it, and
+every group is finished by OPT.
+The runtime also measures what the planner predicts: live activation bytes per stage and a timeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from lcgraph.graph.passes import StageGraph
+from lcgraph.ops.relay import RelayContext
+from lcgraph.schedule.programs import P2P_KINDS, Action, issue_units, unit_token
+
+
+@dataclass
+class UnitData:
+    """Inputs of one (micro-batch, chunk) unit on this rank (already sharded for sequence parallelism)."""
+
+    input_ids: torch.Tensor  # [B, s]
+    position_ids: torch.Tensor  # [B, s]
+    labels: torch.Tensor  # [B, s]
+
+
+class ActivationMeter:
+    """Counts bytes the autograd graph saves for backward, per unit, excluding parameters."""
+
+    def __init__(self, param_ptrs: set[int], enabled: bool = True):
+        self.param_ptrs, self.enabled = param_ptrs, enabled  # off on GPU: the hook costs, the allocator reports
+        self.unit_bytes: dict[tuple, int] = {}
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+        self._current: tuple | None = None
+
+    def hooks(self, unit: tuple):
+        self._current, self._seen = unit, set()
+        self.unit_bytes[unit] = 0
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if ptr not in self.param_ptrs and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.unit_bytes[self._current] += t.untyped_storage().nbytes()
+        return t
+
+    def forward_done(self, unit: tuple, extra: int = 0) -> None:
+        self.live += self.unit_bytes[unit]
+        self.peak = max(self.peak, self.live + extra)
+
+    def backward_done(self, unit: tuple) -> None:
+        self.live -= self.unit_bytes.pop(unit)
+
+
+@dataclass
+class StageState:
+    """A stage graph with its real parameters and per-step bookkeeping."""
+
+    graph: StageGraph
+    params: dict[str, torch.nn.Parameter]  # HF name -> parameter
+    buffers: dict[str, torch.Tensor]  # HF name -> buffer
+    relay: RelayContext = field(default_factory=RelayContext)
+
+    def kwargs(self, unit: UnitData, hidden_in) -> dict[str, torch.Tensor]:
+        g = self.graph
+        args = {ph: self.params[name] for ph, name in g.param_names.items()}
+        args.update({ph: self.buffers[name] for ph, name in g.buffer_names.items()})
+        given = {
+            "input_ids": unit.input_ids,
+            "position_ids": unit.position_ids,
+            "labels": unit.labels,
+            "hidden_in": hidden_in,
+        }
+        args.update({name: given[name] for name in g.inputs})
+        return args
+
+
+class OptimizerHooks(Protocol):
+    """What the interpreter calls on the optimizer (runtime/optimizer.py: ShardedAdamW, ReplicatedAdamW).
+
+    The optimizer, not the interpreter, knows buckets and replicas: the interpreter only says where in
+    the program it is (before/after a forward or backward, at an RS/AG action, at OPT).
+    """
+
+    events: list[tuple[str, int, int, float]]  # (what, stage, bucket, time) of this step, for timelines
+    param_groups: list[dict[str, Any]]  # the trainer sets the learning rate here every step
+
+    def start_step(self) -> None: ...
+    def before_forward(self, action: Action) -> None: ...
+    def before_backward(self, action: Action, final: bool) -> None: ...
+    def after_backward(self, action: Action, final: bool) -> None: ...
+    def collective(self, action: Action, interp: Interpreter) -> None: ...
+    def sync_and_step(self, interp: Interpreter) -> float: ...
+    def sync_params(self) -> None: ...
+    def program_actions(self) -> dict[int, tuple[list[Action], list[Action]]]: ...
+    def tied_buckets(self) -> frozenset[tuple[int, int]]: ...
+    def gather_waits(self, stage: StageGraph) -> bool: ...
+    def state_bytes(self) -> int: ...
+
+
+class Interpreter:
+    """Executes one rank's program for one optimizer step."""
+
+    def __init__(
+        self,
+        program: list[Action],
+        stages: dict[int, StageState],
+        pp_peers: dict[int, int],
+        hidden_shape,
+        dtype,
+        device,
+        optimizer: OptimizerHooks,
+        record_timeline: bool = True,
+        recompute: bool = False,
+        measure_activations: bool = True,
+    ):
+        self.program = program
+        self.stages = stages
+        self.pp_peers = pp_peers  # pipeline rank -> global rank of my (dp, sp) replica on it
+        self.hidden_shape = hidden_shape  # (batch, hidden) of the residual stream
+        self.dtype, self.device = dtype, device
+        self.optimizer = optimizer  # sync_and_step (OPT), collective (RS/AG), before/after_backward, before_forward
+        self.final_backward = {}  # stage -> index of its last B in the program (gradients final after it)
+        for i, a in enumerate(program):
+            if a.kind == "B":
+                self.final_backward[a.stage] = i
+        self.grad_norm = 0.0
+        self.recompute = recompute  # F keeps only its inputs; B reruns the forward under autograd
+        ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
+        self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
+        self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
+        self.record_timeline = record_timeline
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def run_step(self, units: dict[tuple[int, int], UnitData], loss_scale: float) -> torch.Tensor:
+        """Run the program; `units[(mb, chunk)]` are this rank's inputs. Returns this rank's summed loss."""
+        self.units, self.loss_scale = units, loss_scale
+        self.timeline = []  # a long run must not grow it: the last step is what gets reported
+        self.optimizer.start_step()
+        self.saved: dict[tuple, tuple] = {}
+        self.inbox: dict[tuple, tuple] = {}
+        self.sends: list = []
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.pending: dict[tuple, list] = {}  # inbox key -> works of the p2p group receiving it
+        self._done: set[int] = set()  # ids of the p2p works already waited for
+        self.issued: list[str] = []  # the p2p groups as issued, in programs.txt's form (tests compare them)
+        multi_stage = len(self.stages) > 1
+        self._index = 0
+        for unit in issue_units(self.program):
+            head = unit[0]
+            if head.kind in P2P_KINDS:
+                self._timed(unit_token(unit, multi_stage), self._p2p, unit)
+            else:
+                self._timed(head.token(multi_stage), self._dispatch, head)
+            self._index += len(unit)
+        self._finish(self.sends)
+        return self.loss_sum
+
+    def _finish(self, works: list) -> None:
+        """Wait for p2p works once each (a second wait on a finished gloo receive never returns)."""
+        for work in works:
+            if id(work) not in self._done:
+                work.wait()
+                self._done.add(id(work))
+
+    def _timed(self, name: str, fn, arg):
+        start = time.perf_counter()
+        with torch.profiler.record_function(name):  # names the action's kernels in a profiler trace
+            fn(arg)
+        if self.record_timeline:
+            self.timeline.append((name, start, time.perf_counter()))
+
+    def _dispatch(self, action: Action):
+        if action.kind == "F":
+            self._forward(action)
+        elif action.kind == "B":
+            self._backward(action)
+        elif action.kind == "OPT":
+            self._finish(self.sends)
+            self.sends = []
+            self.grad_norm = self.optimizer.sync_and_step(self)
+        elif action.kind in ("RS", "AG"):
+            self.optimizer.collective(action, self)
+        else:
+            raise RuntimeError(f"no handler for action {action}")
+
+    # --- compute -------------------------------------------------------------------------------------------
+    def _forward(self, a: Action):
+        st = self.stages[a.stage]
+        unit = self.units[(a.mb, a.chunk)]
+        self.optimizer.before_forward(a)
+        hidden_in = None
+        if not st.graph.is_first:
+            hidden_in = self._receive(("F", a.stage, a.mb, a.chunk))
+            hidden_in.requires_grad_(True)
+        RelayContext.current = st.relay
+        st.relay.unit = (a.mb, a.chunk)
+        key = (a.stage, a.mb, a.chunk)
+        with self.meters[a.stage].hooks(key), torch.set_grad_enabled(not self.recompute):
+            out = st.graph.gm(**st.kwargs(unit, hidden_in))
+        if self.recompute and hidden_in is not None:
+            self.meters[a.stage].unit_bytes[key] += hidden_in.numel() * hidden_in.element_size()
+        if st.graph.is_last:
+            self.loss_sum += out.detach()
+            out = out * self.loss_scale
+        self.meters[a.stage].forward_done(key, st.relay.live_bytes())
+        self.saved[key] = (hidden_in, out)
+
+    def _rerun_forward(self, a: Action, hidden_in):
+        """Recompute mode: the unit's forward again, now recording the autograd graph."""
+        st = self.stages[a.stage]
+        RelayContext.current = st.relay
+        st.relay.unit, st.relay.recompute = (a.mb, a.chunk), True
+        try:
+            out = st.graph.gm(**st.kwargs(self.units[(a.mb, a.chunk)], hidden_in))
+        finally:
+            st.relay.recompute = False
+        return out * self.loss_scale if st.graph.is_last else out
+
+    def _backward(self, a: Action):
+        st = self.stages[a.stage]
+        key = (a.stage, a.mb, a.chunk)
+        hidden_in, out = self.saved.pop(key)
+        if self.recompute:
+            out = self._rerun_forward(a, hidden_in)
+        final = self.final_backward[a.stage] == self._index
+        self.optimizer.before_backward(a, final)
+        if st.graph.is_last:
+            out.backward()
+        else:
+            out.backward(self._receive(("B", a.stage, a.mb, a.chunk)))
+        self.optimizer.after_backward(a, final)
+        self.meters[a.stage].backward_done(key)
+        if hidden_in is not None:
+            self.saved[("grad",) + key] = hidden_in.grad
+
+    # --- point to point ------------------------------------------------------------------------------------
+    def _unit_shape(self, a: Action):
+        unit = self.units[(a.mb, a.chunk)]
+        batch, hidden = self.hidden_shape
+        return (batch, unit.input_ids.shape[1], hidden)
+
+    def _p2p(self, group: list[Action]):
+        """Issue one p2p group as one batch; its receives are waited for by the compute that reads them."""
+        ops, recvs = [], []
+        for a in group:
+            peer = self.pp_peers[a.peer]
+            if a.kind == "SEND_F":
+                tensor = self.saved[(a.stage, a.mb, a.chunk)][1].detach()
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
+            elif a.kind == "SEND_B":
+                tensor = self.saved.pop(("grad", a.stage, a.mb, a.chunk))
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
+            else:
+                buf = torch.empty(self._unit_shape(a), dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buf, peer))
+                recvs.append((a, buf))
+        works = dist.batch_isend_irecv(ops)
+        self.issued.append(unit_token(group, len(self.stages) > 1))
+        self.sends.extend(works)  # all finished by OPT
+        for a, buf in recvs:
+            key = (a.kind[-1], a.stage, a.mb, a.chunk)
+            self.inbox[key], self.pending[key] = buf, works
+
+    def _receive(self, key: tuple) -> torch.Tensor:
+        """The tensor a p2p group received for `key`, once the group has finished."""
+        works = self.pending.pop(key)
+        start = time.perf_counter()
+        self._finish(works)
+        if self.record_timeline:
+            kind, stage, mb, chunk = key
+            self.timeline.append((f"wait {kind}{mb}.{chunk}@{stage}", start, time.perf_counter()))
+        return self.inbox.pop(key)

@@ -1,0 +1,118 @@
+"""Model configs and parameters: an HF LlamaConfig from the plan, and real tensors for a subset of names.
+
+A rank materialises only the parameters its stage uses: `init_parameters` draws each tensor from its
+own generator seeded by (seed, name), so any rank produces exactly the values the single-process
+run has for that name, without building the rest; `load_parameters` reads only the named tensors
+from a local safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lcgraph.errors import ModelPathError
+
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+    "initializer_range",
+    "head_dim",
+)
+
+
+def build_config(model_cfg) -> Any:  # a transformers.PretrainedConfig (imported lazily: it is slow)
+    """HF config from `model.path` (a local directory) or from the shape keys of the model config group."""
+    from transformers import AutoConfig, LlamaConfig
+
+    path = model_cfg.get("path")
+    if path:
+        if not (Path(path) / "config.json").is_file():
+            raise ModelPathError(f"model.path={path!r} has no config.json; give a local HF model directory")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        kwargs = {k: model_cfg[k] for k in SHAPE_KEYS if model_cfg.get(k) is not None}
+        rope_scaling = model_cfg.get("rope_scaling")
+        if rope_scaling:
+            kwargs["rope_scaling"] = dict(rope_scaling)
+        config = LlamaConfig(**kwargs)
+    config.attention_dropout = 0.0
+    config.use_cache = False
+    return config
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def init_parameter(name: str, shape, config, seed: int) -> torch.Tensor:
+    """HF LLaMA initialisation (normal(0, initializer_range) for matrices, ones for norms), per name."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    std = getattr(config, "initializer_range", 0.02)
+    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
+
+
+def init_parameters(shapes: dict[str, torch.Size], config, seed: int, device, dtype) -> dict[str, torch.Tensor]:
+    return {n: init_parameter(n, s, config, seed).to(device=device, dtype=dtype) for n, s in shapes.items()}
+
+
+def _weight_index(path: Path) -> dict[str, str]:
+    """HF parameter name -> safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ModelPathError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def load_parameters(path: str, names, config, device, dtype) -> dict[str, torch.Tensor]:
+    """Read just `names` from a local HF checkpoint (tied lm_head falls back to the embedding)."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    index = _weight_index(root)
+    out = {}
+    for name in names:
+        key = name
+        if key not in index and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            key = "model.embed_tokens.weight"
+        if key not in index:
+            raise ModelPathError(f"{path}: checkpoint has no tensor {key!r}")
+        with safe_open(str(root / index[key]), "pt", device="cpu") as f:
+            out[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+    return out
+
+
+def rotary_buffers(config, names, device) -> dict[str, torch.Tensor]:
+    """Real values for the captured graph's buffers (the rotary inverse frequencies), computed from the config."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device("cpu"):
+        rotary = LlamaRotaryEmbedding(config)
+    out = {}
+    for name in names:
+        attr = name.rsplit(".", 1)[-1]
+        if not hasattr(rotary, attr):
+            raise ValueError(f"captured buffer {name!r} is not a rotary table; lcgraph cannot compute it")
+        out[name] = getattr(rotary, attr).to(device)
+    return out

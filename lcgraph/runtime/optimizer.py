@@ -1,0 +1,445 @@
+"""Gradient synchronisation and the optimizer step (the RS, AG and OPT actions of a stage program).
+
+The distributed optimizer, `ShardedAdamW`: ZeRO-1 memory with reduce-scatter communication, like
+Megatron's distributed optimizer. Optimizer state is sharded; gradients are not (every replica keeps
+whole-stage gradient buffers), so this is not ZeRO-2.
+- A stage's parameters live in flat buckets of whole parameters, in gradient-ready order (the last
+  layers' gradients are final first). Parameters and gradients are views into the bucket buffers.
+- The `add_bucket_actions` pass puts `RS<b>` after the stage's last backward and `AG<b>` after OPT.
+  The interpreter arms grad-ready hooks for that last backward, so each bucket's reduce-scatter over the
+  stage's dp*sp replicas is *issued* the moment its last gradient is accumulated, while the backward
+  goes on; the RS action is where the program *waits* for it. Issue and wait times are recorded.
+- Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
+  two AdamW moments. OPT clips by the global norm and updates the shard; AG all-gathers the updated
+  parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait
+  node for each bucket right before the first graph node that reads one of its parameters, so the next
+  step's forward runs while later buckets are still being gathered (without the pass, as under
+  `train.compile`, the stage's first forward waits for all of them).
+
+`ReplicatedAdamW` (parallel.zero=false) all-reduces whole gradients at OPT instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lcgraph.graph.capture import NodeInfo
+from lcgraph.runtime.interpreter import OptimizerHooks
+from lcgraph.schedule.programs import Action, issue_units
+
+
+def _param_order(stage) -> list[str]:
+    """HF names of a stage's parameters, last-used first (the order their gradients become final)."""
+    first_use = {}
+    for i, node in enumerate(stage.graph.gm.graph.nodes):
+        for arg in node.all_input_nodes:
+            if arg.name in stage.graph.param_names and arg.name not in first_use:
+                first_use[arg.name] = i
+    names = sorted(first_use, key=first_use.get, reverse=True)
+    return [stage.graph.param_names[ph] for ph in names]
+
+
+@dataclass
+class Bucket:
+    stage: int
+    index: int
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    param_flat: torch.Tensor
+    grad_flat: torch.Tensor
+    decay: bool  # weight decay applies (matrices) or not (norms); a bucket holds one kind
+    shard: slice
+    tied: bool = False
+    pending: set = field(default_factory=set)
+    work: object = None
+    master: torch.Tensor | None = None  # fp32, an alias of the parameter shard when training in fp32
+    master_grad: torch.Tensor | None = None  # fp32 gradient of the shard (allocated once, bf16 runs only)
+    grad_shard: torch.Tensor | None = None
+    gather: object = None
+
+
+class ShardedAdamW:
+    def __init__(self, job):
+        self.job = job
+        o = job.cfg.optim
+        self.lr, self.betas, self.eps, self.wd = o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay
+        self.group_size = job.coords.dp * job.coords.sp
+        self.group = job.replica_group if self.group_size > 1 else None
+        self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time) since the step began
+        limit = max(1, int(job.cfg.parallel.bucket_mb * 2**20))
+        self.buckets: list[Bucket] = []
+        for s, stage in job.stages.items():
+            self._make_buckets(s, stage, limit)
+        self._hooks = []
+        self.waited_in_graph: set[int] = set()  # buckets whose gather wait is a graph node (gather_waits)
+        self.adamw = self._make_adamw()
+        self.param_groups = self.adamw.param_groups  # the trainer sets the lr per step here
+
+    # --- layout ------------------------------------------------------------------------------------------
+    def _make_buckets(self, s: int, stage, limit: int) -> None:
+        order = [n for n in _param_order(stage) if n not in self.job.tied]
+        decay = [n for n in order if stage.params[n].ndim >= 2]
+        groups, current, size = [], [], 0
+        for name in decay:
+            p = stage.params[name]
+            if current and size + p.numel() * p.element_size() > limit:
+                groups.append((current, False))
+                current, size = [], 0
+            current.append(name)
+            size += p.numel() * p.element_size()
+        if current:
+            groups.append((current, False))
+        no_decay = [n for n in order if stage.params[n].ndim < 2]  # norms: small, one bucket, no weight decay
+        if no_decay:
+            groups.append((no_decay, False))
+        groups += [([n], True) for n in self.job.tied if n in stage.params]  # synced across stages first
+        for names, tied in groups:
+            self.buckets.append(self._bucket(s, len(self.buckets), names, stage.params, tied))
+
+    def _bucket(self, s, index, names, params, tied) -> Bucket:
+        plist = [params[n] for n in names]
+        total = sum(p.numel() for p in plist)
+        padded = math.ceil(total / self.group_size) * self.group_size
+        ref = plist[0]
+        param_flat = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
+        grad_flat = torch.zeros_like(param_flat)
+        offset = 0
+        for p in plist:
+            n = p.numel()
+            param_flat[offset : offset + n].copy_(p.detach().flatten())
+            p.data = param_flat[offset : offset + n].view_as(p)
+            p.grad = grad_flat[offset : offset + n].view_as(p)
+            offset += n
+        rank = self.job.coords.dp_rank * self.job.coords.sp + self.job.coords.sp_rank
+        per = padded // self.group_size
+        shard = slice(rank * per, (rank + 1) * per)
+        b = Bucket(s, index, names, plist, param_flat, grad_flat, plist[0].ndim >= 2, shard, tied)
+        master_dtype = torch.float32
+        own = param_flat[shard]
+        b.master = own if own.dtype == master_dtype else own.to(master_dtype).clone()
+        if own.dtype != master_dtype:
+            b.master_grad = torch.empty_like(b.master)
+        return b
+
+    def _make_adamw(self) -> torch.optim.AdamW:
+        """torch's AdamW over the shards' fp32 masters (fused kernel where the device has it)."""
+        for b in self.buckets:
+            b.master = torch.nn.Parameter(b.master, requires_grad=False)  # shares storage: still an alias
+        groups = [
+            {"params": [b.master for b in self.buckets if b.decay], "weight_decay": self.wd},
+            {"params": [b.master for b in self.buckets if not b.decay], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        fused = self.job.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused, foreach=not fused)
+
+    def state_bytes(self) -> int:
+        """Optimizer state held by this rank: fp32 master (if a separate copy) and the two moments."""
+        total = 0
+        for b in self.buckets:
+            extra = b.master.data_ptr() != b.param_flat[b.shard].data_ptr()
+            total += (2 * b.master.numel() + (b.master.numel() if extra else 0)) * 4  # two moments (+ master)
+        return total
+
+    def program_actions(self) -> dict[int, tuple[list[Action], list[Action]]]:
+        """Per stage: the RS actions (after its last backward) and AG actions (after OPT)."""
+        out: dict[int, tuple[list[Action], list[Action]]] = {}
+        if self.group is None:
+            return out
+        for b in self.buckets:
+            out.setdefault(b.stage, ([], []))[0].append(Action("RS", b.stage, b.index))
+        for b in reversed(self.buckets):  # gradient-ready order reversed: the order the forward reads them
+            out[b.stage][1].append(Action("AG", b.stage, b.index))
+        return out
+
+    def tied_buckets(self) -> frozenset[tuple[int, int]]:
+        """(stage, bucket) of the tied embedding's buckets: their RS first all-reduces across the pipeline."""
+        return frozenset((b.stage, b.index) for b in self.buckets if b.tied and self.group is not None)
+
+    def gather_waits(self, stage) -> bool:
+        """The `gather_waits` pass on one of this rank's stage graphs (see the module docstring); whether
+        it inserted any wait node."""
+        if self.group is None:
+            return False
+        mine = [b for b in self.buckets if b.stage == stage.index]
+        waited = gather_waits(stage, {n: b.index for b in mine for n in b.names}, self.wait_gather)
+        self.waited_in_graph |= waited
+        return bool(waited)
+
+    def wait_gather(self, index: int) -> None:
+        """A graph node: the parameters of bucket `index` are read next (a no-op when none is in flight)."""
+        b = self.buckets[index]
+        if _finish_gather(b):
+            self.events.append(("ag_wait", b.stage, b.index, time.perf_counter()))
+
+    # --- interpreter hooks --------------------------------------------------------------------------------
+    def start_step(self) -> None:
+        self.events = []  # the all-gathers issued at the previous step's end stay in flight
+
+    def before_forward(self, action: Action) -> None:
+        """Wait for the all-gathers (issued at AG) of this stage's buckets that have no wait node."""
+        for b in self.buckets:
+            if b.stage == action.stage and b.index not in self.waited_in_graph:
+                self.wait_gather(b.index)
+
+    def sync_params(self) -> None:
+        """Finish every outstanding all-gather (before parameters are read outside a step)."""
+        for b in self.buckets:
+            _finish_gather(b)
+
+    def before_backward(self, action: Action, final: bool) -> None:
+        """For the stage's last backward of the step: issue each bucket's reduce-scatter once it is final."""
+        if not final or self.group is None:
+            return
+        for b in self.buckets:
+            if b.stage != action.stage or b.tied:
+                continue
+            b.pending = {id(p) for p in b.params}
+            for p in b.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._ready_hook(b)))
+
+    def _ready_hook(self, b: Bucket):
+        def hook(p):
+            b.pending.discard(id(p))
+            if not b.pending and b.work is None:
+                self._issue(b)
+
+        return hook
+
+    def after_backward(self, action: Action, final: bool) -> None:
+        if final:
+            self.events.append(("backward_end", action.stage, -1, time.perf_counter()))  # autograd has returned
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            for b in self.buckets:  # parameters the last backward did not reach (unused on this stage)
+                if b.stage == action.stage and not b.tied and b.work is None and self.group is not None:
+                    self._issue(b)
+
+    def _issue(self, b: Bucket) -> None:
+        b.grad_shard = torch.empty(b.shard.stop - b.shard.start, dtype=b.grad_flat.dtype, device=b.grad_flat.device)
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        b.work = reduce_scatter(b.grad_shard, b.grad_flat, group=self.group, async_op=True)
+        self.events.append(("rs_issue", b.stage, b.index, time.perf_counter()))
+
+    def collective(self, action: Action, interp) -> None:
+        b = self.buckets[action.mb]
+        if action.kind == "RS":
+            if b.tied:  # summed across the two stages at OPT: here the other stage's rank may still run
+                return  # backwards that this rank's earlier stages wait for (interleaved: deadlock)
+            b.work.wait()
+            self.events.append(("rs_wait", b.stage, b.index, time.perf_counter()))
+        elif action.kind == "AG":
+            own = b.param_flat[b.shard].clone()
+            b.gather = _all_gather(b.param_flat, own, self.group)
+            self.events.append(("ag_issue", b.stage, b.index, time.perf_counter()))
+
+    # --- OPT ----------------------------------------------------------------------------------------------
+    def sync_and_step(self, interp) -> float:
+        for b in self.buckets:
+            if b.tied and self.group is not None:  # the tied weight: sum across the two stages, then RS
+                dist.all_reduce(b.grad_flat, group=self.job.tied_group)
+                self._issue(b)
+                b.work.wait()
+        if self.group is None:
+            for name in self.job.tied:
+                b = next(b for b in self.buckets if name in b.names)
+                dist.all_reduce(b.grad_flat, group=self.job.tied_group)
+            for b in self.buckets:
+                b.grad_shard = b.grad_flat[b.shard]
+        norm = self._global_norm()
+        clip = self.job.cfg.optim.grad_clip
+        scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
+        for b in self.buckets:
+            grad = b.grad_shard if b.master_grad is None else b.master_grad.copy_(b.grad_shard)
+            b.master.grad = grad.mul_(scale) if scale != 1.0 else grad
+        self.adamw.step()
+        for b in self.buckets:
+            b.master.grad = None
+            if b.master.data_ptr() != b.param_flat[b.shard].data_ptr():
+                b.param_flat[b.shard].copy_(b.master)
+            b.grad_flat.zero_()
+            b.work = None
+        return norm
+
+    def _global_norm(self) -> float:
+        job = self.job
+        sq = torch.zeros((), dtype=torch.float64, device=job.device)
+        for b in self.buckets:
+            if b.tied and job.coords.pp_rank != 0:
+                continue  # a tied weight counts once
+            sq += torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32).double() ** 2
+        if self.group is not None:
+            dist.all_reduce(sq, group=self.group)
+        if job.mesh is not None and job.coords.pp > 1:
+            dist.all_reduce(sq, group=job.mesh["pp"].get_group())
+        return float(sq.sqrt())
+
+
+def _finish_gather(b: Bucket) -> bool:
+    """Wait for the bucket's parameter all-gather if one is in flight; whether there was one."""
+    if b.gather is None:
+        return False
+    b.gather.wait()
+    b.gather = None
+    return True
+
+
+def _all_gather(out: torch.Tensor, shard: torch.Tensor, group):
+    """Asynchronous all-gather of equal shards into `out` (all_gather_single where torch has it)."""
+    gather = getattr(dist, "all_gather_single", None)
+    if gather is not None:
+        return gather(out, shard, group=group, async_op=True)
+    return dist.all_gather_into_tensor(out, shard, group=group, async_op=True)
+
+
+class ReplicatedAdamW(torch.optim.AdamW):
+    """AdamW whose step first all-reduces whole gradients over the stage replicas (parallel.zero=false)."""
+
+    def __init__(self, job):
+        self.job = job
+        params = job.all_params()
+        o = job.cfg.optim
+        super().__init__(
+            [
+                {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": o.weight_decay},
+                {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            foreach=True,
+        )
+        self.events: list[tuple[str, int, int, float]] = []  # no buckets: nothing to time
+
+    def start_step(self):
+        pass
+
+    def gather_waits(self, stage) -> bool:
+        return False  # parameters are never sharded: nothing to gather
+
+    def before_forward(self, action):
+        pass
+
+    def sync_params(self):
+        pass
+
+    def before_backward(self, action, final):
+        pass
+
+    def after_backward(self, action, final):
+        pass
+
+    def collective(self, action, interp):
+        raise RuntimeError(f"{action} needs parallel.zero=true")
+
+    def program_actions(self):
+        return {}
+
+    def tied_buckets(self) -> frozenset[tuple[int, int]]:
+        return frozenset()
+
+    def state_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.state.values()
+            for t in s.values()
+            if torch.is_tensor(t) and t.ndim > 0
+        )
+
+    def sync_and_step(self, interp) -> float:
+        job = self.job
+        params = job.all_params()
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if job.replica_group is not None and job.coords.dp * job.coords.sp > 1:
+            for p in params.values():
+                dist.all_reduce(p.grad, group=job.replica_group)
+        for name in job.tied:
+            dist.all_reduce(params[name].grad, group=job.tied_group)
+        sq = torch.zeros((), dtype=torch.float64, device=job.device)
+        for n, p in params.items():
+            if not (n in job.tied and job.coords.pp_rank != 0):
+                sq += p.grad.double().pow(2).sum()
+        if job.mesh is not None and job.coords.pp > 1:
+            dist.all_reduce(sq, group=job.mesh["pp"].get_group())
+        norm = float(sq.sqrt())
+        clip = job.cfg.optim.grad_clip
+        if clip > 0 and norm > clip:
+            for p in params.values():
+                p.grad.mul_(clip / (norm + 1e-6))
+        self.step()
+        self.zero_grad(set_to_none=True)
+        return norm
+
+
+def add_bucket_actions(program: list[Action], actions: dict[int, tuple[list[Action], list[Action]]]) -> list[Action]:
+    """Insert the RS<b> of every stage the rank holds after its last backward (and after the p2p group
+    that sends that backward's gradient), and AG<b> right after OPT.
+
+    RS is where the program waits for a reduce-scatter issued during backward (and, for a tied
+    embedding, first all-reduces it with the other end of the pipeline). Waiting after the rank's last
+    backward, not each stage's, matters with several stages per rank: a tied all-reduce after stage
+    2p-1's last backward would stall rank p-1 while rank 0 still needs its gradients for stage 0, a
+    cycle of waits across two communicators (found by `lcgraph.nccl.check`).
+    """
+    units = issue_units(program)
+    last = None
+    for i, unit in enumerate(units):
+        a = unit[0]
+        if a.kind == "B":
+            sends = i + 1 < len(units) and any(
+                x.kind == "SEND_B" and (x.stage, x.mb, x.chunk) == (a.stage, a.mb, a.chunk) for x in units[i + 1]
+            )
+            last = i + 1 if sends else i
+    mine = [actions[s] for s in sorted({a.stage for a in program if a.kind == "B"}) if s in actions]
+    out = []
+    for i, unit in enumerate(units):
+        out.extend(unit)
+        if i == last:
+            for rs, _ in mine:
+                out.extend(rs)
+        if unit[0].kind == "OPT":
+            for _, ag in mine:
+                out.extend(ag)
+    return out
+
+
+def gather_waits(stage, bucket_of: dict[str, int], wait) -> set[int]:
+    """Insert `wait(bucket)` right before the first node that reads a parameter of that bucket.
+
+    Assumes: `bucket_of` maps this stage's HF parameter names to bucket indices and `wait` is a no-op
+    for a bucket with nothing in flight (first step, recomputed forward). Guarantees: no parameter
+    placeholder is read before its bucket's wait node; nothing else in the graph changes. Returns the
+    buckets that got a wait node.
+    """
+
+    graph = stage.gm.graph
+    bucket_of_ph = {ph: bucket_of[name] for ph, name in stage.param_names.items() if name in bucket_of}
+    waited: set[int] = set()
+    for node in list(graph.nodes):
+        due = sorted({bucket_of_ph[a.name] for a in node.all_input_nodes if a.name in bucket_of_ph} - waited)
+        for index in due:
+            with graph.inserting_before(node):
+                w = graph.call_function(wait, (index,))
+            info = node.meta.get("lcgraph")
+            w.meta["lcgraph"] = NodeInfo(
+                part=info.part if info else "glue",
+                layer=info.layer if info else None,
+                role="all_gather_wait",
+                seq_dim=None,
+            )
+            waited.add(index)
+    stage.gm.recompile()
+    return waited
+
+
+def build_optimizer(job) -> OptimizerHooks:
+    """The distributed optimizer (parallel.zero=true) or replicated AdamW; both are the interpreter's OptimizerHooks."""
+    return ShardedAdamW(job) if job.cfg.parallel.zero else ReplicatedAdamW(job)

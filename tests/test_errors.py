@@ -1,0 +1,31 @@
+"""A user's mistake is one line; a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lcgraph.app.cli import one_line_errors
+from lcgraph.errors import DataError, LaunchError, LcgraphError, PlanError
+
+
+def test_a_user_error_is_one_line_and_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as done, one_line_errors("lcgraph", sweep_goes_on=False):
+        raise PlanError("parallel.pp=8 stages but the model has 4 layers; use pp <= 4")
+    assert done.value.code == 2
+    assert capsys.readouterr().err == "lcgraph: error: parallel.pp=8 stages but the model has 4 layers; use pp <= 4\n"
+
+
+def test_a_value_error_from_torch_keeps_its_traceback():
+    with pytest.raises(ValueError, match="not a user error"), one_line_errors("lcgraph", sweep_goes_on=False):
+        raise ValueError("not a user error")
+
+
+def test_the_traceback_flag_shows_user_errors_whole(monkeypatch):
+    monkeypatch.setenv("LCGRAPH_TRACEBACK", "1")
+    with pytest.raises(DataError), one_line_errors("lcgraph", sweep_goes_on=False):
+        raise DataError("corpus too short")
+
+
+def test_the_hierarchy():
+    assert issubclass(LaunchError, PlanError) and issubclass(PlanError, LcgraphError)
+    assert issubclass(PlanError, ValueError)  # callers that caught ValueError still do
