@@ -57,8 +57,10 @@ def main() -> None:
     args = ap.parse_args()
     spec = ScheduleSpec("1f1b", 2, 4)
     grouped = add_p2p(build_programs(spec), spec)
-    cases = [("ungrouped (every send and receive alone): deadlock", [ungroup_p2p(p) for p in grouped]),
-             ("grouped (lcgraph): each send beside the receive that must progress with it", grouped)]
+    cases = [
+        ("ungrouped (every send and receive alone): deadlock", [ungroup_p2p(p) for p in grouped]),
+        ("grouped (lcgraph): each send beside the receive that must progress with it", grouped),
+    ]
     fig, axes = plt.subplots(2, 1, figsize=(15, 3.6))
     for ax, (title, programs) in zip(axes, cases):
         stuck = stuck_units(programs, spec)
