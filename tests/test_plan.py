@@ -10,6 +10,7 @@ import pytest
 from lcgraph.observability.timeline import from_measured, trace_events, write_timeline
 from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
 from lcgraph.planner.simulator import UniformCosts, simulate
+from lcgraph.schedule import nccl
 from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
 
 TINY_SHAPE = dict(
@@ -275,7 +276,10 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
     assert alt["1f1b"]["peak_bytes"] <= alt["gpipe"]["peak_bytes"]
     assert alt["seq1f1b k=4"]["bubble"] < alt["seq1f1b k=2"]["bubble"] < alt["1f1b"]["bubble"]
     spec = ScheduleSpec("seq1f1b", 2, 2, 4)
-    validate(parse_programs((tmp_path / "programs.txt").read_text()), spec)
+    text = (tmp_path / "programs.txt").read_text()
+    assert "[sF" in text  # p2p groups in brackets
+    validate(parse_programs(text), spec)
+    nccl.check(parse_programs(text), spec)
     json.loads((tmp_path / "timeline.json").read_text())
 
 
