@@ -112,7 +112,7 @@ def _memory_summary(job, world: int) -> dict:
         peaks[s] = v
     if world > 1:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-    out = {"activation_peak_bytes_per_stage": [int(v) for v in peaks.tolist()]}
+    out: dict[str, int | list[int]] = {"activation_peak_bytes_per_stage": [int(v) for v in peaks.tolist()]}
     if job.device.type == "cuda":
         out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(job.device))
     return out

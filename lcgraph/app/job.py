@@ -201,7 +201,7 @@ class Job:
     def _gather_bucket_actions(self, mine: dict, tied: frozenset) -> tuple[dict, frozenset]:
         if self.world == 1:
             return mine, tied
-        everyone = [None] * self.world
+        everyone: list = [None] * self.world
         dist.all_gather_object(everyone, (mine, tied))
         merged: dict = {}
         for actions, _ in everyone:
@@ -293,7 +293,7 @@ class Job:
     def all_params(self) -> dict[str, torch.Tensor]:
         if hasattr(self, "optimizer"):
             self.optimizer.sync_params()
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for st in self.stages.values():
             out.update(st.params)
         return out

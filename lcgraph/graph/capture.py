@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import sympy
 import torch
@@ -51,7 +52,7 @@ class CapturedGraph:
     """The captured graph plus what is needed to run it with real tensors."""
 
     gm: torch.fx.GraphModule
-    config: object  # the HF config
+    config: Any  # the HF config (transformers.PretrainedConfig; its fields are per model type)
     param_names: dict[str, str]  # placeholder name -> HF parameter name
     buffer_names: dict[str, str]  # placeholder name -> HF buffer name
     input_names: list[str] = field(default_factory=lambda: ["input_ids", "position_ids", "labels"])
@@ -112,7 +113,8 @@ def capture(
     check_llama_like(config)
     if isinstance(model_or_config, torch.nn.Module):
         model_or_config.config._attn_implementation = register_with_transformers()
-        model_or_config.set_attn_implementation(model_or_config.config._attn_implementation)
+        # an HF PreTrainedModel method; nn.Module.__getattr__ types it as a Tensor
+        model_or_config.set_attn_implementation(model_or_config.config._attn_implementation)  # type: ignore[operator]
         model = model_or_config
     else:
         model = build_meta_model(config, dtype)
@@ -147,9 +149,12 @@ def capture(
 def _signature_names(ep) -> tuple[dict[str, str], dict[str, str]]:
     from torch.export.graph_signature import InputKind
 
-    params, buffers = {}, {}
+    params: dict[str, str] = {}
+    buffers: dict[str, str] = {}
     for spec in ep.graph_signature.input_specs:
-        name = spec.target.removeprefix("hf.") if spec.target else None
+        if not spec.target:  # user inputs: neither parameter nor buffer
+            continue
+        name = spec.target.removeprefix("hf.")
         if spec.kind == InputKind.PARAMETER:
             params[spec.arg.name] = name
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):

@@ -17,6 +17,7 @@ writes the graph after each one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -70,6 +71,7 @@ def layer_costs(captured: CapturedGraph, seq_len: int) -> tuple[list[float], flo
         info: NodeInfo = node.meta["lcgraph"]
         cost = info.flops(seq_len) + info.bytes_per_token * seq_len / 100.0  # bytes: memory-bound glue, small weight
         if info.part == "layer":
+            assert info.layer is not None  # every layer node has its index (capture)
             layers[info.layer] += cost
         elif info.part == "embed":
             first += cost
@@ -149,6 +151,7 @@ def _owner_stage(node: fx.Node, layer_stage: list[int], stages: int) -> int | No
     """Stage that computes `node`; None for nodes copied wherever used (placeholders, shared)."""
     info: NodeInfo = node.meta["lcgraph"]
     if info.part == "layer":
+        assert info.layer is not None  # every layer node has its index (capture)
         return layer_stage[info.layer]
     if info.part == "embed":
         return 0
@@ -195,6 +198,7 @@ def _extract_stage(captured: CapturedGraph, owner, s: int, stages: int, layers: 
     if s == stages - 1:
         out_node = captured.graph.output_node().args[0]
         (loss,) = out_node if isinstance(out_node, (tuple, list)) else (out_node,)
+        assert isinstance(loss, fx.Node)  # the captured graph returns the loss node
         graph.output(env[loss])
     else:
         nxt = [n for n in captured.graph.nodes if owner[n] == s + 1]
@@ -304,7 +308,8 @@ def ulysses(stage: StageGraph, sp: int) -> StageGraph:
         return stage
     graph = stage.gm.graph
     for node in stage.attention_nodes():
-        q, k, v = node.args[:3]
+        # torch.fx types args as Argument; attention nodes take their q, k, v nodes first
+        q, k, v = cast(tuple[fx.Node, fx.Node, fx.Node], node.args[:3])
         with graph.inserting_before(node):
             k_rep, v_rep = (_repeat_kv_node(graph, t, sp) for t in (k, v))
             q2, k2, v2 = (graph.call_function(seq_to_heads, (t,)) for t in (q, k_rep, v_rep))

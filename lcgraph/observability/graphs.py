@@ -96,6 +96,12 @@ class Box:
     badges: Counter = field(default_factory=Counter)
 
     @property
+    def layer_index(self) -> int:
+        """The decoder layer of a box with part == "layer"."""
+        assert self.layer is not None  # layer boxes always carry their index
+        return self.layer
+
+    @property
     def id(self) -> str:
         return re.sub(r"[^A-Za-z0-9_-]", "-", self.key)
 
@@ -149,7 +155,7 @@ def boxes_of(gm) -> tuple[dict[str, Box], Counter, dict]:
     for n in nodes:  # parameters and buffers of no layer live with their first user (unused ones: inputs)
         if home[n] is None:
             home[n] = next((home[u] for u in n.users if home.get(u)), "inputs" if n.op == "placeholder" else "other")
-    first = {}  # boxes in order of their first computing node; inputs (placeholders only) first
+    first: dict[str, int] = {}  # boxes in order of their first computing node; inputs (placeholders only) first
     for i, n in enumerate(nodes):
         first.setdefault(home[n], i if n.op != "placeholder" else -1)
         if n.op != "placeholder" and first[home[n]] == -1 and home[n] != "inputs":
@@ -214,7 +220,7 @@ def _rows(keys: list[str], edges: Counter) -> list[list[str]]:
 
 def _layout(boxes: dict[str, Box], edges: Counter):
     """Top-left corner of every box, the layer block's frame (or None) and the canvas size."""
-    layers = sorted((b for b in boxes.values() if b.part == "layer"), key=lambda b: b.layer)
+    layers = sorted((b for b in boxes.values() if b.part == "layer"), key=lambda b: b.layer_index)
     others = [k for k, b in boxes.items() if b.part != "layer"]
     feeds = {b.key for b in layers}  # boxes upstream of a layer box go on top
     changed = True
@@ -394,7 +400,7 @@ def graph_svg(gm, title: str = "", stage: int | None = None, link: bool = False)
     pos, frame, (width, height) = _layout(boxes, edges)
     out = _svg_open(width, height)
     n_nodes = sum(1 for n in gm.graph.nodes if n.op != "placeholder")
-    badge_total = Counter()
+    badge_total: Counter[str] = Counter()
     for b in boxes.values():
         badge_total.update(b.badges)
     sub = [f"{n_nodes} nodes in {len(boxes)} boxes"] + ([f"pipeline stage {stage}"] if stage is not None else [])
@@ -402,7 +408,7 @@ def graph_svg(gm, title: str = "", stage: int | None = None, link: bool = False)
     out.append(f'<text x="{MARGIN}" y="24" font-size="16" font-weight="bold">{_esc(title)}</text>')
     out.append(f'<text x="{MARGIN}" y="42" font-size="11" fill="#555">{_esc(" · ".join(sub))}</text>')
     if frame is not None:
-        layers = sorted(b.layer for b in boxes.values() if b.part == "layer")
+        layers = sorted(b.layer_index for b in boxes.values() if b.part == "layer")
         out.append(
             f'<rect x="{frame[0]:.0f}" y="{frame[1]:.0f}" width="{frame[2]:.0f}" height="{frame[3]:.0f}" '
             f'rx="10" fill="none" stroke="#999" stroke-dasharray="5,4"/>'
@@ -412,7 +418,7 @@ def graph_svg(gm, title: str = "", stage: int | None = None, link: bool = False)
             f'fill="#555">decoder layers {layers[0]}-{layers[-1]} ({len(layers)}), in snake order</text>'
         )
     out += _box_edges(boxes, edges, pos, frame, width)
-    out += [_box_svg(b, *pos[k], stage, link) for k, b in boxes.items()]
+    out += [_box_svg(b, pos[k][0], pos[k][1], stage, link) for k, b in boxes.items()]
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -438,7 +444,7 @@ def layer_svg(gm, layer: int, title: str = "") -> str:
     rows[last].append("to outside")
     width = max(len(r) for r in rows) * (NW + 14) + 2 * MARGIN
     height = TOP + len(rows) * (NH + 28) + MARGIN
-    pos = {}
+    pos: dict = {}  # node (or an outside marker) -> (x, y)
     for r, row in enumerate(rows):  # each row ordered by where its inputs sit (fewer crossings)
         row.sort(
             key=lambda n: _mean(
@@ -567,7 +573,7 @@ def dump_graph(gm, path: Path, stage: int | None = None, layers: list[int] | Non
         page.write_text(graph_html(gm, path.name, stage))
         written += [svg, page]
         if layers is None:
-            present = sorted({b.layer for b in boxes_of(gm)[0].values() if b.part == "layer"})
+            present = sorted({b.layer_index for b in boxes_of(gm)[0].values() if b.part == "layer"})
             layers = present[:1]
         for layer in layers:
             out = path.parent / f"{path.name}_layer{layer}.svg"
@@ -688,7 +694,7 @@ def write_measured_timeline(job, run_dir, world: int) -> dict:
     import torch.distributed as dist
 
     mine = _rank_record(job, world)
-    records = [mine]
+    records: list = [mine]
     if world > 1 and dist.is_initialized():
         records = [None] * world
         dist.all_gather_object(records, mine)

@@ -172,7 +172,7 @@ class RunLogger:
         """The run directory's pictures and plan as W&B media: timeline PNGs, graph pages, plan tables."""
         import wandb
 
-        media = {}
+        media: dict[str, wandb.Image | wandb.Html] = {}
         for name, key in (("timeline.png", "timeline/measured"), ("timeline_predicted.png", "timeline/predicted")):
             if (self.run_dir / name).is_file():
                 media[key] = wandb.Image(str(self.run_dir / name))

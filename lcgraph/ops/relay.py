@@ -92,7 +92,7 @@ class _RelayAttention(torch.autograd.Function):
 
 
 def _park_prefix_grad(cache: _LayerCache, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    if cache.grad_k is None:
+    if cache.grad_k is None or cache.grad_v is None:
         cache.grad_k, cache.grad_v = dk.clone(), dv.clone()
     else:
         n = dk.shape[2]

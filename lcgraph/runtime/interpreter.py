@@ -47,7 +47,7 @@ class ActivationMeter:
         self.live = 0
         self.peak = 0
         self._seen: set[int] = set()
-        self._current: tuple | None = None
+        self._current: tuple = ()  # the unit whose forward is running (set by start)
 
     def hooks(self, unit: tuple):
         self._current, self._seen = unit, set()
@@ -82,7 +82,7 @@ class StageState:
 
     def kwargs(self, unit: UnitData, hidden_in) -> dict[str, torch.Tensor]:
         g = self.graph
-        args = {ph: self.params[name] for ph, name in g.param_names.items()}
+        args: dict[str, torch.Tensor] = {ph: self.params[name] for ph, name in g.param_names.items()}
         args.update({ph: self.buffers[name] for ph, name in g.buffer_names.items()})
         given = {
             "input_ids": unit.input_ids,
@@ -156,8 +156,8 @@ class Interpreter:
         self.units, self.loss_scale = units, loss_scale
         self.timeline = []  # a long run must not grow it: the last step is what gets reported
         self.optimizer.start_step()
-        self.saved: dict[tuple, tuple] = {}
-        self.inbox: dict[tuple, tuple] = {}
+        self.saved: dict[tuple, Any] = {}  # unit -> (hidden_in, out); ("grad", *unit) -> hidden_in's gradient
+        self.inbox: dict[tuple, torch.Tensor] = {}
         self.sends: list = []
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self.pending: dict[tuple, list] = {}  # inbox key -> works of the p2p group receiving it

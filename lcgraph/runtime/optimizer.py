@@ -23,24 +23,69 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.device_mesh import DeviceMesh
 
 from lcgraph.graph.capture import NodeInfo
-from lcgraph.runtime.interpreter import OptimizerHooks
+from lcgraph.graph.passes import StageGraph
+from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
 from lcgraph.schedule.programs import Action, issue_units
 
 
-def _param_order(stage) -> list[str]:
+class ReplicaCoords(Protocol):
+    """This rank's place in the (pp, dp, sp) mesh, as the optimizer reads it (app/job.py: Coords)."""
+
+    @property
+    def pp(self) -> int: ...
+    @property
+    def dp(self) -> int: ...
+    @property
+    def sp(self) -> int: ...
+    @property
+    def pp_rank(self) -> int: ...
+    @property
+    def dp_rank(self) -> int: ...
+    @property
+    def sp_rank(self) -> int: ...
+
+
+class OptimizerJob(Protocol):
+    """What the optimizers read from the training job (app/job.py: Job satisfies it)."""
+
+    @property
+    def cfg(self) -> DictConfig: ...  # reads cfg.optim and cfg.parallel.bucket_mb
+    @property
+    def coords(self) -> ReplicaCoords: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def mesh(self) -> DeviceMesh | None: ...  # None on one rank
+    @property
+    def replica_group(self) -> dist.ProcessGroup | None: ...  # the stage's dp*sp replicas
+    @property
+    def tied_group(self) -> dist.ProcessGroup | None: ...  # the two ranks holding a tied weight
+    @property
+    def stages(self) -> dict[int, StageState]: ...
+    @property
+    def tied(self) -> list[str]: ...  # HF names of the weights tied across the first and last stage
+
+    def all_params(self) -> dict[str, torch.Tensor]: ...
+
+
+def _param_order(stage: StageState) -> list[str]:
     """HF names of a stage's parameters, last-used first (the order their gradients become final)."""
-    first_use = {}
+    first_use: dict[str, int] = {}
     for i, node in enumerate(stage.graph.gm.graph.nodes):
         for arg in node.all_input_nodes:
             if arg.name in stage.graph.param_names and arg.name not in first_use:
                 first_use[arg.name] = i
-    names = sorted(first_use, key=first_use.get, reverse=True)
+    names = sorted(first_use, key=first_use.__getitem__, reverse=True)
     return [stage.graph.param_names[ph] for ph in names]
 
 
@@ -56,15 +101,15 @@ class Bucket:
     shard: slice
     tied: bool = False
     pending: set = field(default_factory=set)
-    work: object = None
+    work: dist.Work | None = None  # the reduce-scatter in flight
     master: torch.Tensor | None = None  # fp32, an alias of the parameter shard when training in fp32
     master_grad: torch.Tensor | None = None  # fp32 gradient of the shard (allocated once, bf16 runs only)
     grad_shard: torch.Tensor | None = None
-    gather: object = None
+    gather: dist.Work | None = None  # the parameter all-gather in flight
 
 
 class ShardedAdamW:
-    def __init__(self, job):
+    def __init__(self, job: OptimizerJob):
         self.job = job
         o = job.cfg.optim
         self.lr, self.betas, self.eps, self.wd = o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay
@@ -75,16 +120,18 @@ class ShardedAdamW:
         self.buckets: list[Bucket] = []
         for s, stage in job.stages.items():
             self._make_buckets(s, stage, limit)
-        self._hooks = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.waited_in_graph: set[int] = set()  # buckets whose gather wait is a graph node (gather_waits)
         self.adamw = self._make_adamw()
         self.param_groups = self.adamw.param_groups  # the trainer sets the lr per step here
 
     # --- layout ------------------------------------------------------------------------------------------
-    def _make_buckets(self, s: int, stage, limit: int) -> None:
+    def _make_buckets(self, s: int, stage: StageState, limit: int) -> None:
         order = [n for n in _param_order(stage) if n not in self.job.tied]
         decay = [n for n in order if stage.params[n].ndim >= 2]
-        groups, current, size = [], [], 0
+        groups: list[tuple[list[str], bool]] = []
+        current: list[str] = []
+        size = 0
         for name in decay:
             p = stage.params[name]
             if current and size + p.numel() * p.element_size() > limit:
@@ -129,6 +176,7 @@ class ShardedAdamW:
     def _make_adamw(self) -> torch.optim.AdamW:
         """torch's AdamW over the shards' fp32 masters (fused kernel where the device has it)."""
         for b in self.buckets:
+            assert b.master is not None  # set by _bucket
             b.master = torch.nn.Parameter(b.master, requires_grad=False)  # shares storage: still an alias
         groups = [
             {"params": [b.master for b in self.buckets if b.decay], "weight_decay": self.wd},
@@ -161,7 +209,7 @@ class ShardedAdamW:
         """(stage, bucket) of the tied embedding's buckets: their RS first all-reduces across the pipeline."""
         return frozenset((b.stage, b.index) for b in self.buckets if b.tied and self.group is not None)
 
-    def gather_waits(self, stage) -> bool:
+    def gather_waits(self, stage: StageGraph) -> bool:
         """The `gather_waits` pass on one of this rank's stage graphs (see the module docstring); whether
         it inserted any wait node."""
         if self.group is None:
@@ -227,7 +275,7 @@ class ShardedAdamW:
         b.work = reduce_scatter(b.grad_shard, b.grad_flat, group=self.group, async_op=True)
         self.events.append(("rs_issue", b.stage, b.index, time.perf_counter()))
 
-    def collective(self, action: Action, interp) -> None:
+    def collective(self, action: Action, interp: Interpreter) -> None:
         b = self.buckets[action.mb]
         if action.kind == "RS":
             if b.tied:  # summed across the two stages at OPT: here the other stage's rank may still run
@@ -240,7 +288,7 @@ class ShardedAdamW:
             self.events.append(("ag_issue", b.stage, b.index, time.perf_counter()))
 
     # --- OPT ----------------------------------------------------------------------------------------------
-    def sync_and_step(self, interp) -> float:
+    def sync_and_step(self, interp: Interpreter) -> float:
         for b in self.buckets:
             if b.tied and self.group is not None:  # the tied weight: sum across the two stages, then RS
                 dist.all_reduce(b.grad_flat, group=self.job.tied_group)
@@ -256,10 +304,12 @@ class ShardedAdamW:
         clip = self.job.cfg.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         for b in self.buckets:
+            assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
             grad = b.grad_shard if b.master_grad is None else b.master_grad.copy_(b.grad_shard)
             b.master.grad = grad.mul_(scale) if scale != 1.0 else grad
         self.adamw.step()
         for b in self.buckets:
+            assert b.master is not None  # set by _bucket
             b.master.grad = None
             if b.master.data_ptr() != b.param_flat[b.shard].data_ptr():
                 b.param_flat[b.shard].copy_(b.master)
@@ -301,7 +351,7 @@ def _all_gather(out: torch.Tensor, shard: torch.Tensor, group):
 class ReplicatedAdamW(torch.optim.AdamW):
     """AdamW whose step first all-reduces whole gradients over the stage replicas (parallel.zero=false)."""
 
-    def __init__(self, job):
+    def __init__(self, job: OptimizerJob):
         self.job = job
         params = job.all_params()
         o = job.cfg.optim
@@ -320,7 +370,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
     def start_step(self):
         pass
 
-    def gather_waits(self, stage) -> bool:
+    def gather_waits(self, stage: StageGraph) -> bool:
         return False  # parameters are never sharded: nothing to gather
 
     def before_forward(self, action):
@@ -335,7 +385,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
     def after_backward(self, action, final):
         pass
 
-    def collective(self, action, interp):
+    def collective(self, action: Action, interp: Interpreter) -> None:
         raise RuntimeError(f"{action} needs parallel.zero=true")
 
     def program_actions(self):
@@ -352,7 +402,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
             if torch.is_tensor(t) and t.ndim > 0
         )
 
-    def sync_and_step(self, interp) -> float:
+    def sync_and_step(self, interp: Interpreter) -> float:
         job = self.job
         params = job.all_params()
         for p in params.values():
@@ -411,7 +461,7 @@ def add_bucket_actions(program: list[Action], actions: dict[int, tuple[list[Acti
     return out
 
 
-def gather_waits(stage, bucket_of: dict[str, int], wait) -> set[int]:
+def gather_waits(stage: StageGraph, bucket_of: dict[str, int], wait: Callable[[int], object]) -> set[int]:
     """Insert `wait(bucket)` right before the first node that reads a parameter of that bucket.
 
     Assumes: `bucket_of` maps this stage's HF parameter names to bucket indices and `wait` is a no-op
@@ -440,6 +490,6 @@ def gather_waits(stage, bucket_of: dict[str, int], wait) -> set[int]:
     return waited
 
 
-def build_optimizer(job) -> OptimizerHooks:
+def build_optimizer(job: OptimizerJob) -> OptimizerHooks:
     """The distributed optimizer (parallel.zero=true) or replicated AdamW; both are the interpreter's OptimizerHooks."""
     return ShardedAdamW(job) if job.cfg.parallel.zero else ReplicatedAdamW(job)

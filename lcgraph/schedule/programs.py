@@ -302,7 +302,9 @@ def receive_ahead(program: Program) -> Program:
             recv = (
                 None if j is None else next((a for a in units[j] if a.kind.startswith("RECV") and a.peer == peer), None)
             )
-            if recv is not None:  # only from the next group with this peer: never jump its stream order
+            if (
+                j is not None and recv is not None
+            ):  # only from the next group with this peer: never jump its stream order
                 units[j] = [a for a in units[j] if a is not recv]
                 unit.append(recv)
     return group_p2p([a for unit in units if unit for a in unit])
@@ -676,7 +678,7 @@ _KIND_OF_PREFIX = {"F": "F", "B": "B", **{prefix: kind for kind, (prefix, _) in 
 
 def parse_programs(text: str) -> list[Program]:
     """Inverse of format_programs. Without '@<stage>' a staged action is on stage = its rank."""
-    programs = []
+    programs: list[Program] = []
     for line in text.splitlines():
         if not line.strip():
             continue
