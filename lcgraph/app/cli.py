@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from lcgraph.app.config import register_configs
 from lcgraph.app.job import Job
@@ -82,7 +83,7 @@ def launch_local(world: int, entry, *args, run_id: str = "lcgraph") -> None:
     elastic_launch(config, entry)(*args)
 
 
-def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
+def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
@@ -105,7 +106,7 @@ def run(cfg, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     return summary
 
 
-def _memory_summary(job, world: int) -> dict:
+def _memory_summary(job: Job, world: int) -> dict:
     # on the job's device: an NCCL group has no CPU backend
     peaks = torch.zeros(job.coords.pp * job.cfg.parallel.virtual_stages, dtype=torch.float64, device=job.device)
     for s, v in job.activation_peaks().items():
@@ -118,12 +119,12 @@ def _memory_summary(job, world: int) -> dict:
     return out
 
 
-def backend_for(cfg) -> str:
+def backend_for(cfg: DictConfig) -> str:
     """The torch.distributed backend of a run: NCCL on GPUs, gloo on CPU."""
     return "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(cfg) -> None:
+def init_distributed(cfg: DictConfig) -> None:
     """Join the process group; on GPUs first bind this rank to its own device (LOCAL_RANK).
 
     NCCL refuses two ranks on one GPU, and every collective before the first CUDA call (the run
@@ -156,6 +157,7 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(cfg_yaml)
+    assert isinstance(cfg, DictConfig)  # the YAML of a composed config: a mapping
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     share_cores()
     init_distributed(cfg)
@@ -165,14 +167,14 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def spawn(cfg, run_dir: str, world: int) -> None:
+def spawn(cfg: DictConfig, run_dir: str, world: int) -> None:
     """Start `world` local ranks with torch's elastic launcher and wait for them."""
     from omegaconf import OmegaConf
 
     launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
 
 
-def train_main(cfg) -> None:
+def train_main(cfg: DictConfig) -> None:
     """Validate, then run in this process, spawn the ranks, or join torchrun's."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -197,7 +199,7 @@ def train_main(cfg) -> None:
         print(f"run directory: {run_dir}")
 
 
-def _check_gpus(cfg, world: int) -> None:
+def _check_gpus(cfg: DictConfig, world: int) -> None:
     """lcgraph's own launcher starts every rank on this node: on GPUs, one per GPU."""
     gpus = torch.cuda.device_count()
     if backend_for(cfg) == "nccl" and world > gpus:
@@ -208,7 +210,7 @@ def _check_gpus(cfg, world: int) -> None:
         )
 
 
-def _join_torchrun(cfg, run_dir: str) -> None:
+def _join_torchrun(cfg: DictConfig, run_dir: str) -> None:
     init_distributed(cfg)
     shared = [run_dir]
     dist.broadcast_object_list(shared, src=0)  # all ranks use rank 0's run directory

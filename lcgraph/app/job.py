@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from lcgraph.errors import DataError
 from lcgraph.graph import passes
@@ -62,7 +63,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def lr_at(step: int, cfg) -> float:
+def lr_at(step: int, cfg: DictConfig) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step (steps counted from 1, as
     Megatron does: the peak is step `warmup_steps`, the minimum step `steps`)."""
     o, total = cfg.optim, cfg.train.steps

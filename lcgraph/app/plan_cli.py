@@ -7,6 +7,7 @@ capture's seconds are spent, and turns a user's mistake into one line.
 from __future__ import annotations
 
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
 from lcgraph.app.cli import hydra_app, one_line_errors
 from lcgraph.app.validate import check_choices, check_layout
@@ -14,7 +15,7 @@ from lcgraph.planner.plan import Plan, build_plan, print_plan, write_plan
 from lcgraph.runtime.model import build_config
 
 
-def checked_plan(cfg) -> Plan:
+def checked_plan(cfg: DictConfig) -> Plan:
     """Check the config's choices and layout (cheap, before the capture), then build the plan."""
     check_choices(cfg)
     config = build_config(cfg.model)
@@ -23,7 +24,7 @@ def checked_plan(cfg) -> Plan:
     return build_plan(cfg)
 
 
-def plan_main(cfg) -> None:
+def plan_main(cfg: DictConfig) -> None:
     """The Hydra task: plan, print, write to the run directory."""
     with one_line_errors("lcgraph-plan", sweep_goes_on=False):
         plan = checked_plan(cfg)

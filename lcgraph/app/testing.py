@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from lcgraph.app.cli import init_distributed, launch_local, share_cores
 from lcgraph.app.config import compose_config
@@ -72,6 +73,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -
 
     share_cores()
     first = OmegaConf.create(cfg_yamls[0])
+    assert isinstance(first, DictConfig)  # the YAML of a composed config: a mapping
     init_distributed(first)  # NCCL when the configs train on cuda (one rank per GPU), else gloo
     rank = dist.get_rank()
     try:

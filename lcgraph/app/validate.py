@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 
+from omegaconf import DictConfig
+
 from lcgraph.app.config import choice_fields
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph.capture import check_llama_like
@@ -50,14 +52,14 @@ def _get(cfg, dotted: str):
     return node
 
 
-def check_choices(cfg) -> None:
+def check_choices(cfg: DictConfig) -> None:
     for key, allowed in choice_fields():
         value = _get(cfg, key)
         if value not in allowed:
             raise PlanError(f"{key}={value} is not a known choice; use one of: {', '.join(allowed)}")
 
 
-def check_counts(cfg) -> None:
+def check_counts(cfg: DictConfig) -> None:
     for key in COUNT_KEYS:
         value = _get(cfg, key)
         if value < 1:
@@ -156,7 +158,7 @@ def check_sequence(par, seq: int) -> None:
         )
 
 
-def check_layout(cfg, num_layers: int, heads: int, kv_heads: int, device_count: int | None = None) -> None:
+def check_layout(cfg: DictConfig, num_layers: int, heads: int, kv_heads: int, device_count: int | None = None) -> None:
     """The layout rules that need only the config and the model's shape (no process, no weights)."""
     par = cfg.parallel
     check_counts(cfg)
@@ -173,7 +175,7 @@ class _Heads:
         self.num_attention_heads, self.num_key_value_heads = heads, kv
 
 
-def check_launch(cfg, env, gpus: int | None, cpus: int | None = None) -> None:
+def check_launch(cfg: DictConfig, env, gpus: int | None, cpus: int | None = None) -> None:
     """World size against the launcher (torchrun/SLURM export WORLD_SIZE) and this node's devices.
 
     `gpus` is the number of GPUs the ranks will use (None: they run on CPU, `cpus` cores).
@@ -213,7 +215,7 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def validate_plan(cfg, env=None) -> None:
+def validate_plan(cfg: DictConfig, env=None) -> None:
     """All checks that need only the config (no process, no weights); `env` defaults to os.environ."""
     import torch
 

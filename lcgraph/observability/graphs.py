@@ -27,9 +27,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import torch
 
 from lcgraph.observability.timeline import from_measured, trace_events, write_png
 from lcgraph.ops.relay import relay_attention
+from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks
 
 BADGES = {"all_to_all": ("A2A", "#8e5ea2"), "kv_relay": ("KV", "#2a9d8f"), "all_gather_wait": ("AG", "#9d755d")}
 PART_FILL = {
@@ -613,7 +617,25 @@ def measured_bubble(timeline) -> dict:
     return {"bubble_fraction": bubble, "measured_pipeline_s": span, "measured_step_s": step}
 
 
-def _rank_record(job, world: int) -> dict:
+class RankCoords(Protocol):
+    @property
+    def rank(self) -> int: ...  # global rank
+
+
+class TimelineJob(Protocol):
+    """What the measured timeline reads from the training job (app/job.py: Job satisfies it)."""
+
+    @property
+    def interpreter(self) -> Interpreter: ...  # its timeline of the last step
+    @property
+    def optimizer(self) -> OptimizerHooks: ...  # its bucket events
+    @property
+    def coords(self) -> RankCoords: ...
+    @property
+    def device(self) -> torch.device: ...
+
+
+def _rank_record(job: TimelineJob, world: int) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -681,7 +703,7 @@ def zero_trace_events(events, t0: float) -> list[dict]:
     return out
 
 
-def write_measured_timeline(job, run_dir, world: int) -> dict:
+def write_measured_timeline(job: TimelineJob, run_dir: Path, world: int) -> dict:
     """Gather the last step's timeline of every rank to rank 0; rank 0 writes timeline.json (+ .png).
 
     `job.interpreter.timeline` holds the last step; ZeRO events outside it are dropped. Collective: every

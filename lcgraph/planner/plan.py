@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
@@ -49,7 +51,7 @@ DEFAULTS = {
 GiB = 2**30
 
 
-def plan_settings(cfg) -> dict:
+def plan_settings(cfg: DictConfig) -> dict:
     """The `plan` section of the config over DEFAULTS (the section is optional: `+plan.KEY=VALUE`)."""
     from omegaconf import OmegaConf
 
@@ -211,7 +213,7 @@ class Plan:
         }
 
 
-def layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
+def layer_counts(cfg: DictConfig, captured) -> tuple[list[int], list[int]]:
     """The trainer's layer counts (passes.plan_layer_counts), and a balanced split over pp stages for
     the alternatives (one stage per rank)."""
 
@@ -223,7 +225,7 @@ def layer_counts(cfg, captured) -> tuple[list[int], list[int]]:
     return counts, passes.balance_layers(costs, first, last, par.pp)
 
 
-def build_plan(cfg, captured=None) -> Plan:
+def build_plan(cfg: DictConfig, captured=None) -> Plan:
     """Capture (unless given), cost, simulate the configured layout and the alternatives."""
 
     started = time.perf_counter()

@@ -11,10 +11,39 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from lcgraph.errors import CheckpointError
+from lcgraph.runtime.interpreter import OptimizerHooks, StageState
+
+
+class RankCoords(Protocol):
+    @property
+    def rank(self) -> int: ...  # global rank
+    @property
+    def dp_rank(self) -> int: ...
+    @property
+    def sp_rank(self) -> int: ...
+
+
+class CheckpointJob(Protocol):
+    """What save_checkpoint reads from the training job (app/job.py: Job satisfies it)."""
+
+    @property
+    def cfg(self) -> DictConfig: ...  # reads cfg.parallel
+    @property
+    def coords(self) -> RankCoords: ...
+    @property
+    def optimizer(self) -> OptimizerHooks: ...
+    @property
+    def config(self) -> Any: ...  # the HF config (transformers.PretrainedConfig)
+    @property
+    def tokenizer(self) -> Any: ...  # an HF tokenizer, or None
+    @property
+    def stages(self) -> dict[int, StageState]: ...
 
 
 def _barrier():
@@ -22,7 +51,7 @@ def _barrier():
         dist.barrier()
 
 
-def save_checkpoint(job, target: Path, step: int) -> None:
+def save_checkpoint(job: CheckpointJob, target: Path, step: int) -> None:
     from safetensors.torch import save_file
 
     c, par = job.coords, job.cfg.parallel

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from lcgraph.errors import ModelPathError
 
@@ -33,7 +34,7 @@ SHAPE_KEYS = (
 )
 
 
-def build_config(model_cfg) -> Any:  # a transformers.PretrainedConfig (imported lazily: it is slow)
+def build_config(model_cfg: DictConfig) -> Any:  # a transformers.PretrainedConfig (imported lazily: it is slow)
     """HF config from `model.path` (a local directory) or from the shape keys of the model config group."""
     from transformers import AutoConfig, LlamaConfig
 
