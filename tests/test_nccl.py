@@ -20,6 +20,7 @@ from lcgraph.schedule.programs import (
     parse_programs,
     ungroup_p2p,
     validate,
+    with_transfers,
 )
 
 
@@ -111,16 +112,7 @@ def test_grouped_1f1b_pairs_each_send_with_the_receive_beside_it():
 
 def test_interleaved_needs_receive_ahead():
     spec = ScheduleSpec("interleaved_1f1b", 2, 4, 1, 2)
-    runs_only = []
-    for program in build_programs(spec):
-        # add_p2p without receive_ahead: only the runs between computes grouped
-        from lcgraph.schedule.programs import p2p_around
-
-        flat = []
-        for a in program:
-            before, after = p2p_around(a, spec)
-            flat += before + [a] + after
-        runs_only.append(group_p2p(flat))
+    runs_only = [group_p2p(with_transfers(p, spec)) for p in build_programs(spec)]  # no receive_ahead
     validate(runs_only, spec)
     with pytest.raises(ScheduleError, match="queued behind sB0.0@2>1"):
         nccl.check(runs_only, spec)

@@ -237,42 +237,16 @@ def test_validator_requires_one_final_opt_per_rank():
 
 def test_ideal_validator_lets_a_receive_be_posted_early():
     # On an ideal network a receive posted before a send is harmless (NCCL's rules: tests/test_nccl.py).
-    spec = ScheduleSpec("1f1b", 2, 1)
-    rank0 = [
-        Action("RECV_B", 0, peer=1, group=0),
-        Action("F", 0),
-        Action("SEND_F", 0, peer=1, group=1),
-        Action("B", 0),
-        Action("OPT", -1),
-    ]
-    rank1 = [
-        Action("RECV_F", 1, peer=0, group=0),
-        Action("F", 1),
-        Action("B", 1),
-        Action("SEND_B", 1, peer=0, group=1),
-        Action("OPT", -1),
-    ]
-    validate([rank0, rank1], spec)
+    validate(
+        parse_programs("rank 0: rB0.0<1 F0.0 sF0.0>1 B0.0 OPT\nrank 1: rF0.0<0 F0.0 B0.0 sB0.0>0 OPT"),
+        ScheduleSpec("1f1b", 2, 1),
+    )
 
 
 def test_validator_rejects_a_backward_before_its_forward_with_p2p():
-    spec = ScheduleSpec("1f1b", 2, 1)
-    rank0 = [
-        Action("RECV_B", 0, peer=1, group=0),
-        Action("B", 0),
-        Action("F", 0),
-        Action("SEND_F", 0, peer=1, group=1),
-        Action("OPT", -1),
-    ]
-    rank1 = [
-        Action("RECV_F", 1, peer=0, group=0),
-        Action("F", 1),
-        Action("B", 1),
-        Action("SEND_B", 1, peer=0, group=1),
-        Action("OPT", -1),
-    ]
+    text = "rank 0: rB0.0<1 B0.0 F0.0 sF0.0>1 OPT\nrank 1: rF0.0<0 F0.0 B0.0 sB0.0>0 OPT"
     with pytest.raises(ScheduleError, match="B0.0@0 comes before its dependency F0.0@0"):
-        validate([rank0, rank1], spec)
+        validate(parse_programs(text), ScheduleSpec("1f1b", 2, 1))
 
 
 def test_validator_finds_deadlock_in_compute_only_programs():

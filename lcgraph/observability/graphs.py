@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from lcgraph.observability.timeline import from_measured, trace_events, write_png
+from lcgraph.observability.timeline import from_measured, is_wire, trace_events, write_png
 from lcgraph.ops.relay import relay_attention
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks
 
@@ -598,7 +598,7 @@ def comm_times(entries) -> dict:
     upper-case, as the runtime and the simulator write them); grad_sync_s: RS (waiting for a bucket's reduce-scatter)
     and AG (issuing all-gathers). Overlapped communication (an RS issued during backward) is not counted.
     """
-    p2p = sum(end - start for name, start, end in entries if not name[:1].isupper())
+    p2p = sum(end - start for name, start, end in entries if is_wire(name))
     sync = sum(end - start for name, start, end in entries if name.startswith(("RS", "AG")))
     return {"p2p_s": p2p, "grad_sync_s": sync, "comm_s": p2p + sync}
 

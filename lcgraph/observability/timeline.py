@@ -17,8 +17,13 @@ COLORS = {"F": "#4c78a8", "B": "#f58518", "OPT": "#54a24b", "RS": "#b279a2", "AG
 WIRE_COLOR = "#bab0ac"
 
 
+def is_wire(name: str) -> bool:
+    """Transfers and waits for them (p2p tokens, groups, 'wait ...') start lower-case or with '['."""
+    return not name[:1].isupper()
+
+
 def _lane(name: str) -> int:
-    return 0 if name[:1].isupper() else 1
+    return 1 if is_wire(name) else 0
 
 
 def _kind(name: str) -> str:

@@ -248,20 +248,25 @@ def p2p_around(action: Action, spec: ScheduleSpec) -> tuple[Program, Program]:
 
 
 def add_p2p(programs: list[Program], spec: ScheduleSpec) -> list[Program]:
-    """Make the transfers explicit: each compute's receive (just before it) and send (just after it),
-    then group them (`group_p2p`; with several stages per rank also `receive_ahead`).
+    """Make the transfers explicit (`with_transfers`), then group them (`group_p2p`; with several
+    stages per rank also `receive_ahead`)."""
+    result = []
+    for program in programs:
+        grouped = group_p2p(with_transfers(program, spec))
+        result.append(receive_ahead(grouped) if spec.virtual_stages > 1 else grouped)
+    return result
+
+
+def with_transfers(program: Program, spec: ScheduleSpec) -> Program:
+    """Each compute's receive just before it and its send just after it, not yet grouped.
 
     Stages on the same rank hand tensors over locally and get no transfer actions.
     """
-    result = []
-    for program in programs:
-        with_p2p: Program = []
-        for action in program:
-            before, after = p2p_around(action, spec)
-            with_p2p += before + [action] + after
-        grouped = group_p2p(with_p2p)
-        result.append(receive_ahead(grouped) if spec.virtual_stages > 1 else grouped)
-    return result
+    out: Program = []
+    for action in program:
+        before, after = p2p_around(action, spec)
+        out += before + [action] + after
+    return out
 
 
 def group_p2p(program: Program) -> Program:
