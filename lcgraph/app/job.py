@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,30 +26,9 @@ from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
 from lcgraph.schedule import nccl
 from lcgraph.schedule import programs as schedule
+from lcgraph.schedule.mesh import Coords
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class Coords:
-    """This rank's place in the (pp, dp, sp) mesh; sp is innermost so its all-to-alls stay within a node."""
-
-    rank: int
-    pp: int
-    dp: int
-    sp: int
-    pp_rank: int
-    dp_rank: int
-    sp_rank: int
-
-    @classmethod
-    def of(cls, rank: int, pp: int, dp: int, sp: int) -> Coords:
-        return cls(rank, pp, dp, sp, rank // (dp * sp), (rank // sp) % dp, rank % sp)
-
-    def global_rank(self, pp_rank: int, dp_rank: int | None = None, sp_rank: int | None = None) -> int:
-        dp_rank = self.dp_rank if dp_rank is None else dp_rank
-        sp_rank = self.sp_rank if sp_rank is None else sp_rank
-        return pp_rank * self.dp * self.sp + dp_rank * self.sp + sp_rank
 
 
 def pick_device(name: str) -> torch.device:

@@ -34,6 +34,7 @@ import torch
 from lcgraph.observability.timeline import from_measured, is_wire, trace_events, write_png
 from lcgraph.ops.relay import relay_attention
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks
+from lcgraph.schedule.mesh import Coords
 
 BADGES = {"all_to_all": ("A2A", "#8e5ea2"), "kv_relay": ("KV", "#2a9d8f"), "all_gather_wait": ("AG", "#9d755d")}
 PART_FILL = {
@@ -617,11 +618,6 @@ def measured_bubble(timeline) -> dict:
     return {"bubble_fraction": bubble, "measured_pipeline_s": span, "measured_step_s": step}
 
 
-class RankCoords(Protocol):
-    @property
-    def rank(self) -> int: ...  # global rank
-
-
 class TimelineJob(Protocol):
     """What the measured timeline reads from the training job (app/job.py: Job satisfies it)."""
 
@@ -630,7 +626,7 @@ class TimelineJob(Protocol):
     @property
     def optimizer(self) -> OptimizerHooks: ...  # its bucket events
     @property
-    def coords(self) -> RankCoords: ...
+    def coords(self) -> Coords: ...
     @property
     def device(self) -> torch.device: ...
 

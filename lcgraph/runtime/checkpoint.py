@@ -18,15 +18,7 @@ from omegaconf import DictConfig
 
 from lcgraph.errors import CheckpointError
 from lcgraph.runtime.interpreter import OptimizerHooks, StageState
-
-
-class RankCoords(Protocol):
-    @property
-    def rank(self) -> int: ...  # global rank
-    @property
-    def dp_rank(self) -> int: ...
-    @property
-    def sp_rank(self) -> int: ...
+from lcgraph.schedule.mesh import Coords
 
 
 class CheckpointJob(Protocol):
@@ -35,7 +27,7 @@ class CheckpointJob(Protocol):
     @property
     def cfg(self) -> DictConfig: ...  # reads cfg.parallel
     @property
-    def coords(self) -> RankCoords: ...
+    def coords(self) -> Coords: ...
     @property
     def optimizer(self) -> OptimizerHooks: ...
     @property

@@ -35,24 +35,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from lcgraph.graph.capture import NodeInfo
 from lcgraph.graph.passes import StageGraph
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
+from lcgraph.schedule.mesh import Coords
 from lcgraph.schedule.programs import Action, issue_units
-
-
-class ReplicaCoords(Protocol):
-    """This rank's place in the (pp, dp, sp) mesh, as the optimizer reads it (app/job.py: Coords)."""
-
-    @property
-    def pp(self) -> int: ...
-    @property
-    def dp(self) -> int: ...
-    @property
-    def sp(self) -> int: ...
-    @property
-    def pp_rank(self) -> int: ...
-    @property
-    def dp_rank(self) -> int: ...
-    @property
-    def sp_rank(self) -> int: ...
 
 
 class OptimizerJob(Protocol):
@@ -61,7 +45,7 @@ class OptimizerJob(Protocol):
     @property
     def cfg(self) -> DictConfig: ...  # reads cfg.optim and cfg.parallel.bucket_mb
     @property
-    def coords(self) -> ReplicaCoords: ...
+    def coords(self) -> Coords: ...
     @property
     def device(self) -> torch.device: ...
     @property

@@ -29,6 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lcgraph.schedule.mesh import Coords
 from lcgraph.schedule.programs import (
     P2P_KINDS,
     Program,
@@ -96,18 +97,14 @@ class _Builder:
         self.world = spec.pp * comms.dp * comms.sp
         self.hosts = [_Host() for _ in range(self.world)]
 
-    def global_rank(self, pp_rank: int, dp_rank: int, sp_rank: int) -> int:
-        return pp_rank * self.comms.dp * self.comms.sp + dp_rank * self.comms.sp + sp_rank
-
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        per = self.comms.dp * self.comms.sp
-        return rank // per, (rank // self.comms.sp) % self.comms.dp, rank % self.comms.sp
+    def coords(self, rank: int) -> Coords:
+        return Coords.of(rank, self.spec.pp, self.comms.dp, self.comms.sp)
 
     def describe(self, rank: int) -> str:
         if self.world == self.spec.pp:
             return f"rank {rank}"
-        pp, dp, sp = self.coords(rank)
-        return f"rank {rank} (pp {pp}, dp {dp}, sp {sp})"
+        c = self.coords(rank)
+        return f"rank {rank} (pp {c.pp_rank}, dp {c.dp_rank}, sp {c.sp_rank})"
 
     # --- kernels -----------------------------------------------------------------------------------------
     def issue(self, rank: int, label: str, streams: tuple, ops: list[_Op], comm: tuple = ()) -> int:
@@ -129,10 +126,10 @@ class _Builder:
         return k
 
     def p2p(self, rank: int, unit: Program, multi_stage: bool) -> int:
-        pp_rank, dp_rank, sp_rank = self.coords(rank)
+        me = self.coords(rank)
         ops = []
         for a in unit:
-            peer = self.global_rank(a.peer, dp_rank, sp_rank)
+            peer = me.global_rank(a.peer)
             sending = a.kind.startswith("SEND")
             # both ends name a transfer by the sender's stage: RECV_F(s) receives SEND_F(s - 1)
             stage = a.stage if sending else a.stage + (-1 if a.kind == "RECV_F" else 1)
@@ -144,24 +141,23 @@ class _Builder:
 
     # --- communicators -----------------------------------------------------------------------------------
     def members(self, name: str, rank: int) -> list[int]:
-        pp_rank, dp_rank, sp_rank = self.coords(rank)
-        c, pp = self.comms, self.spec.pp
+        me, c, pp = self.coords(rank), self.comms, self.spec.pp
         if name == "sp":
-            return [self.global_rank(pp_rank, dp_rank, s) for s in range(c.sp)]
+            return [me.global_rank(me.pp_rank, me.dp_rank, s) for s in range(c.sp)]
         if name == "replicas":
-            return [self.global_rank(pp_rank, d, s) for d in range(c.dp) for s in range(c.sp)]
+            return [me.global_rank(me.pp_rank, d, s) for d in range(c.dp) for s in range(c.sp)]
         if name == "pp":
-            return [self.global_rank(r, dp_rank, sp_rank) for r in range(pp)]
+            return [me.global_rank(r) for r in range(pp)]
         if name == "tied":
-            ends = [0, pp - 1] if c.tied and pp > 1 and pp_rank in (0, pp - 1) else []
-            return [self.global_rank(r, dp_rank, sp_rank) for r in ends]
+            ends = [0, pp - 1] if c.tied and pp > 1 and me.pp_rank in (0, pp - 1) else []
+            return [me.global_rank(r) for r in ends]
         if name == "world":
             return list(range(self.world))
         raise ValueError(f"unknown communicator {name!r}")
 
     # --- one rank's step ---------------------------------------------------------------------------------
     def expand(self, rank: int) -> None:
-        program = self.programs[self.coords(rank)[0]]
+        program = self.programs[self.coords(rank).pp_rank]
         multi_stage = self.spec.virtual_stages > 1
         last_b = {a.stage: i for i, a in enumerate(program) if a.kind == "B"}
         rs_of = defaultdict(list)
