@@ -88,17 +88,12 @@ FAMILIES = {
     "seq1f1b k=4": ["parallel.schedule=seq1f1b", "parallel.seq_chunks=4"],
     "interleaved v=2": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2", "parallel.seq_chunks=1"],
 }
-# Seen on 2 H200s (NCCL 2.28.9, torch 2.11), 2026-11-30: these two stop in their first step although the NCCL
-# model accepts their programs; the cause is not established (docs/nccl.md, "What the model leaves out").
-HANGS_ON_H200 = {"gpipe", "interleaved v=2"}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_schedule_family_trains_with_tiny_nccl_buffers(family, tmp_path):
     """NCCL_BUFFSIZE=256 KiB makes every 32 MiB hidden-state message wait for its receiver; a p2p ordering
     hang ends through the process group's timeout (train.comm_timeout_s), not as a stuck test."""
-    if family in HANGS_ON_H200:
-        pytest.xfail("hangs on 2 H200s with small NCCL buffers (docs/nccl.md)")
     summary = _cli(
         ["parallel.pp=2", "parallel.sp=1", "parallel.microbatches=4", "train.steps=3", *FAMILIES[family]],
         [sys.executable, "-m", "lcgraph"],

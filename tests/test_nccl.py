@@ -18,6 +18,7 @@ from lcgraph.schedule.programs import (
     format_programs,
     group_p2p,
     parse_programs,
+    receive_ahead,
     ungroup_p2p,
     validate,
     with_transfers,
@@ -116,6 +117,19 @@ def test_interleaved_needs_receive_ahead():
     validate(runs_only, spec)
     with pytest.raises(ScheduleError, match="queued behind sB0.0@2>1"):
         nccl.check(runs_only, spec)
+    nccl.check(built(spec), spec)
+
+
+@pytest.mark.parametrize("name,v", [("gpipe", 1), ("interleaved_1f1b", 2)])
+def test_batches_that_do_not_mirror_are_rejected_as_the_two_h200s_hung_on_them(name, v):
+    """Grouped but not mirrored (how gpipe and interleaved 1F1B hung on 2 H200s, 2026-11-30)."""
+    spec = ScheduleSpec(name, 2, 4, 1, v)
+    unmirrored = [group_p2p(with_transfers(p, spec)) for p in build_programs(spec)]
+    if v > 1:
+        unmirrored = [receive_ahead(p) for p in unmirrored]
+    validate(unmirrored, spec)
+    with pytest.raises(ScheduleError, match=r"batches that do not mirror[\s\S]*rank 0 and rank 1"):
+        nccl.check(unmirrored, spec)
     nccl.check(built(spec), spec)
 
 

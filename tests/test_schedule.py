@@ -13,10 +13,14 @@ from lcgraph.schedule.programs import (
     bubble_fraction,
     build_programs,
     format_programs,
+    group_p2p,
+    mirror_groups,
     parse_programs,
     peak_inflight,
     split_sequence,
+    unmirrored_pairs,
     validate,
+    with_transfers,
 )
 
 PP = (1, 2, 3, 4)
@@ -166,9 +170,21 @@ def test_virtual_stages_only_for_interleaved():
 
 
 def test_add_p2p_wraps_each_compute_in_its_transfers():
-    programs, spec = programs_for("1f1b", 2, 1)
+    programs, spec = programs_for("1f1b", 2, 2)
     assert lines(format_programs(add_p2p(programs, spec), spec)) == [
-        "rank 0: F0.0 [sF0.0>1 rB0.0<1] B0.0 OPT",
+        "rank 0: F0.0 sF0.0>1 F1.0 [sF1.0>1 rB0.0<1] B0.0 rB1.0<1 B1.0 OPT",
+        "rank 1: rF0.0<0 F0.0 B0.0 [sB0.0>0 rF1.0<0] F1.0 B1.0 sB1.0>0 OPT",
+    ]
+
+
+def test_groups_mirror_at_the_peer_so_gpipe_sends_and_receives_apart():
+    """One micro-batch: rank 1 computes between receiving F0 and sending B0, so rank 0's run of
+    `sF0.0>1 rB0.0<1` must be two batches, as on rank 1 (one batch against two hangs on NCCL)."""
+    programs, spec = programs_for("1f1b", 2, 1)
+    grouped = [group_p2p(with_transfers(p, spec)) for p in programs]
+    assert unmirrored_pairs(grouped) and not unmirrored_pairs(mirror_groups(grouped))
+    assert lines(format_programs(add_p2p(programs, spec), spec)) == [
+        "rank 0: F0.0 sF0.0>1 rB0.0<1 B0.0 OPT",
         "rank 1: rF0.0<0 F0.0 B0.0 sB0.0>0 OPT",
     ]
 

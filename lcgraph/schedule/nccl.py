@@ -7,6 +7,9 @@ rules, for every global rank of a (pp, dp, sp) layout:
 - Every communication is a *kernel* on an in-order stream: p2p on one stream per rank pair (or, with
   `streams="rank"`, one stream per rank: the stricter reading), each collective on its communicator's
   stream. A kernel runs once every earlier kernel of its rank on each of its streams has completed.
+- Batches mirror: a batch's messages with a peer are exactly the messages of one batch at that peer
+  (asymmetric batches were seen to hang on 2 H200s; NVIDIA/nccl#2130). `programs.mirror_groups`
+  builds programs that way.
 - A p2p group (`batch_isend_irecv`) is one kernel whose sends and receives progress together. The
   n-th send from r to p is matched with the n-th receive at p from r: NCCL has no tags, so both must
   carry the same message. A matched pair completes only while both kernels run (a message larger than
@@ -36,7 +39,9 @@ from lcgraph.schedule.programs import (
     ScheduleError,
     ScheduleSpec,
     issue_units,
+    message_of,
     unit_token,
+    unmirrored_pairs,
 )
 
 Streams = Literal["pair", "rank"]
@@ -130,12 +135,8 @@ class _Builder:
         ops = []
         for a in unit:
             peer = me.global_rank(a.peer)
-            sending = a.kind.startswith("SEND")
-            # both ends name a transfer by the sender's stage: RECV_F(s) receives SEND_F(s - 1)
-            stage = a.stage if sending else a.stage + (-1 if a.kind == "RECV_F" else 1)
-            ops.append(
-                _Op("send" if sending else "recv", a.token(multi_stage), peer, (a.kind[-1], stage, a.mb, a.chunk))
-            )
+            kind = "send" if a.kind.startswith("SEND") else "recv"
+            ops.append(_Op(kind, a.token(multi_stage), peer, message_of(a)))
         streams = tuple(sorted({("p2p", op.peer) for op in ops})) if self.streams == "pair" else (("p2p",),)
         return self.issue(rank, unit_token(unit, multi_stage), streams, ops)
 
@@ -303,6 +304,12 @@ def check(programs: list[Program], spec: ScheduleSpec, comms: Comms | None = Non
         more = f"\n  ... and {len(stuck) - _MAX_LISTED} more ranks" if len(stuck) > _MAX_LISTED else ""
         raise ScheduleError(
             "deadlock under NCCL's rules (large messages, in-order streams):\n  " + "\n  ".join(lines) + more
+        )
+    asymmetric = unmirrored_pairs(programs)
+    if asymmetric:
+        raise ScheduleError(
+            "batches that do not mirror (NCCL hangs on them; programs.mirror_groups splits them):\n  "
+            + "\n  ".join(asymmetric[:_MAX_LISTED])
         )
 
 

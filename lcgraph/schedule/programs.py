@@ -248,13 +248,13 @@ def p2p_around(action: Action, spec: ScheduleSpec) -> tuple[Program, Program]:
 
 
 def add_p2p(programs: list[Program], spec: ScheduleSpec) -> list[Program]:
-    """Make the transfers explicit (`with_transfers`), then group them (`group_p2p`; with several
-    stages per rank also `receive_ahead`)."""
+    """Make the transfers explicit (`with_transfers`), group them (`group_p2p`; with several stages per
+    rank also `receive_ahead`), then split groups until every rank pair's batches mirror (`mirror_groups`)."""
     result = []
     for program in programs:
         grouped = group_p2p(with_transfers(program, spec))
         result.append(receive_ahead(grouped) if spec.virtual_stages > 1 else grouped)
-    return result
+    return mirror_groups(result)
 
 
 def with_transfers(program: Program, spec: ScheduleSpec) -> Program:
@@ -313,6 +313,113 @@ def receive_ahead(program: Program) -> Program:
                 units[j] = [a for a in units[j] if a is not recv]
                 unit.append(recv)
     return group_p2p([a for unit in units if unit for a in unit])
+
+
+def message_of(action: Action) -> tuple[str, int, int, int]:
+    """The transfer a p2p action moves, named identically at both ends: (F/B, sender's stage, mb, chunk).
+
+    RECV_F(s) receives what SEND_F(s - 1) sends; RECV_B(s) what SEND_B(s + 1) sends.
+    """
+    if action.kind.startswith("SEND"):
+        return (action.kind[-1], action.stage, action.mb, action.chunk)
+    return (action.kind[-1], action.stage + (-1 if action.kind == "RECV_F" else 1), action.mb, action.chunk)
+
+
+def _pair_batches(programs: list[Program], rank: int, peer: int) -> list[frozenset]:
+    """`rank`'s p2p groups restricted to its messages with `peer`, in issue order (empty ones dropped)."""
+    batches = []
+    for unit in issue_units(programs[rank]):
+        if unit[0].kind in P2P_KINDS:
+            messages = frozenset(message_of(a) for a in unit if a.peer == peer)
+            if messages:
+                batches.append(messages)
+    return batches
+
+
+def _pairs(programs: list[Program]) -> list[tuple[int, int]]:
+    return sorted({tuple(sorted((r, a.peer))) for r, p in enumerate(programs) for a in p if a.kind in P2P_KINDS})
+
+
+def unmirrored_pairs(programs: list[Program]) -> list[str]:
+    """Rank pairs whose batches do not mirror: NCCL needs each batch's messages with a peer to be
+    exactly the messages of one batch at that peer (asymmetric batches hang; NVIDIA/nccl#2130)."""
+    problems = []
+    for r, p in _pairs(programs):
+        mine, theirs = _pair_batches(programs, r, p), _pair_batches(programs, p, r)
+        for n, (a, b) in enumerate(zip(mine, theirs)):
+            if a != b:
+                problems.append(
+                    f"rank {r} and rank {p} batch their messages differently: batch {n} with the peer holds "
+                    f"{_messages(a)} on rank {r} but {_messages(b)} on rank {p}"
+                )
+                break
+    return problems
+
+
+def _messages(batch: frozenset) -> str:
+    return "{" + ", ".join(f"{k}{m}.{c} of stage {s}" for k, s, m, c in sorted(batch)) + "}"
+
+
+def _common_blocks(mine: list[frozenset], theirs: list[frozenset]) -> list[frozenset] | None:
+    """The coarsest order-preserving refinement of two batch sequences over the same messages, or None
+    when they cross (a message batched earlier on one side than another that the other side has first)."""
+    blocks, i, j = [], 0, 0
+    a = set(mine[0]) if mine else set()
+    b = set(theirs[0]) if theirs else set()
+    while a and b:
+        block = a & b
+        if not block:
+            return None
+        blocks.append(frozenset(block))
+        a -= block
+        b -= block
+        if not a and i + 1 < len(mine):
+            i += 1
+            a = set(mine[i])
+        if not b and j + 1 < len(theirs):
+            j += 1
+            b = set(theirs[j])
+    return blocks if not a and not b else None
+
+
+def mirror_groups(programs: list[Program]) -> list[Program]:
+    """Split p2p groups until every rank pair's batches mirror each other.
+
+    Why: two ranks that batch the same messages differently hang on NCCL. gpipe's last forward and first
+    backward share one group on rank 0 (`[sF3.0>1 rB0.0<1]`) but are two batches on rank 1, which
+    computes in between; split, both ranks issue `sF3`/`rF3` and then `rB0`/`sB0` as mirrored pairs.
+    Splitting keeps each message's position in its rank's stream order, so `nccl.check` still decides
+    whether the result can hang. Pairs whose batches cross are left as they are (the check reports them).
+    """
+    cuts: dict[tuple[int, int], list[frozenset]] = {}
+    for r, p in _pairs(programs):
+        blocks = _common_blocks(_pair_batches(programs, r, p), _pair_batches(programs, p, r))
+        if blocks is not None:
+            cuts[(r, p)] = cuts[(p, r)] = blocks
+    return [_split_groups(program, rank, cuts) for rank, program in enumerate(programs)]
+
+
+def _split_groups(program: Program, rank: int, cuts: dict[tuple[int, int], list[frozenset]]) -> Program:
+    out: Program = []
+    group = 0
+    for unit in issue_units(program):
+        if unit[0].kind not in P2P_KINDS:
+            out += unit
+            continue
+        per_peer: dict[int, list[list[Action]]] = {}
+        for peer in dict.fromkeys(a.peer for a in unit):
+            mine = [a for a in unit if a.peer == peer]
+            blocks = [
+                blk
+                for blk in cuts.get((rank, peer), [])
+                if message_of(mine[0]) in blk or blk & {message_of(a) for a in mine}
+            ]
+            per_peer[peer] = [[a for a in mine if message_of(a) in blk] for blk in blocks] or [mine]
+        for n in range(max(len(v) for v in per_peer.values())):
+            part = [a for a in unit if any(n < len(v) and a in v[n] for v in per_peer.values())]
+            out += [replace(a, group=group) for a in part]
+            group += 1
+    return out
 
 
 def ungroup_p2p(program: Program) -> Program:
