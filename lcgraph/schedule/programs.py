@@ -337,7 +337,8 @@ def _pair_batches(programs: list[Program], rank: int, peer: int) -> list[frozens
 
 
 def _pairs(programs: list[Program]) -> list[tuple[int, int]]:
-    return sorted({tuple(sorted((r, a.peer))) for r, p in enumerate(programs) for a in p if a.kind in P2P_KINDS})
+    pairs = {(min(r, a.peer), max(r, a.peer)) for r, p in enumerate(programs) for a in p if a.kind in P2P_KINDS}
+    return sorted(pairs)
 
 
 def unmirrored_pairs(programs: list[Program]) -> list[str]:
@@ -409,12 +410,9 @@ def _split_groups(program: Program, rank: int, cuts: dict[tuple[int, int], list[
         per_peer: dict[int, list[list[Action]]] = {}
         for peer in dict.fromkeys(a.peer for a in unit):
             mine = [a for a in unit if a.peer == peer]
-            blocks = [
-                blk
-                for blk in cuts.get((rank, peer), [])
-                if message_of(mine[0]) in blk or blk & {message_of(a) for a in mine}
-            ]
-            per_peer[peer] = [[a for a in mine if message_of(a) in blk] for blk in blocks] or [mine]
+            messages = {message_of(a) for a in mine}
+            blocks = [block for block in cuts.get((rank, peer), []) if block & messages]
+            per_peer[peer] = [[a for a in mine if message_of(a) in block] for block in blocks] or [mine]
         for n in range(max(len(v) for v in per_peer.values())):
             part = [a for a in unit if any(n < len(v) and a in v[n] for v in per_peer.values())]
             out += [replace(a, group=group) for a in part]
