@@ -161,11 +161,12 @@ def bench_peer(config, side: Side, seq: int, steps: int, warmup: int) -> dict:
 
     info = {"transformers": transformers.__version__}
     if side.kind == "liger":  # patches the modeling module's classes: must come before the model is built
-        import liger_kernel
+        from importlib.metadata import version
+
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
-        info["liger_kernel"] = getattr(liger_kernel, "__version__", "?")
+        info["liger_kernel"] = version("liger-kernel")
     _free()
     torch.manual_seed(0)
     config._attn_implementation = "sdpa"
