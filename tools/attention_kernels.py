@@ -169,7 +169,7 @@ class Flex:
             if q.shape[2] not in self.masks:
                 self.masks[q.shape[2]] = causal_block_mask(q.shape[2], self.device)
             mask = self.masks[q.shape[2]]
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        q, k, v = (t.detach().requires_grad_(torch.is_grad_enabled()) for t in (q, k, v))
         if self.aux:
             out, aux = self.fn(q, k, v, block_mask=mask, enable_gqa=True, return_aux=flex_mod.AuxRequest(lse=True))
             lse = aux.lse
