@@ -1,47 +1,123 @@
-"""Single-GPU benchmark: HF eager + SDPA against lcgraph, same random-init model, same tokens.
+"""Single-GPU benchmark: lcgraph against the peers a practical user would run, same model shape, same tokens.
 
-    python3 tools/bench.py --seq 8192 16384 --steps 6            # table + bench.json
-    python3 tools/bench.py --seq 16384 --variant default compile  # lcgraph variants side by side
-    python3 tools/bench.py --max-seq                              # longest trainable sequence, each side
+    python3 tools/bench.py --seq 16384 32768 --compile on --json out/bench.json
+    python3 tools/bench.py --seq 262144 --peers liger --variant chunked --chunks 32 --recompute keep_attention \\
+        --compile on --steps 1 --warmup 1
+    python3 tools/bench.py --seq 524288 --peers --variant chunked --chunks 64 --recompute keep_attention --steps 1 --warmup 0
+
+Sides, each in a fresh process so that its memory peak is its own:
+  liger    HF transformers + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), SDPA, bf16
+           parameters, fused torch AdamW: the issue's peer. If it runs out of memory it is retried with HF gradient
+           checkpointing (`--hf-checkpointing auto`), and the table says so.
+  hf       HF eager + SDPA, otherwise the same (same checkpointing policy).
+  lcgraph  one side per variant x compile x recompute mode x chunk count (`--variant chunked` only).
+A side that runs out of memory, fails or passes `--side-timeout` is reported as such; the others still run.
 
 MFU = model FLOPs per token x tokens/s / peak, with model FLOPs per token = 6*N + 6*L*h*S
 (N: non-embedding parameters plus the LM head, L layers, h hidden size, S sequence length) and the peak
-given by --peak-tflops (default 798: the dense bf16 matmul rate measured on the H100 here).
+given by --peak-tflops (default 798: the dense bf16 matmul rate measured on the H100/H200 here).
+Issue 14's targets are checked per lcgraph row against the HF + Liger row of the same length: speed
+(>= 1.15x at 16k and 32k, >= 1.25x and MFU >= 0.47 at 256k) and memory (peak <= the peer's peak plus
+8 bytes per parameter, what fp32 master weights and moments cost over bf16 AdamW).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # both sides: less fragmentation
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # every side: less fragmentation
 
-VARIANTS = {  # lcgraph variants: config overrides
+PEERS = {"liger": "HF+Liger", "hf": "HF eager"}
+VARIANTS = {  # lcgraph variants: config overrides ({chunks} filled per side)
     "default": [],
-    "compile": ["train.compile=true"],
-    "chunked": [
-        "parallel.schedule=seq1f1b",
-        "parallel.seq_chunks={chunks}",
-        "train.recompute=true",
-        "parallel.chunk_split=even",
-    ],  # one stage: memory follows the longest chunk
+    "chunked": ["parallel.schedule=seq1f1b", "parallel.seq_chunks={chunks}", "parallel.chunk_split=even"],
 }
+RECOMPUTE_MODES = ("none", "full", "keep_attention")
+SPEED_TARGETS = {16384: 1.15, 32768: 1.15, 262144: 1.25}  # issue 14 item 5: lcgraph / HF+Liger tokens/s
+MFU_TARGETS = {262144: 0.47}
+OPTIMIZER_EXTRA_BYTES = 8  # per parameter: fp32 masters + fp32 moments (16 B) over bf16 AdamW (8 B)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One measured configuration: a peer (`liger`, `hf`) or an lcgraph run."""
+
+    kind: str
+    variant: str = "default"
+    chunks: int = 1
+    recompute: str | None = None  # None: lcgraph's own default
+    compile: bool = False
+    checkpointing: bool = False  # peers only: HF gradient checkpointing
+
+    @property
+    def label(self) -> str:
+        if self.kind in PEERS:
+            return PEERS[self.kind] + (" +ckpt" if self.checkpointing else "")
+        parts = ["lcgraph"]
+        if self.variant == "chunked":
+            parts.append(f"seq1f1b/{self.chunks}")
+        if self.recompute:
+            parts.append(f"rc={self.recompute}")
+        if self.compile:
+            parts.append("compile")
+        return " ".join(parts)
+
+    def overrides(self, extra: list[str]) -> list[str]:
+        out = [o.format(chunks=self.chunks) for o in VARIANTS[self.variant]]
+        if self.recompute:
+            out.append(f"train.recompute={self.recompute}")
+        if self.compile:
+            out.append("train.compile=true")
+        return out + list(extra)
+
+
+def sides_from_args(args) -> list[Side]:
+    """Peers first (the lcgraph rows' ratios need them), then every lcgraph combination asked for."""
+    peers = [Side(p) for p in args.peers]
+    lcgraph = []
+    for variant, comp, rc in itertools.product(args.variant, args.compile, args.recompute or [None]):
+        for chunks in args.chunks if variant == "chunked" else [1]:
+            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on"))
+    return peers + lcgraph
 
 
 def model_flops_per_token(config, seq: int) -> float:
     h, L = config.hidden_size, config.num_hidden_layers
+    return 6 * _matmul_params(config) + 6 * L * h * seq
+
+
+def _layer_params(config) -> int:
+    h = config.hidden_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    per_layer = h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size
-    n = L * per_layer + h * config.vocab_size
-    return 6 * n + 6 * L * h * seq
+    return h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size
+
+
+def _matmul_params(config) -> int:
+    """N of the MFU convention: non-embedding parameters (norms aside) plus the LM head."""
+    return config.num_hidden_layers * _layer_params(config) + config.hidden_size * config.vocab_size
+
+
+def param_count(config) -> int:
+    """Every parameter once (a tied LM head is the embedding): what the optimizer holds state for."""
+    h, v = config.hidden_size, config.vocab_size
+    norms = (2 * config.num_hidden_layers + 1) * h
+    head = 0 if config.tie_word_embeddings else h * v
+    return config.num_hidden_layers * _layer_params(config) + h * v + head + norms
+
+
+# ---------------------------------------------------------------- one side, in its own process
 
 
 def _free():
@@ -55,44 +131,87 @@ def _tokens(vocab: int, seq: int, steps: int):
     return [torch.randint(0, vocab, (1, seq + 1), generator=g) for _ in range(steps)]
 
 
-def bench_hf(config, seq: int, steps: int, warmup: int) -> dict:
-    from transformers import LlamaForCausalLM
-
-    _free()
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.config._attn_implementation = "sdpa"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    data = _tokens(config.vocab_size, seq, warmup + steps)
-    losses, start = [], None
-    for i, window in enumerate(data):
+def _timed_steps(step_fn, steps: int, warmup: int) -> dict:
+    """Run warmup + steps calls of step_fn(i) -> loss; tokens/s over the timed ones, memory peak over all."""
+    losses, times, start = [], [], time.perf_counter()
+    for i in range(warmup + steps):
         if i == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        window = window.cuda()
-        out = model(input_ids=window[:, :-1], labels=window[:, :-1])
+        t0 = time.perf_counter()
+        losses.append(step_fn(i))
+        torch.cuda.synchronize()
+        times.append(round(time.perf_counter() - t0, 3))
+    elapsed = time.perf_counter() - start
+    stats = torch.cuda.memory_stats()
+    return {
+        "seconds": elapsed,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+        "alloc_retries": stats.get("num_alloc_retries"),
+        "loss_first": losses[0],
+        "step_times": times,
+    }
+
+
+def bench_peer(config, side: Side, seq: int, steps: int, warmup: int) -> dict:
+    """HF LlamaForCausalLM, bf16 parameters, SDPA, fused AdamW; with Liger's kernels patched in for `liger`."""
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    info = {"transformers": transformers.__version__}
+    if side.kind == "liger":  # patches the modeling module's classes: must come before the model is built
+        from importlib.metadata import version
+
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
+        info["liger_kernel"] = version("liger-kernel")
+    _free()
+    torch.manual_seed(0)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.train()  # Liger's fused loss skips the logits only in training mode
+    if side.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    data = _tokens(config.vocab_size, seq, warmup + steps)
+
+    def step(i: int) -> float:
+        window = data[i].cuda()
+        out = model(input_ids=window[:, :-1], labels=window[:, :-1])  # HF shifts the labels itself
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    result = {
-        "tokens_per_s": seq * steps / elapsed,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss_first": losses[0],
-    }
-    del model, opt
-    return result
+        return float(out.loss)
+
+    return info | _timed_steps(step, steps, warmup)
 
 
-def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, model_name: str) -> dict:
+def _recompute_override(overrides: list[str]) -> list[str]:
+    """`train.recompute=<mode>` for an lcgraph whose config still has the boolean flag: none/full map to it."""
+    from lcgraph.app.config import TrainConfig
+
+    if not isinstance(TrainConfig().recompute, bool):
+        return overrides
+    legacy = {"none": "false", "full": "true"}
+    out = []
+    for o in overrides:
+        key, _, mode = o.partition("=")
+        if key == "train.recompute" and mode in RECOMPUTE_MODES:
+            if mode not in legacy:
+                raise SystemExit(f"this lcgraph's train.recompute is a boolean: it has no mode {mode!r}")
+            o = f"{key}={legacy[mode]}"
+        out.append(o)
+    return out
+
+
+def bench_lcgraph(side: Side, seq: int, steps: int, warmup: int, model_name: str, extra: list[str]) -> dict:
     from lcgraph.app.job import Job
     from lcgraph.app.testing import compose
 
     _free()
-    overrides = [o.format(chunks=chunks) for o in VARIANTS[variant]]
     cfg = compose(
         "parallel=single",
         f"model={model_name}",
@@ -100,36 +219,18 @@ def bench_lcgraph(seq: int, steps: int, warmup: int, variant: str, chunks: int, 
         "data.synthetic=true",
         "train.dtype=bf16",
         "train.device=cuda",
-        f"train.steps={warmup + steps}",
+        f"train.steps={warmup + steps + (1 if PROFILE_DIR else 0)}",
         "logging.wandb.mode=disabled",
         "train.progress=false",
         "optim.warmup_steps=1",
-        *overrides,
+        *_recompute_override(side.overrides(extra)),
         tiny=False,
     )
     job = Job(cfg, Path("/tmp/lcgraph-bench"), 0, 1)
-    losses, start, times = [], None, []
-    for step in range(warmup + steps):
-        if step == warmup:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-        metrics = job.run_step(step)
-        losses.append(metrics["loss"])
-        times.append(round(metrics["step_time_s"], 3))
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    result = _timed_steps(lambda i: job.run_step(i)["loss"], steps, warmup)
     if PROFILE_DIR:  # after the timed steps: the profiled step must not count in tokens/s
-        _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_lcgraph_{variant}_{seq}.txt")
-    stats = torch.cuda.memory_stats()
-    result = {
-        "tokens_per_s": seq * steps / elapsed,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss_first": losses[0],
-        "step_times": times,
-        "alloc_retries": stats.get("num_alloc_retries"),
-        "reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
-    }
-    del job
+        name = side.label.replace(" ", "_").replace("/", "-").replace("=", "")
+        _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_{name}_{seq}.txt")
     return result
 
 
@@ -140,163 +241,209 @@ def _profile(step_fn, path: Path) -> None:
     """One more step under torch.profiler; the kernels by GPU time go to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_fn()
         torch.cuda.synchronize()
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
-def _safe(fn, *args) -> dict:
+def _run_one(args) -> None:
+    from lcgraph.app.testing import compose
+    from lcgraph.runtime.model import build_config
+
+    side = Side(**json.loads(args.one))
+    seq = args.seq[0]
     try:
-        return fn(*args)
-    except torch.OutOfMemoryError:
-        _free()
-        return {"oom": True}
+        if side.kind in PEERS:
+            config = build_config(compose(f"model={args.model}", tiny=False).model)
+            result = bench_peer(config, side, seq, args.steps, args.warmup)
+        else:
+            result = bench_lcgraph(side, seq, args.steps, args.warmup, args.model, args.set)
+        result["tokens_per_s"] = seq * args.steps / result.pop("seconds")
+    except torch.OutOfMemoryError as e:
+        result = {"oom": True, "detail": str(e).splitlines()[0][:200]}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
-def isolated(side: str, seq: int, args, variant: str = "default") -> dict:
-    """One measurement in a fresh process, so neither side inherits the other's GPU memory."""
-    import subprocess
+# ---------------------------------------------------------------- the driver
 
-    cmd = [
-        sys.executable,
-        __file__,
-        "--one",
-        side,
-        "--seq",
-        str(seq),
-        "--variant",
-        variant,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--chunks",
-        str(args.chunks),
-        "--model",
-        args.model,
-    ]
+
+def isolated(side: Side, seq: int, args) -> dict:
+    """One measurement in a fresh process, so no side inherits another's GPU memory."""
+    cmd = [sys.executable, __file__, "--one", json.dumps(asdict(side)), "--seq", str(seq), "--model", args.model]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--set", *args.set]
     if args.profile:
         cmd += ["--profile", args.profile]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {args.side_timeout} s"}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
-    return json.loads(lines[-1][len("RESULT ") :])
+    if lines:
+        return json.loads(lines[-1][len("RESULT ") :])
+    tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+    if any("out of memory" in ln.lower() for ln in tail):  # e.g. raised inside a compiled kernel's launcher
+        return {"oom": True, "detail": tail[-1][:200]}
+    return {"error": " | ".join(tail)[-400:] or f"exit code {out.returncode}"}
 
 
-def longest(fn, start: int, limit: int) -> int:
-    """Largest power-of-two multiple of `start` (then bisected to 4k granularity) that trains."""
+def measure(side: Side, seq: int, args) -> tuple[Side, dict]:
+    """A peer that runs out of memory is rerun with HF gradient checkpointing (policy `auto`)."""
+    if side.kind in PEERS and args.hf_checkpointing == "always":
+        side = Side(side.kind, checkpointing=True)
+    result = isolated(side, seq, args)
+    if side.kind in PEERS and result.get("oom") and args.hf_checkpointing == "auto" and not side.checkpointing:
+        side = Side(side.kind, checkpointing=True)
+        result = isolated(side, seq, args) | {"plain_oom": True}
+    return side, result
+
+
+def summarize(rows: list[dict], config, peak_tflops: float) -> None:
+    """Fill in TFLOP/s, MFU, speed ratios against each peer and issue 14's targets (in place)."""
+    extra_gib = OPTIMIZER_EXTRA_BYTES * param_count(config) / 2**30
+    for seq in sorted({r["seq"] for r in rows}):
+        same = [r for r in rows if r["seq"] == seq]
+        flops = model_flops_per_token(config, seq)
+        for r in same:
+            res = r["result"]
+            if "tokens_per_s" in res:
+                res["tflops"] = res["tokens_per_s"] * flops / 1e12
+                res["mfu"] = res["tflops"] / peak_tflops
+        peers = {r["side"]["kind"]: r["result"] for r in same if r["side"]["kind"] in PEERS}
+        liger = peers.get("liger", {})
+        for r in same:
+            if r["side"]["kind"] in PEERS:
+                continue
+            res = r["result"]
+            r["speed_x"] = {
+                kind: res["tokens_per_s"] / p["tokens_per_s"]
+                for kind, p in peers.items()
+                if "tokens_per_s" in res and "tokens_per_s" in p
+            }
+            r["memory_target_gib"] = liger["peak_gib"] + extra_gib if "peak_gib" in liger else None
+            r["targets"] = _targets(seq, res, r["speed_x"].get("liger"), r["memory_target_gib"])
+
+
+def _targets(seq: int, res: dict, speed: float | None, mem_target: float | None) -> dict:
+    """Each of issue 14's targets that applies at this length: True (met), False (missed), None (not measured)."""
+    out: dict[str, bool | None] = {}
+    if seq in SPEED_TARGETS:
+        out[f"speed>={SPEED_TARGETS[seq]}x"] = None if speed is None else speed >= SPEED_TARGETS[seq]
+    if seq in MFU_TARGETS:
+        out[f"MFU>={MFU_TARGETS[seq]}"] = res["mfu"] >= MFU_TARGETS[seq] if "mfu" in res else None
+    out["memory"] = None if mem_target is None or "peak_gib" not in res else res["peak_gib"] <= mem_target
+    return out
+
+
+def _fmt(res: dict, key: str, f: str = "{:,.0f}") -> str:
+    if res.get("oom"):
+        return "OOM"
+    if "error" in res:
+        return "error"
+    return f.format(res[key]) if key in res else "-"
+
+
+def _fmt_targets(targets: dict) -> str:
+    word = {True: "ok", False: "MISSED", None: "?"}
+    return ", ".join(f"{k} {word[v]}" for k, v in targets.items())
+
+
+def render(rows: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    cols = ("seq", "side", "tok/s", "MFU", "peak GiB", "x HF+Liger", "x HF eager", "mem target GiB", "issue 14")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("side", "issue 14") else "right")
+    for r in rows:
+        res, ratios = r["result"], r.get("speed_x", {})
+        note = "plain OOM, " if res.get("plain_oom") else ""
+        target = r.get("memory_target_gib")
+        table.add_row(
+            f"{r['seq'] // 1024}k",
+            r["label"],
+            _fmt(res, "tokens_per_s"),
+            _fmt(res, "mfu", "{:.2f}"),
+            _fmt(res, "peak_gib", "{:.1f}"),
+            *(f"{ratios[k]:.2f}" if k in ratios else "-" for k in ("liger", "hf")),
+            "-" if target is None else f"{target:.1f}",
+            note + _fmt_targets(r.get("targets", {})) if r["side"]["kind"] == "lcgraph" else note.rstrip(", "),
+        )
+    return table
+
+
+def longest(side: Side, args, start: int, limit: int) -> int:
+    """Largest power-of-two multiple of `start` (then bisected to 4k granularity) that trains one step."""
+
+    def fits(seq: int) -> bool:
+        return "tokens_per_s" in isolated(side, seq, args)
+
     ok, seq = 0, start
-    while seq <= limit and "oom" not in _safe(fn, seq):
+    while seq <= limit and fits(seq):
         ok, seq = seq, seq * 2
     lo, hi = ok, min(seq, limit + 1)
     while hi - lo > 4096:
         mid = (lo + hi) // 2 // 4096 * 4096
-        if "oom" in _safe(fn, mid):
-            hi = mid
-        else:
-            lo = mid
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--seq", type=int, nargs="+", default=[16384])
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--variant", nargs="+", default=["default"], choices=sorted(VARIANTS))
-    ap.add_argument("--chunks", type=int, default=8, help="sequence chunks of the 'chunked' variant")
+    ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS), help="none: lcgraph only")
+    ap.add_argument("--variant", nargs="*", default=["default"], choices=sorted(VARIANTS), help="none: peers only")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[8], help="sequence chunks of the 'chunked' variant")
+    ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE_MODES, help="train.recompute (default: lcgraph's)")
+    ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
+    ap.add_argument("--set", nargs="*", default=[], help="more lcgraph overrides, e.g. train.attention=cudnn")
+    ap.add_argument("--hf-checkpointing", default="auto", choices=["auto", "never", "always"])
+    ap.add_argument("--side-timeout", type=float, default=None, help="seconds before a side counts as failed")
     ap.add_argument("--model", default="llama3_1b", help="a conf/model group (default: Llama-3.2-1B shape)")
     ap.add_argument("--peak-tflops", type=float, default=798.0)
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--max-seq", action="store_true", help="bisect the longest trainable sequence")
-    ap.add_argument("--max-limit", type=int, default=1 << 19)
-    ap.add_argument("--json", default="bench.json")
-    ap.add_argument("--one", choices=["hf", "lcgraph"], help=argparse.SUPPRESS)  # internal: one isolated run
+    ap.add_argument("--max-seq", action="store_true", help="bisect the longest trainable sequence of each side")
+    ap.add_argument("--max-limit", type=int, default=1 << 20)
+    ap.add_argument("--json", default="bench.json", help="written after every side, so a cut-short run keeps rows")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one isolated side (a JSON Side)
     ap.add_argument("--profile", default=None, help="directory for a torch.profiler kernel table per lcgraph run")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     global PROFILE_DIR
     PROFILE_DIR = args.profile
     if args.one:
         return _run_one(args)
 
     from rich.console import Console
-    from rich.table import Table
 
     from lcgraph.app.testing import compose
     from lcgraph.runtime.model import build_config
 
     config = build_config(compose(f"model={args.model}", tiny=False).model)
-    config._attn_implementation = "sdpa"
-    rows = []
+    title = (
+        f"{args.model}, bf16, batch 1, {torch.cuda.get_device_name()}; MFU = (6N + 6*L*h*S) * tok/s / "
+        f"{args.peak_tflops:.0f} TFLOP/s; mem target = HF+Liger peak + {OPTIMIZER_EXTRA_BYTES} B/param"
+    )
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:], "rows": []}
+    rows = out["rows"]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for seq in args.seq:
-        flops = model_flops_per_token(config, seq)
-        hf = {"skipped": True} if args.skip_hf else isolated("hf", seq, args)
-        for variant in args.variant:
-            lc = isolated("lcgraph", seq, args, variant)
-            rows.append({"seq": seq, "variant": variant, "hf": hf, "lcgraph": lc, "flops_per_token": flops})
+        for side in sides_from_args(args):
+            side, result = measure(side, seq, args)
+            rows.append({"seq": seq, "label": side.label, "side": asdict(side), "result": result})
             print(json.dumps(rows[-1]), flush=True)
-    table = Table(title=f"{args.model}, bf16, batch 1, MFU = (6N + 6*L*h*S) * tokens/s / {args.peak_tflops} TFLOP/s")
-    for col in (
-        "seq",
-        "variant",
-        "HF tok/s",
-        "HF MFU",
-        "HF GiB",
-        "lcgraph tok/s",
-        "lcgraph MFU",
-        "lcgraph GiB",
-        "speed x",
-        "loss HF/lcg",
-    ):
-        table.add_column(col, justify="right")
-
-    def fmt(r, key, f="{:.0f}"):
-        return "OOM" if r.get("oom") else ("-" if key not in r else f.format(r[key]))
-
-    for r in rows:
-        hf, lc, flops = r["hf"], r["lcgraph"], r["flops_per_token"]
-        for side in (hf, lc):
-            if "tokens_per_s" in side:
-                side["tflops"] = side["tokens_per_s"] * flops / 1e12
-                side["mfu"] = side["tflops"] / args.peak_tflops
-        ratio = lc["tokens_per_s"] / hf["tokens_per_s"] if "tokens_per_s" in lc and "tokens_per_s" in hf else None
-        r["ratio"] = ratio
-        table.add_row(
-            str(r["seq"]),
-            r["variant"],
-            fmt(hf, "tokens_per_s"),
-            fmt(hf, "mfu", "{:.2f}"),
-            fmt(hf, "peak_gib", "{:.1f}"),
-            fmt(lc, "tokens_per_s"),
-            fmt(lc, "mfu", "{:.2f}"),
-            fmt(lc, "peak_gib", "{:.1f}"),
-            "-" if ratio is None else f"{ratio:.2f}",
-            f"{hf.get('loss_first', float('nan')):.3f}/{lc.get('loss_first', float('nan')):.3f}",
-        )
-    Console().print(table)
-    out = {"rows": rows, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+            summarize(rows, config, args.peak_tflops)
+            Path(args.json).write_text(json.dumps(out, indent=2))
     if args.max_seq:
-        out["max_seq_hf"] = longest(lambda s: bench_hf(config, s, 1, 1), 8192, args.max_limit)
-        out["max_seq_lcgraph"] = longest(
-            lambda s: bench_lcgraph(s, 1, 1, "chunked", max(args.chunks, s // 16384), args.model), 8192, args.max_limit
-        )
-        print(f"longest trainable sequence: HF {out['max_seq_hf']}, lcgraph {out['max_seq_lcgraph']}")
+        out["max_seq"] = {s.label: longest(s, args, 8192, args.max_limit) for s in sides_from_args(args)}
+        print(f"longest trainable sequence: {out['max_seq']}")
     Path(args.json).write_text(json.dumps(out, indent=2))
-
-
-def _run_one(args) -> None:
-    from lcgraph.app.testing import compose
-    from lcgraph.runtime.model import build_config
-
-    seq = args.seq[0]
-    if args.one == "hf":
-        config = build_config(compose(f"model={args.model}", tiny=False).model)
-        result = _safe(bench_hf, config, seq, args.steps, args.warmup)
-    else:
-        result = _safe(bench_lcgraph, seq, args.steps, args.warmup, args.variant[0], args.chunks, args.model)
-    print("RESULT " + json.dumps(result), flush=True)
+    Console(width=200).print(render(rows, title))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The GPU benchmark tools' CPU-side parts: tools/attention_kernels.py end to end on CPU kernels (each candidate
+against the exact fp32 reference, GQA included), and tools/bench.py's table arithmetic on a hand-made result list
+(speed against each peer, issue 14's targets, the memory target of the peer's peak plus 8 bytes per parameter)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcgraph.app.testing import compose
+from lcgraph.runtime.model import build_config
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_kernel_sweep_on_cpu_matches_the_exact_reference_for_every_shape_with_gqa(tmp_path):
+    kernels = _tool("attention_kernels")
+    argv = ["--device", "cpu", "--configs", "16:4/2", "--causal-seq", "256", "--prefix", "128:384"]
+    out = kernels.main([*argv, "--diagonal", "128", "--json", str(tmp_path / "k.json")])
+    assert json.loads((tmp_path / "k.json").read_text())["rows"] == out["rows"]
+    cpu = [r for r in out["rows"] if r["candidate"] == "cpu"]
+    assert sorted((r["shape"], r["sq"], r["sk"]) for r in cpu) == [
+        ("causal", 256, 256),
+        ("diagonal", 128, 128),
+        ("prefix", 128, 384),
+    ]
+    for r in cpu:  # fp32 kernels: agreement to rounding, in output, LSE and all three gradients
+        diffs = {k: v for k, v in r.items() if k.startswith("diff_")}
+        assert set(diffs) == {"diff_out", "diff_lse", "diff_dq", "diff_dk", "diff_dv"}
+        assert max(diffs.values()) < 1e-4, (r["shape"], diffs)
+        assert r["fwd_tflops"] > 0 and r["bwd_tflops"] > 0
+    assert {r["gqa"] for r in out["rows"] if r["candidate"] == "math"} == {"expanded"}
+    assert set(out["best"]) == {kernels.Case(16, 4, 2, r["shape"], r["sq"], r["sk"]).name for r in cpu}
+
+
+def _row(seq, side, **result):
+    return {"seq": seq, "label": side.label, "side": side.__dict__, "result": result}
+
+
+def test_bench_table_gives_speed_per_peer_and_issue_targets_with_oom_and_checkpointing_said():
+    bench = _tool("bench")
+    config = build_config(compose("model=llama3_1b", tiny=False).model)
+    args = bench.parser().parse_args(["--variant", "chunked", "--chunks", "32", "--recompute", "keep_attention"])
+    liger, hf, lcg = bench.sides_from_args(args)
+    assert (liger.kind, hf.kind, lcg.chunks, lcg.recompute) == ("liger", "hf", 32, "keep_attention")
+    assert "train.recompute=keep_attention" in lcg.overrides([])
+    ckpt = bench.Side("liger", checkpointing=True)
+    rows = [
+        _row(16384, liger, tokens_per_s=40000.0, peak_gib=26.0),
+        _row(16384, hf, tokens_per_s=32000.0, peak_gib=60.0),
+        _row(16384, lcg, tokens_per_s=50000.0, peak_gib=34.0),
+        _row(262144, ckpt, tokens_per_s=5000.0, peak_gib=46.0, plain_oom=True),
+        _row(262144, hf, oom=True),
+        _row(262144, lcg, tokens_per_s=6000.0, peak_gib=60.0),
+    ]
+    bench.summarize(rows, config, peak_tflops=798.0)
+    n_params = 1_235_814_400  # Llama-3.2-1B, tied head (HF's own count for this shape)
+    short, long = rows[2], rows[5]
+    assert short["speed_x"] == pytest.approx({"liger": 1.25, "hf": 50000 / 32000})
+    assert short["memory_target_gib"] == pytest.approx(26.0 + 8 * n_params / 2**30)
+    assert short["targets"] == {"speed>=1.15x": True, "memory": True}
+    assert long["speed_x"] == pytest.approx({"liger": 1.2})  # HF eager ran out of memory: no ratio
+    flops = 6 * (16 * (2048 * (2 * 2048 + 2 * 512) + 3 * 2048 * 8192) + 2048 * 128256) + 6 * 16 * 2048 * 262144
+    assert long["result"]["mfu"] == pytest.approx(6000 * flops / 798e12)
+    assert long["targets"] == {"speed>=1.25x": False, "MFU>=0.47": False, "memory": False}
+
+    from rich.console import Console
+
+    console = Console(width=250, record=True)
+    console.print(bench.render(rows, "t"))
+    text = console.export_text()
+    assert "HF+Liger +ckpt" in text and "plain OOM" in text and "OOM" in text.split("HF eager")[-1]
+    assert "speed>=1.25x MISSED" in text and "speed>=1.15x ok" in text
