@@ -267,8 +267,9 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
     return Setup(settings, profile, graph, captured, layout, counts, alt_counts)
 
 
-def _evaluate_main(cfg: DictConfig, st: Setup, layout: Layout) -> Evaluation:
-    par = cfg.parallel
+def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) -> Evaluation:
+    """The config's own schedule on `layout` (default: the setup's)."""
+    par, layout = cfg.parallel, layout or st.layout
     return evaluate(
         st.graph,
         st.profile,
@@ -286,7 +287,7 @@ def _evaluate_main(cfg: DictConfig, st: Setup, layout: Layout) -> Evaluation:
 def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
     """The fastest recompute mode whose predicted peak fits AUTO_USABLE of the device, with a one-line reason."""
     usable = AUTO_USABLE * st.profile.memory_bytes
-    tried = [(m, _evaluate_main(cfg, st, dataclasses.replace(st.layout, recompute=m))) for m in RECOMPUTE_MODES]
+    tried = [(m, evaluate_config(cfg, st, dataclasses.replace(st.layout, recompute=m))) for m in RECOMPUTE_MODES]
     fitting = [(m, ev) for m, ev in tried if max(ev.sim.rank_peak) <= usable]
     table = ", ".join(f"{m} {ev.sim.step_time:.2f} s/{_size(max(ev.sim.rank_peak))}" for m, ev in tried)
     if not fitting:
@@ -320,7 +321,7 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
         st.layout = dataclasses.replace(st.layout, recompute=mode)
         notes.append(f"train.recompute=auto -> {mode}: {reason}")
     else:
-        main = _evaluate_main(cfg, st, st.layout)
+        main = evaluate_config(cfg, st, st.layout)
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
     if st.settings["alternatives"]:
         alternatives += _alternatives(
