@@ -181,7 +181,7 @@ def test_zero_shards_optimizer_state_over_dp_times_sp(tiny_graph):
     assert sharded.optimizer == pytest.approx(full.optimizer / 8)
     assert (sharded.weights, sharded.grads) == (full.weights, full.grads)
     params = tiny_graph.stage([0, 1], True, False).params
-    assert full.optimizer == params * 12  # fp32 master + two moments (bf16 model)
+    assert full.optimizer == params * 16  # fp32 master, its fp32 gradient, two moments (bf16 model)
     assert full.weights == params * 2
 
 
@@ -189,7 +189,7 @@ def test_sequence_parallel_and_chunks_divide_per_rank_work_and_memory(tiny_graph
     one = _cost(tiny_graph, [4096])
     sp2 = _cost(tiny_graph, [4096], sp=2)
     parts1, parts2 = one.compute_parts(0, 4096, 0), sp2.compute_parts(0, 4096, 0)
-    for part in ("matmul", "attention", "traffic"):
+    for part in ("matmul", "attention_diag", "traffic"):
         assert parts2[part] == pytest.approx(parts1[part] / 2)
     assert parts1["all_to_all"] == 0 < parts2["all_to_all"]
     assert sp2.unit_activations(0, 0)[0] == pytest.approx(one.unit_activations(0, 0)[0] / 2)
@@ -197,9 +197,10 @@ def test_sequence_parallel_and_chunks_divide_per_rank_work_and_memory(tiny_graph
     sp4 = _cost(tiny_graph, [4096], sp=4)
     assert sp4.unit_activations(0, 0)[0] > one.unit_activations(0, 0)[0] / 4
     chunked = _cost(tiny_graph, [2048, 2048])
-    act, kv = chunked.unit_activations(0, 1)
-    assert kv > 0 and one.unit_activations(0, 0)[1] == 0  # K/V move to the relay column only with chunks
-    assert act + kv == pytest.approx(one.unit_activations(0, 0)[0] / 2)
+    (act0, kv0), (act1, kv1) = chunked.unit_activations(0, 0), chunked.unit_activations(0, 1)
+    assert kv0 > 0 and one.unit_activations(0, 0)[1] == 0  # K/V move to the relay column only with chunks
+    assert kv1 == 0  # one preallocated buffer per micro-batch, charged to its first chunk
+    assert act0 + act1 + kv0 == pytest.approx(one.unit_activations(0, 0)[0])
     # a later chunk attends its prefix: same tokens, more attention pairs, longer
     assert chunked.forward_time(0, 1) > chunked.forward_time(0, 0)
     assert chunked.backward_time(0, 0) > chunked.forward_time(0, 0)
@@ -348,3 +349,78 @@ def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
     assert plan["layout"]["gpus"] == 64 and plan["model"]["layers"] == 80 and plan["summary"]["fits"]
     assert (tmp_path / "programs.txt").read_text().count("rank ") == 8
     print(f"70B 1M plan: {plan['plan_seconds']:.1f}s")
+
+
+# --- the kernels the runtime calls: closed forms on a hand-made profile -------------------------------------
+
+
+def _toy_profile(**extra):
+    base = {
+        "name": "toy",
+        "memory_bytes": 1e12,
+        "matmul_flops": 100.0,
+        "attention_flops": {"64": [[1024, 1.0]]},
+        "memory_bandwidth": 1000.0,
+        "intra_node_bw": 10.0,
+        "inter_node_bw": 1.0,
+        "gpus_per_node": 2,
+        "matmul_shapes": [[64, 64, 50.0, 40.0], [64, 512, 60.0, 30.0]],
+        "attention_blocks": {"16": {"diag": [[64, 2.0, 1.0]], "prefix": [[64, 64, 4.0, 3.0], [64, 256, 8.0, 5.0]]}},
+        "fused_loss_flops": 7.0,
+        "fused_loss_nograd_flops": 9.0,
+        "adamw_params_per_s": 11.0,
+    }
+    return DeviceProfile.from_dict({**base, **extra})
+
+
+def _toy_cost(graph, chunks, **layout):
+    return CostModel(graph, _toy_profile(), Layout(**layout), [4], chunks)
+
+
+def test_attention_is_a_prefix_block_plus_a_diagonal_block_at_their_own_rates(tiny_graph):
+    prof = _toy_profile()
+    assert prof.block_rate("prefix", 64, 128, 16, False) == pytest.approx(6.0)  # halfway in log2(sk)
+    cost = _toy_cost(tiny_graph, [256, 64])
+    per_pair = sum(c.attention_per_pair for c in tiny_graph.layers)
+    f, b = cost.compute_parts(0, 64, 256), cost.backward_parts(0, 1)
+    assert f["attention_diag"] == pytest.approx(per_pair * 64 * 65 / 2 / 2.0)
+    assert f["attention_prefix"] == pytest.approx(per_pair * 64 * 256 / 8.0)
+    assert b["attention_diag"] == pytest.approx(2.5 * per_pair * 64 * 65 / 2 / 1.0)
+    assert b["attention_prefix"] == pytest.approx(2.5 * per_pair * 64 * 256 / 5.0)
+    assert cost.compute_parts(0, 256, 0)["attention_prefix"] == 0.0  # the first chunk has no prefix
+
+
+def test_recompute_modes_rerun_what_they_did_not_keep(tiny_graph):
+    g = tiny_graph
+    parts = {m: _toy_cost(g, [128, 64], recompute=m).backward_parts(0, 1) for m in ("none", "keep_attention", "full")}
+    again = _toy_cost(g, [128, 64], recompute="full").compute_parts(0, 64, 128, grads=True)
+    attention = again["attention_diag"] + again["attention_prefix"] + again["attention_merge"]
+    assert parts["none"]["rerun"] == 0.0
+    assert parts["full"]["rerun"] == pytest.approx(sum(again.values()))
+    assert parts["keep_attention"]["rerun"] == pytest.approx(sum(again.values()) - attention)
+    # keep_attention keeps each layer's attention output (bf16) and LSE (fp32) on top of full's input
+    full, keep = (_toy_cost(g, [4096], recompute=m).unit_activations(0, 0)[0] for m in ("full", "keep_attention"))
+    assert keep - full == pytest.approx(4 * g.heads * (g.head_dim * 2 + 4) * 4096)
+    assert Layout(recompute=True).recompute == "full" and Layout(recompute=False).recompute == "none"
+
+
+def test_fused_loss_matmuls_and_optimizer_follow_their_closed_forms(tiny_graph):
+    g, tokens = tiny_graph, 4096
+    hv = g.hidden_size * g.vocab_size * tokens
+    none, full = (_toy_cost(g, [tokens], recompute=m) for m in ("none", "full"))
+    assert none.compute_parts(0, tokens, 0)["loss"] == pytest.approx(6 * hv / 7.0)  # gradients in the forward
+    assert full.compute_parts(0, tokens, 0)["loss"] == pytest.approx(2 * hv / 9.0)  # no_grad forward
+    # every linear at its own shape's rate: q and o are [64 -> 64]
+    q_o = sum(f for (k, n), f in g.layers[0].matmuls.items() if (k, n) == (64, 64))
+    assert q_o == pytest.approx(2 * 2 * 64 * 64)
+    params = full.stages[0].params
+    assert full.optimizer_time(0) == pytest.approx(params / 11.0 + 16 * params / 1000.0)
+
+
+def test_plan_figures_name_measured_and_assumed_sources(tiny_graph):
+    prof = _toy_profile(provenance={"matmul_shapes": "measured: on the toy", "inter_node_bw": "assumed: a paper"})
+    one_node = CostModel(tiny_graph, prof, Layout(dp=2), [4], [1024]).figures_used()
+    assert one_node["matmul_shapes"] == {"status": "measured", "source": "on the toy", "terms": ["matmul"]}
+    assert "inter_node_bw" not in one_node and one_node["intra_node_bw"]["status"] == "assumed"
+    across = CostModel(tiny_graph, prof, Layout(dp=4), [4], [1024]).figures_used()
+    assert across["inter_node_bw"]["source"] == "a paper"

@@ -1,15 +1,19 @@
-"""Measure a GPU's rates and write a device profile for lcgraph-plan (same JSON as lcgraph/planner/profiles/*.json).
+"""Measure a GPU's rates at the shapes lcgraph runs and write a device profile (lcgraph/planner/profiles/ format).
 
-    python tools/profile_device.py --base h100 --name h100-measured --out h100-measured.json
-    lcgraph-plan +plan.device=h100-measured.json ...
+    python tools/profile_device.py --base h200 --name h200 --out h200.json      # about 2-3 minutes on an H200
+    lcgraph-plan +plan.device=h200.json ...
 
-Measured (torch only, bf16 unless said): dense matmul FLOP/s (best of a few large square shapes), causal
-attention forward+backward FLOP/s through scaled_dot_product_attention (cuDNN backend first, flash if
-cuDNN is unavailable) for head dims 64 and 128 over a range of sequence lengths, fp32 matmul FLOP/s
-(TF32 off), HBM bandwidth (device-to-device copy), total memory, and with two or more GPUs the
-GPU-to-GPU copy bandwidth. The inter-node bandwidth cannot be measured on one node: it is kept from
---base. Attention FLOPs follow the cost model's convention: forward = 4 * batch * heads * head_dim *
-causal pairs (S*(S+1)/2), forward+backward = 3.5 x forward.
+Measured (bf16 unless said; CUDA events, median of a few runs after warm-up):
+- matmul: the best square rate (MFU denominator), fp32 (TF32 off), and [16384, k] x [k, n] forward and
+  backward (dX + dW) for the projection shapes of 1B-70B LLaMA models (`matmul_shapes`);
+- attention blocks as the runtime calls them, for head dims 64 and 128 with 32 heads: the diagonal block
+  (square, causal) and prefix blocks (sq queries over sk earlier keys, no mask), forward under no_grad and
+  backward as (forward + backward) - forward; every SDPA backend that runs (cuDNN, flash), the faster one
+  per shape kept (all of them go to --backends-out);
+- HBM copy bandwidth; lcgraph's fused LM head + cross-entropy with and without gradients; torch's fused
+  AdamW over fp32 masters; with two GPUs, the GPU0 -> GPU1 copy bandwidth.
+Everything else (inter-node bandwidth, NCCL efficiency, the traffic and saved factors) is kept from --base
+with its provenance; each figure of the written profile says "measured: ..." or "assumed: ...".
 """
 
 from __future__ import annotations
@@ -25,13 +29,24 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-SEQ_LENS = (1024, 4096, 16384, 32768)
-QUICK_SEQ_LENS = (4096, 32768)
-HEAD_DIMS = (64, 128)
-TOKENS_X_HEADS = 32768 * 16  # batch*heads*seq per attention call: enough work at every length
+sys.path.insert(0, str(REPO))
+
+from lcgraph.planner.profile import ATTENTION_BACKWARD, load_profile, profile_json  # noqa: E402
+
+HEADS = 32
+TOKENS = 16384  # rows of the projection matmuls (a chunk or a short sequence)
+MATMUL_SHAPES = [  # (k, n): q/o, k/v, MLP up and down, of LLaMA 1B, 8B, 70B
+    (2048, 2048), (2048, 512), (2048, 8192), (8192, 2048),
+    (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096),
+    (8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192),
+]  # fmt: skip
+DIAG = (1024, 2048, 4096, 8192, 16384, 32768)
+PREFIX_Q = (1024, 4096, 8192, 16384)
+PREFIX_K = (4096, 16384, 65536, 262144)
+QUICK = {"diag": (2048, 8192, 32768), "prefix_q": (2048, 8192), "prefix_k": (8192, 65536, 262144)}
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> float:
+def timed(fn, repeats: int, warmup: int = 1) -> float:
     """Median seconds of fn() over `repeats` runs, timed with CUDA events."""
     for _ in range(warmup):
         fn()
@@ -57,102 +72,170 @@ def warm_up(seconds: float) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rate(dtype: torch.dtype, sizes, repeats: int) -> float:
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device="cuda", dtype=dtype)
-        b = torch.randn(n, n, device="cuda", dtype=dtype)
-        seconds = timed(lambda: a @ b, repeats)
-        best = max(best, 2 * n**3 / seconds)
-        print(f"  matmul {str(dtype):15s} {n:6d}^3: {2 * n**3 / seconds / 1e12:7.1f} TFLOP/s", flush=True)
-        del a, b
-    return best
+def square_rate(dtype: torch.dtype, n: int, repeats: int) -> float:
+    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    return 2 * n**3 / timed(lambda: a @ b, repeats)
 
 
-def _attention_backend():
+def shape_rates(k: int, n: int, repeats: int) -> tuple[float, float]:
+    """(forward, backward) FLOP/s of x[T, k] @ w[n, k].T: forward 2Tkn, backward dX and dW 4Tkn."""
+    x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16)
+    fwd = timed(lambda: x @ w.t(), repeats)
+    bwd = timed(lambda: (dy @ w, dy.t() @ x), repeats)
+    flops = 2.0 * TOKENS * k * n
+    return flops / fwd, 2 * flops / bwd
+
+
+def sdpa_backends():
     from torch.nn.attention import SDPBackend
 
-    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
-        backend = getattr(SDPBackend, name, None)
-        if backend is not None:
-            yield name, backend
+    return [(n, getattr(SDPBackend, n)) for n in ("CUDNN_ATTENTION", "FLASH_ATTENTION") if hasattr(SDPBackend, n)]
 
 
-def attention_rate(seq_len: int, head_dim: int, repeats: int) -> tuple[float, str]:
-    """Causal fwd+bwd FLOP/s at `seq_len`, and the SDPA backend that ran."""
+def block_seconds(sq: int, sk: int, d: int, causal: bool, backend, repeats: int) -> tuple[float, float]:
+    """(forward, backward) seconds of one attention block through SDPA with one backend."""
     from torch.nn.attention import sdpa_kernel
 
-    heads = max(1, TOKENS_X_HEADS // seq_len)
-    shape = (1, heads, seq_len, head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    forward = 4.0 * heads * head_dim * seq_len * (seq_len + 1) / 2
-    for name, backend in _attention_backend():
+    q = torch.randn(1, HEADS, sq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, HEADS, sk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grad = torch.randn_like(q)
 
-        def step():
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            torch.autograd.grad(out, (q, k, v), grad)
+    def fwd():
+        with sdpa_kernel([backend]), torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        try:
-            seconds = timed(step, repeats)
-        except RuntimeError as exc:  # backend not available for this shape / build
-            print(f"  attention {name} unavailable at S={seq_len} d={head_dim}: {str(exc).splitlines()[0][:80]}")
-            continue
-        return 3.5 * forward / seconds, name
-    raise RuntimeError("no SDPA backend (cuDNN, flash) ran; update PyTorch or the driver")
+    def both():
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    f = timed(fwd, repeats)
+    return f, max(timed(both, repeats) - f, 1e-9)
+
+
+def attention_tables(d: int, shapes: dict, repeats: int, raw: dict) -> dict:
+    """{"diag": [[s, fwd, bwd]], "prefix": [[sq, sk, fwd, bwd]]} at the fastest backend per shape."""
+    out: dict[str, list] = {"diag": [], "prefix": []}
+    blocks = [("diag", s, s) for s in shapes["diag"]]
+    blocks += [("prefix", q, k) for q in shapes["prefix_q"] for k in shapes["prefix_k"]]
+    for kind, sq, sk in blocks:
+        fwd_flops = 4.0 * HEADS * d * (sq * (sq + 1) / 2 if kind == "diag" else sq * sk)
+        best = None
+        for name, backend in sdpa_backends():
+            try:
+                f, b = block_seconds(sq, sk, d, kind == "diag", backend, repeats)
+            except RuntimeError as exc:  # backend not available for this shape / build
+                raw.setdefault("unavailable", []).append(f"{name} {kind} {sq}x{sk} d={d}: {str(exc)[:80]}")
+                continue
+            rates = (fwd_flops / f, ATTENTION_BACKWARD * fwd_flops / b)
+            raw.setdefault(name, []).append([d, kind, sq, sk, *rates])
+            if best is None or f + b < best[0]:
+                best = (f + b, rates, name)
+        if best is None:
+            raise RuntimeError("no SDPA backend (cuDNN, flash) ran; update PyTorch or the driver")
+        row = [sq] if kind == "diag" else [sq, sk]
+        out[kind].append([*row, _round(best[1][0]), _round(best[1][1])])
+        print(f"  attention d={d} {kind:6s} {sq:6d} x {sk:6d}: fwd {best[1][0] / 1e12:5.0f} "
+              f"bwd {best[1][1] / 1e12:5.0f} TFLOP/s ({best[2]})", flush=True)  # fmt: skip
+    return out
+
+
+def fused_loss_rates(hidden: int, vocab: int, repeats: int) -> tuple[float, float]:
+    """lcgraph's fused LM head + CE: (with gradients at 6hV, under no_grad at 2hV) FLOP/s per token."""
+    from lcgraph.ops.fused import linear_cross_entropy
+
+    h = torch.randn(TOKENS, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_(True)
+    y = torch.randint(0, vocab, (TOKENS,), device="cuda")
+    with_grad = timed(lambda: linear_cross_entropy(h, w, y), repeats, warmup=2)  # first call compiles
+    with torch.no_grad():
+        no_grad = timed(lambda: linear_cross_entropy(h, w, y), repeats, warmup=2)
+    hv = hidden * vocab * TOKENS
+    return 6 * hv / with_grad, 2 * hv / no_grad
+
+
+def adamw_rate(params: int, repeats: int) -> float:
+    """Parameters per second of torch's fused AdamW over fp32 masters (as runtime/optimizer.py steps)."""
+    p = torch.nn.Parameter(torch.zeros(params, device="cuda"))
+    p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+    return params / timed(opt.step, repeats)
 
 
 def copy_bandwidth(nbytes: int, repeats: int, dst: str = "cuda:0") -> float:
     """Bytes/s of a device copy: read+write within one GPU, or one direction between two GPUs."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
     out = torch.empty(nbytes, dtype=torch.uint8, device=dst)
-    seconds = timed(lambda: out.copy_(src, non_blocking=True), repeats)
-    return (2 if dst == "cuda:0" else 1) * nbytes / seconds
+    return (2 if dst == "cuda:0" else 1) * nbytes / timed(lambda: out.copy_(src, non_blocking=True), repeats)
 
 
 def _round(x: float) -> float:
     return float(f"{x:.3g}")
 
 
+def legacy_table(blocks: dict) -> list[list[float]]:
+    """The causal fwd+bwd table older plans read: 3.5 x forward FLOPs over forward + backward seconds."""
+    return [[s, _round((1 + ATTENTION_BACKWARD) / (1 / f + ATTENTION_BACKWARD / b))] for s, f, b in blocks["diag"]]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="h100", help="profile whose unmeasured fields are kept (name or path)")
+    parser.add_argument("--base", default="h200", help="profile whose unmeasured figures are kept (name or path)")
     parser.add_argument("--name", default=None, help="name of the new profile (default: GPU name)")
     parser.add_argument("--out", default="profile.json", help="where to write the profile JSON")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (about a minute)")
+    parser.add_argument("--backends-out", default=None, help="every backend's attention rates (JSON)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (under a minute)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_device: no CUDA GPU visible", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO))
-    from lcgraph.planner.costs import load_profile
-
     base = load_profile(args.base).to_dict()
     props = torch.cuda.get_device_properties(0)
-    repeats = 5 if args.quick else 30
-    started = time.time()
+    repeats = 3 if args.quick else 5
+    started, day = time.time(), time.strftime("%Y-%m-%d")
+    how = f"measured: tools/profile_device.py {day}, {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     print(f"profiling {props.name} ({props.total_memory / 2**30:.1f} GiB), torch {torch.__version__}", flush=True)
-    warm_up(0.5)
-    matmul = matmul_rate(torch.bfloat16, (8192,) if args.quick else (4096, 8192, 16384), repeats)
+    warm_up(1.0)
+    matmul = max(square_rate(torch.bfloat16, n, repeats) for n in (4096, 8192))
     torch.backends.cuda.matmul.allow_tf32 = False
-    fp32 = matmul_rate(torch.float32, (8192,), max(3, repeats // 4))
-    attention, backends = {}, set()
-    for head_dim in HEAD_DIMS:
-        table = []
-        for seq in QUICK_SEQ_LENS if args.quick else SEQ_LENS:
-            rate, backend = attention_rate(seq, head_dim, repeats)
-            backends.add(backend)
-            table.append([seq, _round(rate)])
-            print(f"  attention d={head_dim:3d} S={seq:6d}: {rate / 1e12:7.1f} TFLOP/s ({backend})", flush=True)
-        attention[str(head_dim)] = table
+    fp32 = square_rate(torch.float32, 8192, 2)
+    print(f"  matmul bf16 {matmul / 1e12:.0f} TFLOP/s, fp32 {fp32 / 1e12:.0f}", flush=True)
+    shapes = []
+    for k, n in MATMUL_SHAPES[:4] if args.quick else MATMUL_SHAPES:
+        fwd, bwd = shape_rates(k, n, repeats)
+        shapes.append([k, n, _round(fwd), _round(bwd)])
+        print(f"  matmul [{TOKENS}, {k}] x [{k}, {n}]: fwd {fwd / 1e12:.0f} bwd {bwd / 1e12:.0f} TFLOP/s", flush=True)
+    grid = QUICK if args.quick else {"diag": DIAG, "prefix_q": PREFIX_Q, "prefix_k": PREFIX_K}
+    raw: dict = {}
+    blocks = {d: attention_tables(d, grid, repeats, raw) for d in (64, 128)}
+    torch.cuda.empty_cache()
     hbm = copy_bandwidth(2**30, repeats)
-    print(f"  HBM copy: {hbm / 1e12:.2f} TB/s", flush=True)
+    loss, loss_nograd = fused_loss_rates(2048, 128256, repeats)
+    adamw = adamw_rate(2**28, repeats)
+    print(f"  HBM copy {hbm / 1e12:.2f} TB/s | fused loss {loss / 1e12:.0f} (no grad {loss_nograd / 1e12:.0f}) "
+          f"TFLOP/s | AdamW {adamw / 1e9:.1f} G params/s", flush=True)  # fmt: skip
     gpus = torch.cuda.device_count()
+    provenance = dict(base.get("provenance", {}))
+    measured = {
+        "matmul_flops": "best of 4096^3 and 8192^3 bf16",
+        "fp32_flops": "8192^3 fp32, TF32 off",
+        "matmul_shapes": f"[{TOKENS}, k] x [k, n] bf16, forward and dX + dW",
+        "attention_blocks": f"SDPA {HEADS} heads, fastest of {', '.join(sorted(set(raw) - {'unavailable'}))}",
+        "attention_flops": "derived from the measured diagonal blocks",
+        "memory_bandwidth": "1 GiB device copy (read + write)",
+        "fused_loss_flops": "lcgraph.ops.fused.linear_cross_entropy, 16384 tokens, h 2048, V 128256",
+        "fused_loss_nograd_flops": "the same under no_grad",
+        "adamw_params_per_s": "torch.optim.AdamW(fused=True), 2^28 fp32 parameters",
+        "memory_bytes": "torch.cuda.get_device_properties",
+    }
     intra = base["intra_node_bw"]
     if gpus > 1:
         intra = copy_bandwidth(2**30, repeats, dst="cuda:1")
+        measured["intra_node_bw"] = "GPU0 -> GPU1 copy (p2p; NCCL collectives reach less)"
         print(f"  GPU0 -> GPU1 copy: {intra / 1e9:.0f} GB/s", flush=True)
+    provenance.update({k: f"{how}: {v}" for k, v in measured.items()})
     profile = {
         **base,
         "name": args.name or props.name.replace(" ", "_").lower(),
@@ -160,25 +243,21 @@ def main(argv=None) -> int:
         "memory_bytes": props.total_memory,
         "matmul_flops": _round(matmul),
         "fp32_flops": _round(fp32),
-        "attention_flops": attention,
+        "attention_flops": {str(d): legacy_table(b) for d, b in blocks.items()},
+        "attention_blocks": {str(d): b for d, b in blocks.items()},
+        "matmul_shapes": shapes,
         "memory_bandwidth": _round(hbm),
+        "fused_loss_flops": _round(loss),
+        "fused_loss_nograd_flops": _round(loss_nograd),
+        "adamw_params_per_s": _round(adamw),
         "intra_node_bw": _round(intra),
-        "gpus_per_node": gpus if gpus > 1 else base["gpus_per_node"],
-        "source": (
-            f"Measured {time.strftime('%Y-%m-%d')} on {props.name} with torch {torch.__version__} "
-            f"(CUDA {torch.version.cuda}): bf16 matmul, fp32 matmul (TF32 off), causal SDPA fwd+bwd "
-            f"({', '.join(sorted(backends))}), HBM copy"
-            + (", GPU-to-GPU copy" if gpus > 1 else "")
-            + f". Kept from profile {base['name']!r}: inter_node_bw"
-            + ("" if gpus > 1 else ", intra_node_bw, gpus_per_node")
-            + "."
-        ),
+        "provenance": provenance,
+        "source": f"{how}; figures not measured kept from profile {base['name']!r} (see provenance).",
     }
-    Path(args.out).write_text(json.dumps(profile, indent=2) + "\n")
-    print(
-        f"wrote {args.out} in {time.time() - started:.0f} s: matmul {matmul / 1e12:.0f} TFLOP/s, "
-        f"attention d=128 at S={attention['128'][-1][0]}: {attention['128'][-1][1] / 1e12:.0f} TFLOP/s"
-    )
+    Path(args.out).write_text(profile_json(profile))
+    if args.backends_out:
+        Path(args.backends_out).write_text(json.dumps(raw, indent=1) + "\n")
+    print(f"wrote {args.out} in {time.time() - started:.0f} s")
     return 0
 
 

@@ -1,44 +1,46 @@
 """Cost model: how long a stage's work takes on a device, and how much memory a stage holds.
 
-Everything is read from the capture's NodeInfo annotations (flops_per_token, flops_per_pair,
-bytes_per_token, part/layer/role); nothing is measured. `GraphCosts.from_captured` walks the graph
-once and sums the annotations per decoder layer and per side (embedding side, head side, shared
-rotary tables); any layer split then costs a few additions, so a planner can try many layouts
-after a single capture.
+Graph facts are read from the capture's NodeInfo annotations (flops_per_token, flops_per_pair,
+bytes_per_token, part/layer/role) once: `GraphCosts.from_captured` sums them per decoder layer and per
+side (embedding side, final norm, LM head + loss, shared rotary tables); any layer split then costs a
+few additions. Rates come from a `DeviceProfile` (lcgraph/planner/profile.py), measured by
+tools/profile_device.py.
 
-Time of one (chunk of s tokens, prefix of P tokens) unit on a stage, per rank of a (pp, dp, sp) mesh:
+The kernels charged are those the runtime calls. Per unit (a chunk of s tokens after a prefix of P):
 
-    forward  = matmul_flops / matmul_rate + attention_flops / attention_rate(s, head_dim)
-               + traffic_bytes / memory_bandwidth + ulysses_bytes / link_bandwidth
-    backward = 2 x matmul + 2.5 x attention (includes recomputing QK^T) + 2 x traffic + same all-to-alls
+    matmul       every linear at the measured rate of its [tokens, k] x [k, n] shape; backward 2x FLOPs
+    attention    a diagonal block (s x s, causal) and, when P > 0, a prefix block (s x P, no mask), each
+                 at its measured forward / backward rate; the two are merged through their LSE
+    traffic      unfused elementwise bytes (norms, rotary, SwiGLU, adds) x the profile's traffic factor
+                 (eager or compiled) / memory bandwidth; backward moves twice the bytes
+    loss         the fused LM head + cross-entropy, all of its matmuls in the forward (grads computed there)
+    grads        each unit's weight gradients added into the stage's gradient buffers
+    optimizer    the fused AdamW over fp32 masters, plus the casts around it (grad -> fp32, master -> bf16)
 
-Collectives use ring formulas (bytes * (n - 1) / n / bandwidth); p2p is bytes / bandwidth. A profile
-(`DeviceProfile`, JSON in lcgraph/planner/profiles/) holds the rates. See docs/planner.md.
+`train.recompute` decides the reruns and what a unit keeps (RECOMPUTE_MODES): `none` keeps every saved
+activation; `full` keeps the unit's input and reruns its whole forward (attention and loss included) in
+backward; `keep_attention` also keeps each layer's attention output and LSE and reruns everything but
+attention. Collectives use ring formulas at the profile's NCCL bus bandwidth. See docs/planner.md.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
-from lcgraph.errors import ProfileError
+from lcgraph.planner.profile import ATTENTION_BACKWARD, DeviceProfile, load_profile, profile_names
 
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+__all__ = ["DeviceProfile", "load_profile", "profile_names"]  # the profile lives next door; old imports work
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+RECOMPUTE_MODES = ("none", "keep_attention", "full")  # fastest first
 
 BACKWARD_MATMUL = 2.0  # dX and dW
-BACKWARD_ATTENTION = 2.5  # dQ, dK, dV plus recomputing the scores
 BACKWARD_TRAFFIC = 2.0  # elementwise backward reads the saved input and the incoming gradient
 ADAM_STATE_BYTES = 8  # two fp32 moments per parameter
-MASTER_BYTES = 4  # fp32 master copy when the model runs in a lower precision
-OPTIMIZER_TRAFFIC = 32  # bytes moved per parameter by one AdamW update (master, moments, grad, param)
-# Unfused eager kernels move more bytes than the forward graph's tensors show (fp32 upcasts inside
-# RMSNorm, contiguous copies before matmuls, gradient accumulation). Calibrated on a measured
-# HF eager step of Llama-3.2-1B at 16k spends 146 ms in memory-bound glue on an H100, where the
-# annotations alone predict 78 ms.
-TRAFFIC_CALIBRATION = 1.9
+MASTER_BYTES = 8  # fp32 master copy and its fp32 gradient when the model runs in a lower precision
+OPTIMIZER_TRAFFIC = 28  # bytes one fused AdamW update moves per parameter (read master, grad, m, v; write 3)
+CAST_TRAFFIC = 16  # grad norm (2), grad -> fp32 (2 + 4), master -> bf16 param (4 + 2), grad zeroing (2)
+LSE_BYTES = 4  # fp32 log-sum-exp per query and head
 
 # ops whose output shares its input's storage: no new memory, no memory traffic
 VIEW_OPS = {
@@ -81,84 +83,6 @@ SAVES_OUTPUT_OPS = {"rsqrt", "exp", "sigmoid", "tanh", "_softmax", "softmax", "a
 FREE_OPS = {"_assert_tensor_metadata", "sym_size"}  # bookkeeping, no kernel
 COMPUTE_OPS = {"linear", "attention"}  # timed by FLOPs, not by memory traffic
 
-
-# --- device profiles ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class DeviceProfile:
-    """Rates of one GPU and its links. Units: bytes, FLOP/s, bytes/s."""
-
-    name: str
-    memory_bytes: float
-    matmul_flops: float  # dense bf16 matmul, as measured (also the MFU denominator)
-    attention_flops: dict[int, list[tuple[int, float]]]  # head dim -> [(seq_len, fwd+bwd FLOP/s)], causal
-    memory_bandwidth: float
-    intra_node_bw: float  # per GPU per direction (NVLink)
-    inter_node_bw: float  # per GPU per direction (InfiniBand)
-    gpus_per_node: int = 8
-    fp32_flops: float = 0.0  # fp32 (no tensor cores): used for train.dtype=fp32 plans
-    description: str = ""
-    source: str = ""
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DeviceProfile:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"device profile {data.get('name')!r}: unknown keys {unknown}; known: {sorted(known)}")
-        data = dict(data)
-        data["attention_flops"] = {
-            int(d): sorted((int(s), float(r)) for s, r in table) for d, table in data["attention_flops"].items()
-        }
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["attention_flops"] = {str(d): [list(p) for p in table] for d, table in self.attention_flops.items()}
-        return out
-
-    def matmul_rate(self, dtype: str) -> float:
-        return self.fp32_flops if dtype == "fp32" and self.fp32_flops else self.matmul_flops
-
-    def attention_rate(self, seq_len: float, head_dim: int, dtype: str = "bf16") -> float:
-        """Causal attention FLOP/s for `seq_len` queries: the nearest head dim's table, linear in log2(seq_len)."""
-        if dtype == "fp32" and self.fp32_flops:
-            return self.fp32_flops
-        dim = min(self.attention_flops, key=lambda d: (abs(math.log2(d / head_dim)), -d))
-        table = self.attention_flops[dim]
-        x = math.log2(max(seq_len, 1))
-        if x <= math.log2(table[0][0]):
-            return table[0][1]
-        for (s0, r0), (s1, r1) in zip(table, table[1:]):
-            x0, x1 = math.log2(s0), math.log2(s1)
-            if x <= x1:
-                return r0 + (r1 - r0) * (x - x0) / (x1 - x0)
-        return table[-1][1]
-
-    def link_bw(self, ranks: int) -> float:
-        """Bandwidth per GPU of a collective over `ranks` consecutive ranks (inside a node or across nodes)."""
-        return self.intra_node_bw if ranks <= self.gpus_per_node else self.inter_node_bw
-
-
-def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
-
-
-def load_profile(name_or_path: str) -> DeviceProfile:
-    """A shipped profile by name (h100, h200, a100) or any profile JSON by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROFILES_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        raise ProfileError(
-            f"device profile {name_or_path!r} not found; shipped profiles: "
-            f"{', '.join(profile_names())}, or give the path of a JSON file "
-            "(tools/profile_device.py writes one)"
-        )
-    return DeviceProfile.from_dict(json.loads(path.read_text()))
-
-
 # --- costs read from the graph -----------------------------------------------------------------------------
 
 
@@ -176,9 +100,16 @@ class Coeffs:
     kv_per_token: float = 0.0  # K and V after RoPE (what the KV relay caches)
     params: int = 0
     attention_layers: int = 0
+    matmuls: dict[tuple[int, int], float] = field(default_factory=dict)  # (k, n) -> forward FLOPs per token
 
     def __add__(self, other: Coeffs) -> Coeffs:
-        return Coeffs(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        out = Coeffs(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "matmuls"}
+        )
+        for shapes in (self.matmuls, other.matmuls):
+            for key, flops in shapes.items():
+                out.matmuls[key] = out.matmuls.get(key, 0.0) + flops
+        return out
 
 
 @dataclass
@@ -187,7 +118,7 @@ class GraphCosts:
 
     layers: list[Coeffs]
     first: Coeffs  # embedding side: stage 0 only
-    last: Coeffs  # final norm, head, loss: last stage only
+    last: Coeffs  # final norm: last stage only
     shared: Coeffs  # rotary tables and other nodes recomputed on every stage
     hidden_size: int
     heads: int
@@ -195,6 +126,8 @@ class GraphCosts:
     head_dim: int
     dtype: str
     tied_params: int = 0  # parameters used on both the embedding side and the head side
+    loss: Coeffs = field(default_factory=Coeffs)  # LM head + cross-entropy: last stage only
+    vocab_size: int = 0
 
     @property
     def dtype_bytes(self) -> int:
@@ -209,7 +142,7 @@ class GraphCosts:
         groups: dict[object, Coeffs] = {}
         for i in range(captured.num_layers()):
             groups[("layer", i)] = Coeffs()
-        for key in ("first", "last", "shared"):
+        for key in ("first", "last", "loss", "shared"):
             groups[key] = Coeffs()
         base = _storage_bases(nodes)
         bpt = {n: _bytes_per_token(n, dtype) for n in nodes}
@@ -235,6 +168,9 @@ class GraphCosts:
                     group.traffic_per_token += bpt[node] + sum(bpt[a] for a in ins)
             if group is not None:
                 group.matmul_per_token += info.flops_per_token
+                if info.flops_per_token and op == "linear":
+                    n, k = node.args[1].meta["val"].shape
+                    group.matmuls[(int(k), int(n))] = group.matmuls.get((int(k), int(n)), 0.0) + info.flops_per_token
                 group.attention_per_pair += info.flops_per_pair
         for node in saved | kv:
             group = groups.get(_group_key(node.meta["lcgraph"]))
@@ -250,7 +186,7 @@ class GraphCosts:
             users = {_group_key(u.meta["lcgraph"]) for u in node.users} & set(groups)
             for key in users:
                 groups[key].params += node.meta["val"].numel()
-            if {"first", "last"} <= users:
+            if {"first", "loss"} <= users:
                 tied += node.meta["val"].numel()
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = [groups[("layer", i)] for i in range(captured.num_layers())]
@@ -265,17 +201,20 @@ class GraphCosts:
             head_dim,
             dtype,
             tied,
+            groups["loss"],
+            config.vocab_size,
         )
 
-    def stage(self, layers: list[int], is_first: bool, is_last: bool) -> Coeffs:
+    def stage(self, layers: list[int], is_first: bool, is_last: bool, loss: bool = True) -> Coeffs:
+        """Costs of a stage; `loss=False` leaves out the LM head + loss (the fused loss is costed on its own)."""
         total = self.shared
         for i in layers:
             total = total + self.layers[i]
         if is_first:
             total = total + self.first
         if is_last:
-            total = total + self.last
-        if is_first and is_last:
+            total = total + self.last + (self.loss if loss else Coeffs())
+        if is_first and is_last and loss:
             total.params -= self.tied_params  # one copy of a tied embedding
         return total
 
@@ -314,7 +253,7 @@ def _op_name(node) -> str:
 def _group_key(info):
     if info.part == "layer":
         return ("layer", info.layer)
-    return {"embed": "first", "norm": "last", "head": "last", "loss": "last", "shared": "shared"}.get(info.part)
+    return {"embed": "first", "norm": "last", "head": "loss", "loss": "loss", "shared": "shared"}.get(info.part)
 
 
 def _is_activation(node) -> bool:
@@ -346,6 +285,13 @@ def _bytes_per_token(node, dtype: str) -> float:
 # --- a layout on a device ----------------------------------------------------------------------------------
 
 
+def recompute_mode(value) -> str:
+    """`train.recompute` as a mode name: booleans of older configs read true = full, false = none."""
+    if isinstance(value, bool) or value is None:
+        return "full" if value else "none"
+    return str(value)
+
+
 @dataclass
 class Layout:
     """The parallel layout and step shape the costs are evaluated for."""
@@ -356,7 +302,14 @@ class Layout:
     micro_batch: int = 1  # sequences per micro-batch
     zero: bool = True  # optimizer state sharded over the dp*sp replicas of a stage
     virtual_stages: int = 1
-    recompute: bool = False  # train.recompute: units keep only their stage input; backward reruns forward
+    recompute: str = "none"  # RECOMPUTE_MODES
+    compiled: bool = False  # train.compile: elementwise ops fused (the profile's "compiled" factors)
+    fused_loss: bool = True  # train.fused_loss
+
+    def __post_init__(self) -> None:
+        self.recompute = recompute_mode(self.recompute)
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute mode {self.recompute!r} unknown; choose one of {', '.join(RECOMPUTE_MODES)}")
 
     @property
     def replicas(self) -> int:
@@ -378,6 +331,23 @@ class StageMemory:
         return self.weights + self.grads + self.optimizer
 
 
+# which profile figure each time term reads (the plan prints their provenance)
+TERM_FIGURES = {
+    "matmul": ("matmul_shapes",),
+    "attention_diag": ("attention_blocks",),
+    "attention_prefix": ("attention_blocks",),
+    "attention_merge": ("memory_bandwidth",),
+    "traffic": ("memory_bandwidth", "traffic_factor"),
+    "loss": ("fused_loss_flops",),
+    "grads": ("memory_bandwidth",),
+    "all_to_all": ("intra_node_bw", "inter_node_bw"),
+    "optimizer": ("adamw_params_per_s", "memory_bandwidth"),
+    "grad_sync": ("intra_node_bw", "inter_node_bw"),
+    "p2p": ("intra_node_bw", "inter_node_bw"),
+    "activations": ("saved_factor",),
+}
+
+
 @dataclass
 class CostModel:
     """Durations and bytes of one plan: graph costs x device x layout x chunk lengths x layer split.
@@ -396,50 +366,125 @@ class CostModel:
     def __post_init__(self) -> None:
         n = len(self.layer_counts)
         starts = [sum(self.layer_counts[:s]) for s in range(n)]
-        self.stages = [
-            self.graph.stage(list(range(starts[s], starts[s] + c)), s == 0, s == n - 1)
-            for s, c in enumerate(self.layer_counts)
-        ]
+        layers = [list(range(starts[s], starts[s] + c)) for s, c in enumerate(self.layer_counts)]
+        self.stages = [self.graph.stage(ls, s == 0, s == n - 1) for s, ls in enumerate(layers)]
+        self.bodies = [self.graph.stage(ls, s == 0, s == n - 1, loss=False) for s, ls in enumerate(layers)]
         self.prefixes = [sum(self.chunk_lengths[:c]) for c in range(len(self.chunk_lengths))]
+        self.mode = "compiled" if self.layout.compiled else "eager"
+
+    def _is_last(self, stage: int) -> bool:
+        return stage == len(self.layer_counts) - 1
+
+    def _tokens(self, length: int) -> float:
+        return self.layout.micro_batch * length / self.layout.sp
 
     # --- compute -----------------------------------------------------------------------------------------
-    def compute_parts(self, stage: int, length: int, prefix: int) -> dict[str, float]:
-        """Forward seconds of one unit on one rank, by part: matmul, attention, traffic, all_to_all."""
-        c, lay, dev, dtype = self.stages[stage], self.layout, self.profile, self.graph.dtype
-        tokens = lay.micro_batch * length / lay.sp
-        pairs = lay.micro_batch * (length * prefix + length * (length + 1) / 2) / lay.sp
-        a2a = 0.0
-        if lay.sp > 1:
-            volume = tokens * self.graph.ulysses_bytes_per_token(c.attention_layers, lay.sp)
-            a2a = volume * (lay.sp - 1) / lay.sp / dev.link_bw(lay.sp)
+    def compute_parts(self, stage: int, length: int, prefix: int, grads: bool | None = None) -> dict[str, float]:
+        """Forward seconds of one unit on one rank, by part. `grads`: whether the forward records what
+        backward needs (the fused loss then computes its gradients too); default: unless recomputing."""
+        c, lay, dev, dtype = self.bodies[stage], self.layout, self.profile, self.graph.dtype
+        grads = lay.recompute == "none" if grads is None else grads
+        tokens = self._tokens(length)
+        per_pair = c.attention_per_pair * lay.micro_batch / lay.sp
+        d = self.graph.head_dim
+        diag = per_pair * length * (length + 1) / 2
+        pre = per_pair * length * prefix
         return {
-            "matmul": c.matmul_per_token * tokens / dev.matmul_rate(dtype),
-            "attention": c.attention_per_pair * pairs / dev.attention_rate(length, self.graph.head_dim, dtype)
-            if c.attention_per_pair
-            else 0.0,
-            "traffic": TRAFFIC_CALIBRATION * c.traffic_per_token * tokens / dev.memory_bandwidth,
-            "all_to_all": a2a,
+            "matmul": self._matmul(c, tokens, backward=False),
+            "attention_diag": diag / dev.block_rate("diag", length, length, d, False, dtype) if diag else 0.0,
+            "attention_prefix": pre / dev.block_rate("prefix", length, prefix, d, False, dtype) if pre else 0.0,
+            "attention_merge": self._merge_bytes(stage, tokens) / dev.memory_bandwidth if pre else 0.0,
+            "traffic": self._traffic(c, tokens),
+            "loss": self._loss(stage, tokens, grads),
+            "all_to_all": self._all_to_all(c, tokens),
         }
+
+    def backward_parts(self, stage: int, chunk: int) -> dict[str, float]:
+        """Backward seconds of one unit, by part; `rerun` is the forward the recompute mode repeats."""
+        length, prefix = self.chunk_lengths[chunk], self.prefixes[chunk]
+        f = self.compute_parts(stage, length, prefix)
+        c, dev, d, dtype = self.bodies[stage], self.profile, self.graph.head_dim, self.graph.dtype
+        tokens = self._tokens(length)
+        per_pair = c.attention_per_pair * self.layout.micro_batch / self.layout.sp * ATTENTION_BACKWARD
+        diag = per_pair * length * (length + 1) / 2
+        pre = per_pair * length * prefix
+        parts = {
+            "matmul": self._matmul(c, tokens, backward=True),
+            "attention_diag": diag / dev.block_rate("diag", length, length, d, True, dtype) if diag else 0.0,
+            "attention_prefix": pre / dev.block_rate("prefix", length, prefix, d, True, dtype) if pre else 0.0,
+            "traffic": BACKWARD_TRAFFIC * f["traffic"],
+            "grads": 3 * self.stages[stage].params * self.graph.dtype_bytes / dev.memory_bandwidth,
+            "all_to_all": f["all_to_all"],
+            "rerun": self._rerun(stage, length, prefix),
+        }
+        return parts
+
+    def _rerun(self, stage: int, length: int, prefix: int) -> float:
+        mode = self.layout.recompute
+        if mode == "none":
+            return 0.0
+        again = self.compute_parts(stage, length, prefix, grads=True)
+        if mode == "keep_attention":  # attention's output and LSE were kept
+            for part in ("attention_diag", "attention_prefix", "attention_merge"):
+                again[part] = 0.0
+        return sum(again.values())
+
+    def _matmul(self, c: Coeffs, tokens: float, backward: bool) -> float:
+        """Each linear at its own shape's rate; graphs without shape records at the peak rate."""
+        factor = BACKWARD_MATMUL if backward else 1.0
+        dtype = self.graph.dtype
+        if not c.matmuls:
+            return factor * c.matmul_per_token * tokens / self.profile.matmul_rate(dtype)
+        return sum(
+            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward)
+            for (k, n), flops in c.matmuls.items()
+        )
+
+    def _traffic(self, c: Coeffs, tokens: float) -> float:
+        return self.profile.traffic_factor[self.mode] * c.traffic_per_token * tokens / self.profile.memory_bandwidth
+
+    def _merge_bytes(self, stage: int, tokens: float) -> float:
+        """Merging the prefix and diagonal blocks through their LSE: read two outputs and LSEs, write one."""
+        g = self.graph
+        per_layer = 3 * (g.heads * g.head_dim * g.dtype_bytes + g.heads * LSE_BYTES)
+        return self.bodies[stage].attention_layers * per_layer * tokens
+
+    def _loss(self, stage: int, tokens: float, grads: bool) -> float:
+        """The LM head + cross-entropy. Fused: 6hV FLOPs per token with gradients (forward), 2hV without."""
+        if not self._is_last(stage):
+            return 0.0
+        g, dev = self.graph, self.profile
+        if not self.layout.fused_loss:
+            return self._matmul(g.loss, tokens, False) + self._traffic(g.loss, tokens)
+        hv = g.hidden_size * g.vocab_size * tokens
+        if grads:
+            return 6 * hv / (dev.fused_loss_flops or dev.matmul_rate(g.dtype))
+        return 2 * hv / (dev.fused_loss_nograd_flops or dev.matmul_rate(g.dtype))
+
+    def _all_to_all(self, c: Coeffs, tokens: float) -> float:
+        lay = self.layout
+        if lay.sp == 1:
+            return 0.0
+        volume = tokens * self.graph.ulysses_bytes_per_token(c.attention_layers, lay.sp)
+        return volume * (lay.sp - 1) / lay.sp / self.profile.link_bw(lay.sp)
 
     def forward_time(self, stage: int, chunk: int) -> float:
         return sum(self.compute_parts(stage, self.chunk_lengths[chunk], self.prefixes[chunk]).values())
 
     def backward_time(self, stage: int, chunk: int) -> float:
-        p = self.compute_parts(stage, self.chunk_lengths[chunk], self.prefixes[chunk])
-        rerun = self.forward_time(stage, chunk) if self.layout.recompute else 0.0
-        return (
-            BACKWARD_MATMUL * p["matmul"]
-            + BACKWARD_ATTENTION * p["attention"]
-            + BACKWARD_TRAFFIC * p["traffic"]
-            + p["all_to_all"]
-            + rerun
-        )
+        parts = self.backward_parts(stage, chunk)
+        if not self.layout.fused_loss and self._is_last(stage):  # the unfused head's own backward
+            tokens = self._tokens(self.chunk_lengths[chunk])
+            parts["loss"] = self._matmul(self.graph.loss, tokens, True) + BACKWARD_TRAFFIC * self._traffic(
+                self.graph.loss, tokens
+            )
+        return sum(parts.values())
 
     # --- communication -----------------------------------------------------------------------------------
     def p2p_time(self, src_stage: int, dst_stage: int, chunk: int) -> float:
         """Residual stream of one unit from one rank to its pipeline neighbour (same node or not)."""
         lay, dev = self.layout, self.profile
-        nbytes = lay.micro_batch * self.chunk_lengths[chunk] / lay.sp * self.graph.hidden_size * self.graph.dtype_bytes
+        nbytes = self._tokens(self.chunk_lengths[chunk]) * self.graph.hidden_size * self.graph.dtype_bytes
         per_node = dev.gpus_per_node
         src, dst = (lay.replicas * (s % lay.pp) // per_node for s in (src_stage, dst_stage))
         return nbytes / (dev.intra_node_bw if src == dst else dev.inter_node_bw)
@@ -454,8 +499,16 @@ class CostModel:
         return 2 * nbytes * (n - 1) / n / self.profile.link_bw(n)
 
     def optimizer_time(self, stage: int) -> float:
-        shard = self.stages[stage].params / (self.layout.replicas if self.layout.zero else 1)
-        return shard * OPTIMIZER_TRAFFIC / self.profile.memory_bandwidth
+        """Fused AdamW over this rank's shard, plus the casts around it (whole-stage buffers: not sharded)."""
+        params, dev = self.stages[stage].params, self.profile
+        shard = params / (self.layout.replicas if self.layout.zero else 1)
+        adamw = (
+            shard / dev.adamw_params_per_s
+            if dev.adamw_params_per_s
+            else shard * OPTIMIZER_TRAFFIC / dev.memory_bandwidth
+        )
+        casts = (CAST_TRAFFIC if self.graph.dtype != "fp32" else 4) * params / dev.memory_bandwidth
+        return adamw + casts
 
     # --- memory ------------------------------------------------------------------------------------------
     def stage_memory(self, stage: int) -> StageMemory:
@@ -464,23 +517,42 @@ class CostModel:
         shards = self.layout.replicas if self.layout.zero else 1
         return StageMemory(params * nbytes, params * nbytes, params * state / shards)
 
+    def _kept(self, stage: int, tokens: float) -> float:
+        """Bytes a unit keeps for backward when nothing is recomputed, K/V excluded: the graph's saved
+        tensors, each attention's LSE, and the fused loss's gradients (computed in its forward)."""
+        c, g = self.bodies[stage], self.graph
+        kept = self.profile.saved_factor[self.mode] * c.saved_per_token * tokens
+        kept += c.attention_layers * g.heads * LSE_BYTES * tokens
+        if self._is_last(stage):
+            if self.layout.fused_loss:  # dL/dhidden (bf16) and dL/dW of the head (fp32)
+                kept += g.hidden_size * g.dtype_bytes * tokens + 4 * g.hidden_size * g.vocab_size
+            else:
+                kept += g.loss.saved_per_token * tokens
+        return kept
+
     def unit_activations(self, stage: int, chunk: int) -> tuple[float, float]:
-        """(bytes kept for backward, K/V bytes) of one unit on one rank. Without sequence chunks there is
-        no relay: K/V are ordinary saved activations and come back in the first number."""
-        c, lay = self.stages[stage], self.layout
-        tokens = lay.micro_batch * self.chunk_lengths[chunk] / lay.sp
-        kv = c.kv_per_token * tokens * max(1.0, lay.sp / self.graph.kv_heads)
-        saved = c.saved_per_token * tokens
-        if lay.recompute:  # only the unit's input stays; its full activations exist during its backward
-            saved = self.graph.hidden_size * self.graph.dtype_bytes * tokens
-        return (saved, kv) if len(self.chunk_lengths) > 1 else (saved + kv, 0.0)
+        """(bytes kept for backward, K/V bytes) of one unit on one rank. With sequence chunks the relay
+        holds one preallocated K/V buffer per micro-batch for the whole sequence: charged to chunk 0,
+        the first in and the last out. Without chunks K/V are ordinary saved activations."""
+        c, lay, g = self.bodies[stage], self.layout, self.graph
+        tokens = self._tokens(self.chunk_lengths[chunk])
+        kv_scale = c.kv_per_token * max(1.0, lay.sp / g.kv_heads)
+        if lay.recompute == "none":
+            saved = self._kept(stage, tokens)
+        else:  # the unit's input, and with keep_attention each layer's attention output and LSE
+            saved = g.hidden_size * g.dtype_bytes * tokens
+            if lay.recompute == "keep_attention":
+                saved += c.attention_layers * g.heads * (g.head_dim * g.dtype_bytes + LSE_BYTES) * tokens
+        if len(self.chunk_lengths) == 1:
+            return saved + kv_scale * tokens, 0.0
+        whole = self._tokens(sum(self.chunk_lengths))
+        return saved, (kv_scale * whole if chunk == 0 else 0.0)
 
     def recompute_transient(self, stage: int) -> float:
-        """Recompute: the largest unit's full activations, alive while its backward runs."""
-        if not self.layout.recompute:
+        """Recompute: the largest unit's activations, alive while its backward runs."""
+        if self.layout.recompute == "none":
             return 0.0
-        c, lay = self.stages[stage], self.layout
-        return c.saved_per_token * lay.micro_batch * max(self.chunk_lengths) / lay.sp
+        return self._kept(stage, self._tokens(max(self.chunk_lengths)))
 
     # --- the simulator's interface -----------------------------------------------------------------------
     def duration(self, action, rank: int) -> float:
@@ -506,3 +578,41 @@ class CostModel:
 
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
         return self.unit_activations(stage, chunk)
+
+    # --- honesty -----------------------------------------------------------------------------------------
+    def figures_used(self) -> dict[str, dict]:
+        """Each profile figure a nonzero term of this plan read: {figure: {status, source, terms}}."""
+        terms: set[str] = {"activations"}
+        for s in range(len(self.stages)):
+            for c in range(len(self.chunk_lengths)):
+                for parts in (
+                    self.backward_parts(s, c),
+                    self.compute_parts(s, self.chunk_lengths[c], self.prefixes[c]),
+                ):
+                    terms |= {name for name, t in parts.items() if t > 0 and name in TERM_FIGURES}
+            if self.grad_sync_time(s) > 0:
+                terms.add("grad_sync")
+        terms.add("optimizer")
+        if len(self.stages) > 1:
+            terms.add("p2p")
+        out: dict[str, dict] = {}
+        for term in sorted(terms):
+            for figure in self._figures(term):
+                status, source = self.profile.status(figure)
+                entry = out.setdefault(figure, {"status": status, "source": source, "terms": []})
+                entry["terms"].append(term)
+        return out
+
+    def _figures(self, term: str) -> tuple[str, ...]:
+        """The figures a term reads on this layout (a link: only the one its collectives cross)."""
+        if term in ("all_to_all", "grad_sync", "p2p"):
+            ranks = {"all_to_all": self.layout.sp, "grad_sync": self.layout.replicas}.get(term, self.layout.gpus)
+            return ("intra_node_bw",) if ranks <= self.profile.gpus_per_node else ("inter_node_bw",)
+        dev = self.profile
+        fallback = {  # figures a profile may lack: the term then reads the one it falls back to
+            "matmul_shapes": "matmul_shapes" if dev.matmul_shapes else "matmul_flops",
+            "attention_blocks": "attention_blocks" if dev.attention_blocks else "attention_flops",
+            "fused_loss_flops": "fused_loss_flops" if dev.fused_loss_flops else "matmul_flops",
+            "adamw_params_per_s": "adamw_params_per_s" if dev.adamw_params_per_s else "memory_bandwidth",
+        }
+        return tuple(dict.fromkeys(fallback.get(f, f) for f in TERM_FIGURES[term]))

@@ -31,9 +31,10 @@ from omegaconf import DictConfig
 
 from lcgraph.errors import PlanError
 from lcgraph.graph import passes
-from lcgraph.graph.capture import capture
+from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
-from lcgraph.planner.costs import CostModel, GraphCosts, Layout, load_profile
+from lcgraph.planner.costs import RECOMPUTE_MODES, CostModel, GraphCosts, Layout, recompute_mode
+from lcgraph.planner.profile import DeviceProfile, load_profile
 from lcgraph.planner.simulator import SimResult, simulate
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule import nccl
@@ -49,6 +50,7 @@ DEFAULTS = {
     "timeline": True,
 }
 GiB = 2**30
+AUTO_USABLE = 0.9  # share of the device's memory `recompute=auto` may plan for: allocator slack, model error
 
 
 def plan_settings(cfg: DictConfig) -> dict:
@@ -206,6 +208,7 @@ class Plan:
                 {"label": label, **(alt.summary() if isinstance(alt, Evaluation) else {"error": alt})}
                 for label, alt in self.alternatives
             ],
+            "figures": cost.figures_used(),
             "settings": self.settings,
             "notes": self.notes,
             "capture_seconds": self.capture_seconds,
@@ -225,20 +228,30 @@ def layer_counts(cfg: DictConfig, captured) -> tuple[list[int], list[int]]:
     return counts, passes.balance_layers(costs, first, last, par.pp)
 
 
-def build_plan(cfg: DictConfig, captured=None) -> Plan:
-    """Capture (unless given), cost, simulate the configured layout and the alternatives."""
+@dataclass
+class Setup:
+    """What every evaluation of one config shares: profile, graph costs, layout, layer split."""
 
-    started = time.perf_counter()
+    settings: dict
+    profile: DeviceProfile
+    graph: GraphCosts
+    captured: CapturedGraph
+    layout: Layout
+    counts: list[int]
+    alt_counts: list[int]
+
+
+def setup(cfg: DictConfig, captured=None) -> Setup:
+    """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here."""
     settings = plan_settings(cfg)
     profile = load_profile(settings["device"])
     if settings["gpus_per_node"]:
         profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
-    config = captured.config if captured is not None else build_config(cfg.model)
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if captured is None:
-        captured = capture(config)
+        captured = capture(build_config(cfg.model))
     graph = GraphCosts.from_captured(captured, settings["dtype"])
-    par, seq = cfg.parallel, cfg.data.seq_len
+    par, train = cfg.parallel, cfg.train
+    mode = recompute_mode(train.get("recompute", False))
     layout = Layout(
         par.pp,
         par.dp,
@@ -246,25 +259,79 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
         cfg.data.micro_batch_size,
         par.zero,
         par.virtual_stages,
-        recompute=bool(cfg.train.get("recompute", False)),
+        recompute="none" if mode == "auto" else mode,
+        compiled=bool(train.get("compile", False)),
+        fused_loss=bool(train.get("fused_loss", True)),
     )
     counts, alt_counts = layer_counts(cfg, captured)
-    main = evaluate(
-        graph,
-        profile,
+    return Setup(settings, profile, graph, captured, layout, counts, alt_counts)
+
+
+def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) -> Evaluation:
+    """The config's own schedule on `layout` (default: the setup's)."""
+    par, layout = cfg.parallel, layout or st.layout
+    return evaluate(
+        st.graph,
+        st.profile,
         layout,
-        counts,
-        seq,
+        st.counts,
+        cfg.data.seq_len,
         par.schedule,
         par.microbatches,
         par.seq_chunks,
         par.chunk_split,
         label=f"{par.schedule} (this config)",
     )
+
+
+def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
+    """The fastest recompute mode whose predicted peak fits AUTO_USABLE of the device, with a one-line reason."""
+    usable = AUTO_USABLE * st.profile.memory_bytes
+    tried = [(m, evaluate_config(cfg, st, dataclasses.replace(st.layout, recompute=m))) for m in RECOMPUTE_MODES]
+    fitting = [(m, ev) for m, ev in tried if max(ev.sim.rank_peak) <= usable]
+    table = ", ".join(f"{m} {ev.sim.step_time:.2f} s/{_size(max(ev.sim.rank_peak))}" for m, ev in tried)
+    if not fitting:
+        mode, ev = tried[-1]
+        return mode, f"no mode fits {_size(usable)} usable ({table}); full keeps the least", ev
+    mode, ev = min(fitting, key=lambda x: x[1].sim.step_time)
+    return mode, f"fastest that fits {_size(usable)} usable of {st.profile.name} ({table})", ev
+
+
+def resolve_recompute(cfg: DictConfig, captured=None) -> tuple[str, str]:
+    """`train.recompute` as the mode to run and why: a given mode as is, `auto` chosen by the planner.
+
+    The app calls this before training (`+plan.device` names the profile, default h100)."""
+    mode = recompute_mode(cfg.train.get("recompute", False))
+    if mode != "auto":
+        return mode, "set in the config"
+    chosen, reason, _ = choose_recompute(cfg, setup(cfg, captured))
+    return chosen, reason
+
+
+def build_plan(cfg: DictConfig, captured=None) -> Plan:
+    """Capture (unless given), cost, simulate the configured layout and the alternatives."""
+
+    started = time.perf_counter()
+    st = setup(cfg, captured)
+    graph, profile, config, par, seq = st.graph, st.profile, st.captured.config, cfg.parallel, cfg.data.seq_len
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    notes = []
+    if recompute_mode(cfg.train.get("recompute", False)) == "auto":
+        mode, reason, main = choose_recompute(cfg, st)
+        st.layout = dataclasses.replace(st.layout, recompute=mode)
+        notes.append(f"train.recompute=auto -> {mode}: {reason}")
+    else:
+        main = evaluate_config(cfg, st, st.layout)
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
-    if settings["alternatives"]:
+    if st.settings["alternatives"]:
         alternatives += _alternatives(
-            graph, profile, dataclasses.replace(layout, virtual_stages=1), alt_counts, seq, par, settings["chunks"]
+            graph,
+            profile,
+            dataclasses.replace(st.layout, virtual_stages=1),
+            st.alt_counts,
+            seq,
+            par,
+            st.settings["chunks"],
         )
     model = {
         "name": cfg.model.name,
@@ -277,8 +344,8 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
         "vocab_size": config.vocab_size,
         "params": graph.total().params,
     }
-    plan = Plan(settings, main, alternatives, model, captured.capture_seconds)
-    if settings["dtype"] == "fp32":
+    plan = Plan(st.settings, main, alternatives, model, st.captured.capture_seconds, notes=notes)
+    if st.settings["dtype"] == "fp32":
         plan.notes.append(
             "dtype fp32: matmul and attention are timed at the profile's fp32 rate; plan bf16 runs "
             "with train.dtype=bf16 or +plan.dtype=bf16"
@@ -397,6 +464,8 @@ def print_plan(plan: Plan, console=None) -> None:
         f"step {s['step_time_s']:.3f} s | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
         f"MFU {s['mfu']:.1%} | bubble {s['bubble']:.1%} | {fits}"
     )
+    for line in figure_lines(cost.figures_used()):
+        console.print(line, markup=False)
     if len(plan.alternatives) > 1:
         alt = Table(title="alternatives (same layout and micro-batches)")
         for col in ("schedule", "chunks", "step s", "tokens/s/GPU", "MFU", "bubble", "peak mem", "fits"):
@@ -421,6 +490,16 @@ def print_plan(plan: Plan, console=None) -> None:
     for note in plan.notes:
         console.print(f"note: {note}")
     console.print(f"planned in {plan.seconds:.1f} s (capture {plan.capture_seconds:.1f} s)")
+
+
+def figure_lines(figures: dict[str, dict]) -> list[str]:
+    """Which of the plan's figures are measured and which assumed (with their source), one line each group."""
+    measured = [f for f, e in figures.items() if e["status"] == "measured"]
+    assumed = [f"{f} ({e['source'][:90]})" for f, e in figures.items() if e["status"] != "measured"]
+    return [
+        f"figures measured: {', '.join(measured) or 'none'}",
+        f"figures assumed: {'; '.join(assumed) or 'none'}",
+    ]
 
 
 def _short_chunks(lengths: list[int]) -> str:

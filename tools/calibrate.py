@@ -1,0 +1,258 @@
+"""Planner against the GPU: run single-GPU configurations, plan the same ones, print predicted / measured.
+
+    python tools/calibrate.py --profile h200.json                 # the full list (about 15 minutes on an H200)
+    python tools/calibrate.py --profile h200.json --quick         # 5 configurations, about 5 minutes
+    python tools/calibrate.py --profile h200.json --fit --write-profile h200.json   # also fit the factors
+
+Each run is a fresh subprocess through lcgraph's own trainer (`Job.run_step`, Llama-3.2-1B shape, bf16,
+synthetic tokens): step time = median of the timed steps, peak memory = torch.cuda.max_memory_allocated.
+The planner runs the same config on the given profile. Rows are printed with the worst ratio last and
+written as JSON (default docs/results/calibration_<gpu>_<date>.json). `--fit` fits the profile's two
+assumed factors by least squares (elementwise traffic per eager/compiled, saved activations) and prints
+the table again with them; `--write-profile` stores them, marked "fitted".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from lcgraph.planner.profile import load_profile, profile_json  # noqa: E402
+
+TIME_BAND, MEMORY_BAND = 0.15, 0.10
+# name -> (seq_len, seq_chunks, recompute, compile)
+FULL = {
+    f"{seq // 1024}k {mode}{' compiled' if c else ''}": (seq, 1, mode, c)
+    for seq in (16384, 32768, 65536)
+    for mode in ("none", "keep_attention", "full")
+    for c in (False, True)
+} | {
+    f"256k k=32 {mode}{' compiled' if c else ''}": (262144, 32, mode, c)
+    for mode in ("keep_attention", "full")
+    for c in (False, True)
+}
+QUICK = {
+    "16k none": (16384, 1, "none", False),
+    "16k none compiled": (16384, 1, "none", True),
+    "32k keep_attention": (32768, 1, "keep_attention", False),
+    "32k full": (32768, 1, "full", False),
+    "64k k=8 keep_attention": (65536, 8, "keep_attention", False),
+}
+
+
+def overrides(seq: int, chunks: int, mode: str, compiled: bool) -> list[str]:
+    out = [
+        "parallel=single",
+        "model=llama3_1b",
+        f"model.max_position_embeddings={max(seq, 131072)}",
+        f"data.seq_len={seq}",
+        "data.synthetic=true",
+        "train.dtype=bf16",
+        "train.device=cuda",
+        f"train.recompute={mode}",
+        f"train.compile={str(compiled).lower()}",
+        "logging.wandb.mode=disabled",
+        "train.progress=false",
+        "optim.warmup_steps=1",
+    ]
+    if chunks > 1:
+        out += ["parallel.schedule=seq1f1b", f"parallel.seq_chunks={chunks}", "parallel.chunk_split=even"]
+    return out
+
+
+def compose_cfg(args: list[str]):
+    """The config as the trainer composes it; a boolean-only `train.recompute` schema gets true/false."""
+    from lcgraph.app.testing import compose
+
+    try:
+        return compose(*args, tiny=False)
+    except Exception:  # older schema: recompute is a boolean
+        legacy = {"train.recompute=none": "train.recompute=false", "train.recompute=full": "train.recompute=true"}
+        return compose(*[legacy.get(a, a) for a in args], tiny=False)
+
+
+def measure(args: list[str], steps: int, warmup: int) -> dict:
+    """In this process: train warmup + steps steps, return median step seconds and peak bytes."""
+    import statistics
+
+    import torch
+
+    from lcgraph.app.job import Job
+
+    cfg = compose_cfg(args + [f"train.steps={warmup + steps}"])
+    job = Job(cfg, Path("/tmp/lcgraph-calibrate"), 0, 1)
+    times = []
+    for step in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        job.run_step(step)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times[warmup:]), "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
+def measure_isolated(args: list[str], steps: int, warmup: int, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--one", json.dumps(args), "--steps", str(steps), "--warmup", str(warmup)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": "OOM" if "OutOfMemory" in out.stderr else tail[0][:160]}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def predict(args: list[str], profile_path: str, profile=None) -> dict:
+    """The planner's step time and peak for the config (with `profile` replacing the file's, if given)."""
+    from lcgraph.planner import plan
+
+    cfg = compose_cfg(args + [f"+plan.device={profile_path}", "+plan.alternatives=false", "+plan.timeline=false"])
+    st = plan.setup(cfg, _captured())
+    if profile is not None:
+        st.profile = profile
+    ev = plan.evaluate_config(cfg, st)
+    return {"step_s": ev.sim.step_time, "peak_bytes": max(ev.sim.rank_peak)}
+
+
+_CAPTURE: dict = {}
+
+
+def _captured():
+    """One meta-device capture of the model for every prediction (they differ only in layout)."""
+    if "graph" not in _CAPTURE:
+        from lcgraph.graph.capture import capture
+        from lcgraph.runtime.model import build_config
+
+        _CAPTURE["graph"] = capture(build_config(compose_cfg(overrides(16384, 1, "none", False)).model))
+    return _CAPTURE["graph"]
+
+
+def table(rows: list[dict]) -> list[dict]:
+    """Rows with ratios, the worst (largest |log ratio| of time or memory) last."""
+    import math
+
+    done = [r for r in rows if "measured" in r and "error" not in r["measured"]]
+    for r in done:
+        r["time_ratio"] = r["predicted"]["step_s"] / r["measured"]["step_s"]
+        r["memory_ratio"] = r["predicted"]["peak_bytes"] / r["measured"]["peak_bytes"]
+        r["in_band"] = abs(r["time_ratio"] - 1) <= TIME_BAND and abs(r["memory_ratio"] - 1) <= MEMORY_BAND
+    done.sort(key=lambda r: max(abs(math.log(r["time_ratio"])), abs(math.log(r["memory_ratio"]))))
+    return [r for r in rows if r not in done] + done
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'config':28s} {'pred s':>8s} {'meas s':>8s} {'ratio':>6s} {'pred GiB':>9s} {'meas GiB':>9s} {'ratio':>6s}")
+    for r in rows:
+        p, m = r["predicted"], r.get("measured", {})
+        if "time_ratio" not in r:
+            print(
+                f"{r['name']:28s} {p['step_s']:8.3f} {'-':>8s} {'':6s} {p['peak_bytes'] / 2**30:9.1f}  {m.get('error')}"
+            )
+            continue
+        flag = "" if r["in_band"] else "  OUT OF BAND"
+        print(
+            f"{r['name']:28s} {p['step_s']:8.3f} {m['step_s']:8.3f} {r['time_ratio']:6.2f} "
+            f"{p['peak_bytes'] / 2**30:9.1f} {m['peak_bytes'] / 2**30:9.1f} {r['memory_ratio']:6.2f}{flag}"
+        )
+
+
+def fit(rows: list[dict], profile_path: str):
+    """Least-squares traffic factor per compile mode and one saved factor: predictions are linear in each."""
+    prof = load_profile(profile_path)
+    fitted_traffic, fitted_saved = dict(prof.traffic_factor), dict(prof.saved_factor)
+    done = [r for r in rows if "time_ratio" in r]
+    for mode in ("eager", "compiled"):
+        sel = [r for r in done if r["compiled"] == (mode == "compiled")]
+        if not sel:
+            continue
+        num = den = 0.0
+        mem_num = mem_den = 0.0
+        for r in sel:
+            zero = dataclasses.replace(
+                prof, traffic_factor={**fitted_traffic, mode: 0.0}, saved_factor={**fitted_saved, mode: 0.0}
+            )
+            one = dataclasses.replace(
+                prof, traffic_factor={**fitted_traffic, mode: 1.0}, saved_factor={**fitted_saved, mode: 1.0}
+            )
+            p0, p1 = predict(r["args"], profile_path, zero), predict(r["args"], profile_path, one)
+            slope_t, slope_m = p1["step_s"] - p0["step_s"], p1["peak_bytes"] - p0["peak_bytes"]
+            num += slope_t * (r["measured"]["step_s"] - p0["step_s"])
+            den += slope_t**2
+            mem_num += slope_m * (r["measured"]["peak_bytes"] - p0["peak_bytes"])
+            mem_den += slope_m**2
+        fitted_traffic[mode] = round(max(num / den, 0.0), 3) if den else fitted_traffic[mode]
+        fitted_saved[mode] = round(max(mem_num / mem_den, 0.0), 3) if mem_den else fitted_saved[mode]
+    return dataclasses.replace(prof, traffic_factor=fitted_traffic, saved_factor=fitted_saved)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="h200", help="device profile (name or path) the planner uses")
+    ap.add_argument("--quick", action="store_true", help=f"{len(QUICK)} configurations (about 5 minutes)")
+    ap.add_argument("--only", nargs="+", default=None, help="configuration names to run")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
+    ap.add_argument("--out", default=None, help="JSON path (default docs/results/calibration_<gpu>_<date>.json)")
+    ap.add_argument("--fit", action="store_true", help="fit traffic and saved factors to the measurements")
+    ap.add_argument("--write-profile", default=None, help="with --fit: write the profile with the fitted factors")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(measure(json.loads(args.one), args.steps, args.warmup)), flush=True)
+        return 0
+    import torch
+
+    configs = QUICK if args.quick else FULL
+    if args.only:
+        configs = {n: c for n, c in {**FULL, **QUICK}.items() if n in args.only}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    rows = []
+    for name, (seq, chunks, mode, compiled) in configs.items():
+        cfg_args = overrides(seq, chunks, mode, compiled)
+        row = {"name": name, "args": cfg_args, "compiled": compiled, "predicted": predict(cfg_args, args.profile)}
+        row["measured"] = measure_isolated(cfg_args, args.steps, args.warmup, args.timeout)
+        print(f"{name}: predicted {row['predicted']} measured {row['measured']}", flush=True)
+        rows.append(row)
+    rows = table(rows)
+    print_table(rows, f"predicted / measured on {gpu}, profile {args.profile} (worst last)")
+    result = {"gpu": gpu, "profile": args.profile, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if args.fit:
+        fitted = fit(rows, args.profile)
+        for r in rows:
+            if "time_ratio" in r:
+                r["predicted_fitted"] = predict(r["args"], args.profile, fitted)
+        refit = table([{**r, "predicted": r.get("predicted_fitted", r["predicted"])} for r in rows])
+        print_table(refit, f"with fitted traffic {fitted.traffic_factor}, saved {fitted.saved_factor} (worst last)")
+        result.update(
+            fitted={"traffic_factor": fitted.traffic_factor, "saved_factor": fitted.saved_factor}, rows_fitted=refit
+        )
+        if args.write_profile:
+            note = f"assumed: fitted by tools/calibrate.py {time.strftime('%Y-%m-%d')} on {gpu} ({len(rows)} runs)"
+            fitted.provenance.update(traffic_factor=note, saved_factor=note)
+            Path(args.write_profile).write_text(profile_json(fitted.to_dict()))
+    out = Path(
+        args.out
+        or REPO / "docs" / "results" / f"calibration_{gpu.replace(' ', '_').lower()}_{time.strftime('%Y-%m-%d')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
