@@ -268,7 +268,7 @@ def build_corpus(ds, tokenizer, text_key: str, key: str, workers: int) -> TokenC
         remove_columns=ds.column_names,
         desc="tokenizing data.path",
     )
-    lengths = np.asarray(encoded["length"], dtype=np.int64)
+    lengths = np.asarray(encoded["length"] if len(encoded) else [], dtype=np.int64)
     if lengths.sum() == 0:
         raise DataError("data.path holds only empty documents (0 tokens)")
     root = cache_dir() / "corpus"
