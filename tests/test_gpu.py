@@ -135,3 +135,26 @@ def test_nccl_collectives_in_a_cuda_trace_are_found_through_their_c10d_call(tmp_
     assert rs.device == "cuda" and rs.count >= 1 and ag.count >= 1 and rs.comm_s > 0
     assert rs.compute_s > 0  # the matmuls, not the collectives' copies
     print(json.dumps({k: v.as_dict() for k, v in found.items()}))
+
+
+@pytest.mark.parametrize("sq,sk", [(256, 256), (128, 384)])
+def test_document_mask_on_sdpa_agrees_with_cpu_math(sq, sk):
+    from lcgraph.ops import attention, masks
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, sq, 64)
+    k, v = torch.randn(2, 2, sk, 64), torch.randn(2, 2, sk, 64)
+    docs = torch.cat([torch.zeros(2, 100), torch.ones(2, 150), torch.full((2, sk - 250), 2.0)], 1).long()
+    try:
+        masks.set_documents(docs)
+        attention.set_backend("math")
+        ref = attention.attention_reference(q, k, v, 0.125)
+        attention.set_backend("auto")  # on GPU: masked SDPA even where auto would pick flash-attn
+        dev = [t.cuda().to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
+        out = attention.attention_reference(*dev, 0.125)
+        out.float().sum().backward()
+    finally:
+        masks.set_documents(None)
+        attention.set_backend("auto")
+    torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in dev)

@@ -28,7 +28,9 @@ from functools import cache
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
+from lcgraph.app.config import DataConfig
 from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
 from lcgraph.runtime import data
 from lcgraph.runtime.model import init_parameter
@@ -61,8 +63,8 @@ def reference_lr(step: int, steps: int = STEPS) -> float:
 
 @cache
 def _sampler(seq_len: int, vocab: int, max_mb: float, seed: int):
-    files = data.corpus_files(None, int(max_mb * 2**20))
-    return data.WindowSampler(data.load_tokens(files, data.build_tokenizer(None, vocab, files)), seq_len, seed)
+    corpus, _ = data.prepare_corpus(OmegaConf.structured(DataConfig(max_corpus_mb=max_mb)), None, vocab)
+    return data.PackedSampler(corpus, seq_len, seed)
 
 
 def hf_reference(cfg, batch: int, steps: int = STEPS):
@@ -104,9 +106,10 @@ def hf_reference(cfg, batch: int, steps: int = STEPS):
     sampler = _sampler(cfg.data.seq_len, m.vocab_size, cfg.data.max_corpus_mb, cfg.train.seed)
     losses, norms = [], []
     for step in range(steps):
-        windows = [sampler.sample(step * batch + i) for i in range(batch)]
-        ids, labels = torch.stack([w[0] for w in windows]), torch.stack([w[1] for w in windows])
-        logits = model(input_ids=ids).logits.float()
+        windows = [sampler.window(step * batch + i) for i in range(batch)]
+        ids, labels = torch.stack([w.input_ids for w in windows]), torch.stack([w.labels for w in windows])
+        positions = torch.stack([w.position_ids for w in windows])  # restart at each packed document
+        logits = model(input_ids=ids, position_ids=positions).logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))

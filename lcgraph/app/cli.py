@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from lcgraph.app.config import register_configs
-from lcgraph.app.job import Job
+from lcgraph.app.job import Job, prepare_data
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, full_tracebacks
@@ -191,6 +191,7 @@ def train_main(cfg: DictConfig) -> None:
             _join_torchrun(cfg, run_dir)
         elif world > 1:
             _check_gpus(cfg, world)
+            prepare_data(cfg)  # one tokenizer pass here, not one per rank
             spawn(cfg, run_dir, world)
             _print_summary(run_dir)
         else:

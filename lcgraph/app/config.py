@@ -52,10 +52,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # text file or directory; default: the Python standard library's sources
+    path: Optional[str] = None  # text/JSONL/Parquet file, a directory of them, or a save_to_disk directory
     seq_len: int = 256
     micro_batch_size: int = 1
-    max_corpus_mb: float = 3.0
+    max_corpus_mb: float = 3.0  # the standard-library demo corpus's size, and the text a trained BPE learns from
+    text_key: str = "text"  # the JSONL / Parquet / save_to_disk column holding each document's text
+    num_workers: int = 0  # tokenizer processes (0: one per core, at most 8)
+    cross_document_attention: bool = True  # false: attention stays inside each packed document
     synthetic: bool = False  # uniform random tokens (benchmarks, planning runs): no corpus, no tokenizer
 
 

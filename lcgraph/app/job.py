@@ -51,6 +51,12 @@ def lr_at(step: int, cfg: DictConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def prepare_data(cfg: DictConfig) -> None:
+    """Tokenize and cache the corpus once, in this process, before any rank starts (bad input fails here)."""
+    if not cfg.data.synthetic:
+        data.prepare_corpus(cfg.data, cfg.model.path, model.build_config(cfg.model).vocab_size)
+
+
 class Job:
     """Everything one rank holds for a run."""
 
@@ -87,16 +93,28 @@ class Job:
 
     def _setup_data(self):
         d = self.cfg.data
+        self.tokenizer = None
         if d.synthetic:
-            g = torch.Generator().manual_seed(self.cfg.train.seed)
-            tokens = torch.randint(0, self.config.vocab_size, (max(1 << 20, 4 * d.seq_len),), generator=g)
-            self.tokenizer, self.sampler = None, data.WindowSampler(tokens, d.seq_len, self.cfg.train.seed)
-            return
-        files = data.corpus_files(d.path, int(d.max_corpus_mb * 2**20))
-        self.tokenizer = data.build_tokenizer(self.cfg.model.path, self.config.vocab_size, files)
-        if len(self.tokenizer) > self.config.vocab_size:
-            raise DataError(f"tokenizer has {len(self.tokenizer)} tokens but model.vocab_size={self.config.vocab_size}")
-        self.sampler = data.WindowSampler(data.load_tokens(files, self.tokenizer), d.seq_len, self.cfg.train.seed)
+            corpus = data.synthetic_corpus(self.config.vocab_size, d.seq_len, self.cfg.train.seed)
+        else:
+            corpus = self._open_corpus()
+        self.sampler = data.PackedSampler(corpus, d.seq_len, self.cfg.train.seed, d.cross_document_attention)
+
+    def _open_corpus(self) -> data.TokenCorpus:
+        """The token cache (lcgraph-train builds it before spawning ranks); under torchrun the first rank of
+        each machine builds it while the others wait."""
+        d, vocab = self.cfg.data, self.config.vocab_size
+        builder = self.world == 1 or int(os.environ.get("LOCAL_RANK", self.coords.rank)) == 0
+        corpus = None
+        if builder:
+            corpus, self.tokenizer = data.prepare_corpus(d, self.cfg.model.path, vocab)
+        if self.world > 1:
+            dist.barrier()
+        if not builder:
+            corpus, self.tokenizer = data.prepare_corpus(d, self.cfg.model.path, vocab, build=False)
+        if corpus is None:
+            raise DataError(f"the token cache of data.path={d.path!r} was not built on this machine")
+        return corpus
 
     def _setup_schedule(self):
         par = self.cfg.parallel
@@ -214,31 +232,40 @@ class Job:
 
     # --- data ----------------------------------------------------------------------------------------------
     def step_units(self, step: int) -> tuple[dict, int]:
-        """This rank's (micro-batch, chunk) inputs for `step`, and the step's global count of target tokens."""
+        """This rank's (micro-batch, chunk) inputs for `step`, and the step's global count of target tokens.
+
+        The step reads the global batch at the sampler's cursor (advanced by `run_step`); position ids and
+        labels are sliced per chunk and Ulysses shard, the document ids (masked runs) stay whole-window.
+        """
         par, d = self.cfg.parallel, self.cfg.data
-        per_step = par.dp * par.microbatches
         units, total = {}, 0
+        base = self.sampler.consumed  # the data position: restored with the sampler on resume
         offsets = [0]
         for length in self.chunk_lengths:
             offsets.append(offsets[-1] + length)
         for dp_rank in range(par.dp):
             for mb in range(par.microbatches):
                 rows = [
-                    self.sampler.sample((step * per_step + dp_rank * par.microbatches + mb) * d.micro_batch_size + b)
+                    self.sampler.window(base + (dp_rank * par.microbatches + mb) * d.micro_batch_size + b)
                     for b in range(d.micro_batch_size)
                 ]
-                ids = torch.stack([r[0] for r in rows])
-                labels = torch.stack([r[1] for r in rows])
+                ids, labels, positions, docs = (
+                    torch.stack([getattr(r, f) for r in rows])
+                    for f in ("input_ids", "labels", "position_ids", "document_ids")
+                )
                 total += int((labels != IGNORE_INDEX).sum())
                 if dp_rank != self.coords.dp_rank:
                     continue
+                masked_docs = None if d.cross_document_attention else docs.to(self.device)
                 for c, length in enumerate(self.chunk_lengths):
                     shard = length // par.sp
                     start = offsets[c] + self.coords.sp_rank * shard
                     sl = slice(start, start + shard)
-                    pos = torch.arange(start, start + shard).unsqueeze(0).expand(ids.shape[0], -1)
                     units[(mb, c)] = UnitData(
-                        ids[:, sl].to(self.device), pos.to(self.device), labels[:, sl].to(self.device)
+                        ids[:, sl].to(self.device),
+                        positions[:, sl].to(self.device),
+                        labels[:, sl].to(self.device),
+                        masked_docs,
                     )
         return units, total
 
@@ -249,6 +276,7 @@ class Job:
         units, total = self.step_units(step)
         started = time.perf_counter()
         loss_sum = self.interpreter.run_step(units, 1.0 / total)
+        self.sampler.advance(self.cfg.parallel.dp * self.cfg.parallel.microbatches * self.cfg.data.micro_batch_size)
         if self.world > 1:
             dist.all_reduce(loss_sum)
         if self.device.type == "cuda":  # the compute stream only: the ZeRO all-gathers go on into the next step

@@ -16,6 +16,8 @@ order they are checked (docs/recipes.md lists them with examples):
     sequence   with k = seq_chunks (seq1f1b) or 1: seq_len % sp == 0; seq_len % (sp * k) == 0 for
                chunk_split=even; seq_len >= 2 * sp * k
     ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
+    documents  data.cross_document_attention=false only with train.attention math, sdpa or auto and
+               train.compile=false; data.num_workers >= 0
     launch     under a launcher (WORLD_SIZE set) WORLD_SIZE == pp * sp * dp; the ranks of this node fit
                its GPUs (train.device cuda/auto with a GPU) or its CPU cores (train.device=cpu), unless
                train.allow_oversubscribe=true
@@ -64,6 +66,25 @@ def check_counts(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value < 1:
             raise PlanError(f"{key}={value} must be >= 1")
+
+
+def check_documents(cfg: DictConfig) -> None:
+    """data.cross_document_attention=false needs an attention kernel that takes a document mask (math, SDPA)
+    and an uncompiled graph (the mask reaches the op at run time, beside the graph's inputs)."""
+    d, t = cfg.data, cfg.train
+    if d.num_workers < 0:
+        raise PlanError(f"data.num_workers={d.num_workers} must be >= 0 (0: one tokenizer process per core)")
+    if d.cross_document_attention:
+        return
+    if t.attention == "flash_attn":
+        raise PlanError(
+            "data.cross_document_attention=false needs a document mask, which train.attention=flash_attn cannot "
+            "take; use train.attention=sdpa (GPU) or math, or cross_document_attention=true"
+        )
+    if t.compile:
+        raise PlanError(
+            "data.cross_document_attention=false is not supported with train.compile=true yet; set train.compile=false"
+        )
 
 
 def check_model(hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
@@ -222,6 +243,7 @@ def validate_plan(cfg: DictConfig, env=None) -> None:
     env = os.environ if env is None else env
     check_choices(cfg)
     check_counts(cfg)
+    check_documents(cfg)
     m = cfg.model
     if not m.get("path"):  # before HF's own config checks, whose errors are tracebacks
         check_model(m.hidden_size, m.num_attention_heads, m.num_key_value_heads or m.num_attention_heads, m.head_dim)

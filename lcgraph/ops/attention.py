@@ -23,6 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lcgraph.ops import masks
+
 BACKENDS = ("auto", "math", "sdpa", "flash_attn")
 _backend = os.environ.get("LCGRAPH_ATTENTION", "auto")
 
@@ -94,6 +96,9 @@ _KERNELS = {"math": _math, "sdpa": _sdpa, "flash_attn": _flash_attn}
 
 def attention_reference(q, k, v, scale: float) -> torch.Tensor:
     """Differentiable attention with the selected kernel (autograd through the kernel itself)."""
+    mask = masks.document_mask(q.shape[2], k.shape[2], q.device)  # packed documents kept apart (masks.py)
+    if mask is not None:
+        return masks.masked_attention(q, k, v, scale, mask, resolve_backend(q))
     return _KERNELS[resolve_backend(q)](q, k, v, scale)
 
 

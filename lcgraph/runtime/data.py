@@ -1,23 +1,39 @@
-"""Data: a token stream and deterministic sampling of (input, shifted label) windows.
+"""Data: documents -> a token cache on disk -> packed windows -> a resumable, dp-sharded sampler.
 
-The default corpus is the Python standard library's own source files (real code text, present on every
-machine with Python), tokenized with a byte-level BPE trained once on it and cached; `data.path`
-(a text file or a directory of text files) and `model.path` (its tokenizer) replace either part.
-Labels are shifted here, before any chunking or sharding, so no target is lost at a boundary.
+`data.path` is a text file, a directory of text files, JSONL (`data.text_key`), Parquet, or a directory
+written by `datasets.Dataset.save_to_disk`; without it the corpus is the Python standard library's own
+source files (real text on every machine, no download). HF `datasets` loads it (local files only) and
+tokenizes it with the model's tokenizer (`model.path`; without one, a byte-level BPE trained on the corpus)
+in `data.num_workers` processes. The result is cached once under the lcgraph cache directory, keyed by the
+files, the tokenizer and the settings: one flat uint32 token array (memory-mapped, never read whole) and
+the document offsets. A second run opens it at once.
+
+Windows are `data.seq_len` consecutive tokens of that stream (labels are the next tokens, shifted here
+before any chunking or sharding). Boundaries are kept: position ids restart at each document, and each
+position carries its document id for the attention mask of `data.cross_document_attention=false`.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import os
+import shutil
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from lcgraph.errors import DataError, DataPathError
 
 EOS = "<|endoftext|>"
+IGNORE_INDEX = -100  # the label cross-entropy skips (as capture's loss)
+FORMAT_VERSION = 1  # bump when the cache layout or the tokenization rule changes
+_BINARY_PROBE = 8192  # bytes of each text file checked for being text
 
 
 def cache_dir() -> Path:
@@ -26,45 +42,122 @@ def cache_dir() -> Path:
     return root
 
 
+# --- sources ---------------------------------------------------------------------------------------------
 def corpus_files(path: str | None, max_bytes: int) -> list[Path]:
-    """Sorted text files of `path` (or of the standard library), up to `max_bytes` in total."""
-    root = Path(path) if path else Path(sysconfig.get_paths()["stdlib"])
+    """The files of `path` (sorted), or the standard library's .py files up to `max_bytes` in total."""
+    if not path:
+        return _stdlib_files(max_bytes)
+    root = Path(path)
     if not root.exists():
-        raise DataPathError(f"data.path={str(root)!r} does not exist; give a text file or a directory of them")
-    files = (
-        [root]
-        if root.is_file()
-        else sorted(
-            p for p in root.rglob("*.py" if not path else "*") if p.is_file() and "site-packages" not in p.parts
+        raise DataPathError(
+            f"data.path={path!r} does not exist; give a text, JSONL or Parquet file, a directory of them, "
+            "or a save_to_disk directory"
         )
-    )
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
+    if not files:
+        raise DataPathError(f"data.path={path!r} holds no files")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise DataPathError(f"data.path file {str(f)!r} is not readable; fix its permissions")
+    return files
+
+
+def _visible(p: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _stdlib_files(max_bytes: int) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
     chosen: list[Path] = []
     total = 0
-    for f in files:
+    for f in sorted(p for p in root.rglob("*.py") if p.is_file() and "site-packages" not in p.parts):
         size = f.stat().st_size
         if total + size > max_bytes and chosen:
             break
         chosen.append(f)
         total += size
-    if not chosen:
-        raise DataPathError(f"no text files under {root}")
     return chosen
 
 
-def _read(files: list[Path]) -> list[str]:
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+def _format_of(path: str | None, files: list[Path]) -> str:
+    """stdlib | disk (save_to_disk) | json | parquet | text."""
+    if not path:
+        return "stdlib"
+    if Path(path).is_dir() and (Path(path) / "state.json").is_file():
+        return "disk"
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    found = {kinds.get(f.suffix.lower(), "text") for f in files}
+    if len(found) > 1:
+        raise DataError(f"data.path={path!r} mixes {' and '.join(sorted(found))} files; point it at one kind of file")
+    return found.pop()
 
 
-def _fingerprint(files: list[Path], *extra) -> str:
-    h = hashlib.sha256(repr(extra).encode())
+def check_text(files: list[Path]) -> None:
+    """Refuse files that are not UTF-8 text (checked on each file's first bytes)."""
     for f in files:
-        h.update(str(f).encode())
-        h.update(str(f.stat().st_size).encode())
-    return h.hexdigest()[:16]
+        head = f.read_bytes()[:_BINARY_PROBE] if f.stat().st_size <= _BINARY_PROBE else _head(f)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+            binary = b"\x00" in head
+        except UnicodeDecodeError:
+            binary = True
+        if binary:
+            raise DataError(
+                f"data.path file {str(f)!r} is binary, not UTF-8 text; give text, JSONL (.jsonl) or Parquet "
+                "(.parquet) files"
+            )
 
 
-def build_tokenizer(model_path: str | None, vocab_size: int, files: list[Path]):
-    """The model's own tokenizer, or a byte-level BPE trained on the corpus (cached by fingerprint)."""
+def _head(f: Path) -> bytes:
+    with f.open("rb") as fh:
+        return fh.read(_BINARY_PROBE)
+
+
+def load_documents(path: str | None, files: list[Path], text_key: str):
+    """The corpus as a `datasets.Dataset` with one document per row in column `text_key` (local files only)."""
+    import datasets
+
+    kind = _format_of(path, files)
+    hf_cache = str(cache_dir() / "hf-datasets")
+    try:
+        if kind == "stdlib":
+            ds = datasets.Dataset.from_dict({text_key: [f.read_text("utf-8", errors="replace") for f in files]})
+        elif kind == "disk":
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        elif kind == "text":
+            check_text(files)
+            ds = datasets.load_dataset(
+                "text", data_files=[str(f) for f in files], sample_by="document", split="train", cache_dir=hf_cache
+            )
+            ds = ds.rename_column("text", text_key) if text_key != "text" else ds
+        else:
+            ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=hf_cache)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as exc:
+        raise DataError(f"data.path={path!r} could not be read as {kind}: {_first_line(exc)}") from exc
+    if text_key not in ds.column_names:
+        raise DataError(
+            f"data.path={path!r} has no column data.text_key={text_key!r}; its columns are "
+            f"{', '.join(ds.column_names)}: set data.text_key to one of them"
+        )
+    if len(ds) == 0:
+        raise DataError(f"data.path={path!r} holds no documents")
+    return ds
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------
+def build_tokenizer(model_path: str | None, vocab_size: int, files: list[Path], texts=None):
+    """The model's own tokenizer, or a byte-level BPE trained on the corpus (cached by fingerprint).
+
+    `texts()` (an iterable of strings, called only when the BPE is not cached yet) is what the BPE learns
+    from; default: the files read as text.
+    """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if model_path:
@@ -82,47 +175,240 @@ def build_tokenizer(model_path: str | None, vocab_size: int, files: list[Path]):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(_read(files), trainer=trainer)
+        sample = texts() if texts is not None else (f.read_text("utf-8", errors="replace") for f in files)
+        tok.train_from_iterator(sample, trainer=trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         fast.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else None
+        _publish(tmp, target)
     return PreTrainedTokenizerFast.from_pretrained(str(target))
 
 
-def load_tokens(files: list[Path], tokenizer) -> torch.Tensor:
-    """All files tokenized and joined with EOS, as one int64 tensor (cached)."""
-    key = _fingerprint(files, tokenizer.name_or_path, len(tokenizer))
-    path = cache_dir() / f"tokens-{key}.pt"
-    if path.is_file():
-        return torch.load(path)
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in _read(files):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-    tokens = torch.tensor(ids, dtype=torch.long)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(tokens, tmp)
-    os.replace(tmp, path)
-    return tokens
+def sample_texts(ds, text_key: str, max_bytes: int):
+    """Documents of `ds` up to `max_bytes` of text: what a corpus-trained BPE learns from."""
+    total = 0
+    for row in ds.select_columns([text_key]).iter(batch_size=256):
+        for text in row[text_key]:
+            if total >= max_bytes:
+                return
+            total += len(text)
+            yield text
 
 
-class WindowSampler:
-    """Sample `index` -> (input_ids, labels) windows of `seq_len` tokens, reproducible from the seed alone."""
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    if len(tokenizer) > vocab_size:
+        raise DataError(
+            f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab_size}; use the model's own "
+            "tokenizer (model.path) or a model with a vocabulary at least that large"
+        )
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int):
-        if len(tokens) < seq_len + 2:
+
+def _tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}|{tokenizer.bos_token_id}".encode()).hexdigest()[:16]
+
+
+def _fingerprint(files: list[Path], *extra) -> str:
+    h = hashlib.sha256(repr(extra).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Atomic: the first writer's directory becomes `target`; a later one is dropped."""
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process published first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the token cache -------------------------------------------------------------------------------------
+@dataclass
+class TokenCorpus:
+    """A flat token stream (memory-mapped) and where each document starts in it."""
+
+    tokens: np.ndarray  # [N] uint32 (a read-only np.memmap for a cached corpus)
+    offsets: np.ndarray  # [D + 1] int64: document d is tokens[offsets[d] : offsets[d + 1]]
+    key: str = ""  # the cache key (identifies the corpus in a sampler's state)
+    built: bool = False  # True when this call tokenized (False: the cache was reused)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+
+def corpus_key(files: list[Path], tokenizer, settings: dict[str, Any]) -> str:
+    return _fingerprint(files, FORMAT_VERSION, _tokenizer_key(tokenizer), sorted(settings.items()))
+
+
+def open_corpus(key: str) -> TokenCorpus | None:
+    """The cached corpus `key`, or None when it is not built yet."""
+    root = cache_dir() / "corpus" / key
+    if not (root / "meta.json").is_file():
+        return None
+    return TokenCorpus(np.load(root / "tokens.npy", mmap_mode="r"), np.load(root / "offsets.npy"), key)
+
+
+def build_corpus(ds, tokenizer, text_key: str, key: str, workers: int) -> TokenCorpus:
+    """Tokenize `ds` in `workers` processes (a progress bar each) into the cache entry `key`."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch[text_key], add_special_tokens=False)["input_ids"]
+        ids = [([bos] if bos is not None else []) + x + ([eos] if eos is not None else []) for x in ids if x]
+        return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+    encoded = ds.map(
+        encode,
+        batched=True,
+        num_proc=workers if workers > 1 and len(ds) > 1 else None,
+        remove_columns=ds.column_names,
+        desc="tokenizing data.path",
+    )
+    lengths = np.asarray(encoded["length"] if len(encoded) else [], dtype=np.int64)
+    if lengths.sum() == 0:
+        raise DataError("data.path holds only empty documents (0 tokens)")
+    root = cache_dir() / "corpus"
+    root.mkdir(exist_ok=True)
+    tmp = root / f"{key}.tmp{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint32, shape=(int(lengths.sum()),))
+    at = 0
+    for chunk in encoded.data.column("input_ids").chunks:  # Arrow batches: never the whole corpus at once
+        flat = chunk.flatten().to_numpy()
+        tokens[at : at + len(flat)] = flat
+        at += len(flat)
+    tokens.flush()
+    del tokens
+    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    (tmp / "meta.json").write_text(json.dumps({"documents": len(lengths), "tokens": at, "version": FORMAT_VERSION}))
+    _publish(tmp, root / key)
+    corpus = open_corpus(key)
+    assert corpus is not None
+    corpus.built = True
+    return corpus
+
+
+def synthetic_corpus(vocab_size: int, seq_len: int, seed: int) -> TokenCorpus:
+    """Uniform random tokens, one document (benchmarks and planning runs: no files, no tokenizer)."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1 << 20, 4 * seq_len)
+    tokens = torch.randint(0, vocab_size, (n,), generator=g).numpy().astype(np.uint32)
+    return TokenCorpus(tokens, np.array([0, n], dtype=np.int64), key=f"synthetic-{vocab_size}-{n}-{seed}")
+
+
+# --- packed windows and the sampler ------------------------------------------------------------------------
+@dataclass
+class Window:
+    """One packed sequence: `seq_len` inputs, their next-token labels, positions and documents."""
+
+    input_ids: torch.Tensor  # [S] int64
+    labels: torch.Tensor  # [S] int64 (IGNORE_INDEX where the next token is another document's, masked runs)
+    position_ids: torch.Tensor  # [S] int64, 0 at every document start and at the window start
+    document_ids: torch.Tensor  # [S] int64, 0 for the window's first document, +1 at each boundary
+
+
+def pack_window(corpus: TokenCorpus, start: int, seq_len: int, cross_document: bool) -> Window:
+    """Tokens start .. start + seq_len (+1 for the last label) with their document boundaries."""
+    t = torch.from_numpy(corpus.tokens[start : start + seq_len + 1].astype(np.int64))
+    index = np.arange(start, start + seq_len + 1)
+    doc = np.searchsorted(corpus.offsets, index, side="right") - 1
+    seg_start = np.maximum(corpus.offsets[doc[:-1]], start)
+    positions = torch.from_numpy(index[:-1] - seg_start)
+    labels = t[1:].clone()
+    if not cross_document:  # a masked document never sees the next one: predicting its first token is noise
+        labels[torch.from_numpy(doc[1:] != doc[:-1])] = IGNORE_INDEX
+    docs = torch.from_numpy(doc[:-1] - doc[0])
+    return Window(t[:-1].clone(), labels, positions, docs)
+
+
+class PackedSampler:
+    """Global sequence index -> packed window, reproducible from the seed alone; resumable mid-epoch.
+
+    The stream is cut into `num_windows` windows of `seq_len` tokens; each epoch visits them in a fresh
+    seeded permutation. A step takes the next `global_batch` indices; data-parallel replica r takes its own
+    slice of them (Job.step_units), so replicas read different windows and the pp/sp ranks of one replica the
+    same. The cursor `consumed` is the whole state: `state_dict`/`load_state_dict` carry it across a restart.
+    """
+
+    def __init__(self, corpus: TokenCorpus, seq_len: int, seed: int, cross_document: bool = True):
+        self.num_windows = (len(corpus.tokens) - 1) // seq_len
+        if self.num_windows < 1:
             raise DataError(
-                f"corpus has {len(tokens)} tokens, fewer than data.seq_len={seq_len}+1; "
+                f"the corpus has {len(corpus.tokens)} tokens, fewer than data.seq_len={seq_len}+1; "
                 "lower data.seq_len or give a larger data.path"
             )
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.corpus, self.seq_len, self.seed, self.cross_document = corpus, seq_len, seed, cross_document
+        self.consumed = 0  # sequences taken by finished steps (all replicas)
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def _window_start(self, index: int) -> int:
+        epoch, i = divmod(index, self.num_windows)
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(self.num_windows, generator=g))
+        return int(self._order[1][i]) * self.seq_len
+
+    def window(self, index: int) -> Window:
+        return pack_window(self.corpus, self._window_start(index), self.seq_len, self.cross_document)
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 7919 + index)
-        start = int(torch.randint(0, len(self.tokens) - self.seq_len - 1, (1,), generator=g))
-        window = self.tokens[start : start + self.seq_len + 1]
-        labels = window[1:].clone()
-        return window[:-1].clone(), labels
+        w = self.window(index)
+        return w.input_ids, w.labels
+
+    def advance(self, sequences: int) -> None:
+        self.consumed += sequences
+
+    def state_dict(self) -> dict:
+        return {
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_windows": self.num_windows,
+            "corpus": self.corpus.key,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for k in ("seed", "seq_len", "num_windows", "corpus"):
+            if state.get(k) != mine[k]:
+                raise DataError(
+                    f"the checkpoint's data position is for {k}={state.get(k)!r} but this run has {k}={mine[k]!r}; "
+                    "resume with the same data.path, data.seq_len, train.seed and tokenizer"
+                )
+        self.consumed = int(state["consumed"])
+
+
+# --- the whole pipeline --------------------------------------------------------------------------------------
+def prepare_corpus(d, model_path: str | None, vocab_size: int, build: bool = True):
+    """(corpus, tokenizer) for data config `d`: the cache when present, else built (when `build`).
+
+    Every bad input is refused here, before training: missing, unreadable or binary files, an empty
+    dataset, a JSONL without `d.text_key`, a tokenizer larger than the model's vocabulary.
+    """
+    max_bytes = int(d.max_corpus_mb * 2**20)
+    files = corpus_files(d.path, max_bytes)
+    loaded: list = []
+
+    def documents():
+        if not loaded:
+            loaded.append(load_documents(d.path, files, d.text_key))
+        return loaded[0]
+
+    texts = (lambda: sample_texts(documents(), d.text_key, max_bytes)) if d.path else None
+    tokenizer = build_tokenizer(model_path, vocab_size, files, texts)
+    check_vocab(tokenizer, vocab_size)
+    settings = {"text_key": d.text_key, "path": str(d.path), "max_mb": None if d.path else d.max_corpus_mb}
+    key = corpus_key(files, tokenizer, settings)
+    corpus = open_corpus(key)
+    if corpus is None and build:
+        corpus = build_corpus(documents(), tokenizer, d.text_key, key, workers(d.num_workers))
+    return corpus, tokenizer
+
+
+def workers(num_workers: int) -> int:
+    """`data.num_workers`, 0 meaning one per core (at most 8)."""
+    return num_workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)

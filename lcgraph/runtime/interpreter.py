@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lcgraph.graph.passes import StageGraph
+from lcgraph.ops import masks
 from lcgraph.ops.relay import RelayContext
 from lcgraph.schedule.programs import P2P_KINDS, Action, issue_units, unit_token
 
@@ -36,6 +37,7 @@ class UnitData:
     input_ids: torch.Tensor  # [B, s]
     position_ids: torch.Tensor  # [B, s]
     labels: torch.Tensor  # [B, s]
+    document_ids: torch.Tensor | None = None  # [B, S] the whole window's documents (masked runs), else None
 
 
 class ActivationMeter:
@@ -173,6 +175,7 @@ class Interpreter:
                 self._timed(head.token(multi_stage), self._dispatch, head)
             self._index += len(unit)
         self._finish(self.sends)
+        masks.set_documents(None)  # attention outside a step is plain causal again
         return self.loss_sum
 
     def _finish(self, works: list) -> None:
@@ -214,6 +217,7 @@ class Interpreter:
             hidden_in.requires_grad_(True)
         RelayContext.current = st.relay
         st.relay.unit = (a.mb, a.chunk)
+        masks.set_documents(unit.document_ids)
         key = (a.stage, a.mb, a.chunk)
         with self.meters[a.stage].hooks(key), torch.set_grad_enabled(not self.recompute):
             out = st.graph.gm(**st.kwargs(unit, hidden_in))
@@ -230,6 +234,7 @@ class Interpreter:
         st = self.stages[a.stage]
         RelayContext.current = st.relay
         st.relay.unit, st.relay.recompute = (a.mb, a.chunk), True
+        masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)
         try:
             out = st.graph.gm(**st.kwargs(self.units[(a.mb, a.chunk)], hidden_in))
         finally:
@@ -244,6 +249,7 @@ class Interpreter:
             out = self._rerun_forward(a, hidden_in)
         final = self.final_backward[a.stage] == self._index
         self.optimizer.before_backward(a, final)
+        masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)  # the backward reruns attention
         if st.graph.is_last:
             out.backward()
         else:
