@@ -126,3 +126,11 @@ class WindowSampler:
         window = self.tokens[start : start + self.seq_len + 1]
         labels = window[1:].clone()
         return window[:-1].clone(), labels
+
+    def state_dict(self) -> dict:
+        """The data position to resume from (a checkpoint holds it): windows are a function of (seed, index),
+        and the index of the trainer's step, so the seed is all there is."""
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
