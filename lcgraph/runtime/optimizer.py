@@ -200,12 +200,15 @@ class ShardedAdamW:
             offset = 0
             for name, p in zip(b.names, b.params):
                 for kind, flat in kinds.items():
-                    out[f"{name}.{kind}"] = self._part(b, offset, p.numel(), flat)
+                    part = self._part(b, offset, p.numel(), flat)
+                    if part is not None:  # a key without a local part would make DCP's load misread the rest
+                        out[f"{name}.{kind}"] = part
                 offset += p.numel()
         return out
 
-    def _part(self, b: Bucket, offset: int, numel: int, flat: torch.Tensor) -> torch.Tensor:
-        """This replica's part of elements [offset, offset + numel) of bucket `b`, `flat` being its shard."""
+    def _part(self, b: Bucket, offset: int, numel: int, flat: torch.Tensor) -> torch.Tensor | None:
+        """This replica's part of elements [offset, offset + numel) of bucket `b`, `flat` being its shard
+        (None when its shard holds none of them)."""
         if self.group_size == 1:
             return flat[offset : offset + numel]
         c, per = self.job.coords, b.shard.stop - b.shard.start
@@ -218,6 +221,8 @@ class ShardedAdamW:
             chunks.append(ShardMetadata([lo - offset], [hi - lo], where))
             if r * per == b.shard.start:
                 local.append(Shard(flat[lo - b.shard.start : hi - b.shard.start], chunks[-1]))
+        if not local:
+            return None
         meta = ShardedTensorMetadata(chunks, torch.Size([numel]), TensorProperties(dtype=flat.dtype))
         return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)  # placements: global ranks
 
