@@ -101,3 +101,21 @@ def test_export_of_the_dp2_checkpoint_loads_in_transformers_and_lcgraph_with_the
             for u in units.values()
         )
     assert abs(float(summed) / total - loss) <= FP32 * loss
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_bf16_zero_run_on_two_gpus_resumes_in_the_same_layout_and_as_pp2(tmp_path):
+    """NCCL, bf16 with separate fp32 masters in the checkpoint: A dp=2 for 20 steps, B resumed at step 10
+    in the same layout, C resumed as pp=2."""
+    gpu = ["train.device=cuda", "train.dtype=bf16"]
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    step10 = dirs[0] / CHECKPOINTS / "step-00000010"
+    cfgs = [
+        compose(*DP2, *gpu, "train.checkpoint_every=10"),
+        compose(*DP2, *gpu, f"train.resume={step10}"),
+        compose(*PP2, *gpu, f"train.resume={step10}"),
+    ]
+    a, b, c = run_spawned(cfgs, dirs, world=2)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a[10:]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(c), torch.tensor(a[10:]), rtol=1e-2, atol=0)

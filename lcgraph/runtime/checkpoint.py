@@ -16,10 +16,13 @@ config and tokenizer) and `manifest.json` (step, layout, model shape, complete f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,6 +86,14 @@ def _barrier() -> None:
 
 def _no_dist() -> bool:
     return not dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save or load that it assumes one process: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 # --- what a checkpoint holds --------------------------------------------------------------------------------
@@ -158,7 +169,8 @@ def save_checkpoint(job: CheckpointJob, root: Path, step: int) -> Path:
         except OSError as exc:  # a read-only or full disk, or a file where the directory goes: the user's to fix
             raise CheckpointError(f"cannot write a checkpoint at {root}: {exc}") from exc
     _barrier()
-    dcp.save(_state_dict(job, masters=True, rng=True), checkpoint_id=tmp, no_dist=_no_dist())
+    with _quiet_single_process():
+        dcp.save(_state_dict(job, masters=True, rng=True), checkpoint_id=tmp, no_dist=_no_dist())
     _barrier()
     if c.rank == 0:
         _publish(job, tmp, final, step)
@@ -255,7 +267,8 @@ def load_checkpoint(job: CheckpointJob, path: Path) -> int:
     rng = state.get("rng", {}).get(rank, {})
     for kind in [k for k in rng if f"rng.{rank}.{k}" not in saved]:  # e.g. saved on CPU, resumed on a GPU
         del rng[kind]
-    dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:
@@ -304,7 +317,8 @@ def export_hf(source: Path, out: Path, max_shard_bytes: int = 5 * 2**30) -> Path
     for i, names in enumerate(groups):
         fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         part = {f"model.{n}": torch.empty(tuple(tensors[n].size), dtype=tensors[n].properties.dtype) for n in names}
-        dcp.load(part, checkpoint_id=ckpt, no_dist=True)
+        with _quiet_single_process():
+            dcp.load(part, checkpoint_id=ckpt, no_dist=True)
         save_file({n: part[f"model.{n}"] for n in names}, str(tmp / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, fname))
     if len(groups) > 1:
