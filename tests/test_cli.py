@@ -46,9 +46,10 @@ def test_model_path_loads_a_local_hf_directory_and_the_checkpoint_round_trips(tm
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), unit.labels.flatten())
     assert abs(losses[0] - float(ref)) < 1e-5 * float(ref)
 
-    from lcgraph.runtime.checkpoint import save_checkpoint
+    from lcgraph.runtime.checkpoint import export_hf, save_checkpoint
 
-    save_checkpoint(job, tmp_path / "ckpt", 1)
+    save_checkpoint(job, tmp_path / "saves", 1)
+    export_hf(tmp_path / "saves", tmp_path / "ckpt")
     _, reloaded, _ = train_local(compose("model=hf", f"model.path={tmp_path / 'ckpt'}", "train.steps=0"))
     assert set(reloaded) == set(params)
     assert all(torch.equal(reloaded[n], params[n]) for n in params)
@@ -94,7 +95,7 @@ def test_torchrun_ranks_share_rank0s_run_directory(tmp_path):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("loss" in json.loads(ln) for ln in lines)
     assert "rank 1:" in (run / "programs.txt").read_text()
-    assert (run / "checkpoint" / "model.safetensors.index.json").is_file()
+    assert json.loads((run / "checkpoints" / "step-00000003" / "manifest.json").read_text())["complete"]
 
 
 def test_same_config_and_seed_give_the_same_losses():

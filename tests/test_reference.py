@@ -235,18 +235,21 @@ def test_four_rank_layouts_match_hf_eager(reference):
 
 
 def test_two_rank_checkpoint_round_trips_through_model_path_and_from_pretrained(tmp_path, reference):
-    """pp=2 with tied embeddings, saved by the trainer at step 2, loads into lcgraph (model.path) and into
-    HF (from_pretrained) as the reference's parameters after 2 steps."""
+    """pp=2 with tied embeddings, saved by the trainer at step 2 and exported to HF (lcgraph-export), loads
+    into lcgraph (model.path) and into HF (from_pretrained) as the reference's parameters after 2 steps."""
     import json
 
+    from safetensors import safe_open
     from transformers import LlamaForCausalLM
 
     from lcgraph.app.cli import spawn
+    from lcgraph.runtime.checkpoint import export_hf
 
     spawn(run_cfg(*PP2, *SEQ1F1B, tied=True, steps=2), str(tmp_path), world=2)
-    ckpt = tmp_path / "checkpoint"
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["step"] == 2 and "lm_head.weight" not in index["weight_map"]  # tied: saved once
+    ckpt = tmp_path / "hf"
+    assert export_hf(tmp_path, ckpt).name == "step-00000002"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied: saved once
     ref_losses, _, ref_params = reference(2, True, 2)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=FP32, atol=0)

@@ -25,7 +25,8 @@ from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, full_tracebacks
 from lcgraph.observability.graphs import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger
-from lcgraph.runtime.checkpoint import save_checkpoint
+from lcgraph.runtime import checkpoint
+from lcgraph.runtime.model import build_config
 from lcgraph.schedule.programs import format_programs
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
@@ -94,13 +95,18 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
             f"layers per stage {job.layer_counts}, chunks {job.chunk_lengths}, "
             f"capture {job.captured.capture_seconds:.1f}s"
         )
-    every = cfg.train.checkpoint_every
-    for step in range(cfg.train.steps):
+    start = 0
+    resume = checkpoint.resume_path(cfg.train.resume, run_path)
+    if resume is not None:
+        start = checkpoint.load_checkpoint(job, resume)
+        logger.note(f"resumed from {resume} at step {start}")
+    every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
+    for step in range(start, cfg.train.steps):
         metrics = job.run_step(step)
         logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
-            save_checkpoint(job, run_path / "checkpoint", step + 1)
-    save_checkpoint(job, run_path / "checkpoint", cfg.train.steps)
+            checkpoint.save_checkpoint(job, saves, step + 1)
+    checkpoint.save_checkpoint(job, saves, max(start, cfg.train.steps))
     measured = write_measured_timeline(job, run_path, world)  # collective: every rank
     summary = logger.finish(extra={**_memory_summary(job, world), **measured})
     return summary
@@ -185,6 +191,8 @@ def train_main(cfg: DictConfig) -> None:
     with one_line_errors():
         validate_plan(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
+    with one_line_errors():
+        check_resume(cfg, Path(run_dir))
     world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
     with one_line_errors():
         if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -198,6 +206,13 @@ def train_main(cfg: DictConfig) -> None:
             run(cfg, run_dir)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run directory: {run_dir}")
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """A `train.resume` that names no complete checkpoint, or one of another model shape: refused before any rank starts."""
+    path = checkpoint.resume_path(cfg.train.resume, run_dir)
+    if path is not None:
+        checkpoint.check_model(path, build_config(cfg.model))
 
 
 def _check_gpus(cfg: DictConfig, world: int) -> None:

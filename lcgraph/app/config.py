@@ -98,6 +98,8 @@ class TrainConfig:
     attention: str = choice(AttentionBackend, "auto")
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2  # the newest N full-state checkpoints stay in <run>/checkpoints (0: all)
+    resume: Optional[str] = None  # auto (this run directory's newest complete checkpoint, if any) or a path
     allow_oversubscribe: bool = False
     progress: bool = True
     fused_loss: bool = True  # LM head + cross-entropy without materialising the logits

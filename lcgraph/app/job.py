@@ -156,13 +156,20 @@ class Job:
         for s, g in graphs.items():
             shapes = {name: _placeholder_shape(g.gm, ph) for ph, name in g.param_names.items()}
             if self.cfg.model.path:
-                values = model.load_parameters(self.cfg.model.path, shapes, self.config, self.device, self.dtype)
+                values = model.load_parameters(
+                    self.cfg.model.path, shapes, self.config, self.device, self.dtype, progress=self._load_progress()
+                )
             else:
                 values = model.init_parameters(shapes, self.config, self.cfg.train.seed, self.device, self.dtype)
             params = {n: torch.nn.Parameter(v) for n, v in values.items()}
             buffers = model.rotary_buffers(self.config, g.buffer_names.values(), self.device)
             self.stages[s] = StageState(g, params, buffers)
         self.tied = self._tied_names()
+
+    def _load_progress(self) -> bool:
+        """One bar (rank 0's, for its stage) when the HF model being loaded is large."""
+        big = model.checkpoint_bytes(self.cfg.model.path) > model.PROGRESS_BYTES
+        return big and self.cfg.train.progress and self.coords.rank == 0
 
     def _tied_names(self) -> list[str]:
         """Parameters held by two pipeline stages (tied embeddings): their gradients are summed across them."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from lcgraph.app.cli import init_distributed, launch_local, share_cores
+from lcgraph.app.cli import init_distributed, launch_local, run, share_cores
 from lcgraph.app.config import compose_config
 from lcgraph.app.job import Job
 from lcgraph.schedule.programs import format_programs
@@ -122,6 +122,36 @@ def train_spawned(cfgs: list, world: int, keep_params: bool = True) -> list[dict
             {"losses": ranks[0]["losses"], "grad_norms": ranks[0]["grad_norms"], "params": params, "ranks": ranks}
         )
     return results
+
+
+def _run_worker(cfg_yamls: list[str], run_dirs: list[str]) -> None:
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    share_cores()
+    first = OmegaConf.create(cfg_yamls[0])
+    assert isinstance(first, DictConfig)  # the YAML of a composed config: a mapping
+    init_distributed(first)
+    try:
+        for text, run_dir in zip(cfg_yamls, run_dirs):
+            cfg = OmegaConf.create(text)
+            assert isinstance(cfg, DictConfig)
+            run(cfg, run_dir, dist.get_rank(), dist.get_world_size())
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_spawned(cfgs: list, run_dirs: list[Path], world: int) -> list[list[float]]:
+    """`lcgraph-train`'s own loop (checkpoints, resume, metrics) for each config in turn, in its run directory,
+    on `world` ranks started once; returns each run's per-step losses from its metrics.jsonl."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    yamls = [OmegaConf.to_yaml(c, resolve=True) for c in cfgs]
+    launch_local(world, _run_worker, yamls, [str(d) for d in run_dirs], run_id="test-run")
+    return [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
 
 
 def assert_close_run(got_losses, got_params, ref_losses, ref_params, rtol=1e-5, label=""):

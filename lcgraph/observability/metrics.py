@@ -81,7 +81,8 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        self.metrics = open(self.run_dir / "metrics.jsonl", "w")
+        resumed = cfg.train.get("resume")  # a run continued in its own directory keeps its earlier steps
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a" if resumed else "w")
         self.wandb = self._init_wandb()
         self.progress = self._init_progress() if cfg.train.progress else None
 

@@ -1,33 +1,72 @@
-"""Checkpoints in HF format, written atomically: a crash leaves the previous checkpoint intact.
+"""Full-state checkpoints with torch.distributed.checkpoint (DCP), published atomically; HF export from them.
 
-Each pipeline stage's first replica writes its own safetensors shard; rank 0 writes the index, the
-config and the tokenizer, then renames the finished directory into place. The result loads with
-`model.path=<run>/checkpoint` and with transformers' from_pretrained.
+`<run>/checkpoints/step-00000010/` holds everything a run needs to go on exactly where it stopped: the
+weights, the optimizer's AdamW moments (and fp32 masters), the step (which is also the LR schedule's
+position), the data position (`job.sampler.state_dict()`) and every rank's RNG states, plus `hf/` (the HF
+config and tokenizer) and `manifest.json` (step, layout, model shape, complete flag).
+
+- Every tensor is keyed by its HF parameter name (`model.<name>`, `optim.<name>.exp_avg`, ...), never by
+  rank or stage: each rank writes what it holds (replicas' copies are written once, ZeRO shards as
+  chunks), and DCP reshards on load, so a checkpoint resumes under any pp/sp/dp layout.
+- It is written to `step-N.tmp/`; after every rank has written, rank 0 adds the manifest last and renames
+  the directory to `step-N` in one `os.replace`. A crash at any moment leaves either the old checkpoints or
+  the old ones plus the new: a directory without a complete manifest is never loaded.
+- Only the newest `train.keep_checkpoints` are kept (0 keeps all); older ones go after the new one is in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
 
 from lcgraph.errors import CheckpointError
 from lcgraph.runtime.interpreter import OptimizerHooks, StageState
 from lcgraph.schedule.mesh import Coords
 
+FORMAT = 1
+CHECKPOINTS = "checkpoints"  # under the run directory
+MANIFEST = "manifest.json"
+HF_DIR = "hf"  # config.json and the tokenizer, inside a checkpoint
+STEP_DIR = re.compile(r"step-(\d+)$")
+# the config keys that fix the tensors' shapes: a checkpoint only loads into a model that agrees on all
+WEIGHT_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
+
+
+class Sampler(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class CheckpointJob(Protocol):
-    """What save_checkpoint reads from the training job (app/job.py: Job satisfies it)."""
+    """What the checkpointer reads from the training job (app/job.py: Job satisfies it)."""
 
     @property
-    def cfg(self) -> DictConfig: ...  # reads cfg.parallel
+    def cfg(self) -> DictConfig: ...  # reads cfg.parallel, cfg.train
     @property
     def coords(self) -> Coords: ...
+    @property
+    def device(self) -> torch.device: ...
     @property
     def optimizer(self) -> OptimizerHooks: ...
     @property
@@ -35,54 +74,257 @@ class CheckpointJob(Protocol):
     @property
     def tokenizer(self) -> Any: ...  # an HF tokenizer, or None
     @property
+    def sampler(self) -> Sampler: ...
+    @property
     def stages(self) -> dict[int, StageState]: ...
 
 
-def _barrier():
+def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def save_checkpoint(job: CheckpointJob, target: Path, step: int) -> None:
-    from safetensors.torch import save_file
+def _no_dist() -> bool:
+    return not dist.is_initialized()
 
-    c, par = job.coords, job.cfg.parallel
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save or load that it assumes one process: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+# --- what a checkpoint holds --------------------------------------------------------------------------------
+def model_shape(config) -> dict:
+    return {k: getattr(config, k, None) for k in WEIGHT_SHAPE_KEYS}
+
+
+def layout(cfg: DictConfig) -> dict:
+    par = cfg.parallel
+    return {
+        "pp": par.pp,
+        "dp": par.dp,
+        "sp": par.sp,
+        "virtual_stages": par.virtual_stages,
+        "zero": par.zero,
+        "dtype": cfg.train.dtype,
+    }
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _state_dict(job: CheckpointJob, masters: bool, rng: bool) -> dict[str, Any]:
+    """The DCP state dict of this rank: views of the live tensors, so a load writes into them in place."""
+    state: dict[str, Any] = {
+        "model": {n: p.detach() for st in job.stages.values() for n, p in st.params.items()},
+        "optim": job.optimizer.checkpoint_state(masters),
+        "data": job.sampler.state_dict(),
+    }
+    if rng:  # per rank: only meaningful when the layout (and so the ranks) are the same
+        state["rng"] = {f"rank{job.coords.rank}": _rng_states(job.device)}
+    return state
+
+
+# --- save ---------------------------------------------------------------------------------------------------
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of a published, complete checkpoint; None for anything else (a cut-off write)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("complete") is True and manifest.get("format") == FORMAT else None
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and read_manifest(p) is not None:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(job: CheckpointJob, root: Path, step: int) -> Path:
+    """Write this rank's part of the full state at `step` under `root`; publish it atomically (collective)."""
+    c = job.coords
+    final = root / f"step-{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if read_manifest(final) is not None:  # resumed at the last step: that state is already saved
+        return final
     job.optimizer.sync_params()
-    stages = par.pp * par.virtual_stages
-    tmp = target.with_name(target.name + ".tmp")
     if c.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
         except OSError as exc:  # a read-only or full disk, or a file where the directory goes: the user's to fix
-            raise CheckpointError(f"cannot write a checkpoint at {target}: {exc}") from exc
+            raise CheckpointError(f"cannot write a checkpoint at {root}: {exc}") from exc
     _barrier()
-    weight_map = {}
-    tie = getattr(job.config, "tie_word_embeddings", False)
-    for s, st in job.stages.items():
-        fname = f"model-{s + 1:05d}-of-{stages:05d}.safetensors"
-        tensors = {
-            n: p.detach().cpu().contiguous()
-            for n, p in st.params.items()
-            if not (tie and n == "model.embed_tokens.weight" and s != 0)
-        }
-        if c.dp_rank == 0 and c.sp_rank == 0:
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in tensors})
-    maps = [None] * dist.get_world_size() if dist.is_initialized() else [weight_map]
-    if dist.is_initialized():
-        dist.all_gather_object(maps, weight_map)
+    with _quiet_single_process():
+        dcp.save(_state_dict(job, masters=True, rng=True), checkpoint_id=tmp, no_dist=_no_dist())
+    _barrier()
     if c.rank == 0:
-        merged = {k: v for m in maps for k, v in m.items()}
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"step": step}, "weight_map": merged}, indent=1)
-        )
-        job.config.save_pretrained(tmp)
-        if job.tokenizer is not None:
-            job.tokenizer.save_pretrained(tmp)
-        old = target.with_name(target.name + ".old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        _publish(job, tmp, final, step)
+        _prune(root, job.cfg.train.keep_checkpoints)
     _barrier()
+    return final
+
+
+def _publish(job: CheckpointJob, tmp: Path, final: Path, step: int) -> None:
+    job.config.save_pretrained(tmp / HF_DIR)
+    if job.tokenizer is not None:
+        job.tokenizer.save_pretrained(tmp / HF_DIR)
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "layout": layout(job.cfg),
+        "model": model_shape(job.config),
+        "complete": True,
+    }
+    with open(tmp / MANIFEST, "w") as f:  # last, and on disk before the rename publishes it
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # a directory left without a complete manifest (never loadable): replaced
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Drop all but the newest `keep` complete checkpoints, and writes older than the newest that were cut off."""
+    done = complete_checkpoints(root)
+    newest = done[-1][0] if done else 0
+    for _, path in done[: -keep if keep > 0 else 0]:
+        shutil.rmtree(path, ignore_errors=True)
+    for p in root.glob("step-*.tmp"):
+        m = STEP_DIR.match(p.name[: -len(".tmp")])
+        if m and int(m.group(1)) < newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+def find_checkpoint(source: Path) -> Path | None:
+    """The newest complete checkpoint at `source`: a checkpoint, a `checkpoints/` directory or a run directory."""
+    if STEP_DIR.match(source.name) and (source / MANIFEST).exists():
+        return source if read_manifest(source) is not None else None
+    for root in (source, source / CHECKPOINTS):
+        done = complete_checkpoints(root)
+        if done:
+            return done[-1][1]
+    return None
+
+
+def resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """What `train.resume` names: `auto` the run's own newest complete checkpoint (None when it has none
+    yet), a path the newest complete one there (an error when there is none), null nothing."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return find_checkpoint(run_dir / CHECKPOINTS)
+    found = find_checkpoint(Path(resume))
+    if found is None:
+        raise CheckpointError(
+            f"train.resume={resume}: no complete checkpoint there (a step-N directory with a complete "
+            f"{MANIFEST}); give a run directory, its {CHECKPOINTS}/ or one checkpoint, or train.resume=auto"
+        )
+    return found
+
+
+def check_model(path: Path, config) -> dict:
+    """The checkpoint's manifest, if it holds a model of `config`'s shape; a CheckpointError naming the first
+    difference otherwise."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise CheckpointError(f"{path} is not a complete lcgraph checkpoint (no complete {MANIFEST})")
+    mine = model_shape(config)
+    for key, theirs in manifest["model"].items():
+        if mine.get(key) != theirs:
+            raise CheckpointError(
+                f"{path} holds a model with {key}={theirs} but this run's model has {key}={mine.get(key)}; "
+                "resume with the model config it was trained with, or start without train.resume"
+            )
+    return manifest
+
+
+def load_checkpoint(job: CheckpointJob, path: Path) -> int:
+    """Load the full state at `path` into this rank (any layout: DCP reshards); returns the step to go on from."""
+    manifest = check_model(path, job.config)
+    job.optimizer.sync_params()
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    masters = any(k.startswith("optim.") and k.endswith(".master") for k in saved)
+    same_ranks = manifest["layout"] == layout(job.cfg)
+    state = _state_dict(job, masters=masters, rng=same_ranks)
+    rank = f"rank{job.coords.rank}"
+    rng = state.get("rng", {}).get(rank, {})
+    for kind in [k for k in rng if f"rng.{rank}.{k}" not in saved]:  # e.g. saved on CPU, resumed on a GPU
+        del rng[kind]
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], job.device)
+    job.sampler.load_state_dict(state["data"])
+    step = int(manifest["step"])
+    job.optimizer.restored(step, masters_loaded=masters)
+    return step
+
+
+# --- HF export ----------------------------------------------------------------------------------------------
+def _shard_groups(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    total = 0
+    for name, size in sizes.items():
+        if groups[-1] and total + size > max_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return groups
+
+
+def export_hf(source: Path, out: Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write the newest complete checkpoint at `source` as an HF directory at `out` (config, safetensors
+    shards with an index, tokenizer), one shard in memory at a time; `out` appears whole or not at all."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    ckpt = find_checkpoint(source)
+    if ckpt is None:
+        raise CheckpointError(f"{source}: no complete lcgraph checkpoint there (a step-N directory with {MANIFEST})")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; give a new directory")
+    config = AutoConfig.from_pretrained(ckpt / HF_DIR, local_files_only=True)
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    tensors = {k[len("model.") :]: md for k, md in saved.items() if k.startswith("model.")}
+    if getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    sizes = {n: md.size.numel() * md.properties.dtype.itemsize for n, md in sorted(tensors.items())}
+    groups = _shard_groups(sizes, max_shard_bytes)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt / HF_DIR, tmp)
+    weight_map = {}
+    for i, names in enumerate(groups):
+        fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        part = {f"model.{n}": torch.empty(tuple(tensors[n].size), dtype=tensors[n].properties.dtype) for n in names}
+        with _quiet_single_process():
+            dcp.load(part, checkpoint_id=ckpt, no_dist=True)
+        save_file({n: part[f"model.{n}"] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, fname))
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(tmp, out)
+    return ckpt

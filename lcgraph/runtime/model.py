@@ -41,6 +41,11 @@ def build_config(model_cfg: DictConfig) -> Any:  # a transformers.PretrainedConf
     path = model_cfg.get("path")
     if path:
         if not (Path(path) / "config.json").is_file():
+            if (Path(path) / "manifest.json").is_file() or (Path(path) / "checkpoints").is_dir():
+                raise ModelPathError(
+                    f"model.path={path!r} is an lcgraph checkpoint, not an HF model directory; continue it with "
+                    f"train.resume={path}, or convert it with `lcgraph-export {path} OUT_DIR`"
+                )
             raise ModelPathError(f"model.path={path!r} has no config.json; give a local HF model directory")
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     else:
@@ -86,22 +91,40 @@ def _weight_index(path: Path) -> dict[str, str]:
         return {k: "model.safetensors" for k in f.keys()}
 
 
-def load_parameters(path: str, names, config, device, dtype) -> dict[str, torch.Tensor]:
-    """Read just `names` from a local HF checkpoint (tied lm_head falls back to the embedding)."""
+PROGRESS_BYTES = 2**30  # a load of more than this shows a progress bar
+
+
+def load_parameters(path: str, names, config, device, dtype, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Read just `names` from a local HF checkpoint (tied lm_head falls back to the embedding), each file opened
+    once and each tensor read alone, so no rank ever holds more than its own stage; with `progress`, a bar
+    for loads over PROGRESS_BYTES."""
+    from rich.progress import Progress
     from safetensors import safe_open
 
     root = Path(path)
     index = _weight_index(root)
-    out = {}
+    by_file: dict[str, list[tuple[str, str]]] = {}
     for name in names:
         key = name
         if key not in index and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             key = "model.embed_tokens.weight"
         if key not in index:
             raise ModelPathError(f"{path}: checkpoint has no tensor {key!r}")
-        with safe_open(str(root / index[key]), "pt", device="cpu") as f:
-            out[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+        by_file.setdefault(index[key], []).append((name, key))
+    out = {}
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"loading {root.name}", total=sum(len(v) for v in by_file.values()))
+        for fname, wanted in by_file.items():
+            with safe_open(str(root / fname), "pt", device="cpu") as f:
+                for name, key in wanted:
+                    out[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+                    bar.advance(task)
     return out
+
+
+def checkpoint_bytes(path: str) -> int:
+    """Size on disk of an HF directory's safetensors files (whether a load is large enough for a progress bar)."""
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
 def rotary_buffers(config, names, device) -> dict[str, torch.Tensor]:

@@ -17,6 +17,11 @@ whole-stage gradient buffers), so this is not ZeRO-2.
   `train.compile`, the stage's first forward waits for all of them).
 
 `ReplicatedAdamW` (parallel.zero=false) all-reduces whole gradients at OPT instead.
+
+Checkpoints see neither buckets nor replicas: `checkpoint_state` names each AdamW moment by its HF parameter
+(`<name>.exp_avg`, `<name>.exp_avg_sq`, and `<name>.master` for the separate fp32 master of a bf16 run), 1-D
+over the parameter's flattened elements. A replica's part of a bucket shard is a ShardedTensor chunk whose
+metadata names every replica's chunk, so torch.distributed.checkpoint can load it into any other layout.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.distributed.device_mesh import DeviceMesh
 
 from lcgraph.graph.capture import NodeInfo
@@ -178,6 +186,55 @@ class ShardedAdamW:
             total += (2 * b.master.numel() + (b.master.numel() if extra else 0)) * 4  # two moments (+ master)
         return total
 
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def checkpoint_state(self, masters: bool = True) -> dict[str, torch.Tensor]:
+        """Moments (and separate fp32 masters if `masters`) by HF name; views into the live state, so a
+        checkpoint load writes straight into it (see the module docstring)."""
+        out: dict[str, torch.Tensor] = {}
+        for b in self.buckets:
+            assert b.master is not None  # set by _bucket
+            state = adamw_state(self.adamw, b.master)
+            kinds = {"exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+            if masters and _separate_master(b):
+                kinds["master"] = b.master.data
+            offset = 0
+            for name, p in zip(b.names, b.params):
+                for kind, flat in kinds.items():
+                    part = self._part(b, offset, p.numel(), flat)
+                    if part is not None:  # a key without a local part would make DCP's load misread the rest
+                        out[f"{name}.{kind}"] = part
+                offset += p.numel()
+        return out
+
+    def _part(self, b: Bucket, offset: int, numel: int, flat: torch.Tensor) -> torch.Tensor | None:
+        """This replica's part of elements [offset, offset + numel) of bucket `b`, `flat` being its shard
+        (None when its shard holds none of them)."""
+        if self.group_size == 1:
+            return flat[offset : offset + numel]
+        c, per = self.job.coords, b.shard.stop - b.shard.start
+        chunks, local = [], []
+        for r in range(self.group_size):
+            lo, hi = max(offset, r * per), min(offset + numel, (r + 1) * per)
+            if hi <= lo:
+                continue
+            where = f"rank:{c.global_rank(c.pp_rank, r // c.sp, r % c.sp)}/{flat.device}"
+            chunks.append(ShardMetadata([lo - offset], [hi - lo], where))
+            if r * per == b.shard.start:
+                local.append(Shard(flat[lo - b.shard.start : hi - b.shard.start], chunks[-1]))
+        if not local:
+            return None
+        meta = ShardedTensorMetadata(chunks, torch.Size([numel]), TensorProperties(dtype=flat.dtype))
+        return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)  # placements: global ranks
+
+    def restored(self, step: int, masters_loaded: bool) -> None:
+        """After a checkpoint load: AdamW's step count is `step`; masters not in the checkpoint come from the weights."""
+        for state in self.adamw.state.values():
+            state["step"].fill_(step)
+        for b in self.buckets:
+            assert b.master is not None  # set by _bucket
+            if _separate_master(b) and not masters_loaded:
+                b.master.data.copy_(b.param_flat[b.shard])
+
     def program_actions(self) -> dict[int, tuple[list[Action], list[Action]]]:
         """Per stage: the RS actions (after its last backward) and AG actions (after OPT)."""
         out: dict[int, tuple[list[Action], list[Action]]] = {}
@@ -315,6 +372,24 @@ class ShardedAdamW:
         return float(sq.sqrt())
 
 
+def _separate_master(b: Bucket) -> bool:
+    """Whether the bucket's fp32 master is its own copy (bf16 weights), not an alias of the parameter shard."""
+    assert b.master is not None  # set by _bucket
+    return b.master.data_ptr() != b.param_flat[b.shard].data_ptr()
+
+
+def adamw_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict:
+    """AdamW's state of `p`, created as its first step would (zero moments, step 0) if it has none yet."""
+    state = opt.state[p]
+    if not state:
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
 def _finish_gather(b: Bucket) -> bool:
     """Wait for the bucket's parameter all-gather if one is in flight; whether there was one."""
     if b.gather is None:
@@ -385,6 +460,19 @@ class ReplicatedAdamW(torch.optim.AdamW):
             for t in s.values()
             if torch.is_tensor(t) and t.ndim > 0
         )
+
+    def checkpoint_state(self, masters: bool = True) -> dict[str, torch.Tensor]:
+        """Moments by HF name, flattened views into the live state (no masters: the weights are the state)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.job.all_params().items():
+            state = adamw_state(self, p)
+            out[f"{name}.exp_avg"] = state["exp_avg"].view(-1)
+            out[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].view(-1)
+        return out
+
+    def restored(self, step: int, masters_loaded: bool) -> None:
+        for state in self.state.values():
+            state["step"].fill_(step)
 
     def sync_and_step(self, interp: Interpreter) -> float:
         job = self.job

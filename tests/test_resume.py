@@ -1,0 +1,121 @@
+"""Full-state checkpoints: a resumed run equals the uninterrupted one, in the same layout exactly and in another
+layout within fp32 tolerance; a cut-off write is never loaded; another model shape is refused; HF export loads.
+
+One launch of 2 spawned ranks runs the three distributed runs (lcgraph-train's own loop, gloo, fp32):
+A  dp=2 with the distributed optimizer (ZeRO shards), tied embeddings, 20 steps, a checkpoint every 10;
+B  the same layout resumed from A's step-10 checkpoint;
+C  pp=2 (2 micro-batches: the same global batch) resumed from the same checkpoint, a checkpoint every 3.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lcgraph.app.cli import check_resume, run
+from lcgraph.app.export import main as export_main
+from lcgraph.app.job import Job
+from lcgraph.app.testing import compose, run_spawned
+from lcgraph.errors import CheckpointError
+from lcgraph.runtime.checkpoint import CHECKPOINTS
+
+STEPS = ["train.steps=20", "model.tie_word_embeddings=true"]
+DP2 = ["parallel.dp=2", *STEPS]
+PP2 = ["parallel.pp=2", "parallel.microbatches=2", *STEPS]
+ONE = ["parallel.microbatches=2", *STEPS]  # one process, the same global batch of 2 rows
+FP32 = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    dirs = [root / "a", root / "b", root / "c"]
+    step10 = dirs[0] / CHECKPOINTS / "step-00000010"
+    cfgs = [
+        compose(*DP2, "train.checkpoint_every=10"),
+        compose(*DP2, f"train.resume={step10}"),
+        compose(*PP2, f"train.resume={step10}", "train.checkpoint_every=3", "train.keep_checkpoints=2"),
+    ]
+    losses = run_spawned(cfgs, dirs, world=2)
+    return dict(zip("abc", losses)), dict(zip("abc", dirs)), step10
+
+
+def test_dp2_zero_run_resumed_at_step_10_equals_the_uninterrupted_20_steps_exactly(runs):
+    losses, _, _ = runs
+    assert len(losses["a"]) == 20 and len(losses["b"]) == 10
+    assert torch.equal(torch.tensor(losses["b"]), torch.tensor(losses["a"][10:]))
+
+
+def test_dp2_checkpoint_resumed_as_pp2_matches_and_keeps_the_newest_checkpoints(runs):
+    losses, dirs, _ = runs
+    torch.testing.assert_close(torch.tensor(losses["c"]), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
+    kept = sorted(p.name for p in (dirs["c"] / CHECKPOINTS).iterdir())
+    assert kept == ["step-00000018", "step-00000020"]  # saved at 12, 15, 18 and the end; keep_checkpoints=2
+
+
+def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_the_previous_one_is(runs, tmp_path):
+    """Resumed with train.resume=auto in one process from a run directory whose newer checkpoints were cut
+    off: one whose writer died before the rename (step-20.tmp, even with its manifest), one with a torn
+    manifest (step-30). It must go on from step 10 and match A."""
+    losses, dirs, step10 = runs
+    saves = tmp_path / CHECKPOINTS
+    shutil.copytree(step10, saves / step10.name)
+    shutil.copytree(dirs["a"] / CHECKPOINTS / "step-00000020", saves / "step-00000020.tmp")
+    torn = saves / "step-00000030"
+    shutil.copytree(step10, torn)
+    manifest = (torn / "manifest.json").read_text().replace('"step": 10', '"step": 30')
+    (torn / "manifest.json").write_text(manifest[: len(manifest) // 2])
+    run(compose(*ONE, "train.resume=auto"), str(tmp_path))
+    resumed = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_in_one_line(runs, tmp_path):
+    _, _, step10 = runs
+    with pytest.raises(CheckpointError) as err:
+        check_resume(compose(*ONE, "model.hidden_size=32", f"train.resume={step10}"), tmp_path)
+    assert "hidden_size=64" in str(err.value) and "hidden_size=32" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_export_of_the_dp2_checkpoint_loads_in_transformers_and_lcgraph_with_the_trained_weights(runs, tmp_path):
+    """The step-10 checkpoint (ZeRO-sharded over 2 ranks) exported to HF: loaded back with model.path, its loss
+    on step 10's batch is A's logged loss at that step; from_pretrained's logits give the same loss."""
+    from transformers import LlamaForCausalLM
+
+    losses, _, step10 = runs
+    out = tmp_path / "hf"
+    export_main([str(step10), str(out)])
+    job = Job(compose(*ONE, "model=hf", f"model.path={out}"), tmp_path / "run")
+    units, total = job.step_units(10)
+    loss = job.run_step(10)["loss"]
+    assert abs(loss - losses["a"][10]) <= FP32 * losses["a"][10]
+    hf = LlamaForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        summed = sum(
+            torch.nn.functional.cross_entropy(
+                hf(input_ids=u.input_ids, position_ids=u.position_ids).logits.flatten(0, 1),
+                u.labels.flatten(),
+                reduction="sum",
+            )
+            for u in units.values()
+        )
+    assert abs(float(summed) / total - loss) <= FP32 * loss
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_bf16_zero_run_on_two_gpus_resumes_in_the_same_layout_and_as_pp2(tmp_path):
+    """NCCL, bf16 with separate fp32 masters in the checkpoint: A dp=2 for 20 steps, B resumed at step 10
+    in the same layout, C resumed as pp=2."""
+    gpu = ["train.device=cuda", "train.dtype=bf16"]
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    step10 = dirs[0] / CHECKPOINTS / "step-00000010"
+    cfgs = [
+        compose(*DP2, *gpu, "train.checkpoint_every=10"),
+        compose(*DP2, *gpu, f"train.resume={step10}"),
+        compose(*PP2, *gpu, f"train.resume={step10}"),
+    ]
+    a, b, c = run_spawned(cfgs, dirs, world=2)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a[10:]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(c), torch.tensor(a[10:]), rtol=1e-2, atol=0)
