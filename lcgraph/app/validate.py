@@ -4,7 +4,8 @@ Each check raises PlanError naming every value involved as `key=value`, and the 
 order they are checked (docs/recipes.md lists them with examples):
 
     choices    train.dtype, train.device, train.attention, parallel.schedule, parallel.chunk_split and
-               logging.wandb.mode take one of the values their schema field declares (config.choice)
+               logging.wandb.mode take one of the values their schema field declares (config.choice);
+               train.recompute is none, full or keep_attention (true/false still mean full/none)
     counts     parallel.{pp, sp, dp, microbatches, seq_chunks, virtual_stages}, data.seq_len and
                data.micro_batch_size are >= 1
     model      hidden_size % num_attention_heads == 0 (unless head_dim is set), an even head dim (RoPE),
@@ -31,6 +32,7 @@ from lcgraph.app.config import choice_fields
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import check_ulysses
+from lcgraph.runtime.interpreter import recompute_mode
 from lcgraph.runtime.model import build_config
 
 COUNT_KEYS = (
@@ -221,6 +223,7 @@ def validate_plan(cfg: DictConfig, env=None) -> None:
 
     env = os.environ if env is None else env
     check_choices(cfg)
+    recompute_mode(cfg.train.recompute)
     check_counts(cfg)
     m = cfg.model
     if not m.get("path"):  # before HF's own config checks, whose errors are tracebacks

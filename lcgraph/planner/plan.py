@@ -35,6 +35,7 @@ from lcgraph.graph.capture import capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
 from lcgraph.planner.costs import CostModel, GraphCosts, Layout, load_profile
 from lcgraph.planner.simulator import SimResult, simulate
+from lcgraph.runtime.interpreter import recompute_mode
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule import nccl
 from lcgraph.schedule import programs as schedule
@@ -246,7 +247,7 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
         cfg.data.micro_batch_size,
         par.zero,
         par.virtual_stages,
-        recompute=bool(cfg.train.get("recompute", False)),
+        recompute=recompute_mode(cfg.train.get("recompute", False)) != "none",
     )
     counts, alt_counts = layer_counts(cfg, captured)
     main = evaluate(
