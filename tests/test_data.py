@@ -20,7 +20,7 @@ from lcgraph.app.testing import compose, train_local
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import DataError, DataPathError, PlanError
 from lcgraph.ops import masks
-from lcgraph.ops.attention import attention_reference
+from lcgraph.ops.attention import attention_fn as attention_reference
 from lcgraph.ops.relay import RelayContext, relay_attention
 from lcgraph.runtime import data
 
@@ -132,7 +132,7 @@ def test_document_mask_equals_each_document_run_alone_also_through_relay_chunks(
     try:
         whole = attention_reference(q, k, v, 0.3)
         torch.testing.assert_close(whole, ref, rtol=1e-12, atol=1e-12)
-        relay, outs = RelayContext(), []
+        relay, outs = RelayContext([3, 7, 6]), []
         RelayContext.current = relay
         bounds = [0, 3, 10, 16]  # Seq1F1B chunks that cut through documents
         chunks = [
@@ -240,10 +240,10 @@ def test_each_bad_input_is_one_clear_error(tmp_path, cache, tokenizer_dir):
     refused(tmp_path / "k.jsonl", "the tokenizer has 512 tokens but model.vocab_size=256", vocab=256, text_key="body")
 
 
-def test_a_mask_on_a_kernel_that_cannot_take_it_and_bad_data_are_refused_before_training(tmp_path, cache):
+def test_a_mask_in_a_compiled_graph_and_bad_data_are_refused_before_training(tmp_path, cache):
     (tmp_path / "k.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(DataError, match="text_key"):  # what lcgraph-train runs before it spawns ranks
         prepare_data(compose(f"data.path={tmp_path / 'k.jsonl'}"))
-    with pytest.raises(PlanError, match="flash_attn cannot take"):
-        validate_plan(compose("data.cross_document_attention=false", "train.attention=flash_attn"), env={})
-    validate_plan(compose("data.cross_document_attention=false", "train.attention=sdpa"), env={})
+    with pytest.raises(PlanError, match="not supported with train.compile=true"):
+        validate_plan(compose("data.cross_document_attention=false", "train.compile=true"), env={})
+    validate_plan(compose("data.cross_document_attention=false", "train.attention=cudnn"), env={})

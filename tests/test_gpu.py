@@ -6,29 +6,6 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize(
-    "backend", ["sdpa", "math"] + (["flash_attn"] if __import__("importlib").util.find_spec("flash_attn") else [])
-)
-@pytest.mark.parametrize("sq,sk", [(256, 256), (128, 384)])
-def test_attention_backends_agree_with_cpu_reference(backend, sq, sk):
-    from lcgraph.ops import attention
-
-    torch.manual_seed(0)
-    q = torch.randn(1, 8, sq, 64, dtype=torch.float32)
-    k, v = torch.randn(1, 2, sk, 64), torch.randn(1, 2, sk, 64)
-    attention.set_backend("math")
-    ref = attention.attention_reference(q, k, v, 0.125)
-    attention.set_backend(backend)
-    try:
-        dev = [t.cuda().to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
-        out = attention.attention_reference(*dev, 0.125)
-        out.float().sum().backward()
-    finally:
-        attention.set_backend("auto")
-    torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in dev)
-
-
 def test_bf16_loss_matches_hf_at_4k_tokens():
     from transformers import LlamaForCausalLM
 
@@ -138,7 +115,7 @@ def test_nccl_collectives_in_a_cuda_trace_are_found_through_their_c10d_call(tmp_
 
 
 @pytest.mark.parametrize("sq,sk", [(256, 256), (128, 384)])
-def test_document_mask_on_sdpa_agrees_with_cpu_math(sq, sk):
+def test_document_mask_on_the_gpu_agrees_with_cpu_math(sq, sk):
     from lcgraph.ops import attention, masks
 
     torch.manual_seed(0)
@@ -147,14 +124,14 @@ def test_document_mask_on_sdpa_agrees_with_cpu_math(sq, sk):
     docs = torch.cat([torch.zeros(2, 100), torch.ones(2, 150), torch.full((2, sk - 250), 2.0)], 1).long()
     try:
         masks.set_documents(docs)
-        attention.set_backend("math")
-        ref = attention.attention_reference(q, k, v, 0.125)
-        attention.set_backend("auto")  # on GPU: masked SDPA even where auto would pick flash-attn
+        cpu = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        ref = attention.attention_fn(*cpu, 0.125)
+        ref.sum().backward()
         dev = [t.cuda().to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
-        out = attention.attention_reference(*dev, 0.125)
+        out = attention.attention_fn(*dev, 0.125)
         out.float().sum().backward()
     finally:
         masks.set_documents(None)
-        attention.set_backend("auto")
     torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in dev)
+    for d, c in zip(dev, cpu):
+        torch.testing.assert_close(d.grad.float().cpu(), c.grad, atol=5e-2, rtol=5e-2)

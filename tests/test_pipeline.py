@@ -100,18 +100,20 @@ def test_uniform_comp_chunks_come_from_the_graph_costs():
 
 
 def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward():
-    from lcgraph.ops.attention import attention_reference
+    """Three uneven chunks over one K/V buffer (no prefix concatenation) equal unchunked attention, values
+    and gradients; the relay copies each chunk's K/V once and frees its buffers after chunk 0's backward."""
+    from lcgraph.ops.attention import attention_fn
     from lcgraph.ops.relay import RelayContext, relay_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     k2, v2 = k[:, :2].detach().requires_grad_(True), v[:, :2].detach().requires_grad_(True)  # GQA: 2 kv heads
-    full = attention_reference(q, k2, v2, 0.3)
+    full = attention_fn(q, k2, v2, 0.3)
     grad = torch.randn_like(full)
     full.backward(grad)
-    ctx = RelayContext()
-    RelayContext.current = ctx
     bounds = [0, 11, 18, 24]
+    ctx = RelayContext([11, 7, 6])
+    RelayContext.current = ctx
     leaves, outs = [], []
     for c in range(3):
         sl = slice(bounds[c], bounds[c + 1])
@@ -121,10 +123,13 @@ def test_kv_relay_chunked_attention_equals_full_attention_forward_and_backward()
         leaves.append((qc, kc, vc))
     for c in reversed(range(3)):  # last chunk first: it relays dK/dV to the earlier ones
         outs[c].backward(grad[:, :, bounds[c] : bounds[c + 1]])
+    RelayContext.current = None
     torch.testing.assert_close(torch.cat(outs, 2), full)
     for i, ref in enumerate((q.grad, k2.grad, v2.grad)):
         torch.testing.assert_close(torch.cat([leaf[i].grad for leaf in leaves], 2), ref)
     assert not ctx.caches  # freed after chunk 0's backward
+    assert ctx.copied_bytes == 2 * k2.numel() * 8  # K and V of every position, written once (fp64)
+    assert ctx.accumulated_bytes == 2 * (11 + 18) * 2 * 8 * 8  # dK/dV of the prefixes of chunks 1 and 2
 
 
 def test_interleaved_1f1b_with_two_stages_per_rank_matches_single_process(references):
@@ -144,10 +149,22 @@ def test_interleaved_1f1b_with_two_stages_per_rank_matches_single_process(refere
         )
 
 
-@pytest.mark.parametrize("chunks", [1, 4])
-def test_recompute_keeps_only_unit_inputs_and_matches_single_process(chunks, references):
-    """train.recompute: forward without a graph, rerun in backward (with the KV relay when chunked)."""
+@pytest.mark.parametrize(
+    "chunks,mode", [(1, "full"), (1, "keep_attention"), (4, "none"), (4, "full"), (4, "keep_attention")]
+)
+def test_recompute_modes_match_single_process_and_run_attention_kernels_once(chunks, mode, references):
+    """train.recompute=full|keep_attention: forward without a graph, rerun in backward (with the KV relay when
+    chunked), same losses and parameters as recompute=none. Attention's kernel forward runs once per layer,
+    unit and step (twice with full, which keeps nothing), its backward once."""
+    from lcgraph.ops.attention import KERNEL_CALLS
+
+    m, steps, layers = 2, 5, 4
     extra = ["parallel.schedule=seq1f1b", f"parallel.seq_chunks={chunks}"] if chunks > 1 else []
-    losses, params, info = train_local(compose("parallel.microbatches=2", "train.recompute=true", *extra))
-    assert_close_run(losses, params, references[2][0], references[2][1], label=f"recompute k={chunks}")
-    assert info["activation_peaks"][0] <= 0.1 * references[2][2]["activation_peaks"][0]
+    KERNEL_CALLS.clear()
+    losses, params, info = train_local(compose(f"parallel.microbatches={m}", f"train.recompute={mode}", *extra))
+    assert_close_run(losses, params, references[m][0], references[m][1], label=f"recompute={mode} k={chunks}")
+    runs = steps * m * chunks * layers
+    assert dict(KERNEL_CALLS) == {"forward": runs * (2 if mode == "full" else 1), "backward": runs}
+    peak, ref_peak = info["activation_peaks"][0], references[m][2]["activation_peaks"][0]
+    if mode != "none":  # beyond unit inputs, only the relay's buffers and the kept attention outputs stay
+        assert peak <= 0.1 * ref_peak + info["relay_peaks"][0]

@@ -20,7 +20,7 @@ from lcgraph.observability.sweep import register_resolvers
 # reads them from the schema (`choice_fields`), and mypy users of the config read the aliases.
 Dtype = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
-AttentionBackend = Literal["auto", "math", "sdpa", "flash_attn"]
+AttentionBackend = Literal["auto", "math", "cudnn", "flash", "efficient"]
 ScheduleName = Literal["gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"]
 ChunkSplit = Literal["even", "uniform_comp"]
 WandbMode = Literal["offline", "online", "disabled"]
@@ -103,7 +103,7 @@ class TrainConfig:
     allow_oversubscribe: bool = False
     progress: bool = True
     fused_loss: bool = True  # LM head + cross-entropy without materialising the logits
-    recompute: bool = False  # keep only each unit's stage input; rerun its forward in backward
+    recompute: str = "none"  # none | full | keep_attention (true/false: full/none); see runtime.interpreter
     compile: bool = False  # torch.compile each stage graph
     comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
 

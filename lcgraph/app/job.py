@@ -21,6 +21,7 @@ from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture
 from lcgraph.observability.graphs import dump_graph
 from lcgraph.ops import attention, collectives
+from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, model
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
@@ -213,6 +214,8 @@ class Job:
         return merged, frozenset().union(*(t for _, t in everyone))
 
     def _setup_interpreter(self):
+        # train.recompute=auto: the planner's fastest mode that fits (+plan.device names the profile)
+        self.recompute, self.recompute_reason = resolve_recompute(self.cfg, self.captured)
         c = self.coords
         peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
         self.interpreter = Interpreter(
@@ -223,7 +226,7 @@ class Job:
             self.dtype,
             self.device,
             self.optimizer,
-            recompute=self.cfg.train.recompute,
+            recompute=self.recompute,
             measure_activations=self.device.type == "cpu",
         )
 

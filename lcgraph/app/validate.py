@@ -4,7 +4,8 @@ Each check raises PlanError naming every value involved as `key=value`, and the 
 order they are checked (docs/recipes.md lists them with examples):
 
     choices    train.dtype, train.device, train.attention, parallel.schedule, parallel.chunk_split and
-               logging.wandb.mode take one of the values their schema field declares (config.choice)
+               logging.wandb.mode take one of the values their schema field declares (config.choice);
+               train.recompute is none, keep_attention, full or auto (true/false still mean full/none)
     counts     parallel.{pp, sp, dp, microbatches, seq_chunks, virtual_stages}, data.seq_len and
                data.micro_batch_size are >= 1
     model      hidden_size % num_attention_heads == 0 (unless head_dim is set), an even head dim (RoPE),
@@ -33,6 +34,7 @@ from lcgraph.app.config import choice_fields
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import check_ulysses
+from lcgraph.runtime.interpreter import recompute_mode
 from lcgraph.runtime.model import build_config
 
 COUNT_KEYS = (
@@ -69,19 +71,13 @@ def check_counts(cfg: DictConfig) -> None:
 
 
 def check_documents(cfg: DictConfig) -> None:
-    """data.cross_document_attention=false needs an attention kernel that takes a document mask (math, SDPA)
-    and an uncompiled graph (the mask reaches the op at run time, beside the graph's inputs)."""
+    """data.cross_document_attention=false runs exact masked math attention (any device, any backend setting;
+    a dense mask, so memory grows with seq_len^2) and needs an uncompiled graph (the mask reaches the op at run
+    time, beside the graph's inputs)."""
     d, t = cfg.data, cfg.train
     if d.num_workers < 0:
         raise PlanError(f"data.num_workers={d.num_workers} must be >= 0 (0: one tokenizer process per core)")
-    if d.cross_document_attention:
-        return
-    if t.attention == "flash_attn":
-        raise PlanError(
-            "data.cross_document_attention=false needs a document mask, which train.attention=flash_attn cannot "
-            "take; use train.attention=sdpa (GPU) or math, or cross_document_attention=true"
-        )
-    if t.compile:
+    if not d.cross_document_attention and t.compile:
         raise PlanError(
             "data.cross_document_attention=false is not supported with train.compile=true yet; set train.compile=false"
         )
@@ -242,6 +238,7 @@ def validate_plan(cfg: DictConfig, env=None) -> None:
 
     env = os.environ if env is None else env
     check_choices(cfg)
+    recompute_mode(cfg.train.recompute, allow_auto=True)
     check_counts(cfg)
     check_documents(cfg)
     m = cfg.model

@@ -6,10 +6,10 @@ writes the graph after each one.
 
     retarget_device   device constants baked in at capture (meta) -> the run's device; capture-time asserts dropped
     partition         cut at decoder-layer boundaries into pp stage graphs (rotary tables recomputed per stage)
-    kv_relay          attention -> attention over [KV of earlier chunks || this chunk] (Seq1F1B)
+    kv_relay          attention -> attention over the K/V of earlier chunks and this one, read from one buffer (Seq1F1B)
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
     fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
-    lower_attention   on GPU, attention -> PyTorch SDPA under autograd (no recompute in backward)
+    lower_attention   every other attention -> the kernel under autograd, keeping output and LSE for its backward
     gather_waits      (runtime/optimizer.py, once the distributed optimizer has cut its buckets) a wait for each bucket's parameter
                       all-gather right before the forward first reads one of its parameters
 """
@@ -24,10 +24,9 @@ import torch.fx as fx
 
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
-from lcgraph.ops.attention import attention_reference
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
 from lcgraph.ops.fused import linear_cross_entropy
-from lcgraph.ops.relay import relay_attention
+from lcgraph.ops.relay import layer_attention, relay_attention
 
 ATTENTION = torch.ops.lcgraph.attention.default
 
@@ -279,15 +278,17 @@ def fuse_loss(stage: StageGraph) -> StageGraph:
 
 
 def lower_attention(stage: StageGraph) -> StageGraph:
-    """On GPU: call SDPA directly under autograd, so backward uses the kernel's saved statistics.
+    """Point every attention node the KV relay left alone at `layer_attention`, keyed by its layer.
 
-    Assumes: the stage runs on CUDA and has no KV relay (relay nodes keep their own autograd).
-    Guarantees: same attention as `lcgraph::attention`, one node per layer.
+    Assumes: runs after kv_relay and ulysses (it keeps their arguments). Guarantees: same attention as
+    `lcgraph::attention`, one node per layer, whose forward saves output and LSE so that its backward
+    calls the kernel's backward only; under recompute=keep_attention the rerun reuses the kept output.
     """
 
     for node in stage.attention_nodes():
         if node.target == ATTENTION:
-            node.target = attention_reference
+            node.target = layer_attention
+            node.args = (*node.args[:4], node.meta["lcgraph"].layer)
     stage.gm.recompile()
     return stage
 
@@ -378,7 +379,7 @@ def compile_stages(
         ("03_kv_relay", kv_relay, seq_chunks > 1),
         ("04_ulysses", lambda st: ulysses(st, sp), sp > 1),
         ("05_fuse_loss", fuse_loss, fused_loss),
-        ("06_lower_attention", lower_attention, device.type == "cuda"),
+        ("06_lower_attention", lower_attention, True),
     ]
     for s in chosen.values():
         if dump:

@@ -1,32 +1,54 @@
-"""lcgraph's attention op.
+"""lcgraph's attention op and the kernels behind it.
 
 Every attention layer of a captured model becomes exactly one `lcgraph::attention` node, so graph
 passes (sequence chunks, Ulysses) can find and rewrite attention without pattern matching, and the
-kernel behind it is chosen at run time:
+kernel behind it is chosen at run time. Each kernel has a forward that returns the output and the
+log-sum-exp (LSE) of each query's scores, and a backward that takes both back: the forward keeps what
+the backward needs and never runs again under autograd.
 
-- ``math``: explicit softmax(QK^T)V in fp32 on any device; the CPU reference.
-- ``sdpa``: PyTorch's scaled_dot_product_attention (cuDNN / flash / efficient backends on GPU).
-- ``flash_attn``: the flash-attn package (``flash_attn_func``), when installed.
+- ``math``: explicit softmax(QK^T)V with fp32 (or fp64) accumulation on any device; the CPU reference. Its
+  backward is the flash-style formula from the LSE (see `_math_backward`).
+- ``cudnn``: PyTorch's cuDNN SDPA ops (`aten._scaled_dot_product_cudnn_attention` and its `_backward`).
+- ``flash``: PyTorch's FlashAttention-2 ops (`aten._scaled_dot_product_flash_attention` and its `_backward`).
+- ``efficient``: PyTorch's memory-efficient ops (fp32 on GPU too; needs equal heads, so K/V are expanded).
 
 Causality is implicit and aligned bottom-right: with ``Sq`` queries and ``Sk >= Sq`` keys, query
-``i`` sees keys ``0 .. Sk - Sq + i``. For a full sequence (Sq == Sk) that is ordinary causal
-attention; for a Seq1F1B chunk that attends a cached prefix it is exactly what the chunk needs.
+``i`` sees keys ``0 .. Sk - Sq + i``. `attend` splits such a call into a prefix block (keys
+``0 .. Sk - Sq``, no mask) and a diagonal block (square, causal), and merges the two through their LSE,
+so every kernel call is either unmasked or square-causal, which every kernel supports (SDPA's own
+``is_causal`` is top-left aligned when Sq != Sk). The backward runs once per block with the merged
+output and LSE, which makes each block's probabilities the global ones: the gradients are exact.
 
-Layouts: q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] with Hq % Hkv == 0 (GQA); out [B, Hq, Sq, D].
+Layouts: q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] with Hq % Hkv == 0 (GQA); out [B, Hq, Sq, D];
+lse [B, Hq, Sq] float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from lcgraph.ops import masks
 
-BACKENDS = ("auto", "math", "sdpa", "flash_attn")
+BACKENDS = ("auto", "math", "cudnn", "flash", "efficient")
 _backend = os.environ.get("LCGRAPH_ATTENTION", "auto")
+
+# What `auto` picks on a GPU, per (compute capability major, inputs are fp16/bf16): the first backend whose
+# head-dim limit admits the model's. One place for the lead to fill from H200 measurements
+# (tools/profile_device.py, docs/attention.md); today's guess is cuDNN on Hopper, flash elsewhere.
+AUTO_TABLE: dict[tuple[int, bool], list[tuple[int, str]]] = {
+    (9, True): [(128, "cudnn"), (256, "flash")],
+    (8, True): [(256, "flash")],
+}
+AUTO_FALLBACK = "efficient"  # fp32 on GPU, head dims the table does not cover, GPUs it does not list
+
+# Kernel runs of this process, ("forward" | "backward") -> count, one per attention call (however many
+# blocks it has); tests read it to prove each layer's forward runs once per unit and step.
+KERNEL_CALLS: Counter[str] = Counter()
 
 
 def set_backend(name: str) -> None:
@@ -34,95 +56,265 @@ def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} unknown; choose one of {BACKENDS}")
-    if name == "flash_attn" and not flash_attn_available():
-        raise ValueError("attention backend 'flash_attn' needs the flash-attn package: pip install flash-attn")
     _backend = name
 
 
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
 def resolve_backend(q: torch.Tensor) -> str:
-    """The kernel used for tensors like ``q``: ``auto`` picks math on CPU, flash-attn or SDPA on GPU."""
+    """The kernel used for tensors like ``q``: ``auto`` picks math on CPU and reads `AUTO_TABLE` on GPU."""
     if _backend != "auto":
         return _backend
     if q.device.type != "cuda":
         return "math"
-    if q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
-        return "flash_attn"
-    return "sdpa"
+    major = torch.cuda.get_device_capability(q.device)[0]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    for max_dim, name in AUTO_TABLE.get((major, half), []):
+        if q.shape[-1] <= max_dim:
+            return name
+    return AUTO_FALLBACK
 
 
-def _expand_kv(k: torch.Tensor, groups: int) -> torch.Tensor:
-    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
+# --- kernels: forward (q, k, v, scale, causal) -> Block; backward -> (dq, dk, dv) -------------------------
 
 
-def _causal_mask(sq: int, sk: int, device) -> torch.Tensor:
-    """Boolean [Sq, Sk] mask, True where query i may see key j (bottom-right aligned)."""
-    qi = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
-    return torch.arange(sk, device=device).unsqueeze(0) <= qi
+class Block(NamedTuple):
+    """One kernel call's result: output, LSE [B, Hq, Sq], and what that kernel's backward needs besides."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    aux: tuple[Any, ...] = ()
 
 
-def _math(q, k, v, scale):
-    groups = q.shape[1] // k.shape[1]
-    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
-    acc = torch.promote_types(q.dtype, torch.float32)  # low precision inputs accumulate in fp32
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    return torch.matmul(scores.softmax(-1), v.to(acc)).to(q.dtype)
+def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # low precision inputs accumulate in fp32
 
 
-def _sdpa(q, k, v, scale):
-    sq, sk = q.shape[2], k.shape[2]
-    groups = q.shape[1] // k.shape[1]
-    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
-    if sq == sk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    from torch.nn.attention.bias import causal_lower_right
-
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk), scale=scale)
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, S, D] -> [B, Hkv, G, S, D]: GQA by broadcasting against [B, Hkv, 1, S, D], no K/V copies."""
+    b, h, s, d = q.shape
+    return q.reshape(b, kv_heads, h // kv_heads, s, d)
 
 
-def _flash_attn(q, k, v, scale):
-    from flash_attn import flash_attn_func  # documented API: (b, s, h, d) layout, causal bottom-right
+def _math_scores(q, k, scale, causal, mask=None):
+    acc = _accumulate_dtype(q)
+    scores = torch.matmul(_grouped(q.to(acc), k.shape[1]), k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
+    if causal:  # square block: query i sees keys 0..i
+        scores = scores.masked_fill(torch.ones_like(scores[0, 0, 0], dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:  # [B, 1, Sq, Sk], True where a query may see a key (masks.document_mask)
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    return scores  # [B, Hkv, G, Sq, Sk]
 
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True)
-    return out.transpose(1, 2)
+
+def _math_forward(q, k, v, scale: float, causal: bool, mask=None) -> Block:
+    scores = _math_scores(q, k, scale, causal, mask)
+    lse = scores.logsumexp(-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(scores.dtype).unsqueeze(2))
+    b, h, s, _ = q.shape
+    return Block(out.reshape(b, h, s, v.shape[-1]).to(q.dtype), lse.reshape(b, h, s))
 
 
-_KERNELS = {"math": _math, "sdpa": _sdpa, "flash_attn": _flash_attn}
+def _math_backward(dout, q, k, v, out, lse, scale: float, causal: bool, aux=()):
+    """P = exp(S*scale - lse), D = rowsum(dO*O), dV = P^T dO, dS = P*(dO V^T - D), dQ = scale*dS K,
+    dK = scale*dS^T Q; GQA gradients of K/V sum over the query heads of their group. `aux`: (mask,) for
+    the document-masked block."""
+    hkv = k.shape[1]
+    scores = _math_scores(q, k, scale, causal, aux[0] if aux else None)
+    acc = scores.dtype
+    p = torch.exp(scores - _grouped(lse.to(acc).unsqueeze(-1), hkv))
+    do, o = _grouped(dout.to(acc), hkv), _grouped(out.to(acc), hkv)
+    delta = (do * o).sum(-1, keepdim=True)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    ds = p * (torch.matmul(do, v.to(acc).unsqueeze(2).transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, k.to(acc).unsqueeze(2)) * scale
+    dk = (torch.matmul(ds.transpose(-1, -2), _grouped(q.to(acc), hkv)) * scale).sum(2)
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def attention_reference(q, k, v, scale: float) -> torch.Tensor:
-    """Differentiable attention with the selected kernel (autograd through the kernel itself)."""
+_aten = torch.ops.aten
+
+
+def _flash_forward(q, k, v, scale: float, causal: bool) -> Block:
+    # FlashAttention-2 takes GQA natively (Hkv < Hq, no copies) in both directions; lse is [B, Hq, Sq] fp32
+    r = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return Block(r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7]))
+
+
+def _flash_backward(dout, q, k, v, out, lse, scale: float, causal: bool, aux=()):
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    r = _aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale
+    )
+    return r[0], r[1], r[2]
+
+
+def _cudnn_forward(q, k, v, scale: float, causal: bool) -> Block:
+    r = _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    lse = r[1].reshape(q.shape[:3])  # cuDNN's is [B, Hq, Sq, 1]
+    return Block(r[0], lse, (r[2], r[3], r[4], r[5], r[6], r[7]))
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, scale: float, causal: bool, aux=()):
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    r = _aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale
+    )
+    return r[0], r[1], r[2]
+
+
+def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """K/V repeated up to the query heads: only for kernels that need equal heads (`efficient`)."""
+    groups = heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _efficient_forward(q, k, v, scale: float, causal: bool) -> Block:
+    h = q.shape[1]
+    r = _aten._scaled_dot_product_efficient_attention(
+        q, _expand_heads(k, h), _expand_heads(v, h), None, True, 0.0, causal, scale=scale
+    )
+    sq = q.shape[2]
+    return Block(r[0], r[1][..., :sq], (r[1].shape[-1], r[2], r[3]))  # its LSE rows are padded to a multiple of 32
+
+
+def _efficient_backward(dout, q, k, v, out, lse, scale: float, causal: bool, aux=()):
+    padded, seed, offset = aux
+    h, groups = q.shape[1], q.shape[1] // k.shape[1]
+    lse = torch.nn.functional.pad(lse, (0, padded - lse.shape[-1]))
+    r = _aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, _expand_heads(k, h), _expand_heads(v, h), None, out, lse, seed, offset, 0.0, [True, True, True, False],
+        causal, scale=scale,
+    )  # fmt: skip
+    dk, dv = r[1], r[2]
+    if groups > 1:  # gradients of the repeated heads sum onto their K/V head
+        dk, dv = (t.unflatten(1, (k.shape[1], groups)).sum(2) for t in (dk, dv))
+    return r[0], dk, dv
+
+
+@dataclass(frozen=True)
+class Kernel:
+    forward: Any  # (q, k, v, scale, causal) -> Block
+    backward: Any  # (dout, q, k, v, out, lse, scale, causal, aux) -> (dq, dk, dv)
+
+
+KERNELS = {
+    "math": Kernel(_math_forward, _math_backward),
+    "flash": Kernel(_flash_forward, _flash_backward),
+    "cudnn": Kernel(_cudnn_forward, _cudnn_backward),
+    "efficient": Kernel(_efficient_forward, _efficient_backward),
+}
+
+
+MASKED = "math+document mask"  # the backend name `attend` records for a document-masked call
+
+# --- causal attention over [prefix || own keys] as two blocks merged through the LSE ---------------------
+
+
+@dataclass
+class Saved:
+    """What `attend` returns and its backward takes: merged output and LSE, and each block's kernel aux."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    backend: str
+    aux_diagonal: tuple = ()
+    aux_prefix: tuple = ()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.out, self.lse))
+
+
+class Grads(NamedTuple):
+    dq: torch.Tensor
+    dk: torch.Tensor  # own keys (the last Sq)
+    dv: torch.Tensor
+    dk_prefix: torch.Tensor | None  # keys 0 .. Sk - Sq, None without a prefix
+    dv_prefix: torch.Tensor | None
+
+
+def _merge(a: Block, b: Block, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    lse = torch.logaddexp(a.lse, b.lse)
+    acc = lse.dtype
+    out = a.out.to(acc) * torch.exp(a.lse - lse).unsqueeze(-1) + b.out.to(acc) * torch.exp(b.lse - lse).unsqueeze(-1)
+    return out.to(dtype), lse
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Saved:
+    """Bottom-right causal attention of q over k/v (Sk >= Sq), with no autograd: output, LSE, kernel aux."""
     mask = masks.document_mask(q.shape[2], k.shape[2], q.device)  # packed documents kept apart (masks.py)
-    if mask is not None:
-        return masks.masked_attention(q, k, v, scale, mask, resolve_backend(q))
-    return _KERNELS[resolve_backend(q)](q, k, v, scale)
+    if mask is not None:  # one exact masked block over every key (dense mask: O(Sq * Sk) memory)
+        KERNEL_CALLS["forward"] += 1
+        block = _math_forward(q, k, v, scale, False, mask)
+        return Saved(block.out.contiguous(), block.lse, MASKED, (mask,))
+    name = resolve_backend(q)
+    kernel = KERNELS[name]
+    KERNEL_CALLS["forward"] += 1
+    start = k.shape[2] - q.shape[2]
+    diagonal = kernel.forward(q, k[:, :, start:], v[:, :, start:], scale, True)
+    if not start:
+        return Saved(diagonal.out.contiguous(), diagonal.lse, name, diagonal.aux)
+    prefix = kernel.forward(q, k[:, :, :start], v[:, :, :start], scale, False)
+    out, lse = _merge(prefix, diagonal, q.dtype)
+    return Saved(out, lse, name, diagonal.aux, prefix.aux)
+
+
+def attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float) -> Grads:
+    """Gradients of `attend` from its saved output and LSE: one kernel backward per block, no forward."""
+    KERNEL_CALLS["backward"] += 1
+    dout, start = dout.contiguous(), k.shape[2] - q.shape[2]
+    if saved.backend == MASKED:
+        dq, dk, dv = _math_backward(dout, q, k, v, saved.out, saved.lse, scale, False, saved.aux_diagonal)
+        prefix = (dk[:, :, :start], dv[:, :, :start]) if start else (None, None)
+        return Grads(dq, dk[:, :, start:], dv[:, :, start:], *prefix)
+    kernel = KERNELS[saved.backend]
+    dq, dk, dv = kernel.backward(
+        dout, q, k[:, :, start:], v[:, :, start:], saved.out, saved.lse, scale, True, saved.aux_diagonal
+    )
+    if not start:
+        return Grads(dq, dk, dv, None, None)
+    dq_p, dk_p, dv_p = kernel.backward(
+        dout, q, k[:, :, :start], v[:, :, :start], saved.out, saved.lse, scale, False, saved.aux_prefix
+    )
+    return Grads(dq + dq_p, dk, dv, dk_p, dv_p)
+
+
+def _full_key_grads(g: Grads) -> tuple[torch.Tensor, torch.Tensor]:
+    if g.dk_prefix is None or g.dv_prefix is None:
+        return g.dk, g.dv
+    return torch.cat([g.dk_prefix, g.dk], 2), torch.cat([g.dv_prefix, g.dv], 2)
+
+
+class _Attention(torch.autograd.Function):
+    """`attend` under autograd: saves q, k, v, out and LSE; the backward calls the kernel's backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        saved = attend(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, saved.out, saved.lse)
+        ctx.scale, ctx.backend, ctx.aux = scale, saved.backend, (saved.aux_diagonal, saved.aux_prefix)
+        return saved.out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        saved = Saved(out, lse, ctx.backend, *ctx.aux)
+        g = attend_backward(grad_out, q, k, v, saved, ctx.scale)
+        dk, dv = _full_key_grads(g)  # a prefix only outside the KV relay (which keeps its own buffers)
+        return g.dq, dk, dv, None
+
+
+def attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Differentiable causal attention with the selected kernel; what the graph passes put in place of the op."""
+    return _Attention.apply(q, k, v, scale)
 
 
 @torch.library.custom_op("lcgraph::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal (bottom-right) attention; one graph node per attention layer."""
-    with torch.no_grad():
-        return attention_reference(q, k, v, scale).contiguous()
+    """Causal (bottom-right) attention; one graph node per attention layer (the passes lower it to `attention_fn`)."""
+    return attend(q, k, v, scale).out
 
 
 @attention.register_fake
 def _(q, k, v, scale):
     return q.new_empty(q.shape)  # contiguous, as the kernel returns it (q is often a transposed view)
-
-
-def attention_backward(grad_out, q, k, v, scale: float):
-    """Gradients of `attention` w.r.t. q, k, v: recompute the kernel's forward under autograd.
-
-    A plain function, not an op: it runs in autograd's backward, where grad mode can be re-enabled.
-    """
-    with torch.enable_grad():
-        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = attention_reference(q_, k_, v_, scale)
-        return torch.autograd.grad(out, (q_, k_, v_), grad_out)
 
 
 def _setup_context(ctx, inputs, output):
@@ -132,9 +324,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    """Eager use of the op outside lcgraph's graphs (an HF model called directly): a custom op's autograd
+    sees only its output, so the LSE comes from one more forward; lcgraph's own graphs use `attention_fn`."""
     q, k, v = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, ctx.scale)
-    return dq, dk, dv, None
+    g = attend_backward(grad_out, q, k, v, attend(q, k, v, ctx.scale), ctx.scale)
+    return (g.dq, *_full_key_grads(g), None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,110 +1,177 @@
-"""KV relay for Seq1F1B: attention of one sequence chunk over the K/V of the chunks before it.
+"""Per-stage attention state: the KV relay of Seq1F1B and the attention outputs kept for recompute.
 
-Forward of chunk c attends [K/V of chunks 0..c-1 (cached, detached) || its own K/V] with the causal
-mask aligned bottom-right. Backward of chunk c produces dK/dV for the whole prefix: the prefix part is
-parked in the relay (a side channel, not an autograd edge) and added to chunk c' < c's own dK/dV when
-chunk c' runs its backward. That is why chunk backwards run last-to-first within a micro-batch.
-The runtime sets `RelayContext.current` to the (micro-batch, chunk) about to run on this stage.
+KV relay. Each (micro-batch, layer) has one K and one V buffer sized to the stage's whole sequence
+(allocated by chunk 0). Chunk c writes its K/V at its offset and attends keys 0..end as a view of the
+buffer: no prefix concatenation. `attend` splits that call into the prefix block and the square causal
+diagonal block and merges them through the LSE. The backward of chunk c produces dK/dV for the whole
+prefix; the prefix part is added in place into a gradient buffer (a side channel, not an autograd
+edge) and read back when chunk c' < c runs its backward. That is why chunk backwards run last-to-first
+within a micro-batch; chunk 0's backward frees the micro-batch's buffers.
+
+Kept attention (train.recompute=keep_attention). The forward runs without autograd; attention keeps its
+output and LSE per (micro-batch, chunk, layer). The backward's rerun recomputes everything else and
+gets the kept output back instead of running the kernel again: the kernel's forward runs once per
+layer and unit, whatever the recompute mode (twice with recompute=full, which keeps nothing).
+
+The runtime sets `RelayContext.current` to the stage about to run, and on it `unit` (micro-batch,
+chunk), `chunk_lengths` (this rank's tokens per chunk), `keep` and `rerun`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from lcgraph.ops.attention import attention_backward, attention_reference
+from lcgraph.ops.attention import Saved, attend, attend_backward, attention_fn
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
 class _LayerCache:
-    keys: list[torch.Tensor] = field(default_factory=list)  # per chunk, detached
-    values: list[torch.Tensor] = field(default_factory=list)
-    grad_k: torch.Tensor | None = None  # accumulated dK for prefix positions, from later chunks
+    keys: torch.Tensor  # [B, Hkv, S, D]: the whole sequence, filled chunk by chunk
+    values: torch.Tensor
+    filled: int = 0  # positions written so far
+    grad_k: torch.Tensor | None = None  # dK of positions 0..n relayed by later chunks (n: the first prefix seen)
     grad_v: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return _nbytes(self.keys, self.values, self.grad_k, self.grad_v)
 
 
 class RelayContext:
-    """Per-stage KV caches keyed by (micro-batch, layer); `current` = (micro-batch, chunk) running now."""
+    """Per-stage attention state keyed by (micro-batch, layer); `unit` = (micro-batch, chunk) running now."""
 
-    current: RelayContext | None = None
+    current: ClassVar[RelayContext | None] = None
 
-    def __init__(self):
+    def __init__(self, chunk_lengths: list[int] | None = None):
         self.caches: dict[tuple[int, int], _LayerCache] = {}
+        self.kept: dict[tuple[int, int, int], Saved] = {}  # (mb, chunk, layer) -> output and LSE
         self.unit: tuple[int, int] = (0, 0)
-        self.recompute = False  # True while a backward reruns a chunk's forward (cache already holds it)
+        self.chunk_lengths = list(chunk_lengths or [])  # this rank's tokens per chunk (the runtime sets them)
+        self.keep = False  # keep_attention: the forward keeps attention's output, the rerun reuses it
+        self.rerun = False  # True while a backward reruns a unit's forward
         self.peak_bytes = 0
-
-    def cache(self, layer: int) -> _LayerCache:
-        return self.caches.setdefault((self.unit[0], layer), _LayerCache())
+        self.copied_bytes = 0  # K/V written into the relay buffers (the only copies the relay makes)
+        self.accumulated_bytes = 0  # prefix dK/dV added into the gradient buffers
 
     def live_bytes(self) -> int:
-        return sum(c.nbytes() for c in self.caches.values())
+        return sum(c.nbytes() for c in self.caches.values()) + sum(s.nbytes() for s in self.kept.values())
 
     def release(self, mb: int, layer: int) -> None:
         self.caches.pop((mb, layer), None)
 
+    def span(self, chunk: int, length: int) -> tuple[int, int]:
+        """[start, end) of `chunk` in attention's frame, whose chunks are `length / chunk_lengths[chunk]`
+        times this rank's (Ulysses gathers the sequence: sp times)."""
+        if chunk >= len(self.chunk_lengths):
+            raise RuntimeError(f"KV relay: chunk {chunk} runs but the runtime set chunk_lengths={self.chunk_lengths}")
+        ratio = length // self.chunk_lengths[chunk]
+        start = ratio * sum(self.chunk_lengths[:chunk])
+        return start, start + length
 
-class _RelayAttention(torch.autograd.Function):
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[_LayerCache, int, int]:
+        """Put this chunk's K/V into the layer's buffers (already there when a rerun asks again)."""
+        mb, chunk = self.unit
+        start, end = self.span(chunk, k.shape[2])
+        if chunk == 0 and not self.rerun:
+            total = end * sum(self.chunk_lengths) // self.chunk_lengths[0]
+            shape = (*k.shape[:2], total, k.shape[3])
+            self.caches[(mb, layer)] = _LayerCache(k.new_empty(shape), v.new_empty(shape))
+        cache = self.caches[(mb, layer)]
+        if self.rerun:
+            if cache.filled < end:
+                raise RuntimeError(f"KV relay: rerun of layer {layer} chunk {chunk} finds {cache.filled} < {end} keys")
+            return cache, start, end
+        if cache.filled != start:
+            raise RuntimeError(
+                f"KV relay: layer {layer} chunk {chunk} starts at {start} but {cache.filled} are written"
+            )
+        cache.keys[:, :, start:end] = k.detach()
+        cache.values[:, :, start:end] = v.detach()
+        cache.filled = end
+        self.copied_bytes += _nbytes(k, v)
+        return cache, start, end
+
+    def accumulate(self, cache: _LayerCache, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """Add the dK/dV a chunk produced for its prefix into the gradient buffers, in place."""
+        n = dk.shape[2]
+        if cache.grad_k is None or cache.grad_v is None:  # the micro-batch's last chunk: the longest prefix
+            cache.grad_k, cache.grad_v = torch.zeros_like(dk), torch.zeros_like(dv)
+        cache.grad_k[:, :, :n] += dk
+        cache.grad_v[:, :, :n] += dv
+        self.accumulated_bytes += _nbytes(dk, dv)
+
+
+class _StageAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, relay: RelayContext, layer: int):
-        cache = relay.cache(layer)
-        chunk = relay.unit[1]
-        expected = chunk + 1 if relay.recompute else chunk
-        if len(cache.keys) != expected:
-            raise RuntimeError(f"KV relay: layer {layer} chunk {chunk} runs with {len(cache.keys)} cached chunks")
-        prefix_k, prefix_v = cache.keys[:chunk], cache.values[:chunk]
-        k_all = torch.cat(prefix_k + [k], dim=2) if prefix_k else k
-        v_all = torch.cat(prefix_v + [v], dim=2) if prefix_v else v
-        # The backward reruns the kernel (attention_backward) rather than keeping its graph: a kept graph
-        # holds every layer's [prefix || chunk] K/V at once, which ran out of memory at 256k on an H100.
-        out = attention_reference(q, k_all, v_all, scale)
-        if not relay.recompute:
-            cache.keys.append(k.detach())
-            cache.values.append(v.detach())
+    def forward(ctx, q, k, v, scale: float, relay: RelayContext, layer: int, chunked: bool):
+        key = (*relay.unit, layer)
+        if chunked:
+            cache, start, end = relay.write(layer, k, v)
+            k_att, v_att = cache.keys[:, :, :end], cache.values[:, :, :end]
+        else:
+            k_att, v_att, start, end = k, v, 0, k.shape[2]
+        kept = relay.kept.pop(key, None) if relay.rerun else None
+        saved = kept if kept is not None else attend(q, k_att, v_att, scale)
+        if relay.keep and not relay.rerun:
+            relay.kept[key] = saved
         relay.peak_bytes = max(relay.peak_bytes, relay.live_bytes())
-        ctx.save_for_backward(q, k, v)
-        ctx.prefix = (prefix_k, prefix_v)  # references to the cache, no copy
-        ctx.scale, ctx.relay, ctx.layer, ctx.mb = scale, relay, layer, relay.unit[0]
-        return out
+        if chunked:  # views of buffers later chunks write into: autograd's version check would refuse them
+            ctx.kv = (k_att, v_att)
+            ctx.save_for_backward(q, saved.out, saved.lse)
+        else:
+            ctx.save_for_backward(q, saved.out, saved.lse, k, v)
+        ctx.scale, ctx.relay, ctx.layer, ctx.mb, ctx.span = scale, relay, layer, relay.unit[0], (start, end)
+        ctx.backend, ctx.aux = saved.backend, (saved.aux_diagonal, saved.aux_prefix)
+        return saved.out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
-        prefix_k, prefix_v = ctx.prefix
-        k_all = torch.cat(prefix_k + [k], dim=2) if prefix_k else k
-        v_all = torch.cat(prefix_v + [v], dim=2) if prefix_v else v
-        dq, dk_all, dv_all = attention_backward(grad_out.contiguous(), q, k_all, v_all, ctx.scale)
-        cache = ctx.relay.caches[(ctx.mb, ctx.layer)]
-        start, length = dk_all.shape[2] - k.shape[2], k.shape[2]
-        dk, dv = dk_all[:, :, start:], dv_all[:, :, start:]
-        if cache.grad_k is not None:  # what later chunks relayed for this chunk's positions
-            dk = dk + cache.grad_k[:, :, start : start + length]
-            dv = dv + cache.grad_v[:, :, start : start + length]
-        if start:
-            _park_prefix_grad(cache, dk_all[:, :, :start], dv_all[:, :, :start])
+        q, out, lse, *kv = ctx.saved_tensors
+        k, v = kv if kv else ctx.kv
+        g = attend_backward(grad_out, q, k, v, Saved(out, lse, ctx.backend, *ctx.aux), ctx.scale)
+        if not hasattr(ctx, "kv"):
+            return g.dq, g.dk, g.dv, None, None, None, None
+        relay, (start, end) = ctx.relay, ctx.span
+        cache = relay.caches[(ctx.mb, ctx.layer)]
+        dk, dv = g.dk, g.dv
+        if cache.grad_k is not None and cache.grad_v is not None:  # what later chunks relayed for these positions
+            dk = dk + cache.grad_k[:, :, start:end]
+            dv = dv + cache.grad_v[:, :, start:end]
+        if g.dk_prefix is not None and g.dv_prefix is not None:
+            relay.accumulate(cache, g.dk_prefix, g.dv_prefix)
         else:
-            ctx.relay.release(ctx.mb, ctx.layer)  # chunk 0 done: this micro-batch's cache is no longer needed
-        return dq, dk, dv, None, None, None
+            relay.release(ctx.mb, ctx.layer)  # chunk 0 done: this micro-batch's buffers are no longer needed
+        return g.dq, dk, dv, None, None, None, None
 
 
-def _park_prefix_grad(cache: _LayerCache, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    if cache.grad_k is None or cache.grad_v is None:
-        cache.grad_k, cache.grad_v = dk.clone(), dv.clone()
-    else:
-        n = dk.shape[2]
-        cache.grad_k = cache.grad_k[:, :, :n] + dk  # positions beyond n belonged to chunks already done
-        cache.grad_v = cache.grad_v[:, :, :n] + dv
-    cache.keys.pop()
-    cache.values.pop()
-
-
-def relay_attention(q, k, v, scale: float, layer: int):
-    """Graph target that replaces `lcgraph::attention` on stages that run sequence chunks."""
+def _context(name: str) -> RelayContext:
     relay = RelayContext.current
     if relay is None:
-        raise RuntimeError("relay_attention ran with no RelayContext: the runtime must set RelayContext.current")
-    return _RelayAttention.apply(q, k, v, scale, relay, layer)
+        raise RuntimeError(f"{name} ran with no RelayContext: the runtime must set RelayContext.current")
+    return relay
+
+
+# torch.compile (train.compile) breaks the graph around the two graph targets: the kernels are opaque to it
+# anyway, and the relay's bookkeeping is Python state it need not trace.
+
+
+@torch.compiler.disable
+def relay_attention(q, k, v, scale: float, layer: int):
+    """Graph target that replaces `lcgraph::attention` on stages that run sequence chunks."""
+    return _StageAttention.apply(q, k, v, scale, _context("relay_attention"), layer, True)
+
+
+@torch.compiler.disable
+def layer_attention(q, k, v, scale: float, layer: int):
+    """Graph target that replaces `lcgraph::attention` on stages that run whole sequences: plain
+    attention, with its output kept for the rerun under keep_attention (outside a runtime: `attention_fn`)."""
+    relay = RelayContext.current
+    if relay is None:
+        return attention_fn(q, k, v, scale)
+    return _StageAttention.apply(q, k, v, scale, relay, layer, False)

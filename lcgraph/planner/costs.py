@@ -28,11 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from lcgraph.planner.profile import ATTENTION_BACKWARD, DeviceProfile, load_profile, profile_names
+from lcgraph.runtime.interpreter import recompute_mode
 
 __all__ = ["DeviceProfile", "load_profile", "profile_names"]  # the profile lives next door; old imports work
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-RECOMPUTE_MODES = ("none", "keep_attention", "full")  # fastest first
 
 BACKWARD_MATMUL = 2.0  # dX and dW
 BACKWARD_TRAFFIC = 2.0  # elementwise backward reads the saved input and the incoming gradient
@@ -285,13 +285,6 @@ def _bytes_per_token(node, dtype: str) -> float:
 # --- a layout on a device ----------------------------------------------------------------------------------
 
 
-def recompute_mode(value) -> str:
-    """`train.recompute` as a mode name: booleans of older configs read true = full, false = none."""
-    if isinstance(value, bool) or value is None:
-        return "full" if value else "none"
-    return str(value)
-
-
 @dataclass
 class Layout:
     """The parallel layout and step shape the costs are evaluated for."""
@@ -308,8 +301,6 @@ class Layout:
 
     def __post_init__(self) -> None:
         self.recompute = recompute_mode(self.recompute)
-        if self.recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute mode {self.recompute!r} unknown; choose one of {', '.join(RECOMPUTE_MODES)}")
 
     @property
     def replicas(self) -> int:

@@ -33,9 +33,10 @@ from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
-from lcgraph.planner.costs import RECOMPUTE_MODES, CostModel, GraphCosts, Layout, recompute_mode
+from lcgraph.planner.costs import CostModel, GraphCosts, Layout
 from lcgraph.planner.profile import DeviceProfile, load_profile
 from lcgraph.planner.simulator import SimResult, simulate
+from lcgraph.runtime.interpreter import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule import nccl
 from lcgraph.schedule import programs as schedule
@@ -251,7 +252,7 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
         captured = capture(build_config(cfg.model))
     graph = GraphCosts.from_captured(captured, settings["dtype"])
     par, train = cfg.parallel, cfg.train
-    mode = recompute_mode(train.get("recompute", False))
+    mode = recompute_mode(train.get("recompute", False), allow_auto=True)
     layout = Layout(
         par.pp,
         par.dp,
@@ -259,7 +260,7 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
         cfg.data.micro_batch_size,
         par.zero,
         par.virtual_stages,
-        recompute="none" if mode == "auto" else mode,
+        recompute="none" if mode == AUTO else mode,
         compiled=bool(train.get("compile", False)),
         fused_loss=bool(train.get("fused_loss", True)),
     )
@@ -301,8 +302,8 @@ def resolve_recompute(cfg: DictConfig, captured=None) -> tuple[str, str]:
     """`train.recompute` as the mode to run and why: a given mode as is, `auto` chosen by the planner.
 
     The app calls this before training (`+plan.device` names the profile, default h100)."""
-    mode = recompute_mode(cfg.train.get("recompute", False))
-    if mode != "auto":
+    mode = recompute_mode(cfg.train.get("recompute", False), allow_auto=True)
+    if mode != AUTO:
         return mode, "set in the config"
     chosen, reason, _ = choose_recompute(cfg, setup(cfg, captured))
     return chosen, reason
@@ -316,7 +317,7 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
     graph, profile, config, par, seq = st.graph, st.profile, st.captured.config, cfg.parallel, cfg.data.seq_len
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     notes = []
-    if recompute_mode(cfg.train.get("recompute", False)) == "auto":
+    if recompute_mode(cfg.train.get("recompute", False), allow_auto=True) == AUTO:
         mode, reason, main = choose_recompute(cfg, st)
         st.layout = dataclasses.replace(st.layout, recompute=mode)
         notes.append(f"train.recompute=auto -> {mode}: {reason}")

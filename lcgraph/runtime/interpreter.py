@@ -24,10 +24,29 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from lcgraph.errors import PlanError
 from lcgraph.graph.passes import StageGraph
 from lcgraph.ops import masks
 from lcgraph.ops.relay import RelayContext
 from lcgraph.schedule.programs import P2P_KINDS, Action, issue_units, unit_token
+
+# train.recompute: none keeps every unit's autograd graph; full keeps only the unit's stage input and reruns
+# its forward in the backward; keep_attention does the same but keeps each attention's output and LSE, so the
+# rerun skips the attention kernels (lcgraph/ops/relay.py). The planner models each (docs/attention.md).
+RECOMPUTE_MODES = ("none", "keep_attention", "full")  # fastest first
+AUTO = "auto"  # the planner picks the fastest mode that fits (planner.plan.resolve_recompute)
+_RECOMPUTE_ALIASES = {True: "full", False: "none", None: "none", "true": "full", "false": "none"}
+
+
+def recompute_mode(value: object, allow_auto: bool = False) -> str:
+    """`train.recompute` as one of RECOMPUTE_MODES (or `auto` where allowed); booleans (also as OmegaConf's
+    "True"/"False") still work."""
+    key = value.lower() if isinstance(value, str) else value
+    mode = _RECOMPUTE_ALIASES.get(key, key)  # type: ignore[call-overload]
+    if mode not in RECOMPUTE_MODES and not (allow_auto and mode == AUTO):
+        choices = ", ".join(RECOMPUTE_MODES + ((AUTO,) if allow_auto else ()))
+        raise PlanError(f"train.recompute={value} is unknown; use one of {choices} (or true/false)")
+    return str(mode)
 
 
 @dataclass
@@ -135,7 +154,7 @@ class Interpreter:
         device,
         optimizer: OptimizerHooks,
         record_timeline: bool = True,
-        recompute: bool = False,
+        recompute: str | bool = "none",
         measure_activations: bool = True,
     ):
         self.program = program
@@ -149,7 +168,9 @@ class Interpreter:
             if a.kind == "B":
                 self.final_backward[a.stage] = i
         self.grad_norm = 0.0
-        self.recompute = recompute  # F keeps only its inputs; B reruns the forward under autograd
+        self.recompute = recompute_mode(recompute)  # not none: F keeps only its inputs, B reruns the forward
+        for st in stages.values():
+            st.relay.keep = self.recompute == "keep_attention"
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
         self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
         self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
@@ -159,6 +180,9 @@ class Interpreter:
     def run_step(self, units: dict[tuple[int, int], UnitData], loss_scale: float) -> torch.Tensor:
         """Run the program; `units[(mb, chunk)]` are this rank's inputs. Returns this rank's summed loss."""
         self.units, self.loss_scale = units, loss_scale
+        lengths = [u.input_ids.shape[1] for (mb, _), u in sorted(units.items()) if mb == min(units)[0]]
+        for st in self.stages.values():
+            st.relay.chunk_lengths = lengths  # where the KV relay puts each chunk in its buffers
         self.timeline = []  # a long run must not grow it: the last step is what gets reported
         self.optimizer.start_step()
         self.saved: dict[tuple, Any] = {}  # unit -> (hidden_in, out); ("grad", *unit) -> hidden_in's gradient
@@ -222,9 +246,10 @@ class Interpreter:
         st.relay.unit = (a.mb, a.chunk)
         masks.set_documents(unit.document_ids)
         key = (a.stage, a.mb, a.chunk)
-        with self.meters[a.stage].hooks(key), torch.set_grad_enabled(not self.recompute):
+        recompute = self.recompute != "none"
+        with self.meters[a.stage].hooks(key), torch.set_grad_enabled(not recompute):
             out = st.graph.gm(**st.kwargs(unit, hidden_in))
-        if self.recompute and hidden_in is not None:
+        if recompute and hidden_in is not None:
             self.meters[a.stage].unit_bytes[key] += hidden_in.numel() * hidden_in.element_size()
         if st.graph.is_last:
             self.loss_sum += out.detach()
@@ -233,22 +258,23 @@ class Interpreter:
         self.saved[key] = (hidden_in, out)
 
     def _rerun_forward(self, a: Action, hidden_in):
-        """Recompute mode: the unit's forward again, now recording the autograd graph."""
+        """Recompute modes: the unit's forward again, now recording the autograd graph (keep_attention:
+        attention returns its kept output instead of running the kernel)."""
         st = self.stages[a.stage]
         RelayContext.current = st.relay
-        st.relay.unit, st.relay.recompute = (a.mb, a.chunk), True
+        st.relay.unit, st.relay.rerun = (a.mb, a.chunk), True
         masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)
         try:
             out = st.graph.gm(**st.kwargs(self.units[(a.mb, a.chunk)], hidden_in))
         finally:
-            st.relay.recompute = False
+            st.relay.rerun = False
         return out * self.loss_scale if st.graph.is_last else out
 
     def _backward(self, a: Action):
         st = self.stages[a.stage]
         key = (a.stage, a.mb, a.chunk)
         hidden_in, out = self.saved.pop(key)
-        if self.recompute:
+        if self.recompute != "none":
             out = self._rerun_forward(a, hidden_in)
         final = self.final_backward[a.stage] == self._index
         self.optimizer.before_backward(a, final)
