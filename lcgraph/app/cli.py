@@ -183,7 +183,7 @@ def train_main(cfg: DictConfig) -> None:
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     with one_line_errors():
-        validate_plan(cfg)
+        validate_plan(cfg, overrides=HydraConfig.get().overrides.task)
     run_dir = HydraConfig.get().runtime.output_dir
     world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
     with one_line_errors():

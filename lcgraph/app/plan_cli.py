@@ -10,13 +10,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lcgraph.app.cli import hydra_app, one_line_errors
-from lcgraph.app.validate import check_choices, check_layout
+from lcgraph.app.validate import check_choices, check_keys, check_layout
 from lcgraph.planner.plan import Plan, build_plan, print_plan, write_plan
 from lcgraph.runtime.model import build_config
 
 
 def checked_plan(cfg: DictConfig) -> Plan:
     """Check the config's choices and layout (cheap, before the capture), then build the plan."""
+    check_keys(cfg)
     check_choices(cfg)
     config = build_config(cfg.model)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -40,6 +40,29 @@ TINY = [
 ]
 
 
+def hf_model_dir(root: Path, num_hidden_layers: int = 2, tie: bool = True):
+    """A real HF checkpoint directory under `root`: config.json, safetensors weights, a tokenizer; and its model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lcgraph.runtime import data
+
+    tokenizer = data.build_tokenizer(None, 512, data.corpus_files(None, int(0.3 * 2**20)))
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(Path(root) / "hf")
+    tokenizer.save_pretrained(Path(root) / "hf")
+    return Path(root) / "hf", model
+
+
 def compose(*overrides: str, tiny: bool = True):
     """A config as the CLI composes it; `tiny` puts the tiny CPU test shape first."""
 
