@@ -23,7 +23,6 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from lcgraph.app import pictures
 from lcgraph.app.config import register_configs
@@ -66,8 +65,12 @@ SHRINK = {
     "model.vocab_size": "512",
     "data.seq_len": "64",
 }
-# Placeholders in the docs, and what stands for them here.
-PLACEHOLDERS = {"+recipe=NAME": "+recipe=tiny_cpu"}
+# Placeholders in the docs, and what stands for them here; and sizes too slow for CI's 2 cores.
+PLACEHOLDERS = {
+    "+recipe=NAME": "+recipe=tiny_cpu",
+    # 80 layers on 8 stages: 2 minutes of drawing; 8 layers on 2 stages still hold layer 7
+    "model.num_hidden_layers=80 parallel.pp=8": "model.num_hidden_layers=8 parallel.pp=2",
+}
 COMPOSE_ONLY = 4  # more ranks than this are composed and validated, not trained (CI has 2 cores)
 
 
@@ -204,7 +207,7 @@ def test_every_doc_command_composes_validates_plans_and_draws(doc_jobs, tmp_path
         if job.program == "lcgraph.app.pictures":
             pictures.main(["--out", str(tmp_path / "pictures"), *job.argv])
         elif job.program == "lcgraph-plan":
-            key = OmegaConf.to_yaml(job.cfg, resolve=True)
+            key = job.layout + (job.cfg.parallel.microbatches,)  # shapes differ only in the numbers
             if key not in planned:
                 planned.add(key)
                 written = write_plan(checked_plan(job.cfg), tmp_path / "plan")
