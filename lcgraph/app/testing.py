@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from lcgraph.app.cli import init_distributed, launch_local, share_cores
 from lcgraph.app.config import compose_config
 from lcgraph.app.job import Job
+from lcgraph.runtime import data
 from lcgraph.schedule.programs import format_programs
 
 TINY = [
@@ -43,8 +44,6 @@ TINY = [
 def hf_model_dir(root: Path, num_hidden_layers: int = 2, tie: bool = True):
     """A real HF checkpoint directory under `root`: config.json, safetensors weights, a tokenizer; and its model."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lcgraph.runtime import data
 
     tokenizer = data.build_tokenizer(None, 512, data.corpus_files(None, int(0.3 * 2**20)))
     config = LlamaConfig(

@@ -320,13 +320,13 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
 
     env = os.environ if env is None else env
     check_keys(cfg)
-    check_model_overrides(cfg, overrides)
     check_choices(cfg)
     check_counts(cfg)
     m = cfg.model
     if not m.get("path"):  # before HF's own config checks, whose errors are tracebacks
         check_model(m.hidden_size, m.num_attention_heads, m.num_key_value_heads or m.num_attention_heads, m.head_dim)
-    config = build_config(m)
+    config = build_config(m)  # a model.path without config.json is the first thing to fix
+    check_model_overrides(cfg, overrides)
     check_llama_like(config)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     check_model(config.hidden_size, config.num_attention_heads, kv, getattr(config, "head_dim", None))
