@@ -43,6 +43,20 @@ class ProfileError(PlanError, FileNotFoundError):
     """A device profile name or file that does not exist."""
 
 
+class RankError(LcgraphError):
+    """A user's error raised inside a spawned rank, carried to the launcher (the rank's traceback is kept)."""
+
+
+def user_error_names() -> set[str]:
+    """Class names of every LcgraphError kind: how a rank's error file (which holds the name) is told apart."""
+    names, todo = set(), [LcgraphError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
 class CheckpointError(LcgraphError):
     """A checkpoint that cannot be written where the run asked."""
 

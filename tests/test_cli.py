@@ -6,32 +6,14 @@ import subprocess
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph.app.testing import TINY, compose, train_local
-from lcgraph.runtime import data
+from lcgraph.app.testing import TINY, compose, hf_model_dir, train_local
 
 TINY_CLI = [o for o in TINY if not o.startswith("parallel=")] + ["train.steps=3"]
 
 
 def _hf_dir(tmp_path):
-    """A real HF checkpoint directory: config, safetensors weights, tokenizer."""
-    files = data.corpus_files(None, int(0.3 * 2**20))
-    tokenizer = data.build_tokenizer(None, 512, files)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf", model
+    return hf_model_dir(tmp_path)
 
 
 def test_model_path_loads_a_local_hf_directory_and_the_checkpoint_round_trips(tmp_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from lcgraph.app.cli import one_line_errors
-from lcgraph.errors import DataError, LaunchError, LcgraphError, PlanError
+from lcgraph.app.cli import one_line_errors, spawn
+from lcgraph.app.testing import compose
+from lcgraph.errors import DataError, LaunchError, LcgraphError, PlanError, RankError
 
 
 def test_a_user_error_is_one_line_and_exit_code_2(capsys):
@@ -29,3 +32,19 @@ def test_the_traceback_flag_shows_user_errors_whole(monkeypatch):
 def test_the_hierarchy():
     assert issubclass(LaunchError, PlanError) and issubclass(PlanError, LcgraphError)
     assert issubclass(PlanError, ValueError)  # callers that caught ValueError still do
+
+
+def test_a_rank_error_reaches_the_user_as_one_line_naming_the_rank_with_the_traceback_kept(tmp_path, capfd):
+    short = tmp_path / "short.txt"
+    short.write_text("too short a corpus\n")
+    cfg = compose(f"data.path={short}", "parallel.pp=2")
+    run = tmp_path / "run"
+    with pytest.raises(RankError) as info:
+        spawn(cfg, str(run), 2)
+    message = str(info.value)
+    assert re.fullmatch(
+        r"rank [01]: corpus has \d+ tokens, fewer than data.seq_len=64\+1; .* \(traceback: .*\)", message
+    )
+    kept = run / f"rank{message[5]}.traceback"
+    assert "Traceback" in kept.read_text() and "DataError" in kept.read_text()
+    assert "Traceback" not in capfd.readouterr().err  # the ranks print none: it is in the run directory

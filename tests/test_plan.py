@@ -282,6 +282,8 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
     validate(parse_programs(text), spec)
     nccl.check(parse_programs(text), spec)
     json.loads((tmp_path / "timeline.json").read_text())
+    pictures = {p.stem for p in (tmp_path / "graphs").glob("*.svg")}  # the graph after every pass, per stage
+    assert {"02_partition_stage0", "02_partition_stage1"} <= pictures and any("kv_relay" in p for p in pictures)
 
 
 def test_plan_fits_only_when_the_peak_is_within_the_devices_memory(tmp_path):

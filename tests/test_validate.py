@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from lcgraph.app.config import LcgraphConfig
-from lcgraph.app.testing import compose, train_local
+from lcgraph.app.testing import compose, hf_model_dir, train_local
 from lcgraph.app.validate import check_launch, validate_plan
-from lcgraph.errors import PlanError
+from lcgraph.errors import LcgraphError, PlanError
 from lcgraph.schedule import programs as schedule
 
 SCHEDULES = ("gpipe", "1f1b", "seq1f1b", "interleaved_1f1b")
@@ -211,7 +211,7 @@ def plan(**keys):
 
 
 def refused(fn, *texts):
-    with pytest.raises(PlanError) as info:
+    with pytest.raises(LcgraphError) as info:
         fn()
     assert names(str(info.value), texts), str(info.value)
     return str(info.value)
@@ -309,3 +309,38 @@ def test_the_config_choices_are_what_the_code_knows():
     assert get_args(ChunkSplit) == SPLIT_MODES
     assert get_args(AttentionBackend) == BACKENDS
     assert set(get_args(Dtype)) == set(DTYPES)
+
+
+# --- what a newcomer gets wrong, refused before any process starts ---------------------------------------
+
+
+def test_unknown_keys_missing_and_conflicting_model_keys_steps_and_positions_are_refused():
+    cpu = ["train.device=cpu"]
+    refused(lambda: validate_plan(compose("+parallel.ppp=2", *cpu), env={}), "parallel.ppp", "parallel.pp?")
+    refused(lambda: validate_plan(compose("+train.stepz=2", *cpu), env={}), "train.stepz", "train.steps?")
+    refused(lambda: validate_plan(compose("model=hf", *cpu), env={}), "model=hf needs model.path")
+    refused(lambda: validate_plan(compose("train.steps=0", *cpu), env={}), "train.steps=0")
+    refused(
+        lambda: validate_plan(compose("model.max_position_embeddings=32", "data.seq_len=64", *cpu), env={}),
+        "data.seq_len=64",
+        "max_position_embeddings=32",
+    )
+    refused(lambda: validate_plan(compose("data.path=/nonexistent/corpus", *cpu), env={}), "data.path=")
+    validate_plan(compose("+plan.device=h200", *cpu), env={})  # lcgraph-plan's settings: the planner checks them
+
+
+def test_a_model_directory_is_checked_before_any_process_starts(tmp_path):
+    path, _ = hf_model_dir(tmp_path)
+    over = ["model=hf", f"model.path={path}"]
+    cfg = compose(*over, "train.device=cpu")
+    validate_plan(cfg, env={}, overrides=over)
+    refused(lambda: validate_plan(cfg, env={}, overrides=[*over, "model.hidden_size=128"]), "model.hidden_size")
+    (path / "tokenizer.json").rename(path / "tokenizer.json.off")
+    refused(lambda: validate_plan(cfg, env={}), "has no tokenizer", str(path))
+    validate_plan(compose(*over, "train.device=cpu", "data.synthetic=true"), env={})  # no tokenizer needed
+    (path / "tokenizer.json.off").rename(path / "tokenizer.json")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
+    refused(lambda: validate_plan(cfg, env={}), str(weights), "re-download")
+    weights.unlink()
+    refused(lambda: validate_plan(cfg, env={}), "has no weights")

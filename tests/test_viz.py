@@ -288,3 +288,14 @@ def test_comm_times_count_p2p_and_gradient_sync_actions():
 def test_stage_is_read_from_the_dump_name():
     assert viz.stage_from_name("04_ulysses_stage12") == 12 and viz.stage_from_name("01_retarget_device") is None
     assert re.fullmatch(r"#[0-9a-f]{6}", viz._lighten("#4c78a8"))
+
+
+def test_the_timeline_legend_names_what_each_bar_and_its_coordinates_mean(tmp_path):
+    from lcgraph.observability.timeline import legend_entries, write_timeline
+
+    timeline = [(0, "F0.1", 0.0, 1.0), (1, "B0.1", 1.0, 2.0), (0, "sF0.1>1", 1.0, 1.5), (0, "OPT", 2.0, 2.5)]
+    entries = dict(legend_entries(timeline))
+    assert list(entries) == ["F", "B", "OPT"]  # the kinds present, not the wire
+    assert "micro-batch m" in entries["F"] and "chunk c" in entries["B"]
+    written = write_timeline(timeline, tmp_path, label="stage")
+    assert "stage 1" in (tmp_path / "timeline.json").read_text() and len(written) == 2  # json and png

@@ -10,21 +10,24 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from lcgraph.app.config import register_configs
 from lcgraph.app.job import Job, prepare_data
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.validate import validate_plan
-from lcgraph.errors import LaunchError, LcgraphError, full_tracebacks
+from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.graphs import comm_times, write_measured_timeline
-from lcgraph.observability.metrics import RunLogger
+from lcgraph.observability.metrics import RunLogger, model_flops_per_token
+from lcgraph.planner.profile import load_profile, profile_names
 from lcgraph.runtime import checkpoint
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule.programs import format_programs
@@ -88,7 +91,7 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
-    logger = RunLogger(cfg, run_path, enabled=rank == 0)
+    logger = RunLogger(cfg, run_path, enabled=rank == 0, append=resuming(cfg))
     if rank == 0:
         (run_path / "programs.txt").write_text(format_programs(job.programs, job.spec).rstrip("\n") + "\n")
         logger.note(
@@ -101,8 +104,12 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         start = checkpoint.load_checkpoint(job, resume)
         logger.note(f"resumed from {resume} at step {start}")
     every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
+    flops, peak = model_flops_per_token(job.config, cfg.data.seq_len), peak_flops(job.device, cfg.train.dtype)
     for step in range(start, cfg.train.steps):
+        if job.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(job.device)
         metrics = job.run_step(step)
+        metrics.update(step_perf(metrics, flops, peak, world, job.device))
         logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
             checkpoint.save_checkpoint(job, saves, step + 1)
@@ -110,6 +117,44 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     measured = write_measured_timeline(job, run_path, world)  # collective: every rank
     summary = logger.finish(extra={**_memory_summary(job, world), **measured})
     return summary
+
+
+def resuming(cfg: DictConfig) -> bool:
+    """Whether this run continues the one in its run directory (train.resume, when the schema has it)."""
+    return bool(OmegaConf.select(cfg, "train.resume", default=None))
+
+
+def claim_run_dir(run_dir: Path, resume: bool) -> None:
+    """Make metrics.jsonl exclusively: two runs never share a run directory; a resumed run appends to it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "metrics.jsonl").open("x").close()
+    except FileExistsError:
+        if not resume:
+            raise LaunchError(
+                f"run directory {run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir "
+                "or resume that run (train.resume)"
+            ) from None
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The dense matmul peak of this GPU from the planner's profiles (h100, h200, a100), the MFU denominator."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    match = next((p for p in profile_names() if p in name), None)
+    return load_profile(match).matmul_rate(dtype) if match else None
+
+
+def step_perf(metrics: dict, flops_per_token: float, peak: float | None, world: int, device: torch.device) -> dict:
+    """TFLOP/s per GPU and MFU (6*N + 6*L*h*S per token) and, on GPU, the step's peak memory."""
+    per_gpu = flops_per_token * metrics["tokens"] / metrics["step_time_s"] / world
+    out: dict[str, float | int] = {"tflops_per_gpu": per_gpu / 1e12}
+    if peak:
+        out["mfu"] = per_gpu / peak
+    if device.type == "cuda":
+        out["cuda_step_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
 
 
 def _memory_summary(job: Job, world: int) -> dict:
@@ -158,8 +203,9 @@ def share_cores() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+@record  # the rank's exception and traceback go to TORCHELASTIC_ERROR_FILE, which the launcher reads
 def _worker(cfg_yaml: str, run_dir: str) -> None:
-    """Entry of a spawned rank (elastic launcher) or of a torchrun rank."""
+    """Entry of a spawned rank (elastic launcher)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(cfg_yaml)
@@ -174,10 +220,40 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
 
 
 def spawn(cfg: DictConfig, run_dir: str, world: int) -> None:
-    """Start `world` local ranks with torch's elastic launcher and wait for them."""
+    """Start `world` local ranks with torch's elastic launcher and wait for them.
+
+    A rank's LcgraphError comes back as one RankError line naming the rank; its traceback is kept in
+    RUN_DIR/rank<r>.traceback. Any other failure (a bug) is re-raised with its traceback."""
     from omegaconf import OmegaConf
 
-    launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)  # the failure is reported below, once
+    try:
+        launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
+    except ChildFailedError as exc:
+        error = rank_error(exc, Path(run_dir))
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        elastic.setLevel(level)
+
+
+def rank_error(exc: ChildFailedError, run_dir: Path) -> RankError | None:
+    """The first failed rank's user error as one line (None for a bug); its traceback goes to the run dir."""
+    rank, failure = exc.get_first_failure()
+    info = failure.error_file_data.get("message", {})
+    message = info.get("message", failure.message) if isinstance(info, dict) else str(info)
+    trace = info.get("extraInfo", {}).get("py_callstack", "") if isinstance(info, dict) else ""
+    kept = run_dir / f"rank{rank}.traceback"
+    if trace:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kept.write_text(trace)
+    kind, _, text = message.partition(": ")
+    if kind not in user_error_names():
+        return None
+    return RankError(f"rank {rank}: {text}" + (f" (traceback: {kept})" if trace else ""))
 
 
 def train_main(cfg: DictConfig) -> None:
@@ -189,7 +265,7 @@ def train_main(cfg: DictConfig) -> None:
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     with one_line_errors():
-        validate_plan(cfg)
+        validate_plan(cfg, overrides=HydraConfig.get().overrides.task)
     run_dir = HydraConfig.get().runtime.output_dir
     with one_line_errors():
         check_resume(cfg, Path(run_dir))
@@ -200,11 +276,13 @@ def train_main(cfg: DictConfig) -> None:
         elif world > 1:
             _check_gpus(cfg, world)
             prepare_data(cfg)  # one tokenizer pass here, not one per rank
+            claim_run_dir(Path(run_dir), resuming(cfg))
             spawn(cfg, run_dir, world)
-            _print_summary(run_dir)
         else:
+            claim_run_dir(Path(run_dir), resuming(cfg))
             run(cfg, run_dir)
     if int(os.environ.get("RANK", 0)) == 0:
+        _print_summary(run_dir)
         print(f"run directory: {run_dir}")
 
 
@@ -228,19 +306,35 @@ def _check_gpus(cfg: DictConfig, world: int) -> None:
 
 def _join_torchrun(cfg: DictConfig, run_dir: str) -> None:
     init_distributed(cfg)
-    shared = [run_dir]
+    shared = [run_dir, ""]
+    if dist.get_rank() == 0:
+        try:
+            claim_run_dir(Path(run_dir), resuming(cfg))
+        except LaunchError as exc:
+            shared[1] = str(exc)
     dist.broadcast_object_list(shared, src=0)  # all ranks use rank 0's run directory
     try:
+        if shared[1]:
+            raise LaunchError(shared[1])
         run(cfg, shared[0], dist.get_rank(), dist.get_world_size())
     finally:
         dist.destroy_process_group()
 
 
 def _print_summary(run_dir: str) -> None:
+    """The final line: the figures the progress bar ended on (throughput over the second half), MFU, GPU peak."""
     path = Path(run_dir) / "summary.json"
-    if path.is_file():
-        s = json.loads(path.read_text())
-        print(f"final loss {s.get('final_loss'):.4f}, {s.get('tokens_per_s', 0):.0f} tokens/s")
+    if not path.is_file():
+        return
+    s = json.loads(path.read_text())
+    parts = [f"final loss {s.get('final_loss'):.4f}", f"{s.get('tokens_per_s', 0):.0f} tokens/s"]
+    if "tflops_per_gpu" in s:
+        parts.append(f"{s['tflops_per_gpu']:.3g} TFLOP/s per GPU")
+    if "mfu" in s:
+        parts.append(f"MFU {100 * s['mfu']:.1f}%")
+    if "cuda_step_peak_bytes" in s:
+        parts.append(f"peak {s['cuda_step_peak_bytes'] / 2**30:.1f} GiB")
+    print(", ".join(parts))
 
 
 def main() -> None:

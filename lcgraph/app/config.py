@@ -147,11 +147,21 @@ def choice_fields(schema: Any = LcgraphConfig, prefix: str = "") -> Iterator[tup
             yield f"{prefix}{f.name}", f.metadata["choices"]
 
 
+def seq_chunks_for(schedule: str, chunks: int) -> int:
+    """`parallel.seq_chunks` when it follows the schedule: `chunks` for seq1f1b, 1 for every other schedule.
+
+    conf/parallel/*.yaml set `seq_chunks: ${lcgraph_seq_chunks:${.schedule},K}`, so a sweep over
+    `parallel.schedule` from a seq1f1b plan compares every schedule; an explicit `parallel.seq_chunks=K`
+    still wins (and is refused with a schedule other than seq1f1b)."""
+    return int(chunks) if schedule == "seq1f1b" else 1
+
+
 def register_configs() -> None:
     """Schemas for the config groups, and every recipe in recipes/ as `+recipe=NAME`."""
     from omegaconf import OmegaConf
 
     register_resolvers()
+    OmegaConf.register_new_resolver("lcgraph_seq_chunks", seq_chunks_for, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="lcgraph_schema", node=LcgraphConfig)
     for group, node in (

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from lcgraph.app.config import compose_config
 from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
@@ -30,21 +32,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("overrides", nargs="*", help="the training config's overrides, e.g. parallel.pp=4")
     args = ap.parse_args(argv)
-    cfg = compose_config(args.overrides)
+    out = Path(args.out)
+    counts = draw(compose_config(args.overrides), out, args.layer_level)
+    print(f"wrote {len(list(out.glob('*.svg')))} pictures to {out}/ (layers per stage {counts})")
+
+
+def draw(cfg: DictConfig, out: Path, layer_level: list[int] | None = None) -> list[int]:
+    """Capture `cfg`'s model on the meta device, run the passes of every stage, draw each graph into `out`."""
     par = cfg.parallel
     captured = capture(model.build_config(cfg.model), batch_size=cfg.data.micro_batch_size)
     counts, _ = layer_counts(cfg, captured)
-    out = Path(args.out)
 
     def dump(name, gm):
         present = {b.layer for b in boxes_of(gm)[0].values() if b.part == "layer"}
-        layers = None if args.layer_level is None else [L for L in args.layer_level if L in present]
+        layers = None if layer_level is None else [L for L in layer_level if L in present]
         dump_graph(gm, out / name, layers=layers)
 
     passes.compile_stages(
         captured, counts, "meta", par.seq_chunks if par.schedule == "seq1f1b" else 1, par.sp, dump=dump
     )
-    print(f"wrote {len(list(out.glob('*.svg')))} pictures to {out}/ (layers per stage {counts})")
+    return counts
 
 
 if __name__ == "__main__":

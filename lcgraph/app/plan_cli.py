@@ -6,17 +6,21 @@ capture's seconds are spent, and turns a user's mistake into one line.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lcgraph.app.cli import hydra_app, one_line_errors
-from lcgraph.app.validate import check_choices, check_layout
+from lcgraph.app.pictures import draw
+from lcgraph.app.validate import check_choices, check_keys, check_layout
 from lcgraph.planner.plan import Plan, build_plan, print_plan, write_plan
 from lcgraph.runtime.model import build_config
 
 
 def checked_plan(cfg: DictConfig) -> Plan:
     """Check the config's choices and layout (cheap, before the capture), then build the plan."""
+    check_keys(cfg)
     check_choices(cfg)
     config = build_config(cfg.model)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -30,8 +34,9 @@ def plan_main(cfg: DictConfig) -> None:
         plan = checked_plan(cfg)
     out = HydraConfig.get().runtime.output_dir
     written = write_plan(plan, out)
+    draw(cfg, Path(out) / "graphs")  # the graph after every pass, per stage (as `dump.graphs=true` trains)
     print_plan(plan)
-    print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    print(f"wrote {', '.join(p.name for p in written)} and graphs/ to {out}")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from lcgraph.app.cli import init_distributed, launch_local, run, share_cores
 from lcgraph.app.config import compose_config
 from lcgraph.app.job import Job
+from lcgraph.runtime import data
 from lcgraph.schedule.programs import format_programs
 
 TINY = [
@@ -38,6 +39,27 @@ TINY = [
     "optim.warmup_steps=1",
     "optim.lr=1e-3",
 ]
+
+
+def hf_model_dir(root: Path, num_hidden_layers: int = 2, tie: bool = True):
+    """A real HF checkpoint directory under `root`: config.json, safetensors weights, a tokenizer; and its model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = data.build_tokenizer(None, 512, data.corpus_files(None, int(0.3 * 2**20)))
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(Path(root) / "hf")
+    tokenizer.save_pretrained(Path(root) / "hf")
+    return Path(root) / "hf", model
 
 
 def compose(*overrides: str, tiny: bool = True):

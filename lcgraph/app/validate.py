@@ -3,11 +3,13 @@
 Each check raises PlanError naming every value involved as `key=value`, and the fix. The rules, in the
 order they are checked (docs/recipes.md lists them with examples):
 
+    keys       every key is one the schema declares (also those added with `+`), except under `plan`
+               (lcgraph-plan's settings, checked by the planner); model=hf has a model.path
     choices    train.dtype, train.device, train.attention, parallel.schedule, parallel.chunk_split and
                logging.wandb.mode take one of the values their schema field declares (config.choice);
                train.recompute is none, keep_attention, full or auto (true/false still mean full/none)
-    counts     parallel.{pp, sp, dp, microbatches, seq_chunks, virtual_stages}, data.seq_len and
-               data.micro_batch_size are >= 1
+    counts     parallel.{pp, sp, dp, microbatches, seq_chunks, virtual_stages}, data.seq_len,
+               data.micro_batch_size and train.steps are >= 1
     model      hidden_size % num_attention_heads == 0 (unless head_dim is set), an even head dim (RoPE),
                and num_attention_heads % num_key_value_heads == 0
     stages     pp * virtual_stages <= num_hidden_layers; pp_layers, when given, has one entry >= 1 per
@@ -17,8 +19,10 @@ order they are checked (docs/recipes.md lists them with examples):
     sequence   with k = seq_chunks (seq1f1b) or 1: seq_len % sp == 0; seq_len % (sp * k) == 0 for
                chunk_split=even; seq_len >= 2 * sp * k
     ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
-    documents  data.cross_document_attention=false only with train.attention math, sdpa or auto and
-               train.compile=false; data.num_workers >= 0
+    documents  data.cross_document_attention=false only with train.compile=false; data.num_workers >= 0
+    positions  data.seq_len <= the model's max_position_embeddings
+    files      model.path holds config.json, readable safetensors weights and (unless data.synthetic) a
+               tokenizer, and no shape key is overridden beside it; data.path holds text
     launch     under a launcher (WORLD_SIZE set) WORLD_SIZE == pp * sp * dp; the ranks of this node fit
                its GPUs (train.device cuda/auto with a GPU) or its CPU cores (train.device=cpu), unless
                train.allow_oversubscribe=true
@@ -26,14 +30,18 @@ order they are checked (docs/recipes.md lists them with examples):
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lcgraph.app.config import choice_fields
-from lcgraph.errors import LaunchError, PlanError
+from lcgraph.app.config import LcgraphConfig, choice_fields
+from lcgraph.errors import LaunchError, ModelPathError, PlanError
 from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import check_ulysses
+from lcgraph.runtime import data
 from lcgraph.runtime.interpreter import recompute_mode
 from lcgraph.runtime.model import build_config
 
@@ -46,7 +54,95 @@ COUNT_KEYS = (
     "parallel.virtual_stages",
     "data.seq_len",
     "data.micro_batch_size",
+    "train.steps",
 )
+OPEN_SECTIONS = ("plan",)  # sections whose keys their own module checks (lcgraph-plan's settings)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # HF fast tokenizer, or a sentencepiece model
+
+
+def _unknown_keys(given: dict, schema: dict, prefix: str = "") -> Iterator[tuple[str, list[str]]]:
+    """(dotted key, the keys its section does have) of every key of `given` that `schema` lacks."""
+    for key, value in given.items():
+        if key not in schema:
+            if f"{prefix}{key}" not in OPEN_SECTIONS:
+                yield f"{prefix}{key}", sorted(schema)
+        elif isinstance(value, dict) and isinstance(schema[key], dict):
+            yield from _unknown_keys(value, schema[key], f"{prefix}{key}.")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Hydra's `+key=value` adds a key the schema lacks (its own hint for a typo): refuse it."""
+    schema = OmegaConf.to_container(OmegaConf.structured(LcgraphConfig))
+    given = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(schema, dict) and isinstance(given, dict)
+    for key, known in _unknown_keys(given, schema):
+        section, _, name = key.rpartition(".")
+        near = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {section + '.' if section else ''}{near[0]}? " if near else ""
+        raise PlanError(f"unknown key {key}; {hint}known keys{' of ' + section if section else ''}: {', '.join(known)}")
+    if OmegaConf.is_missing(cfg.model, "path") or (cfg.model.name == "hf" and not cfg.model.path):
+        raise PlanError("model=hf needs model.path=/path/to/a/local/HF/model (config.json, safetensors, tokenizer)")
+
+
+def check_model_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A loaded model's shape comes from its config.json: shape overrides beside model.path are refused."""
+    if not cfg.model.path:
+        return
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    clash = [k for k in keys if k.startswith("model.") and k not in ("model.path", "model.name")]
+    if clash:
+        raise PlanError(
+            f"{', '.join(clash)} conflict with model.path={cfg.model.path}: a loaded model's shape comes from "
+            "its config.json; drop the override or model.path"
+        )
+
+
+def check_model_dir(path: str, needs_tokenizer: bool) -> None:
+    """model.path holds readable safetensors weights and a tokenizer (config.json: build_config checks it)."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        shards = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (root / "model.safetensors").is_file():
+        shards = [root / "model.safetensors"]
+    else:
+        raise ModelPathError(
+            f"model.path={path} has no weights (model.safetensors or model.safetensors.index.json); "
+            "save the model with save_pretrained(safe_serialization=True) or convert its .bin files"
+        )
+    for shard in shards:
+        try:
+            with safe_open(str(shard), "pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or not safetensors: all the same fix
+            raise ModelPathError(
+                f"{shard} is not a readable safetensors file ({type(exc).__name__}: {exc}); re-download or re-save it"
+            ) from exc
+    if needs_tokenizer and not any((root / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelPathError(
+            f"model.path={path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); copy the model's tokenizer "
+            "files there, or train on data.synthetic=true"
+        )
+
+
+def check_files(cfg: DictConfig) -> None:
+    """The model directory and the corpus, before any process starts."""
+    if cfg.model.path:
+        check_model_dir(cfg.model.path, needs_tokenizer=not cfg.data.synthetic)
+    if cfg.data.path and not cfg.data.synthetic:  # the default corpus (the standard library) is always there
+        data.corpus_files(cfg.data.path, int(cfg.data.max_corpus_mb * 2**20))
+
+
+def check_positions(seq: int, max_positions: int) -> None:
+    if seq > max_positions:
+        raise PlanError(
+            f"data.seq_len={seq} exceeds the model's max_position_embeddings={max_positions}; use data.seq_len <= "
+            f"{max_positions} (or a model with longer RoPE scaling)"
+        )
 
 
 def _get(cfg, dotted: str):
@@ -232,11 +328,14 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def validate_plan(cfg: DictConfig, env=None) -> None:
-    """All checks that need only the config (no process, no weights); `env` defaults to os.environ."""
+def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> None:
+    """Every check that needs no process: config, model files, corpus; `env` defaults to os.environ.
+
+    `overrides` are the command line's (Hydra's task overrides), for the ones a loaded model conflicts with."""
     import torch
 
     env = os.environ if env is None else env
+    check_keys(cfg)
     check_choices(cfg)
     recompute_mode(cfg.train.recompute, allow_auto=True)
     check_counts(cfg)
@@ -244,11 +343,14 @@ def validate_plan(cfg: DictConfig, env=None) -> None:
     m = cfg.model
     if not m.get("path"):  # before HF's own config checks, whose errors are tracebacks
         check_model(m.hidden_size, m.num_attention_heads, m.num_key_value_heads or m.num_attention_heads, m.head_dim)
-    config = build_config(m)
+    config = build_config(m)  # a model.path without config.json is the first thing to fix
+    check_model_overrides(cfg, overrides)
     check_llama_like(config)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     check_model(config.hidden_size, config.num_attention_heads, kv, getattr(config, "head_dim", None))
     check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)
+    check_positions(cfg.data.seq_len, config.max_position_embeddings)
+    check_files(cfg)
     device = cfg.train.device
     if device == "cuda" and not torch.cuda.is_available():
         raise PlanError("train.device=cuda but no GPU is visible; use train.device=cpu")

@@ -4,20 +4,31 @@ metrics.jsonl has one flat dict per step, as the trainer returns it. W&B gets th
 sections, all plotted against `step`:
 
     train/   loss, lr, grad_norm, tokens
-    perf/    tokens_per_s, step_time_s, tflops_per_gpu, mfu (when the trainer gives them), bubble_fraction
-    memory/  activation peak per stage, CUDA peak per rank (at the end)
+    perf/    tokens_per_s, step_time_s, tflops_per_gpu, mfu (when the device's peak is known), bubble_fraction
+    memory/  cuda_step_peak_bytes per step (GPU), activation peak per stage, CUDA peak per rank (at the end)
     comm/    p2p_s, grad_sync_s, comm_s per step (rank 0), comm_s per rank (last step, at the end)
 
 and at the end: timeline.png as an image, every graph picture (graphs/*.html) as HTML, plan.json (from
 `lcgraph-plan` into the same directory) as tables. `wandb sync RUN_DIR/wandb/offline-run-*` uploads.
+
+Model FLOPs per token are 6*N + 6*L*h*S (N the matmul parameters: every layer's projections and the LM head;
+L layers, h hidden, S the sequence length), as tools/bench.py counts them: tflops_per_gpu = that x the step's
+tokens / step time / ranks, and mfu = tflops_per_gpu / the device's dense bf16 peak.
+The bar, the summary and the final line show one throughput: tokens over time of the second half of the
+steps so far. `logging.wandb.mode=online` without an API key or without a route to the W&B server warns once
+and logs offline instead.
 """
 
 from __future__ import annotations
 
 import json
+import netrc
+import os
+import socket
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
@@ -57,6 +68,51 @@ def metric_key(name: str) -> str:
     return f"train/{name}"
 
 
+def model_flops_per_token(config, seq: int) -> float:
+    """6*N + 6*L*h*S: a step's matmul FLOPs (forward and backward) per token, attention over S tokens included."""
+    h, L = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    q = config.num_attention_heads * head_dim
+    per_layer = h * (2 * q + 2 * kv) + 3 * h * config.intermediate_size
+    n = L * per_layer + h * config.vocab_size
+    return 6 * n + 6 * L * h * seq
+
+
+def throughput(history: list[dict]) -> float:
+    """Tokens per second over the second half of the steps so far (the bar, the summary, the final line)."""
+    tail = history[len(history) // 2 :] or history
+    return sum(m["tokens"] for m in tail) / max(1e-9, sum(m["step_time_s"] for m in tail))
+
+
+def wandb_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why online W&B cannot work here (no API key, no route to its server), or None.
+
+    W&B keeps its key in WANDB_API_KEY or in ~/.netrc (`wandb login`); without either, or without a route, its
+    online init fails after a minute or two instead of logging."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = url.hostname or "api.wandb.ai"
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        try:
+            auth = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+            key = auth[2] if auth else None
+        except (OSError, netrc.NetrcParseError):
+            key = None
+    if not key:
+        return "no W&B API key (run `wandb login` or set WANDB_API_KEY)"
+    try:
+        socket.create_connection((host, url.port or 443), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host} is unreachable ({exc})"
+    return None
+
+
+def _tail_means(history: list[dict], names: tuple[str, ...]) -> dict:
+    tail = history[len(history) // 2 :] or history
+    return {n: sum(m[n] for m in tail) / len(tail) for n in names if tail and all(n in m for m in tail)}
+
+
 def spread(values: dict) -> dict:
     """End-of-run numbers as W&B keys: scalars by section; lists named *_per_stage / *_per_rank one key each."""
     out = {}
@@ -73,7 +129,9 @@ def spread(values: dict) -> dict:
 
 
 class RunLogger:
-    def __init__(self, cfg, run_dir: Path, enabled: bool = True):
+    """Rank 0's reports; `append` (a resumed run) adds to metrics.jsonl instead of starting it anew."""
+
+    def __init__(self, cfg, run_dir: Path, enabled: bool = True, append: bool = False):
         self.enabled, self.run_dir, self.cfg = enabled, Path(run_dir), cfg
         self.history: list[dict] = []
         self.started = time.perf_counter()
@@ -81,8 +139,7 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        resumed = cfg.train.get("resume")  # a run continued in its own directory keeps its earlier steps
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a" if resumed else "w")
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a" if append else "w")
         self.wandb = self._init_wandb()
         self.progress = self._init_progress() if cfg.train.progress else None
 
@@ -92,11 +149,16 @@ class RunLogger:
             return None
         import wandb
 
+        mode = w.mode
+        why = wandb_unreachable() if mode == "online" else None
+        if why:
+            print(f"lcgraph: warning: logging.wandb.mode=online but {why}; logging offline", file=sys.stderr)
+            mode = "offline"
         run = wandb.init(
             project=w.project,
             entity=w.entity,
             group=w.group,
-            mode=w.mode,
+            mode=mode,
             dir=str(self.run_dir),
             config=OmegaConf.to_container(self.cfg, resolve=True),
             reinit="finish_previous",
@@ -138,7 +200,7 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({"step": metrics["step"], **{metric_key(k): v for k, v in metrics.items() if k != "step"}})
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=metrics["loss"], tps=metrics["tokens_per_s"])
+            self.progress.update(self.task, advance=1, loss=metrics["loss"], tps=throughput(self.history))
 
     def finish(self, extra: dict | None = None) -> dict:
         """Write summary.json (first/final loss, tokens/s over the second half, `extra`); close W&B."""
@@ -147,12 +209,17 @@ class RunLogger:
         if self.progress is not None:
             self.progress.stop()
         h = self.history
-        tail = h[len(h) // 2 :] or h
         summary = {
             "steps": len(h),
             "final_loss": h[-1]["loss"] if h else None,
             "first_loss": h[0]["loss"] if h else None,
-            "tokens_per_s": sum(m["tokens"] for m in tail) / max(1e-9, sum(m["step_time_s"] for m in tail)),
+            "tokens_per_s": throughput(h),
+            **_tail_means(h, ("tflops_per_gpu", "mfu")),
+            **(
+                {"cuda_step_peak_bytes": max(m["cuda_step_peak_bytes"] for m in h)}
+                if h and "cuda_step_peak_bytes" in h[0]
+                else {}
+            ),
             "wall_s": time.perf_counter() - self.started,
             **(extra or {}),
         }

@@ -15,6 +15,20 @@ from pathlib import Path
 
 COLORS = {"F": "#4c78a8", "B": "#f58518", "OPT": "#54a24b", "RS": "#b279a2", "AG": "#9d755d"}
 WIRE_COLOR = "#bab0ac"
+# What a bar's name means (its coordinates after the letters), for the chart's legend.
+MEANING = {
+    "F": "F m.c: forward of micro-batch m, sequence chunk c (@v: virtual stage v)",
+    "B": "B m.c: backward of micro-batch m, chunk c",
+    "OPT": "OPT: optimizer step",
+    "RS": "RS b: wait for bucket b's reduce-scatter",
+    "AG": "AG b: all-gather of bucket b issued",
+}
+
+
+def legend_entries(timeline) -> list[tuple[str, str]]:
+    """(kind, meaning) of every kind of compute bar the timeline holds, in COLORS order."""
+    kinds = {_kind(e[1]) for e in timeline if _lane(e[1]) == 0}
+    return [(k, MEANING[k]) for k in COLORS if k in kinds]
 
 
 def is_wire(name: str) -> bool:
@@ -79,8 +93,9 @@ def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def write_png(timeline, path, title: str = "") -> Path | None:
-    """Gantt chart of the compute lanes (one row per rank); None when matplotlib is not installed."""
+def write_png(timeline, path, title: str = "", label: str = "rank") -> Path | None:
+    """Gantt chart of the compute lanes (one row per `label`: rank, or stage for a prediction), with a legend
+    of what each bar's name means; None when matplotlib is not installed."""
     if not matplotlib_available():
         return None
     import matplotlib
@@ -96,14 +111,19 @@ def write_png(timeline, path, title: str = "") -> Path | None:
         ax.barh(rank, end - start, left=start, height=0.8, color=COLORS[_kind(name)], edgecolor="white", linewidth=0.3)
         if (end - start) > span / 45:  # label the bars wide enough to read
             ax.text((start + end) / 2, rank, name, ha="center", va="center", fontsize=6, color="white")
-    ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+    ax.set_yticks(ranks, [f"{label} {r}" for r in ranks])
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_title(title, loc="left")
-    kinds = [k for k in COLORS if any(_kind(e[1]) == k for e in compute)]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds]
+    entries = legend_entries(timeline)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k, _ in entries]
     ax.legend(
-        handles, kinds, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(kinds), fontsize="small", frameon=False
+        handles,
+        [text for _, text in entries],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize="small",
+        frameon=False,
     )
     fig.tight_layout()
     path = Path(path)
@@ -117,5 +137,5 @@ def write_timeline(timeline, out_dir, title: str = "", label: str = "rank") -> l
     """timeline.json, plus timeline.png when matplotlib is installed; returns the files written."""
     out_dir = Path(out_dir)
     written = [write_trace(timeline, out_dir / "timeline.json", label)]
-    png = write_png(timeline, out_dir / "timeline.png", title)
+    png = write_png(timeline, out_dir / "timeline.png", title, label)
     return written + ([png] if png else [])
