@@ -316,6 +316,21 @@ def test_plan_fits_only_when_the_peak_is_within_the_devices_memory(tmp_path):
     assert plan_on(peak)["summary"]["fits"] and not plan_on(peak - 1)["summary"]["fits"]
 
 
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_plan_table_shows_every_term_of_the_total_the_rerun_included(mode):
+    """The stage table's columns add up to its total: what they left out was recompute's rerun transient."""
+    from lcgraph.app.testing import compose
+    from lcgraph.planner.plan import build_plan
+
+    plan = build_plan(
+        compose("parallel.pp=2", "data.seq_len=1024", f"train.recompute={mode}", "+plan.alternatives=false")
+    )
+    for row in plan.stage_rows():
+        transient = plan.main.cost.recompute_transient(row["stage"])
+        assert row["rerun_bytes"] == pytest.approx(transient, rel=1e-9, abs=1.0)
+        assert (transient > 0) == (mode == "full")
+
+
 def test_plan_refuses_a_bad_layout_before_capturing():
     from lcgraph.app.plan_cli import checked_plan
     from lcgraph.app.testing import compose
@@ -426,3 +441,10 @@ def test_plan_figures_name_measured_and_assumed_sources(tiny_graph):
     assert "inter_node_bw" not in one_node and one_node["intra_node_bw"]["status"] == "assumed"
     across = CostModel(tiny_graph, prof, Layout(dp=4), [4], [1024]).figures_used()
     assert across["inter_node_bw"]["source"] == "a paper"
+
+
+def test_a_tiny_plans_step_time_reads_in_its_own_unit():
+    """A CPU-sized plan used to print "step 0.000 s"."""
+    from lcgraph.planner.plan import _duration
+
+    assert [_duration(x) for x in (2.5, 0.0123, 0.0002)] == ["2.500 s", "12.300 ms", "200.0 us"]

@@ -170,6 +170,9 @@ class Plan:
                     "optimizer_bytes": mem.optimizer,
                     "activations_bytes": peak.activations,
                     "kv_relay_bytes": peak.kv_relay,
+                    # what the columns before leave of the total: recompute's rerun transient (the largest
+                    # unit's activations while its backward runs), so that the printed terms add up
+                    "rerun_bytes": peak.total - mem.total - peak.activations - peak.kv_relay,
                     "total_bytes": peak.total,
                     "memory_fraction": peak.total / cost.profile.memory_bytes,
                     "forward_s": [cost.forward_time(s, c) for c in range(k)],
@@ -379,6 +382,15 @@ def _alternatives(graph, profile, layout, counts, seq, par, chunks) -> list[tupl
 # --- output ------------------------------------------------------------------------------------------------------
 
 
+def _duration(seconds: float) -> str:
+    """A step time readable at any size: tiny CPU plans in microseconds or milliseconds, not '0.000 s'."""
+    if seconds >= 1.0:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
 def _size(n: float) -> str:
     """Bytes in binary units, short: 16.4G, 340M, 12K."""
     for unit, scale in (("G", GiB), ("M", 2**20), ("K", 2**10)):
@@ -431,6 +443,7 @@ def print_plan(plan: Plan, console=None) -> None:
         "optim",
         "activ.",
         "KV relay",
+        "rerun",
         "total / GPU",
         "fwd ms",
         "bwd ms",
@@ -450,6 +463,7 @@ def print_plan(plan: Plan, console=None) -> None:
             _size(r["optimizer_bytes"]),
             _size(r["activations_bytes"]),
             _size(r["kv_relay_bytes"]),
+            _size(r["rerun_bytes"]),
             f"[{style}]{total}[/]" if style else total,
             _ms_list(r["forward_s"]),
             _ms_list(r["backward_s"]),
@@ -462,7 +476,7 @@ def print_plan(plan: Plan, console=None) -> None:
         else f"[red]does NOT fit: peak {_size(s['peak_bytes'])} > {_size(dev.memory_bytes)}[/]"
     )
     console.print(
-        f"step {s['step_time_s']:.3f} s | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
+        f"step {_duration(s['step_time_s'])} | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
         f"MFU {s['mfu']:.1%} | bubble {s['bubble']:.1%} | {fits}"
     )
     for line in figure_lines(cost.figures_used()):
@@ -520,6 +534,6 @@ def write_plan(plan: Plan, out_dir) -> list[Path]:
     if plan.settings["timeline"]:
         if not matplotlib_available():
             plan.notes.append("matplotlib is not installed: wrote timeline.json only (pip install matplotlib)")
-        written += write_timeline(ev.sim.timeline, out, title=f"{ev.label}: predicted step")
+        written += write_timeline(ev.sim.timeline, out, title=f"{ev.label}: predicted step", label="pipeline rank")
     (out / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     return written
