@@ -41,7 +41,11 @@ PROGRAMS = ("lcgraph-train", "lcgraph-plan", "python", "python3", "torchrun", "w
 SKIP = [
     (r"\bpip install\b", "installs packages: .ci/run's own first lines"),
     (r"\bpytest\b", "the test suite itself"),
-    (r"tools/(bench|profile_device)\.py", "GPU only: times CUDA kernels"),
+    (
+        r"tools/(bench|profile_device|calibrate|attention_kernels|multi_gpu|nccl_replay)\.py",
+        "GPU only: times CUDA kernels",
+    ),
+    (r"^python3? -c ", "a Python one-liner, not a command line (the export it loads: tests/test_resume.py)"),
     (r"train\.device=cuda", "GPU only: train.device=cuda"),
     (r"--nnodes|submitit_slurm", "needs several nodes (torchrun --nnodes, SLURM)"),
     (r"^wandb sync", "uploads to W&B: needs network and an API key"),
@@ -138,7 +142,8 @@ def _args(cmd: Command, hf_dir: Path) -> tuple[str, bool, list[str]]:
     text = cmd.text
     for old, new in PLACEHOLDERS.items():
         text = text.replace(old, new)
-    words = [w.replace("/models/llama", str(hf_dir)) for w in shlex.split(text)]
+    words = [f"model.path={hf_dir}" if w.startswith("model.path=") else w for w in shlex.split(text)]  # tiny HF dir
+    words = [w for w in words if not w.startswith("data.path=/data/")]  # the docs' example corpus: stdlib's here
     if words[0] == "torchrun":  # torchrun [options] -m lcgraph OVERRIDES
         words = ["lcgraph-train", *words[words.index("lcgraph") + 1 :]]
     if words[:3] in (["python", "-m", "lcgraph.app.pictures"], ["python", "-m", "lcgraph.app.plan_cli"]):
@@ -149,7 +154,9 @@ def _args(cmd: Command, hf_dir: Path) -> tuple[str, bool, list[str]]:
 
 def _shrunk(overrides: list[str]) -> list[str]:
     keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    shrink = [] if "model.path" in keys else [f"{k}={v}" for k, v in SHRINK.items() if k not in keys]
+    if "model.path" in keys:  # the tiny HF dir's positions bound the sequence
+        overrides = [o for o in overrides if not o.startswith("data.seq_len=")]
+    shrink = ["data.seq_len=64"] if "model.path" in keys else [f"{k}={v}" for k, v in SHRINK.items() if k not in keys]
     return [o for o in overrides if not o.startswith("hydra")] + shrink + FORCED
 
 

@@ -48,8 +48,15 @@ def test_every_schedule_matches_single_process(pp, references):
     results = train_spawned([layout(pp, s, k, split, m) for (s, k, split), m in grid], world=pp)
     for ((schedule, k, split), m), result in zip(grid, results):
         ref_losses, ref_params, _ = references[m]
+        # 3e-5: a chunk's attention merges its prefix and diagonal blocks through the LSE, another fp32
+        # summation order than one causal block (1.4e-5 seen on o_proj; a wrong relay is off by ~1e-1)
         assert_close_run(
-            result["losses"], result["params"], ref_losses, ref_params, label=f"pp={pp} {schedule} k={k} {split} m={m}"
+            result["losses"],
+            result["params"],
+            ref_losses,
+            ref_params,
+            rtol=3e-5,
+            label=f"pp={pp} {schedule} k={k} {split} m={m}",
         )
 
 
