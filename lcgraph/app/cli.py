@@ -25,7 +25,7 @@ from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, full_tracebacks
 from lcgraph.observability.graphs import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger
-from lcgraph.runtime import checkpoint
+from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule.programs import format_programs
 
@@ -104,6 +104,7 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     for step in range(start, cfg.train.steps):
         metrics = job.run_step(step)
         logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
+        faults.check_replicas(job, step)  # every train.check_every steps
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
             checkpoint.save_checkpoint(job, saves, step + 1)
     checkpoint.save_checkpoint(job, saves, max(start, cfg.train.steps))
@@ -177,7 +178,8 @@ def spawn(cfg: DictConfig, run_dir: str, world: int) -> None:
     """Start `world` local ranks with torch's elastic launcher and wait for them."""
     from omegaconf import OmegaConf
 
-    launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
+    with faults.explained_failures([Path(run_dir)]):  # a dead or stuck rank: one line naming it
+        launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
 
 
 def train_main(cfg: DictConfig) -> None:

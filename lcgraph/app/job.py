@@ -21,7 +21,7 @@ from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture
 from lcgraph.observability.graphs import dump_graph
 from lcgraph.ops import attention, collectives
-from lcgraph.runtime import data, model
+from lcgraph.runtime import data, faults, model
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
 from lcgraph.schedule import nccl
@@ -226,6 +226,9 @@ class Job:
             recompute=self.cfg.train.recompute,
             measure_activations=self.device.type == "cpu",
         )
+        self.heartbeat = faults.Heartbeat(self.run_dir, c.rank)  # what a failure report names
+        self.interpreter.on_action = self.heartbeat.beat
+        self.replica_check: faults.ReplicaCheck | None = None  # built at the first check (collective)
 
     def _dumper(self):
 
@@ -281,6 +284,8 @@ class Job:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg)
         units, total = self.step_units(step)
+        self.heartbeat.step = step
+        injected = faults.before_step(self, step)  # LCGRAPH_FAULT test hooks; nothing otherwise
         started = time.perf_counter()
         loss_sum = self.interpreter.run_step(units, 1.0 / total)
         self.sampler.advance(self.cfg.parallel.dp * self.cfg.parallel.microbatches * self.cfg.data.micro_batch_size)
@@ -290,7 +295,7 @@ class Job:
             torch.cuda.current_stream(self.device).synchronize()
         elapsed = time.perf_counter() - started
         tokens = total
-        return {
+        metrics = {
             "step": step + 1,
             "loss": float(loss_sum) / total,
             "tokens": tokens,
@@ -299,6 +304,8 @@ class Job:
             "lr": lr_at(step, self.cfg),
             "grad_norm": self.interpreter.grad_norm,
         }
+        faults.after_step(self, step, metrics, injected)  # a dropped update: logged, or the run stops
+        return metrics
 
     # --- memory --------------------------------------------------------------------------------------------
     def activation_peaks(self) -> dict[int, int]:

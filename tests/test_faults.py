@@ -1,0 +1,94 @@
+"""Faults fail fast, say why and lose nothing: NaN gradients (skip or stop), replicas that drift apart, a rank
+killed mid-step, a rank stuck in a collective. Faults are injected through the LCGRAPH_FAULT test hook
+(runtime/faults.py); each multi-rank case is one launch of 2 spawned gloo ranks of lcgraph-train's own loop.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lcgraph.app.cli import run
+from lcgraph.app.testing import compose, run_spawned
+from lcgraph.errors import TrainingFault
+from lcgraph.runtime.checkpoint import CHECKPOINTS, complete_checkpoints
+from lcgraph.runtime.faults import FAULT_ENV, read_heartbeats
+
+SMALL = ["model.num_hidden_layers=2", "data.seq_len=32"]
+PP2 = ["parallel.pp=2", "parallel.microbatches=2", *SMALL]
+DP2 = ["parallel.dp=2", *SMALL]
+FP32 = 1e-5
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch(monkeypatch, fault: str, cfgs: list, dirs: list) -> str | None:
+    """Run the configs on 2 ranks with `fault` injected; the one-line TrainingFault message, if any."""
+    monkeypatch.setenv(FAULT_ENV, fault)
+    try:
+        run_spawned(cfgs, dirs, world=2)
+    except TrainingFault as exc:
+        return str(exc)
+    finally:
+        monkeypatch.delenv(FAULT_ENV)
+    return None
+
+
+def assert_no_rank_left(run_dir) -> None:
+    for rank, beat in read_heartbeats([run_dir], 0).items():
+        with pytest.raises(ProcessLookupError):
+            os.kill(beat["pid"], 0)
+
+
+def test_nan_gradients_on_one_stage_are_skipped_by_every_rank_and_drifted_replicas_are_named(monkeypatch, tmp_path):
+    """pp=2, skip: NaN gradients on stage 1 at step 2 drop that update on both ranks (stage 0's rank too, which
+    only learns it through the grad-norm all-reduce), and training goes on with finite losses. Then dp=2
+    (replicated AdamW): rank 1's first parameter is changed before step 4; the check after step 2 passes, the one
+    after step 4 stops the run naming stage 0 and that tensor."""
+    skip, drift = tmp_path / "skip", tmp_path / "drift"
+    cfgs = [
+        compose(*PP2, "train.steps=4", "train.on_nonfinite=skip"),
+        compose(*DP2, "parallel.zero=false", "train.steps=6", "train.check_every=2"),
+    ]
+    message = launch(monkeypatch, "nan:1:1,perturb:3:1", cfgs, [skip, drift])
+    rows = metrics(skip)
+    assert [r.get("nonfinite_stages") for r in rows] == [None, [1], None, None]
+    assert rows[1]["skipped"] and not rows[1]["nonfinite_loss"]
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in rows])))
+    assert rows[2]["loss"] != rows[1]["loss"] and rows[3]["loss"] != rows[2]["loss"]  # the other steps updated
+    assert message is not None and message.startswith("step 4: replicas of stage 0 disagree on lm_head.weight")
+    assert [r["step"] for r in metrics(drift)] == [1, 2, 3, 4]
+
+
+def test_nan_gradients_with_stop_end_the_run_naming_the_step_and_keep_the_last_good_checkpoint(monkeypatch, tmp_path):
+    monkeypatch.setenv(FAULT_ENV, "nan:2:0")
+    with pytest.raises(TrainingFault, match=r"^step 3: non-finite gradients, first at stage 0"):
+        run(compose(*SMALL, "train.steps=4", "train.checkpoint_every=1"), str(tmp_path))
+    assert [s for s, _ in complete_checkpoints(tmp_path / CHECKPOINTS)] == [1, 2]  # keep_checkpoints=2
+
+
+def test_a_rank_killed_mid_step_is_named_nothing_is_left_running_and_auto_resume_goes_on(monkeypatch, tmp_path):
+    """dp=2 with ZeRO, a checkpoint every 2 steps; rank 1 is SIGKILLed in its first backward of step 4. The launch
+    ends with one line naming rank 1 and that action; resumed in one process (train.resume=auto, the same global
+    batch), step 3 is recomputed from the step-2 checkpoint and matches the killed run's step 3."""
+    message = launch(monkeypatch, "kill:3:1", [compose(*DP2, "train.steps=5", "train.checkpoint_every=2")], [tmp_path])
+    assert message is not None and message.startswith("rank 1 died (SIGKILL) at step 4 during B0.0")
+    assert_no_rank_left(tmp_path)
+    killed = metrics(tmp_path)
+    run(compose(*SMALL, "parallel.microbatches=2", "train.steps=5", "train.resume=auto"), str(tmp_path))
+    resumed = metrics(tmp_path)[len(killed) :]
+    assert [r["step"] for r in killed] == [1, 2, 3] and [r["step"] for r in resumed] == [3, 4, 5]
+    assert abs(resumed[0]["loss"] - killed[2]["loss"]) <= FP32 * killed[2]["loss"]
+
+
+def test_a_rank_stuck_in_its_backward_times_out_the_others_and_is_named(monkeypatch, tmp_path):
+    """pp=2, train.comm_timeout_s=3: rank 1 sleeps in its first backward of step 2; rank 0's receive times out,
+    and the report names rank 1 (the oldest heartbeat) with its action; no rank is left running."""
+    cfg = compose(*PP2, "train.steps=3", "train.comm_timeout_s=3")
+    message = launch(monkeypatch, "hang:1:1", [cfg], [tmp_path])
+    assert message is not None and message.startswith("rank 1 stopped making progress at step 2 during B0.0")
+    assert "rank 0: step 2" in message
+    assert_no_rank_left(tmp_path)
