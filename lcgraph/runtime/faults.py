@@ -12,7 +12,8 @@
   turns torch's ChildFailedError into one line naming the dead (or stuck) rank and every rank's last action.
 
 Test hook (documented in README): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]" injects faults at a 0-based step:
-nan:S:STAGE (NaN gradients on that stage's first replica), perturb:S:RANK (a parameter bit flip),
+nan:S:STAGE (NaN gradients for the stage's last parameter in name order, on its first replica),
+perturb:S:RANK (adds 1 to an element of the rank's first parameter in name order),
 kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward).
 """
 
@@ -68,7 +69,7 @@ def before_step(job: Any, step: int) -> list:
     c = job.coords
     for stage in _injected("nan", step):
         if stage in job.stages and c.dp_rank == 0 and c.sp_rank == 0:
-            p = job.stages[stage].params[min(job.stages[stage].params)]
+            p = job.stages[stage].params[max(job.stages[stage].params)]
             handles.append(p.register_hook(lambda g: g * float("nan")))
     if c.rank in _injected("perturb", step):
         job.optimizer.sync_params()
@@ -165,12 +166,12 @@ class ReplicaCheck:
         high, low = sums[0].tolist(), [-v for v in sums[1].tolist()]
         for i, name in enumerate(self.names):
             if high[i] != low[i]:
-                stages = sorted(set(self.owner[name]))
+                stages = ", ".join(str(s) for s in sorted(set(self.owner[name])))
                 fault(
                     job,
-                    f"step {job.heartbeat.step + 1}: replicas of stage {stages[0]} disagree on {name} (bit "
-                    f"checksums {low[i]} vs {high[i]}; held by stages {stages} on {len(self.owner[name])} "
-                    "ranks); the ranks went out of step: rerun with train.resume=auto from the last checkpoint",
+                    f"step {job.heartbeat.step + 1}: the copies of {name} on stage {stages} ({len(self.owner[name])} "
+                    f"ranks) disagree (bit checksums {low[i]} vs {high[i]}); the replicas went out of step: "
+                    "rerun with train.resume=auto from the last checkpoint",
                 )
 
 
@@ -232,10 +233,14 @@ def _fault_message(run_dirs: list[Path], since: float) -> str | None:
 
 
 def describe(failures: dict[int, Any], beats: dict[int, dict], ended: float) -> str:
-    """One line: the dead rank (killed by a signal) or else the stuck one (oldest heartbeat), and every
-    rank's last action. `failures` maps rank -> torch's ProcessFailure (exitcode, signal_name())."""
+    """One line: the dead rank (killed by a signal) or else the stuck one, and every rank's last action.
+
+    `failures` maps rank -> torch's ProcessFailure (exitcode, signal_name()). A stuck rank never fails by itself:
+    the ranks waiting for it do, when their collective times out; of the ranks that did not fail, the one with
+    the oldest heartbeat is named."""
     dead = sorted(r for r, f in failures.items() if f.exitcode < 0)
-    stuck = min(beats, key=lambda r: beats[r]["time"]) if beats else None
+    quiet = [r for r in beats if r not in failures] or list(beats)
+    stuck = min(quiet, key=lambda r: beats[r]["time"]) if quiet else None
     culprit = dead[0] if dead else stuck
     if culprit is None:
         culprit = min(failures)
@@ -244,9 +249,9 @@ def describe(failures: dict[int, Any], beats: dict[int, dict], ended: float) -> 
     if dead:
         what = f"rank {culprit} died ({failures[culprit].signal_name()}) {where}"
     else:
-        quiet = f", {ended - beat['time']:.1f} s before the end" if beat else ""
+        since = f", {ended - beat['time']:.1f} s before the end" if beat else ""
         failed = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(failures.items()))
-        what = f"rank {culprit} stopped making progress {where}{quiet} ({failed}: a collective timed out)"
+        what = f"rank {culprit} stopped making progress {where}{since} ({failed}: a collective timed out)"
     last = "; ".join(f"rank {r}: step {b['step'] + 1} {b['action']}" for r, b in sorted(beats.items()))
     return f"{what}; last actions: {last}; every rank was stopped: rerun with train.resume=auto"
 
