@@ -101,13 +101,19 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         start = checkpoint.load_checkpoint(job, resume)
         logger.note(f"resumed from {resume} at step {start}")
     every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
-    for step in range(start, cfg.train.steps):
-        metrics = job.run_step(step)
-        logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
-        faults.check_replicas(job, step)  # every train.check_every steps
-        if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
-            checkpoint.save_checkpoint(job, saves, step + 1)
-    checkpoint.save_checkpoint(job, saves, max(start, cfg.train.steps))
+    end = max(start, cfg.train.steps)
+    with faults.graceful_stop():  # SIGTERM/SIGINT: this step ends, a checkpoint is written, exit 0
+        for step in range(start, cfg.train.steps):
+            metrics = job.run_step(step)
+            logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
+            faults.check_replicas(job, step)  # every train.check_every steps
+            if job.stopping:
+                end = step + 1
+                logger.note(f"stop requested: checkpoint at step {end}, then exit")
+                break
+            if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
+                checkpoint.save_checkpoint(job, saves, step + 1)
+        checkpoint.save_checkpoint(job, saves, end)
     measured = write_measured_timeline(job, run_path, world)  # collective: every rank
     summary = logger.finish(extra={**_memory_summary(job, world), **measured})
     return summary

@@ -229,6 +229,7 @@ class Job:
         self.heartbeat = faults.Heartbeat(self.run_dir, c.rank)  # what a failure report names
         self.interpreter.on_action = self.heartbeat.beat
         self.replica_check: faults.ReplicaCheck | None = None  # built at the first check (collective)
+        self.stopping = False  # a stop signal reached some rank: every rank stops after this step
 
     def _dumper(self):
 
@@ -289,8 +290,11 @@ class Job:
         started = time.perf_counter()
         loss_sum = self.interpreter.run_step(units, 1.0 / total)
         self.sampler.advance(self.cfg.parallel.dp * self.cfg.parallel.microbatches * self.cfg.data.micro_batch_size)
-        if self.world > 1:
-            dist.all_reduce(loss_sum)
+        self.stopping = faults.stop_requested()
+        if self.world > 1:  # the stop flag rides on the loss: every rank stops after the same step
+            both = torch.stack([loss_sum, faults.stop_flag(self.device)])
+            dist.all_reduce(both)
+            loss_sum, self.stopping = both[0], bool(both[1] > 0)
         if self.device.type == "cuda":  # the compute stream only: the ZeRO all-gathers go on into the next step
             torch.cuda.current_stream(self.device).synchronize()
         elapsed = time.perf_counter() - started

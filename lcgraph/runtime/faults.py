@@ -14,7 +14,13 @@
 Test hook (documented in README): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]" injects faults at a 0-based step:
 nan:S:STAGE (NaN gradients for the stage's last parameter in name order, on its first replica),
 perturb:S:RANK (adds 1 to an element of the rank's first parameter in name order),
-kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward).
+kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward),
+term:S:RANK (sends itself SIGTERM at its first backward; once per process).
+
+- Preemption: SIGTERM or SIGINT (`graceful_stop`) asks for a stop; the ranks agree on it through the loss
+  all-reduce of the step (`stop_flag`), finish that step, write a checkpoint and exit 0. A second signal
+  (more than a second after the first: one Ctrl-C reaches a rank directly and through the launcher) exits
+  at once; checkpoints are published atomically, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from lcgraph.errors import TrainingFault
+from lcgraph.runtime.checkpoint import CHECKPOINTS, complete_checkpoints
 
 FAULT_ENV = "LCGRAPH_FAULT"
 HEARTBEATS = "heartbeats"  # under the run directory
@@ -40,6 +48,8 @@ FAULT_FILE = "fault.txt"  # in HEARTBEATS: the message of a fault the ranks dete
 BEAT_BYTES = 256
 INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 ABSENT = torch.iinfo(torch.int64).min  # a parameter this rank does not hold: never wins a MAX
+SAME_SIGNAL_S = 1.0  # signals this close to the first are the same request
+_TERMS_SENT: set[int] = set()  # term injections already sent by this process
 
 
 # --- injected faults (tests) ------------------------------------------------------------------------------------
@@ -198,12 +208,17 @@ class Heartbeat:
         self.fd = os.open(folder / f"rank-{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.kill = {i.step for i in injections() if i.kind == "kill" and i.where == rank}
         self.hang = {i.step for i in injections() if i.kind == "hang" and i.where == rank}
+        self.term = {i.step for i in injections() if i.kind == "term" and i.where == rank} - _TERMS_SENT
 
     def beat(self, action: str) -> None:
         record = json.dumps({"pid": os.getpid(), "step": self.step, "time": time.time(), "action": action})
         os.pwrite(self.fd, record.encode().ljust(BEAT_BYTES)[:BEAT_BYTES], 0)
         if action.startswith("B") and self.step in self.kill:
             os.kill(os.getpid(), signal.SIGKILL)
+        if action.startswith("B") and self.step in self.term:
+            self.term.discard(self.step)
+            _TERMS_SENT.add(self.step)
+            os.kill(os.getpid(), signal.SIGTERM)
         while action.startswith("B") and self.step in self.hang:
             time.sleep(1.0)
 
@@ -259,13 +274,62 @@ def describe(failures: dict[int, Any], beats: dict[int, dict], ended: float) -> 
 @contextlib.contextmanager
 def explained_failures(run_dirs: list[Path]) -> Iterator[None]:
     """Turn torch elastic's ChildFailedError into a TrainingFault with one line saying what happened."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     started = time.time()
     try:
         yield
+    except SignalException as exc:  # the launcher was told to stop; its agent passed the signal to the ranks
+        step = stopped_cleanly(run_dirs, started)
+        if step is None:
+            raise TrainingFault(f"stopped by {exc.sigval.name} before a checkpoint was written") from exc
+        print(f"lcgraph: stopped by {exc.sigval.name}: checkpoint at step {step}; go on with train.resume=auto")
     except ChildFailedError as exc:
         message = _fault_message(run_dirs, started)
         if message is None:
             message = describe(exc.failures, read_heartbeats(run_dirs, started), time.time())
         raise TrainingFault(message) from exc
+
+
+# --- preemption: SIGTERM / SIGINT ------------------------------------------------------------------------------
+_stop: dict[str, float] = {}  # "at": when the first stop signal came (process-wide, like signals)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    first = _stop.setdefault("at", time.monotonic())
+    if time.monotonic() - first > SAME_SIGNAL_S:  # asked twice: go now (no checkpoint; published ones are whole)
+        os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[None]:
+    """While training: SIGTERM / SIGINT ask for a stop at the end of the step instead of killing the rank."""
+    _stop.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested() -> bool:
+    return "at" in _stop
+
+
+def stop_flag(device: torch.device) -> torch.Tensor:
+    """1.0 when this rank was asked to stop: summed with the step's loss, every rank learns whether any was."""
+    return torch.tensor(float(stop_requested()), device=device)
+
+
+def stopped_cleanly(run_dirs: list[Path], since: float) -> int | None:
+    """The step of a checkpoint published after `since` (the ranks' checkpoint on a stop signal), if any."""
+    for run_dir in run_dirs:
+        done = complete_checkpoints(Path(run_dir) / CHECKPOINTS)
+        if done and done[-1][1].stat().st_mtime >= since:
+            return done[-1][0]
+    return None
