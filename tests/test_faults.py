@@ -5,6 +5,9 @@ killed mid-step, a rank stuck in a collective. Faults are injected through the L
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,3 +101,18 @@ def test_a_rank_stuck_in_its_backward_times_out_the_others_and_is_named(monkeypa
     assert message is not None and message.startswith("rank 1 stopped making progress at step 2 during B0.0")
     assert "rank 0: step 2" in message
     assert_no_rank_left(tmp_path)
+
+
+def test_a_second_stop_signal_exits_at_once_and_one_ctrl_c_seen_twice_does_not():
+    """The first SIGINT only asks for a stop; one arriving within a second (the same Ctrl-C, passed on by the
+    launcher) changes nothing; one a second later ends the process at once with 128 + SIGINT."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from lcgraph.runtime.faults import graceful_stop, stop_requested\n"
+        "with graceful_stop():\n"
+        "    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1)\n"
+        "    print(stop_requested(), flush=True); time.sleep(1.2)\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True" and done.returncode == 128 + signal.SIGINT

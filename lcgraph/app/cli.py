@@ -178,13 +178,14 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
         run(cfg, run_dir, rank, world)
     finally:
         dist.destroy_process_group()
+    faults.exit_if_stopped()
 
 
 def spawn(cfg: DictConfig, run_dir: str, world: int) -> None:
     """Start `world` local ranks with torch's elastic launcher and wait for them."""
     from omegaconf import OmegaConf
 
-    with faults.explained_failures([Path(run_dir)]):  # a dead or stuck rank: one line naming it
+    with faults.explained_failures([Path(run_dir)], cfg.train.comm_timeout_s):  # a dead or stuck rank: one line
         launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
 
 

@@ -151,7 +151,7 @@ def run_spawned(cfgs: list, run_dirs: list[Path], world: int) -> list[list[float
     from omegaconf import OmegaConf
 
     yamls = [OmegaConf.to_yaml(c, resolve=True) for c in cfgs]
-    with faults.explained_failures(run_dirs):
+    with faults.explained_failures(run_dirs, cfgs[0].train.comm_timeout_s):
         launch_local(world, _run_worker, yamls, [str(d) for d in run_dirs], run_id="test-run")
     return [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
 

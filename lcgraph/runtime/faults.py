@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -272,12 +273,16 @@ def describe(failures: dict[int, Any], beats: dict[int, dict], ended: float) -> 
 
 
 @contextlib.contextmanager
-def explained_failures(run_dirs: list[Path]) -> Iterator[None]:
-    """Turn torch elastic's ChildFailedError into a TrainingFault with one line saying what happened."""
+def explained_failures(run_dirs: list[Path], grace_s: float = 30.0) -> Iterator[None]:
+    """Turn torch elastic's ChildFailedError into a TrainingFault with one line saying what happened.
+
+    On a stop signal the launcher's agent passes it to the ranks and kills those still running `grace_s`
+    later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): time for the step and its checkpoint."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     started = time.time()
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(30, int(grace_s))))
     try:
         yield
     except SignalException as exc:  # the launcher was told to stop; its agent passed the signal to the ranks
@@ -319,6 +324,15 @@ def graceful_stop() -> Iterator[None]:
 
 def stop_requested() -> bool:
     return "at" in _stop
+
+
+def exit_if_stopped() -> None:
+    """A spawned rank that stopped on a signal leaves at once: the agent, shutting down, waits for the
+    process to end and would never collect a return value."""
+    if stop_requested():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def stop_flag(device: torch.device) -> torch.Tensor:
