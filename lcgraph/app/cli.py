@@ -102,7 +102,7 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         logger.note(f"resumed from {resume} at step {start}")
     every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
     end = max(start, cfg.train.steps)
-    with faults.graceful_stop():  # SIGTERM/SIGINT: this step ends, a checkpoint is written, exit 0
+    with faults.graceful_stop(cfg.train.comm_timeout_s):  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
         for step in range(start, cfg.train.steps):
             metrics = job.run_step(step)
             logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step

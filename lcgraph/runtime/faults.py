@@ -49,6 +49,7 @@ FAULT_FILE = "fault.txt"  # in HEARTBEATS: the message of a fault the ranks dete
 BEAT_BYTES = 256
 INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 ABSENT = torch.iinfo(torch.int64).min  # a parameter this rank does not hold: never wins a MAX
+SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # how long torch's agent waits for ranks it signalled
 SAME_SIGNAL_S = 1.0  # signals this close to the first are the same request
 _TERMS_SENT: set[int] = set()  # term injections already sent by this process
 
@@ -282,7 +283,8 @@ def explained_failures(run_dirs: list[Path], grace_s: float = 30.0) -> Iterator[
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     started = time.time()
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(30, int(grace_s))))
+    before = os.environ.get(SHUTDOWN_ENV)
+    os.environ[SHUTDOWN_ENV] = before or str(max(1, round(grace_s)))  # read when the launcher is configured
     try:
         yield
     except SignalException as exc:  # the launcher was told to stop; its agent passed the signal to the ranks
@@ -295,22 +297,42 @@ def explained_failures(run_dirs: list[Path], grace_s: float = 30.0) -> Iterator[
         if message is None:
             message = describe(exc.failures, read_heartbeats(run_dirs, started), time.time())
         raise TrainingFault(message) from exc
+    finally:
+        if before is None:
+            del os.environ[SHUTDOWN_ENV]
 
 
 # --- preemption: SIGTERM / SIGINT ------------------------------------------------------------------------------
-_stop: dict[str, float] = {}  # "at": when the first stop signal came (process-wide, like signals)
+class _StopState:
+    """Process-wide, like signals: when the first stop signal came, and the deadline that follows it."""
+
+    at: float | None = None
+    grace_s: float = 600.0
+    deadline: threading.Timer | None = None
+
+
+def _give_up(signum: int) -> None:
+    os._exit(128 + signum)  # on a thread: fires even while the main thread is stuck in a collective
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    first = _stop.setdefault("at", time.monotonic())
-    if time.monotonic() - first > SAME_SIGNAL_S:  # asked twice: go now (no checkpoint; published ones are whole)
-        os._exit(128 + signum)
+    now = time.monotonic()
+    if _StopState.at is None:
+        _StopState.at = now
+        _StopState.deadline = threading.Timer(_StopState.grace_s, _give_up, (signum,))
+        _StopState.deadline.daemon = True
+        _StopState.deadline.start()
+    elif now - _StopState.at > SAME_SIGNAL_S:  # asked twice: go now (no checkpoint; published ones are whole)
+        _give_up(signum)
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[None]:
-    """While training: SIGTERM / SIGINT ask for a stop at the end of the step instead of killing the rank."""
-    _stop.clear()
+def graceful_stop(grace_s: float = 600.0) -> Iterator[None]:
+    """While training: SIGTERM / SIGINT ask for a stop at the end of the step instead of killing the rank.
+
+    A rank that has not finished its step and checkpoint `grace_s` after the signal (a stuck one: its
+    Python handler may never run) exits anyway, as it would have without the handler."""
+    _StopState.at, _StopState.grace_s = None, grace_s
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -320,10 +342,13 @@ def graceful_stop() -> Iterator[None]:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+        if _StopState.deadline is not None:
+            _StopState.deadline.cancel()
+            _StopState.deadline = None
 
 
 def stop_requested() -> bool:
-    return "at" in _stop
+    return _StopState.at is not None
 
 
 def exit_if_stopped() -> None:
