@@ -50,6 +50,7 @@ BEAT_BYTES = 256
 INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 ABSENT = torch.iinfo(torch.int64).min  # a parameter this rank does not hold: never wins a MAX
 SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # how long torch's agent waits for ranks it signalled
+TIMEOUT_SIGNALS = {signal.SIGABRT}  # NCCL's watchdog aborts a rank whose collective timed out: a waiter, not the cause
 SAME_SIGNAL_S = 1.0  # signals this close to the first are the same request
 _TERMS_SENT: set[int] = set()  # term injections already sent by this process
 
@@ -224,8 +225,9 @@ class Heartbeat:
         while action.startswith("B") and self.step in self.hang:
             time.sleep(1.0)
 
-    def close(self) -> None:
-        os.close(self.fd)
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
 
 
 def read_heartbeats(run_dirs: list[Path], since: float) -> dict[int, dict]:
@@ -255,7 +257,7 @@ def describe(failures: dict[int, Any], beats: dict[int, dict], ended: float) -> 
     `failures` maps rank -> torch's ProcessFailure (exitcode, signal_name()). A stuck rank never fails by itself:
     the ranks waiting for it do, when their collective times out; of the ranks that did not fail, the one with
     the oldest heartbeat is named."""
-    dead = sorted(r for r, f in failures.items() if f.exitcode < 0)
+    dead = sorted(r for r, f in failures.items() if f.exitcode < 0 and -f.exitcode not in TIMEOUT_SIGNALS)
     quiet = [r for r in beats if r not in failures] or list(beats)
     stuck = min(quiet, key=lambda r: beats[r]["time"]) if quiet else None
     culprit = dead[0] if dead else stuck
