@@ -61,6 +61,11 @@ class CheckpointError(LcgraphError):
     """A checkpoint that cannot be written where the run asked."""
 
 
+class TrainingFault(LcgraphError):
+    """A run the ranks stopped on purpose: non-finite gradients (train.on_nonfinite=stop), replicas that
+    disagree, a dead or stuck rank. The message says what happened and how to go on (train.resume=auto)."""
+
+
 def full_tracebacks() -> bool:
     """Whether the user asked to see user errors with their traceback (LCGRAPH_TRACEBACK=1)."""
     return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")

@@ -28,7 +28,7 @@ from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks
 from lcgraph.observability.graphs import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, model_flops_per_token
 from lcgraph.planner.profile import load_profile, profile_names
-from lcgraph.runtime import checkpoint
+from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule.programs import format_programs
 
@@ -104,16 +104,23 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         start = checkpoint.load_checkpoint(job, resume)
         logger.note(f"resumed from {resume} at step {start}")
     every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
+    end = max(start, cfg.train.steps)
     flops, peak = model_flops_per_token(job.config, cfg.data.seq_len), peak_flops(job.device, cfg.train.dtype)
-    for step in range(start, cfg.train.steps):
-        if job.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(job.device)
-        metrics = job.run_step(step)
-        metrics.update(step_perf(metrics, flops, peak, world, job.device))
-        logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
-        if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
-            checkpoint.save_checkpoint(job, saves, step + 1)
-    checkpoint.save_checkpoint(job, saves, max(start, cfg.train.steps))
+    with faults.graceful_stop(cfg.train.comm_timeout_s):  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+        for step in range(start, cfg.train.steps):
+            if job.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(job.device)
+            metrics = job.run_step(step)
+            metrics.update(step_perf(metrics, flops, peak, world, job.device))
+            logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
+            faults.check_replicas(job, step)  # every train.check_every steps
+            if job.stopping:
+                end = step + 1
+                logger.note(f"stop requested: checkpoint at step {end}, then exit")
+                break
+            if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
+                checkpoint.save_checkpoint(job, saves, step + 1)
+        checkpoint.save_checkpoint(job, saves, end)
     measured = write_measured_timeline(job, run_path, world)  # collective: every rank
     summary = logger.finish(extra={**_memory_summary(job, world), **measured})
     return summary
@@ -217,6 +224,7 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
         run(cfg, run_dir, rank, world)
     finally:
         dist.destroy_process_group()
+    faults.exit_if_stopped()
 
 
 def spawn(cfg: DictConfig, run_dir: str, world: int) -> None:
@@ -230,12 +238,14 @@ def spawn(cfg: DictConfig, run_dir: str, world: int) -> None:
     level = elastic.level
     elastic.setLevel(logging.CRITICAL)  # the failure is reported below, once
     try:
-        launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
-    except ChildFailedError as exc:
-        error = rank_error(exc, Path(run_dir))
-        if error is None:
-            raise
-        raise error from None
+        with faults.explained_failures([Path(run_dir)], cfg.train.comm_timeout_s):  # a dead or stuck rank: one line
+            try:
+                launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
+            except ChildFailedError as exc:  # a user error in a rank: its one line, first
+                error = rank_error(exc, Path(run_dir))
+                if error is None:
+                    raise
+                raise error from None
     finally:
         elastic.setLevel(level)
 

@@ -24,6 +24,7 @@ AttentionBackend = Literal["auto", "math", "cudnn", "flash", "efficient"]
 ScheduleName = Literal["gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"]
 ChunkSplit = Literal["even", "uniform_comp"]
 WandbMode = Literal["offline", "online", "disabled"]
+OnNonfinite = Literal["skip", "stop"]
 
 
 def choice(options: Any, default: str) -> Any:
@@ -106,6 +107,8 @@ class TrainConfig:
     recompute: str = "none"  # none | full | keep_attention (true/false: full/none); see runtime.interpreter
     compile: bool = False  # torch.compile each stage graph
     comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
+    on_nonfinite: str = choice(OnNonfinite, "stop")  # NaN/inf loss or gradients: drop the update, then skip or stop
+    check_every: int = 100  # compare replicas' parameter checksums every N steps (0: never)
 
 
 @dataclass

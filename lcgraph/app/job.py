@@ -22,7 +22,7 @@ from lcgraph.graph.capture import IGNORE_INDEX, capture
 from lcgraph.observability.graphs import dump_graph
 from lcgraph.ops import attention, collectives
 from lcgraph.planner.plan import resolve_recompute
-from lcgraph.runtime import data, model
+from lcgraph.runtime import data, faults, model
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
 from lcgraph.schedule import nccl
@@ -229,6 +229,10 @@ class Job:
             recompute=self.recompute,
             measure_activations=self.device.type == "cpu",
         )
+        self.heartbeat = faults.Heartbeat(self.run_dir, c.rank)  # what a failure report names
+        self.interpreter.on_action = self.heartbeat.beat
+        self.replica_check: faults.ReplicaCheck | None = None  # built at the first check (collective)
+        self.stopping = False  # a stop signal reached some rank: every rank stops after this step
 
     def _dumper(self):
 
@@ -284,16 +288,21 @@ class Job:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg)
         units, total = self.step_units(step)
+        self.heartbeat.step = step
+        injected = faults.before_step(self, step)  # LCGRAPH_FAULT test hooks; nothing otherwise
         started = time.perf_counter()
         loss_sum = self.interpreter.run_step(units, 1.0 / total)
         self.sampler.advance(self.cfg.parallel.dp * self.cfg.parallel.microbatches * self.cfg.data.micro_batch_size)
-        if self.world > 1:
-            dist.all_reduce(loss_sum)
+        self.stopping = faults.stop_requested()
+        if self.world > 1:  # the stop flag rides on the loss: every rank stops after the same step
+            both = torch.stack([loss_sum, faults.stop_flag(self.device)])
+            dist.all_reduce(both)
+            loss_sum, self.stopping = both[0], bool(both[1] > 0)
         if self.device.type == "cuda":  # the compute stream only: the ZeRO all-gathers go on into the next step
             torch.cuda.current_stream(self.device).synchronize()
         elapsed = time.perf_counter() - started
         tokens = total
-        return {
+        metrics = {
             "step": step + 1,
             "loss": float(loss_sum) / total,
             "tokens": tokens,
@@ -302,6 +311,8 @@ class Job:
             "lr": lr_at(step, self.cfg),
             "grad_norm": self.interpreter.grad_norm,
         }
+        faults.after_step(self, step, metrics, injected)  # a dropped update: logged, or the run stops
+        return metrics
 
     # --- memory --------------------------------------------------------------------------------------------
     def activation_peaks(self) -> dict[int, int]:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from lcgraph.app.cli import init_distributed, launch_local, run, share_cores
 from lcgraph.app.config import compose_config
 from lcgraph.app.job import Job
-from lcgraph.runtime import data
+from lcgraph.runtime import data, faults
 from lcgraph.schedule.programs import format_programs
 
 TINY = [
@@ -172,7 +172,8 @@ def run_spawned(cfgs: list, run_dirs: list[Path], world: int) -> list[list[float
     from omegaconf import OmegaConf
 
     yamls = [OmegaConf.to_yaml(c, resolve=True) for c in cfgs]
-    launch_local(world, _run_worker, yamls, [str(d) for d in run_dirs], run_id="test-run")
+    with faults.explained_failures(run_dirs, cfgs[0].train.comm_timeout_s):
+        launch_local(world, _run_worker, yamls, [str(d) for d in run_dirs], run_id="test-run")
     return [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
 
 

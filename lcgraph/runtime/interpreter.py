@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,6 +125,7 @@ class OptimizerHooks(Protocol):
 
     events: list[tuple[str, int, int, float]]  # (what, stage, bucket, time) of this step, for timelines
     param_groups: list[dict[str, Any]]  # the trainer sets the learning rate here every step
+    nonfinite: list[int]  # stages (and the loss slot) whose gradients were not finite at the last OPT: update dropped
 
     def start_step(self) -> None: ...
     def before_forward(self, action: Action) -> None: ...
@@ -175,6 +177,7 @@ class Interpreter:
         self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
         self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
         self.record_timeline = record_timeline
+        self.on_action: Callable[[str], None] | None = None  # told each action before it runs (faults.Heartbeat)
 
     # --- one step ------------------------------------------------------------------------------------------
     def run_step(self, units: dict[tuple[int, int], UnitData], loss_scale: float) -> torch.Tensor:
@@ -213,6 +216,8 @@ class Interpreter:
                 self._done.add(id(work))
 
     def _timed(self, name: str, fn, arg):
+        if self.on_action is not None:
+            self.on_action(name)
         start = time.perf_counter()
         with torch.profiler.record_function(name):  # names the action's kernels in a profiler trace
             fn(arg)

@@ -42,6 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lcgraph.graph.capture import NodeInfo
 from lcgraph.graph.passes import StageGraph
+from lcgraph.runtime import faults
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
 from lcgraph.schedule.mesh import Coords
 from lcgraph.schedule.programs import Action, issue_units
@@ -108,6 +109,7 @@ class ShardedAdamW:
         self.group_size = job.coords.dp * job.coords.sp
         self.group = job.replica_group if self.group_size > 1 else None
         self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time) since the step began
+        self.nonfinite: list[int] = []  # the last step's non-finite stages (and loss slot): its update was dropped
         limit = max(1, int(job.cfg.parallel.bucket_mb * 2**20))
         self.buckets: list[Bucket] = []
         for s, stage in job.stages.items():
@@ -341,7 +343,12 @@ class ShardedAdamW:
                 dist.all_reduce(b.grad_flat, group=self.job.tied_group)
             for b in self.buckets:
                 b.grad_shard = b.grad_flat[b.shard]
-        norm = self._global_norm()
+        norm, self.nonfinite = self._global_norm(interp)
+        if self.nonfinite:  # every rank agrees (the sums were all-reduced): all drop this update
+            for b in self.buckets:
+                b.grad_flat.zero_()
+                b.work = None
+            return norm
         clip = self.job.cfg.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         for b in self.buckets:
@@ -358,18 +365,20 @@ class ShardedAdamW:
             b.work = None
         return norm
 
-    def _global_norm(self) -> float:
+    def _global_norm(self, interp: Interpreter) -> tuple[float, list[int]]:
+        """The global gradient norm and the non-finite stages, from one sum of per-stage squares (faults.py)."""
         job = self.job
-        sq = torch.zeros((), dtype=torch.float64, device=job.device)
+        sq = faults.stage_sums(job.coords.pp * job.cfg.parallel.virtual_stages, job.device)
         for b in self.buckets:
             if b.tied and job.coords.pp_rank != 0:
                 continue  # a tied weight counts once
-            sq += torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32).double() ** 2
+            sq[b.stage] += torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32).double() ** 2
+        faults.flag_loss(sq, interp.loss_sum)
         if self.group is not None:
             dist.all_reduce(sq, group=self.group)
         if job.mesh is not None and job.coords.pp > 1:
             dist.all_reduce(sq, group=job.mesh["pp"].get_group())
-        return float(sq.sqrt())
+        return faults.bad_stages(sq)
 
 
 def _separate_master(b: Bucket) -> bool:
@@ -425,6 +434,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
             foreach=True,
         )
         self.events: list[tuple[str, int, int, float]] = []  # no buckets: nothing to time
+        self.nonfinite: list[int] = []  # the last step's non-finite stages (and loss slot): its update was dropped
 
     def start_step(self):
         pass
@@ -485,13 +495,18 @@ class ReplicatedAdamW(torch.optim.AdamW):
                 dist.all_reduce(p.grad, group=job.replica_group)
         for name in job.tied:
             dist.all_reduce(params[name].grad, group=job.tied_group)
-        sq = torch.zeros((), dtype=torch.float64, device=job.device)
-        for n, p in params.items():
-            if not (n in job.tied and job.coords.pp_rank != 0):
-                sq += p.grad.double().pow(2).sum()
+        sq = faults.stage_sums(job.coords.pp * job.cfg.parallel.virtual_stages, job.device)
+        for s, st in job.stages.items():
+            for n, p in st.params.items():
+                if not (n in job.tied and job.coords.pp_rank != 0):
+                    sq[s] += p.grad.double().pow(2).sum()
+        faults.flag_loss(sq, interp.loss_sum)
         if job.mesh is not None and job.coords.pp > 1:
             dist.all_reduce(sq, group=job.mesh["pp"].get_group())
-        norm = float(sq.sqrt())
+        norm, self.nonfinite = faults.bad_stages(sq)
+        if self.nonfinite:  # every rank agrees (the sums were all-reduced): all drop this update
+            self.zero_grad(set_to_none=True)
+            return norm
         clip = job.cfg.optim.grad_clip
         if clip > 0 and norm > clip:
             for p in params.values():
