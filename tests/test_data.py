@@ -247,3 +247,12 @@ def test_a_mask_in_a_compiled_graph_and_bad_data_are_refused_before_training(tmp
     with pytest.raises(PlanError, match="not supported with train.compile=true"):
         validate_plan(compose("data.cross_document_attention=false", "train.compile=true"), env={})
     validate_plan(compose("data.cross_document_attention=false", "train.attention=cudnn"), env={})
+
+
+def test_an_unwritable_cache_names_lcgraph_cache(tmp_path, monkeypatch):
+    """A read-only HOME (root ignores file modes here, so a file stands in the way of the directory)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LCGRAPH_CACHE", str(blocker / "cache"))
+    with pytest.raises(DataError, match="set LCGRAPH_CACHE to a writable one"):
+        data.cache_dir()

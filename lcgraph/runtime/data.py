@@ -37,8 +37,17 @@ _BINARY_PROBE = 8192  # bytes of each text file checked for being text
 
 
 def cache_dir() -> Path:
+    """Where tokenizers and token caches live: $LCGRAPH_CACHE, default ~/.cache/lcgraph."""
     root = Path(os.environ.get("LCGRAPH_CACHE", Path.home() / ".cache" / "lcgraph"))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(
+            f"lcgraph's cache directory {root} is not writable ({exc.strerror}); set LCGRAPH_CACHE to a writable one"
+        ) from None
     return root
 
 
