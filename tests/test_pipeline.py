@@ -42,9 +42,25 @@ def references():
     return {m: train_local(compose(f"parallel.microbatches={m}")) for m in MICROBATCHES}
 
 
-@pytest.mark.parametrize("pp", [2, 4])
+# pp=2 runs the whole grid. pp=4 runs a cover of it (each schedule; m < pp and m = pp for the 1F1B family,
+# where warm-up and cool-down differ): CI's two cores pay ~8 s per layout at four ranks.
+GRIDS = {
+    2: list(itertools.product(SCHEDULES, MICROBATCHES)),
+    4: [
+        (SCHEDULES[0], 4),
+        (SCHEDULES[1], 2),
+        (SCHEDULES[1], 4),
+        (SCHEDULES[2], 1),
+        (SCHEDULES[3], 4),
+        (SCHEDULES[4], 4),
+        (SCHEDULES[5], 2),
+    ],
+}
+
+
+@pytest.mark.parametrize("pp", sorted(GRIDS))
 def test_every_schedule_matches_single_process(pp, references):
-    grid = list(itertools.product(SCHEDULES, MICROBATCHES))
+    grid = GRIDS[pp]
     results = train_spawned([layout(pp, s, k, split, m) for (s, k, split), m in grid], world=pp)
     for ((schedule, k, split), m), result in zip(grid, results):
         ref_losses, ref_params, _ = references[m]
