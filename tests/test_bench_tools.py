@@ -1,6 +1,7 @@
 """The GPU benchmark tools' CPU-side parts: tools/attention_kernels.py end to end on CPU kernels (each candidate
 against the exact fp32 reference, GQA included), and tools/bench.py's table arithmetic on a hand-made result list
-(speed against each peer, issue 14's targets, the memory target of the peer's peak plus 8 bytes per parameter)."""
+(speed against each peer, issue 14's targets, the memory target of the peer's peak plus 8 bytes per parameter),
+and tools/calibrate.py's refit of saved measurements."""
 
 import importlib.util
 import json
@@ -81,3 +82,34 @@ def test_bench_table_gives_speed_per_peer_and_issue_targets_with_oom_and_checkpo
     text = console.export_text()
     assert "HF+Liger +ckpt" in text and "plain OOM" in text and "OOM" in text.split("HF eager")[-1]
     assert "speed>=1.25x MISSED" in text and "speed>=1.15x ok" in text
+
+
+def test_calibrate_refits_saved_measurements_to_the_factor_that_made_them(tmp_path):
+    """`calibrate.py --measured` replans earlier runs; its fit must recover the saved-activation and traffic
+    factors a run really had: here the 'measurements' are the planner's own at compiled factors 0.5 / 0.6."""
+    import dataclasses
+
+    from lcgraph.planner.profile import load_profile
+
+    calibrate = _tool("calibrate")
+    base = load_profile("h200")
+    truth = dataclasses.replace(
+        base,
+        traffic_factor={**base.traffic_factor, "compiled": 0.6},
+        saved_factor={**base.saved_factor, "compiled": 0.5},
+    )
+    args = calibrate.overrides(16384, 1, "none", True)
+    run = {
+        "name": "16k none compiled",
+        "args": args,
+        "compiled": True,
+        "measured": calibrate.predict(args, "h200", truth),
+    }
+    saved = tmp_path / "calibration.json"
+    saved.write_text(json.dumps({"gpu": "NVIDIA H200", "rows": [run]}))
+    gpu, rows = calibrate.measured_rows([str(saved)], "h200")
+    fitted = calibrate.fit(calibrate.table(rows), "h200")
+    assert gpu == "NVIDIA H200"
+    assert fitted.saved_factor["compiled"] == pytest.approx(0.5, abs=0.002)
+    assert fitted.traffic_factor["compiled"] == pytest.approx(0.6, abs=0.002)
+    assert fitted.saved_factor["eager"] == base.saved_factor["eager"]  # no eager run: left as it was

@@ -3,13 +3,15 @@
     python tools/calibrate.py --profile h200.json                 # the full list (about 15 minutes on an H200)
     python tools/calibrate.py --profile h200.json --quick         # 5 configurations, about 5 minutes
     python tools/calibrate.py --profile h200.json --fit --write-profile h200.json   # also fit the factors
+    python tools/calibrate.py --measured docs/results/calibration_h200_16k_compiled.json --fit   # no GPU: refit
 
 Each run is a fresh subprocess through lcgraph's own trainer (`Job.run_step`, Llama-3.2-1B shape, bf16,
 synthetic tokens): step time = median of the timed steps, peak memory = torch.cuda.max_memory_allocated.
 The planner runs the same config on the given profile. Rows are printed with the worst ratio last and
 written as JSON (default docs/results/calibration_<gpu>_<date>.json). `--fit` fits the profile's two
 assumed factors by least squares (elementwise traffic per eager/compiled, saved activations) and prints
-the table again with them; `--write-profile` stores them, marked "fitted".
+the table again with them; `--write-profile` stores them, marked "fitted". `--measured` reuses the
+measurements of earlier runs' JSON (no GPU needed) and plans them again on the given profile.
 """
 
 from __future__ import annotations
@@ -119,24 +121,22 @@ def predict(args: list[str], profile_path: str, profile=None) -> dict:
     from lcgraph.planner import plan
 
     cfg = compose_cfg(args + [f"+plan.device={profile_path}", "+plan.alternatives=false", "+plan.timeline=false"])
-    st = plan.setup(cfg, _captured())
+    st = plan.setup(cfg, _captured(cfg.model))
     if profile is not None:
         st.profile = profile
     ev = plan.evaluate_config(cfg, st)
     return {"step_s": ev.sim.step_time, "peak_bytes": max(ev.sim.rank_peak)}
 
 
-_CAPTURE: dict = {}
+def _captured(model_cfg):
+    """The model's meta-device capture, one per process (capture() keeps it): `overrides` raises the position
+    limit with the sequence, which changes no node of the graph, so it is left out of the cache key."""
+    from omegaconf import OmegaConf
 
+    from lcgraph.graph.capture import capture
+    from lcgraph.runtime.model import build_config
 
-def _captured():
-    """One meta-device capture of the model for every prediction (they differ only in layout)."""
-    if "graph" not in _CAPTURE:
-        from lcgraph.graph.capture import capture
-        from lcgraph.runtime.model import build_config
-
-        _CAPTURE["graph"] = capture(build_config(compose_cfg(overrides(16384, 1, "none", False)).model))
-    return _CAPTURE["graph"]
+    return capture(build_config(OmegaConf.merge(model_cfg, {"max_position_embeddings": 131072})))
 
 
 def table(rows: list[dict]) -> list[dict]:
@@ -198,22 +198,8 @@ def fit(rows: list[dict], profile_path: str):
     return dataclasses.replace(prof, traffic_factor=fitted_traffic, saved_factor=fitted_saved)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="h200", help="device profile (name or path) the planner uses")
-    ap.add_argument("--quick", action="store_true", help=f"{len(QUICK)} configurations (about 5 minutes)")
-    ap.add_argument("--only", nargs="+", default=None, help="configuration names to run")
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
-    ap.add_argument("--out", default=None, help="JSON path (default docs/results/calibration_<gpu>_<date>.json)")
-    ap.add_argument("--fit", action="store_true", help="fit traffic and saved factors to the measurements")
-    ap.add_argument("--write-profile", default=None, help="with --fit: write the profile with the fitted factors")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.one:
-        print("RESULT " + json.dumps(measure(json.loads(args.one), args.steps, args.warmup)), flush=True)
-        return 0
+def measure_rows(args) -> tuple[str, list[dict]]:
+    """Run each configuration on this machine's GPU and plan it."""
     import torch
 
     configs = QUICK if args.quick else FULL
@@ -227,6 +213,54 @@ def main(argv=None) -> int:
         row["measured"] = measure_isolated(cfg_args, args.steps, args.warmup, args.timeout)
         print(f"{name}: predicted {row['predicted']} measured {row['measured']}", flush=True)
         rows.append(row)
+    return gpu, rows
+
+
+def measured_rows(paths: list[str], profile: str) -> tuple[str, list[dict]]:
+    """The measurements of earlier runs (their JSON), planned again on `profile`."""
+    gpus, rows = set(), []
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        gpus.add(saved["gpu"])
+        for r in saved["rows"]:
+            if "error" not in r.get("measured", {"error": "none"}):
+                keep = ("name", "args", "compiled", "measured")
+                rows.append({k: r[k] for k in keep} | {"predicted": predict(r["args"], profile)})
+    if len(gpus) != 1:
+        raise SystemExit(f"--measured: the files come from {len(gpus)} GPU kinds ({sorted(gpus)}); give one kind")
+    return gpus.pop(), rows
+
+
+def _fit_note(rows: list[dict], before: str, gpu: str) -> str:
+    """Provenance of a fitted factor: which modes the fit saw, on how many runs; the rest keeps its old note."""
+    runs = {mode: sum(r["compiled"] == (mode == "compiled") for r in rows if "time_ratio" in r) for mode in MODES}
+    day = time.strftime("%Y-%m-%d")
+    fitted = [f"{m} fitted by tools/calibrate.py {day} on {gpu} ({n} runs)" for m, n in runs.items() if n]
+    unfitted = [m for m, n in runs.items() if not n]
+    return "assumed: " + "; ".join(fitted + ([f"{', '.join(unfitted)} as before ({before})"] if unfitted else []))
+
+
+MODES = ("eager", "compiled")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="h200", help="device profile (name or path) the planner uses")
+    ap.add_argument("--quick", action="store_true", help=f"{len(QUICK)} configurations (about 5 minutes)")
+    ap.add_argument("--only", nargs="+", default=None, help="configuration names to run")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
+    ap.add_argument("--out", default=None, help="JSON path (default docs/results/calibration_<gpu>_<date>.json)")
+    ap.add_argument("--fit", action="store_true", help="fit traffic and saved factors to the measurements")
+    ap.add_argument("--write-profile", default=None, help="with --fit: write the profile with the fitted factors")
+    ap.add_argument("--measured", nargs="+", default=None, help="earlier runs' JSON: replan their measurements")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(measure(json.loads(args.one), args.steps, args.warmup)), flush=True)
+        return 0
+    gpu, rows = measured_rows(args.measured, args.profile) if args.measured else measure_rows(args)
     rows = table(rows)
     print_table(rows, f"predicted / measured on {gpu}, profile {args.profile} (worst last)")
     result = {"gpu": gpu, "profile": args.profile, "date": time.strftime("%Y-%m-%d"), "rows": rows}
@@ -241,8 +275,12 @@ def main(argv=None) -> int:
             fitted={"traffic_factor": fitted.traffic_factor, "saved_factor": fitted.saved_factor}, rows_fitted=refit
         )
         if args.write_profile:
-            note = f"assumed: fitted by tools/calibrate.py {time.strftime('%Y-%m-%d')} on {gpu} ({len(rows)} runs)"
-            fitted.provenance.update(traffic_factor=note, saved_factor=note)
+            fitted.provenance.update(
+                {
+                    key: _fit_note(rows, fitted.provenance.get(key, ""), gpu)
+                    for key in ("traffic_factor", "saved_factor")
+                }
+            )
             Path(args.write_profile).write_text(profile_json(fitted.to_dict()))
     out = Path(
         args.out
