@@ -80,6 +80,20 @@ def test_torchrun_ranks_share_rank0s_run_directory(tmp_path):
     assert "rank 1:" in (run / "programs.txt").read_text()
     assert json.loads((run / "checkpoints" / "step-00000003" / "manifest.json").read_text())["complete"]
 
+    # a user's error under torchrun: one line from rank 0, and the agent's report names it as the root cause
+    bad = subprocess.run(
+        [*cmd[:-1], "data.path=/nonexistent/corpus.txt", f"hydra.run.dir={tmp_path / 'bad'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert bad.returncode != 0
+    ours = [ln for ln in bad.stderr.splitlines() if ln.startswith("lcgraph: error:")]
+    assert len(ours) == 1 and "/nonexistent/corpus.txt" in ours[0], bad.stderr[-3000:]
+    root = bad.stderr.split("Root Cause", 1)[-1]
+    assert "traceback : lcgraph: error: rank " in root and "/nonexistent/corpus.txt" in root, root
+
 
 def test_same_config_and_seed_give_the_same_losses():
     first, _, _ = train_local(compose("train.steps=3"))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,13 +37,31 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 
 def fail(message: str, mode=None, prog: str = "lcgraph") -> None:
-    """One line for the user; in a multirun, the job fails and the sweep goes on."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    """One line for the user; in a multirun, the job fails and the sweep goes on.
+
+    Under torchrun every rank runs this app: rank 0 prints the line, and each failing rank hands it to the
+    elastic agent through TORCHELASTIC_ERROR_FILE, whose failure report shows it as the root cause (the
+    rank that failed first, whichever it is) instead of "error_file: <N/A>"."""
+    rank = int(os.environ.get("RANK", 0))
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker
+        _tell_elastic_agent(f"{prog}: error: rank {rank}: {message}")
+    if rank == 0:
+        print(f"{prog}: error: {message}", file=sys.stderr)
     from hydra.types import RunMode
 
     if mode == RunMode.MULTIRUN:
         raise RuntimeError(message)
     sys.exit(2)
+
+
+def _tell_elastic_agent(line: str) -> None:
+    """Write `line` where torchrun's agent reads a worker's failure, in `record`'s format; the report prints
+    py_callstack, which for a user's error is the line itself."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
 
 
 @contextlib.contextmanager
