@@ -209,8 +209,9 @@ def init_distributed(cfg: DictConfig) -> None:
     """
     backend = backend_for(cfg)
     timeout = datetime.timedelta(seconds=cfg.train.comm_timeout_s)
+    store = _attempt_store(timeout)
     if backend != "nccl":
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **store)
         return
     local = int(os.environ.get("LOCAL_RANK", 0))
     if local >= torch.cuda.device_count():
@@ -220,7 +221,21 @@ def init_distributed(cfg: DictConfig) -> None:
     torch.cuda.set_device(local)
     # LCGRAPH_NCCL_EAGER_INIT=0: communicators are created at first use instead of here
     eager = os.environ.get("LCGRAPH_NCCL_EAGER_INIT", "1") != "0"
-    dist.init_process_group(backend, timeout=timeout, device_id=torch.device("cuda", local) if eager else None)
+    device = torch.device("cuda", local) if eager else None
+    dist.init_process_group(backend, timeout=timeout, device_id=device, **store)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dict:
+    """Under a torch elastic agent, the process group's keys live under this attempt's prefix.
+
+    The agent's store outlives a restart (`torchrun --max-restarts`), and the keys the dead attempt wrote stay
+    in it: without a prefix, a restarted rank reads a dead rank's gloo address and fails to connect."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return {"store": dist.PrefixStore(f"lcgraph/attempt_{attempt}", agent), "rank": rank, "world_size": world}
 
 
 def share_cores() -> None:

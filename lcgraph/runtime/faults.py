@@ -15,7 +15,8 @@ Test hook (documented in README): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]" injects 
 nan:S:STAGE (NaN gradients for the stage's last parameter in name order, on its first replica),
 perturb:S:RANK (adds 1 to an element of the rank's first parameter in name order),
 kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward),
-term:S:RANK (sends itself SIGTERM at its first backward; once per process).
+term:S:RANK (sends itself SIGTERM at its first backward; once per process). None fires after a torchrun
+restart (TORCHELASTIC_RESTART_COUNT > 0).
 
 - Preemption: SIGTERM or SIGINT (`graceful_stop`) asks for a stop; the ranks agree on it through the loss
   all-reduce of the step (`stop_flag`), finish that step, write a checkpoint and exit 0. A second signal
@@ -64,6 +65,10 @@ class Injection:
 
 
 def injections() -> list[Injection]:
+    """The faults to inject; none after a torchrun restart (an injected fault is transient, like most real ones:
+    the restarted ranks must get past it)."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        return []
     spec = os.environ.get(FAULT_ENV, "")
     out = []
     for item in filter(None, spec.split(",")):
