@@ -125,7 +125,14 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint_by_themselves(tmp_pat
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", FAULT_ENV: "kill:2:1"}
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "5"  # how long the agent waits for the surviving rank it signals
-    overrides = [*PP2, "parallel.sp=1", "train.steps=4", "train.checkpoint_every=1", "train.resume=auto", "train.comm_timeout_s=10"]
+    overrides = [
+        *PP2,
+        "parallel.sp=1",
+        "train.steps=4",
+        "train.checkpoint_every=1",
+        "train.resume=auto",
+        "train.comm_timeout_s=10",
+    ]
     tiny = [o for o in TINY if not o.startswith("parallel=")]
     cmd = [
         sys.executable,
