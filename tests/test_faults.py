@@ -51,19 +51,22 @@ def test_sigterm_stops_both_ranks_after_one_step_nan_gradients_are_skipped_and_d
 ):
     """pp=2, tied embeddings, on_nonfinite=skip; two runs in one launch. The first: rank 1 gets SIGTERM in step 3;
     both ranks (rank 0 only through the loss all-reduce) finish step 3, write its checkpoint and leave the run
-    cleanly (the launch goes on). The second, with a replica check every 2 steps: NaN gradients on stage 1 at step 2 drop that
+    cleanly (the launch goes on); it runs replicated AdamW (parallel.zero=false), whose skip of step 2's NaN
+    update is checked too. The second, with a replica check every 2 steps: NaN gradients on stage 1 at step 2 drop that
     update on both ranks (stage 0's rank only learns it through the grad-norm all-reduce), and training goes on.
     Before step 4 rank 1's copy of the tied embedding is changed: the check after step 2 passed, the one after
     step 4 stops the run naming the tensor and its stages."""
     stop, drift = tmp_path / "stop", tmp_path / "drift"
     pp2 = [*PP2, "model.tie_word_embeddings=true", "train.on_nonfinite=skip"]
     cfgs = [
-        compose(*pp2, "train.steps=4", "train.comm_timeout_s=20"),
+        compose(*pp2, "train.steps=4", "train.comm_timeout_s=20", "parallel.zero=false"),  # replicated AdamW
         compose(*pp2, "train.steps=6", "train.check_every=2"),
     ]
     message = launch(monkeypatch, "term:2:1,nan:1:1,perturb:3:1", cfgs, [stop, drift])
     assert [r["step"] for r in metrics(stop)] == [1, 2, 3]
     assert [s for s, _ in complete_checkpoints(stop / CHECKPOINTS)] == [3]
+    stop_rows = metrics(stop)  # the NaN at step 2 hits this run too: replicated AdamW skips it as well
+    assert [r.get("nonfinite_stages") for r in stop_rows] == [None, [1], None] and stop_rows[1]["skipped"]
     rows = metrics(drift)
     assert [r.get("nonfinite_stages") for r in rows] == [None, [1], None, None]
     assert rows[1]["skipped"] and not rows[1]["nonfinite_loss"]
