@@ -344,7 +344,8 @@ def test_plan_refuses_a_bad_layout_before_capturing():
 
 
 def test_llama70b_1m_recipe_plans_on_a_cpu_machine_without_weights(tmp_path):
-    """The flagship recipe: captured on meta, planned for 64 H200s, fits with recompute."""
+    """The flagship recipe: captured on meta, planned for 64 H200s, fits with recompute. (Its 80 layers of
+    8192 in real fp32 would take 280 GB: on a 24 GB CI machine this passes only if the capture stays on meta.)"""
     import json
     import subprocess
     import sys
