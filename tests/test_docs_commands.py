@@ -41,6 +41,7 @@ PROGRAMS = ("lcgraph-train", "lcgraph-plan", "python", "python3", "torchrun", "w
 SKIP = [
     (r"\bpip install\b", "installs packages: .ci/run's own first lines"),
     (r"\bpytest\b", "the test suite itself"),
+    (r"tools/calibrate\.py --measured", "replans saved runs on CPU: tests/test_bench_tools.py runs it"),
     (
         r"tools/(bench|profile_device|calibrate|attention_kernels|multi_gpu|nccl_replay)\.py",
         "GPU only: times CUDA kernels",
