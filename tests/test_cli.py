@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from lcgraph.app.testing import TINY, compose, hf_model_dir, train_local
+from lcgraph.app.testing import TINY, compose, hf_model_dir, torchrun, train_local
 
 TINY_CLI = [o for o in TINY if not o.startswith("parallel=")] + ["train.steps=3"]
 
@@ -58,22 +58,8 @@ def test_missing_model_path_is_one_clear_error(tmp_path):
 
 def test_torchrun_ranks_share_rank0s_run_directory(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "lcgraph",
-        *TINY_CLI,
-        "parallel=seq1f1b",
-        "parallel.seq_chunks=2",
-        f"hydra.run.dir={run}",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    layout = [*TINY_CLI, "parallel=seq1f1b", "parallel.seq_chunks=2"]
+    out = torchrun(layout, run)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("loss" in json.loads(ln) for ln in lines)
@@ -81,13 +67,7 @@ def test_torchrun_ranks_share_rank0s_run_directory(tmp_path):
     assert json.loads((run / "checkpoints" / "step-00000003" / "manifest.json").read_text())["complete"]
 
     # a user's error under torchrun: one line from rank 0, and the agent's report names it as the root cause
-    bad = subprocess.run(
-        [*cmd[:-1], "data.path=/nonexistent/corpus.txt", f"hydra.run.dir={tmp_path / 'bad'}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    bad = torchrun([*layout, "data.path=/nonexistent/corpus.txt"], tmp_path / "bad")
     assert bad.returncode != 0
     ours = [ln for ln in bad.stderr.splitlines() if ln.startswith("lcgraph: error:")]
     assert len(ours) == 1 and "/nonexistent/corpus.txt" in ours[0], bad.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lcgraph.app.cli import run
-from lcgraph.app.testing import TINY, compose, run_spawned
+from lcgraph.app.testing import TINY, compose, run_spawned, torchrun
 from lcgraph.errors import TrainingFault
 from lcgraph.runtime.checkpoint import CHECKPOINTS, complete_checkpoints
 from lcgraph.runtime.faults import FAULT_ENV, read_heartbeats
@@ -126,34 +126,11 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint_by_themselves(tmp_pat
     the agent restarts both ranks, which resume from the step-2 checkpoint by themselves and finish with exit 0.
     The injected fault does not fire again after the restart (TORCHELASTIC_RESTART_COUNT > 0)."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", FAULT_ENV: "kill:2:1"}
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "5"  # how long the agent waits for the surviving rank it signals
-    overrides = [
-        *PP2,
-        "parallel.sp=1",
-        "train.steps=4",
-        "train.checkpoint_every=1",
-        "train.resume=auto",
-        "train.comm_timeout_s=10",
-    ]
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: how long the agent waits for the surviving rank it signals
+    env = {FAULT_ENV: "kill:2:1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
+    overrides = [*PP2, "parallel.sp=1", "train.steps=4", "train.checkpoint_every=1", "train.resume=auto"]
     tiny = [o for o in TINY if not o.startswith("parallel=")]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--max-restarts",
-        "1",
-    ]
-    out = subprocess.run(
-        [*cmd, "-m", "lcgraph", *tiny, *overrides, f"hydra.run.dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    out = torchrun([*tiny, *overrides, "train.comm_timeout_s=10"], run_dir, "--max-restarts", "1", env=env)
     assert out.returncode == 0, out.stderr[-6000:]
     steps = [r["step"] for r in metrics(run_dir)]
     assert steps[:2] == [1, 2] and steps[-2:] == [3, 4], steps  # step 3 died once (or not: it is not logged)

@@ -223,7 +223,7 @@ def measured_rows(paths: list[str], profile: str) -> tuple[str, list[dict]]:
         saved = json.loads(Path(path).read_text())
         gpus.add(saved["gpu"])
         for r in saved["rows"]:
-            if "error" not in r.get("measured", {"error": "none"}):
+            if "measured" in r and "error" not in r["measured"]:
                 keep = ("name", "args", "compiled", "measured")
                 rows.append({k: r[k] for k in keep} | {"predicted": predict(r["args"], profile)})
     if len(gpus) != 1:

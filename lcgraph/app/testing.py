@@ -10,6 +10,8 @@ grid of layouts costs one process start. Both return per-step losses and the fin
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,6 +41,15 @@ TINY = [
     "optim.warmup_steps=1",
     "optim.lr=1e-3",
 ]
+
+
+def torchrun(overrides: list[str], run_dir: Path, *launcher: str, env: dict | None = None):
+    """`torchrun --standalone --nproc-per-node 2 <launcher> -m lcgraph <overrides>` on CPU ranks (one thread each,
+    W&B off), run directory `run_dir`; the finished process, its output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *launcher]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
+    cmd += ["-m", "lcgraph", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def hf_model_dir(root: Path, num_hidden_layers: int = 2, tie: bool = True):
