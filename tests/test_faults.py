@@ -1,13 +1,17 @@
 """Faults fail fast, say why and lose nothing: NaN gradients (skip or stop), replicas that drift apart, a rank
-killed mid-step, a rank stuck in a collective. Faults are injected through the LCGRAPH_FAULT test hook
-(runtime/faults.py); each multi-rank case is one launch of 2 spawned gloo ranks of lcgraph-train's own loop.
+killed mid-step, a rank stuck in a collective, SIGTERM / SIGINT to the launcher. Faults are injected through the
+LCGRAPH_FAULT test hook (runtime/faults.py); each multi-rank case is one launch of 2 spawned gloo ranks of
+lcgraph-train's own loop.
 """
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,6 +26,9 @@ SMALL = ["model.num_hidden_layers=2", "data.seq_len=32", "data.synthetic=true"]
 PP2 = ["parallel.pp=2", "parallel.microbatches=2", *SMALL]
 DP2 = ["parallel.dp=2", *SMALL]
 FP32 = 1e-5
+# constant LR after the warm-up step: a run's schedule does not depend on train.steps, so a stopped run of 1000
+# steps and an uninterrupted one of a few steps train alike
+STEADY = [*PP2, "optim.min_lr_ratio=1.0", "train.comm_timeout_s=20"]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -44,6 +51,32 @@ def assert_no_rank_left(run_dir) -> None:
     for beat in read_heartbeats([run_dir], 0).values():
         with pytest.raises(ProcessLookupError):
             os.kill(beat["pid"], 0)
+
+
+@contextlib.contextmanager
+def launcher(run_dir, *overrides: str, fault: str = "") -> Iterator[subprocess.Popen]:
+    """`lcgraph-train` (python -m lcgraph) on 2 spawned CPU ranks, in its own session: however the test ends,
+    the launcher and its ranks (one process group) are killed on the way out (check for leftover ranks inside)."""
+    cmd = [sys.executable, "-m", "lcgraph", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", FAULT_ENV: fault}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def wait_for_steps(proc: subprocess.Popen, run_dir, steps: int, deadline_s: float = 60.0) -> None:
+    """Until the run has logged `steps` steps (metrics.jsonl lines); fails if the launcher ends first."""
+    path, end = run_dir / "metrics.jsonl", time.monotonic() + deadline_s
+    while not (path.is_file() and len(path.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, f"the launcher ended (exit {proc.returncode}): {proc.communicate()[0][-6000:]}"
+        assert time.monotonic() < end, f"{steps} steps not logged in {deadline_s:.0f} s"
+        time.sleep(0.05)
 
 
 def test_sigterm_stops_both_ranks_after_one_step_nan_gradients_are_skipped_and_drifted_copies_are_named(
@@ -135,3 +168,47 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint_by_themselves(tmp_pat
     steps = [r["step"] for r in metrics(run_dir)]
     assert steps[:2] == [1, 2] and steps[-2:] == [3, 4], steps  # step 3 died once (or not: it is not logged)
     assert [s for s, _ in complete_checkpoints(run_dir / CHECKPOINTS)][-1] == 4
+
+
+def test_sigterm_to_the_launcher_stops_at_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    """Preemption: `lcgraph-train` (pp=2 on 2 spawned ranks, 1000 steps, no periodic checkpoint) gets SIGTERM,
+    the launcher alone, after its second step. Its elastic agent passes the signal on; the ranks finish the step
+    they are in, write its checkpoint and leave; the launcher says so and exits 0, no rank left. Resumed from that
+    checkpoint (train.resume=auto) for 2 more steps, the run's losses equal an uninterrupted run's, step by step
+    (the second resumed step needs the AdamW moments, the data position and the RNG states restored too)."""
+    stop, ref = tmp_path / "stop", tmp_path / "ref"
+    with launcher(stop, *STEADY, "train.steps=1000") as proc:
+        wait_for_steps(proc, stop, 2)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, out[-6000:]
+        assert_no_rank_left(stop)  # before the way out kills what is left
+    steps = [r["step"] for r in metrics(stop)]
+    n = steps[-1]
+    assert steps == list(range(1, n + 1)) and n >= 2
+    assert f"lcgraph: stopped by SIGTERM: checkpoint at step {n};" in out, out[-6000:]
+    assert [s for s, _ in complete_checkpoints(stop / CHECKPOINTS)] == [n]
+    resumed = compose(*STEADY, f"train.steps={n + 2}", "train.resume=auto")
+    got, want = run_spawned([resumed, compose(*STEADY, f"train.steps={n + 2}")], [stop, ref], world=2)
+    assert [r["step"] for r in metrics(stop)] == list(range(1, n + 3))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)
+
+
+def test_sigint_twice_to_the_launcher_of_a_stuck_run_exits_at_once_without_a_checkpoint(tmp_path):
+    """Ctrl-C twice on a run that does not stop: rank 1 hangs in step 3's backward (so the first SIGINT, to the
+    launcher alone, cannot finish the step); a second SIGINT 1.5 s later ends the launcher with an error at
+    once, long before train.comm_timeout_s (20 s: the ranks' own deadline and the agent's shutdown wait), with no
+    rank left and no checkpoint, whole or partial."""
+    with launcher(tmp_path, *STEADY, "train.steps=1000", fault="hang:2:1") as proc:
+        wait_for_steps(proc, tmp_path, 2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        second = time.monotonic()
+        out = proc.communicate(timeout=60)[0]
+        took = time.monotonic() - second
+        assert proc.returncode != 0 and took < 8, (proc.returncode, took, out[-6000:])
+        assert_no_rank_left(tmp_path)  # before the way out kills what is left
+    assert "lcgraph: error: stopped by SIGINT before a checkpoint was written" in out, out[-6000:]
+    assert len(metrics(tmp_path)) == 2 and not list((tmp_path / CHECKPOINTS).glob("*"))

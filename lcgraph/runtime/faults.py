@@ -285,7 +285,10 @@ def explained_failures(run_dirs: list[Path], grace_s: float = 30.0) -> Iterator[
     """Turn torch elastic's ChildFailedError into a TrainingFault with one line saying what happened.
 
     On a stop signal the launcher's agent passes it to the ranks and kills those still running `grace_s`
-    later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): time for the step and its checkpoint."""
+    later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): time for the step and its checkpoint. A second signal to the
+    launcher interrupts that wait; the agent's `run` then shuts the ranks down once more, with SIGTERM, which
+    ranks asked to stop more than a second before take as the second request (`_on_signal`: exit at once), so
+    the launcher ends with an error, no checkpoint (tests/test_faults.py: test_sigint_twice_to_the_launcher...)."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
