@@ -6,7 +6,7 @@ import torch
 
 from lcgraph.errors import PlanError
 from lcgraph.ops.attention import KERNEL_CALLS, attend, attention_fn
-from lcgraph.runtime.interpreter import recompute_mode
+from lcgraph.runtime.recompute import recompute_mode
 
 
 def softmax_attention(q, k, v, scale):

@@ -136,3 +136,26 @@ def test_fused_linear_cross_entropy_matches_the_unfused_head_and_loss():
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
     for name, g in grads.items():
         torch.testing.assert_close(g, grads_ref[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_segment_layers_cuts_one_submodule_per_layer_with_the_same_loss_and_gradients():
+    """The pass recompute runs on: embed, layer_0..2 (one attention each), head; same result, op for op."""
+    from lcgraph.graph.passes import segment_layers
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(tiny_config()).float()
+    ids, labels = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 24))
+    pos = torch.arange(24).expand(2, -1)
+    whole = capture(tiny_config(), batch_size=2)
+    segmented = capture(tiny_config(), batch_size=2)
+    segmented.gm, layers = segment_layers(segmented.gm)
+
+    assert [name for name, _ in segmented.gm.named_children()] == ["embed", "layer_0", "layer_1", "layer_2", "head"]
+    assert layers == {"layer_0": 0, "layer_1": 1, "layer_2": 2}
+    for name in layers:
+        targets = [n.target for n in getattr(segmented.gm, name).graph.nodes]
+        assert targets.count(torch.ops.lcgraph.attention.default) == 1, name
+    loss, grads = run_captured(whole, hf, ids, pos, labels)
+    seg_loss, seg_grads = run_captured(segmented, hf, ids, pos, labels)
+    assert torch.equal(seg_loss, loss)
+    assert seg_grads.keys() == grads.keys() and all(torch.equal(seg_grads[n], g) for n, g in grads.items())

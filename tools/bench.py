@@ -176,7 +176,7 @@ def bench_peer(config, side: Side, seq: int, steps: int, warmup: int) -> dict:
     if side.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    data = _tokens(config.vocab_size, seq, warmup + steps)
+    data = _tokens(config.vocab_size, seq, warmup + steps + 1)
 
     def step(i: int) -> float:
         window = data[i].cuda()
@@ -186,7 +186,10 @@ def bench_peer(config, side: Side, seq: int, steps: int, warmup: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    return info | _timed_steps(step, steps, warmup)
+    result = info | _timed_steps(step, steps, warmup)
+    if PROFILE_DIR:  # the same kernel table as lcgraph's, so the two can be read side by side
+        _profile(lambda: step(warmup + steps), Path(PROFILE_DIR) / f"profile_{_file_label(side)}_{seq}.txt")
+    return result
 
 
 def _recompute_override(overrides: list[str]) -> list[str]:
@@ -229,9 +232,12 @@ def bench_lcgraph(side: Side, seq: int, steps: int, warmup: int, model_name: str
     job = Job(cfg, Path("/tmp/lcgraph-bench"), 0, 1)
     result = _timed_steps(lambda i: job.run_step(i)["loss"], steps, warmup)
     if PROFILE_DIR:  # after the timed steps: the profiled step must not count in tokens/s
-        name = side.label.replace(" ", "_").replace("/", "-").replace("=", "")
-        _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_{name}_{seq}.txt")
+        _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_{_file_label(side)}_{seq}.txt")
     return result
+
+
+def _file_label(side: Side) -> str:
+    return side.label.replace(" ", "_").replace("/", "-").replace("=", "").replace("+", "_")
 
 
 PROFILE_DIR = None
@@ -245,7 +251,7 @@ def _profile(step_fn, path: Path) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_fn()
         torch.cuda.synchronize()
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    path.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45))
 
 
 def _run_one(args) -> None:
@@ -408,7 +414,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-limit", type=int, default=1 << 20)
     ap.add_argument("--json", default="bench.json", help="written after every side, so a cut-short run keeps rows")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one isolated side (a JSON Side)
-    ap.add_argument("--profile", default=None, help="directory for a torch.profiler kernel table per lcgraph run")
+    ap.add_argument("--profile", default=None, help="directory for a torch.profiler kernel table per side (peers too)")
     return ap
 
 

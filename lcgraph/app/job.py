@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from lcgraph.errors import DataError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture
-from lcgraph.observability.graphs import dump_graph
+from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives
 from lcgraph.planner.plan import resolve_recompute
-from lcgraph.runtime import data, faults, model
+from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
 from lcgraph.schedule import nccl
@@ -150,9 +150,6 @@ class Job:
             dump=dump,
             fused_loss=self.cfg.train.fused_loss,
         )
-        if self.cfg.train.compile:
-            for g in graphs.values():
-                g.gm = torch.compile(g.gm, dynamic=False)
         self.stages: dict[int, StageState] = {}
         for s, g in graphs.items():
             shapes = {name: _placeholder_shape(g.gm, ph) for ph, name in g.param_names.items()}
@@ -216,6 +213,10 @@ class Job:
     def _setup_interpreter(self):
         # train.recompute=auto: the planner's fastest mode that fits (+plan.device names the profile)
         self.recompute, self.recompute_reason = resolve_recompute(self.cfg, self.captured)
+        for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
+            st.graph.gm = recompute.seal(st.graph.gm, self.recompute, compile=self.cfg.train.compile)
+            if self.cfg.dump.graphs and self.recompute != "none" and self.coords.dp_rank == self.coords.sp_rank == 0:
+                (self.run_dir / "graphs" / f"08_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
         c = self.coords
         peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
         self.interpreter = Interpreter(

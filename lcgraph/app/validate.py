@@ -42,8 +42,8 @@ from lcgraph.errors import LaunchError, ModelPathError, PlanError
 from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import check_ulysses
 from lcgraph.runtime import data
-from lcgraph.runtime.interpreter import recompute_mode
 from lcgraph.runtime.model import build_config
+from lcgraph.runtime.recompute import recompute_mode
 
 COUNT_KEYS = (
     "parallel.pp",

@@ -12,6 +12,8 @@ writes the graph after each one.
     lower_attention   every other attention -> the kernel under autograd, keeping output and LSE for its backward
     gather_waits      (runtime/optimizer.py, once the distributed optimizer has cut its buckets) a wait for each bucket's parameter
                       all-gather right before the forward first reads one of its parameters
+    segment_layers    (runtime/recompute.py, under train.recompute) one submodule per decoder layer, each then
+                      checkpointed on its own: a backward reruns one layer at a time, never the whole stage
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import cast
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.split_module import split_module
 
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
@@ -356,6 +359,45 @@ PASSES = (
     "lower_attention",
     "gather_waits",
 )  # the last one is zero.gather_waits: it needs the optimizer's bucket layout
+
+
+LAYER_PREFIX = "layer_"  # segment_layers names each decoder layer's submodule layer_<index>
+EMBED, HEAD = "embed", "head"  # and what runs before the first layer and after the last
+
+
+def segment_layers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
+    """Split a stage graph into submodules: what runs before its first decoder layer, one per layer, and what
+    runs after its last (final norm, head, loss). Returns the new graph module and {submodule name: layer}.
+
+    Assumes: every layer node carries its NodeInfo layer (capture), and a stage's layers run one after the
+    other, as HF's decoder loop runs them. Nodes without a layer between two layers (glue) join the layer
+    before them. Guarantees: the same placeholders (so the same call) and the same result, op for op.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    layer_at = [_layer_of(n) for n in nodes]
+    last = max((i for i, layer in enumerate(layer_at) if layer is not None), default=-1)
+    part: dict[fx.Node, int] = {}
+    current = 0  # before the first layer: the embedding side and the rotary tables
+    for i, (node, layer) in enumerate(zip(nodes, layer_at)):
+        if layer is not None:
+            current = layer + 1
+        part[node] = current if i <= last else 1 << 20  # after the last layer: the head side
+    name = {p: (f"{LAYER_PREFIX}{p - 1}" if 0 < p < 1 << 20 else (HEAD if p else EMBED)) for p in part.values()}
+    out = split_module(gm, gm, lambda n: part[n], keep_original_order=True, keep_original_input_name=True)
+    for key, mod in list(out.named_children()):  # submod_<partition> -> readable names
+        delattr(out, key)
+        setattr(out, name[int(key.rsplit("_", 1)[1])], mod)
+    for node in out.graph.nodes:
+        if node.op == "call_module":
+            node.target = name[int(str(node.target).rsplit("_", 1)[1])]
+    out.recompile()
+    layers = {n: p - 1 for p, n in name.items() if n.startswith(LAYER_PREFIX)}
+    return out, layers
+
+
+def _layer_of(node: fx.Node) -> int | None:
+    info = node.meta.get("lcgraph")
+    return info.layer if info is not None and info.part == "layer" else None
 
 
 def compile_stages(

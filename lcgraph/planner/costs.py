@@ -18,9 +18,9 @@ The kernels charged are those the runtime calls. Per unit (a chunk of s tokens a
     optimizer    the fused AdamW over fp32 masters, plus the casts around it (grad -> fp32, master -> bf16)
 
 `train.recompute` decides the reruns and what a unit keeps (RECOMPUTE_MODES): `none` keeps every saved
-activation; `full` keeps the unit's input and reruns its whole forward (attention and loss included) in
-backward; `keep_attention` also keeps each layer's attention output and LSE and reruns everything but
-attention. Collectives use ring formulas at the profile's NCCL bus bandwidth. See docs/planner.md.
+activation; `full` keeps each decoder layer's input (and the head's) and reruns its whole forward (attention
+and loss included) in backward, one layer at a time; `keep_attention` also keeps each layer's attention output
+and LSE and reruns everything but attention. Collectives use ring formulas at the profile's NCCL bus bandwidth. See docs/planner.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from lcgraph.planner.profile import ATTENTION_BACKWARD, DeviceProfile, load_profile, profile_names
-from lcgraph.runtime.interpreter import recompute_mode
+from lcgraph.runtime.recompute import recompute_mode
 
 __all__ = ["DeviceProfile", "load_profile", "profile_names"]  # the profile lives next door; old imports work
 
@@ -360,6 +360,7 @@ class CostModel:
         layers = [list(range(starts[s], starts[s] + c)) for s, c in enumerate(self.layer_counts)]
         self.stages = [self.graph.stage(ls, s == 0, s == n - 1) for s, ls in enumerate(layers)]
         self.bodies = [self.graph.stage(ls, s == 0, s == n - 1, loss=False) for s, ls in enumerate(layers)]
+        self.stage_layers = layers
         self.prefixes = [sum(self.chunk_lengths[:c]) for c in range(len(self.chunk_lengths))]
         self.mode = "compiled" if self.layout.compiled else "eager"
 
@@ -530,8 +531,9 @@ class CostModel:
         kv_scale = c.kv_per_token * max(1.0, lay.sp / g.kv_heads)
         if lay.recompute == "none":
             saved = self._kept(stage, tokens)
-        else:  # the unit's input, and with keep_attention each layer's attention output and LSE
-            saved = g.hidden_size * g.dtype_bytes * tokens
+        else:  # each layer's input (and the head's), and with keep_attention each attention's output and LSE
+            inputs = len(self.stage_layers[stage]) + (1 if self._is_last(stage) else 0)
+            saved = inputs * g.hidden_size * g.dtype_bytes * tokens
             if lay.recompute == "keep_attention":
                 saved += c.attention_layers * g.heads * (g.head_dim * g.dtype_bytes + LSE_BYTES) * tokens
         if len(self.chunk_lengths) == 1:
@@ -540,10 +542,24 @@ class CostModel:
         return saved, (kv_scale * whole if chunk == 0 else 0.0)
 
     def recompute_transient(self, stage: int) -> float:
-        """Recompute: the largest unit's activations, alive while its backward runs."""
+        """Recompute: what one rerun rebuilds while its backward runs, for the largest unit: one decoder layer's
+        activations (runtime/recompute.py checkpoints layer by layer), or on the last stage the fused loss's
+        gradients when they are larger."""
         if self.layout.recompute == "none":
             return 0.0
-        return self._kept(stage, self._tokens(max(self.chunk_lengths)))
+        g, tokens = self.graph, self._tokens(max(self.chunk_lengths))
+        layer = max(
+            self.profile.saved_factor[self.mode] * self.graph.layers[i].saved_per_token * tokens
+            + self.graph.layers[i].attention_layers * g.heads * LSE_BYTES * tokens
+            for i in self.stage_layers[stage]
+        )
+        if not self._is_last(stage):
+            return layer
+        if self.layout.fused_loss:
+            head = g.hidden_size * g.dtype_bytes * tokens + 4 * g.hidden_size * g.vocab_size
+        else:
+            head = g.loss.saved_per_token * tokens
+        return max(layer, head)
 
     # --- the simulator's interface -----------------------------------------------------------------------
     def duration(self, action, rank: int) -> float:

@@ -36,8 +36,8 @@ from lcgraph.observability.timeline import matplotlib_available, write_timeline
 from lcgraph.planner.costs import CostModel, GraphCosts, Layout
 from lcgraph.planner.profile import DeviceProfile, load_profile
 from lcgraph.planner.simulator import SimResult, simulate
-from lcgraph.runtime.interpreter import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.runtime.model import build_config
+from lcgraph.runtime.recompute import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.schedule import nccl
 from lcgraph.schedule import programs as schedule
 from lcgraph.schedule.programs import ScheduleError, format_programs

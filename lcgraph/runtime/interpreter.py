@@ -25,29 +25,15 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from lcgraph.errors import PlanError
 from lcgraph.graph.passes import StageGraph
 from lcgraph.ops import masks
 from lcgraph.ops.relay import RelayContext
+from lcgraph.runtime import recompute as recompute_layers
+from lcgraph.runtime.recompute import recompute_mode
 from lcgraph.schedule.programs import P2P_KINDS, Action, issue_units, unit_token
 
-# train.recompute: none keeps every unit's autograd graph; full keeps only the unit's stage input and reruns
-# its forward in the backward; keep_attention does the same but keeps each attention's output and LSE, so the
-# rerun skips the attention kernels (lcgraph/ops/relay.py). The planner models each (docs/attention.md).
-RECOMPUTE_MODES = ("none", "keep_attention", "full")  # fastest first
-AUTO = "auto"  # the planner picks the fastest mode that fits (planner.plan.resolve_recompute)
-_RECOMPUTE_ALIASES = {True: "full", False: "none", None: "none", "true": "full", "false": "none"}
-
-
-def recompute_mode(value: object, allow_auto: bool = False) -> str:
-    """`train.recompute` as one of RECOMPUTE_MODES (or `auto` where allowed); booleans (also as OmegaConf's
-    "True"/"False") still work."""
-    key = value.lower() if isinstance(value, str) else value
-    mode = _RECOMPUTE_ALIASES.get(key, key)  # type: ignore[call-overload]
-    if mode not in RECOMPUTE_MODES and not (allow_auto and mode == AUTO):
-        choices = ", ".join(RECOMPUTE_MODES + ((AUTO,) if allow_auto else ()))
-        raise PlanError(f"train.recompute={value} is unknown; use one of {choices} (or true/false)")
-    return str(mode)
+# train.recompute (runtime/recompute.py): in modes other than none each stage runs its layers checkpointed one
+# by one (recompute.seal), so F and B below look the same in every mode.
 
 
 @dataclass
@@ -79,11 +65,15 @@ class ActivationMeter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor):
+        self.count(t)
+        return t
+
+    def count(self, t: torch.Tensor) -> None:
+        """Add `t`'s storage to the running unit's bytes, once, unless it is a parameter's."""
         ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
         if ptr not in self.param_ptrs and ptr not in self._seen:
             self._seen.add(ptr)
             self.unit_bytes[self._current] += t.untyped_storage().nbytes()
-        return t
 
     def forward_done(self, unit: tuple, extra: int = 0) -> None:
         self.live += self.unit_bytes[unit]
@@ -170,7 +160,7 @@ class Interpreter:
             if a.kind == "B":
                 self.final_backward[a.stage] = i
         self.grad_norm = 0.0
-        self.recompute = recompute_mode(recompute)  # not none: F keeps only its inputs, B reruns the forward
+        self.recompute = recompute_mode(recompute)  # the stages' layers were sealed for it (recompute.seal)
         for st in stages.values():
             st.relay.keep = self.recompute == "keep_attention"
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
@@ -251,39 +241,23 @@ class Interpreter:
         st.relay.unit = (a.mb, a.chunk)
         masks.set_documents(unit.document_ids)
         key = (a.stage, a.mb, a.chunk)
-        recompute = self.recompute != "none"
-        with self.meters[a.stage].hooks(key), torch.set_grad_enabled(not recompute):
+        meter = self.meters[a.stage]
+        with meter.hooks(key), _counting_held_inputs(meter):
             out = st.graph.gm(**st.kwargs(unit, hidden_in))
-        if recompute and hidden_in is not None:
-            self.meters[a.stage].unit_bytes[key] += hidden_in.numel() * hidden_in.element_size()
         if st.graph.is_last:
             self.loss_sum += out.detach()
             out = out * self.loss_scale
         self.meters[a.stage].forward_done(key, st.relay.live_bytes())
         self.saved[key] = (hidden_in, out)
 
-    def _rerun_forward(self, a: Action, hidden_in):
-        """Recompute modes: the unit's forward again, now recording the autograd graph (keep_attention:
-        attention returns its kept output instead of running the kernel)."""
-        st = self.stages[a.stage]
-        RelayContext.current = st.relay
-        st.relay.unit, st.relay.rerun = (a.mb, a.chunk), True
-        masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)
-        try:
-            out = st.graph.gm(**st.kwargs(self.units[(a.mb, a.chunk)], hidden_in))
-        finally:
-            st.relay.rerun = False
-        return out * self.loss_scale if st.graph.is_last else out
-
     def _backward(self, a: Action):
         st = self.stages[a.stage]
         key = (a.stage, a.mb, a.chunk)
         hidden_in, out = self.saved.pop(key)
-        if self.recompute != "none":
-            out = self._rerun_forward(a, hidden_in)
+        RelayContext.current = st.relay  # checkpointed layers rerun inside this backward
         final = self.final_backward[a.stage] == self._index
         self.optimizer.before_backward(a, final)
-        masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)  # the backward reruns attention
+        masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)  # for attention's backward and reruns
         if st.graph.is_last:
             out.backward()
         else:
@@ -330,3 +304,14 @@ class Interpreter:
             kind, stage, mb, chunk = key
             self.timeline.append((f"wait {kind}{mb}.{chunk}@{stage}", start, time.perf_counter()))
         return self.inbox.pop(key)
+
+
+@contextlib.contextmanager
+def _counting_held_inputs(meter: ActivationMeter):
+    """Checkpointed layers hold their inputs outside autograd's saved-tensor hooks: the meter counts them too."""
+    before = recompute_layers.held_inputs
+    recompute_layers.held_inputs = meter.count if meter.enabled else None
+    try:
+        yield
+    finally:
+        recompute_layers.held_inputs = before

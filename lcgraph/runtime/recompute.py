@@ -1,0 +1,115 @@
+"""train.recompute: which activations a unit keeps for its backward, and what the backward reruns.
+
+    none            keep everything autograd saves
+    keep_attention  keep each decoder layer's input, and its attention's output and LSE; the backward reruns the
+                    layer's norms, projections, rotary and MLP, never the attention kernel's forward
+    full            keep each decoder layer's input; the backward reruns the whole layer, attention included
+
+Recompute is per decoder layer: `seal` splits a stage graph into one submodule per layer (passes.segment_layers)
+and runs each under non-reentrant activation checkpointing (torch.utils.checkpoint, use_reentrant=False). So a
+backward rematerialises one layer at a time (a layer's activations, not a whole chunk's), the embedding side and
+the autograd engine, not the interpreter, decides when each layer reruns. The head side (final norm, fused loss)
+runs without autograd and reruns in its backward (reentrant checkpointing): its forward would otherwise compute
+and hold an fp32 head gradient per unit in flight (lcgraph/ops/fused.py), 1 GiB at Llama-3's vocab. The
+rerun tells the attention it is one (RelayContext.rerun), so the KV relay reads the K/V it already holds and,
+under keep_attention, hands back the kept output instead of running the kernel (lcgraph/ops/relay.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import checkpoint
+
+from lcgraph.errors import PlanError
+from lcgraph.graph.passes import HEAD, segment_layers
+from lcgraph.ops.relay import RelayContext
+
+RECOMPUTE_MODES = ("none", "keep_attention", "full")  # fastest first
+AUTO = "auto"  # the planner picks the fastest mode that fits (planner.plan.resolve_recompute)
+_RECOMPUTE_ALIASES = {True: "full", False: "none", None: "none", "true": "full", "false": "none"}
+
+# Called with a checkpointed layer's tensor inputs, the only activations it holds until its backward (the
+# interpreter's activation meter counts them: they bypass autograd's saved-tensor hooks). None: not counted.
+held_inputs: Callable[[torch.Tensor], object] | None = None
+
+
+def recompute_mode(value: object, allow_auto: bool = False) -> str:
+    """`train.recompute` as one of RECOMPUTE_MODES (or `auto` where allowed); booleans (also as OmegaConf's
+    "True"/"False") still work."""
+    key = value.lower() if isinstance(value, str) else value
+    mode = _RECOMPUTE_ALIASES.get(key, key)  # type: ignore[call-overload]
+    if mode not in RECOMPUTE_MODES and not (allow_auto and mode == AUTO):
+        choices = ", ".join(RECOMPUTE_MODES + ((AUTO,) if allow_auto else ()))
+        raise PlanError(f"train.recompute={value} is unknown; use one of {choices} (or true/false)")
+    return str(mode)
+
+
+def _hold(args) -> None:
+    if held_inputs is not None:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                held_inputs(a)
+
+
+class CheckpointedLayer(torch.nn.Module):
+    """One decoder layer's submodule, run under activation checkpointing: its forward keeps only its inputs."""
+
+    def __init__(self, inner: Callable[..., torch.Tensor], layer: int):
+        super().__init__()
+        self.inner, self.layer = inner, layer
+
+    def forward(self, *args):
+        _hold(args)
+        relay = RelayContext.current
+        unit = relay.unit if relay is not None else None
+        return checkpoint(
+            self.inner,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _rerunning(relay, unit)),
+        )
+
+
+class RerunHead(torch.nn.Module):
+    """The head side: forward without autograd (the fused loss then computes no gradients), rerun with it in the
+    backward. Reentrant checkpointing does exactly that; the non-reentrant kind would record the forward."""
+
+    def __init__(self, inner: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        _hold(args)
+        return checkpoint(self.inner, *args, use_reentrant=True, preserve_rng_state=False)
+
+
+@contextlib.contextmanager
+def _rerunning(relay: RelayContext | None, unit) -> Iterator[None]:
+    """While autograd reruns a layer: the attention sees the unit it ran for, flagged as a rerun."""
+    if relay is None:
+        yield
+        return
+    before = RelayContext.current, relay.unit, relay.rerun
+    RelayContext.current, relay.unit, relay.rerun = relay, unit, True
+    try:
+        yield
+    finally:
+        RelayContext.current, (relay.unit, relay.rerun) = before[0], before[1:]
+
+
+def seal(gm: fx.GraphModule, mode: str, compile: bool = False) -> Callable[..., torch.Tensor]:
+    """The module a stage runs: `gm` itself (compiled when asked) without recompute; else its layers checkpointed
+    one by one, each compiled on its own when asked (the checkpoint boundaries stay outside the compiled code)."""
+    if recompute_mode(mode) == "none":
+        return torch.compile(gm, dynamic=False) if compile else gm
+    out, layers = segment_layers(gm)
+    for name, layer in layers.items():
+        inner = getattr(out, name)
+        setattr(out, name, CheckpointedLayer(torch.compile(inner, dynamic=False) if compile else inner, layer))
+    if hasattr(out, HEAD):
+        setattr(out, HEAD, RerunHead(getattr(out, HEAD)))
+    return out
