@@ -138,8 +138,10 @@ def test_fused_linear_cross_entropy_matches_the_unfused_head_and_loss():
         torch.testing.assert_close(g, grads_ref[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_segment_layers_cuts_one_submodule_per_layer_with_the_same_loss_and_gradients():
-    """The pass recompute runs on: embed, layer_0..2 (one attention each), head; same result, op for op."""
+@pytest.mark.parametrize("group", [1, 2])
+def test_segment_layers_cuts_one_submodule_per_layer_group_with_the_same_loss_and_gradients(group):
+    """The pass recompute runs on: embed, one segment per `group` layers (one attention per layer), head; same
+    result, op for op."""
     from lcgraph.graph.passes import segment_layers
 
     torch.manual_seed(0)
@@ -148,13 +150,14 @@ def test_segment_layers_cuts_one_submodule_per_layer_with_the_same_loss_and_grad
     pos = torch.arange(24).expand(2, -1)
     whole = capture(tiny_config(), batch_size=2)
     segmented = capture(tiny_config(), batch_size=2)
-    segmented.gm, layers = segment_layers(segmented.gm)
+    segmented.gm, layers = segment_layers(segmented.gm, group)
 
-    assert [name for name, _ in segmented.gm.named_children()] == ["embed", "layer_0", "layer_1", "layer_2", "head"]
-    assert layers == {"layer_0": 0, "layer_1": 1, "layer_2": 2}
-    for name in layers:
+    want = {1: {"layer_0": [0], "layer_1": [1], "layer_2": [2]}, 2: {"layer_0": [0, 1], "layer_2": [2]}}[group]
+    assert layers == want
+    assert [name for name, _ in segmented.gm.named_children()] == ["embed", *want, "head"]
+    for name, members in layers.items():
         targets = [n.target for n in getattr(segmented.gm, name).graph.nodes]
-        assert targets.count(torch.ops.lcgraph.attention.default) == 1, name
+        assert targets.count(torch.ops.lcgraph.attention.default) == len(members), name
     loss, grads = run_captured(whole, hf, ids, pos, labels)
     seg_loss, seg_grads = run_captured(segmented, hf, ids, pos, labels)
     assert torch.equal(seg_loss, loss)

@@ -173,10 +173,11 @@ def test_interleaved_1f1b_with_two_stages_per_rank_matches_single_process(refere
 
 
 @pytest.mark.parametrize(
-    "chunks,mode", [(1, "full"), (1, "keep_attention"), (4, "none"), (4, "full"), (4, "keep_attention")]
+    "chunks,mode,group",
+    [(1, "full", 1), (1, "keep_attention", 1), (4, "none", 1), (4, "full", 1), (4, "keep_attention", 1), (4, "full", 3)],
 )
-def test_recompute_modes_match_single_process_and_run_attention_kernels_once(chunks, mode, references):
-    """train.recompute=full|keep_attention: each decoder layer checkpointed, rerun in its backward (with the KV
+def test_recompute_modes_match_single_process_and_run_attention_kernels_once(chunks, mode, group, references):
+    """train.recompute=full|keep_attention: decoder layers checkpointed in segments, rerun in their backward (with the KV
     relay when chunked), same losses and parameters as recompute=none. Attention's kernel forward runs once per
     layer, unit and step (twice with full, which keeps nothing), its backward once."""
     from lcgraph.ops.attention import KERNEL_CALLS
@@ -184,6 +185,7 @@ def test_recompute_modes_match_single_process_and_run_attention_kernels_once(chu
     m, steps, layers = 2, 5, 4
     extra = ["parallel.schedule=seq1f1b", f"parallel.seq_chunks={chunks}"] if chunks > 1 else []
     KERNEL_CALLS.clear()
+    extra.append(f"train.recompute_layers={group}")  # 3 of 4 layers: segments of 3 and 1
     losses, params, info = train_local(compose(f"parallel.microbatches={m}", f"train.recompute={mode}", *extra))
     assert_close_run(losses, params, references[m][0], references[m][1], label=f"recompute={mode} k={chunks}")
     runs = steps * m * chunks * layers

@@ -55,6 +55,7 @@ COUNT_KEYS = (
     "data.seq_len",
     "data.micro_batch_size",
     "train.steps",
+    "train.recompute_layers",
 )
 OPEN_SECTIONS = ("plan",)  # sections whose keys their own module checks (lcgraph-plan's settings)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # HF fast tokenizer, or a sentencepiece model

@@ -365,9 +365,10 @@ LAYER_PREFIX = "layer_"  # segment_layers names each decoder layer's submodule l
 EMBED, HEAD = "embed", "head"  # and what runs before the first layer and after the last
 
 
-def segment_layers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
-    """Split a stage graph into submodules: what runs before its first decoder layer, one per layer, and what
-    runs after its last (final norm, head, loss). Returns the new graph module and {submodule name: layer}.
+def segment_layers(gm: fx.GraphModule, group: int = 1) -> tuple[fx.GraphModule, dict[str, list[int]]]:
+    """Split a stage graph into submodules: what runs before its first decoder layer, one per `group`
+    consecutive layers, and what runs after its last (final norm, head, loss). Returns the new graph module
+    and {submodule name: its layers}; a segment is named after its first layer, layer_<index>.
 
     Assumes: every layer node carries its NodeInfo layer (capture), and a stage's layers run one after the
     other, as HF's decoder loop runs them. Nodes without a layer between two layers (glue) join the layer
@@ -376,11 +377,12 @@ def segment_layers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     layer_at = [_layer_of(n) for n in nodes]
     last = max((i for i, layer in enumerate(layer_at) if layer is not None), default=-1)
+    first = min((layer for layer in layer_at if layer is not None), default=0)
     part: dict[fx.Node, int] = {}
     current = 0  # before the first layer: the embedding side and the rotary tables
     for i, (node, layer) in enumerate(zip(nodes, layer_at)):
-        if layer is not None:
-            current = layer + 1
+        if layer is not None:  # a segment is numbered by its first layer, plus one
+            current = first + (layer - first) // group * group + 1
         part[node] = current if i <= last else 1 << 20  # after the last layer: the head side
     name = {p: (f"{LAYER_PREFIX}{p - 1}" if 0 < p < 1 << 20 else (HEAD if p else EMBED)) for p in part.values()}
     out = split_module(gm, gm, lambda n: part[n], keep_original_order=True, keep_original_input_name=True)
@@ -391,7 +393,9 @@ def segment_layers(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
         if node.op == "call_module":
             node.target = name[int(str(node.target).rsplit("_", 1)[1])]
     out.recompile()
-    layers = {n: p - 1 for p, n in name.items() if n.startswith(LAYER_PREFIX)}
+    layers: dict[str, list[int]] = {}
+    for layer in sorted({x for x in layer_at if x is not None}):
+        layers.setdefault(name[first + (layer - first) // group * group + 1], []).append(layer)
     return out, layers
 
 

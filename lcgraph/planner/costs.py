@@ -296,6 +296,7 @@ class Layout:
     zero: bool = True  # optimizer state sharded over the dp*sp replicas of a stage
     virtual_stages: int = 1
     recompute: str = "none"  # RECOMPUTE_MODES
+    recompute_layers: int = 1  # decoder layers per checkpointed segment (train.recompute_layers)
     compiled: bool = False  # train.compile: elementwise ops fused (the profile's "compiled" factors)
     fused_loss: bool = True  # train.fused_loss
 
@@ -532,7 +533,8 @@ class CostModel:
         if lay.recompute == "none":
             saved = self._kept(stage, tokens)
         else:  # each layer's input (and the head's), and with keep_attention each attention's output and LSE
-            inputs = len(self.stage_layers[stage]) + (1 if self._is_last(stage) else 0)
+            segments = -(-len(self.stage_layers[stage]) // lay.recompute_layers)
+            inputs = segments + (1 if self._is_last(stage) else 0)
             saved = inputs * g.hidden_size * g.dtype_bytes * tokens
             if lay.recompute == "keep_attention":
                 saved += c.attention_layers * g.heads * (g.head_dim * g.dtype_bytes + LSE_BYTES) * tokens
@@ -542,16 +544,20 @@ class CostModel:
         return saved, (kv_scale * whole if chunk == 0 else 0.0)
 
     def recompute_transient(self, stage: int) -> float:
-        """Recompute: what one rerun rebuilds while its backward runs, for the largest unit: one decoder layer's
-        activations (runtime/recompute.py checkpoints layer by layer), or on the last stage the fused loss's
-        gradients when they are larger."""
+        """Recompute: what one rerun rebuilds while its backward runs, for the largest unit: one segment of
+        `recompute_layers` decoder layers' activations (runtime/recompute.py), or on the last stage the fused
+        loss's gradients when they are larger."""
         if self.layout.recompute == "none":
             return 0.0
-        g, tokens = self.graph, self._tokens(max(self.chunk_lengths))
+        g, tokens, ls = self.graph, self._tokens(max(self.chunk_lengths)), self.stage_layers[stage]
+        group = self.layout.recompute_layers
         layer = max(
-            self.profile.saved_factor[self.mode] * self.graph.layers[i].saved_per_token * tokens
-            + self.graph.layers[i].attention_layers * g.heads * LSE_BYTES * tokens
-            for i in self.stage_layers[stage]
+            sum(
+                self.profile.saved_factor[self.mode] * g.layers[i].saved_per_token * tokens
+                + g.layers[i].attention_layers * g.heads * LSE_BYTES * tokens
+                for i in ls[start : start + group]
+            )
+            for start in range(0, len(ls), group)
         )
         if not self._is_last(stage):
             return layer

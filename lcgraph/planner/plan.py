@@ -264,6 +264,7 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
         par.zero,
         par.virtual_stages,
         recompute="none" if mode == AUTO else mode,
+        recompute_layers=int(train.get("recompute_layers", 1)),
         compiled=bool(train.get("compile", False)),
         fused_loss=bool(train.get("fused_loss", True)),
     )

@@ -5,9 +5,11 @@
                     layer's norms, projections, rotary and MLP, never the attention kernel's forward
     full            keep each decoder layer's input; the backward reruns the whole layer, attention included
 
-Recompute is per decoder layer: `seal` splits a stage graph into one submodule per layer (passes.segment_layers)
-and runs each under non-reentrant activation checkpointing (torch.utils.checkpoint, use_reentrant=False). So a
-backward rematerialises one layer at a time (a layer's activations, not a whole chunk's), the embedding side and
+Recompute is per segment of decoder layers: `seal` splits a stage graph into one submodule per
+`train.recompute_layers` consecutive layers (passes.segment_layers; default 1) and runs each under non-reentrant
+activation checkpointing (torch.utils.checkpoint, use_reentrant=False). So a backward rematerialises one segment
+at a time, not a whole chunk, and a unit keeps one input per segment: more layers per segment keep fewer inputs
+(what many chunks in flight need) and rebuild more at once (docs/attention.md has the trade measured), and
 the autograd engine, not the interpreter, decides when each layer reruns. The head side (final norm, fused loss)
 runs without autograd and reruns in its backward (reentrant checkpointing): its forward would otherwise compute
 and hold an fp32 head gradient per unit in flight (lcgraph/ops/fused.py), 1 GiB at Llama-3's vocab. The
@@ -56,11 +58,12 @@ def _hold(args) -> None:
 
 
 class CheckpointedLayer(torch.nn.Module):
-    """One decoder layer's submodule, run under activation checkpointing: its forward keeps only its inputs."""
+    """One segment of decoder layers (train.recompute_layers of them), run under activation checkpointing: its
+    forward keeps only its inputs."""
 
-    def __init__(self, inner: Callable[..., torch.Tensor], layer: int):
+    def __init__(self, inner: Callable[..., torch.Tensor], layers: list[int]):
         super().__init__()
-        self.inner, self.layer = inner, layer
+        self.inner, self.layers = inner, layers
 
     def forward(self, *args):
         _hold(args)
@@ -101,15 +104,16 @@ def _rerunning(relay: RelayContext | None, unit) -> Iterator[None]:
         RelayContext.current, (relay.unit, relay.rerun) = before[0], before[1:]
 
 
-def seal(gm: fx.GraphModule, mode: str, compile: bool = False) -> Callable[..., torch.Tensor]:
+def seal(gm: fx.GraphModule, mode: str, compile: bool = False, group: int = 1) -> Callable[..., torch.Tensor]:
     """The module a stage runs: `gm` itself (compiled when asked) without recompute; else its layers checkpointed
-    one by one, each compiled on its own when asked (the checkpoint boundaries stay outside the compiled code)."""
+    `group` at a time, each segment compiled on its own when asked (checkpoint boundaries stay outside the
+    compiled code)."""
     if recompute_mode(mode) == "none":
         return torch.compile(gm, dynamic=False) if compile else gm
-    out, layers = segment_layers(gm)
-    for name, layer in layers.items():
+    out, layers = segment_layers(gm, group)
+    for name, members in layers.items():
         inner = getattr(out, name)
-        setattr(out, name, CheckpointedLayer(torch.compile(inner, dynamic=False) if compile else inner, layer))
+        setattr(out, name, CheckpointedLayer(torch.compile(inner, dynamic=False) if compile else inner, members))
     if hasattr(out, HEAD):
         setattr(out, HEAD, RerunHead(getattr(out, HEAD)))
     return out
