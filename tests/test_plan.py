@@ -450,3 +450,25 @@ def test_a_tiny_plans_step_time_reads_in_its_own_unit():
     from lcgraph.planner.plan import _duration
 
     assert [_duration(x) for x in (2.5, 0.0123, 0.0002)] == ["2.500 s", "12.300 ms", "200.0 us"]
+
+
+@pytest.mark.parametrize("chunks,want", [(1, 1), (16, None)])
+def test_auto_checkpoint_segments_take_the_lowest_replayed_peak(tiny_graph, chunks, want):
+    """train.recompute_layers=0: the memory-only replay gives the simulator's own peaks, and the chosen segment size
+    is the one whose full simulation peaks lowest. One unit in flight wants 1-layer segments (the smallest rerun);
+    16 chunks in flight want longer ones (fewer inputs kept per chunk)."""
+    from lcgraph.planner.plan import best_segments, evaluate
+    from lcgraph.planner.simulator import memory_peaks
+
+    def planned(group: int):
+        layout = Layout(recompute="full", recompute_layers=group)
+        return evaluate(tiny_graph, _toy_profile(), layout, [4], 4096, "seq1f1b", 1, chunks, "even")
+
+    ev = planned(1)
+    assert memory_peaks(ev.programs, ev.spec, ev.cost)[1] == ev.sim.rank_peak
+    peaks = {g: max(planned(g).sim.rank_peak) for g in (1, 2, 3, 4)}
+    chosen = best_segments(ev)
+    group = chosen.cost.layout.recompute_layers
+    assert max(chosen.sim.rank_peak) == pytest.approx(peaks[group])
+    assert peaks[group] <= min(peaks.values()) * 1.005
+    assert group == want if want else group > 1

@@ -212,11 +212,9 @@ class Job:
 
     def _setup_interpreter(self):
         # train.recompute=auto: the planner's fastest mode that fits (+plan.device names the profile)
-        self.recompute, self.recompute_reason = resolve_recompute(self.cfg, self.captured)
+        self.recompute, self.recompute_layers, self.recompute_reason = resolve_recompute(self.cfg, self.captured)
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
-            st.graph.gm = recompute.seal(
-                st.graph.gm, self.recompute, self.cfg.train.compile, self.cfg.train.recompute_layers
-            )
+            st.graph.gm = recompute.seal(st.graph.gm, self.recompute, self.cfg.train.compile, self.recompute_layers)
             if self.cfg.dump.graphs and self.recompute != "none" and self.coords.dp_rank == self.coords.sp_rank == 0:
                 (self.run_dir / "graphs" / f"08_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
         c = self.coords

@@ -55,7 +55,6 @@ COUNT_KEYS = (
     "data.seq_len",
     "data.micro_batch_size",
     "train.steps",
-    "train.recompute_layers",
 )
 OPEN_SECTIONS = ("plan",)  # sections whose keys their own module checks (lcgraph-plan's settings)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # HF fast tokenizer, or a sentencepiece model
@@ -339,6 +338,8 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
     check_keys(cfg)
     check_choices(cfg)
     recompute_mode(cfg.train.recompute, allow_auto=True)
+    if cfg.train.recompute_layers < 0:
+        raise PlanError(f"train.recompute_layers={cfg.train.recompute_layers} must be >= 0 (0: the planner picks)")
     check_counts(cfg)
     check_documents(cfg)
     m = cfg.model

@@ -35,7 +35,7 @@ from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
 from lcgraph.planner.costs import CostModel, GraphCosts, Layout
 from lcgraph.planner.profile import DeviceProfile, load_profile
-from lcgraph.planner.simulator import SimResult, simulate
+from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
 from lcgraph.runtime.model import build_config
 from lcgraph.runtime.recompute import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.schedule import nccl
@@ -243,6 +243,7 @@ class Setup:
     layout: Layout
     counts: list[int]
     alt_counts: list[int]
+    auto_segments: bool = False  # train.recompute_layers=0: the planner picks the segment size (best_segments)
 
 
 def setup(cfg: DictConfig, captured=None) -> Setup:
@@ -264,18 +265,19 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
         par.zero,
         par.virtual_stages,
         recompute="none" if mode == AUTO else mode,
-        recompute_layers=int(train.get("recompute_layers", 1)),
+        recompute_layers=max(1, int(train.get("recompute_layers", 0))),
         compiled=bool(train.get("compile", False)),
         fused_loss=bool(train.get("fused_loss", True)),
     )
     counts, alt_counts = layer_counts(cfg, captured)
-    return Setup(settings, profile, graph, captured, layout, counts, alt_counts)
+    auto_segments = int(train.get("recompute_layers", 0)) == 0
+    return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments)
 
 
 def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) -> Evaluation:
     """The config's own schedule on `layout` (default: the setup's)."""
     par, layout = cfg.parallel, layout or st.layout
-    return evaluate(
+    ev = evaluate(
         st.graph,
         st.profile,
         layout,
@@ -287,6 +289,29 @@ def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) ->
         par.chunk_split,
         label=f"{par.schedule} (this config)",
     )
+    return best_segments(ev) if st.auto_segments else ev
+
+
+SEGMENT_TIE = 0.005  # peaks this close count as equal: the smaller segment (the smaller rerun) wins
+
+
+def best_segments(ev: Evaluation) -> Evaluation:
+    """`ev` with the recompute segment size (train.recompute_layers) of lowest predicted peak. Few units in
+    flight want small segments (a small rerun); many want large ones (fewer inputs kept per unit). The step
+    time does not depend on it (every layer reruns once either way), so only memory is replayed."""
+    cost = ev.cost
+    if cost.layout.recompute == "none":
+        return ev
+    best = None
+    for group in range(1, max(cost.layer_counts) + 1):
+        layout = dataclasses.replace(cost.layout, recompute_layers=group)
+        trial = CostModel(cost.graph, cost.profile, layout, cost.layer_counts, cost.chunk_lengths)
+        peaks, rank_peak = memory_peaks(ev.programs, ev.spec, trial)
+        if best is None or max(rank_peak) < max(best[2]) * (1 - SEGMENT_TIE):
+            best = (trial, peaks, rank_peak)
+    assert best is not None  # a stage holds at least one layer
+    trial, peaks, rank_peak = best
+    return dataclasses.replace(ev, cost=trial, sim=dataclasses.replace(ev.sim, peaks=peaks, rank_peak=rank_peak))
 
 
 def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
@@ -302,15 +327,27 @@ def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
     return mode, f"fastest that fits {_size(usable)} usable of {st.profile.name} ({table})", ev
 
 
-def resolve_recompute(cfg: DictConfig, captured=None) -> tuple[str, str]:
-    """`train.recompute` as the mode to run and why: a given mode as is, `auto` chosen by the planner.
+def resolve_recompute(cfg: DictConfig, captured=None) -> tuple[str, int, str]:
+    """`train.recompute` and `train.recompute_layers` as the mode and segment size to run, and why: given
+    values as they are, `auto` / 0 chosen by the planner.
 
     The app calls this before training (`+plan.device` names the profile, default h100)."""
     mode = recompute_mode(cfg.train.get("recompute", False), allow_auto=True)
-    if mode != AUTO:
-        return mode, "set in the config"
-    chosen, reason, _ = choose_recompute(cfg, setup(cfg, captured))
-    return chosen, reason
+    layers = int(cfg.train.get("recompute_layers", 0))
+    if mode == "none" or (mode != AUTO and layers > 0):
+        return mode, max(1, layers), "set in the config"
+    st = setup(cfg, captured)
+    if mode == AUTO:
+        mode, reason, ev = choose_recompute(cfg, st)
+    else:
+        ev, reason = evaluate_config(cfg, st, st.layout), "set in the config"
+    if st.auto_segments and mode != "none":
+        reason += f"; {ev.cost.layout.recompute_layers} layers per checkpoint segment: {_segment_note(ev)}"
+    return mode, ev.cost.layout.recompute_layers, reason
+
+
+def _segment_note(ev: Evaluation) -> str:
+    return f"the lowest predicted peak ({_size(max(ev.sim.rank_peak))})"
 
 
 def build_plan(cfg: DictConfig, captured=None) -> Plan:
@@ -323,10 +360,12 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
     notes = []
     if recompute_mode(cfg.train.get("recompute", False), allow_auto=True) == AUTO:
         mode, reason, main = choose_recompute(cfg, st)
-        st.layout = dataclasses.replace(st.layout, recompute=mode)
         notes.append(f"train.recompute=auto -> {mode}: {reason}")
     else:
         main = evaluate_config(cfg, st, st.layout)
+    st.layout = main.cost.layout  # the resolved mode and segment size, for the alternatives too
+    if st.auto_segments and st.layout.recompute != "none":
+        notes.append(f"train.recompute_layers=0 (auto) -> {st.layout.recompute_layers}: {_segment_note(main)}")
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
     if st.settings["alternatives"]:
         alternatives += _alternatives(

@@ -128,6 +128,18 @@ class _Memory:
         self.rank_peak[rank] = max(self.rank_peak[rank], total)
 
 
+def memory_peaks(programs: list[Program], spec: ScheduleSpec, costs) -> tuple[dict[int, StagePeak], list[float]]:
+    """The memory half of `simulate` without its clock: a rank's memory follows its own program order only, so
+    replaying each program in order gives the same peaks (the planner tries memory-only variants with it)."""
+    memory = _Memory(spec, costs)
+    for s in range(spec.num_stages):
+        memory._record(s)
+    for program in programs:
+        for action in program:
+            memory.apply(action)
+    return memory.peaks, memory.rank_peak
+
+
 def simulate(programs: list[Program], spec: ScheduleSpec, costs) -> SimResult:
     """Run the programs against `costs`; raise ScheduleError if they deadlock."""
     multi_stage = spec.virtual_stages > 1
