@@ -204,6 +204,12 @@ FOUR_RANKS = {  # label -> (overrides, tied, sequences per step, tolerance)
         4,
         FP32,
     ),
+    "pp=2 x sp=2 seq1f1b, keep_attention in checkpoint segments the planner picks, distributed optimizer": (
+        ["parallel.pp=2", "parallel.sp=2", "parallel.microbatches=2", *SEQ1F1B, "train.recompute=keep_attention"],
+        False,
+        2,
+        FP32,
+    ),
     "bf16 pp=2 x sp=2 seq1f1b (the default layout)": (
         ["parallel.pp=2", "parallel.sp=2", "parallel.microbatches=2", *SEQ1F1B, "train.dtype=bf16"],
         False,
