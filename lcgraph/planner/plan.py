@@ -85,6 +85,7 @@ class Evaluation:
     sim: SimResult
     tokens_per_step: int
     model_flops_per_token: float
+    segment_peaks: dict[int, float] = field(default_factory=dict)  # best_segments: size -> predicted peak
 
     @property
     def gpus(self) -> int:
@@ -302,16 +303,18 @@ def best_segments(ev: Evaluation) -> Evaluation:
     cost = ev.cost
     if cost.layout.recompute == "none":
         return ev
-    best = None
+    best, tried = None, {}
     for group in range(1, max(cost.layer_counts) + 1):
         layout = dataclasses.replace(cost.layout, recompute_layers=group)
         trial = CostModel(cost.graph, cost.profile, layout, cost.layer_counts, cost.chunk_lengths)
         peaks, rank_peak = memory_peaks(ev.programs, ev.spec, trial)
+        tried[group] = max(rank_peak)
         if best is None or max(rank_peak) < max(best[2]) * (1 - SEGMENT_TIE):
             best = (trial, peaks, rank_peak)
     assert best is not None  # a stage holds at least one layer
     trial, peaks, rank_peak = best
-    return dataclasses.replace(ev, cost=trial, sim=dataclasses.replace(ev.sim, peaks=peaks, rank_peak=rank_peak))
+    sim = dataclasses.replace(ev.sim, peaks=peaks, rank_peak=rank_peak)
+    return dataclasses.replace(ev, cost=trial, sim=sim, segment_peaks=tried)
 
 
 def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
@@ -347,7 +350,15 @@ def resolve_recompute(cfg: DictConfig, captured=None) -> tuple[str, int, str]:
 
 
 def _segment_note(ev: Evaluation) -> str:
-    return f"the lowest predicted peak ({_size(max(ev.sim.rank_peak))})"
+    """Why this segment size: its peak against one layer per segment and the whole stage in one segment."""
+    sizes = ev.segment_peaks
+    if not sizes:
+        return f"predicted peak {_size(max(ev.sim.rank_peak))}"
+    most = max(sizes)
+    return (
+        f"the lowest predicted peak, {_size(max(ev.sim.rank_peak))} (1 layer: {_size(sizes[1])}, "
+        f"{most} layers: {_size(sizes[most])})"
+    )
 
 
 def build_plan(cfg: DictConfig, captured=None) -> Plan:
