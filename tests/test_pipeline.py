@@ -172,30 +172,33 @@ def test_interleaved_1f1b_with_two_stages_per_rank_matches_single_process(refere
 
 
 @pytest.mark.parametrize(
-    "chunks,mode,group",
+    "chunks,mode,group,kept",
     [
-        (1, "full", 1),
-        (1, "keep_attention", 1),
-        (4, "none", 1),
-        (4, "full", 1),
-        (4, "keep_attention", 1),
-        (4, "full", 3),
+        (1, "full", 1, -1),
+        (1, "keep_attention", 1, -1),
+        (4, "none", 1, -1),
+        (4, "full", 1, -1),
+        (4, "keep_attention", 1, -1),
+        (4, "full", 3, -1),
+        (4, "keep_attention", 2, 1),
     ],
 )
-def test_recompute_modes_match_single_process_and_run_attention_kernels_once(chunks, mode, group, references):
+def test_recompute_modes_match_single_process_and_run_attention_kernels_once(chunks, mode, group, kept, references):
     """train.recompute=full|keep_attention: decoder layers checkpointed in segments, rerun in their backward (with the KV
     relay when chunked), same losses and parameters as recompute=none. Attention's kernel forward runs once per
-    layer, unit and step (twice with full, which keeps nothing), its backward once."""
+    layer, unit and step (twice with full, which keeps nothing, and for the layers past
+    train.keep_attention_layers), its backward once."""
     from lcgraph.ops.attention import KERNEL_CALLS
 
     m, steps, layers = 2, 5, 4
     extra = ["parallel.schedule=seq1f1b", f"parallel.seq_chunks={chunks}"] if chunks > 1 else []
     KERNEL_CALLS.clear()
-    extra.append(f"train.recompute_layers={group}")  # 3 of 4 layers: segments of 3 and 1
+    extra += [f"train.recompute_layers={group}", f"train.keep_attention_layers={kept}"]  # group 3: segments 3 + 1
     losses, params, info = train_local(compose(f"parallel.microbatches={m}", f"train.recompute={mode}", *extra))
     assert_close_run(losses, params, references[m][0], references[m][1], label=f"recompute={mode} k={chunks}")
     runs = steps * m * chunks * layers
-    assert dict(KERNEL_CALLS) == {"forward": runs * (2 if mode == "full" else 1), "backward": runs}
+    rerun = {"none": 0, "full": layers, "keep_attention": layers - kept if kept >= 0 else 0}[mode]
+    assert dict(KERNEL_CALLS) == {"forward": runs + steps * m * chunks * rerun, "backward": runs}
     peak, ref_peak = info["activation_peaks"][0], references[m][2]["activation_peaks"][0]
     if mode != "none":  # beyond each layer's input and the head's (~7% of all at this tiny width), only the
         # relay's buffers and the kept attention outputs stay

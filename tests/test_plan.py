@@ -472,3 +472,42 @@ def test_auto_checkpoint_segments_take_the_lowest_replayed_peak(tiny_graph, chun
     assert max(chosen.sim.rank_peak) == pytest.approx(peaks[group])
     assert peaks[group] <= min(peaks.values()) * 1.005
     assert group == want if want else group > 1
+
+
+def test_recompute_auto_keeps_as_many_attention_layers_as_fit_between_full_and_keep_attention(tmp_path):
+    """train.recompute=auto on a device between full's peak and keep_attention's: neither none nor keep_attention
+    with every layer fits, full does; auto then keeps attention in as many layers per stage as fit, which is
+    faster than full and fits (train.keep_attention_layers)."""
+    import dataclasses
+    from pathlib import Path
+
+    import lcgraph.planner as planner_pkg
+    from lcgraph.app.testing import compose
+    from lcgraph.planner.plan import AUTO_USABLE, choose_recompute, evaluate_config, setup
+
+    base = json.loads((Path(planner_pkg.__file__).parent / "profiles" / "h200.json").read_text())
+    profile = tmp_path / "tight.json"
+    shape = [
+        "parallel.schedule=seq1f1b",
+        "parallel.seq_chunks=4",
+        "data.seq_len=1024",
+        "model.max_position_embeddings=1024",
+    ]
+
+    def config(memory: float):
+        profile.write_text(json.dumps({**base, "name": "tight", "memory_bytes": memory}))
+        return compose(*shape, "train.recompute=auto", f"+plan.device={profile}", "+plan.alternatives=false")
+
+    cfg = config(1e15)
+    st = setup(cfg)
+    ev = {m: evaluate_config(cfg, st, dataclasses.replace(st.layout, recompute=m)) for m in ("keep_attention", "full")}
+    peak = {m: max(e.sim.rank_peak) for m, e in ev.items()}
+    usable = (peak["full"] + peak["keep_attention"]) / 2
+    cfg = config(usable / AUTO_USABLE)
+    mode, reason, chosen = choose_recompute(cfg, setup(cfg))
+
+    kept = chosen.cost.layout.kept_attention_layers
+    assert mode == "keep_attention" and 0 < kept < 4, reason
+    assert max(chosen.sim.rank_peak) <= usable * 1.000001
+    assert ev["keep_attention"].sim.step_time < chosen.sim.step_time < ev["full"].sim.step_time
+    assert f"keep_attention({kept})" in reason

@@ -106,6 +106,7 @@ class TrainConfig:
     fused_loss: bool = True  # LM head + cross-entropy without materialising the logits
     recompute: str = "none"  # none | full | keep_attention (true/false: full/none); see runtime.recompute
     recompute_layers: int = 0  # decoder layers per checkpoint segment (0: the planner picks); see runtime.recompute
+    keep_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all; auto: as fit)
     compile: bool = False  # torch.compile each stage graph
     comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
     on_nonfinite: str = choice(OnNonfinite, "stop")  # NaN/inf loss or gradients: drop the update, then skip or stop

@@ -212,9 +212,10 @@ class Job:
 
     def _setup_interpreter(self):
         # train.recompute=auto: the planner's fastest mode that fits (+plan.device names the profile)
-        self.recompute, self.recompute_layers, self.recompute_reason = resolve_recompute(self.cfg, self.captured)
+        resolved = resolve_recompute(self.cfg, self.captured)
+        self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
-            st.graph.gm = recompute.seal(st.graph.gm, self.recompute, self.cfg.train.compile, self.recompute_layers)
+            st.graph.gm = recompute.seal(st.graph.gm, self.recompute, self.cfg.train.compile, resolved.segment_layers)
             if self.cfg.dump.graphs and self.recompute != "none" and self.coords.dp_rank == self.coords.sp_rank == 0:
                 (self.run_dir / "graphs" / f"08_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
         c = self.coords
@@ -229,6 +230,7 @@ class Job:
             self.optimizer,
             recompute=self.recompute,
             measure_activations=self.device.type == "cpu",
+            kept_attention_layers=resolved.kept_attention_layers,
         )
         self.heartbeat = faults.Heartbeat(self.run_dir, c.rank)  # what a failure report names
         self.interpreter.on_action = self.heartbeat.beat

@@ -338,6 +338,8 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
     check_keys(cfg)
     check_choices(cfg)
     recompute_mode(cfg.train.recompute, allow_auto=True)
+    if cfg.train.keep_attention_layers < -1:
+        raise PlanError(f"train.keep_attention_layers={cfg.train.keep_attention_layers} must be >= -1 (-1: all)")
     if cfg.train.recompute_layers < 0:
         raise PlanError(f"train.recompute_layers={cfg.train.recompute_layers} must be >= 0 (0: the planner picks)")
     check_counts(cfg)

@@ -8,13 +8,13 @@ prefix; the prefix part is added in place into a gradient buffer (a side channel
 edge) and read back when chunk c' < c runs its backward. That is why chunk backwards run last-to-first
 within a micro-batch; chunk 0's backward frees the micro-batch's buffers.
 
-Kept attention (train.recompute=keep_attention). The forward runs without autograd; attention keeps its
-output and LSE per (micro-batch, chunk, layer). The backward's rerun recomputes everything else and
-gets the kept output back instead of running the kernel again: the kernel's forward runs once per
-layer and unit, whatever the recompute mode (twice with recompute=full, which keeps nothing).
+Kept attention (train.recompute=keep_attention). Attention keeps its output and LSE per (micro-batch, chunk,
+layer) for the layers in `keep` (all of a stage's, or the first train.keep_attention_layers). The backward's
+rerun recomputes everything else and gets the kept output back instead of running the kernel again: the
+kernel's forward runs once per kept layer and unit (twice for the others, and under recompute=full).
 
 The runtime sets `RelayContext.current` to the stage about to run, and on it `unit` (micro-batch,
-chunk), `chunk_lengths` (this rank's tokens per chunk), `keep` and `rerun`.
+chunk), `chunk_lengths` (this rank's tokens per chunk), `keep` (layers) and `rerun`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class RelayContext:
         self.kept: dict[tuple[int, int, int], Saved] = {}  # (mb, chunk, layer) -> output and LSE
         self.unit: tuple[int, int] = (0, 0)
         self.chunk_lengths = list(chunk_lengths or [])  # this rank's tokens per chunk (the runtime sets them)
-        self.keep = False  # keep_attention: the forward keeps attention's output, the rerun reuses it
+        self.keep: set[int] = set()  # keep_attention: these layers keep attention's output, the rerun reuses it
         self.rerun = False  # True while a backward reruns a unit's forward
         self.peak_bytes = 0
         self.copied_bytes = 0  # K/V written into the relay buffers (the only copies the relay makes)
@@ -118,7 +118,7 @@ class _StageAttention(torch.autograd.Function):
             k_att, v_att, start, end = k, v, 0, k.shape[2]
         kept = relay.kept.pop(key, None) if relay.rerun else None
         saved = kept if kept is not None else attend(q, k_att, v_att, scale)
-        if relay.keep and not relay.rerun:
+        if layer in relay.keep and not relay.rerun:
             relay.kept[key] = saved
         relay.peak_bytes = max(relay.peak_bytes, relay.live_bytes())
         if chunked:  # views of buffers later chunks write into: autograd's version check would refuse them

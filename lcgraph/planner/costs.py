@@ -297,6 +297,7 @@ class Layout:
     virtual_stages: int = 1
     recompute: str = "none"  # RECOMPUTE_MODES
     recompute_layers: int = 1  # decoder layers per checkpointed segment (train.recompute_layers)
+    kept_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all)
     compiled: bool = False  # train.compile: elementwise ops fused (the profile's "compiled" factors)
     fused_loss: bool = True  # train.fused_loss
 
@@ -417,10 +418,18 @@ class CostModel:
         if mode == "none":
             return 0.0
         again = self.compute_parts(stage, length, prefix, grads=True)
-        if mode == "keep_attention":  # attention's output and LSE were kept
+        if mode == "keep_attention":  # the kept layers' attention output and LSE are not recomputed
+            unkept = 1.0 - self.kept_attention(stage) / len(self.stage_layers[stage])
             for part in ("attention_diag", "attention_prefix", "attention_merge"):
-                again[part] = 0.0
+                again[part] *= unkept
         return sum(again.values())
+
+    def kept_attention(self, stage: int) -> int:
+        """Layers of `stage` whose attention output and LSE a unit keeps (keep_attention only)."""
+        if self.layout.recompute != "keep_attention":
+            return 0
+        layers, kept = len(self.stage_layers[stage]), self.layout.kept_attention_layers
+        return layers if kept < 0 else min(kept, layers)
 
     def _matmul(self, c: Coeffs, tokens: float, backward: bool) -> float:
         """Each linear at its own shape's rate; graphs without shape records at the peak rate."""
@@ -537,7 +546,7 @@ class CostModel:
             inputs = segments + (1 if self._is_last(stage) else 0)
             saved = inputs * g.hidden_size * g.dtype_bytes * tokens
             if lay.recompute == "keep_attention":
-                saved += c.attention_layers * g.heads * (g.head_dim * g.dtype_bytes + LSE_BYTES) * tokens
+                saved += self.kept_attention(stage) * g.heads * (g.head_dim * g.dtype_bytes + LSE_BYTES) * tokens
         if len(self.chunk_lengths) == 1:
             return saved + kv_scale * tokens, 0.0
         whole = self._tokens(sum(self.chunk_lengths))

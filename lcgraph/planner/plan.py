@@ -267,6 +267,7 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
         par.virtual_stages,
         recompute="none" if mode == AUTO else mode,
         recompute_layers=max(1, int(train.get("recompute_layers", 0))),
+        kept_attention_layers=int(train.get("keep_attention_layers", -1)),
         compiled=bool(train.get("compile", False)),
         fused_loss=bool(train.get("fused_loss", True)),
     )
@@ -318,27 +319,61 @@ def best_segments(ev: Evaluation) -> Evaluation:
 
 
 def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
-    """The fastest recompute mode whose predicted peak fits AUTO_USABLE of the device, with a one-line reason."""
+    """The fastest recompute mode whose predicted peak fits AUTO_USABLE of the device, with a one-line reason.
+    When keep_attention with every layer does not fit but full does, keep_attention keeping as many layers per
+    stage as fit (train.keep_attention_layers) is tried too: between the two in memory and in time."""
     usable = AUTO_USABLE * st.profile.memory_bytes
-    tried = [(m, evaluate_config(cfg, st, dataclasses.replace(st.layout, recompute=m))) for m in RECOMPUTE_MODES]
+    every = dataclasses.replace(st.layout, kept_attention_layers=-1)
+    tried = [(m, evaluate_config(cfg, st, dataclasses.replace(every, recompute=m))) for m in RECOMPUTE_MODES]
+    fits = {m: max(ev.sim.rank_peak) <= usable for m, ev in tried}
+    if fits["full"] and not fits["keep_attention"]:
+        partial = _most_kept_attention(cfg, st, usable)
+        if partial is not None:
+            tried.append((f"keep_attention({partial.cost.layout.kept_attention_layers})", partial))
     fitting = [(m, ev) for m, ev in tried if max(ev.sim.rank_peak) <= usable]
     table = ", ".join(f"{m} {ev.sim.step_time:.2f} s/{_size(max(ev.sim.rank_peak))}" for m, ev in tried)
     if not fitting:
-        mode, ev = tried[-1]
+        mode, ev = tried[RECOMPUTE_MODES.index("full")]
         return mode, f"no mode fits {_size(usable)} usable ({table}); full keeps the least", ev
-    mode, ev = min(fitting, key=lambda x: x[1].sim.step_time)
-    return mode, f"fastest that fits {_size(usable)} usable of {st.profile.name} ({table})", ev
+    _, ev = min(fitting, key=lambda x: x[1].sim.step_time)
+    return ev.cost.layout.recompute, f"fastest that fits {_size(usable)} usable of {st.profile.name} ({table})", ev
 
 
-def resolve_recompute(cfg: DictConfig, captured=None) -> tuple[str, int, str]:
-    """`train.recompute` and `train.recompute_layers` as the mode and segment size to run, and why: given
-    values as they are, `auto` / 0 chosen by the planner.
+def _most_kept_attention(cfg: DictConfig, st: Setup, usable: float) -> Evaluation | None:
+    """keep_attention with the most layers per stage keeping their attention that still fits, or None."""
+    layout = dataclasses.replace(st.layout, recompute="keep_attention")
+    lo, hi = 0, max(st.counts) - 1  # hi + 1 = every layer: known not to fit
+    best = None
+    while lo < hi:  # the peak grows with the kept layers: bisect on the largest that fits
+        mid = (lo + hi + 1) // 2
+        ev = evaluate_config(cfg, st, dataclasses.replace(layout, kept_attention_layers=mid))
+        if max(ev.sim.rank_peak) <= usable:
+            lo, best = mid, ev
+        else:
+            hi = mid - 1
+    return best if lo > 0 else None
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """What the runtime recomputes (runtime/recompute.py), as resolved from the config by the planner."""
+
+    mode: str  # RECOMPUTE_MODES
+    segment_layers: int  # decoder layers per checkpoint segment
+    kept_attention_layers: int  # keep_attention: layers per stage keeping their attention (-1: all)
+    reason: str
+
+
+def resolve_recompute(cfg: DictConfig, captured=None) -> Recompute:
+    """`train.recompute`, `train.recompute_layers` and `train.keep_attention_layers` as what to run, and why:
+    given values as they are, `auto` / 0 chosen by the planner.
 
     The app calls this before training (`+plan.device` names the profile, default h100)."""
-    mode = recompute_mode(cfg.train.get("recompute", False), allow_auto=True)
-    layers = int(cfg.train.get("recompute_layers", 0))
+    train = cfg.train
+    mode = recompute_mode(train.get("recompute", False), allow_auto=True)
+    layers, kept = int(train.get("recompute_layers", 0)), int(train.get("keep_attention_layers", -1))
     if mode == "none" or (mode != AUTO and layers > 0):
-        return mode, max(1, layers), "set in the config"
+        return Recompute(mode, max(1, layers), kept, "set in the config")
     st = setup(cfg, captured)
     if mode == AUTO:
         mode, reason, ev = choose_recompute(cfg, st)
@@ -346,7 +381,7 @@ def resolve_recompute(cfg: DictConfig, captured=None) -> tuple[str, int, str]:
         ev, reason = evaluate_config(cfg, st, st.layout), "set in the config"
     if st.auto_segments and mode != "none":
         reason += f"; {ev.cost.layout.recompute_layers} layers per checkpoint segment: {_segment_note(ev)}"
-    return mode, ev.cost.layout.recompute_layers, reason
+    return Recompute(mode, ev.cost.layout.recompute_layers, ev.cost.layout.kept_attention_layers, reason)
 
 
 def _segment_note(ev: Evaluation) -> str:

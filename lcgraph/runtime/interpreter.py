@@ -148,6 +148,7 @@ class Interpreter:
         record_timeline: bool = True,
         recompute: str | bool = "none",
         measure_activations: bool = True,
+        kept_attention_layers: int = -1,
     ):
         self.program = program
         self.stages = stages
@@ -161,8 +162,9 @@ class Interpreter:
                 self.final_backward[a.stage] = i
         self.grad_norm = 0.0
         self.recompute = recompute_mode(recompute)  # the stages' layers were sealed for it (recompute.seal)
-        for st in stages.values():
-            st.relay.keep = self.recompute == "keep_attention"
+        for st in stages.values():  # keep_attention: every layer of the stage, or its first kept_attention_layers
+            kept = st.graph.layers if kept_attention_layers < 0 else st.graph.layers[:kept_attention_layers]
+            st.relay.keep = set(kept) if self.recompute == "keep_attention" else set()
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
         self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
         self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
