@@ -88,10 +88,21 @@ def test_relay_chunks_agree_with_unchunked_attention(backend):
     assert not ctx.caches
 
 
-@pytest.mark.parametrize("mode", ["none", "full", "keep_attention"])
-def test_seq1f1b_relay_with_each_recompute_mode_matches_unchunked_run_in_bf16(mode):
-    """A 2-layer Llama-3.2-1B-shaped model, 4k tokens, one step: 4 even chunks under each recompute mode
-    against the unchunked run (loss and gradient norm, bf16 tolerance)."""
+@pytest.mark.parametrize(
+    "mode,extra",
+    [
+        ("none", []),
+        ("full", []),
+        ("keep_attention", []),
+        ("keep_attention", ["train.keep_attention_layers=1", "train.recompute_layers=2"]),
+        ("keep_attention", ["train.compile=true"]),
+    ],
+    ids=["none", "full", "keep_attention", "keep_one_layer_2_layer_segment", "keep_attention_compiled"],
+)
+def test_seq1f1b_relay_with_each_recompute_mode_matches_unchunked_run_in_bf16(mode, extra):
+    """A 2-layer Llama-3.2-1B-shaped model, 4k tokens, one step: 4 even chunks under each recompute mode (also
+    keeping one layer's attention in one 2-layer segment, and compiled segments) against the unchunked run
+    (loss and gradient norm, bf16 tolerance)."""
     from lcgraph.app.job import Job
     from lcgraph.app.testing import compose
 
@@ -113,6 +124,6 @@ def test_seq1f1b_relay_with_each_recompute_mode_matches_unchunked_run_in_bf16(mo
         return Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1).run_step(0)
 
     ref = run()
-    got = run("parallel.schedule=seq1f1b", "parallel.seq_chunks=4", f"train.recompute={mode}")
+    got = run("parallel.schedule=seq1f1b", "parallel.seq_chunks=4", f"train.recompute={mode}", *extra)
     assert abs(got["loss"] - ref["loss"]) < 1e-2 * abs(ref["loss"])
     assert abs(got["grad_norm"] - ref["grad_norm"]) < 3e-2 * ref["grad_norm"]
