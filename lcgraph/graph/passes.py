@@ -376,15 +376,19 @@ def segment_layers(gm: fx.GraphModule, group: int = 1) -> tuple[fx.GraphModule, 
     """
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     layer_at = [_layer_of(n) for n in nodes]
+    present = sorted({layer for layer in layer_at if layer is not None})
     last = max((i for i, layer in enumerate(layer_at) if layer is not None), default=-1)
-    first = min((layer for layer in layer_at if layer is not None), default=0)
+    embed, head = 0, len(nodes) + 1  # partition numbers around the segments' (first layer + 1)
+
+    def segment(layer: int) -> int:
+        return present[0] + (layer - present[0]) // group * group + 1
+
     part: dict[fx.Node, int] = {}
-    current = 0  # before the first layer: the embedding side and the rotary tables
+    current = embed  # before the first layer: the embedding side and the rotary tables
     for i, (node, layer) in enumerate(zip(nodes, layer_at)):
-        if layer is not None:  # a segment is numbered by its first layer, plus one
-            current = first + (layer - first) // group * group + 1
-        part[node] = current if i <= last else 1 << 20  # after the last layer: the head side
-    name = {p: (f"{LAYER_PREFIX}{p - 1}" if 0 < p < 1 << 20 else (HEAD if p else EMBED)) for p in part.values()}
+        current = segment(layer) if layer is not None else current
+        part[node] = current if i <= last else head
+    name = {p: EMBED if p == embed else HEAD if p == head else f"{LAYER_PREFIX}{p - 1}" for p in part.values()}
     out = split_module(gm, gm, lambda n: part[n], keep_original_order=True, keep_original_input_name=True)
     for key, mod in list(out.named_children()):  # submod_<partition> -> readable names
         delattr(out, key)
@@ -394,8 +398,8 @@ def segment_layers(gm: fx.GraphModule, group: int = 1) -> tuple[fx.GraphModule, 
             node.target = name[int(str(node.target).rsplit("_", 1)[1])]
     out.recompile()
     layers: dict[str, list[int]] = {}
-    for layer in sorted({x for x in layer_at if x is not None}):
-        layers.setdefault(name[first + (layer - first) // group * group + 1], []).append(layer)
+    for layer in present:
+        layers.setdefault(name[segment(layer)], []).append(layer)
     return out, layers
 
 

@@ -1,20 +1,20 @@
 """train.recompute: which activations a unit keeps for its backward, and what the backward reruns.
 
     none            keep everything autograd saves
-    keep_attention  keep each decoder layer's input, and its attention's output and LSE; the backward reruns the
-                    layer's norms, projections, rotary and MLP, never the attention kernel's forward
-    full            keep each decoder layer's input; the backward reruns the whole layer, attention included
+    keep_attention  keep each segment's input, and its attention outputs and LSEs (in every layer, or the first
+                    train.keep_attention_layers of each stage); the backward reruns norms, projections, rotary
+                    and MLP, and attention only where its output was not kept
+    full            keep each segment's input; the backward reruns the whole segment, attention included
 
-Recompute is per segment of decoder layers: `seal` splits a stage graph into one submodule per
-`train.recompute_layers` consecutive layers (passes.segment_layers; default 1) and runs each under non-reentrant
-activation checkpointing (torch.utils.checkpoint, use_reentrant=False). So a backward rematerialises one segment
-at a time, not a whole chunk, and a unit keeps one input per segment: more layers per segment keep fewer inputs
-(what many chunks in flight need) and rebuild more at once (docs/attention.md has the trade measured), and
-the autograd engine, not the interpreter, decides when each layer reruns. The head side (final norm, fused loss)
-runs without autograd and reruns in its backward (reentrant checkpointing): its forward would otherwise compute
-and hold an fp32 head gradient per unit in flight (lcgraph/ops/fused.py), 1 GiB at Llama-3's vocab. The
-rerun tells the attention it is one (RelayContext.rerun), so the KV relay reads the K/V it already holds and,
-under keep_attention, hands back the kept output instead of running the kernel (lcgraph/ops/relay.py).
+A segment is train.recompute_layers consecutive decoder layers (0: the planner picks, planner.plan.best_segments).
+`seal` splits a stage graph into embed, segments and head (passes.segment_layers) and runs each segment under
+non-reentrant activation checkpointing (torch.utils.checkpoint, use_reentrant=False): the autograd engine reruns
+one segment at a time inside the backward, so longer segments keep fewer inputs per unit in flight and rebuild
+more at once (docs/attention.md measures the trade). The rerun tells attention it is one (RelayContext.rerun):
+the KV relay reads the K/V it already holds and hands back a kept output instead of running the kernel
+(lcgraph/ops/relay.py). The head side (final norm, fused loss) runs without autograd and reruns in its
+backward (reentrant checkpointing): recorded, its forward would hold an fp32 head gradient per unit in flight
+(lcgraph/ops/fused.py), 1 GiB at Llama-3's vocab.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _hold(args) -> None:
                 held_inputs(a)
 
 
-class CheckpointedLayer(torch.nn.Module):
+class CheckpointedSegment(torch.nn.Module):
     """One segment of decoder layers (train.recompute_layers of them), run under activation checkpointing: its
     forward keeps only its inputs."""
 
@@ -92,16 +92,16 @@ class RerunHead(torch.nn.Module):
 
 @contextlib.contextmanager
 def _rerunning(relay: RelayContext | None, unit) -> Iterator[None]:
-    """While autograd reruns a layer: the attention sees the unit it ran for, flagged as a rerun."""
+    """While autograd reruns a segment: its attention sees the unit it ran for, flagged as a rerun."""
     if relay is None:
         yield
         return
-    before = RelayContext.current, relay.unit, relay.rerun
+    current, unit_before, rerun_before = RelayContext.current, relay.unit, relay.rerun
     RelayContext.current, relay.unit, relay.rerun = relay, unit, True
     try:
         yield
     finally:
-        RelayContext.current, (relay.unit, relay.rerun) = before[0], before[1:]
+        RelayContext.current, relay.unit, relay.rerun = current, unit_before, rerun_before
 
 
 def seal(gm: fx.GraphModule, mode: str, compile: bool = False, group: int = 1) -> Callable[..., torch.Tensor]:
@@ -113,7 +113,7 @@ def seal(gm: fx.GraphModule, mode: str, compile: bool = False, group: int = 1) -
     out, layers = segment_layers(gm, group)
     for name, members in layers.items():
         inner = getattr(out, name)
-        setattr(out, name, CheckpointedLayer(torch.compile(inner, dynamic=False) if compile else inner, members))
+        setattr(out, name, CheckpointedSegment(torch.compile(inner, dynamic=False) if compile else inner, members))
     if hasattr(out, HEAD):
         setattr(out, HEAD, RerunHead(getattr(out, HEAD)))
     return out
