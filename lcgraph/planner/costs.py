@@ -522,15 +522,22 @@ class CostModel:
     def _kept(self, stage: int, tokens: float) -> float:
         """Bytes a unit keeps for backward when nothing is recomputed, K/V excluded: the graph's saved
         tensors, each attention's LSE, and the fused loss's gradients (computed in its forward)."""
-        c, g = self.bodies[stage], self.graph
-        kept = self.profile.saved_factor[self.mode] * c.saved_per_token * tokens
-        kept += c.attention_layers * g.heads * LSE_BYTES * tokens
-        if self._is_last(stage):
-            if self.layout.fused_loss:  # dL/dhidden (bf16) and dL/dW of the head (fp32)
-                kept += g.hidden_size * g.dtype_bytes * tokens + 4 * g.hidden_size * g.vocab_size
-            else:
-                kept += g.loss.saved_per_token * tokens
-        return kept
+        kept = self._saved(self.bodies[stage], tokens)
+        return kept + self._head_kept(tokens) if self._is_last(stage) else kept
+
+    def _saved(self, c: Coeffs, tokens: float) -> float:
+        """What autograd saves for the nodes of `c` (a stage body or a few layers), and their attention LSEs."""
+        g = self.graph
+        return (
+            self.profile.saved_factor[self.mode] * c.saved_per_token + c.attention_layers * g.heads * LSE_BYTES
+        ) * tokens
+
+    def _head_kept(self, tokens: float) -> float:
+        """The loss side's saved tensors; the fused loss's are its gradients, dL/dhidden (bf16) and dL/dW (fp32)."""
+        g = self.graph
+        if self.layout.fused_loss:
+            return g.hidden_size * g.dtype_bytes * tokens + 4 * g.hidden_size * g.vocab_size
+        return g.loss.saved_per_token * tokens
 
     def unit_activations(self, stage: int, chunk: int) -> tuple[float, float]:
         """(bytes kept for backward, K/V bytes) of one unit on one rank. With sequence chunks the relay
@@ -558,23 +565,16 @@ class CostModel:
         loss's gradients when they are larger."""
         if self.layout.recompute == "none":
             return 0.0
-        g, tokens, ls = self.graph, self._tokens(max(self.chunk_lengths)), self.stage_layers[stage]
-        group = self.layout.recompute_layers
-        layer = max(
-            sum(
-                self.profile.saved_factor[self.mode] * g.layers[i].saved_per_token * tokens
-                + g.layers[i].attention_layers * g.heads * LSE_BYTES * tokens
-                for i in ls[start : start + group]
-            )
+        tokens, ls, group = (
+            self._tokens(max(self.chunk_lengths)),
+            self.stage_layers[stage],
+            self.layout.recompute_layers,
+        )
+        segment = max(
+            self._saved(sum((self.graph.layers[i] for i in ls[start : start + group]), Coeffs()), tokens)
             for start in range(0, len(ls), group)
         )
-        if not self._is_last(stage):
-            return layer
-        if self.layout.fused_loss:
-            head = g.hidden_size * g.dtype_bytes * tokens + 4 * g.hidden_size * g.vocab_size
-        else:
-            head = g.loss.saved_per_token * tokens
-        return max(layer, head)
+        return max(segment, self._head_kept(tokens)) if self._is_last(stage) else segment
 
     # --- the simulator's interface -----------------------------------------------------------------------
     def duration(self, action, rank: int) -> float:

@@ -258,6 +258,7 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
     graph = GraphCosts.from_captured(captured, settings["dtype"])
     par, train = cfg.parallel, cfg.train
     mode = recompute_mode(train.get("recompute", False), allow_auto=True)
+    segments = int(train.get("recompute_layers", 0))  # 0: best_segments picks
     layout = Layout(
         par.pp,
         par.dp,
@@ -266,14 +267,13 @@ def setup(cfg: DictConfig, captured=None) -> Setup:
         par.zero,
         par.virtual_stages,
         recompute="none" if mode == AUTO else mode,
-        recompute_layers=max(1, int(train.get("recompute_layers", 0))),
+        recompute_layers=max(1, segments),
         kept_attention_layers=int(train.get("keep_attention_layers", -1)),
         compiled=bool(train.get("compile", False)),
         fused_loss=bool(train.get("fused_loss", True)),
     )
     counts, alt_counts = layer_counts(cfg, captured)
-    auto_segments = int(train.get("recompute_layers", 0)) == 0
-    return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments)
+    return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)
 
 
 def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) -> Evaluation:
@@ -374,14 +374,23 @@ def resolve_recompute(cfg: DictConfig, captured=None) -> Recompute:
     layers, kept = int(train.get("recompute_layers", 0)), int(train.get("keep_attention_layers", -1))
     if mode == "none" or (mode != AUTO and layers > 0):
         return Recompute(mode, max(1, layers), kept, "set in the config")
-    st = setup(cfg, captured)
-    if mode == AUTO:
+    ev, notes = _resolved(cfg, setup(cfg, captured))
+    lay = ev.cost.layout
+    return Recompute(lay.recompute, lay.recompute_layers, lay.kept_attention_layers, "; ".join(notes))
+
+
+def _resolved(cfg: DictConfig, st: Setup) -> tuple[Evaluation, list[str]]:
+    """The config's own evaluation with `train.recompute=auto` and `train.recompute_layers=0` resolved, and a
+    note on each choice the planner made (what lcgraph-plan prints and the trainer logs)."""
+    notes = []
+    if recompute_mode(cfg.train.get("recompute", False), allow_auto=True) == AUTO:
         mode, reason, ev = choose_recompute(cfg, st)
+        notes.append(f"train.recompute=auto -> {mode}: {reason}")
     else:
-        ev, reason = evaluate_config(cfg, st, st.layout), "set in the config"
-    if st.auto_segments and mode != "none":
-        reason += f"; {ev.cost.layout.recompute_layers} layers per checkpoint segment: {_segment_note(ev)}"
-    return Recompute(mode, ev.cost.layout.recompute_layers, ev.cost.layout.kept_attention_layers, reason)
+        ev = evaluate_config(cfg, st, st.layout)
+    if st.auto_segments and ev.cost.layout.recompute != "none":
+        notes.append(f"train.recompute_layers=0 (auto) -> {ev.cost.layout.recompute_layers}: {_segment_note(ev)}")
+    return ev, notes
 
 
 def _segment_note(ev: Evaluation) -> str:
@@ -403,15 +412,8 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
     st = setup(cfg, captured)
     graph, profile, config, par, seq = st.graph, st.profile, st.captured.config, cfg.parallel, cfg.data.seq_len
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    notes = []
-    if recompute_mode(cfg.train.get("recompute", False), allow_auto=True) == AUTO:
-        mode, reason, main = choose_recompute(cfg, st)
-        notes.append(f"train.recompute=auto -> {mode}: {reason}")
-    else:
-        main = evaluate_config(cfg, st, st.layout)
+    main, notes = _resolved(cfg, st)
     st.layout = main.cost.layout  # the resolved mode and segment size, for the alternatives too
-    if st.auto_segments and st.layout.recompute != "none":
-        notes.append(f"train.recompute_layers=0 (auto) -> {st.layout.recompute_layers}: {_segment_note(main)}")
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
     if st.settings["alternatives"]:
         alternatives += _alternatives(
