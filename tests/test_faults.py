@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lcgraph.app.cli import run
-from lcgraph.app.testing import TINY, compose, run_spawned, torchrun
+from lcgraph.app.testing import TINY, cli_env, compose, run_spawned, torchrun
 from lcgraph.errors import TrainingFault
 from lcgraph.runtime.checkpoint import CHECKPOINTS, complete_checkpoints
 from lcgraph.runtime.faults import FAULT_ENV, read_heartbeats
@@ -58,7 +58,7 @@ def launcher(run_dir, *overrides: str, fault: str = "") -> Iterator[subprocess.P
     """`lcgraph-train` (python -m lcgraph) on 2 spawned CPU ranks, in its own session: however the test ends,
     the launcher and its ranks (one process group) are killed on the way out (check for leftover ranks inside)."""
     cmd = [sys.executable, "-m", "lcgraph", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", FAULT_ENV: fault}
+    env = cli_env({FAULT_ENV: fault})
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )

@@ -47,9 +47,13 @@ def torchrun(overrides: list[str], run_dir: Path, *launcher: str, env: dict | No
     """`torchrun --standalone --nproc-per-node 2 <launcher> -m lcgraph <overrides>` on CPU ranks (one thread each,
     W&B off), run directory `run_dir`; the finished process, its output captured."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *launcher]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
     cmd += ["-m", "lcgraph", *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(env), timeout=600)
+
+
+def cli_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment a test gives a launched `lcgraph` CLI: CPU ranks on one thread each, W&B off."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(extra or {})}
 
 
 def hf_model_dir(root: Path, num_hidden_layers: int = 2, tie: bool = True):
