@@ -8,7 +8,8 @@
 Each run is a fresh subprocess through lcgraph's own trainer (`Job.run_step`, Llama-3.2-1B shape, bf16,
 synthetic tokens): step time = median of the timed steps, peak memory = torch.cuda.max_memory_allocated.
 The planner runs the same config on the given profile. Rows are printed with the worst ratio last and
-written as JSON (default docs/results/calibration_<gpu>_<date>.json). `--fit` fits the profile's two
+written as JSON after each run (default docs/results/calibration_<date>.json, the GPU's name inside), so a
+run cut short keeps its rows; `--measured` joins several such files into one table. `--fit` fits the profile's two
 assumed factors by least squares (elementwise traffic per eager/compiled, saved activations) and prints
 the table again with them; `--write-profile` stores them, marked "fitted". `--measured` reuses the
 measurements of earlier runs' JSON (no GPU needed) and plans them again on the given profile.
@@ -198,8 +199,9 @@ def fit(rows: list[dict], profile_path: str):
     return dataclasses.replace(prof, traffic_factor=fitted_traffic, saved_factor=fitted_saved)
 
 
-def measure_rows(args) -> tuple[str, list[dict]]:
-    """Run each configuration on this machine's GPU and plan it."""
+def measure_rows(args, out: Path) -> tuple[str, list[dict]]:
+    """Run each configuration on this machine's GPU and plan it; `out` gets the rows so far after each one,
+    so a run cut short (a device time limit) keeps what it measured."""
     import torch
 
     configs = QUICK if args.quick else FULL
@@ -213,7 +215,13 @@ def measure_rows(args) -> tuple[str, list[dict]]:
         row["measured"] = measure_isolated(cfg_args, args.steps, args.warmup, args.timeout)
         print(f"{name}: predicted {row['predicted']} measured {row['measured']}", flush=True)
         rows.append(row)
+        write_json(out, {"gpu": gpu, "profile": args.profile, "date": time.strftime("%Y-%m-%d"), "rows": rows})
     return gpu, rows
+
+
+def write_json(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def measured_rows(paths: list[str], profile: str) -> tuple[str, list[dict]]:
@@ -251,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
-    ap.add_argument("--out", default=None, help="JSON path (default docs/results/calibration_<gpu>_<date>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default docs/results/calibration_<date>.json)")
     ap.add_argument("--fit", action="store_true", help="fit traffic and saved factors to the measurements")
     ap.add_argument("--write-profile", default=None, help="with --fit: write the profile with the fitted factors")
     ap.add_argument("--measured", nargs="+", default=None, help="earlier runs' JSON: replan their measurements")
@@ -260,7 +268,8 @@ def main(argv=None) -> int:
     if args.one:
         print("RESULT " + json.dumps(measure(json.loads(args.one), args.steps, args.warmup)), flush=True)
         return 0
-    gpu, rows = measured_rows(args.measured, args.profile) if args.measured else measure_rows(args)
+    out = Path(args.out or REPO / "docs" / "results" / f"calibration_{time.strftime('%Y-%m-%d')}.json")
+    gpu, rows = measured_rows(args.measured, args.profile) if args.measured else measure_rows(args, out)
     rows = table(rows)
     print_table(rows, f"predicted / measured on {gpu}, profile {args.profile} (worst last)")
     result = {"gpu": gpu, "profile": args.profile, "date": time.strftime("%Y-%m-%d"), "rows": rows}
@@ -282,12 +291,7 @@ def main(argv=None) -> int:
                 }
             )
             Path(args.write_profile).write_text(profile_json(fitted.to_dict()))
-    out = Path(
-        args.out
-        or REPO / "docs" / "results" / f"calibration_{gpu.replace(' ', '_').lower()}_{time.strftime('%Y-%m-%d')}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 
