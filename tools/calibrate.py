@@ -1,9 +1,10 @@
 """Planner against the GPU: run single-GPU configurations, plan the same ones, print predicted / measured.
 
-    python tools/calibrate.py --profile h200.json                 # the full list (about 15 minutes on an H200)
+    python tools/calibrate.py --profile h200.json                 # the full list (over 30 minutes on an H200)
     python tools/calibrate.py --profile h200.json --quick         # 5 configurations, about 5 minutes
     python tools/calibrate.py --profile h200.json --fit --write-profile h200.json   # also fit the factors
-    python tools/calibrate.py --measured docs/results/calibration_h200_16k_compiled.json --fit   # no GPU: refit
+    python tools/calibrate.py --profile h200.json --only "32k full" "64k full" --out part.json    # some of it
+    python tools/calibrate.py --measured docs/results/calibration_h200.json --fit   # no GPU: replan, refit
 
 Each run is a fresh subprocess through lcgraph's own trainer (`Job.run_step`, Llama-3.2-1B shape, bf16,
 synthetic tokens): step time = median of the timed steps, peak memory = torch.cuda.max_memory_allocated.
@@ -225,7 +226,8 @@ def write_json(out: Path, result: dict) -> None:
 
 
 def measured_rows(paths: list[str], profile: str) -> tuple[str, list[dict]]:
-    """The measurements of earlier runs (their JSON), planned again on `profile`."""
+    """The measurements of earlier runs (their JSON), planned again on `profile`; each row names the file and
+    day it was measured (`source`), kept through later joins."""
     gpus, rows = set(), []
     for path in paths:
         saved = json.loads(Path(path).read_text())
@@ -233,7 +235,8 @@ def measured_rows(paths: list[str], profile: str) -> tuple[str, list[dict]]:
         for r in saved["rows"]:
             if "measured" in r and "error" not in r["measured"]:
                 keep = ("name", "args", "compiled", "measured")
-                rows.append({k: r[k] for k in keep} | {"predicted": predict(r["args"], profile)})
+                source = {"source": r.get("source", f"{Path(path).name}, {saved['date']}")}
+                rows.append({k: r[k] for k in keep} | source | {"predicted": predict(r["args"], profile)})
     if len(gpus) != 1:
         raise SystemExit(f"--measured: the files come from {len(gpus)} GPU kinds ({sorted(gpus)}); give one kind")
     return gpus.pop(), rows
