@@ -235,7 +235,7 @@ def measured_rows(paths: list[str], profile: str) -> tuple[str, list[dict]]:
         for r in saved["rows"]:
             if "measured" in r and "error" not in r["measured"]:
                 keep = ("name", "args", "compiled", "measured")
-                source = {"source": r.get("source", f"{Path(path).name}, {saved['date']}")}
+                source = {"source": r.get("source", f"{Path(path).name}, {saved.get('date', 'undated')}")}
                 rows.append({k: r[k] for k in keep} | source | {"predicted": predict(r["args"], profile)})
     if len(gpus) != 1:
         raise SystemExit(f"--measured: the files come from {len(gpus)} GPU kinds ({sorted(gpus)}); give one kind")
