@@ -162,6 +162,15 @@ def test_compiled_stage_graphs_match_hf_eager(reference):
     check(losses, params, reference(1, True, 3, one_layer), label="compile", grad_norms=extra["grad_norms"])
 
 
+def test_compiled_checkpoint_segments_with_the_kv_relay_match_hf_eager(reference):
+    """train.compile=true under train.recompute with Seq1F1B chunks: each checkpoint segment is compiled, and the
+    backward's rerun must run the graph the forward compiled (fp32 parameters reach it as nn.Parameter)."""
+    one_layer = "model.num_hidden_layers=1"
+    chunked = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "train.recompute=keep_attention"]
+    losses, params, extra = train_local(run_cfg("train.compile=true", one_layer, *chunked, tied=True, steps=3))
+    check(losses, params, reference(1, True, 3, one_layer), label="compile", grad_norms=extra["grad_norms"])
+
+
 # --- two ranks --------------------------------------------------------------------------------------------
 PP2 = ["parallel.pp=2", "parallel.microbatches=2"]
 SEQ1F1B = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"]

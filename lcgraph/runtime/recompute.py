@@ -61,12 +61,17 @@ class CheckpointedSegment(torch.nn.Module):
     """One segment of decoder layers (train.recompute_layers of them), run under activation checkpointing: its
     forward keeps only its inputs."""
 
-    def __init__(self, inner: Callable[..., torch.Tensor], layers: list[int]):
+    def __init__(self, inner: Callable[..., torch.Tensor], layers: list[int], compiled: bool = False):
         super().__init__()
-        self.inner, self.layers = inner, layers
+        self.inner, self.layers, self.compiled = inner, layers, compiled
 
     def forward(self, *args):
         _hold(args)
+        if self.compiled:
+            # The rerun gets the parameters back from checkpoint's saved inputs as plain tensors: a compiled
+            # segment guards on nn.Parameter, so the rerun would compile a second graph whose saved tensors
+            # differ from the forward's (CheckpointError). A view makes both calls see plain tensors.
+            args = tuple(a.view_as(a) if isinstance(a, torch.nn.Parameter) else a for a in args)
         relay = RelayContext.current
         unit = relay.unit if relay is not None else None
         return checkpoint(
@@ -113,7 +118,9 @@ def seal(gm: fx.GraphModule, mode: str, compile: bool = False, group: int = 1) -
     out, layers = segment_layers(gm, group)
     for name, members in layers.items():
         inner = getattr(out, name)
-        setattr(out, name, CheckpointedSegment(torch.compile(inner, dynamic=False) if compile else inner, members))
+        setattr(
+            out, name, CheckpointedSegment(torch.compile(inner, dynamic=False) if compile else inner, members, compile)
+        )
     if hasattr(out, HEAD):
         setattr(out, HEAD, RerunHead(getattr(out, HEAD)))
     return out
