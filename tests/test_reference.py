@@ -162,13 +162,37 @@ def test_compiled_stage_graphs_match_hf_eager(reference):
     check(losses, params, reference(1, True, 3, one_layer), label="compile", grad_norms=extra["grad_norms"])
 
 
+COMPILED_CHUNKS = ["train.compile=true", "parallel.schedule=seq1f1b", "parallel.chunk_split=uniform_comp"]
+
+
 def test_compiled_checkpoint_segments_with_the_kv_relay_match_hf_eager(reference):
-    """train.compile=true under train.recompute with Seq1F1B chunks: each checkpoint segment is compiled, and the
-    backward's rerun must run the graph the forward compiled (fp32 parameters reach it as nn.Parameter)."""
+    """train.compile=true under train.recompute with uneven Seq1F1B chunks: each checkpoint segment is compiled
+    (dynamic shapes), and the backward's rerun must run the graph its forward ran (fp32 parameters reach it as
+    nn.Parameter, the rerun gets plain tensors)."""
     one_layer = "model.num_hidden_layers=1"
-    chunked = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "train.recompute=keep_attention"]
-    losses, params, extra = train_local(run_cfg("train.compile=true", one_layer, *chunked, tied=True, steps=3))
+    chunked = [*COMPILED_CHUNKS, "parallel.seq_chunks=2", "train.recompute=keep_attention"]
+    losses, params, extra = train_local(run_cfg(one_layer, *chunked, tied=True, steps=3))
+    assert len(set(extra["job"].chunk_lengths)) == 2
     check(losses, params, reference(1, True, 3, one_layer), label="compile", grad_norms=extra["grad_norms"])
+
+
+def _graphs_compiled(chunks: int) -> int:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = run_cfg(
+        "model.num_hidden_layers=1", "data.seq_len=1024", *COMPILED_CHUNKS, f"parallel.seq_chunks={chunks}", steps=1
+    )
+    _, _, extra = train_local(OmegaConf.merge(cfg, {"train": {"recompute": "keep_attention"}}))
+    assert len(set(extra["job"].chunk_lengths)) == chunks, "the test wants chunks of distinct lengths"
+    return counters["stats"]["unique_graphs"]
+
+
+def test_uneven_chunks_share_compiled_graphs():
+    """Compiled static, every chunk length compiled its own graphs until dynamo's recompile limit (8) sent the
+    rest to eager: twice the lengths, twice the graphs. Dynamic shapes: as many graphs for 6 lengths as for 3."""
+    assert _graphs_compiled(6) == _graphs_compiled(3)
 
 
 # --- two ranks --------------------------------------------------------------------------------------------

@@ -246,9 +246,9 @@ def _fit_note(rows: list[dict], before: str, gpu: str) -> str:
     """Provenance of a fitted factor: which modes the fit saw, on how many runs; the rest keeps its old note."""
     runs = {mode: sum(r["compiled"] == (mode == "compiled") for r in rows if "time_ratio" in r) for mode in MODES}
     day = time.strftime("%Y-%m-%d")
-    fitted = [f"{m} fitted by tools/calibrate.py {day} on {gpu} ({n} runs)" for m, n in runs.items() if n]
-    unfitted = [m for m, n in runs.items() if not n]
-    return "assumed: " + "; ".join(fitted + ([f"{', '.join(unfitted)} as before ({before})"] if unfitted else []))
+    fitted = [f"{m} fitted to {n} {gpu} run(s) (tools/calibrate.py {day})" for m, n in runs.items() if n]
+    kept = before.removeprefix("assumed:").strip()
+    return "assumed: " + "; ".join(fitted + ([f"otherwise as before: {kept}"] if len(fitted) < len(runs) else []))
 
 
 MODES = ("eager", "compiled")

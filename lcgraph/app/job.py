@@ -215,7 +215,13 @@ class Job:
         resolved = resolve_recompute(self.cfg, self.captured)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
-            st.graph.gm = recompute.seal(st.graph.gm, self.recompute, self.cfg.train.compile, resolved.segment_layers)
+            st.graph.gm = recompute.seal(
+                st.graph.gm,
+                self.recompute,
+                self.cfg.train.compile,
+                resolved.segment_layers,
+                uneven=len(set(self.chunk_lengths)) > 1,
+            )
             if self.cfg.dump.graphs and self.recompute != "none" and self.coords.dp_rank == self.coords.sp_rank == 0:
                 (self.run_dir / "graphs" / f"08_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
         c = self.coords

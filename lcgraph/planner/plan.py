@@ -595,10 +595,15 @@ def print_plan(plan: Plan, console=None) -> None:
     console.print(f"planned in {plan.seconds:.1f} s (capture {plan.capture_seconds:.1f} s)")
 
 
+def _clipped(text: str, limit: int) -> str:
+    """`text` cut at a word boundary within `limit` characters (plan.json keeps it whole)."""
+    return text if len(text) <= limit else text[: text.rfind(" ", 0, limit)] + " ..."
+
+
 def figure_lines(figures: dict[str, dict]) -> list[str]:
     """Which of the plan's figures are measured and which assumed (with their source), one line each group."""
     measured = [f for f, e in figures.items() if e["status"] == "measured"]
-    assumed = [f"{f} ({e['source'][:90]})" for f, e in figures.items() if e["status"] != "measured"]
+    assumed = [f"{f} ({_clipped(e['source'], 100)})" for f, e in figures.items() if e["status"] != "measured"]
     return [
         f"figures measured: {', '.join(measured) or 'none'}",
         f"figures assumed: {'; '.join(assumed) or 'none'}",

@@ -109,18 +109,27 @@ def _rerunning(relay: RelayContext | None, unit) -> Iterator[None]:
         RelayContext.current, relay.unit, relay.rerun = current, unit_before, rerun_before
 
 
-def seal(gm: fx.GraphModule, mode: str, compile: bool = False, group: int = 1) -> Callable[..., torch.Tensor]:
+def _compiled(module: torch.nn.Module, uneven: bool) -> Callable[..., torch.Tensor]:
+    """Static shapes for chunks of one length. Uneven Seq1F1B chunks get one dynamic-shape graph from the first
+    call: compiled static, every new length recompiled until dynamo's recompile limit sent the rest to eager,
+    and dynamo's own switch to a dynamic graph at the second length could give a checkpoint rerun another graph
+    than its forward ran (then CheckpointError)."""
+    return torch.compile(module, dynamic=uneven)
+
+
+def seal(
+    gm: fx.GraphModule, mode: str, compile: bool = False, group: int = 1, uneven: bool = False
+) -> Callable[..., torch.Tensor]:
     """The module a stage runs: `gm` itself (compiled when asked) without recompute; else its layers checkpointed
     `group` at a time, each segment compiled on its own when asked (checkpoint boundaries stay outside the
-    compiled code)."""
+    compiled code). `uneven`: the stage runs sequence chunks of several lengths (compiled with a symbolic
+    sequence dimension)."""
     if recompute_mode(mode) == "none":
-        return torch.compile(gm, dynamic=False) if compile else gm
+        return _compiled(gm, uneven) if compile else gm
     out, layers = segment_layers(gm, group)
     for name, members in layers.items():
         inner = getattr(out, name)
-        setattr(
-            out, name, CheckpointedSegment(torch.compile(inner, dynamic=False) if compile else inner, members, compile)
-        )
+        setattr(out, name, CheckpointedSegment(_compiled(inner, uneven) if compile else inner, members, compile))
     if hasattr(out, HEAD):
         setattr(out, HEAD, RerunHead(getattr(out, HEAD)))
     return out
