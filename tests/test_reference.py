@@ -165,12 +165,13 @@ def test_compiled_stage_graphs_match_hf_eager(reference):
 COMPILED_CHUNKS = ["train.compile=true", "parallel.schedule=seq1f1b", "parallel.chunk_split=uniform_comp"]
 
 
-def test_compiled_checkpoint_segments_with_the_kv_relay_match_hf_eager(reference):
-    """train.compile=true under train.recompute with uneven Seq1F1B chunks: each checkpoint segment is compiled
-    (dynamic shapes), and the backward's rerun must run the graph its forward ran (fp32 parameters reach it as
-    nn.Parameter, the rerun gets plain tensors)."""
+@pytest.mark.parametrize("mode", ["none", "keep_attention"])
+def test_compiled_uneven_chunks_with_the_kv_relay_match_hf_eager(mode, reference):
+    """train.compile=true with uneven Seq1F1B chunks (dynamic shapes): the whole stage compiled (none), or each
+    checkpoint segment (keep_attention), whose backward rerun must run the graph its forward ran (fp32
+    parameters reach it as nn.Parameter, the rerun gets plain tensors)."""
     one_layer = "model.num_hidden_layers=1"
-    chunked = [*COMPILED_CHUNKS, "parallel.seq_chunks=2", "train.recompute=keep_attention"]
+    chunked = [*COMPILED_CHUNKS, "parallel.seq_chunks=2", f"train.recompute={mode}"]
     losses, params, extra = train_local(run_cfg(one_layer, *chunked, tied=True, steps=3))
     assert len(set(extra["job"].chunk_lengths)) == 2
     check(losses, params, reference(1, True, 3, one_layer), label="compile", grad_norms=extra["grad_norms"])
