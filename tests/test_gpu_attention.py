@@ -96,13 +96,21 @@ def test_relay_chunks_agree_with_unchunked_attention(backend):
         ("keep_attention", []),
         ("keep_attention", ["train.keep_attention_layers=1", "train.recompute_layers=2"]),
         ("keep_attention", ["train.compile=true"]),
+        ("keep_attention", ["train.compile=true", "parallel.chunk_split=uniform_comp"]),
     ],
-    ids=["none", "full", "keep_attention", "keep_one_layer_2_layer_segment", "keep_attention_compiled"],
+    ids=[
+        "none",
+        "full",
+        "keep_attention",
+        "keep_one_layer_2_layer_segment",
+        "keep_attention_compiled",
+        "keep_attention_compiled_uneven",
+    ],
 )
 def test_seq1f1b_relay_with_each_recompute_mode_matches_unchunked_run_in_bf16(mode, extra):
     """A 2-layer Llama-3.2-1B-shaped model, 4k tokens, one step: 4 even chunks under each recompute mode (also
-    keeping one layer's attention in one 2-layer segment, and compiled segments) against the unchunked run
-    (loss and gradient norm, bf16 tolerance)."""
+    keeping one layer's attention in one 2-layer segment, and compiled segments, static for even chunks and
+    dynamic-shape for uneven ones) against the unchunked run (loss and gradient norm, bf16 tolerance)."""
     from lcgraph.app.job import Job
     from lcgraph.app.testing import compose
 
