@@ -112,8 +112,8 @@ def _rerunning(relay: RelayContext | None, unit) -> Iterator[None]:
 def _compiled(module: torch.nn.Module, uneven: bool) -> Callable[..., torch.Tensor]:
     """Static shapes for chunks of one length. Uneven Seq1F1B chunks get one dynamic-shape graph from the first
     call: compiled static, every new length recompiled until dynamo's recompile limit sent the rest to eager,
-    and dynamo's own switch to a dynamic graph at the second length could give a checkpoint rerun another graph
-    than its forward ran (then CheckpointError)."""
+    and dynamo's own switch to a dynamic graph at the second length can give a checkpoint rerun another graph
+    than its forward ran (CheckpointError; pytorch/pytorch#166926)."""
     return torch.compile(module, dynamic=uneven)
 
 
@@ -122,8 +122,8 @@ def seal(
 ) -> Callable[..., torch.Tensor]:
     """The module a stage runs: `gm` itself (compiled when asked) without recompute; else its layers checkpointed
     `group` at a time, each segment compiled on its own when asked (checkpoint boundaries stay outside the
-    compiled code). `uneven`: the stage runs sequence chunks of several lengths (compiled with a symbolic
-    sequence dimension)."""
+    compiled code). `uneven`: the stage runs sequence chunks of several lengths (compiled with dynamic
+    shapes)."""
     if recompute_mode(mode) == "none":
         return _compiled(gm, uneven) if compile else gm
     out, layers = segment_layers(gm, group)
