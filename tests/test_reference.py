@@ -182,10 +182,8 @@ def _graphs_compiled(chunks: int) -> int:
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = run_cfg(
-        "model.num_hidden_layers=1", "data.seq_len=1024", *COMPILED_CHUNKS, f"parallel.seq_chunks={chunks}", steps=1
-    )
-    _, _, extra = train_local(OmegaConf.merge(cfg, {"train": {"recompute": "keep_attention"}}))
+    chunked = [*COMPILED_CHUNKS, f"parallel.seq_chunks={chunks}", "train.recompute=keep_attention"]
+    _, _, extra = train_local(run_cfg("model.num_hidden_layers=1", "data.seq_len=1024", *chunked, steps=1))
     assert len(set(extra["job"].chunk_lengths)) == chunks, "the test wants chunks of distinct lengths"
     return counters["stats"]["unique_graphs"]
 

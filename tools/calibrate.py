@@ -10,10 +10,10 @@ Each run is a fresh subprocess through lcgraph's own trainer (`Job.run_step`, Ll
 synthetic tokens): step time = median of the timed steps, peak memory = torch.cuda.max_memory_allocated.
 The planner runs the same config on the given profile. Rows are printed with the worst ratio last and
 written as JSON after each run (default docs/results/calibration_<date>.json, the GPU's name inside), so a
-run cut short keeps its rows; `--measured` joins several such files into one table. `--fit` fits the profile's two
-assumed factors by least squares (elementwise traffic per eager/compiled, saved activations) and prints
-the table again with them; `--write-profile` stores them, marked "fitted". `--measured` reuses the
-measurements of earlier runs' JSON (no GPU needed) and plans them again on the given profile.
+run cut short keeps its rows. `--measured` reuses the measurements of earlier runs' JSON, one file or several
+joined into one table (no GPU needed), and plans them again on the given profile. `--fit` fits the profile's
+two assumed factors by least squares (elementwise traffic per eager/compiled, saved activations) and prints
+the table again with them; `--write-profile` stores them, marked "fitted".
 """
 
 from __future__ import annotations
@@ -216,8 +216,13 @@ def measure_rows(args, out: Path) -> tuple[str, list[dict]]:
         row["measured"] = measure_isolated(cfg_args, args.steps, args.warmup, args.timeout)
         print(f"{name}: predicted {row['predicted']} measured {row['measured']}", flush=True)
         rows.append(row)
-        write_json(out, {"gpu": gpu, "profile": args.profile, "date": time.strftime("%Y-%m-%d"), "rows": rows})
+        write_json(out, record(gpu, args.profile, rows))
     return gpu, rows
+
+
+def record(gpu: str, profile: str, rows: list[dict]) -> dict:
+    """What a calibration JSON holds (measured_rows reads it back)."""
+    return {"gpu": gpu, "profile": profile, "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
 def write_json(out: Path, result: dict) -> None:
@@ -275,7 +280,7 @@ def main(argv=None) -> int:
     gpu, rows = measured_rows(args.measured, args.profile) if args.measured else measure_rows(args, out)
     rows = table(rows)
     print_table(rows, f"predicted / measured on {gpu}, profile {args.profile} (worst last)")
-    result = {"gpu": gpu, "profile": args.profile, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result = record(gpu, args.profile, rows)
     if args.fit:
         fitted = fit(rows, args.profile)
         for r in rows:

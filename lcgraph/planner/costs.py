@@ -565,11 +565,8 @@ class CostModel:
         loss's gradients when they are larger."""
         if self.layout.recompute == "none":
             return 0.0
-        tokens, ls, group = (
-            self._tokens(max(self.chunk_lengths)),
-            self.stage_layers[stage],
-            self.layout.recompute_layers,
-        )
+        tokens = self._tokens(max(self.chunk_lengths))
+        ls, group = self.stage_layers[stage], self.layout.recompute_layers
         segment = max(
             self._saved(sum((self.graph.layers[i] for i in ls[start : start + group]), Coeffs()), tokens)
             for start in range(0, len(ls), group)
