@@ -182,8 +182,25 @@ def test_zero_shards_optimizer_state_over_dp_times_sp(tiny_graph):
     assert sharded.optimizer == pytest.approx(full.optimizer / 8)
     assert (sharded.weights, sharded.grads) == (full.weights, full.grads)
     params = tiny_graph.stage([0, 1], True, False).params
-    assert full.optimizer == params * 16  # fp32 master, its fp32 gradient, two moments (bf16 model)
+    assert full.optimizer == params * 12  # fp32 master, two moments (bf16 model)
     assert full.weights == params * 2
+    # the fp32 gradient exists only during OPT, one shard of it
+    assert _cost(tiny_graph, [1024], dp=2, sp=4, zero=True).step_bytes(0) == params * 4 / 8
+
+
+def test_the_optimizer_steps_fp32_gradients_are_the_peak_only_when_activations_are_smaller(tiny_graph):
+    """OPT's transient fp32 gradients never add to activations: they are the peak for a short sequence only."""
+    from lcgraph.planner.simulator import memory_peaks
+    from lcgraph.schedule.programs import ScheduleSpec, build_programs
+
+    spec = ScheduleSpec("1f1b", pp=2, microbatches=2)
+    for seq, opt_peak in ((8, True), (4096, False)):
+        cost = _cost(tiny_graph, [seq])
+        peaks, _ = memory_peaks(build_programs(spec), spec, cost)
+        expected = cost.static_bytes(0) + cost.step_bytes(0)
+        assert (peaks[0].optimizer_step > 0) == opt_peak, seq
+        assert (peaks[0].total == pytest.approx(expected)) == opt_peak, seq
+        assert peaks[0].total >= expected
 
 
 def test_sequence_parallel_and_chunks_divide_per_rank_work_and_memory(tiny_graph):

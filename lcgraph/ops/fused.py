@@ -20,14 +20,15 @@ def _block_rows(vocab: int) -> int:
 
 
 def _block_loss_and_grad(logits, target, valid):
-    """Summed CE of one block and d(loss)/d(logits) (softmax minus one-hot), softmax math in fp32."""
-    logits = logits.float()
+    """Summed CE of one block and d(loss)/d(logits) (softmax minus one-hot) in the logits' dtype, softmax math
+    in fp32 (compiled on GPU: the cast back is part of the one kernel, never an fp32 [rows x vocab] tensor)."""
+    dtype, logits = logits.dtype, logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
     loss = ((lse - picked) * valid).sum()
     probs = torch.exp(logits - lse.unsqueeze(1))
     onehot = torch.nn.functional.one_hot(target, logits.shape[1]).to(probs.dtype)
-    return loss, (probs - onehot) * valid.unsqueeze(1)
+    return loss, ((probs - onehot) * valid.unsqueeze(1)).to(dtype)
 
 
 _compiled: dict = {}
@@ -40,6 +41,16 @@ def _block_fn(device: torch.device):
     if "cuda" not in _compiled:
         _compiled["cuda"] = torch.compile(_block_loss_and_grad, dynamic=True)
     return _compiled["cuda"]
+
+
+def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b. On CUDA with bf16/fp16 operands cuBLAS accumulates into the fp32 output itself
+    (addmm's out_dtype), instead of writing a bf16 product, casting it and adding it: the fp32 [vocab x hidden]
+    dW is read and written once per block, and the product is never rounded to bf16."""
+    if out.is_cuda and a.dtype != torch.float32:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out += (a @ b).float()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -58,12 +69,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = yb != IGNORE_INDEX
             loss, dlogits = block(hb @ weight.t(), torch.where(valid, yb, 0), valid)
             total += loss
-            if need_h or need_w:
-                dlogits = dlogits.to(hb.dtype)
-                if need_h:
-                    grad_h[start : start + rows] = dlogits @ weight
-                if need_w:
-                    grad_w += (dlogits.t() @ hb).float()
+            if need_h:
+                grad_h[start : start + rows] = dlogits @ weight
+            if need_w:
+                _accumulate_fp32(grad_w, dlogits.t(), hb)
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
         return total

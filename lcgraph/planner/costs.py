@@ -37,7 +37,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 BACKWARD_MATMUL = 2.0  # dX and dW
 BACKWARD_TRAFFIC = 2.0  # elementwise backward reads the saved input and the incoming gradient
 ADAM_STATE_BYTES = 8  # two fp32 moments per parameter
-MASTER_BYTES = 8  # fp32 master copy and its fp32 gradient when the model runs in a lower precision
+MASTER_BYTES = 4  # fp32 master copy when the model runs in a lower precision (its fp32 gradient: OPT only)
 OPTIMIZER_TRAFFIC = 28  # bytes one fused AdamW update moves per parameter (read master, grad, m, v; write 3)
 CAST_TRAFFIC = 16  # grad norm (2), grad -> fp32 (2 + 4), master -> bf16 param (4 + 2), grad zeroing (2)
 LSE_BYTES = 4  # fp32 log-sum-exp per query and head
@@ -594,6 +594,12 @@ class CostModel:
 
     def static_bytes(self, stage: int) -> float:
         return self.stage_memory(stage).total + self.recompute_transient(stage)
+
+    def step_bytes(self, stage: int) -> float:
+        """The fp32 gradient shard a bf16 run's distributed optimizer casts at OPT and frees (runtime/optimizer.py)."""
+        if self.graph.dtype == "fp32" or not self.layout.zero:
+            return 0.0
+        return 4 * self.stages[stage].params / self.layout.replicas
 
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
         return self.unit_activations(stage, chunk)

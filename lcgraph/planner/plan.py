@@ -172,8 +172,10 @@ class Plan:
                     "activations_bytes": peak.activations,
                     "kv_relay_bytes": peak.kv_relay,
                     # what the columns before leave of the total: recompute's rerun transient (the largest
-                    # unit's activations while its backward runs), so that the printed terms add up
-                    "rerun_bytes": peak.total - mem.total - peak.activations - peak.kv_relay,
+                    # unit's activations while its backward runs) or, when OPT is the peak, its fp32
+                    # gradients; so that the printed terms add up
+                    "rerun_bytes": peak.total - mem.total - peak.activations - peak.kv_relay - peak.optimizer_step,
+                    "optimizer_step_bytes": peak.optimizer_step,
                     "total_bytes": peak.total,
                     "memory_fraction": peak.total / cost.profile.memory_bytes,
                     "forward_s": [cost.forward_time(s, c) for c in range(k)],
@@ -531,7 +533,7 @@ def print_plan(plan: Plan, console=None) -> None:
         "optim",
         "activ.",
         "KV relay",
-        "rerun",
+        "transient",
         "total / GPU",
         "fwd ms",
         "bwd ms",
@@ -551,7 +553,7 @@ def print_plan(plan: Plan, console=None) -> None:
             _size(r["optimizer_bytes"]),
             _size(r["activations_bytes"]),
             _size(r["kv_relay_bytes"]),
-            _size(r["rerun_bytes"]),
+            _size(r["rerun_bytes"] + r["optimizer_step_bytes"]),  # the peak's moment has at most one of them
             f"[{style}]{total}[/]" if style else total,
             _ms_list(r["forward_s"]),
             _ms_list(r["backward_s"]),

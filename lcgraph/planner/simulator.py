@@ -9,11 +9,13 @@ a receive waits for its message. `costs` says how long things take and what they
     costs.duration(action, rank) -> seconds     F, B, OPT (p2p: 0)
     costs.transfer(action) -> seconds           link time of a SEND_*
     costs.static_bytes(stage) -> bytes          weights, grads, optimizer state
+    costs.step_bytes(stage) -> bytes            what OPT allocates while it runs (bf16: the fp32 gradients)
     costs.unit_bytes(stage, chunk) -> (activation bytes, K/V bytes) of one (mb, chunk) unit
 
 `lcgraph.planner.costs.CostModel` is the real one; `UniformCosts` (equal chunks) is what the closed forms
 of the schedule papers assume (GPipe, 1F1B, Seq1F1B: arXiv 2406.03488). Memory follows program order: F adds a unit's activations and K/V, B frees
-them; while a micro-batch's backward is under way the KV relay also holds dK/dV for its pending prefix.
+them; while a micro-batch's backward is under way the KV relay also holds dK/dV for its pending prefix;
+OPT holds its step bytes on top of what is left (usually nothing: it is the peak only for short sequences).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ class StagePeak:
     static: float = 0.0
     activations: float = 0.0
     kv_relay: float = 0.0
+    optimizer_step: float = 0.0  # nonzero when the peak is OPT's: its transient fp32 gradients
 
     @property
     def total(self) -> float:
-        return self.static + self.activations + self.kv_relay
+        return self.static + self.activations + self.kv_relay + self.optimizer_step
 
 
 @dataclass
@@ -78,6 +81,9 @@ class UniformCosts:
     def static_bytes(self, stage: int) -> float:
         return self.static
 
+    def step_bytes(self, stage: int) -> float:
+        return 0.0
+
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
         return self.activations / self.k, self.kv / self.k
 
@@ -100,7 +106,11 @@ class _Memory:
         doubled = key in self.started and self.spec.seq_chunks > 1
         return self.pending_kv.get(key, 0.0) * (2.0 if doubled else 1.0)
 
-    def apply(self, action: Action) -> None:
+    def apply(self, action: Action, rank: int) -> None:
+        if action.kind == "OPT":
+            for s in range(rank, self.spec.num_stages, self.spec.pp):
+                self._record(s, self.costs.step_bytes(s))
+            return
         if action.kind not in COMPUTE_KINDS:
             return
         s, key = action.stage, (action.stage, action.mb)
@@ -118,13 +128,15 @@ class _Memory:
         self.kv[s] += self._relay_kv(key)
         self._record(s)
 
-    def _record(self, s: int) -> None:
-        now = StagePeak(self.static[s], self.act[s], self.kv[s])
+    def _record(self, s: int, step: float = 0.0) -> None:
+        now = StagePeak(self.static[s], self.act[s], self.kv[s], step)
         if now.total > self.peaks[s].total:
             self.peaks[s] = now
         rank = self.spec.rank_of(s)
         stages = range(rank, self.spec.num_stages, self.spec.pp)
         total = sum(self.static[t] + self.act[t] + self.kv[t] for t in stages)
+        if step:  # OPT: every stage of the rank casts its gradients at once
+            total += sum(self.costs.step_bytes(t) for t in stages)
         self.rank_peak[rank] = max(self.rank_peak[rank], total)
 
 
@@ -134,9 +146,9 @@ def memory_peaks(programs: list[Program], spec: ScheduleSpec, costs) -> tuple[di
     memory = _Memory(spec, costs)
     for s in range(spec.num_stages):
         memory._record(s)
-    for program in programs:
+    for rank, program in enumerate(programs):
         for action in program:
-            memory.apply(action)
+            memory.apply(action, rank)
     return memory.peaks, memory.rank_peak
 
 
@@ -164,7 +176,7 @@ def simulate(programs: list[Program], spec: ScheduleSpec, costs) -> SimResult:
         if action.kind in COMPUTE_KINDS:
             busy[rank] += end - start
             pipeline_end = max(pipeline_end, end)
-        memory.apply(action)
+        memory.apply(action, rank)
         return end, available
 
     clock = replay(programs, spec, step)

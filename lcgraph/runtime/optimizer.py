@@ -10,7 +10,9 @@ whole-stage gradient buffers), so this is not ZeRO-2.
   stage's dp*sp replicas is *issued* the moment its last gradient is accumulated, while the backward
   goes on; the RS action is where the program *waits* for it. Issue and wait times are recorded.
 - Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
-  two AdamW moments. OPT clips by the global norm and updates the shard; AG all-gathers the updated
+  two AdamW moments. A bf16 run's fp32 gradient shard exists only during OPT (cast from the bf16 one, freed
+  after the update), so it never coexists with activations: 16 B per parameter between steps, as Megatron's
+  distributed optimizer without its persistent fp32 main_grad. OPT clips by the global norm and updates the shard; AG all-gathers the updated
   parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait
   node for each bucket right before the first graph node that reads one of its parameters, so the next
   step's forward runs while later buckets are still being gathered (without the pass, as under
@@ -96,7 +98,6 @@ class Bucket:
     pending: set = field(default_factory=set)
     work: dist.Work | None = None  # the reduce-scatter in flight
     master: torch.Tensor | None = None  # fp32, an alias of the parameter shard when training in fp32
-    master_grad: torch.Tensor | None = None  # fp32 gradient of the shard (allocated once, bf16 runs only)
     grad_shard: torch.Tensor | None = None
     gather: dist.Work | None = None  # the parameter all-gather in flight
 
@@ -163,8 +164,6 @@ class ShardedAdamW:
         master_dtype = torch.float32
         own = param_flat[shard]
         b.master = own if own.dtype == master_dtype else own.to(master_dtype).clone()
-        if own.dtype != master_dtype:
-            b.master_grad = torch.empty_like(b.master)
         return b
 
     def _make_adamw(self) -> torch.optim.AdamW:
@@ -353,7 +352,7 @@ class ShardedAdamW:
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         for b in self.buckets:
             assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
-            grad = b.grad_shard if b.master_grad is None else b.master_grad.copy_(b.grad_shard)
+            grad = b.grad_shard.to(b.master.dtype)  # bf16 runs: a new fp32 tensor, freed after the update
             b.master.grad = grad.mul_(scale) if scale != 1.0 else grad
         self.adamw.step()
         for b in self.buckets:
