@@ -177,15 +177,30 @@ def _cost(graph, chunks, **layout):
 
 
 def test_zero_shards_optimizer_state_over_dp_times_sp(tiny_graph):
-    full = _cost(tiny_graph, [1024], dp=2, sp=4, zero=False).stage_memory(0)
-    sharded = _cost(tiny_graph, [1024], dp=2, sp=4, zero=True).stage_memory(0)
-    assert sharded.optimizer == pytest.approx(full.optimizer / 8)
-    assert (sharded.weights, sharded.grads) == (full.weights, full.grads)
-    params = tiny_graph.stage([0, 1], True, False).params
-    assert full.optimizer == params * 12  # fp32 master, two moments (bf16 model)
-    assert full.weights == params * 2
-    # the fp32 gradient exists only during OPT, one shard of it
-    assert _cost(tiny_graph, [1024], dp=2, sp=4, zero=True).step_bytes(0) == params * 4 / 8
+    one = _cost(tiny_graph, [1024], dp=1, sp=1, zero=True)
+    sharded = _cost(tiny_graph, [1024], dp=2, sp=4, zero=True)
+    assert sharded.stage_memory(0).optimizer == pytest.approx(one.stage_memory(0).optimizer / 8)
+    assert sharded.step_bytes(0) == pytest.approx(one.step_bytes(0) / 8)  # OPT's fp32 gradients: one shard
+    assert (sharded.stage_memory(0).weights, sharded.stage_memory(0).grads) == (
+        one.stage_memory(0).weights,
+        one.stage_memory(0).grads,
+    )
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_planned_optimizer_state_is_what_a_bf16_job_holds(zero, tmp_path):
+    """The planner's optimizer bytes against the live state of a bf16 CPU job after one step: ZeRO's fp32
+    masters and moments, or replicated AdamW's moments in the weights' dtype (lcgraph as it was charged 12 B)."""
+    from lcgraph.app.job import Job
+    from lcgraph.app.testing import compose
+    from lcgraph.planner.plan import build_plan
+
+    overrides = ["parallel=single", "train.dtype=bf16", f"parallel.zero={str(zero).lower()}", "train.steps=1"]
+    job = Job(compose(*overrides), tmp_path, 0, 1)
+    job.run_step(0)
+    live = sum(t.numel() * t.element_size() for t in job.optimizer.checkpoint_state().values())
+    cost = build_plan(compose(*overrides, "+plan.alternatives=false")).main.cost
+    assert sum(cost.stage_memory(s).optimizer for s in range(len(cost.stages))) == pytest.approx(live, rel=1e-3)
 
 
 def test_the_optimizer_steps_fp32_gradients_are_the_peak_only_when_activations_are_smaller(tiny_graph):

@@ -183,14 +183,17 @@ def fit(rows: list[dict], profile_path: str):
         num = den = 0.0
         mem_num = mem_den = 0.0
         for r in sel:
-            zero = dataclasses.replace(
-                prof, traffic_factor={**fitted_traffic, mode: 0.0}, saved_factor={**fitted_saved, mode: 0.0}
+            # two points above zero: at a saved factor near 0 the peak becomes OPT's (the fp32 gradients), not
+            # the activations, so the line is drawn through factors 1 and 2 and extended to 0
+            one, two = (
+                dataclasses.replace(
+                    prof, traffic_factor={**fitted_traffic, mode: f}, saved_factor={**fitted_saved, mode: f}
+                )
+                for f in (1.0, 2.0)
             )
-            one = dataclasses.replace(
-                prof, traffic_factor={**fitted_traffic, mode: 1.0}, saved_factor={**fitted_saved, mode: 1.0}
-            )
-            p0, p1 = predict(r["args"], profile_path, zero), predict(r["args"], profile_path, one)
-            slope_t, slope_m = p1["step_s"] - p0["step_s"], p1["peak_bytes"] - p0["peak_bytes"]
+            p1, p2 = predict(r["args"], profile_path, one), predict(r["args"], profile_path, two)
+            slope_t, slope_m = p2["step_s"] - p1["step_s"], p2["peak_bytes"] - p1["peak_bytes"]
+            p0 = {k: p1[k] - (p2[k] - p1[k]) for k in ("step_s", "peak_bytes")}
             num += slope_t * (r["measured"]["step_s"] - p0["step_s"])
             den += slope_t**2
             mem_num += slope_m * (r["measured"]["peak_bytes"] - p0["peak_bytes"])

@@ -515,9 +515,10 @@ class CostModel:
     # --- memory ------------------------------------------------------------------------------------------
     def stage_memory(self, stage: int) -> StageMemory:
         params, nbytes = self.stages[stage].params, self.graph.dtype_bytes
+        if not self.layout.zero:  # replicated AdamW steps the weights themselves: two moments in their dtype
+            return StageMemory(params * nbytes, params * nbytes, params * 2 * nbytes)
         state = ADAM_STATE_BYTES + (MASTER_BYTES if self.graph.dtype != "fp32" else 0)
-        shards = self.layout.replicas if self.layout.zero else 1
-        return StageMemory(params * nbytes, params * nbytes, params * state / shards)
+        return StageMemory(params * nbytes, params * nbytes, params * state / self.layout.replicas)
 
     def _kept(self, stage: int, tokens: float) -> float:
         """Bytes a unit keeps for backward when nothing is recomputed, K/V excluded: the graph's saved

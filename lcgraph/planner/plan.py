@@ -174,7 +174,9 @@ class Plan:
                     # what the columns before leave of the total: recompute's rerun transient (the largest
                     # unit's activations while its backward runs) or, when OPT is the peak, its fp32
                     # gradients; so that the printed terms add up
-                    "rerun_bytes": peak.total - mem.total - peak.activations - peak.kv_relay - peak.optimizer_step,
+                    "rerun_bytes": max(
+                        0.0, peak.total - mem.total - peak.activations - peak.kv_relay - peak.optimizer_step
+                    ),
                     "optimizer_step_bytes": peak.optimizer_step,
                     "total_bytes": peak.total,
                     "memory_fraction": peak.total / cost.profile.memory_bytes,
