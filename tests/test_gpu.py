@@ -6,26 +6,31 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_bf16_loss_matches_hf_at_4k_tokens():
-    from transformers import LlamaForCausalLM
-
+def _llama1b_job(layers: int, seq: int, steps: int):
+    """One-GPU bf16 job of the Llama-3.2-1B shape, cut to `layers` decoder layers, synthetic tokens."""
     from lcgraph.app.job import Job
     from lcgraph.app.testing import compose
 
     cfg = compose(
         "parallel=single",
         "model=llama3_1b",
-        "model.num_hidden_layers=4",
-        "data.seq_len=4096",
+        f"model.num_hidden_layers={layers}",
+        f"data.seq_len={seq}",
         "data.synthetic=true",
         "train.dtype=bf16",
         "train.device=cuda",
-        "train.steps=1",
+        f"train.steps={steps}",
         "logging.wandb.mode=disabled",
         "train.progress=false",
         tiny=False,
     )
-    job = Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1)
+    return Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1)
+
+
+def test_bf16_loss_matches_hf_at_4k_tokens():
+    from transformers import LlamaForCausalLM
+
+    job = _llama1b_job(layers=4, seq=4096, steps=1)
     units, total = job.step_units(0)
     params = {n: p.detach().clone() for n, p in job.all_params().items()}  # before the update
     loss = job.run_step(0)["loss"]
@@ -43,23 +48,7 @@ def test_bf16_loss_matches_hf_at_4k_tokens():
 def test_bf16_training_holds_16_bytes_per_parameter_between_steps():
     """bf16 weights and gradients, fp32 master and two fp32 moments: issue 14's budget of HF + bf16 AdamW's
     8 B per parameter plus 8 for fp32 master and moments. A persistent fp32 gradient would make it 20."""
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
-
-    cfg = compose(
-        "parallel=single",
-        "model=llama3_1b",
-        "model.num_hidden_layers=2",
-        "data.seq_len=1024",
-        "data.synthetic=true",
-        "train.dtype=bf16",
-        "train.device=cuda",
-        "train.steps=2",
-        "logging.wandb.mode=disabled",
-        "train.progress=false",
-        tiny=False,
-    )
-    job = Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1)
+    job = _llama1b_job(layers=2, seq=1024, steps=2)
     job.run_step(0)
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()

@@ -10,9 +10,10 @@ whole-stage gradient buffers), so this is not ZeRO-2.
   stage's dp*sp replicas is *issued* the moment its last gradient is accumulated, while the backward
   goes on; the RS action is where the program *waits* for it. Issue and wait times are recorded.
 - Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
-  two AdamW moments. A bf16 run's fp32 gradient shard exists only during OPT (cast from the bf16 one, freed
-  after the update), so it never coexists with activations: 16 B per parameter between steps, as Megatron's
-  distributed optimizer without its persistent fp32 main_grad. OPT clips by the global norm and updates the shard; AG all-gathers the updated
+  two AdamW moments. A bf16 run's fp32 gradient shard exists only during OPT (cast from the bf16 one,
+  freed after the update), so it never coexists with activations: unsharded, 16 B per parameter between
+  steps (bf16 weights and gradients, fp32 master and moments).
+- OPT clips by the global norm and updates the shard; AG all-gathers the updated
   parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait
   node for each bucket right before the first graph node that reads one of its parameters, so the next
   step's forward runs while later buckets are still being gathered (without the pass, as under
