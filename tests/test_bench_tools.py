@@ -59,7 +59,7 @@ def test_bench_table_gives_speed_per_peer_and_issue_targets_with_oom_and_checkpo
     rows = [
         _row(16384, liger, tokens_per_s=40000.0, peak_gib=26.0),
         _row(16384, hf, tokens_per_s=32000.0, peak_gib=60.0),
-        _row(16384, lcg, tokens_per_s=50000.0, peak_gib=34.0),
+        _row(16384, lcg, tokens_per_s=50000.0, peak_gib=34.0, held_gib=18.4),
         _row(262144, ckpt, tokens_per_s=5000.0, peak_gib=46.0, plain_oom=True),
         _row(262144, hf, oom=True),
         _row(262144, lcg, tokens_per_s=6000.0, peak_gib=60.0),
@@ -82,6 +82,7 @@ def test_bench_table_gives_speed_per_peer_and_issue_targets_with_oom_and_checkpo
     text = console.export_text()
     assert "HF+Liger +ckpt" in text and "plain OOM" in text and "OOM" in text.split("HF eager")[-1]
     assert "speed>=1.25x MISSED" in text and "speed>=1.15x ok" in text
+    assert "held GiB" in text and "34.0 │     18.4" in text  # the held column beside the peak; "-" if not measured
 
 
 def test_calibrate_refits_saved_measurements_to_the_factor_that_made_them(tmp_path):

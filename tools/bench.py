@@ -18,7 +18,9 @@ MFU = model FLOPs per token x tokens/s / peak, with model FLOPs per token = 6*N 
 given by --peak-tflops (default 798: the dense bf16 matmul rate measured on the H100/H200 here).
 Issue 14's targets are checked per lcgraph row against the HF + Liger row of the same length: speed
 (>= 1.15x at 16k and 32k, >= 1.25x and MFU >= 0.47 at 256k) and memory (peak <= the peer's peak plus
-8 bytes per parameter, what fp32 master weights and moments cost over bf16 AdamW).
+8 bytes per parameter, what fp32 master weights and moments cost over bf16 AdamW). `held GiB` is what a
+side still holds after its last step (weights, optimizer state, gradients if it keeps them), so peak minus
+held is what one step adds on top: mostly activations.
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ def _timed_steps(step_fn, steps: int, warmup: int) -> dict:
     return {
         "seconds": elapsed,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        # what the side keeps between steps (weights, optimizer state, gradients if it keeps them): the peak
+        # minus this is what a step adds, activations (and gradients where a side frees them)
+        "held_gib": torch.cuda.memory_allocated() / 2**30,
         "reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
         "alloc_retries": stats.get("num_alloc_retries"),
         "loss_first": losses[0],
@@ -359,7 +364,18 @@ def render(rows: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    cols = ("seq", "side", "tok/s", "MFU", "peak GiB", "x HF+Liger", "x HF eager", "mem target GiB", "issue 14")
+    cols = (
+        "seq",
+        "side",
+        "tok/s",
+        "MFU",
+        "peak GiB",
+        "held GiB",
+        "x HF+Liger",
+        "x HF eager",
+        "mem target GiB",
+        "issue 14",
+    )
     for col in cols:
         table.add_column(col, justify="left" if col in ("side", "issue 14") else "right")
     for r in rows:
@@ -372,6 +388,7 @@ def render(rows: list[dict], title: str):
             _fmt(res, "tokens_per_s"),
             _fmt(res, "mfu", "{:.2f}"),
             _fmt(res, "peak_gib", "{:.1f}"),
+            _fmt(res, "held_gib", "{:.1f}"),
             *(f"{ratios[k]:.2f}" if k in ratios else "-" for k in ("liger", "hf")),
             "-" if target is None else f"{target:.1f}",
             note + _fmt_targets(r.get("targets", {})) if r["side"]["kind"] == "lcgraph" else note.rstrip(", "),
