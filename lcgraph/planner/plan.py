@@ -171,12 +171,10 @@ class Plan:
                     "optimizer_bytes": mem.optimizer,
                     "activations_bytes": peak.activations,
                     "kv_relay_bytes": peak.kv_relay,
-                    # what the columns before leave of the total: recompute's rerun transient (the largest
-                    # unit's activations while its backward runs) or, when OPT is the peak, its fp32
-                    # gradients; so that the printed terms add up
-                    "rerun_bytes": max(
-                        0.0, peak.total - mem.total - peak.activations - peak.kv_relay - peak.optimizer_step
-                    ),
+                    # what the columns before leave of the total, so that the printed terms add up: recompute's
+                    # rerun transient (the largest unit's activations while its backward runs), which the peak's
+                    # static part holds beyond the stage memory, or, when OPT is the peak, its fp32 gradients
+                    "rerun_bytes": peak.static - mem.total,
                     "optimizer_step_bytes": peak.optimizer_step,
                     "total_bytes": peak.total,
                     "memory_fraction": peak.total / cost.profile.memory_bytes,
