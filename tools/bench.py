@@ -7,7 +7,7 @@
 
 Sides, each in a fresh process so that its memory peak is its own:
   liger    HF transformers + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), SDPA, bf16
-           parameters, fused torch AdamW: the issue's peer. If it runs out of memory it is retried with HF gradient
+           parameters, fused torch AdamW: the peer to beat. If it runs out of memory it is retried with HF gradient
            checkpointing (`--hf-checkpointing auto`), and the table says so.
   hf       HF eager + SDPA, otherwise the same (same checkpointing policy).
   lcgraph  one side per variant x compile x recompute mode x chunk count (`--variant chunked` only).
@@ -16,9 +16,10 @@ A side that runs out of memory, fails or passes `--side-timeout` is reported as 
 MFU = model FLOPs per token x tokens/s / peak, with model FLOPs per token = 6*N + 6*L*h*S
 (N: non-embedding parameters plus the LM head, L layers, h hidden size, S sequence length) and the peak
 given by --peak-tflops (default 798: the dense bf16 matmul rate measured on the H100/H200 here).
-Issue 14's targets are checked per lcgraph row against the HF + Liger row of the same length: speed
-(>= 1.15x at 16k and 32k, >= 1.25x and MFU >= 0.47 at 256k) and memory (peak <= the peer's peak plus
-8 bytes per parameter, what fp32 master weights and moments cost over bf16 AdamW). `held GiB` is what a
+Targets, when given, are checked per lcgraph row against the HF + Liger row of the same length:
+`--target-speed X` (tokens/s >= X times the peer's), `--target-mfu Y`, and always memory (peak <= the peer's
+peak plus `--extra-bytes` per parameter, default 8: what fp32 master weights and moments cost over bf16
+AdamW); the table says `ok` or `MISSED` for each. `held GiB` is what a
 side still holds after its last step (weights, optimizer state, gradients if it keeps them), so peak minus
 held is what one step adds on top: mostly activations.
 """
@@ -47,9 +48,15 @@ VARIANTS = {  # lcgraph variants: config overrides ({chunks} filled per side)
     "chunked": ["parallel.schedule=seq1f1b", "parallel.seq_chunks={chunks}", "parallel.chunk_split=even"],
 }
 RECOMPUTE_MODES = ("none", "full", "keep_attention")
-SPEED_TARGETS = {16384: 1.15, 32768: 1.15, 262144: 1.25}  # issue 14 item 5: lcgraph / HF+Liger tokens/s
-MFU_TARGETS = {262144: 0.47}
-OPTIMIZER_EXTRA_BYTES = 8  # per parameter: fp32 masters + fp32 moments (16 B) over bf16 AdamW (8 B)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What an lcgraph row must reach against the HF + Liger row of the same length (None: not checked)."""
+
+    speed: float | None = None  # lcgraph / HF+Liger tokens/s
+    mfu: float | None = None
+    extra_bytes: float = 8.0  # per parameter over the peer's peak: fp32 masters + moments (16 B) over bf16 AdamW (8 B)
 
 
 @dataclass(frozen=True)
@@ -310,9 +317,9 @@ def measure(side: Side, seq: int, args) -> tuple[Side, dict]:
     return side, result
 
 
-def summarize(rows: list[dict], config, peak_tflops: float) -> None:
-    """Fill in TFLOP/s, MFU, speed ratios against each peer and issue 14's targets (in place)."""
-    extra_gib = OPTIMIZER_EXTRA_BYTES * param_count(config) / 2**30
+def summarize(rows: list[dict], config, peak_tflops: float, targets: Targets = Targets()) -> None:
+    """Fill in TFLOP/s, MFU, speed ratios against each peer and the targets (in place)."""
+    extra_gib = targets.extra_bytes * param_count(config) / 2**30
     for seq in sorted({r["seq"] for r in rows}):
         same = [r for r in rows if r["seq"] == seq]
         flops = model_flops_per_token(config, seq)
@@ -333,16 +340,16 @@ def summarize(rows: list[dict], config, peak_tflops: float) -> None:
                 if "tokens_per_s" in res and "tokens_per_s" in p
             }
             r["memory_target_gib"] = liger["peak_gib"] + extra_gib if "peak_gib" in liger else None
-            r["targets"] = _targets(seq, res, r["speed_x"].get("liger"), r["memory_target_gib"])
+            r["targets"] = _targets(targets, res, r["speed_x"].get("liger"), r["memory_target_gib"])
 
 
-def _targets(seq: int, res: dict, speed: float | None, mem_target: float | None) -> dict:
-    """Each of issue 14's targets that applies at this length: True (met), False (missed), None (not measured)."""
+def _targets(targets: Targets, res: dict, speed: float | None, mem_target: float | None) -> dict:
+    """Each target asked for: True (met), False (missed), None (not measured)."""
     out: dict[str, bool | None] = {}
-    if seq in SPEED_TARGETS:
-        out[f"speed>={SPEED_TARGETS[seq]}x"] = None if speed is None else speed >= SPEED_TARGETS[seq]
-    if seq in MFU_TARGETS:
-        out[f"MFU>={MFU_TARGETS[seq]}"] = res["mfu"] >= MFU_TARGETS[seq] if "mfu" in res else None
+    if targets.speed is not None:
+        out[f"speed>={targets.speed}x"] = None if speed is None else speed >= targets.speed
+    if targets.mfu is not None:
+        out[f"MFU>={targets.mfu}"] = res["mfu"] >= targets.mfu if "mfu" in res else None
     out["memory"] = None if mem_target is None or "peak_gib" not in res else res["peak_gib"] <= mem_target
     return out
 
@@ -374,10 +381,10 @@ def render(rows: list[dict], title: str):
         "x HF+Liger",
         "x HF eager",
         "mem target GiB",
-        "issue 14",
+        "targets",
     )
     for col in cols:
-        table.add_column(col, justify="left" if col in ("side", "issue 14") else "right")
+        table.add_column(col, justify="left" if col in ("side", "targets") else "right")
     for r in rows:
         res, ratios = r["result"], r.get("speed_x", {})
         note = "plain OOM, " if res.get("plain_oom") else ""
@@ -412,6 +419,10 @@ def longest(side: Side, args, start: int, limit: int) -> int:
     return lo
 
 
+def targets_from_args(args) -> Targets:
+    return Targets(args.target_speed, args.target_mfu, args.extra_bytes)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, nargs="+", default=[16384])
@@ -427,6 +438,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds before a side counts as failed")
     ap.add_argument("--model", default="llama3_1b", help="a conf/model group (default: Llama-3.2-1B shape)")
     ap.add_argument("--peak-tflops", type=float, default=798.0)
+    ap.add_argument("--target-speed", type=float, help="lcgraph tokens/s at least this times HF+Liger's")
+    ap.add_argument("--target-mfu", type=float, help="lcgraph MFU at least this")
+    ap.add_argument("--extra-bytes", type=float, default=8.0, help="memory target: HF+Liger's peak + this per param")
     ap.add_argument("--max-seq", action="store_true", help="bisect the longest trainable sequence of each side")
     ap.add_argument("--max-limit", type=int, default=1 << 20)
     ap.add_argument("--json", default="bench.json", help="written after every side, so a cut-short run keeps rows")
@@ -450,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     config = build_config(compose(f"model={args.model}", tiny=False).model)
     title = (
         f"{args.model}, bf16, batch 1, {torch.cuda.get_device_name()}; MFU = (6N + 6*L*h*S) * tok/s / "
-        f"{args.peak_tflops:.0f} TFLOP/s; mem target = HF+Liger peak + {OPTIMIZER_EXTRA_BYTES} B/param"
+        f"{args.peak_tflops:.0f} TFLOP/s; mem target = HF+Liger peak + {args.extra_bytes:g} B/param"
     )
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:], "rows": []}
     rows = out["rows"]
@@ -460,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             side, result = measure(side, seq, args)
             rows.append({"seq": seq, "label": side.label, "side": asdict(side), "result": result})
             print(json.dumps(rows[-1]), flush=True)
-            summarize(rows, config, args.peak_tflops)
+            summarize(rows, config, args.peak_tflops, targets_from_args(args))
             Path(args.json).write_text(json.dumps(out, indent=2))
     if args.max_seq:
         out["max_seq"] = {s.label: longest(s, args, 8192, args.max_limit) for s in sides_from_args(args)}
