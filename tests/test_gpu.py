@@ -46,7 +46,7 @@ def test_bf16_loss_matches_hf_at_4k_tokens():
 
 
 def test_bf16_training_holds_16_bytes_per_parameter_between_steps():
-    """bf16 weights and gradients, fp32 master and two fp32 moments: issue 14's budget of HF + bf16 AdamW's
+    """bf16 weights and gradients, fp32 master and two fp32 moments: the memory budget of HF + bf16 AdamW's
     8 B per parameter plus 8 for fp32 master and moments. A persistent fp32 gradient would make it 20."""
     job = _llama1b_job(layers=2, seq=1024, steps=2)
     job.run_step(0)

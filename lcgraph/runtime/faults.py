@@ -11,7 +11,7 @@
   `<run>/heartbeats/rank-N` (one pwrite per action). When the launcher's ranks fail, `explained_failures`
   turns torch's ChildFailedError into one line naming the dead (or stuck) rank and every rank's last action.
 
-Test hook (documented in README): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]" injects faults at a 0-based step:
+Test hook (documented in docs/training.md): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]" injects faults at a 0-based step:
 nan:S:STAGE (NaN gradients for the stage's last parameter in name order, on its first replica),
 perturb:S:RANK (adds 1 to an element of the rank's first parameter in name order),
 kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward),
