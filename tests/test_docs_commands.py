@@ -76,6 +76,9 @@ PLACEHOLDERS = {
     "+recipe=NAME": "+recipe=tiny_cpu",
     # 80 layers on 8 stages: 2 minutes of drawing; 8 layers on 2 stages still hold layer 7
     "model.num_hidden_layers=80 parallel.pp=8": "model.num_hidden_layers=8 parallel.pp=2",
+    # the 70B x 1M plan's 8 x 8 layout and 64 chunks, on the tiny shape's 4 layers and 64 tokens
+    "+recipe=llama70b_1m +plan.device=h200": "+recipe=llama70b_1m +plan.device=h200 parallel.pp=2 parallel.sp=2 "
+    "parallel.seq_chunks=2",
 }
 # Layouts with more ranks are composed and validated, not trained here (CI has 2 cores): 4-rank layouts train in
 # test_cli (the default plan), test_sequence_parallel and test_reference.
