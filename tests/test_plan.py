@@ -11,7 +11,11 @@ from lcgraph.observability.timeline import from_measured, trace_events, write_ti
 from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
 from lcgraph.planner.simulator import UniformCosts, simulate
 from lcgraph.schedule import nccl
-from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
+from lcgraph.schedule.actions import ScheduleSpec
+from lcgraph.schedule.p2p import add_p2p
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.text import parse_programs
+from lcgraph.schedule.validator import bubble_fraction, validate
 
 TINY_SHAPE = dict(
     vocab_size=512,
@@ -206,7 +210,8 @@ def test_planned_optimizer_state_is_what_a_bf16_job_holds(zero, tmp_path):
 def test_the_optimizer_steps_fp32_gradients_are_the_peak_only_when_activations_are_smaller(tiny_graph):
     """OPT's transient fp32 gradients never add to activations: they are the peak for a short sequence only."""
     from lcgraph.planner.simulator import memory_peaks
-    from lcgraph.schedule.programs import ScheduleSpec, build_programs
+    from lcgraph.schedule.actions import ScheduleSpec
+    from lcgraph.schedule.programs import build_programs
 
     spec = ScheduleSpec("1f1b", pp=2, microbatches=2)
     for seq, opt_peak in ((8, True), (4096, False)):

@@ -31,7 +31,7 @@ from lcgraph.observability.metrics import RunLogger, model_flops_per_token
 from lcgraph.planner.profile import load_profile, profile_names
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.model import build_config
-from lcgraph.schedule.programs import format_programs
+from lcgraph.schedule.text import format_programs
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 

@@ -39,8 +39,11 @@ from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
 from lcgraph.runtime.model import build_config
 from lcgraph.runtime.recompute import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.schedule import nccl
-from lcgraph.schedule import programs as schedule
-from lcgraph.schedule.programs import ScheduleError, format_programs
+from lcgraph.schedule.actions import ScheduleError, ScheduleSpec
+from lcgraph.schedule.p2p import add_p2p
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.sequence import split_sequence
+from lcgraph.schedule.text import format_programs
 
 DEFAULTS = {
     "device": "h100",
@@ -79,7 +82,7 @@ class Evaluation:
     """A schedule evaluated for one layout: its programs, cost model and simulation."""
 
     label: str
-    spec: schedule.ScheduleSpec
+    spec: ScheduleSpec
     programs: list
     cost: CostModel
     sim: SimResult
@@ -125,14 +128,14 @@ def evaluate(
     """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
 
     k = seq_chunks if schedule_name == "seq1f1b" else 1
-    spec = schedule.ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
-    programs = schedule.add_p2p(schedule.build_programs(spec), spec)
+    spec = ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
+    programs = add_p2p(build_programs(spec), spec)
     nccl.check(programs, spec, nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero))
     if k == 1:
         lengths = [seq_len]
     else:
         per_token, per_pair = graph.split_costs()
-        lengths = schedule.split_sequence(seq_len, k, chunk_split, per_token, per_pair, align=layout.sp)
+        lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, align=layout.sp)
     cost = CostModel(graph, profile, layout, list(layer_counts), lengths)
     sim = simulate(programs, spec, cost)
     tokens = layout.dp * microbatches * layout.micro_batch * seq_len
