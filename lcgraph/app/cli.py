@@ -26,7 +26,7 @@ from lcgraph.app.job import Job, prepare_data
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks, user_error_names
-from lcgraph.observability.graphs import comm_times, write_measured_timeline
+from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, model_flops_per_token
 from lcgraph.planner.profile import load_profile, profile_names
 from lcgraph.runtime import checkpoint, faults
