@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from lcgraph.observability.timeline import from_measured, trace_events, write_timeline
-from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
+from lcgraph.planner.costs import CostModel, DeviceProfile, Layout, load_profile, profile_names
+from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.simulator import UniformCosts, simulate
 from lcgraph.schedule import nccl
 from lcgraph.schedule.actions import ScheduleSpec

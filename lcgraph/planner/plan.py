@@ -3,7 +3,7 @@
 The same Hydra app as `lcgraph-train` (same conf/ groups, same `+recipe=NAME`, every override), so a
 training command line with `lcgraph-train` replaced by `lcgraph-plan` plans that very run. It captures
 the model on the meta device (shapes only), reads the per-node costs of the capture once
-(`costs.GraphCosts`), splits layers like the trainer does, builds the per-rank programs and replays
+(`graph_costs.GraphCosts`), splits layers like the trainer does, builds the per-rank programs and replays
 them in the simulator against the cost model of a device profile. It prints one row per pipeline stage
 and a table of alternative schedules, and writes plan.json, programs.txt and timeline.json (+ .png
 with matplotlib) to the run directory.
@@ -33,7 +33,8 @@ from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
-from lcgraph.planner.costs import CostModel, GraphCosts, Layout
+from lcgraph.planner.costs import CostModel, Layout
+from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.profile import DeviceProfile, load_profile
 from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
 from lcgraph.runtime.model import build_config
