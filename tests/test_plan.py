@@ -485,7 +485,7 @@ def test_plan_figures_name_measured_and_assumed_sources(tiny_graph):
 
 def test_a_tiny_plans_step_time_reads_in_its_own_unit():
     """A CPU-sized plan used to print "step 0.000 s"."""
-    from lcgraph.planner.plan import _duration
+    from lcgraph.planner.report import _duration
 
     assert [_duration(x) for x in (2.5, 0.0123, 0.0002)] == ["2.500 s", "12.300 ms", "200.0 us"]
 
@@ -495,7 +495,7 @@ def test_auto_checkpoint_segments_take_the_lowest_replayed_peak(tiny_graph, chun
     """train.recompute_layers=0: the memory-only replay gives the simulator's own peaks, and the chosen segment size
     is the one whose full simulation peaks lowest. One unit in flight wants 1-layer segments (the smallest rerun);
     16 chunks in flight want longer ones (fewer inputs kept per chunk)."""
-    from lcgraph.planner.plan import best_segments, evaluate
+    from lcgraph.planner.evaluation import best_segments, evaluate
     from lcgraph.planner.simulator import memory_peaks
 
     def planned(group: int):
@@ -521,7 +521,8 @@ def test_recompute_auto_keeps_as_many_attention_layers_as_fit_between_full_and_k
 
     import lcgraph.planner as planner_pkg
     from lcgraph.app.testing import compose
-    from lcgraph.planner.plan import AUTO_USABLE, choose_recompute, evaluate_config, setup
+    from lcgraph.planner.evaluation import evaluate_config, setup
+    from lcgraph.planner.plan import AUTO_USABLE, choose_recompute
 
     base = json.loads((Path(planner_pkg.__file__).parent / "profiles" / "h200.json").read_text())
     profile = tmp_path / "tight.json"

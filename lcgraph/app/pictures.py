@@ -16,7 +16,7 @@ from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
 from lcgraph.observability.graph_layout import boxes_of
 from lcgraph.observability.graphs import dump_graph
-from lcgraph.planner.plan import layer_counts
+from lcgraph.planner.evaluation import layer_counts
 from lcgraph.runtime import model
 
 
