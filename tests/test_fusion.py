@@ -8,6 +8,8 @@ counted per layer; training with the pass against HF eager + AdamW (tests/test_r
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from lcgraph.graph.fusion import fuse_pointwise, fuse_wanted
 from lcgraph.ops import fused_pointwise as fp
 
 FUSE = "train.fuse=on"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = LlamaConfig(
     vocab_size=512,
     hidden_size=64,
@@ -237,6 +240,35 @@ def _run_forward(gm):
                 shape = [int(s) for s in node.meta["val"].shape]
                 values.append((0.1 * torch.randn(shape)).to(torch.bfloat16).requires_grad_(node.name.startswith("p_")))
     return gm(*values)
+
+
+def test_fused_kernels_tool_on_cpu_agrees_with_the_plain_ops_and_keeps_less(tmp_path):
+    """tools/fused_kernels.py end to end on CPU kernels (fp32): every fused row agrees with plain; RMSNorm and
+    SwiGLU keep less for backward than plain, rotary no more."""
+    spec = importlib.util.spec_from_file_location("fused_kernels", TOOLS / "fused_kernels.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--device", "cpu", "--dtype", "fp32", "--tokens", "64", "--hidden", "64", "--ffn", "128", "--heads", "4/2"]
+    out = tool.main(
+        [
+            *argv,
+            "--head-dim",
+            "16",
+            "--candidates",
+            "plain",
+            "torch",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path / "f.json"),
+        ]
+    )
+    rows = {(r["op"], r["candidate"]): r for r in out["rows"]}
+    assert all(rows[(op, "torch")]["agrees"] for op in ("rms_norm", "swiglu", "rotary"))
+    for op in ("rms_norm", "swiglu"):
+        assert rows[(op, "torch")]["kept_bytes"] < rows[(op, "plain")]["kept_bytes"], op
+    assert rows[("rotary", "torch")]["kept_bytes"] <= rows[("rotary", "plain")]["kept_bytes"]
+    assert out["best"] == {"rms_norm": "torch", "swiglu": "torch", "rotary": "torch"}
 
 
 def test_train_fuse_auto_is_on_for_cuda_only():
