@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -98,7 +99,7 @@ def _fuse_rms_norm(graph: fx.Graph, rsqrt: fx.Node) -> bool:
     if not (isinstance(add, fx.Node) and add.target == aten.add.Tensor and isinstance(add.args[1], float)):
         return False
     mean = add.args[0]
-    if not (isinstance(mean, fx.Node) and mean.target == aten.mean.dim and list(mean.args[1]) == [-1]):
+    if not (isinstance(mean, fx.Node) and mean.target == aten.mean.dim and list(cast(list, mean.args[1])) == [-1]):
         return False
     square = mean.args[0]
     if not (isinstance(square, fx.Node) and square.target == aten.pow.Tensor_Scalar and square.args[1] == 2):
@@ -107,19 +108,19 @@ def _fuse_rms_norm(graph: fx.Graph, rsqrt: fx.Node) -> bool:
     normed = _only_user(rsqrt)
     if normed is None or normed.target != aten.mul.Tensor or _other(normed, rsqrt) is not x32:
         return False
-    x = x32.args[0] if x32.target in _CASTS else x32
-    cast = _only_user(normed)
-    if cast is not None and cast.target in _CASTS:
-        scaled = _only_user(cast)
+    x = x32.args[0] if isinstance(x32, fx.Node) and x32.target in _CASTS else x32
+    back = _only_user(normed)
+    if back is not None and back.target in _CASTS:
+        scaled = _only_user(back)
     else:
-        scaled, cast = cast, normed
+        scaled, back = back, normed
     if scaled is None or scaled.target != aten.mul.Tensor:
         return False
-    weight = _other(scaled, cast)
-    xv, wv, cv, x32v = _val(x), _val(weight), _val(cast), _val(x32)
-    if xv is None or wv is None or cv is None or x32v is None or wv.dim() != 1:
+    weight = _other(scaled, back)
+    xv, wv, bv, x32v = _val(x), _val(weight), _val(back), _val(x32)
+    if xv is None or wv is None or bv is None or x32v is None or wv.dim() != 1:
         return False
-    if x32v.dtype != torch.float32 or cv.dtype != xv.dtype:  # HF's casts: up to fp32, back to x's dtype
+    if x32v.dtype != torch.float32 or bv.dtype != xv.dtype:  # HF's casts: up to fp32, back to x's dtype
         return False
     _replace(graph, scaled, RMS_NORM, (x, weight, add.args[1]))
     return True
@@ -153,7 +154,7 @@ def _rotary_parts(add: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
         for cat, sin in (rotated.args, rotated.args[::-1]):
             x = _rotate_half_of(cat)
             if x is not None and isinstance(sin, fx.Node) and x in plain.args:
-                cos = _other(plain, x)
+                cos = _other(cast(fx.Node, plain), x)
                 if isinstance(cos, fx.Node) and _val(x) is not None and _val(x).dim() == 4:
                     return x, cos, sin
     return None
@@ -163,7 +164,7 @@ def _rotate_half_of(cat) -> fx.Node | None:
     """x when `cat` is cat([-x[..., D/2:], x[..., :D/2]], -1)."""
     if not isinstance(cat, fx.Node) or cat.target != aten.cat.default or cat.args[1] not in (-1, 3):
         return None
-    parts = cat.args[0]
+    parts = cast(list, cat.args[0])
     if len(parts) != 2 or not all(isinstance(p, fx.Node) for p in parts) or parts[0].target != aten.neg.default:
         return None
     high, low = parts[0].args[0], parts[1]
@@ -171,7 +172,7 @@ def _rotate_half_of(cat) -> fx.Node | None:
         return None
     x = low.args[0]
     xv = _val(x)
-    if high.args[0] is not x or xv is None:
+    if high.args[0] is not x or xv is None or not isinstance(x, fx.Node):
         return None
     half = xv.shape[-1] // 2
     if tuple(low.args[1:4]) not in ((3, 0, half), (-1, 0, half)) or tuple(high.args[1:3]) not in (

@@ -201,7 +201,7 @@ def _liger_rotary_backward(dq, dk, cos, sin):
 def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim: (y, rstd); `rms_norm` is the graph's call."""
     y, rstd = _run("rms_norm", rms_norm_math, x, _liger_rms_norm, x.contiguous(), weight, eps)
-    return y.contiguous(), rstd.contiguous()
+    return y.contiguous(), rstd.reshape(x.shape[:-1]).contiguous()  # Liger's rstd is flat: [rows]
 
 
 @rms_norm_op.register_fake
