@@ -25,6 +25,7 @@ from lcgraph.ops import fused_pointwise as fp
 
 FUSE = "train.fuse=on"
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
+SEQ1F1B = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"]
 TINY = LlamaConfig(
     vocab_size=512,
     hidden_size=64,
@@ -304,16 +305,19 @@ def test_single_process_with_fused_ops_matches_hf_eager_adamw(reference):
     check(losses, params, reference(2, False), label="fuse=on", grad_norms=extra["grad_norms"])
 
 
-def test_compiled_stage_graphs_with_fused_ops_match_hf_eager(reference):
-    """train.compile=true: inductor compiles around the fused ops (opaque custom ops) on CPU."""
+def test_compiled_checkpoint_segments_with_fused_ops_over_uneven_chunks_match_hf_eager(reference):
+    """train.compile=true with Seq1F1B chunks of two lengths (dynamic shapes) under keep_attention: inductor
+    compiles each checkpoint segment around the fused ops (opaque custom ops), whose backward runs once per
+    norm, chunk and step, after the segment's rerun."""
     one_layer = "model.num_hidden_layers=1"
+    chunked = [*SEQ1F1B, "train.compile=true", "train.recompute=keep_attention"]
     before = fp.KERNEL_CALLS[("rms_norm_backward", "torch")]
-    losses, params, extra = train_local(run_cfg(FUSE, "train.compile=true", one_layer, tied=True, steps=3))
-    assert fp.KERNEL_CALLS[("rms_norm_backward", "torch")] - before == 3 * 3  # 2 norms + the final one, 3 steps
+    losses, params, extra = train_local(run_cfg(FUSE, *chunked, one_layer, tied=True, steps=3))
+    assert len(set(extra["job"].chunk_lengths)) == 2
+    assert fp.KERNEL_CALLS[("rms_norm_backward", "torch")] - before == 3 * 2 * 3  # 3 norms, 2 chunks, 3 steps
     check(losses, params, reference(1, True, 3, one_layer), label="fuse compile", grad_norms=extra["grad_norms"])
 
 
-SEQ1F1B = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"]
 TWO_RANKS = {  # label -> (overrides, tied)
     "pp=2 seq1f1b 2 uneven chunks, keep_attention, tied": (
         ["parallel.pp=2", "parallel.microbatches=2", *SEQ1F1B, "train.recompute=keep_attention"],
