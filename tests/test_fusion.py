@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,19 @@ def test_fused_kernels_tool_on_cpu_agrees_with_the_plain_ops_and_keeps_less(tmp_
         assert rows[(op, "torch")]["kept_bytes"] < rows[(op, "plain")]["kept_bytes"], op
     assert rows[("rotary", "torch")]["kept_bytes"] <= rows[("rotary", "plain")]["kept_bytes"]
     assert out["best"] == {"rms_norm": "torch", "swiglu": "torch", "rotary": "torch"}
+
+
+def test_bench_fuse_flag_gives_one_lcgraph_side_per_value_with_its_override():
+    spec = importlib.util.spec_from_file_location("bench", TOOLS / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(bench)
+    sides = bench.sides_from_args(bench.parser().parse_args(["--peers", "--compile", "on", "--fuse", "on", "off"]))
+    assert [s.label for s in sides] == ["lcgraph compile fuse=on", "lcgraph compile fuse=off"]
+    assert [[o for o in s.overrides([]) if o.startswith("train.fuse")] for s in sides] == [
+        ["train.fuse=on"],
+        ["train.fuse=off"],
+    ]
 
 
 def test_train_fuse_auto_is_on_for_cuda_only():
