@@ -17,12 +17,13 @@ fp32, cast back, times `up`; the rotation `x * cos + rotate_half(x) * sin` in th
 Kernels (`set_kernels`, or LCGRAPH_FUSED_KERNELS): ``torch`` is the ops above in eager PyTorch (the CPU
 path, exact in fp32); ``compiled`` is the same functions under torch.compile (inductor writes one Triton
 kernel per function); ``liger`` calls Liger's Triton kernels (liger-kernel, the `gpu` extra). ``auto``
-picks torch on CPU and, on GPU, liger when it imports, else compiled (tools/fused_kernels.py measures the
-three).
+picks torch on CPU and, on GPU, what `AUTO_GPU` says per op (liger when it imports, else compiled), from
+tools/fused_kernels.py's measurement of the three.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -46,6 +47,12 @@ def set_kernels(name: str) -> None:
     _kernels = name
 
 
+# What `auto` picks on a GPU for each op when liger-kernel imports (else `compiled`): the fastest kernels that
+# agree with the plain ops in tools/fused_kernels.py at a training step's shape (16k tokens, Llama-3.2-1B).
+AUTO_GPU: dict[str, str] = {"rms_norm": "liger", "swiglu": "liger", "rotary": "liger"}
+
+
+@functools.cache
 def liger_available() -> bool:
     try:
         import liger_kernel.ops.rms_norm  # noqa: F401
@@ -54,13 +61,15 @@ def liger_available() -> bool:
     return True
 
 
-def resolve_kernels(t: torch.Tensor) -> str:
-    """The kernels used for tensors like `t`: torch on CPU; on GPU `auto` is liger when it imports, else compiled."""
+def resolve_kernels(t: torch.Tensor, op: str = "rms_norm") -> str:
+    """The kernels `op` (or its backward) runs for tensors like `t`: torch on CPU; on GPU `auto` reads AUTO_GPU
+    when liger-kernel imports, else compiled."""
     if t.device.type != "cuda":
         return "torch"
     if _kernels != "auto":
         return _kernels
-    return "liger" if liger_available() else "compiled"
+    pick = AUTO_GPU.get(op.removesuffix("_backward"), "compiled")
+    return pick if pick != "liger" or liger_available() else "compiled"
 
 
 # --- reference math (HF's numerics); the torch kernels, compiled for the `compiled` ones -------------------
@@ -127,7 +136,7 @@ def _compiled_fn(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run(op: str, math_fn: Callable[..., Any], like: torch.Tensor, liger_fn: Callable[..., Any], *args):
-    kernels = resolve_kernels(like)
+    kernels = resolve_kernels(like, op)
     KERNEL_CALLS[(op, kernels)] += 1
     if kernels == "liger":
         return liger_fn(*args)
