@@ -138,9 +138,13 @@ def measure(op: str, name: str, fn: Callable, a, device: str, dtype: torch.dtype
     clock = Clock(device)
     leaves, make_args = inputs(op, a, device, dtype)
     args = make_args(leaves)
-    outs, kept = _forward(fn, args, device)  # warm-up too (compiles)
+    outs = _outputs(fn(*args))  # warm-up (compiles, autotunes)
     g = torch.Generator(device="cpu").manual_seed(1)  # the same output gradients for every candidate
     dys = [torch.randn(o.shape, generator=g).to(o) for o in outs]
+    torch.autograd.backward(outs, dys)
+    for x in leaves:
+        x.grad = None
+    outs, kept = _forward(fn, args, device)
     torch.autograd.backward(outs, dys)
     result = {"outputs": [o.detach() for o in outs], "grads": [x.grad for x in leaves]}
     fwd, bwd = [], []
