@@ -3,6 +3,7 @@
     python3 tools/bench.py --seq 16384 32768 --compile on --json out/bench.json
     python3 tools/bench.py --seq 262144 --peers liger --variant chunked --chunks 32 --recompute keep_attention \\
         --compile on --steps 1 --warmup 1
+    python3 tools/bench.py --seq 16384 --peers liger --compile on --fuse on off   # fused RMSNorm/SwiGLU/rotary
     python3 tools/bench.py --seq 524288 --peers --variant chunked --chunks 64 --recompute keep_attention --steps 1 --warmup 0
 
 Sides, each in a fresh process so that its memory peak is its own:
@@ -10,7 +11,7 @@ Sides, each in a fresh process so that its memory peak is its own:
            parameters, fused torch AdamW: the peer to beat. If it runs out of memory it is retried with HF gradient
            checkpointing (`--hf-checkpointing auto`), and the table says so.
   hf       HF eager + SDPA, otherwise the same (same checkpointing policy).
-  lcgraph  one side per variant x compile x recompute mode x chunk count (`--variant chunked` only).
+  lcgraph  one side per variant x compile x fuse x recompute mode x chunk count (`--variant chunked` only).
 A side that runs out of memory, fails or passes `--side-timeout` is reported as such; the others still run.
 
 MFU = model FLOPs per token x tokens/s / peak, with model FLOPs per token = 6*N + 6*L*h*S
@@ -69,6 +70,7 @@ class Side:
     recompute: str | None = None  # None: lcgraph's own default
     compile: bool = False
     checkpointing: bool = False  # peers only: HF gradient checkpointing
+    fuse: str = "auto"  # train.fuse (auto: lcgraph's default, on for CUDA)
 
     @property
     def label(self) -> str:
@@ -81,6 +83,8 @@ class Side:
             parts.append(f"rc={self.recompute}")
         if self.compile:
             parts.append("compile")
+        if self.fuse != "auto":
+            parts.append(f"fuse={self.fuse}")
         return " ".join(parts)
 
     def overrides(self, extra: list[str]) -> list[str]:
@@ -89,6 +93,8 @@ class Side:
             out.append(f"train.recompute={self.recompute}")
         if self.compile:
             out.append("train.compile=true")
+        if self.fuse != "auto":
+            out.append(f"train.fuse={self.fuse}")
         return out + list(extra)
 
 
@@ -96,9 +102,9 @@ def sides_from_args(args) -> list[Side]:
     """Peers first (the lcgraph rows' ratios need them), then every lcgraph combination asked for."""
     peers = [Side(p) for p in args.peers]
     lcgraph = []
-    for variant, comp, rc in itertools.product(args.variant, args.compile, args.recompute or [None]):
+    for variant, comp, fuse, rc in itertools.product(args.variant, args.compile, args.fuse, args.recompute or [None]):
         for chunks in args.chunks if variant == "chunked" else [1]:
-            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on"))
+            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on", fuse=fuse))
     return peers + lcgraph
 
 
@@ -433,6 +439,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunks", type=int, nargs="+", default=[8], help="sequence chunks of the 'chunked' variant")
     ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE_MODES, help="train.recompute (default: lcgraph's)")
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
+    ap.add_argument("--fuse", nargs="+", default=["auto"], choices=["auto", "on", "off"], help="train.fuse")
     ap.add_argument("--set", nargs="*", default=[], help="more lcgraph overrides, e.g. train.attention=cudnn")
     ap.add_argument("--hf-checkpointing", default="auto", choices=["auto", "never", "always"])
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds before a side counts as failed")

@@ -65,6 +65,7 @@ def overrides(seq: int, chunks: int, mode: str, compiled: bool) -> list[str]:
         "train.device=cuda",
         f"train.recompute={mode}",
         f"train.compile={str(compiled).lower()}",
+        "train.fuse=off",  # the planner costs the plain graph's ops (docs/kernels.md)
         "logging.wandb.mode=disabled",
         "train.progress=false",
         "optim.warmup_steps=1",

@@ -25,6 +25,7 @@ ScheduleName = Literal["gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"]
 ChunkSplit = Literal["even", "uniform_comp"]
 WandbMode = Literal["offline", "online", "disabled"]
 OnNonfinite = Literal["skip", "stop"]
+FuseMode = Literal["auto", "on", "off"]
 
 
 def choice(options: Any, default: str) -> Any:
@@ -104,6 +105,7 @@ class TrainConfig:
     allow_oversubscribe: bool = False
     progress: bool = True
     fused_loss: bool = True  # LM head + cross-entropy without materialising the logits
+    fuse: str = choice(FuseMode, "auto")  # fused RMSNorm/SwiGLU/rotary (auto: on CUDA only); see docs/kernels.md
     recompute: str = "none"  # none | full | keep_attention (true/false: full/none); see runtime.recompute
     recompute_layers: int = 0  # decoder layers per checkpoint segment (0: the planner picks); see runtime.recompute
     keep_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all; auto: as fit)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from lcgraph.errors import DataError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture
+from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives
 from lcgraph.planner.plan import resolve_recompute
@@ -153,6 +154,7 @@ class Job:
             only=mine,
             dump=dump,
             fused_loss=self.cfg.train.fused_loss,
+            fuse=fuse_wanted(self.cfg.train.fuse, self.device),
         )
         self.stages: dict[int, StageState] = {}
         for s, g in graphs.items():
@@ -192,7 +194,7 @@ class Job:
             dump = self._dumper() if self.cfg.dump.graphs else None
             for s, st in self.stages.items():
                 if self.optimizer.gather_waits(st.graph) and dump:
-                    dump(f"07_gather_waits_stage{s}", st.graph.gm)
+                    dump(f"08_gather_waits_stage{s}", st.graph.gm)
         # every rank needs every rank's RS/AG actions for programs.txt; buckets are per stage, so ask
         # each stage's layout: ranks of one pipeline rank agree, other pipeline ranks report theirs
         actions, tied_buckets = self._gather_bucket_actions(
@@ -227,7 +229,7 @@ class Job:
                 uneven=len(set(self.chunk_lengths)) > 1,
             )
             if self.cfg.dump.graphs and self.recompute != "none" and self.coords.dp_rank == self.coords.sp_rank == 0:
-                (self.run_dir / "graphs" / f"08_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
+                (self.run_dir / "graphs" / f"09_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
         c = self.coords
         peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
         self.interpreter = Interpreter(

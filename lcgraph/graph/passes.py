@@ -10,6 +10,8 @@ writes the graph after each one.
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
     fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
     lower_attention   every other attention -> the kernel under autograd, keeping output and LSE for its backward
+    fuse_pointwise    (graph/fusion.py, under train.fuse) RMSNorm, SwiGLU and rotary subgraphs -> fused ops that keep
+                      only what their backward needs
     gather_waits      (runtime/optimizer.py, once the distributed optimizer has cut its buckets) a wait for each bucket's parameter
                       all-gather right before the forward first reads one of its parameters
     segment_layers    (runtime/recompute.py, under train.recompute) one submodule per decoder layer, each then
@@ -27,6 +29,7 @@ from torch.fx.passes.split_module import split_module
 
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
+from lcgraph.graph.fusion import fuse_pointwise
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
 from lcgraph.ops.fused import linear_cross_entropy
 from lcgraph.ops.relay import layer_attention, relay_attention
@@ -357,6 +360,7 @@ PASSES = (
     "ulysses",
     "fuse_loss",
     "lower_attention",
+    "fuse_pointwise",
     "gather_waits",
 )  # the last one is zero.gather_waits: it needs the optimizer's bucket layout
 
@@ -417,6 +421,7 @@ def compile_stages(
     only: set[int] | None = None,
     dump=None,
     fused_loss: bool = True,
+    fuse: bool = False,
 ) -> dict[int, StageGraph]:
     """Run the passes in their fixed order; return the stage graphs (only those in `only`, when given)."""
     device = torch.device(device)
@@ -430,6 +435,7 @@ def compile_stages(
         ("04_ulysses", lambda st: ulysses(st, sp), sp > 1),
         ("05_fuse_loss", fuse_loss, fused_loss),
         ("06_lower_attention", lower_attention, True),
+        ("07_fuse_pointwise", lambda st: fuse_pointwise(st.gm), fuse),
     ]
     for s in chosen.values():
         if dump:
