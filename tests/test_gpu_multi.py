@@ -50,8 +50,9 @@ def _cli(args: list[str], launcher: list[str], run_dir: Path, timeout: int = 240
     """Run lcgraph in its own process group (a timed-out run's ranks are killed with it); its summary.json."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **SMALL_BUFFERS, **(env or {})}
     cmd = [*launcher, *SHAPE, TIMEOUT, *args, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -63,10 +64,22 @@ def _cli(args: list[str], launcher: list[str], run_dir: Path, timeout: int = 240
     return json.loads((run_dir / "summary.json").read_text())
 
 
-PP_1F1B = ["parallel.pp=2", "parallel.sp=1", "parallel.schedule=1f1b", "parallel.seq_chunks=1",
-           "parallel.microbatches=4", "train.steps=3"]
-SP_OWN = ["parallel.pp=1", "parallel.sp=2", "parallel.microbatches=1", "parallel.schedule=1f1b",
-          "parallel.seq_chunks=1", "train.steps=3"]
+PP_1F1B = [
+    "parallel.pp=2",
+    "parallel.sp=1",
+    "parallel.schedule=1f1b",
+    "parallel.seq_chunks=1",
+    "parallel.microbatches=4",
+    "train.steps=3",
+]
+SP_OWN = [
+    "parallel.pp=1",
+    "parallel.sp=2",
+    "parallel.microbatches=1",
+    "parallel.schedule=1f1b",
+    "parallel.seq_chunks=1",
+    "train.steps=3",
+]
 
 
 def test_starts_and_ends_cleanly_under_torchrun_and_lcgraph(tmp_path):
@@ -101,8 +114,14 @@ ONE_GPU = ["parallel=single", "parallel.microbatches=4", "train.steps=5"]
 EXACT = {
     "pp=2 1f1b": (["parallel=single", "parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=4"], ""),
     "pp=2 seq1f1b k=2": (
-        ["parallel=single", "parallel.pp=2", "parallel.schedule=seq1f1b", "parallel.seq_chunks=2",
-         "parallel.chunk_split=uniform_comp", "parallel.microbatches=4"],
+        [
+            "parallel=single",
+            "parallel.pp=2",
+            "parallel.schedule=seq1f1b",
+            "parallel.seq_chunks=2",
+            "parallel.chunk_split=uniform_comp",
+            "parallel.microbatches=4",
+        ],
         "",
     ),
     "sp=2": (["parallel=single", "parallel.sp=2", "parallel.microbatches=4"], ""),
@@ -153,7 +172,9 @@ def test_layouts_match_one_gpu(name, one_gpu, tmp_path):
         return
     overrides, fault = BROKEN[name]
     try:
-        _cli([*overrides, "train.steps=5", BROKEN_TIMEOUT], LCGRAPH, tmp_path, timeout=150, env={"LCGRAPH_FAULT": fault})
+        _cli(
+            [*overrides, "train.steps=5", BROKEN_TIMEOUT], LCGRAPH, tmp_path, timeout=150, env={"LCGRAPH_FAULT": fault}
+        )
     except RunFailed as failed:
         print(f"{name}: caught, the run failed: {str(failed)[-300:]}")
         return
