@@ -181,3 +181,52 @@ def test_layouts_match_one_gpu(name, one_gpu, tmp_path):
     with pytest.raises(AssertionError) as caught:
         _compare(name, tmp_path, one_gpu)
     print(f"{name}: caught: {str(caught.value)[:300]}")
+
+
+# 4 and 8 GPUs: the same comparison for the wider layouts (skipped with fewer GPUs)
+WIDE = {
+    "pp=4 seq1f1b k=2": (
+        [
+            "parallel=single",
+            "parallel.pp=4",
+            "parallel.schedule=seq1f1b",
+            "parallel.seq_chunks=2",
+            "parallel.chunk_split=uniform_comp",
+            "parallel.microbatches=4",
+        ],
+        4,
+    ),
+    "sp=4": (["parallel=single", "parallel.sp=4", "parallel.microbatches=4"], 4),
+    "pp=2 x sp=2": (
+        [
+            "parallel=single",
+            "parallel.pp=2",
+            "parallel.sp=2",
+            "parallel.schedule=seq1f1b",
+            "parallel.seq_chunks=2",
+            "parallel.microbatches=4",
+        ],
+        4,
+    ),
+    "pp=2 x sp=2 x dp=2": (
+        [
+            "parallel=single",
+            "parallel.pp=2",
+            "parallel.sp=2",
+            "parallel.dp=2",
+            "parallel.schedule=seq1f1b",
+            "parallel.seq_chunks=2",
+            "parallel.microbatches=2",
+        ],
+        8,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(WIDE))
+def test_wide_layouts_match_one_gpu(name, one_gpu, tmp_path):
+    overrides, gpus = WIDE[name]
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} CUDA GPUs")
+    _cli([*overrides, "train.steps=5"], LCGRAPH, tmp_path, timeout=300)
+    _compare(name, tmp_path, one_gpu)
