@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -112,6 +113,9 @@ def measure(overrides: list[str], run_dir: Path, steps: int, timeout: int) -> di
     except subprocess.TimeoutExpired as exc:
         return {"error": f"no result within {timeout} s", "tail": str(exc.stdout or "")[-800:]}
     wall = time.perf_counter() - start
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final checkpoint: GiBs, unused here
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "output.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         text = done.stdout + done.stderr
         return {"error": "OOM" if "OutOfMemoryError" in text else "failed", "tail": text[-1500:], "wall_s": wall}

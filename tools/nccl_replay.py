@@ -175,6 +175,8 @@ def main() -> None:
             result, seconds = run_case(case, args.timeout)
             rows.append(dict(case, hardware=result, seconds=round(seconds, 2), model=verdict))
             rows[-1]["agrees"] = agrees(verdict, result)
+            if args.json:  # after every case: a call cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(rows, indent=1))
             print(
                 f"{item:19s} {form:11s} hardware: {result:5s} ({seconds:6.2f} s)   model: {verdict}"
                 f"   {'agrees' if rows[-1]['agrees'] else 'DISAGREES'}",
