@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,23 @@ def test_link_bench_and_nccl_replay_run_on_gloo(tmp_path):
     assert [(c["form"], c["k"], c["hardware"]) for c in cases] == [("built", 4, "ok"), ("ungrouped", 4, "ok")]
     assert cases[0]["agrees"] and not cases[1]["agrees"]  # gloo never hangs: the model rejects what NCCL would
     assert "model agrees with the hardware on 1 of 2 cases" in done.stdout
+
+
+def test_lease_scripts_parse_and_their_overlap_configs_validate():
+    """Each tools/lease script is valid bash; the overrides its tools/overlap.py lines pass validate on CPU."""
+    scripts = sorted((ROOT / "tools" / "lease").glob("call*.sh"))
+    assert [s.name for s in scripts] == ["call1.sh", "call2.sh", "call3.sh", "call4.sh"]
+    checked = 0
+    for script in scripts:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        text = script.read_text()
+        assert "source tools/lease/common.sh" in text and text.rstrip().endswith("pack")
+        env = dict(re.findall(r'^(\w+)="([^"]*)"', text, re.M))
+        for line in text.splitlines():
+            if "tools/overlap.py" in line:
+                line = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), m.group(0)), line)
+                _valid_on_cpu(
+                    [w for w in line.split() if "=" in w and not w.startswith(("--", '"'))] + ["train.steps=4"]
+                )
+                checked += 1
+    assert checked == 2
