@@ -139,10 +139,11 @@ EXACT = {
 }
 # broken on purpose: must NOT match (a run that fails or hangs counts as caught). The seq1f1b swap sends the
 # 2 uneven chunks' messages in each other's place (sizes differ: NCCL hangs or corrupts); skip_rs steps every
-# replica's first bucket on its own, unreduced gradients.
+# replica's first bucket on its own, unreduced gradients: one 4 GB bucket holds every matrix, so the gradient norm
+# of that step drops by about 1/sqrt(1 + the two replicas' gradient correlation), far beyond bf16 noise.
 BROKEN = {
     "pp=2 seq1f1b k=2 swap": (EXACT["pp=2 seq1f1b k=2"][0], "swap:1:0"),
-    "dp=2 skip_rs": (EXACT["dp=2"][0], "skip_rs:1:0"),
+    "dp=2 skip_rs": ([*EXACT["dp=2"][0], "parallel.bucket_mb=4000"], "skip_rs:1:0"),
 }
 BROKEN_TIMEOUT = "train.comm_timeout_s=30"  # a broken run that hangs ends within a minute
 
@@ -172,7 +173,12 @@ def _compare(name: str, run_dir: Path, ref: tuple[list[float], list[float]]) -> 
     )
 
 
-@pytest.mark.parametrize("name", list(EXACT) + list(BROKEN))
+# the broken variants right after their clean layout, the layouts other runs also train last: a call cut by its
+# time limit loses the least
+ORDER = ["pp=2 seq1f1b k=2", "pp=2 seq1f1b k=2 swap", "dp=2", "dp=2 skip_rs", "sp=2", "pp=2 1f1b"]
+
+
+@pytest.mark.parametrize("name", ORDER)
 def test_layouts_match_one_gpu(name, one_gpu, tmp_path):
     """Each layout on NCCL against the one-GPU run: same tokens, same seed, 5 steps; the broken ones must not match."""
     if name in EXACT:

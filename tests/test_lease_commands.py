@@ -118,3 +118,8 @@ def test_lease_scripts_parse_and_their_overlap_configs_validate():
                 )
                 checked += 1
     assert checked == 2
+
+
+def test_the_exactness_order_covers_every_clean_and_broken_layout():
+    gm = _module("tests/test_gpu_multi.py")
+    assert sorted(gm.ORDER) == sorted([*gm.EXACT, *gm.BROKEN])

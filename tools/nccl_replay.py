@@ -43,6 +43,7 @@ from lcgraph.schedule.programs import (  # noqa: E402
     ScheduleSpec,
     add_p2p,
     build_programs,
+    format_programs,
     group_p2p,
     issue_units,
     receive_ahead,
@@ -168,12 +169,18 @@ def main() -> None:
     for item in args.schedules.split(","):
         schedule, k, v = parse_schedule(item)
         spec = ScheduleSpec(schedule, args.pp, args.microbatches, k, v)
-        for form in args.forms.split(","):
+        seen: dict[str, tuple[str, float, str]] = {}  # programs.txt -> (result, seconds, form): a form equal to
+        for form in args.forms.split(","):  # one already run (1f1b's unmirrored = built) reuses its result
             case = dict(schedule=schedule, pp=args.pp, m=args.microbatches, k=k, v=v, form=form)
             case.update(mbytes=args.mbytes, matmuls=args.matmuls)
             verdict = model_verdict(spec, form)
-            result, seconds = run_case(case, args.timeout)
+            text = format_programs(programs_in_form(spec, form), spec)
+            same = seen.get(text)
+            result, seconds = same[:2] if same else run_case(case, args.timeout)
+            seen.setdefault(text, (result, seconds, form))
             rows.append(dict(case, hardware=result, seconds=round(seconds, 2), model=verdict))
+            if same:
+                rows[-1]["same_programs_as"] = same[2]
             rows[-1]["agrees"] = agrees(verdict, result)
             if args.json:  # after every case: a call cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(rows, indent=1))

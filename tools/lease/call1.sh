@@ -7,7 +7,7 @@ CALL=call1
 source tools/lease/common.sh
 export NCCL_BUFFSIZE=262144
 PT="python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu_multi.py"
-step families 130 $PT -k "family and (gpipe or k4 or interleaved)" --basetemp="$RES/families" --junitxml="$RES/families.xml"
-step exactness 270 $PT -k "test_layouts_match_one_gpu" --basetemp="$RES/exact" --junitxml="$RES/exactness.xml"
-step replay 160 python3 tools/nccl_replay.py --pp 2 --forms built,unmirrored,ungrouped --timeout 20 --json "$RES/replay.json"
+step families 105 $PT -k "family and (gpipe or k4 or interleaved)" --basetemp="$RES/families" --junitxml="$RES/families.xml"
+step exactness 285 $PT -k "test_layouts_match_one_gpu" --basetemp="$RES/exact" --junitxml="$RES/exactness.xml"
+step replay 160 python3 tools/nccl_replay.py --pp 2 --forms built,unmirrored,ungrouped --timeout 18 --json "$RES/replay.json"
 pack
