@@ -123,3 +123,27 @@ def test_lease_scripts_parse_and_their_overlap_configs_validate():
 def test_the_exactness_order_covers_every_clean_and_broken_layout():
     gm = _module("tests/test_gpu_multi.py")
     assert sorted(gm.ORDER) == sorted([*gm.EXACT, *gm.BROKEN])
+
+
+def test_multi_gpu_ratios_and_targets_on_hand_made_rows():
+    mg = _module("tools/multi_gpu.py")
+
+    def row(label, tps, peaks, pred_tps):
+        measured = {"tokens_per_s": tps, "peak_gib_per_gpu": peaks, "final_loss": 11.0}
+        return {
+            "label": label,
+            "measured": measured,
+            "predicted": {"tokens_per_s": pred_tps, "peak_gib_per_gpu": [60.0]},
+        }
+
+    pipe = [row("1f1b", 40000.0, [80.0, 40.0], 44000.0), row("seq1f1b", 44000.0, [60.0, 45.0], 66000.0)]
+    verdict = mg.compare("pipeline32k", pipe)
+    assert pipe[1]["vs_baseline"] == pytest.approx({"tokens_per_s": 1.1, "stage0_peak": 0.75})
+    assert pipe[1]["pred_over_meas"] == pytest.approx({"tokens_per_s": 1.5, "stage0_peak": 1.0})
+    assert verdict == {"target_met": True}
+    pipe[1]["measured"]["peak_gib_per_gpu"][0] = 70.0  # 0.875x the memory: not the target
+    assert mg.compare("pipeline32k", pipe) == {"target_met": False}
+    uly = [row("1 GPU", 6000.0, [60.0], 6000.0), row("sp=2", 10200.0, [35.0, 35.0], 12000.0)]
+    verdict = mg.compare("ulysses", uly)
+    assert verdict["scaling_efficiency"] == pytest.approx(0.85) and not verdict["target_met"]
+    assert "0.85" in mg.table("ulysses", uly, verdict)
