@@ -4,6 +4,7 @@
 #   2. exactness: pp=2 1f1b, pp=2 seq1f1b, sp=2, dp=2 match one GPU over 5 steps; swap / skip_rs variants must not
 #   3. tools/nccl_replay.py: built, unmirrored and ungrouped programs of every family; model verdict vs hardware
 CALL=call1
+cd "$(dirname "$0")/../.." || exit 1  # the project root
 source tools/lease/common.sh
 export NCCL_BUFFSIZE=262144
 PT="python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu_multi.py"

@@ -4,6 +4,7 @@
 #   2. Seq1F1B k=4 vs 1F1B, pp=2, Llama-3.2-1B, 32k and 64k tokens x 4 micro-batches (tokens/s, stage-0 peak)
 #   3. Ulysses sp=2 vs one GPU at 128k (scaling efficiency)
 CALL=call2
+cd "$(dirname "$0")/../.." || exit 1  # the project root
 source tools/lease/common.sh
 step links 60 python3 tools/link_bench.py --gpus 2 --json "$RES/links.json"
 step fit 30 python3 tools/fit_links.py "$RES/links.json" --profile h200 --out "$RES/h200_fitted.json"
