@@ -250,6 +250,8 @@ def main(argv=None) -> None:
                     measured[key] = measure(overrides, run_dir, args.steps, args.timeout)
                 rows.append({"label": label, "overrides": overrides, "measured": measured[key]})
                 print(json.dumps({"experiment": name, **rows[-1]}), flush=True)
+                results["experiments"][name] = {"rows": rows}  # predictions and ratios follow at its end
+                (args.out / "multi_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
             for r in rows:
                 r["predicted"] = _predicted(futures[tuple(r["overrides"])])
             verdict = compare(name, rows)

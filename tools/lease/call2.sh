@@ -6,8 +6,8 @@
 CALL=call2
 cd "$(dirname "$0")/../.." || exit 1  # the project root
 source tools/lease/common.sh
-step links 60 python3 tools/link_bench.py --gpus 2 --json "$RES/links.json"
-step fit 30 python3 tools/fit_links.py "$RES/links.json" --profile h200 --out "$RES/h200_fitted.json"
-step pipeline 250 python3 tools/multi_gpu.py --out "$RES/pipeline" --only pipeline32k pipeline64k --steps 4 --timeout 120
-step ulysses 200 python3 tools/multi_gpu.py --out "$RES/ulysses" --only ulysses --steps 3 --timeout 150
+step links 50 python3 tools/link_bench.py --gpus 2 --json "$RES/links.json"
+step fit 20 python3 tools/fit_links.py "$RES/links.json" --profile h200 --out "$RES/h200_fitted.json"
+step pipeline 290 python3 tools/multi_gpu.py --out "$RES/pipeline" --only pipeline32k pipeline64k --steps 4 --timeout 140
+step ulysses 190 python3 tools/multi_gpu.py --out "$RES/ulysses" --only ulysses --steps 3 --timeout 150
 pack
