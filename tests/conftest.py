@@ -15,6 +15,7 @@ LONGEST_FIRST = (
     "test_overlap.py",
     "test_pipeline.py::test_seq1f1b_stage0",
     "test_faults.py",
+    "test_mutations.py",
     "test_cli.py::test_torchrun",
 )
 

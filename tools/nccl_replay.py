@@ -10,8 +10,13 @@ within `--timeout` seconds is a hang. Programs come in three forms:
     unmirrored  grouped (and receive-ahead) but not mirrored: the form that hung on 2 H200s
     ungrouped   every transfer its own batch: the classic 1F1B deadlock
 
-    python3 tools/nccl_replay.py --pp 2 --schedules gpipe,1f1b,interleaved_1f1b --forms built,unmirrored
+    python3 tools/nccl_replay.py --pp 2 --forms built,unmirrored,ungrouped --json replay.json
+    python3 tools/nccl_replay.py --pp 2 --schedules gpipe,1f1b,seq1f1b:4,interleaved_1f1b:2 --forms built
+
+A schedule is NAME[:N], N the sequence chunks (seq1f1b, default 2) or virtual stages (interleaved_1f1b, default 2).
 (pp GPUs, or gloo on CPU to check the tool; NCCL_BUFFSIZE is set small so that every message waits for its receiver).
+Each row says whether the model's verdict agrees with the hardware (passes = finished, rejects = hung or failed);
+the last line counts the agreements and whether every built program finished.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from lcgraph.schedule import nccl  # noqa: E402
 from lcgraph.schedule.actions import P2P_KINDS, Program, ScheduleError, ScheduleSpec, issue_units  # noqa: E402
 from lcgraph.schedule.p2p import add_p2p, group_p2p, receive_ahead, ungroup_p2p, with_transfers  # noqa: E402
 from lcgraph.schedule.programs import build_programs  # noqa: E402
+from lcgraph.schedule.text import format_programs  # noqa: E402
 
 
 def programs_in_form(spec: ScheduleSpec, form: str) -> list[Program]:
@@ -138,30 +144,67 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pp", type=int, default=2)
-    parser.add_argument("--schedules", default="gpipe,1f1b,seq1f1b,interleaved_1f1b")
-    parser.add_argument("--forms", default="built,unmirrored")
+    parser.add_argument("--schedules", default="gpipe,1f1b,seq1f1b:2,seq1f1b:4,interleaved_1f1b:2")
+    parser.add_argument("--forms", default="built,unmirrored,ungrouped")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--mbytes", type=float, default=32.0, help="message size, MiB")
     parser.add_argument("--matmuls", type=int, default=20, help="stand-in compute per F/B (2048^2 bf16 matmuls)")
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=25.0, help="seconds; a case still running then is a hang")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
     rows = []
-    for schedule in args.schedules.split(","):
-        k = 2 if schedule == "seq1f1b" else 1
-        v = 2 if schedule == "interleaved_1f1b" else 1
+    for item in args.schedules.split(","):
+        schedule, k, v = parse_schedule(item)
         spec = ScheduleSpec(schedule, args.pp, args.microbatches, k, v)
-        for form in args.forms.split(","):
+        seen: dict[str, tuple[str, float, str]] = {}  # programs.txt -> (result, seconds, form): a form equal to
+        for form in args.forms.split(","):  # one already run (1f1b's unmirrored = built) reuses its result
             case = dict(schedule=schedule, pp=args.pp, m=args.microbatches, k=k, v=v, form=form)
             case.update(mbytes=args.mbytes, matmuls=args.matmuls)
-            result, seconds = run_case(case, args.timeout)
-            rows.append(dict(case, hardware=result, seconds=round(seconds, 2), model=model_verdict(spec, form)))
-            print(f"{schedule:17s} {form:11s} hardware: {result:5s} ({seconds:6.2f} s)   model: {rows[-1]['model']}")
+            verdict = model_verdict(spec, form)
+            text = format_programs(programs_in_form(spec, form), spec)
+            same = seen.get(text)
+            result, seconds = same[:2] if same else run_case(case, args.timeout)
+            seen.setdefault(text, (result, seconds, form))
+            rows.append(dict(case, hardware=result, seconds=round(seconds, 2), model=verdict))
+            if same:
+                rows[-1]["same_programs_as"] = same[2]
+            rows[-1]["agrees"] = agrees(verdict, result)
+            if args.json:  # after every case: a call cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+            print(
+                f"{item:19s} {form:11s} hardware: {result:5s} ({seconds:6.2f} s)   model: {verdict}"
+                f"   {'agrees' if rows[-1]['agrees'] else 'DISAGREES'}",
+                flush=True,
+            )
+    print(summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def parse_schedule(item: str) -> tuple[str, int, int]:
+    """NAME[:N] -> (name, seq chunks, virtual stages): N chunks for seq1f1b, N virtual stages for interleaved."""
+    name, _, n = item.partition(":")
+    k = int(n or 2) if name == "seq1f1b" else 1
+    v = int(n or 2) if name == "interleaved_1f1b" else 1
+    return name, k, v
+
+
+def agrees(verdict: str, hardware: str) -> bool:
+    """The model's verdict matches the hardware: passes <-> finished, rejects <-> hung or failed."""
+    return verdict.startswith("passes") == (hardware == "ok")
+
+
+def summary(rows: list[dict]) -> str:
+    built = [r for r in rows if r["form"] == "built"]
+    unfinished = [f"{r['schedule']} k={r['k']} v={r['v']}" for r in built if r["hardware"] != "ok"]
+    return (
+        f"model agrees with the hardware on {sum(r['agrees'] for r in rows)} of {len(rows)} cases; "
+        f"built programs finished: {len(built) - len(unfinished)} of {len(built)}"
+        + (f" (not: {', '.join(unfinished)})" if unfinished else "")
+    )
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ class CostModel:
         if lay.sp == 1:
             return 0.0
         volume = tokens * self.graph.ulysses_bytes_per_token(c.attention_layers, lay.sp)
-        return volume * (lay.sp - 1) / lay.sp / self.profile.link_bw(lay.sp)
+        return volume * (lay.sp - 1) / lay.sp / self.profile.link_bw(lay.sp, "all_to_all")
 
     def forward_time(self, stage: int, chunk: int) -> float:
         return sum(self.compute_parts(stage, self.chunk_lengths[chunk], self.prefixes[chunk]).values())
@@ -245,7 +245,7 @@ class CostModel:
         nbytes = self._tokens(self.chunk_lengths[chunk]) * self.graph.hidden_size * self.graph.dtype_bytes
         per_node = dev.gpus_per_node
         src, dst = (lay.replicas * (s % lay.pp) // per_node for s in (src_stage, dst_stage))
-        return nbytes / (dev.intra_node_bw if src == dst else dev.inter_node_bw)
+        return nbytes / (dev.link_bw(2, "p2p") if src == dst else dev.inter_node_bw)
 
     def grad_sync_time(self, stage: int) -> float:
         """Reduce-scatter of gradients + all-gather of parameters over the dp*sp replicas (ring); an
@@ -389,7 +389,7 @@ class CostModel:
         """The figures a term reads on this layout (a link: only the one its collectives cross)."""
         if term in ("all_to_all", "grad_sync", "p2p"):
             ranks = {"all_to_all": self.layout.sp, "grad_sync": self.layout.replicas}.get(term, self.layout.gpus)
-            return ("intra_node_bw",) if ranks <= self.profile.gpus_per_node else ("inter_node_bw",)
+            return (self.profile.link_figure(ranks, term),)
         dev = self.profile
         fallback = {  # figures a profile may lack: the term then reads the one it falls back to
             "matmul_shapes": "matmul_shapes" if dev.matmul_shapes else "matmul_flops",

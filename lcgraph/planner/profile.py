@@ -40,6 +40,9 @@ def interp_log(points: Sequence[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
+LINK_KINDS = ("p2p", "all_to_all")  # links with a figure of their own (fitted by tools/fit_links.py)
+
+
 @dataclass
 class DeviceProfile:
     """Rates of one GPU and its links. Units: bytes, FLOP/s, bytes/s."""
@@ -52,6 +55,8 @@ class DeviceProfile:
     intra_node_bw: float  # per GPU, NCCL bus bandwidth inside a node (NVLink)
     inter_node_bw: float  # per GPU, NCCL bus bandwidth across nodes (InfiniBand)
     gpus_per_node: int = 8
+    p2p_bw: float = 0.0  # inside a node, one pipeline send/receive between two GPUs, bytes/s (0: intra_node_bw)
+    all_to_all_bw: float = 0.0  # inside a node, Ulysses all-to-all: bytes each rank sends to others / s (0: ditto)
     fp32_flops: float = 0.0  # fp32 (no tensor cores): used for train.dtype=fp32 plans
     # [k, n, forward FLOP/s, backward FLOP/s] of [tokens, k] x [k, n] at long token counts
     matmul_shapes: list[list[float]] = field(default_factory=list)
@@ -129,9 +134,16 @@ class DeviceProfile:
         per_key = [(s, interp_log([(r[0], r[col]) for r in rows if r[1] == s], sq)) for s in keys]
         return interp_log(per_key, sk)
 
-    def link_bw(self, ranks: int) -> float:
-        """Bus bandwidth per GPU of a collective over `ranks` consecutive ranks (inside a node or across)."""
-        return self.intra_node_bw if ranks <= self.gpus_per_node else self.inter_node_bw
+    def link_bw(self, ranks: int, kind: str = "") -> float:
+        """Bus bandwidth per GPU of a collective over `ranks` consecutive ranks (inside a node or across);
+        `kind` p2p or all_to_all reads its own measured figure inside a node when the profile has one."""
+        return float(getattr(self, self.link_figure(ranks, kind)))
+
+    def link_figure(self, ranks: int, kind: str = "") -> str:
+        """The profile figure `link_bw` reads (for the plan's measured / assumed lines)."""
+        if ranks > self.gpus_per_node:
+            return "inter_node_bw"
+        return f"{kind}_bw" if kind in LINK_KINDS and getattr(self, f"{kind}_bw") else "intra_node_bw"
 
 
 def _nearest(tables: dict, head_dim: int) -> int:

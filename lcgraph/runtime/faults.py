@@ -15,8 +15,12 @@ Test hook (documented in docs/training.md): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]
 nan:S:STAGE (NaN gradients for the stage's last parameter in name order, on its first replica),
 perturb:S:RANK (adds 1 to an element of the rank's first parameter in name order),
 kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward),
-term:S:RANK (sends itself SIGTERM at its first backward; once per process). None fires after a torchrun
-restart (TORCHELASTIC_RESTART_COUNT > 0).
+term:S:RANK (sends itself SIGTERM at its first backward; once per process),
+swap:S:RANK (the rank's first send of the step goes out after its next p2p group: two transfers change places,
+so the peer reads each where it expects the other), skip_rs:S:STAGE (every replica of the stage skips its first
+bucket's gradient reduce-scatter and steps on its own unreduced shard). None fires after a torchrun
+restart (TORCHELASTIC_RESTART_COUNT > 0). swap and skip_rs break a run's numbers, not its process: the exactness
+tests use them to show they notice a broken transfer or reduction.
 
 - Preemption: SIGTERM or SIGINT (`graceful_stop`) asks for a stop; the ranks agree on it through the loss
   all-reduce of the step (`stop_flag`), finish that step, write a checkpoint and exit 0. A second signal
@@ -59,7 +63,7 @@ _TERMS_SENT: set[int] = set()  # term injections already sent by this process
 # --- injected faults (tests) ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Injection:
-    kind: str  # nan | perturb | kill | hang
+    kind: str  # nan | perturb | kill | hang | term | swap | skip_rs
     step: int
     where: int  # a stage (nan) or a global rank
 
@@ -89,12 +93,30 @@ def before_step(job: Any, step: int) -> list:
         if stage in job.stages and c.dp_rank == 0 and c.sp_rank == 0:
             p = job.stages[stage].params[max(job.stages[stage].params)]
             handles.append(p.register_hook(lambda g: g * float("nan")))
+    if c.rank in _injected("swap", step):
+        job.interpreter.swap_next_send = True
+    for stage in _injected("skip_rs", step):
+        skip_first_reduce_scatter(job.optimizer, stage)
     if c.rank in _injected("perturb", step):
         job.optimizer.sync_params()
         st = job.stages[min(job.stages)]
         with torch.no_grad():
             st.params[min(st.params)].view(-1)[0] += 1.0
     return handles
+
+
+def skip_first_reduce_scatter(optimizer: Any, stage: int) -> None:
+    """skip_rs: the stage's first untied bucket keeps its local gradient shard this step (no reduce-scatter)."""
+    buckets = [b for b in getattr(optimizer, "buckets", []) if b.stage == stage and not b.tied]
+    if buckets and hasattr(optimizer, "skip_rs"):
+        optimizer.skip_rs = {buckets[0].index}
+
+
+class SkippedWork:
+    """Stands for a collective that skip_rs did not issue: waiting on it returns at once."""
+
+    def wait(self) -> bool:
+        return True
 
 
 # --- non-finite loss and gradients ------------------------------------------------------------------------------
@@ -124,6 +146,9 @@ def after_step(job: Any, step: int, metrics: dict, handles: list) -> None:
     """Drop the step's injected hooks; on non-finite gradients either note the skip in `metrics` or stop."""
     for h in handles:
         h.remove()
+    job.interpreter.swap_next_send = False  # a swap armed but never fired (no send this step) ends with it
+    if hasattr(job.optimizer, "skip_rs"):
+        job.optimizer.skip_rs = set()
     bad = job.optimizer.nonfinite
     if not bad:
         return

@@ -170,6 +170,8 @@ class Interpreter:
         self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
         self.record_timeline = record_timeline
         self.on_action: Callable[[str], None] | None = None  # told each action before it runs (faults.Heartbeat)
+        self.swap_next_send = False  # faults' swap hook: hold the next sends-only group back behind the group after it
+        self._held: list[Action] | None = None
 
     # --- one step ------------------------------------------------------------------------------------------
     def run_step(self, units: dict[tuple[int, int], UnitData], loss_scale: float) -> torch.Tensor:
@@ -196,6 +198,7 @@ class Interpreter:
             else:
                 self._timed(head.token(multi_stage), self._dispatch, head)
             self._index += len(unit)
+        self._release_held()
         self._finish(self.sends)
         masks.set_documents(None)  # attention outside a step is plain causal again
         return self.loss_sum
@@ -222,6 +225,7 @@ class Interpreter:
         elif action.kind == "B":
             self._backward(action)
         elif action.kind == "OPT":
+            self._release_held()
             self._finish(self.sends)
             self.sends = []
             self.grad_norm = self.optimizer.sync_and_step(self)
@@ -276,7 +280,22 @@ class Interpreter:
         return (batch, unit.input_ids.shape[1], hidden)
 
     def _p2p(self, group: list[Action]):
-        """Issue one p2p group as one batch; its receives are waited for by the compute that reads them."""
+        """Issue one p2p group as one batch; its receives are waited for by the compute that reads them.
+
+        With the swap test hook armed, a group of sends alone is held back and issued right after the next group:
+        the two transfers change places on the wire (faults.py)."""
+        if self.swap_next_send and self._held is None and all(a.kind.startswith("SEND") for a in group):
+            self.swap_next_send, self._held = False, group
+            return
+        self._issue_group(group)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._issue_group(held)
+
+    def _issue_group(self, group: list[Action]):
         ops, recvs = [], []
         for a in group:
             peer = self.pp_peers[a.peer]

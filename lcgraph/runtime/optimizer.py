@@ -118,6 +118,7 @@ class ShardedAdamW:
             self._make_buckets(s, stage, limit)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.waited_in_graph: set[int] = set()  # buckets whose gather wait is a graph node (gather_waits)
+        self.skip_rs: set[int] = set()  # buckets whose reduce-scatter this step skips (faults: skip_rs test hook)
         self.adamw = self._make_adamw()
         self.param_groups = self.adamw.param_groups  # the trainer sets the lr per step here
 
@@ -313,6 +314,10 @@ class ShardedAdamW:
                     self._issue(b)
 
     def _issue(self, b: Bucket) -> None:
+        if b.index in self.skip_rs:  # injected fault: this rank's own gradients, never summed over the replicas
+            b.grad_shard = b.grad_flat[b.shard].clone()
+            b.work = faults.SkippedWork()  # type: ignore[assignment]
+            return
         b.grad_shard = torch.empty(b.shard.stop - b.shard.start, dtype=b.grad_flat.dtype, device=b.grad_flat.device)
         reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         b.work = reduce_scatter(b.grad_shard, b.grad_flat, group=self.group, async_op=True)
