@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from lcgraph.planner import mfu
 from lcgraph.planner.profile import ATTENTION_BACKWARD, DeviceProfile, load_profile, profile_names
 from lcgraph.runtime.recompute import recompute_mode
 
@@ -222,10 +223,8 @@ class GraphCosts:
         return self.stage(list(range(len(self.layers))), True, True)
 
     def model_flops_per_token(self, seq_len: int) -> float:
-        """MFU convention (PaLM, arXiv 2204.02311, appendix B): 6N (matmul weights, head included) + 6*L*h*S for causal attention,
-        i.e. 3 x forward FLOPs per token of a full causal sequence of `seq_len`."""
-        t = self.total()
-        return 3.0 * (t.matmul_per_token + t.attention_per_pair * (seq_len + 1) / 2)
+        """6*N + 6*L*h*S (lcgraph.planner.mfu), N read from the graph's linears (2N forward FLOPs per token)."""
+        return mfu.flops_per_token(self.total().matmul_per_token / 2, len(self.layers), self.hidden_size, seq_len)
 
     def split_costs(self) -> tuple[float, float]:
         """(per token, per pair) forward FLOPs of the whole model: what schedule.split_sequence balances."""

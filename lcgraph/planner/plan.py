@@ -33,7 +33,9 @@ from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
+from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, GraphCosts, Layout
+from lcgraph.planner.devices import GpuProfile
 from lcgraph.planner.profile import DeviceProfile, load_profile
 from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
 from lcgraph.runtime.model import build_config
@@ -103,7 +105,10 @@ class Evaluation:
             "pipeline_time_s": sim.pipeline_time,
             "tokens_per_step": self.tokens_per_step,
             "tokens_per_s_per_gpu": tokens_per_s_gpu,
-            "mfu": self.model_flops_per_token * tokens_per_s_gpu / dev.matmul_flops,
+            "mfu": mfu.mfu(self.model_flops_per_token, tokens_per_s_gpu, dev, self.cost.graph.dtype),
+            "of_measured_matmul_peak": mfu.of_measured_matmul(
+                self.model_flops_per_token, tokens_per_s_gpu, dev, self.cost.graph.dtype
+            ),
             "bubble": sim.bubble,
             "peak_bytes": peak,
             "fits": peak <= dev.memory_bytes,
@@ -249,10 +254,11 @@ class Setup:
     auto_segments: bool = False  # train.recompute_layers=0: the planner picks the segment size (best_segments)
 
 
-def setup(cfg: DictConfig, captured=None) -> Setup:
-    """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here."""
+def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) -> Setup:
+    """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here.
+    `profile` (the GPU a rank runs on) replaces `+plan.device`'s."""
     settings = plan_settings(cfg)
-    profile = load_profile(settings["device"])
+    profile = profile or load_profile(settings["device"])
     if settings["gpus_per_node"]:
         profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
     if captured is None:
@@ -366,17 +372,19 @@ class Recompute:
     reason: str
 
 
-def resolve_recompute(cfg: DictConfig, captured=None) -> Recompute:
+def resolve_recompute(cfg: DictConfig, captured=None, gpu: GpuProfile | None = None) -> Recompute:
     """`train.recompute`, `train.recompute_layers` and `train.keep_attention_layers` as what to run, and why:
     given values as they are, `auto` / 0 chosen by the planner.
 
-    The app calls this before training (`+plan.device` names the profile, default h100)."""
+    The app calls this before training with `gpu`, the profile of the GPU the rank runs on (devices.py);
+    without one (CPU) `+plan.device` names the profile, default h100."""
     train = cfg.train
     mode = recompute_mode(train.get("recompute", False), allow_auto=True)
     layers, kept = int(train.get("recompute_layers", 0)), int(train.get("keep_attention_layers", -1))
     if mode == "none" or (mode != AUTO and layers > 0):
         return Recompute(mode, max(1, layers), kept, "set in the config")
-    ev, notes = _resolved(cfg, setup(cfg, captured))
+    ev, notes = _resolved(cfg, setup(cfg, captured, gpu.profile if gpu else None))
+    notes = [f"planned for {gpu.note}", *notes] if gpu else notes
     lay = ev.cost.layout
     return Recompute(lay.recompute, lay.recompute_layers, lay.kept_attention_layers, "; ".join(notes))
 
@@ -567,7 +575,8 @@ def print_plan(plan: Plan, console=None) -> None:
     )
     console.print(
         f"step {_duration(s['step_time_s'])} | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
-        f"MFU {s['mfu']:.1%} | bubble {s['bubble']:.1%} | {fits}"
+        f"MFU {mfu.mfu_text(s['mfu'])} ({mfu.mfu_text(s['of_measured_matmul_peak'])} of measured matmul peak) | "
+        f"bubble {s['bubble']:.1%} | {fits}"
     )
     for line in figure_lines(cost.figures_used()):
         console.print(line, markup=False)
@@ -586,7 +595,7 @@ def print_plan(plan: Plan, console=None) -> None:
                 chunks,
                 f"{x['step_time_s']:.3f}",
                 f"{x['tokens_per_s_per_gpu']:,.0f}",
-                f"{x['mfu']:.1%}",
+                mfu.mfu_text(x["mfu"]),
                 f"{x['bubble']:.1%}",
                 _size(x["peak_bytes"]),
                 "yes" if x["fits"] else "[red]no[/]",
