@@ -151,3 +151,25 @@ def test_recompute_auto_plans_with_the_memory_of_the_gpu_it_runs_on(tiny_capture
     on_h100 = plan.resolve_recompute(cfg(seq), tiny_capture, gpu_profile(*H100))
     assert on_h100.mode != "none", on_h100.reason
     assert plan.resolve_recompute(cfg(seq), tiny_capture).mode != "none"  # no GPU: +plan.device's default, h100
+
+
+def test_the_trainers_steps_and_summary_report_the_formula_on_a_faked_h200(tmp_path, monkeypatch):
+    """cli.run on CPU with the GPU lookup faked as one H200: every step's MFU and the summary's (at the summary's
+    own tokens/s, tokens over time of the second half, as bench counts it) are the formula over the fp32 datasheet
+    peak of an H200, 67 TFLOP/s (the run is fp32)."""
+    import json
+
+    from lcgraph.app import cli
+
+    monkeypatch.setattr(cli, "device_gpu", lambda device: gpu_profile(*H200))
+    cfg = compose("train.steps=4")
+    summary = cli.run(cfg, str(tmp_path))
+    flops = model_flops_per_token(build_config(cfg.model), cfg.data.seq_len)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for m in steps:
+        assert m["mfu"] == pytest.approx(flops * m["tokens"] / m["step_time_s"] / DATASHEET_FP32, rel=1e-9)
+    tail = steps[2:]
+    tokens_per_s = sum(m["tokens"] for m in tail) / sum(m["step_time_s"] for m in tail)
+    assert summary["tokens_per_s"] == pytest.approx(tokens_per_s, rel=1e-9)
+    assert cfg.train.dtype == "fp32"
+    assert summary["mfu"] == pytest.approx(flops * tokens_per_s / DATASHEET_FP32, rel=1e-9)

@@ -58,5 +58,5 @@ class RunPerf:
             return f"{self.gpu.note}; no datasheet peak known for it: TFLOP/s only, no MFU"
         return (
             f"MFU over the {self.dtype} datasheet peak of profile {prof.name}, {peak / 1e12:.1f} TFLOP/s "
-            f"({prof.peak_source}); measured matmul peak {prof.matmul_rate(self.dtype) / 1e12:.0f} TFLOP/s"
+            f"(its peak_source); of_measured_matmul_peak over {prof.matmul_rate(self.dtype) / 1e12:.0f} TFLOP/s"
         )
