@@ -79,7 +79,9 @@ def test_lcgraph_train_reports_the_mfu_bench_computes_for_the_same_run(tmp_path)
     rows = [{"seq": 16384, "label": "lcgraph", "side": {"kind": "lcgraph"}, "result": result}]
     bench.summarize(rows, config, bench.datasheet_tflops(name))
     assert rows[0]["result"]["mfu"] == pytest.approx(summary["mfu"], rel=1e-9)
-    print(f"{name}: {summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.3f} (bench {rows[0]['result']['mfu']:.3f})")
+    print(
+        f"{name}: {summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.3f} (bench {rows[0]['result']['mfu']:.3f})"
+    )
 
     # train.recompute=auto planned for this GPU: its name and its own memory, the profile its name matches
     total = torch.cuda.get_device_properties(0).total_memory

@@ -256,7 +256,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="profile.json", help="where to write the profile JSON")
     parser.add_argument("--backends-out", default=None, help="every backend's attention rates (JSON)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (under a minute)")
-    parser.add_argument("--matmul-only", action="store_true", help="re-measure matmul_flops alone into --base's figures")
+    parser.add_argument(
+        "--matmul-only", action="store_true", help="re-measure matmul_flops alone into --base's figures"
+    )
     parser.add_argument("--warmup-s", type=float, default=10.0, help="seconds of matmuls before the first timing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
