@@ -27,12 +27,12 @@ from lcgraph.app.paths import conf_dir
 from lcgraph.app.perf import RunPerf, device_gpu
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks, user_error_names
-from lcgraph.observability.graphs import comm_times, write_measured_timeline
+from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, throughput
 from lcgraph.planner.mfu import model_flops_per_token
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.model import build_config
-from lcgraph.schedule.programs import format_programs
+from lcgraph.schedule.text import format_programs
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 
