@@ -173,3 +173,20 @@ def test_the_trainers_steps_and_summary_report_the_formula_on_a_faked_h200(tmp_p
     assert summary["tokens_per_s"] == pytest.approx(tokens_per_s, rel=1e-9)
     assert cfg.train.dtype == "fp32"
     assert summary["mfu"] == pytest.approx(flops * tokens_per_s / DATASHEET_FP32, rel=1e-9)
+
+
+def test_a_job_resolves_auto_recompute_with_the_gpu_it_runs_on(tmp_path, monkeypatch):
+    """The trainer's Job asks for its device's profile (faked here as one H200) and the planner's note says so."""
+    from lcgraph.app import job as job_module
+
+    asked = []
+
+    def fake_gpu(device, requested=None):
+        asked.append((device.type, requested))
+        return gpu_profile(*H200, requested)
+
+    monkeypatch.setattr(job_module, "device_gpu", fake_gpu)
+    job = job_module.Job(compose("train.recompute=auto", "+plan.alternatives=false"), tmp_path, 0, 1)
+    assert asked == [("cpu", None)]
+    assert job.recompute_reason.startswith("planned for NVIDIA H200 (139.8 GiB): profile h200;"), job.recompute_reason
+    assert "125.8G usable of h200" in job.recompute_reason
