@@ -170,8 +170,13 @@ def test_graph_costs_reproduce_the_mfu_convention_and_parameter_count(tiny_graph
     per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * f
     n = L * per_layer + V * h  # matmul weights with the head, no embedding
     seq = 1000
-    # 6N + 6LhS, with the exact causal pair count S(S+1)/2 per sequence
-    assert tiny_graph.model_flops_per_token(seq) == pytest.approx(6 * n + 6 * L * h * (seq + 1))
+    from transformers import LlamaConfig
+
+    from lcgraph.planner.mfu import model_flops_per_token
+
+    # 6N + 6LhS (lcgraph.planner.mfu), N read from the graph's linears: the same N the config gives the trainer
+    assert tiny_graph.model_flops_per_token(seq) == pytest.approx(6 * n + 6 * L * h * seq)
+    assert tiny_graph.model_flops_per_token(seq) == pytest.approx(model_flops_per_token(LlamaConfig(**c), seq))
     assert tiny_graph.total().params == n + V * h + (2 * L + 1) * h  # + embedding + norms
     assert tiny_graph.total().attention_layers == L
     assert tiny_graph.head_dim == h // c["num_attention_heads"]

@@ -14,9 +14,9 @@ Sides, each in a fresh process so that its memory peak is its own:
   lcgraph  one side per variant x compile x fuse x recompute mode x chunk count (`--variant chunked` only).
 A side that runs out of memory, fails or passes `--side-timeout` is reported as such; the others still run.
 
-MFU = model FLOPs per token x tokens/s / peak, with model FLOPs per token = 6*N + 6*L*h*S
-(N: non-embedding parameters plus the LM head, L layers, h hidden size, S sequence length) and the peak
-given by --peak-tflops (default 798: the dense bf16 matmul rate measured on the H100/H200 here).
+MFU is lcgraph's one definition (lcgraph.planner.mfu, docs/observability.md): model FLOPs per token
+(6*N + 6*L*h*S) x tokens/s / the GPU's dense bf16 datasheet peak, read from the device profile its name
+matches (989.4 TFLOP/s on an H100 or H200 SXM); --peak-tflops overrides the peak.
 Targets, when given, are checked per lcgraph row against the HF + Liger row of the same length:
 `--target-speed X` (tokens/s >= X times the peer's), `--target-mfu Y`, and always memory (peak <= the peer's
 peak plus `--extra-bytes` per parameter, default 8: what fp32 master weights and moments cost over bf16
@@ -41,6 +41,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcgraph.planner import mfu  # noqa: E402
+from lcgraph.planner.devices import match_profile  # noqa: E402
+from lcgraph.planner.profile import load_profile  # noqa: E402
+
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # every side: less fragmentation
 
 PEERS = {"liger": "HF+Liger", "hf": "HF eager"}
@@ -108,20 +112,10 @@ def sides_from_args(args) -> list[Side]:
     return peers + lcgraph
 
 
-def model_flops_per_token(config, seq: int) -> float:
-    h, L = config.hidden_size, config.num_hidden_layers
-    return 6 * _matmul_params(config) + 6 * L * h * seq
-
-
 def _layer_params(config) -> int:
     h = config.hidden_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     return h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size
-
-
-def _matmul_params(config) -> int:
-    """N of the MFU convention: non-embedding parameters (norms aside) plus the LM head."""
-    return config.num_hidden_layers * _layer_params(config) + config.hidden_size * config.vocab_size
 
 
 def param_count(config) -> int:
@@ -328,12 +322,12 @@ def summarize(rows: list[dict], config, peak_tflops: float, targets: Targets = T
     extra_gib = targets.extra_bytes * param_count(config) / 2**30
     for seq in sorted({r["seq"] for r in rows}):
         same = [r for r in rows if r["seq"] == seq]
-        flops = model_flops_per_token(config, seq)
+        flops = mfu.model_flops_per_token(config, seq)
         for r in same:
             res = r["result"]
             if "tokens_per_s" in res:
                 res["tflops"] = res["tokens_per_s"] * flops / 1e12
-                res["mfu"] = res["tflops"] / peak_tflops
+                res["mfu"] = mfu.utilisation(flops, res["tokens_per_s"], peak_tflops * 1e12)
         peers = {r["side"]["kind"]: r["result"] for r in same if r["side"]["kind"] in PEERS}
         liger = peers.get("liger", {})
         for r in same:
@@ -444,7 +438,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf-checkpointing", default="auto", choices=["auto", "never", "always"])
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds before a side counts as failed")
     ap.add_argument("--model", default="llama3_1b", help="a conf/model group (default: Llama-3.2-1B shape)")
-    ap.add_argument("--peak-tflops", type=float, default=798.0)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: the GPU's datasheet)")
     ap.add_argument("--target-speed", type=float, help="lcgraph tokens/s at least this times HF+Liger's")
     ap.add_argument("--target-mfu", type=float, help="lcgraph MFU at least this")
     ap.add_argument("--extra-bytes", type=float, default=8.0, help="memory target: HF+Liger's peak + this per param")
@@ -454,6 +448,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one isolated side (a JSON Side)
     ap.add_argument("--profile", default=None, help="directory for a torch.profiler kernel table per side (peers too)")
     return ap
+
+
+def datasheet_tflops(device_name: str) -> float:
+    """The dense bf16 datasheet peak (TFLOP/s) of the profile this GPU's name matches: lcgraph-train's denominator."""
+    name = match_profile(device_name)
+    peak = mfu.datasheet_peak(load_profile(name), "bf16") if name else None
+    if peak is None:
+        raise SystemExit(f"bench: no datasheet peak for {device_name!r} in lcgraph's profiles; pass --peak-tflops")
+    return peak / 1e12
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -469,9 +472,10 @@ def main(argv: list[str] | None = None) -> None:
     from lcgraph.runtime.model import build_config
 
     config = build_config(compose(f"model={args.model}", tiny=False).model)
+    args.peak_tflops = args.peak_tflops or datasheet_tflops(torch.cuda.get_device_name())
     title = (
         f"{args.model}, bf16, batch 1, {torch.cuda.get_device_name()}; MFU = (6N + 6*L*h*S) * tok/s / "
-        f"{args.peak_tflops:.0f} TFLOP/s; mem target = HF+Liger peak + {args.extra_bytes:g} B/param"
+        f"{args.peak_tflops:.1f} TFLOP/s (datasheet dense bf16); mem target = HF+Liger peak + {args.extra_bytes:g} B/param"
     )
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv[1:], "rows": []}
     rows = out["rows"]

@@ -24,11 +24,12 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from lcgraph.app.config import register_configs
 from lcgraph.app.job import Job, prepare_data
 from lcgraph.app.paths import conf_dir
+from lcgraph.app.perf import RunPerf, device_gpu
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.measured import comm_times, write_measured_timeline
-from lcgraph.observability.metrics import RunLogger, model_flops_per_token
-from lcgraph.planner.profile import load_profile, profile_names
+from lcgraph.observability.metrics import RunLogger, throughput
+from lcgraph.planner.mfu import model_flops_per_token
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule.text import format_programs
@@ -124,13 +125,15 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         logger.note(f"resumed from {resume} at step {start}")
     every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
     end = max(start, cfg.train.steps)
-    flops, peak = model_flops_per_token(job.config, cfg.data.seq_len), peak_flops(job.device, cfg.train.dtype)
+    perf = RunPerf(model_flops_per_token(job.config, cfg.data.seq_len), world, cfg.train.dtype, device_gpu(job.device))
+    if rank == 0 and (line := perf.peak_line()):
+        logger.note(line)
     with faults.graceful_stop(cfg.train.comm_timeout_s):  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
         for step in range(start, cfg.train.steps):
             if job.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(job.device)
             metrics = job.run_step(step)
-            metrics.update(step_perf(metrics, flops, peak, world, job.device))
+            metrics.update(step_perf(metrics, perf, job.device))
             logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
             faults.check_replicas(job, step)  # every train.check_every steps
             if job.stopping:
@@ -141,7 +144,9 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
                 checkpoint.save_checkpoint(job, saves, step + 1)
         checkpoint.save_checkpoint(job, saves, end)
     measured = write_measured_timeline(job, run_path, world)  # collective: every rank
-    summary = logger.finish(extra={**_memory_summary(job, world), **measured})
+    # the summary's MFU is that of its own tokens/s (tokens over time of the second half), as bench counts it
+    whole_run = perf.at(throughput(logger.history)) if logger.history else {}
+    summary = logger.finish(extra={**_memory_summary(job, world), **measured, **whole_run})
     return summary
 
 
@@ -163,21 +168,9 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
             ) from None
 
 
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The dense matmul peak of this GPU from the planner's profiles (h100, h200, a100), the MFU denominator."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    match = next((p for p in profile_names() if p in name), None)
-    return load_profile(match).matmul_rate(dtype) if match else None
-
-
-def step_perf(metrics: dict, flops_per_token: float, peak: float | None, world: int, device: torch.device) -> dict:
-    """TFLOP/s per GPU and MFU (6*N + 6*L*h*S per token) and, on GPU, the step's peak memory."""
-    per_gpu = flops_per_token * metrics["tokens"] / metrics["step_time_s"] / world
-    out: dict[str, float | int] = {"tflops_per_gpu": per_gpu / 1e12}
-    if peak:
-        out["mfu"] = per_gpu / peak
+def step_perf(metrics: dict, perf: RunPerf, device: torch.device) -> dict:
+    """TFLOP/s per GPU and MFU of one step (lcgraph.app.perf) and, on GPU, the step's peak memory."""
+    out: dict[str, float | int] = {**perf.at(metrics["tokens"] / metrics["step_time_s"])}
     if device.type == "cuda":
         out["cuda_step_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out
@@ -376,6 +369,8 @@ def _print_summary(run_dir: str) -> None:
         parts.append(f"{s['tflops_per_gpu']:.3g} TFLOP/s per GPU")
     if "mfu" in s:
         parts.append(f"MFU {100 * s['mfu']:.1f}%")
+    if "of_measured_matmul_peak" in s:
+        parts.append(f"{100 * s['of_measured_matmul_peak']:.1f}% of measured matmul peak")
     if "cuda_step_peak_bytes" in s:
         parts.append(f"peak {s['cuda_step_peak_bytes'] / 2**30:.1f} GiB")
     print(", ".join(parts))

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from lcgraph.app.perf import device_gpu
 from lcgraph.errors import DataError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture
@@ -217,8 +218,9 @@ class Job:
         return merged, frozenset().union(*(t for _, t in everyone))
 
     def _setup_interpreter(self):
-        # train.recompute=auto: the planner's fastest mode that fits (+plan.device names the profile)
-        resolved = resolve_recompute(self.cfg, self.captured)
+        # train.recompute=auto: the planner's fastest mode that fits this GPU (+plan.device may name the rates)
+        gpu = device_gpu(self.device, OmegaConf.select(self.cfg, "plan.device", default=None))
+        resolved = resolve_recompute(self.cfg, self.captured, gpu)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
             st.graph.gm = recompute.seal(

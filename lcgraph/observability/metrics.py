@@ -4,16 +4,17 @@ metrics.jsonl has one flat dict per step, as the trainer returns it. W&B gets th
 sections, all plotted against `step`:
 
     train/   loss, lr, grad_norm, tokens
-    perf/    tokens_per_s, step_time_s, tflops_per_gpu, mfu (when the device's peak is known), bubble_fraction
+    perf/    tokens_per_s, step_time_s, tflops_per_gpu, mfu and of_measured_matmul_peak (on a GPU with a
+             profile), bubble_fraction
     memory/  cuda_step_peak_bytes per step (GPU), activation peak per stage, CUDA peak per rank (at the end)
     comm/    p2p_s, grad_sync_s, comm_s per step (rank 0), comm_s per rank (last step, at the end)
 
 and at the end: timeline.png as an image, every graph picture (graphs/*.html) as HTML, plan.json (from
 `lcgraph-plan` into the same directory) as tables. `wandb sync RUN_DIR/wandb/offline-run-*` uploads.
 
-Model FLOPs per token are 6*N + 6*L*h*S (N the matmul parameters: every layer's projections and the LM head;
-L layers, h hidden, S the sequence length), as tools/bench.py counts them: tflops_per_gpu = that x the step's
-tokens / step time / ranks, and mfu = tflops_per_gpu / the device's dense bf16 peak.
+The trainer fills in tflops_per_gpu (model FLOPs per token x the step's tokens / step time / ranks) and mfu
+(that over the GPU's datasheet dense peak) through lcgraph.planner.mfu, the one definition the planner and
+tools/bench.py use too (formula in docs/observability.md).
 The bar, the summary and the final line show one throughput: tokens over time of the second half of the
 steps so far. `logging.wandb.mode=online` without an API key or without a route to the W&B server warns once
 and logs offline instead.
@@ -39,6 +40,7 @@ SECTIONS = {
         "step_time_s",
         "tflops_per_gpu",
         "mfu",
+        "of_measured_matmul_peak",
         "bubble_fraction",
         "measured_step_s",
         "measured_pipeline_s",
@@ -66,17 +68,6 @@ def metric_key(name: str) -> str:
     if name.startswith("comm") or name.endswith("_comm_s"):
         return f"comm/{name}"
     return f"train/{name}"
-
-
-def model_flops_per_token(config, seq: int) -> float:
-    """6*N + 6*L*h*S: a step's matmul FLOPs (forward and backward) per token, attention over S tokens included."""
-    h, L = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
-    q = config.num_attention_heads * head_dim
-    per_layer = h * (2 * q + 2 * kv) + 3 * h * config.intermediate_size
-    n = L * per_layer + h * config.vocab_size
-    return 6 * n + 6 * L * h * seq
 
 
 def throughput(history: list[dict]) -> float:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
+from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.profile import DeviceProfile, load_profile
@@ -93,7 +94,10 @@ class Evaluation:
             "pipeline_time_s": sim.pipeline_time,
             "tokens_per_step": self.tokens_per_step,
             "tokens_per_s_per_gpu": tokens_per_s_gpu,
-            "mfu": self.model_flops_per_token * tokens_per_s_gpu / dev.matmul_flops,
+            "mfu": mfu.mfu(self.model_flops_per_token, tokens_per_s_gpu, dev, self.cost.graph.dtype),
+            "of_measured_matmul_peak": mfu.of_measured_matmul(
+                self.model_flops_per_token, tokens_per_s_gpu, dev, self.cost.graph.dtype
+            ),
             "bubble": sim.bubble,
             "peak_bytes": peak,
             "fits": peak <= dev.memory_bytes,
@@ -156,10 +160,11 @@ class Setup:
     auto_segments: bool = False  # train.recompute_layers=0: the planner picks the segment size (best_segments)
 
 
-def setup(cfg: DictConfig, captured=None) -> Setup:
-    """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here."""
+def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) -> Setup:
+    """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here.
+    `profile` (the GPU a rank runs on) replaces `+plan.device`'s."""
     settings = plan_settings(cfg)
-    profile = load_profile(settings["device"])
+    profile = profile or load_profile(settings["device"])
     if settings["gpus_per_node"]:
         profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
     if captured is None:

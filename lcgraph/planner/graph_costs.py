@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from lcgraph.planner import mfu
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 # ops whose output shares its input's storage: no new memory, no memory traffic
@@ -193,10 +195,8 @@ class GraphCosts:
         return self.stage(list(range(len(self.layers))), True, True)
 
     def model_flops_per_token(self, seq_len: int) -> float:
-        """MFU convention (PaLM, arXiv 2204.02311, appendix B): 6N (matmul weights, head included) + 6*L*h*S for causal attention,
-        i.e. 3 x forward FLOPs per token of a full causal sequence of `seq_len`."""
-        t = self.total()
-        return 3.0 * (t.matmul_per_token + t.attention_per_pair * (seq_len + 1) / 2)
+        """6*N + 6*L*h*S (lcgraph.planner.mfu), N read from the graph's linears (2N forward FLOPs per token)."""
+        return mfu.flops_per_token(self.total().matmul_per_token / 2, len(self.layers), self.hidden_size, seq_len)
 
     def split_costs(self) -> tuple[float, float]:
         """(per token, per pair) forward FLOPs of the whole model: what schedule.split_sequence balances."""

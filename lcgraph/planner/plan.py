@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
+from lcgraph.planner.devices import GpuProfile
 from lcgraph.planner.evaluation import Evaluation, Setup, evaluate, evaluate_config, setup, size
 from lcgraph.runtime.recompute import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.schedule.actions import ScheduleError
@@ -162,17 +163,19 @@ class Recompute:
     reason: str
 
 
-def resolve_recompute(cfg: DictConfig, captured=None) -> Recompute:
+def resolve_recompute(cfg: DictConfig, captured=None, gpu: GpuProfile | None = None) -> Recompute:
     """`train.recompute`, `train.recompute_layers` and `train.keep_attention_layers` as what to run, and why:
     given values as they are, `auto` / 0 chosen by the planner.
 
-    The app calls this before training (`+plan.device` names the profile, default h100)."""
+    The app calls this before training with `gpu`, the profile of the GPU the rank runs on (devices.py);
+    without one (CPU) `+plan.device` names the profile, default h100."""
     train = cfg.train
     mode = recompute_mode(train.get("recompute", False), allow_auto=True)
     layers, kept = int(train.get("recompute_layers", 0)), int(train.get("keep_attention_layers", -1))
     if mode == "none" or (mode != AUTO and layers > 0):
         return Recompute(mode, max(1, layers), kept, "set in the config")
-    ev, notes = _resolved(cfg, setup(cfg, captured))
+    ev, notes = _resolved(cfg, setup(cfg, captured, gpu.profile if gpu else None))
+    notes = [f"planned for {gpu.note}", *notes] if gpu else notes
     lay = ev.cost.layout
     return Recompute(lay.recompute, lay.recompute_layers, lay.kept_attention_layers, "; ".join(notes))
 

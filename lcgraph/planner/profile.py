@@ -11,7 +11,8 @@ Kernel rates follow one FLOP convention so that a rate times seconds gives the c
 
 `provenance` maps a figure's name to "measured: how" or "assumed: the public source"; a figure the map
 does not name is assumed, with the profile's `source` as its reference. Plans print the figures they
-used in these two groups (`DeviceProfile.status`).
+used in these two groups (`DeviceProfile.status`). The datasheet peaks (`peak_bf16_flops`, `peak_fp32_flops`,
+with `peak_source`) are no rate of the time model: they are what MFU divides by (lcgraph.planner.mfu).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class DeviceProfile:
 
     name: str
     memory_bytes: float
-    matmul_flops: float  # dense bf16 matmul, best square shape (also the MFU denominator)
+    matmul_flops: float  # dense bf16 matmul as measured (the time model's rate; never the MFU denominator)
     attention_flops: dict[int, list[tuple[int, float]]]  # head dim -> [(seq_len, fwd+bwd FLOP/s)], causal
     memory_bandwidth: float
     intra_node_bw: float  # per GPU, NCCL bus bandwidth inside a node (NVLink)
@@ -64,6 +65,9 @@ class DeviceProfile:
     attention_blocks: dict[int, dict[str, list[list[float]]]] = field(default_factory=dict)
     fused_loss_flops: float = 0.0  # lcgraph's fused LM head + cross-entropy with gradients (6hV/token)
     fused_loss_nograd_flops: float = 0.0  # the same under no_grad (2hV/token)
+    peak_bf16_flops: float = 0.0  # datasheet dense bf16 peak: the MFU denominator (lcgraph.planner.mfu); 0: unknown
+    peak_fp32_flops: float = 0.0  # datasheet fp32 peak (no tensor cores), the denominator of fp32 runs
+    peak_source: str = ""  # where the two peaks come from
     adamw_params_per_s: float = 0.0  # fused AdamW over fp32 master weights and moments
     traffic_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.9, "compiled": 1.0})
     saved_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.0, "compiled": 1.0})

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
+from lcgraph.planner import mfu
 from lcgraph.planner.evaluation import size
 from lcgraph.planner.plan import Plan
 from lcgraph.schedule.text import format_programs
@@ -101,7 +102,8 @@ def print_plan(plan: Plan, console=None) -> None:
     )
     console.print(
         f"step {_duration(s['step_time_s'])} | {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU | "
-        f"MFU {s['mfu']:.1%} | bubble {s['bubble']:.1%} | {fits}"
+        f"MFU {mfu.mfu_text(s['mfu'])} ({mfu.mfu_text(s['of_measured_matmul_peak'])} of measured matmul peak) | "
+        f"bubble {s['bubble']:.1%} | {fits}"
     )
     for line in figure_lines(cost.figures_used()):
         console.print(line, markup=False)
@@ -120,7 +122,7 @@ def print_plan(plan: Plan, console=None) -> None:
                 chunks,
                 f"{x['step_time_s']:.3f}",
                 f"{x['tokens_per_s_per_gpu']:,.0f}",
-                f"{x['mfu']:.1%}",
+                mfu.mfu_text(x["mfu"]),
                 f"{x['bubble']:.1%}",
                 size(x["peak_bytes"]),
                 "yes" if x["fits"] else "[red]no[/]",

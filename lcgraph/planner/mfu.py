@@ -1,0 +1,66 @@
+"""Model FLOPs utilisation: the one definition every report of lcgraph uses.
+
+    model FLOPs per token = 6*N + 6*L*h*S
+    MFU                   = model FLOPs per token x tokens/s per GPU / the GPU's datasheet dense peak
+
+N counts the matmul weights (every layer's q, k, v, o and MLP projections plus the LM head; embedding and
+norms aside), L the decoder layers, h the hidden size, S the sequence length. The peak is the datasheet's
+dense bf16 figure (fp32 for fp32 runs) stored in the device profile (`peak_bf16_flops`, `peak_fp32_flops`,
+`peak_source`), not the profile's measured `matmul_flops`: that one is the planner's time model, and a
+figure "of measured matmul peak" is reported beside MFU under that name. The trainer, the planner and
+tools/bench.py all call these functions, so the same run reads the same MFU everywhere (docs/observability.md).
+"""
+
+from __future__ import annotations
+
+from lcgraph.planner.profile import DeviceProfile
+
+
+def flops_per_token(matmul_params: float, layers: int, hidden: int, seq: int) -> float:
+    """6*N + 6*L*h*S: forward and backward FLOPs per token, causal attention over `seq` tokens included."""
+    return 6.0 * matmul_params + 6.0 * layers * hidden * seq
+
+
+def matmul_params(config) -> int:
+    """N of the formula from an HF LLaMA-like config: per layer q, k, v, o and the three MLP projections,
+    plus the LM head (counted even when tied to the embedding: it is a matmul every token pays)."""
+    h, L = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    per_layer = h * (2 * q + 2 * kv) + 3 * h * config.intermediate_size
+    return L * per_layer + h * config.vocab_size
+
+
+def model_flops_per_token(config, seq: int) -> float:
+    """6*N + 6*L*h*S of an HF config at sequence length `seq`."""
+    return flops_per_token(matmul_params(config), config.num_hidden_layers, config.hidden_size, seq)
+
+
+def datasheet_peak(profile: DeviceProfile, dtype: str) -> float | None:
+    """The dense datasheet peak (FLOP/s) of `dtype` ("bf16" or "fp32") on this profile's GPU, or None when
+    the profile does not know it (then no MFU is reported rather than a wrong one)."""
+    peak = profile.peak_fp32_flops if dtype == "fp32" else profile.peak_bf16_flops
+    return peak or None
+
+
+def utilisation(flops_per_token_: float, tokens_per_s_per_gpu: float, peak: float | None) -> float | None:
+    """Achieved model FLOP/s per GPU over `peak`; None without a peak."""
+    return flops_per_token_ * tokens_per_s_per_gpu / peak if peak else None
+
+
+def mfu(flops_per_token_: float, tokens_per_s_per_gpu: float, profile: DeviceProfile, dtype: str) -> float | None:
+    """MFU against the GPU's datasheet dense peak of `dtype`."""
+    return utilisation(flops_per_token_, tokens_per_s_per_gpu, datasheet_peak(profile, dtype))
+
+
+def of_measured_matmul(
+    flops_per_token_: float, tokens_per_s_per_gpu: float, profile: DeviceProfile, dtype: str
+) -> float | None:
+    """The same achieved rate over the profile's measured dense matmul rate (not MFU: a figure beside it)."""
+    return utilisation(flops_per_token_, tokens_per_s_per_gpu, profile.matmul_rate(dtype))
+
+
+def mfu_text(value: float | None) -> str:
+    """A printed MFU: '34.2%', or 'n/a' when the GPU's datasheet peak is unknown."""
+    return "n/a" if value is None else f"{value:.1%}"
