@@ -214,6 +214,7 @@ class Job:
         # train.recompute=auto: the planner's fastest mode that fits (+plan.device names the profile)
         resolved = resolve_recompute(self.cfg, self.captured)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
+        self.offload = str(self.cfg.train.offload)
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
             st.graph.gm = recompute.seal(
                 st.graph.gm,
@@ -237,6 +238,7 @@ class Job:
             recompute=self.recompute,
             measure_activations=self.device.type == "cpu",
             kept_attention_layers=resolved.kept_attention_layers,
+            offload=self.offload,
         )
         self.heartbeat = faults.Heartbeat(self.run_dir, c.rank)  # what a failure report names
         self.interpreter.on_action = self.heartbeat.beat
