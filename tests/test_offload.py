@@ -100,3 +100,41 @@ def test_a_unit_whose_backward_comes_next_stays_on_the_device():
     forwards = sum(t.startswith("F") for t in program)
     assert follows > 0 and stats.kept_units == follows
     assert len(stats.by_unit) == forwards - follows
+
+
+def _tool(name: str):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_link_tool_writes_rates_and_marks_a_profile_measured(tmp_path):
+    """tools/host_link.py on CPU copies (its GPU run differs only in pinned memory and event timing)."""
+    import json
+    import shutil
+
+    from lcgraph.planner.profile import PROFILES_DIR, load_profile
+
+    profile = tmp_path / "h200.json"
+    shutil.copy(PROFILES_DIR / "h200.json", profile)
+    assert load_profile(str(profile)).status("host_bandwidth")[0] == "assumed"
+    argv = ["--device", "cpu", "--mib", "4", "--repeat", "1", "--out", str(tmp_path / "link.json")]
+    result = _tool("host_link").main([*argv, "--update-profile", str(profile)])
+    written = json.loads((tmp_path / "link.json").read_text())
+    assert written["host_bandwidth"] == min(written["d2h_bytes_per_s"], written["h2d_bytes_per_s"]) > 0
+    measured = load_profile(str(profile))
+    assert measured.host_bandwidth == pytest.approx(result["host_bandwidth"], rel=1e-3)  # 4 digits in the JSON
+    assert measured.status("host_bandwidth")[0] == "measured"
+
+
+def test_bench_passes_train_offload_to_the_lcgraph_side():
+    bench = _tool("bench")
+    args = ["--peers", "--variant", "chunked", "--chunks", "16", "--recompute", "keep_attention"]
+    sides = bench.sides_from_args(bench.parser().parse_args([*args, "--offload", "none", "attention"]))
+    assert [s.offload for s in sides] == ["none", "attention"]
+    assert "train.offload=attention" in sides[1].overrides([]) and "offload=attention" in sides[1].label

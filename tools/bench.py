@@ -47,6 +47,7 @@ VARIANTS = {  # lcgraph variants: config overrides ({chunks} filled per side)
     "chunked": ["parallel.schedule=seq1f1b", "parallel.seq_chunks={chunks}", "parallel.chunk_split=even"],
 }
 RECOMPUTE_MODES = ("none", "full", "keep_attention")
+OFFLOAD_MODES = ("none", "attention", "all", "auto")
 SPEED_TARGETS = {16384: 1.15, 32768: 1.15, 262144: 1.25}  # issue 14 item 5: lcgraph / HF+Liger tokens/s
 MFU_TARGETS = {262144: 0.47}
 OPTIMIZER_EXTRA_BYTES = 8  # per parameter: fp32 masters + fp32 moments (16 B) over bf16 AdamW (8 B)
@@ -62,6 +63,7 @@ class Side:
     recompute: str | None = None  # None: lcgraph's own default
     compile: bool = False
     checkpointing: bool = False  # peers only: HF gradient checkpointing
+    offload: str | None = None  # train.offload (None: lcgraph's own default)
 
     @property
     def label(self) -> str:
@@ -74,6 +76,8 @@ class Side:
             parts.append(f"rc={self.recompute}")
         if self.compile:
             parts.append("compile")
+        if self.offload:
+            parts.append(f"offload={self.offload}")
         return " ".join(parts)
 
     def overrides(self, extra: list[str]) -> list[str]:
@@ -82,6 +86,8 @@ class Side:
             out.append(f"train.recompute={self.recompute}")
         if self.compile:
             out.append("train.compile=true")
+        if self.offload:
+            out.append(f"train.offload={self.offload}")
         return out + list(extra)
 
 
@@ -89,9 +95,10 @@ def sides_from_args(args) -> list[Side]:
     """Peers first (the lcgraph rows' ratios need them), then every lcgraph combination asked for."""
     peers = [Side(p) for p in args.peers]
     lcgraph = []
-    for variant, comp, rc in itertools.product(args.variant, args.compile, args.recompute or [None]):
+    grid = itertools.product(args.variant, args.compile, args.recompute or [None], args.offload or [None])
+    for variant, comp, rc, off in grid:
         for chunks in args.chunks if variant == "chunked" else [1]:
-            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on"))
+            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on", offload=off))
     return peers + lcgraph
 
 
@@ -421,6 +428,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", nargs="*", default=["default"], choices=sorted(VARIANTS), help="none: peers only")
     ap.add_argument("--chunks", type=int, nargs="+", default=[8], help="sequence chunks of the 'chunked' variant")
     ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE_MODES, help="train.recompute (default: lcgraph's)")
+    ap.add_argument("--offload", nargs="+", choices=OFFLOAD_MODES, help="train.offload (default: lcgraph's)")
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
     ap.add_argument("--set", nargs="*", default=[], help="more lcgraph overrides, e.g. train.attention=cudnn")
     ap.add_argument("--hf-checkpointing", default="auto", choices=["auto", "never", "always"])

@@ -60,6 +60,7 @@ class DeviceProfile:
     fused_loss_flops: float = 0.0  # lcgraph's fused LM head + cross-entropy with gradients (6hV/token)
     fused_loss_nograd_flops: float = 0.0  # the same under no_grad (2hV/token)
     adamw_params_per_s: float = 0.0  # fused AdamW over fp32 master weights and moments
+    host_bandwidth: float = 0.0  # pinned host <-> GPU copies, per direction (train.offload; tools/host_link.py)
     traffic_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.9, "compiled": 1.0})
     saved_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.0, "compiled": 1.0})
     provenance: dict[str, str] = field(default_factory=dict)
