@@ -61,6 +61,7 @@ def test_offload_takes_saved_bytes_off_the_device_and_allocates_the_pool_once():
         arenas.append(off.pool.arenas_allocated)
         sent += off.stats.to_host
         assert off.pool.in_use == 0, "every slot goes back to the pool after its unit's backward"
+        assert off.stats.prefetched == off.stats.to_device == off.stats.to_host > 0, "brought back ahead, once"
     assert arenas[0] >= 1 and arenas == [arenas[0]] * 3, f"pool arenas per step {arenas}"
     assert off.pool.capacity < sent, "later steps reuse the first step's slots"
     m = plain.config
