@@ -218,7 +218,7 @@ class Job:
         # train.recompute=auto: the planner's fastest mode that fits (+plan.device names the profile)
         resolved = resolve_recompute(self.cfg, self.captured)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
-        self.offload = str(self.cfg.train.offload)
+        self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
             st.graph.gm = recompute.seal(
                 st.graph.gm,

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lcgraph.planner.graph_costs import Coeffs, GraphCosts
+from lcgraph.planner.offload import offloaded_bytes, transient_bytes
 from lcgraph.planner.profile import ATTENTION_BACKWARD, DeviceProfile, load_profile, profile_names
 from lcgraph.runtime.recompute import recompute_mode
 
@@ -56,6 +57,7 @@ class Layout:
     kept_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all)
     compiled: bool = False  # train.compile: elementwise ops fused (the profile's "compiled" factors)
     fused_loss: bool = True  # train.fused_loss
+    offload: str = "none"  # train.offload: what waits in host memory (planner/offload.py)
 
     def __post_init__(self) -> None:
         self.recompute = recompute_mode(self.recompute)
@@ -94,6 +96,7 @@ TERM_FIGURES = {
     "grad_sync": ("intra_node_bw", "inter_node_bw"),
     "p2p": ("intra_node_bw", "inter_node_bw"),
     "activations": ("saved_factor",),
+    "offload": ("host_bandwidth",),
 }
 
 
@@ -350,7 +353,7 @@ class CostModel:
         return 0.0
 
     def static_bytes(self, stage: int) -> float:
-        return self.stage_memory(stage).total + self.recompute_transient(stage)
+        return self.stage_memory(stage).total + self.recompute_transient(stage) + transient_bytes(self, stage)
 
     def step_bytes(self, stage: int) -> float:
         """The fp32 gradient shard a bf16 run's distributed optimizer casts at OPT and frees (runtime/optimizer.py)."""
@@ -359,7 +362,9 @@ class CostModel:
         return 4 * self.stages[stage].params / self.layout.replicas
 
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
-        return self.unit_activations(stage, chunk)
+        """What a unit holds on the device between its forward and its backward (less what went to the host)."""
+        kept, kv = self.unit_activations(stage, chunk)
+        return kept - offloaded_bytes(self, stage, chunk), kv
 
     # --- honesty -----------------------------------------------------------------------------------------
     def figures_used(self) -> dict[str, dict]:
@@ -375,6 +380,8 @@ class CostModel:
             if self.grad_sync_time(s) > 0:
                 terms.add("grad_sync")
         terms.add("optimizer")
+        if self.layout.offload != "none":
+            terms.add("offload")
         if len(self.stages) > 1:
             terms.add("p2p")
         out: dict[str, dict] = {}

@@ -29,7 +29,7 @@ from lcgraph.graph.passes import StageGraph
 from lcgraph.ops import masks
 from lcgraph.ops.relay import RelayContext
 from lcgraph.runtime import recompute as recompute_layers
-from lcgraph.runtime.offload import Offloader, offload_mode
+from lcgraph.runtime.offload import Offloader, backward_lookahead, offload_mode
 from lcgraph.runtime.recompute import recompute_mode
 from lcgraph.schedule.actions import P2P_KINDS, Action, issue_units, unit_token
 
@@ -174,7 +174,7 @@ class Interpreter:
         self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
         mode = offload_mode(offload)  # train.offload (runtime/offload.py)
         self.offloader = Offloader(mode, torch.device(device), ptrs) if mode != "none" else None
-        self.next_backward, self.backward_follows = _backward_lookahead(program)
+        self.next_backward, self.backward_follows = backward_lookahead(program)
         self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
         self.record_timeline = record_timeline
         self.on_action: Callable[[str], None] | None = None  # told each action before it runs (faults.Heartbeat)
@@ -334,25 +334,6 @@ class Interpreter:
             kind, stage, mb, chunk = key
             self.timeline.append((f"wait {kind}{mb}.{chunk}@{stage}", start, time.perf_counter()))
         return self.inbox.pop(key)
-
-
-def _backward_lookahead(program: list[Action]) -> tuple[list[tuple | None], list[bool]]:
-    """Per program index: the unit of the next backward after it (what to prefetch), and whether the next
-    compute action is the backward of this very forward (its activations then stay on the device)."""
-    following: list[tuple | None] = [None] * len(program)
-    follows = [False] * len(program)
-    upcoming: tuple | None = None
-    next_compute: Action | None = None
-    for i in range(len(program) - 1, -1, -1):
-        a = program[i]
-        following[i] = upcoming
-        if a.kind == "F" and next_compute is not None and next_compute.kind == "B":
-            follows[i] = (next_compute.stage, next_compute.mb, next_compute.chunk) == (a.stage, a.mb, a.chunk)
-        if a.kind in ("F", "B"):
-            next_compute = a
-        if a.kind == "B":
-            upcoming = (a.stage, a.mb, a.chunk)
-    return following, follows
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import torch
 from lcgraph.errors import PlanError
 from lcgraph.ops.attention import Saved
 from lcgraph.ops.relay import RelayContext
+from lcgraph.schedule.actions import Action
 
 OFFLOAD_MODES = ("none", "attention", "all")  # least moved first
 AUTO = "auto"  # the planner picks (planner.offload.resolve_offload)
@@ -245,3 +246,22 @@ class Offloader:
             return self.fetch(packed) if isinstance(packed, Stashed) else packed
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def backward_lookahead(program: list[Action]) -> tuple[list[tuple | None], list[bool]]:
+    """Per program index: the unit of the next backward after it (what to prefetch), and whether the next
+    compute action is the backward of this very forward (its activations then stay on the device)."""
+    following: list[tuple | None] = [None] * len(program)
+    follows = [False] * len(program)
+    upcoming: tuple | None = None
+    next_compute: Action | None = None
+    for i in range(len(program) - 1, -1, -1):
+        a = program[i]
+        following[i] = upcoming
+        if a.kind == "F" and next_compute is not None and next_compute.kind == "B":
+            follows[i] = (next_compute.stage, next_compute.mb, next_compute.chunk) == (a.stage, a.mb, a.chunk)
+        if a.kind in ("F", "B"):
+            next_compute = a
+        if a.kind == "B":
+            upcoming = (a.stage, a.mb, a.chunk)
+    return following, follows
