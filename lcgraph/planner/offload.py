@@ -9,7 +9,7 @@ Per unit (runtime/offload.py says what each mode moves):
 
 Device memory: an offloaded unit holds nothing of those bytes between its forward and its backward; two units'
 worth stay on the device at any time (one being copied out or computed, one brought back ahead of its
-backward), charged as a transient to each stage (`transient_bytes`). Host memory: the same replay of the
+backward), charged as a transient to each stage (`CostModel.offload_transient`). Host memory: the same replay of the
 programs as the device's, counting offloaded bytes: its peak per rank must fit the rank's share of host
 memory (`+plan.host_memory_gb`, else this machine's RAM over its GPUs, HOST_USABLE of it).
 
@@ -23,37 +23,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from lcgraph.errors import PlanError
+from lcgraph.planner.costs import CostModel
+from lcgraph.planner.simulator import memory_peaks
 from lcgraph.runtime.offload import backward_lookahead
 
-if TYPE_CHECKING:
-    from lcgraph.planner.costs import CostModel
-
 HOST_USABLE = 0.8  # share of a rank's host memory the offload pool may take: the OS, loaders, pinning limits
-LSE_BYTES = 4
-
-
-def offloaded_bytes(cost: CostModel, stage: int, chunk: int) -> float:
-    """Bytes one unit of `stage` sends to the host (its activations stay on the device without offload)."""
-    mode = cost.layout.offload
-    if mode == "none":
-        return 0.0
-    g = cost.graph
-    tokens = cost._tokens(cost.chunk_lengths[chunk])
-    if mode == "attention":
-        return cost.kept_attention(stage) * g.heads * (g.head_dim * g.dtype_bytes + LSE_BYTES) * tokens
-    kept, _ = cost.unit_activations(stage, chunk)
-    received = g.hidden_size * g.dtype_bytes * tokens if stage > 0 else 0.0
-    return max(0.0, kept - received)
-
-
-def transient_bytes(cost: CostModel, stage: int) -> float:
-    """Offloaded bytes a stage still holds on the device: the unit being computed and the one coming back."""
-    if cost.layout.offload == "none":
-        return 0.0
-    return 2 * max(offloaded_bytes(cost, stage, c) for c in range(len(cost.chunk_lengths)))
 
 
 @dataclass
@@ -99,7 +75,7 @@ class _HostCosts:
         return 0.0
 
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
-        return offloaded_bytes(self.cost, stage, chunk), 0.0
+        return self.cost.offloaded_bytes(stage, chunk), 0.0
 
 
 def host_memory(settings: dict, ranks_per_node: int) -> tuple[float, str]:
@@ -123,7 +99,7 @@ def _exposed(program, cost: CostModel, bandwidth: float) -> tuple[float, float, 
         if a.kind not in ("F", "B"):
             continue
         unit = (a.stage, a.mb, a.chunk)
-        nbytes = offloaded_bytes(cost, a.stage, a.chunk)
+        nbytes = cost.offloaded_bytes(a.stage, a.chunk)
         if a.kind == "B" and unit in moved:  # the backward waits for its copy back (issued now if not ahead)
             if unit not in back:
                 side = back[unit] = max(side, clock) + nbytes / bandwidth
@@ -132,7 +108,7 @@ def _exposed(program, cost: CostModel, bandwidth: float) -> tuple[float, float, 
             clock = max(clock, ready)
         nxt = following[i]
         if nxt is not None and nxt in moved and nxt not in back:  # issued as this action starts
-            side = max(side, clock) + offloaded_bytes(cost, nxt[0], nxt[2]) / bandwidth
+            side = max(side, clock) + cost.offloaded_bytes(nxt[0], nxt[2]) / bandwidth
             back[nxt] = side
         clock += cost.duration(a, 0)
         if a.kind == "F" and not follows[i] and nbytes:  # copied out once the forward is done
@@ -145,8 +121,6 @@ def _exposed(program, cost: CostModel, bandwidth: float) -> tuple[float, float, 
 
 def offload_plan(programs, spec, cost: CostModel, settings: dict) -> OffloadPlan | None:
     """The offload figures of an evaluated layout (None without offload)."""
-    from lcgraph.planner.simulator import memory_peaks
-
     lay, dev = cost.layout, cost.profile
     if lay.offload == "none":
         return None
