@@ -34,7 +34,11 @@ def _profile(tmp_path, **figures) -> str:
 def _evaluations(tmp_path, recompute="keep_attention", **figures):
     cfg = compose(*SHAPE, f"train.recompute={recompute}", f"+plan.device={_profile(tmp_path, **figures)}")
     st = setup(cfg)
-    return cfg, st, {m: evaluate_config(cfg, st, dataclasses.replace(st.layout, offload=m)) for m in ("none", "attention")}
+    return (
+        cfg,
+        st,
+        {m: evaluate_config(cfg, st, dataclasses.replace(st.layout, offload=m)) for m in ("none", "attention")},
+    )
 
 
 def test_offloaded_attention_leaves_the_device_and_costs_no_time_when_hidden(tmp_path):
