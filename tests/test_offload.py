@@ -139,3 +139,19 @@ def test_bench_passes_train_offload_to_the_lcgraph_side():
     sides = bench.sides_from_args(bench.parser().parse_args([*args, "--offload", "none", "attention"]))
     assert [s.offload for s in sides] == ["none", "attention"]
     assert "train.offload=attention" in sides[1].overrides([]) and "offload=attention" in sides[1].label
+
+
+def test_a_permuted_tensor_comes_back_with_its_values_and_its_strides():
+    """A [B, H, S, D] view of a [B, S, H, D] tensor (what attention kernels return) keeps its layout through the pool."""
+    import torch
+
+    from lcgraph.runtime.offload import Offloader
+
+    off = Offloader("all", torch.device("cpu"), set())
+    t = torch.randn(2, 7, 3, 5).transpose(1, 2)
+    plain = torch.randn(4, 6)
+    stashed = [off.stash((0, 0, 0), x) for x in (t, plain)]
+    off.prefetch((0, 0, 0))
+    for x, s in zip((t, plain), stashed):
+        back = off.fetch(s)
+        assert back.stride() == x.stride() and torch.equal(back, x)

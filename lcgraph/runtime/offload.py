@@ -111,7 +111,8 @@ class Stashed:
     shape: torch.Size
     dtype: torch.dtype
     nbytes: int
-    back: torch.Tensor | None = None  # the device copy, issued by prefetch
+    order: tuple[int, ...] | None = None  # the permutation that made the tensor contiguous, undone on the way back
+    back: torch.Tensor | None = None  # the device copy (contiguous, in `order`), issued by prefetch
     ready: torch.cuda.Event | None = None  # recorded on the side stream after the copy back (GPU only)
 
 
@@ -157,10 +158,12 @@ class Offloader:
     def stash(self, unit: Unit, t: torch.Tensor) -> Stashed:
         """Copy `t` into the pool (asynchronously on the GPU: the caller may drop `t` at once)."""
         nbytes = t.numel() * t.element_size()
-        s = Stashed(self.pool.take(nbytes), t.shape, t.dtype, nbytes)
-        host = self.pool.view(s.slot, t.dtype, t.shape)
+        order = _dense_order(t)
+        src = t.permute(order) if order is not None else t
+        s = Stashed(self.pool.take(nbytes), src.shape, t.dtype, nbytes, order)
+        host = self.pool.view(s.slot, t.dtype, src.shape)
         with torch.no_grad(), self._side():
-            host.copy_(t, non_blocking=self.cuda)
+            host.copy_(src, non_blocking=self.cuda)
         if self.stream is not None:
             t.record_stream(self.stream)  # the allocator reuses t's memory only after the copy
         self.units.setdefault(unit, []).append(s)
@@ -188,7 +191,9 @@ class Offloader:
             torch.cuda.current_stream(self.device).wait_event(s.ready)
             s.ready = None
         assert back is not None
-        return back
+        if s.order is None:
+            return back
+        return back.permute(sorted(range(len(s.order)), key=s.order.__getitem__))  # the strides it left with
 
     @contextlib.contextmanager
     def _side(self):
@@ -246,6 +251,16 @@ class Offloader:
             return self.fetch(packed) if isinstance(packed, Stashed) else packed
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _dense_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The dim order in which `t` is contiguous when it is a permuted dense tensor (a transposed attention output,
+    a [B, H, S, D] view of [B, S, H, D]), else None: its copy back then gets its strides too, which kernels such as
+    cuDNN's attention backward may depend on. Plain contiguous tensors: None (nothing to undo)."""
+    if t.is_contiguous() or t.dim() < 2:
+        return None
+    order = tuple(sorted(range(t.dim()), key=lambda i: (-t.stride(i), -t.shape[i])))
+    return order if t.permute(order).is_contiguous() else None
 
 
 def backward_lookahead(program: list[Action]) -> tuple[list[tuple | None], list[bool]]:
