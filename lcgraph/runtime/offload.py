@@ -259,7 +259,8 @@ def _dense_order(t: torch.Tensor) -> tuple[int, ...] | None:
     cuDNN's attention backward may depend on. Plain contiguous tensors: None (nothing to undo)."""
     if t.is_contiguous() or t.dim() < 2:
         return None
-    order = tuple(sorted(range(t.dim()), key=lambda i: (-t.stride(i), -t.shape[i])))
+    strides, shape = t.stride(), t.shape
+    order = tuple(sorted(range(t.dim()), key=lambda i: (-strides[i], -shape[i])))
     return order if t.permute(order).is_contiguous() else None
 
 
