@@ -68,8 +68,9 @@ class Plan:
                     "activations_bytes": peak.activations,
                     "kv_relay_bytes": peak.kv_relay,
                     # what the columns before leave of the total, so that the printed terms add up: recompute's
-                    # rerun transient (the largest unit's activations while its backward runs), which the peak's
-                    # static part holds beyond the stage memory, or, when OPT is the peak, its fp32 gradients
+                    # rerun transient (the largest unit's activations while its backward runs) and train.offload's
+                    # two units on the device, which the peak's static part holds beyond the stage memory, or, when
+                    # OPT is the peak, its fp32 gradients
                     "rerun_bytes": peak.static - mem.total,
                     "optimizer_step_bytes": peak.optimizer_step,
                     "total_bytes": peak.total,
