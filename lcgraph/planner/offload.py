@@ -53,13 +53,19 @@ class OffloadPlan:
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"fits_host": self.fits_host}
 
     def line(self) -> str:
-        gib = 2**30
         return (
-            f"offload {self.mode}: {self.to_host_bytes / gib:.1f} GiB per step to the host and back, pool "
-            f"{self.host_peak_bytes / gib:.1f} GiB of {self.host_memory_bytes / gib:.0f} GiB usable host memory "
+            f"offload {self.mode}: {_size(self.to_host_bytes)} per step to the host and back, pool "
+            f"{_size(self.host_peak_bytes)} of {_size(self.host_memory_bytes)} usable host memory "
             f"({self.host_memory_source}); copies {self.copy_s:.2f} s at {self.host_bandwidth / 1e9:.0f} GB/s, "
             f"{'hidden' if self.exposed_s == 0 else f'{self.exposed_s:.2f} s not hidden'}"
         )
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 class _HostCosts:
