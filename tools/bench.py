@@ -4,13 +4,16 @@
     python3 tools/bench.py --seq 262144 --peers liger --variant chunked --chunks 32 --recompute keep_attention \\
         --compile on --steps 1 --warmup 1
     python3 tools/bench.py --seq 524288 --peers --variant chunked --chunks 64 --recompute keep_attention --steps 1 --warmup 0
+    python3 tools/bench.py --seq 262144 --peers liger --hf-checkpointing always --variant chunked --chunks 16 \
+        --recompute keep_attention --offload none attention --steps 1 --warmup 1
 
 Sides, each in a fresh process so that its memory peak is its own:
   liger    HF transformers + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), SDPA, bf16
            parameters, fused torch AdamW: the issue's peer. If it runs out of memory it is retried with HF gradient
            checkpointing (`--hf-checkpointing auto`), and the table says so.
   hf       HF eager + SDPA, otherwise the same (same checkpointing policy).
-  lcgraph  one side per variant x compile x recompute mode x chunk count (`--variant chunked` only).
+  lcgraph  one side per variant x compile x recompute mode x offload mode x chunk count (chunks: `--variant
+           chunked` only).
 A side that runs out of memory, fails or passes `--side-timeout` is reported as such; the others still run.
 
 MFU = model FLOPs per token x tokens/s / peak, with model FLOPs per token = 6*N + 6*L*h*S
