@@ -43,7 +43,7 @@ SKIP = [
     (r"\bpytest\b", "the test suite itself"),
     (r"tools/calibrate\.py --measured", "replans saved runs on CPU: tests/test_bench_tools.py runs it"),
     (
-        r"tools/(bench|profile_device|calibrate|attention_kernels|fused_kernels|multi_gpu|nccl_replay)\.py",
+        r"tools/(bench|profile_device|calibrate|attention_kernels|fused_kernels|multi_gpu|nccl_replay|host_link)\.py",
         "GPU only: times CUDA kernels",
     ),
     (r"^python3? -c ", "a Python one-liner, not a command line (the export it loads: tests/test_resume.py)"),

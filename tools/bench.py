@@ -5,13 +5,16 @@
         --compile on --steps 1 --warmup 1
     python3 tools/bench.py --seq 16384 --peers liger --compile on --fuse on off   # fused RMSNorm/SwiGLU/rotary
     python3 tools/bench.py --seq 524288 --peers --variant chunked --chunks 64 --recompute keep_attention --steps 1 --warmup 0
+    python3 tools/bench.py --seq 262144 --peers liger --hf-checkpointing always --variant chunked --chunks 16 \
+        --recompute keep_attention --offload none attention --steps 1 --warmup 1
 
 Sides, each in a fresh process so that its memory peak is its own:
   liger    HF transformers + Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), SDPA, bf16
            parameters, fused torch AdamW: the peer to beat. If it runs out of memory it is retried with HF gradient
            checkpointing (`--hf-checkpointing auto`), and the table says so.
   hf       HF eager + SDPA, otherwise the same (same checkpointing policy).
-  lcgraph  one side per variant x compile x fuse x recompute mode x chunk count (`--variant chunked` only).
+  lcgraph  one side per variant x compile x fuse x recompute mode x offload mode x chunk count (chunks:
+           `--variant chunked` only).
 A side that runs out of memory, fails or passes `--side-timeout` is reported as such; the others still run.
 
 MFU is lcgraph's one definition (lcgraph.planner.mfu, docs/observability.md): model FLOPs per token
@@ -53,6 +56,7 @@ VARIANTS = {  # lcgraph variants: config overrides ({chunks} filled per side)
     "chunked": ["parallel.schedule=seq1f1b", "parallel.seq_chunks={chunks}", "parallel.chunk_split=even"],
 }
 RECOMPUTE_MODES = ("none", "full", "keep_attention")
+OFFLOAD_MODES = ("none", "attention", "all", "auto")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Side:
     compile: bool = False
     checkpointing: bool = False  # peers only: HF gradient checkpointing
     fuse: str = "auto"  # train.fuse (auto: lcgraph's default, on for CUDA)
+    offload: str | None = None  # train.offload (None: lcgraph's own default)
 
     @property
     def label(self) -> str:
@@ -89,6 +94,8 @@ class Side:
             parts.append("compile")
         if self.fuse != "auto":
             parts.append(f"fuse={self.fuse}")
+        if self.offload:
+            parts.append(f"offload={self.offload}")
         return " ".join(parts)
 
     def overrides(self, extra: list[str]) -> list[str]:
@@ -99,6 +106,8 @@ class Side:
             out.append("train.compile=true")
         if self.fuse != "auto":
             out.append(f"train.fuse={self.fuse}")
+        if self.offload:
+            out.append(f"train.offload={self.offload}")
         return out + list(extra)
 
 
@@ -106,9 +115,10 @@ def sides_from_args(args) -> list[Side]:
     """Peers first (the lcgraph rows' ratios need them), then every lcgraph combination asked for."""
     peers = [Side(p) for p in args.peers]
     lcgraph = []
-    for variant, comp, fuse, rc in itertools.product(args.variant, args.compile, args.fuse, args.recompute or [None]):
+    grid = itertools.product(args.variant, args.compile, args.fuse, args.recompute or [None], args.offload or [None])
+    for variant, comp, fuse, rc, off in grid:
         for chunks in args.chunks if variant == "chunked" else [1]:
-            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on", fuse=fuse))
+            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on", fuse=fuse, offload=off))
     return peers + lcgraph
 
 
@@ -432,6 +442,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", nargs="*", default=["default"], choices=sorted(VARIANTS), help="none: peers only")
     ap.add_argument("--chunks", type=int, nargs="+", default=[8], help="sequence chunks of the 'chunked' variant")
     ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE_MODES, help="train.recompute (default: lcgraph's)")
+    ap.add_argument("--offload", nargs="+", choices=OFFLOAD_MODES, help="train.offload (default: lcgraph's)")
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
     ap.add_argument("--fuse", nargs="+", default=["auto"], choices=["auto", "on", "off"], help="train.fuse")
     ap.add_argument("--set", nargs="*", default=[], help="more lcgraph overrides, e.g. train.attention=cudnn")

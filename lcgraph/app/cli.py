@@ -116,7 +116,8 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         (run_path / "programs.txt").write_text(format_programs(job.programs, job.spec).rstrip("\n") + "\n")
         logger.note(
             f"layers per stage {job.layer_counts}, chunks {job.chunk_lengths}, "
-            f"capture {job.captured.capture_seconds:.1f}s, recompute {job.recompute} ({job.recompute_reason})"
+            f"capture {job.captured.capture_seconds:.1f}s, recompute {job.recompute}, offload {job.offload} "
+            f"({job.recompute_reason})"
         )
     start = 0
     resume = checkpoint.resume_path(cfg.train.resume, run_path)

@@ -26,6 +26,7 @@ ChunkSplit = Literal["even", "uniform_comp"]
 WandbMode = Literal["offline", "online", "disabled"]
 OnNonfinite = Literal["skip", "stop"]
 FuseMode = Literal["auto", "on", "off"]
+Offload = Literal["none", "attention", "all", "auto"]
 
 
 def choice(options: Any, default: str) -> Any:
@@ -109,6 +110,7 @@ class TrainConfig:
     recompute: str = "none"  # none | full | keep_attention (true/false: full/none); see runtime.recompute
     recompute_layers: int = 0  # decoder layers per checkpoint segment (0: the planner picks); see runtime.recompute
     keep_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all; auto: as fit)
+    offload: str = choice(Offload, "none")  # kept activations to host memory and back; see runtime.offload
     compile: bool = False  # torch.compile each stage graph
     comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
     on_nonfinite: str = choice(OnNonfinite, "stop")  # NaN/inf loss or gradients: drop the update, then skip or stop

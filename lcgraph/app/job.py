@@ -222,6 +222,7 @@ class Job:
         gpu = device_gpu(self.device, OmegaConf.select(self.cfg, "plan.device", default=None))
         resolved = resolve_recompute(self.cfg, self.captured, gpu)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
+        self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
             st.graph.gm = recompute.seal(
                 st.graph.gm,
@@ -245,6 +246,7 @@ class Job:
             recompute=self.recompute,
             measure_activations=self.device.type == "cpu",
             kept_attention_layers=resolved.kept_attention_layers,
+            offload=self.offload,
         )
         self.heartbeat = faults.Heartbeat(self.run_dir, c.rank)  # what a failure report names
         self.interpreter.on_action = self.heartbeat.beat

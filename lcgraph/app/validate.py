@@ -7,7 +7,8 @@ order they are checked (docs/recipes.md lists them with examples):
                (lcgraph-plan's settings, checked by the planner); model=hf has a model.path
     choices    train.dtype, train.device, train.attention, parallel.schedule, parallel.chunk_split and
                logging.wandb.mode take one of the values their schema field declares (config.choice);
-               train.recompute is none, keep_attention, full or auto (true/false still mean full/none)
+               train.recompute is none, keep_attention, full or auto (true/false still mean full/none);
+               train.offload=attention needs train.recompute keep_attention (or auto)
     counts     parallel.{pp, sp, dp, microbatches, seq_chunks, virtual_stages}, data.seq_len,
                data.micro_batch_size and train.steps are >= 1
     model      hidden_size % num_attention_heads == 0 (unless head_dim is set), an even head dim (RoPE),
@@ -157,6 +158,16 @@ def check_choices(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise PlanError(f"{key}={value} is not a known choice; use one of: {', '.join(allowed)}")
+
+
+def check_offload(cfg: DictConfig) -> None:
+    """train.offload=attention moves what keep_attention keeps: with another recompute mode there is nothing."""
+    recompute = recompute_mode(cfg.train.recompute, allow_auto=True)
+    if cfg.train.get("offload", "none") == "attention" and recompute not in ("keep_attention", "auto"):
+        raise PlanError(
+            f"train.offload=attention moves the attention outputs train.recompute=keep_attention keeps, but "
+            f"train.recompute={cfg.train.recompute} keeps none; set train.recompute=keep_attention or train.offload=all"
+        )
 
 
 def check_counts(cfg: DictConfig) -> None:
@@ -337,7 +348,7 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
     env = os.environ if env is None else env
     check_keys(cfg)
     check_choices(cfg)
-    recompute_mode(cfg.train.recompute, allow_auto=True)
+    check_offload(cfg)
     if cfg.train.keep_attention_layers < -1:
         raise PlanError(f"train.keep_attention_layers={cfg.train.keep_attention_layers} must be >= -1 (-1: all)")
     if cfg.train.recompute_layers < 0:

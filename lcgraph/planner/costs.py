@@ -17,7 +17,8 @@ The kernels charged are those the runtime calls. Per unit (a chunk of s tokens a
 `train.recompute` decides the reruns and what a unit keeps (RECOMPUTE_MODES): `none` keeps every saved
 activation; `full` keeps each decoder layer's input (and the head's) and reruns its whole forward (attention
 and loss included) in backward, one layer at a time; `keep_attention` also keeps each layer's attention output
-and LSE and reruns everything but attention. Collectives use ring formulas at the profile's NCCL bus bandwidth. See docs/planner.md.
+and LSE and reruns everything but attention. `train.offload` parks a unit's kept bytes in host memory between its
+forward and its backward (`offloaded_bytes`; copies and host memory: planner/offload.py). Collectives use ring formulas at the profile's NCCL bus bandwidth. See docs/planner.md.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Layout:
     kept_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all)
     compiled: bool = False  # train.compile: elementwise ops fused (the profile's "compiled" factors)
     fused_loss: bool = True  # train.fused_loss
+    offload: str = "none"  # train.offload: what waits in host memory (planner/offload.py)
 
     def __post_init__(self) -> None:
         self.recompute = recompute_mode(self.recompute)
@@ -94,6 +96,7 @@ TERM_FIGURES = {
     "grad_sync": ("intra_node_bw", "inter_node_bw"),
     "p2p": ("intra_node_bw", "inter_node_bw"),
     "activations": ("saved_factor",),
+    "offload": ("host_bandwidth",),
 }
 
 
@@ -316,6 +319,26 @@ class CostModel:
         whole = self._tokens(sum(self.chunk_lengths))
         return saved, (kv_scale * whole if chunk == 0 else 0.0)
 
+    def offloaded_bytes(self, stage: int, chunk: int) -> float:
+        """Bytes one unit sends to the host under train.offload (planner/offload.py): `attention` each kept
+        layer's attention output and LSE; `all` everything the unit keeps but a later stage's received input
+        (the runtime holds it for its gradient) and the relay's K/V."""
+        mode, g = self.layout.offload, self.graph
+        if mode == "none":
+            return 0.0
+        tokens = self._tokens(self.chunk_lengths[chunk])
+        if mode == "attention":
+            return self.kept_attention(stage) * g.heads * (g.head_dim * g.dtype_bytes + LSE_BYTES) * tokens
+        kept, _ = self.unit_activations(stage, chunk)
+        received = g.hidden_size * g.dtype_bytes * tokens if stage > 0 else 0.0
+        return max(0.0, kept - received)
+
+    def offload_transient(self, stage: int) -> float:
+        """Offloaded bytes a stage still holds on the device: the unit being computed and the one coming back."""
+        if self.layout.offload == "none":
+            return 0.0
+        return 2 * max(self.offloaded_bytes(stage, c) for c in range(len(self.chunk_lengths)))
+
     def recompute_transient(self, stage: int) -> float:
         """Recompute: what one rerun rebuilds while its backward runs, for the largest unit: one segment of
         `recompute_layers` decoder layers' activations (runtime/recompute.py), or on the last stage the fused
@@ -350,7 +373,7 @@ class CostModel:
         return 0.0
 
     def static_bytes(self, stage: int) -> float:
-        return self.stage_memory(stage).total + self.recompute_transient(stage)
+        return self.stage_memory(stage).total + self.recompute_transient(stage) + self.offload_transient(stage)
 
     def step_bytes(self, stage: int) -> float:
         """The fp32 gradient shard a bf16 run's distributed optimizer casts at OPT and frees (runtime/optimizer.py)."""
@@ -359,7 +382,9 @@ class CostModel:
         return 4 * self.stages[stage].params / self.layout.replicas
 
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
-        return self.unit_activations(stage, chunk)
+        """What a unit holds on the device between its forward and its backward (less what went to the host)."""
+        kept, kv = self.unit_activations(stage, chunk)
+        return kept - self.offloaded_bytes(stage, chunk), kv
 
     # --- honesty -----------------------------------------------------------------------------------------
     def figures_used(self) -> dict[str, dict]:
@@ -375,6 +400,8 @@ class CostModel:
             if self.grad_sync_time(s) > 0:
                 terms.add("grad_sync")
         terms.add("optimizer")
+        if self.layout.offload != "none":
+            terms.add("offload")
         if len(self.stages) > 1:
             terms.add("p2p")
         out: dict[str, dict] = {}

@@ -16,9 +16,11 @@ from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.graph_costs import GraphCosts
+from lcgraph.planner.offload import OffloadPlan, offload_plan
 from lcgraph.planner.profile import DeviceProfile, load_profile
 from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
 from lcgraph.runtime.model import build_config
+from lcgraph.runtime.offload import offload_mode
 from lcgraph.runtime.recompute import AUTO, recompute_mode
 from lcgraph.schedule import nccl
 from lcgraph.schedule.actions import ScheduleSpec
@@ -33,6 +35,7 @@ DEFAULTS = {
     "alternatives": True,
     "chunks": [2, 4, 8],
     "timeline": True,
+    "host_memory_gb": None,  # host RAM per GPU for train.offload (default: this machine's over its GPUs)
 }
 GiB = 2**30
 
@@ -77,6 +80,7 @@ class Evaluation:
     tokens_per_step: int
     model_flops_per_token: float
     segment_peaks: dict[int, float] = field(default_factory=dict)  # best_segments: size -> predicted peak
+    offload: OffloadPlan | None = None  # train.offload's host bytes and copy time (planner/offload.py)
 
     @property
     def gpus(self) -> int:
@@ -101,6 +105,7 @@ class Evaluation:
             "bubble": sim.bubble,
             "peak_bytes": peak,
             "fits": peak <= dev.memory_bytes,
+            "offload": self.offload.summary() if self.offload is not None else None,
         }
 
 
@@ -115,6 +120,7 @@ def evaluate(
     seq_chunks: int = 1,
     chunk_split: str = "uniform_comp",
     label: str | None = None,
+    settings: dict | None = None,
 ) -> Evaluation:
     """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
 
@@ -129,9 +135,13 @@ def evaluate(
         lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, align=layout.sp)
     cost = CostModel(graph, profile, layout, list(layer_counts), lengths)
     sim = simulate(programs, spec, cost)
+    offload = offload_plan(programs, spec, cost, settings or DEFAULTS)
+    if offload is not None:  # what the copies do not hide lengthens the step
+        sim = dataclasses.replace(sim, step_time=sim.step_time + offload.exposed_s)
     tokens = layout.dp * microbatches * layout.micro_batch * seq_len
     label = label or (schedule_name if k == 1 else f"{schedule_name} k={k} ({chunk_split})")
-    return Evaluation(label, spec, programs, cost, sim, tokens, graph.model_flops_per_token(seq_len))
+    flops = graph.model_flops_per_token(seq_len)
+    return Evaluation(label, spec, programs, cost, sim, tokens, flops, offload=offload)
 
 
 def layer_counts(cfg: DictConfig, captured) -> tuple[list[int], list[int]]:
@@ -173,6 +183,7 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
     par, train = cfg.parallel, cfg.train
     mode = recompute_mode(train.get("recompute", False), allow_auto=True)
     segments = int(train.get("recompute_layers", 0))  # 0: best_segments picks
+    offload = offload_mode(train.get("offload", "none"), allow_auto=True)  # auto: resolved with the recompute mode
     layout = Layout(
         par.pp,
         par.dp,
@@ -185,6 +196,7 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
         kept_attention_layers=int(train.get("keep_attention_layers", -1)),
         compiled=bool(train.get("compile", False)),
         fused_loss=bool(train.get("fused_loss", True)),
+        offload="none" if offload == AUTO else offload,
     )
     counts, alt_counts = layer_counts(cfg, captured)
     return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)
@@ -204,6 +216,7 @@ def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) ->
         par.seq_chunks,
         par.chunk_split,
         label=f"{par.schedule} (this config)",
+        settings=st.settings,
     )
     return best_segments(ev) if st.auto_segments else ev
 

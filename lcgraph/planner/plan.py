@@ -28,10 +28,13 @@ from omegaconf import DictConfig
 
 from lcgraph.planner.devices import GpuProfile
 from lcgraph.planner.evaluation import Evaluation, Setup, evaluate, evaluate_config, setup, size
+from lcgraph.planner.offload import check_host
+from lcgraph.runtime.offload import OFFLOAD_MODES, offload_mode
 from lcgraph.runtime.recompute import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.schedule.actions import ScheduleError
 
 AUTO_USABLE = 0.9  # share of the device's memory `recompute=auto` may plan for: allocator slack, model error
+OFFLOAD_TIE = 0.005  # step times this close count as equal: the plan that moves less to the host wins
 
 
 # --- the whole plan --------------------------------------------------------------------------------------------
@@ -66,8 +69,9 @@ class Plan:
                     "activations_bytes": peak.activations,
                     "kv_relay_bytes": peak.kv_relay,
                     # what the columns before leave of the total, so that the printed terms add up: recompute's
-                    # rerun transient (the largest unit's activations while its backward runs), which the peak's
-                    # static part holds beyond the stage memory, or, when OPT is the peak, its fp32 gradients
+                    # rerun transient (the largest unit's activations while its backward runs) and train.offload's
+                    # two units on the device, which the peak's static part holds beyond the stage memory, or, when
+                    # OPT is the peak, its fp32 gradients
                     "rerun_bytes": peak.static - mem.total,
                     "optimizer_step_bytes": peak.optimizer_step,
                     "total_bytes": peak.total,
@@ -117,25 +121,72 @@ class Plan:
         }
 
 
+def offload_choices(cfg: DictConfig, recompute: str) -> tuple[str, ...]:
+    """train.offload values worth trying with a recompute mode: the given one, or under `auto` each that moves
+    something this mode keeps (attention only with keep_attention)."""
+    given = offload_mode(cfg.train.get("offload", "none"), allow_auto=True)
+    if given != AUTO:
+        return (given,) if given != "attention" or recompute == "keep_attention" else ()
+    return tuple(m for m in OFFLOAD_MODES if m != "attention" or recompute == "keep_attention")
+
+
+def _fits(ev: Evaluation, usable: float) -> bool:
+    return max(ev.sim.rank_peak) <= usable and (ev.offload is None or ev.offload.fits_host)
+
+
+def _label(ev: Evaluation) -> str:
+    lay = ev.cost.layout
+    partial = lay.recompute == "keep_attention" and lay.kept_attention_layers >= 0
+    kept = f"({lay.kept_attention_layers})" if partial else ""
+    return lay.recompute + kept + (f"+offload={lay.offload}" if lay.offload != "none" else "")
+
+
+def _fastest(fitting: list[Evaluation]) -> Evaluation:
+    """The fastest; among those within OFFLOAD_TIE of it, the one that moves least to the host."""
+    best = min(ev.sim.step_time for ev in fitting)
+    close = [ev for ev in fitting if ev.sim.step_time <= best * (1 + OFFLOAD_TIE)]
+    return min(close, key=lambda ev: (OFFLOAD_MODES.index(ev.cost.layout.offload), ev.sim.step_time))
+
+
 def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
-    """The fastest recompute mode whose predicted peak fits AUTO_USABLE of the device, with a one-line reason.
-    When keep_attention with every layer does not fit but full does, keep_attention keeping as many layers per
-    stage as fit (train.keep_attention_layers) is tried too: between the two in memory and in time."""
+    """The fastest recompute mode (with train.offload=auto: and offload mode) whose predicted peak fits
+    AUTO_USABLE of the device and whose offloaded bytes fit the host, with a one-line reason. When
+    keep_attention with every layer does not fit but full does, keep_attention keeping as many layers per stage
+    as fit (train.keep_attention_layers) is tried too: between the two in memory and in time."""
     usable = AUTO_USABLE * st.profile.memory_bytes
     every = dataclasses.replace(st.layout, kept_attention_layers=-1)
-    tried = [(m, evaluate_config(cfg, st, dataclasses.replace(every, recompute=m))) for m in RECOMPUTE_MODES]
-    fits = {m: max(ev.sim.rank_peak) <= usable for m, ev in tried}
+    tried = [
+        evaluate_config(cfg, st, dataclasses.replace(every, recompute=m, offload=off))
+        for m in RECOMPUTE_MODES
+        for off in offload_choices(cfg, m)
+    ]
+    fits = {m: any(_fits(ev, usable) for ev in tried if ev.cost.layout.recompute == m) for m in RECOMPUTE_MODES}
     if fits["full"] and not fits["keep_attention"]:
         partial = _most_kept_attention(cfg, st, usable)
         if partial is not None:
-            tried.append((f"keep_attention({partial.cost.layout.kept_attention_layers})", partial))
-    fitting = [(m, ev) for m, ev in tried if max(ev.sim.rank_peak) <= usable]
-    table = ", ".join(f"{m} {ev.sim.step_time:.2f} s/{size(max(ev.sim.rank_peak))}" for m, ev in tried)
+            tried.append(partial)
+    fitting = [ev for ev in tried if _fits(ev, usable)]
+    table = ", ".join(f"{_label(ev)} {ev.sim.step_time:.2f} s/{size(max(ev.sim.rank_peak))}" for ev in tried)
     if not fitting:
-        mode, ev = tried[RECOMPUTE_MODES.index("full")]
-        return mode, f"no mode fits {size(usable)} usable ({table}); full keeps the least", ev
-    _, ev = min(fitting, key=lambda x: x[1].sim.step_time)
+        full = [ev for ev in tried if ev.cost.layout.recompute == "full"] or tried
+        ev = min(full, key=lambda ev: max(ev.sim.rank_peak))
+        return ev.cost.layout.recompute, f"no mode fits {size(usable)} usable ({table}); {_label(ev)} keeps least", ev
+    ev = _fastest(fitting)
     return ev.cost.layout.recompute, f"fastest that fits {size(usable)} usable of {st.profile.name} ({table})", ev
+
+
+def choose_offload(cfg: DictConfig, st: Setup, ev: Evaluation) -> tuple[Evaluation, str]:
+    """train.offload=auto with a given recompute mode: the fastest that fits the device and the host, moving the
+    least among equals (hidden copies cost no time), else the lowest peak."""
+    usable = AUTO_USABLE * st.profile.memory_bytes
+    layout = ev.cost.layout
+    choices = offload_choices(cfg, layout.recompute)
+    tried = [evaluate_config(cfg, st, dataclasses.replace(layout, offload=m)) for m in choices]
+    table = ", ".join(f"{_label(t)} {t.sim.step_time:.2f} s/{size(max(t.sim.rank_peak))}" for t in tried)
+    fitting = [t for t in tried if _fits(t, usable)]
+    if fitting:
+        return _fastest(fitting), f"fastest that fits {size(usable)} usable ({table})"
+    return min(tried, key=lambda t: max(t.sim.rank_peak)), f"none fits {size(usable)} usable ({table}); lowest peak"
 
 
 def _most_kept_attention(cfg: DictConfig, st: Setup, usable: float) -> Evaluation | None:
@@ -161,6 +212,7 @@ class Recompute:
     segment_layers: int  # decoder layers per checkpoint segment
     kept_attention_layers: int  # keep_attention: layers per stage keeping their attention (-1: all)
     reason: str
+    offload: str = "none"  # train.offload (runtime/offload.py), resolved
 
 
 def resolve_recompute(cfg: DictConfig, captured=None, gpu: GpuProfile | None = None) -> Recompute:
@@ -172,23 +224,32 @@ def resolve_recompute(cfg: DictConfig, captured=None, gpu: GpuProfile | None = N
     train = cfg.train
     mode = recompute_mode(train.get("recompute", False), allow_auto=True)
     layers, kept = int(train.get("recompute_layers", 0)), int(train.get("keep_attention_layers", -1))
-    if mode == "none" or (mode != AUTO and layers > 0):
+    offload = offload_mode(train.get("offload", "none"), allow_auto=True)
+    if offload == "none" and (mode == "none" or (mode != AUTO and layers > 0)):
         return Recompute(mode, max(1, layers), kept, "set in the config")
     ev, notes = _resolved(cfg, setup(cfg, captured, gpu.profile if gpu else None))
     notes = [f"planned for {gpu.note}", *notes] if gpu else notes
     lay = ev.cost.layout
-    return Recompute(lay.recompute, lay.recompute_layers, lay.kept_attention_layers, "; ".join(notes))
+    return Recompute(lay.recompute, lay.recompute_layers, lay.kept_attention_layers, "; ".join(notes), lay.offload)
 
 
 def _resolved(cfg: DictConfig, st: Setup) -> tuple[Evaluation, list[str]]:
     """The config's own evaluation with `train.recompute=auto` and `train.recompute_layers=0` resolved, and a
     note on each choice the planner made (what lcgraph-plan prints and the trainer logs)."""
     notes = []
+    offload = offload_mode(cfg.train.get("offload", "none"), allow_auto=True)
     if recompute_mode(cfg.train.get("recompute", False), allow_auto=True) == AUTO:
         mode, reason, ev = choose_recompute(cfg, st)
-        notes.append(f"train.recompute=auto -> {mode}: {reason}")
+        auto = f" + train.offload=auto -> {ev.cost.layout.offload}" if offload == AUTO else ""
+        notes.append(f"train.recompute=auto -> {mode}{auto}: {reason}")
     else:
         ev = evaluate_config(cfg, st, st.layout)
+        if offload == AUTO:
+            ev, reason = choose_offload(cfg, st, ev)
+            notes.append(f"train.offload=auto -> {ev.cost.layout.offload}: {reason}")
+    check_host(ev.offload)
+    if ev.offload is not None:
+        notes.append(ev.offload.line())
     if st.auto_segments and ev.cost.layout.recompute != "none":
         notes.append(f"train.recompute_layers=0 (auto) -> {ev.cost.layout.recompute_layers}: {_segment_note(ev)}")
     return ev, notes

@@ -69,6 +69,7 @@ class DeviceProfile:
     peak_fp32_flops: float = 0.0  # datasheet fp32 peak (no tensor cores), the denominator of fp32 runs
     peak_source: str = ""  # where the two peaks come from
     adamw_params_per_s: float = 0.0  # fused AdamW over fp32 master weights and moments
+    host_bandwidth: float = 0.0  # pinned host <-> GPU copies, per direction (train.offload; tools/host_link.py)
     traffic_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.9, "compiled": 1.0})
     saved_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.0, "compiled": 1.0})
     provenance: dict[str, str] = field(default_factory=dict)

@@ -29,6 +29,7 @@ from lcgraph.graph.passes import StageGraph
 from lcgraph.ops import masks
 from lcgraph.ops.relay import RelayContext
 from lcgraph.runtime import recompute as recompute_layers
+from lcgraph.runtime.offload import Offloader, backward_lookahead, offload_mode
 from lcgraph.runtime.recompute import recompute_mode
 from lcgraph.schedule.actions import P2P_KINDS, Action, issue_units, unit_token
 
@@ -57,9 +58,12 @@ class ActivationMeter:
         self._seen: set[int] = set()
         self._current: tuple = ()  # the unit whose forward is running (set by start)
 
-    def hooks(self, unit: tuple):
+    def hooks(self, unit: tuple, offloader: Offloader | None = None):
+        """Count what `unit`'s forward saves; with an offloader (train.offload=all), only what stays on the device."""
         self._current, self._seen = unit, set()
         self.unit_bytes[unit] = 0
+        if offloader is not None:
+            return offloader.hooks(unit, keep=self.count if self.enabled else None)
         if not self.enabled:
             return contextlib.nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -149,6 +153,7 @@ class Interpreter:
         recompute: str | bool = "none",
         measure_activations: bool = True,
         kept_attention_layers: int = -1,
+        offload: str = "none",
     ):
         self.program = program
         self.stages = stages
@@ -167,6 +172,9 @@ class Interpreter:
             st.relay.keep = set(kept) if self.recompute == "keep_attention" else set()
         ptrs = {p.untyped_storage().data_ptr() for s in stages.values() for p in s.params.values()}
         self.meters = {i: ActivationMeter(ptrs, enabled=measure_activations) for i in stages}
+        mode = offload_mode(offload)  # train.offload (runtime/offload.py)
+        self.offloader = Offloader(mode, torch.device(device), ptrs) if mode != "none" else None
+        self.next_backward, self.backward_follows = backward_lookahead(program)
         self.timeline: list[tuple[str, float, float]] = []  # (action, start, end) of the last step only
         self.record_timeline = record_timeline
         self.on_action: Callable[[str], None] | None = None  # told each action before it runs (faults.Heartbeat)
@@ -182,6 +190,8 @@ class Interpreter:
             st.relay.chunk_lengths = lengths  # where the KV relay puts each chunk in its buffers
         self.timeline = []  # a long run must not grow it: the last step is what gets reported
         self.optimizer.start_step()
+        if self.offloader is not None:
+            self.offloader.start_step()
         self.saved: dict[tuple, Any] = {}  # unit -> (hidden_in, out); ("grad", *unit) -> hidden_in's gradient
         self.inbox: dict[tuple, torch.Tensor] = {}
         self.sends: list = []
@@ -248,12 +258,19 @@ class Interpreter:
         masks.set_documents(unit.document_ids)
         key = (a.stage, a.mb, a.chunk)
         meter = self.meters[a.stage]
-        with meter.hooks(key), _counting_held_inputs(meter):
+        offload = self.offloader if self.offloader is not None and not self.backward_follows[self._index] else None
+        self._prefetch()
+        every = offload if offload is not None and offload.mode == "all" else None
+        with meter.hooks(key, every), _counting_held_inputs(meter, every is None):
             out = st.graph.gm(**st.kwargs(unit, hidden_in))
         if st.graph.is_last:
             self.loss_sum += out.detach()
             out = out * self.loss_scale
         self.meters[a.stage].forward_done(key, st.relay.live_bytes())
+        if offload is not None:
+            offload.stash_kept(st.relay, key)
+        elif self.offloader is not None:
+            self.offloader.stats.kept_units += 1
         self.saved[key] = (hidden_in, out)
 
     def _backward(self, a: Action):
@@ -262,6 +279,9 @@ class Interpreter:
         hidden_in, out = self.saved.pop(key)
         RelayContext.current = st.relay  # checkpointed layers rerun inside this backward
         final = self.final_backward[a.stage] == self._index
+        if self.offloader is not None:  # this backward's copies were issued ahead; issue the next one's
+            self.offloader.restore_kept(st.relay, key)
+            self._prefetch()
         self.optimizer.before_backward(a, final)
         masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)  # for attention's backward and reruns
         if st.graph.is_last:
@@ -270,8 +290,16 @@ class Interpreter:
             out.backward(self._receive(("B", a.stage, a.mb, a.chunk)))
         self.optimizer.after_backward(a, final)
         self.meters[a.stage].backward_done(key)
+        if self.offloader is not None:
+            self.offloader.release(key)
         if hidden_in is not None:
             self.saved[("grad",) + key] = hidden_in.grad
+
+    def _prefetch(self) -> None:
+        """Issue the copies back of the next backward's offloaded activations (train.offload)."""
+        unit = self.next_backward[self._index]
+        if self.offloader is not None and unit is not None:
+            self.offloader.prefetch(unit)
 
     # --- point to point ------------------------------------------------------------------------------------
     def _unit_shape(self, a: Action):
@@ -328,10 +356,11 @@ class Interpreter:
 
 
 @contextlib.contextmanager
-def _counting_held_inputs(meter: ActivationMeter):
-    """Checkpointed layers hold their inputs outside autograd's saved-tensor hooks: the meter counts them too."""
+def _counting_held_inputs(meter: ActivationMeter, enabled: bool = True):
+    """Checkpointed layers hold their inputs for their rerun: the meter counts them too, unless train.offload=all
+    sends them to the host (they then pass through the offloader's saved-tensor hooks)."""
     before = recompute_layers.held_inputs
-    recompute_layers.held_inputs = meter.count if meter.enabled else None
+    recompute_layers.held_inputs = meter.count if meter.enabled and enabled else None
     try:
         yield
     finally:
