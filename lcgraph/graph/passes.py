@@ -8,6 +8,7 @@ writes the graph after each one.
     partition         cut at decoder-layer boundaries into pp stage graphs (rotary tables recomputed per stage)
     kv_relay          attention -> attention over the K/V of earlier chunks and this one, read from one buffer (Seq1F1B)
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
+    ring              (graph/ring.py) attention -> ring attention over the cp ranks' zigzag pieces (parallel.cp)
     fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
     lower_attention   every other attention -> the kernel under autograd, keeping output and LSE for its backward
     gather_waits      (runtime/optimizer.py, once the distributed optimizer has cut its buckets) a wait for each bucket's parameter
@@ -27,6 +28,7 @@ from torch.fx.passes.split_module import split_module
 
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
+from lcgraph.graph.ring import ring
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
 from lcgraph.ops.fused import linear_cross_entropy
 from lcgraph.ops.relay import layer_attention, relay_attention
@@ -355,6 +357,7 @@ PASSES = (
     "partition",
     "kv_relay",
     "ulysses",
+    "ring",
     "fuse_loss",
     "lower_attention",
     "gather_waits",
@@ -417,6 +420,7 @@ def compile_stages(
     only: set[int] | None = None,
     dump=None,
     fused_loss: bool = True,
+    cp: int = 1,
 ) -> dict[int, StageGraph]:
     """Run the passes in their fixed order; return the stage graphs (only those in `only`, when given)."""
     device = torch.device(device)
@@ -428,6 +432,7 @@ def compile_stages(
     steps = [
         ("03_kv_relay", kv_relay, seq_chunks > 1),
         ("04_ulysses", lambda st: ulysses(st, sp), sp > 1),
+        ("04b_ring", lambda st: ring(st, cp), cp > 1),
         ("05_fuse_loss", fuse_loss, fused_loss),
         ("06_lower_attention", lower_attention, True),
     ]
