@@ -15,7 +15,9 @@ from lcgraph.app.testing import compose, train_spawned
 from lcgraph.app.validate import check_layout
 from lcgraph.errors import PlanError
 from lcgraph.ops import ring
+from lcgraph.schedule import nccl
 from lcgraph.schedule.mesh import Coords
+from lcgraph.schedule.programs import ScheduleSpec, add_p2p, build_programs
 
 SEQ1F1B = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"]
 MQA = "model.num_key_value_heads=1"
@@ -27,7 +29,10 @@ FOUR_RANKS = {  # label -> (overrides, sequences per step); the tiny model has 4
     "cp=4 (K/V heads fewer than cp)": (["parallel.cp=4", "parallel.microbatches=2"], 2),
     "sp=2 x cp=2": (["parallel.sp=2", "parallel.cp=2", "parallel.microbatches=2"], 2),
     "sp=2 x cp=2, one K/V head": (["parallel.sp=2", "parallel.cp=2", "parallel.microbatches=2", MQA], 2),
-    "pp=2 x cp=2 seq1f1b, 2 uneven chunks": (["parallel.pp=2", "parallel.cp=2", "parallel.microbatches=2", *SEQ1F1B], 2),
+    "pp=2 x cp=2 seq1f1b, 2 uneven chunks": (
+        ["parallel.pp=2", "parallel.cp=2", "parallel.microbatches=2", *SEQ1F1B],
+        2,
+    ),
     "dp=2 x cp=2, distributed optimizer": (["parallel.dp=2", "parallel.cp=2", "parallel.microbatches=1"], 2),
 }
 
@@ -92,3 +97,23 @@ def test_layouts_the_ring_cannot_split_are_refused_in_one_line():
 
         check_ring(compose("parallel.cp=2").parallel, 64, cross_document_attention=False)
     assert ring.cp_size() == 1  # nothing above touched a process group
+
+
+@pytest.mark.parametrize("name,pp,m,k", [("seq1f1b", 2, 2, 2), ("seq1f1b", 4, 4, 4), ("1f1b", 2, 4, 1)])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_the_nccl_model_replays_the_ring_steps_inside_every_forward_and_backward(name, pp, m, k, cp):
+    """cp - 1 ring steps in each F and cp in each B (the last takes dK/dV home), each a p2p group with both cp
+    neighbours on the ring's own communicator; with pipeline p2p, Ulysses and ZeRO they complete under NCCL's rules."""
+    spec = ScheduleSpec(name, pp, m, k)
+    programs = add_p2p(build_programs(spec), spec)
+    comms = nccl.Comms(dp=1, sp=2, cp=cp)
+    builder = nccl._Builder(programs, spec, comms, "pair")
+    for rank in range(builder.world):
+        builder.expand(rank)
+    assert builder.world == pp * 2 * cp
+    units = sum(1 for a in programs[0] if a.kind in ("F", "B"))
+    ring_steps = [kr for kr in builder.kernels if kr.rank == 0 and kr.label.startswith("ring step")]
+    assert len(ring_steps) == units // 2 * (cp - 1) + units // 2 * cp
+    assert {op.peer for kr in ring_steps for op in kr.ops} == {2, 2 * (cp - 1)}  # cp neighbours: sp=2 apart
+    nccl.check(programs, spec, comms)
+    nccl.check(programs, spec, comms, streams="rank")

@@ -11,7 +11,6 @@ from lcgraph.app.cli import launch_local
 from lcgraph.ops import ring
 
 
-
 def softmax_attention(q, k, v, scale):
     """Textbook attention, bottom-right causal, K/V heads repeated: what autograd differentiates."""
     groups = q.shape[1] // k.shape[1]
@@ -24,7 +23,9 @@ def softmax_attention(q, k, v, scale):
 def zigzag(cp: int, rank: int, length: int) -> torch.Tensor:
     """Positions of a `length`-token chunk that cp rank `rank` holds: pieces rank and 2cp-1-rank."""
     c = length // (2 * cp)
-    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
+    return torch.cat(
+        [torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)]
+    )
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
@@ -86,7 +87,15 @@ def _worker(out_dir: str, length: int, prefix: int) -> None:
         ring.stats.update(p2p=0, p2p_bytes=0, steps=0)
         out = ring.ring_attention_fn(ql, kl, vl, SCALE)
         dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), grad[:, :, own])
-        record = {"own": own, "keys": keys, "out": out.detach(), "dq": dq, "dk": dk, "dv": dv, "stats": dict(ring.stats)}
+        record = {
+            "own": own,
+            "keys": keys,
+            "out": out.detach(),
+            "dq": dq,
+            "dk": dk,
+            "dv": dv,
+            "stats": dict(ring.stats),
+        }
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -114,3 +123,28 @@ def test_ring_ranks_match_softmax_attention_of_the_whole_sequence(cp, prefix):
         # cp - 1 payload shifts forward (K and V), cp - 1 backward plus cp dK/dV accumulator shifts
         assert got["stats"]["p2p"] == 2 * (cp - 1) + 2 * (cp - 1) + 2 * cp
         assert got["stats"]["steps"] == cp
+
+
+@pytest.mark.parametrize("cp,prefix", [(1, 0), (4, 0), (4, 16)])
+def test_one_process_simulation_of_the_ring_matches_softmax_attention(cp, prefix):
+    """`ring.simulate` (the steps of every cp rank in one process; what the one-GPU kernel checks run) in fp64."""
+    length = 8 * cp
+    q, k, v, grad = (t.requires_grad_() for t in _tensors(length, prefix))
+    ref = softmax_attention(q, k, v, SCALE)
+    dq, dk, dv = torch.autograd.grad(ref, (q, k, v), grad)
+    owns = [zigzag(cp, r, length) for r in range(cp)]
+    keys = [torch.cat([zigzag(cp, r, prefix) if prefix else torch.arange(0), prefix + owns[r]]) for r in range(cp)]
+    d = q.detach()
+    got = ring.simulate(
+        [d[:, :, o] for o in owns],
+        [k.detach()[:, :, kk] for kk in keys],
+        [v.detach()[:, :, kk] for kk in keys],
+        [grad[:, :, o] for o in owns],
+        SCALE,
+    )
+    tol = {"rtol": 1e-12, "atol": 1e-12}
+    for r, (out, dq_r, dk_r, dv_r) in enumerate(got):
+        torch.testing.assert_close(out, ref.detach()[:, :, owns[r]], **tol)
+        torch.testing.assert_close(dq_r, dq[:, :, owns[r]], **tol)
+        torch.testing.assert_close(dk_r, dk[:, :, keys[r]], **tol)
+        torch.testing.assert_close(dv_r, dv[:, :, keys[r]], **tol)

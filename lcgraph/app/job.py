@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from lcgraph.errors import DataError
 from lcgraph.graph import passes
-from lcgraph.graph.ring import ring_align
 from lcgraph.graph.capture import IGNORE_INDEX, capture
+from lcgraph.graph.ring import ring_align
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, ring
 from lcgraph.planner.plan import resolve_recompute

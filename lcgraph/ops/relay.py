@@ -26,7 +26,6 @@ import torch
 
 from lcgraph.ops.attention import Saved, attend, attend_backward, attention_fn
 
-
 DEFAULT = (attend, attend_backward)  # what StageAttention runs unless told otherwise
 
 

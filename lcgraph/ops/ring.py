@@ -135,6 +135,32 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, rows: slice, block: Block)
     lse[:, :, rows] = new
 
 
+def forward_step(kernel, q, payload, steps: list[Piece], out, lse, scale: float) -> list:
+    """One ring step's kernel calls (queries against the payload held), merged into `out` and `lse`; their aux."""
+    auxes = []
+    for piece in steps:
+        kk, vv = payload[0][:, :, piece.keys], payload[1][:, :, piece.keys]
+        block = kernel.forward(_rows(q, piece.rows), kk, vv, scale, piece.causal)
+        _merge_into(out, lse, piece.rows, block)
+        auxes.append(block.aux)
+    return auxes
+
+
+def backward_step(kernel, dout, q, payload, steps: list[Piece], saved: Saved, scale: float, auxes, dq):
+    """One ring step's kernel backwards from the merged output and LSE: adds into `dq`, returns the payload's
+    dK and dV from this rank's queries (fp32 accumulators)."""
+    mine = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in payload]
+    for piece in steps:
+        kk, vv = payload[0][:, :, piece.keys], payload[1][:, :, piece.keys]
+        rows = [_rows(t, piece.rows) for t in (dout, q, saved.out)]
+        lse = saved.lse[:, :, piece.rows].contiguous()
+        dq_p, dk_p, dv_p = kernel.backward(*rows[:2], kk, vv, rows[2], lse, scale, piece.causal, next(auxes))
+        dq[:, :, piece.rows] += dq_p
+        mine[0][:, :, piece.keys] += dk_p
+        mine[1][:, :, piece.keys] += dv_p
+    return mine
+
+
 def ring_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Saved:
     """Causal attention of this rank's zigzag queries over every cp rank's payload, no autograd.
 
@@ -152,11 +178,7 @@ def ring_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     for step in range(_ring.size):
         source = (_ring.rank - step) % _ring.size
         shift = _Shift(payload) if step < _ring.size - 1 else None  # the next payload travels during this step
-        for piece in pieces(_ring.rank, source, c, p):
-            kk, vv = payload[0][:, :, piece.keys], payload[1][:, :, piece.keys]
-            block = kernel.forward(_rows(q, piece.rows), kk, vv, scale, piece.causal)
-            _merge_into(out, lse, piece.rows, block)
-            auxes.append(block.aux)
+        auxes += forward_step(kernel, q, payload, pieces(_ring.rank, source, c, p), out, lse, scale)
         stats["steps"] += 1
         if shift is not None:
             payload = shift.wait()
@@ -169,9 +191,8 @@ def ring_attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float
     c, p = _check(q, k)
     kernel = KERNELS[saved.backend.split(":", 1)[1]]
     KERNEL_CALLS["backward"] += 1
-    acc = _lse_dtype(q)
     dout = dout.contiguous()
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dq = torch.zeros(q.shape, dtype=_lse_dtype(q), device=q.device)
     payload = [k.contiguous(), v.contiguous()]
     grads: list[torch.Tensor] = []  # the dK/dV accumulator of the payload held
     auxes = iter(saved.aux_diagonal)
@@ -179,15 +200,8 @@ def ring_attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float
         source = (_ring.rank - step) % _ring.size
         sends = (payload if step < _ring.size - 1 else []) + grads  # grads: the previous source's, passed on
         shift = _Shift(sends) if sends else None
-        mine = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in payload]
-        for piece in pieces(_ring.rank, source, c, p):
-            kk, vv = payload[0][:, :, piece.keys], payload[1][:, :, piece.keys]
-            rows = [_rows(t, piece.rows) for t in (dout, q, saved.out)]
-            lse = saved.lse[:, :, piece.rows].contiguous()
-            dq_p, dk_p, dv_p = kernel.backward(*rows[:2], kk, vv, rows[2], lse, scale, piece.causal, next(auxes))
-            dq[:, :, piece.rows] += dq_p
-            mine[0][:, :, piece.keys] += dk_p
-            mine[1][:, :, piece.keys] += dv_p
+        steps = pieces(_ring.rank, source, c, p)
+        mine = backward_step(kernel, dout, q, payload, steps, saved, scale, auxes, dq)
         if shift is not None:
             received = shift.wait()
             if step < _ring.size - 1:
@@ -199,6 +213,36 @@ def ring_attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float
     dk, dv = grads
     prefix = (dk[:, :, :p].to(k.dtype), dv[:, :, :p].to(v.dtype)) if p else (None, None)
     return Grads(dq.to(q.dtype), dk[:, :, p:].to(k.dtype), dv[:, :, p:].to(v.dtype), *prefix)
+
+
+def simulate(qs, ks, vs, douts, scale: float) -> list[tuple[torch.Tensor, ...]]:
+    """Every cp rank's ring attention in one process, payloads read instead of sent: per rank (out, dq, dk, dv)
+    with dk, dv over its whole payload. The step functions `ring_attend` runs, on one device: what the one-GPU
+    kernel checks compare with full attention."""
+    cp = len(qs)
+    c, p = _check(qs[0], ks[0])
+    kernel = KERNELS[resolve_backend(qs[0])]
+    acc = _lse_dtype(qs[0])
+    forward = []
+    for r in range(cp):
+        out = torch.zeros(qs[r].shape, dtype=acc, device=qs[r].device)
+        lse = torch.full(qs[r].shape[:3], float("-inf"), dtype=acc, device=qs[r].device)
+        auxes = []
+        for step in range(cp):
+            j = (r - step) % cp
+            auxes += forward_step(kernel, qs[r], [ks[j], vs[j]], pieces(r, j, c, p), out, lse, scale)
+        forward.append((Saved(out.to(qs[r].dtype), lse, RING), auxes))
+    dkv = [[torch.zeros(t.shape, dtype=acc, device=t.device) for t in (ks[j], vs[j])] for j in range(cp)]
+    dqs = []
+    for r, (saved, auxes) in enumerate(forward):
+        dq, it = torch.zeros(qs[r].shape, dtype=acc, device=qs[r].device), iter(auxes)
+        for step in range(cp):
+            j = (r - step) % cp
+            steps = pieces(r, j, c, p)
+            mine = backward_step(kernel, douts[r].contiguous(), qs[r], [ks[j], vs[j]], steps, saved, scale, it, dq)
+            dkv[j] = [a + b for a, b in zip(dkv[j], mine)]
+        dqs.append(dq.to(qs[r].dtype))
+    return [(forward[r][0].out, dqs[r], dkv[r][0].to(ks[r].dtype), dkv[r][1].to(vs[r].dtype)) for r in range(cp)]
 
 
 RING_FUNCTIONS = (ring_attend, ring_attend_backward)
