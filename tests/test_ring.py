@@ -24,6 +24,14 @@ MQA = "model.num_key_value_heads=1"
 
 TWO_RANKS = {  # label -> (overrides, sequences per step)
     "cp=2": (["parallel.cp=2", "parallel.microbatches=2"], 2),
+    "cp=2 recompute=full (the rerun runs the ring again)": (
+        ["parallel.cp=2", "parallel.microbatches=2", "train.recompute=full"],
+        2,
+    ),
+    "cp=2 seq1f1b 2 chunks on one stage, keep_attention (the rerun reuses the ring's output)": (
+        ["parallel.cp=2", "parallel.microbatches=2", *SEQ1F1B, "train.recompute=keep_attention"],
+        2,
+    ),
 }
 FOUR_RANKS = {  # label -> (overrides, sequences per step); the tiny model has 4 heads and 2 K/V heads
     "cp=4 (K/V heads fewer than cp)": (["parallel.cp=4", "parallel.microbatches=2"], 2),

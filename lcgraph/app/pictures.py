@@ -49,7 +49,7 @@ def draw(cfg: DictConfig, out: Path, layer_level: list[int] | None = None) -> li
         dump_graph(gm, out / name, layers=layers)
 
     passes.compile_stages(
-        captured, counts, "meta", par.seq_chunks if par.schedule == "seq1f1b" else 1, par.sp, dump=dump
+        captured, counts, "meta", par.seq_chunks if par.schedule == "seq1f1b" else 1, par.sp, dump=dump, cp=par.cp
     )
     return counts
 

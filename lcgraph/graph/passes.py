@@ -8,7 +8,7 @@ writes the graph after each one.
     partition         cut at decoder-layer boundaries into pp stage graphs (rotary tables recomputed per stage)
     kv_relay          attention -> attention over the K/V of earlier chunks and this one, read from one buffer (Seq1F1B)
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
-    ring              (graph/ring.py) attention -> ring attention over the cp ranks' zigzag pieces (parallel.cp)
+    ring              attention -> ring attention over the cp ranks' zigzag pieces (parallel.cp; rules in graph/ring.py)
     fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
     lower_attention   every other attention -> the kernel under autograd, keeping output and LSE for its backward
     gather_waits      (runtime/optimizer.py, once the distributed optimizer has cut its buckets) a wait for each bucket's parameter
@@ -28,10 +28,10 @@ from torch.fx.passes.split_module import split_module
 
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
-from lcgraph.graph.ring import ring
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
 from lcgraph.ops.fused import linear_cross_entropy
 from lcgraph.ops.relay import layer_attention, relay_attention
+from lcgraph.ops.ring import ring_layer_attention, ring_relay_attention
 
 ATTENTION = torch.ops.lcgraph.attention.default
 
@@ -327,6 +327,24 @@ def ulysses(stage: StageGraph, sp: int) -> StageGraph:
             new.meta["lcgraph"] = NodeInfo(
                 part=node.meta["lcgraph"].part, layer=node.meta["lcgraph"].layer, role="all_to_all", seq_dim=2
             )
+    stage.gm.recompile()
+    return stage
+
+
+def ring(stage: StageGraph, cp: int) -> StageGraph:
+    """Point every attention node at ring attention over the cp group (ops/ring.py).
+
+    Assumes: runs after kv_relay and ulysses, before lower_attention (which then leaves these nodes alone); each
+    rank holds its zigzag pieces (pieces r and 2cp-1-r of every Seq1F1B chunk, absolute position ids), which the
+    data side cuts. Guarantees: every query attends exactly the causal keys of the whole sequence, the relayed
+    prefix of earlier chunks included; K/V gradients return to the rank that holds those keys.
+    """
+    if cp == 1:
+        return stage
+    for node in stage.attention_nodes():
+        chunked = node.target is relay_attention
+        node.target = ring_relay_attention if chunked else ring_layer_attention
+        node.args = (*node.args[:4], node.meta["lcgraph"].layer)
     stage.gm.recompile()
     return stage
 

@@ -1,4 +1,4 @@
-"""The `ring` pass (parallel.cp): attention over keys spread across cp ranks, and its layout rules.
+"""Ring attention's layout rules (parallel.cp); the `ring` pass itself is in passes.py, with the others.
 
 Ring attention (context parallelism) has no head cap: Ulysses (parallel.sp) splits heads, so its degree stops at
 the K/V heads; the ring splits the sequence again, cp ways, and passes K/V around. The two compose: sp x cp
@@ -7,32 +7,7 @@ ranks share a sequence, the Ulysses all-to-all gathers a cp rank's share for its
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lcgraph.errors import PlanError
-from lcgraph.ops.relay import relay_attention
-from lcgraph.ops.ring import ring_layer_attention, ring_relay_attention
-
-if TYPE_CHECKING:
-    from lcgraph.graph.passes import StageGraph
-
-
-def ring(stage: StageGraph, cp: int) -> StageGraph:
-    """Point every attention node at ring attention over the cp group.
-
-    Assumes: runs after kv_relay and ulysses, before lower_attention (which then leaves these nodes alone); each
-    rank holds its zigzag pieces (pieces r and 2cp-1-r of every Seq1F1B chunk, absolute position ids), which the
-    data side cuts. Guarantees: every query attends exactly the causal keys of the whole sequence, the relayed
-    prefix of earlier chunks included; K/V gradients return to the rank that holds those keys.
-    """
-    if cp == 1:
-        return stage
-    for node in stage.attention_nodes():
-        chunked = node.target is relay_attention
-        node.target = ring_relay_attention if chunked else ring_layer_attention
-        node.args = (*node.args[:4], node.meta["lcgraph"].layer)
-    stage.gm.recompile()
-    return stage
 
 
 def ring_align(par) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from lcgraph.ops import masks
-from lcgraph.ops.attention import KERNEL_CALLS, KERNELS, Block, Grads, Saved, _full_key_grads, resolve_backend
+from lcgraph.ops.attention import KERNEL_CALLS, KERNELS, Block, Grads, Saved, resolve_backend
 from lcgraph.ops.relay import RelayContext, StageAttention
 
 RING = "ring"  # Saved.backend prefix of a ring call: "ring:<kernel>"
@@ -262,7 +262,9 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         g = ring_attend_backward(grad_out, q, k, v, Saved(out, lse, ctx.backend, ctx.aux), ctx.scale)
-        return g.dq, *_full_key_grads(g), None
+        if g.dk_prefix is None or g.dv_prefix is None:
+            return g.dq, g.dk, g.dv, None
+        return g.dq, torch.cat([g.dk_prefix, g.dk], 2), torch.cat([g.dv_prefix, g.dv], 2), None
 
 
 def ring_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
