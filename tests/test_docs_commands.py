@@ -31,7 +31,7 @@ from lcgraph.app.plan_cli import checked_plan
 from lcgraph.app.testing import hf_model_dir, train_local, train_spawned
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LcgraphError
-from lcgraph.planner.plan import write_plan
+from lcgraph.planner.report import write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

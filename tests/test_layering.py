@@ -3,6 +3,7 @@
 app -> planner -> observability -> runtime -> graph, schedule -> ops (-> lcgraph.errors, which all may use): a module imports lcgraph modules
 of its own package or of a lower layer only; no lcgraph import hides inside a function; no private name
 (`_x`) is imported from another module. Each package's __init__ docstring says the same in words.
+Every module is at most MAX_LINES lines: a feature that would grow one past it gets a module of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lcgraph"
+MAX_LINES = 600
 LAYER = {"errors": -1, "ops": 0, "graph": 1, "schedule": 1, "runtime": 2, "observability": 3, "planner": 4, "app": 5}
 
 
@@ -83,3 +85,24 @@ def test_the_check_catches_an_upward_import(tmp_path, source, expected):
     (tmp_path / "runtime").mkdir()
     (tmp_path / "runtime" / "bad.py").write_text(source)
     assert any(expected in v for v in violations(tmp_path)), violations(tmp_path)
+
+
+def too_long(root: Path = PACKAGE, limit: int = MAX_LINES) -> list[str]:
+    """Every module under `root` longer than `limit` lines, with its line count."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        lines = len(path.read_text().splitlines())
+        if lines > limit:
+            found.append(f"lcgraph/{path.relative_to(root)}: {lines} lines (at most {limit})")
+    return found
+
+
+def test_every_module_is_at_most_600_lines():
+    assert too_long() == []
+
+
+def test_the_length_check_names_a_too_long_module(tmp_path):
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / "short.py").write_text("x = 1\n" * MAX_LINES)
+    (tmp_path / "runtime" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert too_long(tmp_path) == [f"lcgraph/runtime/long.py: {MAX_LINES + 1} lines (at most {MAX_LINES})"]

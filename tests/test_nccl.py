@@ -9,20 +9,11 @@ from hypothesis import strategies as st
 
 from lcgraph.runtime.optimizer import add_bucket_actions
 from lcgraph.schedule import nccl
-from lcgraph.schedule.programs import (
-    Action,
-    ScheduleError,
-    ScheduleSpec,
-    add_p2p,
-    build_programs,
-    format_programs,
-    group_p2p,
-    parse_programs,
-    receive_ahead,
-    ungroup_p2p,
-    validate,
-    with_transfers,
-)
+from lcgraph.schedule.actions import Action, ScheduleError, ScheduleSpec
+from lcgraph.schedule.p2p import add_p2p, group_p2p, receive_ahead, ungroup_p2p, with_transfers
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.text import format_programs, parse_programs
+from lcgraph.schedule.validator import validate
 
 
 def built(spec):

@@ -8,10 +8,15 @@ import sys
 import pytest
 
 from lcgraph.observability.timeline import from_measured, trace_events, write_timeline
-from lcgraph.planner.costs import CostModel, DeviceProfile, GraphCosts, Layout, load_profile, profile_names
+from lcgraph.planner.costs import CostModel, DeviceProfile, Layout, load_profile, profile_names
+from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.simulator import UniformCosts, simulate
 from lcgraph.schedule import nccl
-from lcgraph.schedule.programs import ScheduleSpec, add_p2p, bubble_fraction, build_programs, parse_programs, validate
+from lcgraph.schedule.actions import ScheduleSpec
+from lcgraph.schedule.p2p import add_p2p
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.text import parse_programs
+from lcgraph.schedule.validator import bubble_fraction, validate
 
 TINY_SHAPE = dict(
     vocab_size=512,
@@ -206,7 +211,8 @@ def test_planned_optimizer_state_is_what_a_bf16_job_holds(zero, tmp_path):
 def test_the_optimizer_steps_fp32_gradients_are_the_peak_only_when_activations_are_smaller(tiny_graph):
     """OPT's transient fp32 gradients never add to activations: they are the peak for a short sequence only."""
     from lcgraph.planner.simulator import memory_peaks
-    from lcgraph.schedule.programs import ScheduleSpec, build_programs
+    from lcgraph.schedule.actions import ScheduleSpec
+    from lcgraph.schedule.programs import build_programs
 
     spec = ScheduleSpec("1f1b", pp=2, microbatches=2)
     for seq, opt_peak in ((8, True), (4096, False)):
@@ -479,7 +485,7 @@ def test_plan_figures_name_measured_and_assumed_sources(tiny_graph):
 
 def test_a_tiny_plans_step_time_reads_in_its_own_unit():
     """A CPU-sized plan used to print "step 0.000 s"."""
-    from lcgraph.planner.plan import _duration
+    from lcgraph.planner.report import _duration
 
     assert [_duration(x) for x in (2.5, 0.0123, 0.0002)] == ["2.500 s", "12.300 ms", "200.0 us"]
 
@@ -489,7 +495,7 @@ def test_auto_checkpoint_segments_take_the_lowest_replayed_peak(tiny_graph, chun
     """train.recompute_layers=0: the memory-only replay gives the simulator's own peaks, and the chosen segment size
     is the one whose full simulation peaks lowest. One unit in flight wants 1-layer segments (the smallest rerun);
     16 chunks in flight want longer ones (fewer inputs kept per chunk)."""
-    from lcgraph.planner.plan import best_segments, evaluate
+    from lcgraph.planner.evaluation import best_segments, evaluate
     from lcgraph.planner.simulator import memory_peaks
 
     def planned(group: int):
@@ -515,7 +521,8 @@ def test_recompute_auto_keeps_as_many_attention_layers_as_fit_between_full_and_k
 
     import lcgraph.planner as planner_pkg
     from lcgraph.app.testing import compose
-    from lcgraph.planner.plan import AUTO_USABLE, choose_recompute, evaluate_config, setup
+    from lcgraph.planner.evaluation import evaluate_config, setup
+    from lcgraph.planner.plan import AUTO_USABLE, choose_recompute
 
     base = json.loads((Path(planner_pkg.__file__).parent / "profiles" / "h200.json").read_text())
     profile = tmp_path / "tight.json"

@@ -16,8 +16,10 @@ from lcgraph.app.validate import check_layout
 from lcgraph.errors import PlanError
 from lcgraph.ops import ring
 from lcgraph.schedule import nccl
+from lcgraph.schedule.actions import ScheduleSpec
 from lcgraph.schedule.mesh import Coords
-from lcgraph.schedule.programs import ScheduleSpec, add_p2p, build_programs
+from lcgraph.schedule.p2p import add_p2p
+from lcgraph.schedule.programs import build_programs
 
 SEQ1F1B = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=uniform_comp"]
 MQA = "model.num_key_value_heads=1"

@@ -5,23 +5,12 @@ import re
 
 import pytest
 
-from lcgraph.schedule.programs import (
-    Action,
-    ScheduleError,
-    ScheduleSpec,
-    add_p2p,
-    bubble_fraction,
-    build_programs,
-    format_programs,
-    group_p2p,
-    mirror_groups,
-    parse_programs,
-    peak_inflight,
-    split_sequence,
-    unmirrored_pairs,
-    validate,
-    with_transfers,
-)
+from lcgraph.schedule.actions import Action, ScheduleError, ScheduleSpec
+from lcgraph.schedule.p2p import add_p2p, group_p2p, mirror_groups, unmirrored_pairs, with_transfers
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.sequence import split_sequence
+from lcgraph.schedule.text import format_programs, parse_programs
+from lcgraph.schedule.validator import bubble_fraction, peak_inflight, validate
 
 PP = (1, 2, 3, 4)
 MICROBATCHES = (1, 2, 3, 4, 8)

@@ -2,7 +2,7 @@
 
 The rules are restated here independently of lcgraph/validate.py (`violations`); hypothesis draws layouts
 around the boundaries and checks both directions: every invalid layout raises PlanError naming the
-offending `key=value`s, every valid one composes through Hydra and yields programs that schedule.validate
+offending `key=value`s, every valid one composes through Hydra and yields programs that validate
 accepts. A few valid single-rank layouts train one step; the CLI turns plan and config errors into a
 short message with a non-zero exit.
 """
@@ -22,7 +22,11 @@ from lcgraph.app.config import LcgraphConfig
 from lcgraph.app.testing import compose, hf_model_dir, train_local
 from lcgraph.app.validate import check_launch, validate_plan
 from lcgraph.errors import LcgraphError, PlanError
-from lcgraph.schedule import programs as schedule
+from lcgraph.schedule.actions import ScheduleSpec
+from lcgraph.schedule.p2p import add_p2p
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.sequence import split_sequence
+from lcgraph.schedule.validator import validate
 
 SCHEDULES = ("gpipe", "1f1b", "seq1f1b", "interleaved_1f1b")
 SPLITS = ("even", "uniform_comp")
@@ -146,9 +150,9 @@ def schema_config(d: dict):
 def check_programs(cfg) -> None:
     par = cfg.parallel
     k = par.seq_chunks if par.schedule == "seq1f1b" else 1
-    spec = schedule.ScheduleSpec(par.schedule, par.pp, par.microbatches, k, par.virtual_stages)
-    schedule.validate(schedule.add_p2p(schedule.build_programs(spec), spec), spec)
-    lengths = schedule.split_sequence(cfg.data.seq_len, k, par.chunk_split, 1.0, 1.0, align=par.sp)
+    spec = ScheduleSpec(par.schedule, par.pp, par.microbatches, k, par.virtual_stages)
+    validate(add_p2p(build_programs(spec), spec), spec)
+    lengths = split_sequence(cfg.data.seq_len, k, par.chunk_split, 1.0, 1.0, align=par.sp)
     assert sum(lengths) == cfg.data.seq_len and all(n > 0 and n % par.sp == 0 for n in lengths), lengths
 
 
@@ -303,7 +307,7 @@ def test_the_config_choices_are_what_the_code_knows():
     from lcgraph.app.config import AttentionBackend, ChunkSplit, Dtype, ScheduleName
     from lcgraph.app.job import DTYPES
     from lcgraph.ops.attention import BACKENDS
-    from lcgraph.schedule.programs import SCHEDULES, SPLIT_MODES
+    from lcgraph.schedule.actions import SCHEDULES, SPLIT_MODES
 
     assert get_args(ScheduleName) == SCHEDULES
     assert get_args(ChunkSplit) == SPLIT_MODES

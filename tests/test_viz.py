@@ -13,6 +13,7 @@ from torch import fx
 
 from lcgraph.graph.capture import NodeInfo
 from lcgraph.observability import graphs as viz
+from lcgraph.observability import measured
 from lcgraph.observability.timeline import matplotlib_available, write_trace
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -233,7 +234,7 @@ EVENTS = [
 
 
 def test_the_measured_timeline_is_the_last_step_as_a_trace_with_a_zero_track_and_its_bubble(tmp_path):
-    stats = viz.write_measured_timeline(fake_job(STEP1, EVENTS), tmp_path, world=1)
+    stats = measured.write_measured_timeline(fake_job(STEP1, EVENTS), tmp_path, world=1)
     # pipeline time: 10.0 .. 13.5 (last B); busy F + B = 3.0 of 3.5
     assert stats["bubble_fraction"] == pytest.approx(1 - 3.0 / 3.5)
     assert stats["measured_step_s"] == pytest.approx(4.6)
@@ -264,7 +265,7 @@ def test_ranks_on_another_host_are_aligned_at_the_barrier_and_one_hosts_ranks_ke
             "events": [("rs_issue", 0, 0, 4999.6)],
         },
     ]
-    timelines, events = viz._align(records)
+    timelines, events = measured._align(records)
     assert timelines[1] == [("F0.0", 99.5, 99.8)]  # same host: same monotonic clock, no shift
     assert timelines[2] == [("F0.0", pytest.approx(99.5), pytest.approx(99.9))]
     assert events == [(2, "rs_issue", 0, 0, pytest.approx(99.6))]
@@ -273,15 +274,15 @@ def test_ranks_on_another_host_are_aligned_at_the_barrier_and_one_hosts_ranks_ke
 def test_a_planner_timeline_in_the_run_directory_is_kept_as_timeline_predicted(tmp_path):
     (tmp_path / "plan.json").write_text("{}")
     write_trace([(0, "F0.0", 0.0, 1.0)], tmp_path / "timeline.json")
-    viz.write_measured_timeline(fake_job(STEP1, []), tmp_path, world=1)
-    viz.write_measured_timeline(fake_job(STEP1, []), tmp_path, world=1)  # a second write replaces the measured one
+    measured.write_measured_timeline(fake_job(STEP1, []), tmp_path, world=1)
+    measured.write_measured_timeline(fake_job(STEP1, []), tmp_path, world=1)  # a second write replaces the measured one
     predicted = json.loads((tmp_path / "timeline_predicted.json").read_text())
     assert "otherData" not in predicted and len([e for e in predicted["traceEvents"] if e["ph"] == "X"]) == 1
     assert json.loads((tmp_path / "timeline.json").read_text())["otherData"]["source"] == "measured"
 
 
 def test_comm_times_count_p2p_and_gradient_sync_actions():
-    got = viz.comm_times(STEP1)
+    got = measured.comm_times(STEP1)
     assert got == {"p2p_s": pytest.approx(0.5), "grad_sync_s": pytest.approx(0.5), "comm_s": pytest.approx(1.0)}
 
 

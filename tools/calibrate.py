@@ -120,13 +120,13 @@ def measure_isolated(args: list[str], steps: int, warmup: int, timeout: float) -
 
 def predict(args: list[str], profile_path: str, profile=None) -> dict:
     """The planner's step time and peak for the config (with `profile` replacing the file's, if given)."""
-    from lcgraph.planner import plan
+    from lcgraph.planner import evaluation
 
     cfg = compose_cfg(args + [f"+plan.device={profile_path}", "+plan.alternatives=false", "+plan.timeline=false"])
-    st = plan.setup(cfg, _captured(cfg.model))
+    st = evaluation.setup(cfg, _captured(cfg.model))
     if profile is not None:
         st.profile = profile
-    ev = plan.evaluate_config(cfg, st)
+    ev = evaluation.evaluate_config(cfg, st)
     return {"step_s": ev.sim.step_time, "peak_bytes": max(ev.sim.rank_peak)}
 
 

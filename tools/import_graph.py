@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lcgraph"
 ROWS = [["app"], ["planner"], ["observability"], ["runtime"], ["graph", "schedule"], ["ops"]]
 W, BOX_H, ROW_GAP, MARGIN = 900, 70, 50, 20
+CHAR_W = 5.6  # rough width of one character of the module list (10.5 px sans-serif)
 
 
 def package_edges() -> Counter:
@@ -39,6 +40,19 @@ def modules(package: str) -> list[tuple[str, int]]:
         for p in sorted((PACKAGE / package).glob("*.py"))
         if p.stem != "__init__"
     ]
+
+
+def wrapped(text: str, width: int) -> list[str]:
+    """`text` ("a 12, b 34, ...") in lines of at most `width` characters, broken after a comma."""
+    lines = [""]
+    for item in text.split(", "):
+        joined = f"{lines[-1]}, {item}" if lines[-1] else item
+        if len(joined) > width and lines[-1]:
+            lines[-1] += ","
+            lines.append(item)
+        else:
+            lines[-1] = joined
+    return lines
 
 
 def svg() -> str:
@@ -73,7 +87,8 @@ def svg() -> str:
             f'<text x="{x + 8:.0f}" y="{y + 20}" font-size="15" font-weight="bold">lcgraph/{name}/ '
             f'<tspan font-weight="normal" font-size="11">{sum(n for _, n in mods)} lines</tspan></text>'
         )
-        out.append(f'<text x="{x + 8:.0f}" y="{y + 42}" font-size="10.5" fill="#333">{text}</text>')
+        for i, line in enumerate(wrapped(text, int((w - 16) / CHAR_W))):
+            out.append(f'<text x="{x + 8:.0f}" y="{y + 40 + 14 * i}" font-size="10.5" fill="#333">{line}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -15,16 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lcgraph.schedule import nccl  # noqa: E402
-from lcgraph.schedule.programs import (  # noqa: E402
-    P2P_KINDS,
-    ScheduleError,
-    ScheduleSpec,
-    add_p2p,
-    build_programs,
-    issue_units,
-    ungroup_p2p,
-    unit_token,
-)
+from lcgraph.schedule.actions import P2P_KINDS, ScheduleError, ScheduleSpec, issue_units, unit_token  # noqa: E402
+from lcgraph.schedule.p2p import add_p2p, ungroup_p2p  # noqa: E402
+from lcgraph.schedule.programs import build_programs  # noqa: E402
 
 
 def stuck_units(programs, spec) -> dict[int, set[str]]:

@@ -31,19 +31,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lcgraph.schedule import nccl  # noqa: E402
-from lcgraph.schedule.programs import (  # noqa: E402
-    P2P_KINDS,
-    Program,
-    ScheduleError,
-    ScheduleSpec,
-    add_p2p,
-    build_programs,
-    group_p2p,
-    issue_units,
-    receive_ahead,
-    ungroup_p2p,
-    with_transfers,
-)
+from lcgraph.schedule.actions import P2P_KINDS, Program, ScheduleError, ScheduleSpec, issue_units  # noqa: E402
+from lcgraph.schedule.p2p import add_p2p, group_p2p, receive_ahead, ungroup_p2p, with_transfers  # noqa: E402
+from lcgraph.schedule.programs import build_programs  # noqa: E402
 
 
 def programs_in_form(spec: ScheduleSpec, form: str) -> list[Program]:

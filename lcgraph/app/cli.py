@@ -26,12 +26,12 @@ from lcgraph.app.job import Job, prepare_data
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks, user_error_names
-from lcgraph.observability.graphs import comm_times, write_measured_timeline
+from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, model_flops_per_token
 from lcgraph.planner.profile import load_profile, profile_names
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.model import build_config
-from lcgraph.schedule.programs import format_programs
+from lcgraph.schedule.text import format_programs
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 

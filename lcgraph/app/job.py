@@ -27,8 +27,12 @@ from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
 from lcgraph.schedule import nccl
-from lcgraph.schedule import programs as schedule
+from lcgraph.schedule.actions import ScheduleSpec
 from lcgraph.schedule.mesh import Coords
+from lcgraph.schedule.p2p import add_p2p
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.sequence import split_sequence
+from lcgraph.schedule.validator import validate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -124,10 +128,10 @@ class Job:
     def _setup_schedule(self):
         par = self.cfg.parallel
         k = par.seq_chunks if par.schedule == "seq1f1b" else 1
-        self.spec = schedule.ScheduleSpec(par.schedule, par.pp, par.microbatches, k, par.virtual_stages)
-        programs = schedule.build_programs(self.spec)
-        programs = schedule.add_p2p(programs, self.spec)
-        schedule.validate(programs, self.spec)
+        self.spec = ScheduleSpec(par.schedule, par.pp, par.microbatches, k, par.virtual_stages)
+        programs = build_programs(self.spec)
+        programs = add_p2p(programs, self.spec)
+        validate(programs, self.spec)
         self.programs = programs
         self.chunk_lengths = self._chunk_lengths(k)
 
@@ -137,7 +141,7 @@ class Job:
             return [seq]
         per_token = sum(n.meta["lcgraph"].flops_per_token for n in self.captured.graph.nodes)
         per_pair = sum(n.meta["lcgraph"].flops_per_pair for n in self.captured.graph.nodes)
-        return schedule.split_sequence(seq, k, par.chunk_split, per_token, per_pair, align=ring_align(par))
+        return split_sequence(seq, k, par.chunk_split, per_token, per_pair, align=ring_align(par))
 
     def _setup_stages(self):
         c, par = self.coords, self.cfg.parallel
@@ -205,7 +209,7 @@ class Job:
             self.optimizer.program_actions(), self.optimizer.tied_buckets()
         )
         self.programs = [add_bucket_actions(p, actions) for p in self.programs]
-        schedule.validate(self.programs, self.spec)
+        validate(self.programs, self.spec)
         par = self.cfg.parallel
         tied = par.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
         nccl.check(self.programs, self.spec, nccl.Comms(par.dp, par.sp, tied, par.zero, tied_buckets, cp=par.cp))

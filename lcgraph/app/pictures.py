@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from lcgraph.app.config import compose_config
 from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
-from lcgraph.observability.graphs import boxes_of, dump_graph
-from lcgraph.planner.plan import layer_counts
+from lcgraph.observability.graph_layout import boxes_of
+from lcgraph.observability.graphs import dump_graph
+from lcgraph.planner.evaluation import layer_counts
 from lcgraph.runtime import model
 
 

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from lcgraph.app.cli import hydra_app, one_line_errors
 from lcgraph.app.pictures import draw
 from lcgraph.app.validate import check_choices, check_keys, check_layout
-from lcgraph.planner.plan import Plan, build_plan, print_plan, write_plan
+from lcgraph.planner.plan import Plan, build_plan
+from lcgraph.planner.report import print_plan, write_plan
 from lcgraph.runtime.model import build_config
 
 

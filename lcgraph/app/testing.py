@@ -22,7 +22,7 @@ from lcgraph.app.cli import init_distributed, launch_local, run, share_cores
 from lcgraph.app.config import compose_config
 from lcgraph.app.job import Job
 from lcgraph.runtime import data, faults
-from lcgraph.schedule.programs import format_programs
+from lcgraph.schedule.text import format_programs
 
 TINY = [
     "parallel=single",

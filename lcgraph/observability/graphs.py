@@ -1,4 +1,4 @@
-"""Pictures of what lcgraph built and what it ran: graph dumps per pass, and the measured timeline.
+"""Pictures of what lcgraph built: graph dumps per pass, drawn from the boxes of `graph_layout`.
 
 Graphs (`dump.graphs=true` in training, or `python -m lcgraph.app.pictures OVERRIDES` without training): after
 each pass `dump_graph` writes, under graphs/,
@@ -10,31 +10,17 @@ each pass `dump_graph` writes, under graphs/,
                             waits (AG: where the forward first reads a bucket's parameters)
     NN_<pass>.html          the same picture, self-contained; each box expands to its nodes
     NN_<pass>_layerL.svg    decoder layer L node by node (default: the graph's first layer)
-
-Timeline: `write_measured_timeline` gathers every rank's `Interpreter.timeline` of the last step to
-rank 0 and writes timeline.json (Chrome/Perfetto trace, the format of the planner's prediction, plus a
-ZeRO track) and timeline.png, and returns the measured bubble fraction.
 """
 
 from __future__ import annotations
 
 import html
-import math
 import re
-import socket
 import sys
-import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-import torch
-
-from lcgraph.observability.timeline import from_measured, is_wire, trace_events, write_png
-from lcgraph.ops.relay import relay_attention
-from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks
-from lcgraph.schedule.mesh import Coords
+from lcgraph.observability.graph_layout import BH, BW, GY, MARGIN, TOP, Box, badge_of, boxes_of, layout, si
 
 BADGES = {"all_to_all": ("A2A", "#8e5ea2"), "kv_relay": ("KV", "#2a9d8f"), "all_gather_wait": ("AG", "#9d755d")}
 PART_FILL = {
@@ -71,9 +57,9 @@ ROLE_FILL = {
     "head": "#fdd0a2",
     "loss": "#fcbba1",
 }
-BW, BH, GX, GY, MARGIN, TOP = 236, 50, 26, 36, 20, 58  # box view geometry (px)
+
 NW, NH = 160, 36  # node view boxes
-GRID_COLS = 6
+
 FAN_OUT = 3  # a box feeding this many layer boxes gets one arrow to the layer block instead
 
 
@@ -87,184 +73,13 @@ def graph_text(gm) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- boxes: the graph collapsed per decoder layer ----------------------------------------------------------
-
-
-@dataclass
-class Box:
-    key: str  # "layer 3", "embed", "shared", "inputs", ...
-    part: str
-    layer: int | None
-    nodes: list = field(default_factory=list)
-    params: int = 0  # parameter elements of the placeholders folded into this box
-    flops_per_token: float = 0.0
-    badges: Counter = field(default_factory=Counter)
-
-    @property
-    def layer_index(self) -> int:
-        """The decoder layer of a box with part == "layer"."""
-        assert self.layer is not None  # layer boxes always carry their index
-        return self.layer
-
-    @property
-    def id(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_-]", "-", self.key)
-
-    def detail(self) -> str:
-        if self.part == "inputs":
-            return ", ".join(n.name for n in self.nodes if getattr(n.meta.get("lcgraph"), "part", "") != "buffer")
-        parts = [f"{sum(n.op != 'placeholder' for n in self.nodes)} nodes"]
-        if self.params:
-            parts.append(f"{_si(self.params)} params")
-        if self.flops_per_token:
-            parts.append(f"{_si(self.flops_per_token)}FLOP/tok")
-        return " · ".join(parts)
-
-
-def badge_of(node) -> str | None:
-    """all_to_all (Ulysses), kv_relay (Seq1F1B attention) or all_gather_wait (ZeRO), for the badges; else None."""
-
-    info = node.meta.get("lcgraph")
-    role = getattr(info, "role", None)
-    if role == "all_to_all":
-        return "all_to_all"
-    if node.target is relay_attention:
-        return "kv_relay"
-    if role == "all_gather_wait":
-        return "all_gather_wait"
-    return None
-
-
-def _home(node) -> str | None:
-    """The box a node belongs to; None: decided by its neighbours (shared parameters, unannotated nodes)."""
-    info = node.meta.get("lcgraph")
-    if node.op == "output":
-        return "output"
-    if node.op == "placeholder":
-        if info is not None and info.part in ("param", "buffer"):
-            return f"layer {info.layer}" if info.layer is not None else None
-        return "inputs"  # input_ids, position_ids, labels, hidden_in (which carries its producer's meta)
-    if info is None:
-        return None
-    return f"layer {info.layer}" if info.part == "layer" and info.layer is not None else info.part
-
-
-def boxes_of(gm) -> tuple[dict[str, Box], Counter, dict]:
-    """Boxes in order of first appearance, edges (a, b) -> number of tensors crossing, node -> box key."""
-    home: dict = {}
-    nodes = list(gm.graph.nodes)
-    for n in nodes:  # graph order: a node's inputs already have a home
-        home[n] = _home(n)
-        if home[n] is None and n.op != "placeholder":
-            home[n] = next((home[a] for a in n.all_input_nodes if home.get(a)), None)
-    for n in nodes:  # parameters and buffers of no layer live with their first user (unused ones: inputs)
-        if home[n] is None:
-            home[n] = next((home[u] for u in n.users if home.get(u)), "inputs" if n.op == "placeholder" else "other")
-    first: dict[str, int] = {}  # boxes in order of their first computing node; inputs (placeholders only) first
-    for i, n in enumerate(nodes):
-        first.setdefault(home[n], i if n.op != "placeholder" else -1)
-        if n.op != "placeholder" and first[home[n]] == -1 and home[n] != "inputs":
-            first[home[n]] = i
-    boxes: dict[str, Box] = {}
-    for n in sorted(nodes, key=lambda n: first[home[n]]):
-        key = home[n]
-        if key not in boxes:
-            layer = int(key.split()[1]) if key.startswith("layer ") else None
-            boxes[key] = Box(key, "layer" if layer is not None else key, layer)
-        box = boxes[key]
-        box.nodes.append(n)
-        info = n.meta.get("lcgraph")
-        if n.op == "placeholder" and getattr(info, "part", None) == "param":
-            box.params += _numel(n)
-        box.flops_per_token += getattr(info, "flops_per_token", 0.0) or 0.0
-        badge = badge_of(n)
-        if badge:
-            box.badges[badge] += 1
-    crossing = {(home[a], home[n], a) for n in nodes for a in n.all_input_nodes if home[a] != home[n]}
-    edges = Counter((a, b) for a, b, _ in crossing)
-    return boxes, edges, home
-
-
-def _numel(node) -> int:
-    val = node.meta.get("val")
-    try:
-        return math.prod(int(s) for s in val.shape)
-    except (AttributeError, TypeError, ValueError):
-        return 0
-
-
 def _mean(xs: list[float], default: float) -> float:
     return sum(xs) / len(xs) if xs else default
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
 
 
 def stage_from_name(name: str) -> int | None:
     m = re.search(r"stage(\d+)$", name)
     return int(m.group(1)) if m else None
-
-
-# --- layout: inputs and shared on top, decoder layers in a snaking grid, head side below --------------------
-
-
-def _rows(keys: list[str], edges: Counter) -> list[list[str]]:
-    """Layered layout of `keys` (in first-appearance order): a box sits one row below its latest input."""
-    rank: dict[str, int] = {}
-    for k in keys:
-        rank[k] = 1 + max((rank[a] for (a, b) in edges if b == k and a in rank), default=-1)
-    rows: list[list[str]] = [[] for _ in range(max(rank.values(), default=-1) + 1)]
-    for k in keys:
-        rows[rank[k]].append(k)
-    return rows
-
-
-def _layout(boxes: dict[str, Box], edges: Counter):
-    """Top-left corner of every box, the layer block's frame (or None) and the canvas size."""
-    layers = sorted((b for b in boxes.values() if b.part == "layer"), key=lambda b: b.layer_index)
-    others = [k for k, b in boxes.items() if b.part != "layer"]
-    feeds = {b.key for b in layers}  # boxes upstream of a layer box go on top
-    changed = True
-    while changed:
-        changed = False
-        for a, b in edges:
-            if b in feeds and a not in feeds:
-                feeds.add(a)
-                changed = True
-    top = _rows([k for k in others if k in feeds], edges)
-    bottom = _rows([k for k in others if k not in feeds], edges)
-    cols = min(GRID_COLS, len(layers)) or 1
-    width = max([cols] + [len(r) for r in top + bottom]) * (BW + GX) - GX + 2 * MARGIN + 2 * 70  # 70: side routes
-    center = width / 2
-    pos: dict[str, tuple[float, float]] = {}
-    y = TOP
-
-    def place(rows, y):
-        for row in rows:
-            x = center - (len(row) * (BW + GX) - GX) / 2
-            for i, k in enumerate(row):
-                pos[k] = (x + i * (BW + GX), y)
-            y += BH + GY
-        return y
-
-    y = place(top, y)
-    frame = None
-    if layers:
-        y += 14  # room for the frame's label
-        x0 = center - (cols * (BW + GX) - GX) / 2
-        for i, b in enumerate(layers):
-            r, c = divmod(i, cols)
-            c = c if r % 2 == 0 else cols - 1 - c  # snake: consecutive layers are always neighbours
-            pos[b.key] = (x0 + c * (BW + GX), y + r * (BH + GY))
-        rows = math.ceil(len(layers) / cols)
-        frame = (x0 - 10, y - 10, cols * (BW + GX) - GX + 20, rows * (BH + GY) - GY + 20)
-        y += rows * (BH + GY) + 10
-    y = place(bottom, y)
-    return pos, frame, (width, y + MARGIN - GY)
 
 
 # --- SVG ----------------------------------------------------------------------------------------------------
@@ -402,7 +217,7 @@ def _box_svg(box: Box, x: float, y: float, stage: int | None, link: bool) -> str
 def graph_svg(gm, title: str = "", stage: int | None = None, link: bool = False) -> str:
     """The graph as boxes (one per decoder layer), edges between boxes, stage colour and badges."""
     boxes, edges, _ = boxes_of(gm)
-    pos, frame, (width, height) = _layout(boxes, edges)
+    pos, frame, (width, height) = layout(boxes, edges)
     out = _svg_open(width, height)
     n_nodes = sum(1 for n in gm.graph.nodes if n.op != "placeholder")
     badge_total: Counter[str] = Counter()
@@ -548,7 +363,7 @@ def graph_html(gm, title: str = "", stage: int | None = None) -> str:
             rows.append(
                 f"<tr><td>{_esc(n.name)}</td><td>{n.op}</td><td>{_esc(target)}</td>"
                 f"<td>{_esc(getattr(info, 'role', ''))}</td><td>{_esc(getattr(info, 'seq_dim', ''))}</td>"
-                f"<td>{_si(flops) if flops else ''}</td>"
+                f"<td>{si(flops) if flops else ''}</td>"
                 f"<td>{_esc(', '.join(a.name for a in n.all_input_nodes))}</td></tr>"
             )
         parts.append(
@@ -587,171 +402,3 @@ def dump_graph(gm, path: Path, stage: int | None = None, layers: list[int] | Non
     except Exception as exc:  # noqa: BLE001
         print(f"lcgraph: warning: could not draw {path.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
     return written
-
-
-# --- measured timeline --------------------------------------------------------------------------------------
-
-
-def comm_times(entries) -> dict:
-    """Seconds of one rank's step (Interpreter.timeline entries) spent in communication actions.
-
-    p2p_s: issuing p2p groups and waiting for received tensors (the wire entries: names not starting
-    upper-case, as the runtime and the simulator write them); grad_sync_s: RS (waiting for a bucket's reduce-scatter)
-    and AG (issuing all-gathers). Overlapped communication (an RS issued during backward) is not counted.
-    """
-    p2p = sum(end - start for name, start, end in entries if is_wire(name))
-    sync = sum(end - start for name, start, end in entries if name.startswith(("RS", "AG")))
-    return {"p2p_s": p2p, "grad_sync_s": sync, "comm_s": p2p + sync}
-
-
-def measured_bubble(timeline) -> dict:
-    """Bubble of a measured step, defined as the planner's (simulate.SimResult.bubble): the idle share of
-    ranks x pipeline time, from the step's first action to its last forward/backward end, busy = F and B."""
-    ranks = {e[0] for e in timeline}
-    compute = [e for e in timeline if e[1][:1] in ("F", "B")]
-    start = min((e[2] for e in timeline), default=0.0)
-    end = max((e[3] for e in compute), default=start)
-    span = end - start
-    busy = sum(e[3] - e[2] for e in compute)
-    bubble = 1.0 - busy / (len(ranks) * span) if span > 0 else 0.0
-    step = max((e[3] for e in timeline), default=start) - start
-    return {"bubble_fraction": bubble, "measured_pipeline_s": span, "measured_step_s": step}
-
-
-class TimelineJob(Protocol):
-    """What the measured timeline reads from the training job (app/job.py: Job satisfies it)."""
-
-    @property
-    def interpreter(self) -> Interpreter: ...  # its timeline of the last step
-    @property
-    def optimizer(self) -> OptimizerHooks: ...  # its bucket events
-    @property
-    def coords(self) -> Coords: ...
-    @property
-    def device(self) -> torch.device: ...
-
-
-def _rank_record(job: TimelineJob, world: int) -> dict:
-    import torch
-    import torch.distributed as dist
-
-    entries = list(job.interpreter.timeline)
-    lo = min((s for _, s, _ in entries), default=0.0)
-    hi = max((e for _, _, e in entries), default=0.0)
-    events = [e for e in job.optimizer.events if lo <= e[3] <= hi]
-    record = {"rank": job.coords.rank, "host": socket.gethostname(), "timeline": entries, "events": events}
-    if torch.cuda.is_available() and job.device.type == "cuda":
-        record["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-    record["sync"] = time.perf_counter()  # right after the barrier: aligns hosts with different clocks
-    return record
-
-
-def _align(records: list[dict]) -> tuple[dict, list]:
-    """Per-rank timelines and ZeRO events on rank 0's clock (perf_counter is shared by one host's ranks)."""
-    leader: dict[str, float] = {}
-    for r in sorted(records, key=lambda r: r["rank"]):
-        leader.setdefault(r["host"], r["sync"])
-    origin = leader[records[0]["host"]]
-    timelines, events = {}, []
-    for r in records:
-        shift = leader[r["host"]] - origin
-        timelines[r["rank"]] = [(name, s - shift, e - shift) for name, s, e in r["timeline"]]
-        events += [(r["rank"], what, stage, bucket, t - shift) for what, stage, bucket, t in r["events"]]
-    return timelines, events
-
-
-def zero_trace_events(events, t0: float) -> list[dict]:
-    """ZeRO bucket events as a third thread per rank: instants, plus RS/AG in-flight spans (issue -> wait)."""
-    out, open_at = [], {}
-    for rank in sorted({e[0] for e in events}):
-        out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 2, "args": {"name": "ZeRO buckets"}})
-    for i, (rank, what, stage, bucket, t) in enumerate(sorted(events, key=lambda e: e[4])):
-        ts = (t - t0) * 1e6
-        label = f"{what} b{bucket}" if bucket >= 0 else what  # bucket -1: a stage event (backward_end)
-        out.append(
-            {
-                "ph": "i",
-                "s": "t",
-                "name": label,
-                "cat": "zero",
-                "pid": rank,
-                "tid": 2,
-                "ts": ts,
-                "args": {"stage": stage, "bucket": bucket},
-            }
-        )
-        op, _, phase = what.partition("_")
-        key = (rank, op, stage, bucket)
-        if phase == "issue":
-            open_at[key] = (ts, i)
-        elif key in open_at:
-            start, ident = open_at.pop(key)
-            common = {
-                "name": f"{op.upper()} b{bucket} in flight",
-                "cat": "zero",
-                "id": f"{rank}-{ident}",
-                "pid": rank,
-                "tid": 2,
-            }
-            out += [{**common, "ph": "b", "ts": start}, {**common, "ph": "e", "ts": ts}]
-    return out
-
-
-def write_measured_timeline(job: TimelineJob, run_dir: Path, world: int) -> dict:
-    """Gather the last step's timeline of every rank to rank 0; rank 0 writes timeline.json (+ .png).
-
-    `job.interpreter.timeline` holds the last step; ZeRO events outside it are dropped. Collective: every
-    rank calls it. Returns on every rank: bubble_fraction, measured_pipeline_s, measured_step_s, comm_s_per_rank and,
-    on CUDA, cuda_peak_bytes_per_rank. A timeline.json from `lcgraph-plan` in the same directory is kept
-    as timeline_predicted.json (and .png).
-    """
-    import json
-
-    import torch.distributed as dist
-
-    mine = _rank_record(job, world)
-    records: list = [mine]
-    if world > 1 and dist.is_initialized():
-        records = [None] * world
-        dist.all_gather_object(records, mine)
-    timelines, events = _align(records)
-    t0 = min((s for entries in timelines.values() for _, s, _ in entries), default=0.0)
-    timeline = from_measured(timelines)
-    stats = measured_bubble(timeline)
-    stats["comm_s_per_rank"] = [comm_times(timelines[r])["comm_s"] for r in sorted(timelines)]
-    if all("cuda_peak_bytes" in r for r in records):
-        stats["cuda_peak_bytes_per_rank"] = [r["cuda_peak_bytes"] for r in sorted(records, key=lambda r: r["rank"])]
-    if job.coords.rank != 0:
-        return stats
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _keep_predicted(out)
-    trace = trace_events(timeline)
-    trace["traceEvents"] += zero_trace_events(events, t0)
-    trace["otherData"] = {
-        "source": "measured",
-        "step": "last",
-        **{k: v for k, v in stats.items() if not isinstance(v, list)},
-    }
-    (out / "timeline.json").write_text(json.dumps(trace))
-    if timeline:
-        write_png(timeline, out / "timeline.png", title=f"measured: last step, bubble {stats['bubble_fraction']:.1%}")
-    return stats
-
-
-def _keep_predicted(out: Path) -> None:
-    import json
-
-    old = out / "timeline.json"
-    if not old.is_file():
-        return
-    try:
-        measured = json.loads(old.read_text()).get("otherData", {}).get("source") == "measured"
-    except (ValueError, AttributeError):
-        measured = False
-    if not measured:
-        old.replace(out / "timeline_predicted.json")
-        if (out / "timeline.png").is_file():
-            (out / "timeline.png").replace(out / "timeline_predicted.png")

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from lcgraph.schedule.programs import COMPUTE_KINDS, Action, Program, ScheduleSpec, replay
+from lcgraph.schedule.actions import COMPUTE_KINDS, Action, Program, ScheduleSpec
+from lcgraph.schedule.validator import replay
 
 
 class Event(NamedTuple):

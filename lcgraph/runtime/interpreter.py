@@ -30,7 +30,7 @@ from lcgraph.ops import masks
 from lcgraph.ops.relay import RelayContext
 from lcgraph.runtime import recompute as recompute_layers
 from lcgraph.runtime.recompute import recompute_mode
-from lcgraph.schedule.programs import P2P_KINDS, Action, issue_units, unit_token
+from lcgraph.schedule.actions import P2P_KINDS, Action, issue_units, unit_token
 
 # train.recompute (runtime/recompute.py): in modes other than none each stage runs its layers checkpointed one
 # by one (recompute.seal), so F and B below look the same in every mode.

@@ -47,8 +47,8 @@ from lcgraph.graph.capture import NodeInfo
 from lcgraph.graph.passes import StageGraph
 from lcgraph.runtime import faults
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
+from lcgraph.schedule.actions import Action, issue_units
 from lcgraph.schedule.mesh import Coords
-from lcgraph.schedule.programs import Action, issue_units
 
 
 class OptimizerJob(Protocol):

@@ -6,7 +6,7 @@
                     and MLP, and attention only where its output was not kept
     full            keep each segment's input; the backward reruns the whole segment, attention included
 
-A segment is train.recompute_layers consecutive decoder layers (0: the planner picks, planner.plan.best_segments).
+A segment is train.recompute_layers consecutive decoder layers (0: the planner picks, planner.evaluation.best_segments).
 `seal` splits a stage graph into embed, segments and head (passes.segment_layers) and runs each segment under
 non-reentrant activation checkpointing (torch.utils.checkpoint, use_reentrant=False): the autograd engine reruns
 one segment at a time inside the backward, so longer segments keep fewer inputs per unit in flight and rebuild

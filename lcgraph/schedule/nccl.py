@@ -1,6 +1,6 @@
 """Check a step's programs under NCCL's rules, not an ideal network's.
 
-`schedule.validate` proves the programs complete and dependency-ordered with sends that never block,
+`validator.validate` proves the programs complete and dependency-ordered with sends that never block,
 which is what gloo gives. NCCL is stricter, and this module replays one training step under its
 rules, for every global rank of a (pp, dp, cp, sp) layout:
 
@@ -8,7 +8,7 @@ rules, for every global rank of a (pp, dp, cp, sp) layout:
   `streams="rank"`, one stream per rank: the stricter reading), each collective on its communicator's
   stream. A kernel runs once every earlier kernel of its rank on each of its streams has completed.
 - Batches mirror: a batch's messages with a peer are exactly the messages of one batch at that peer
-  (asymmetric batches were seen to hang on 2 H200s; NVIDIA/nccl#2130). `programs.mirror_groups`
+  (asymmetric batches were seen to hang on 2 H200s; NVIDIA/nccl#2130). `p2p.mirror_groups`
   builds programs that way.
 - A p2p group (`batch_isend_irecv`) is one kernel whose sends and receives progress together. The
   n-th send from r to p is matched with the n-th receive at p from r: NCCL has no tags, so both must
@@ -34,17 +34,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lcgraph.schedule.actions import P2P_KINDS, Program, ScheduleError, ScheduleSpec, issue_units, unit_token
 from lcgraph.schedule.mesh import Coords
-from lcgraph.schedule.programs import (
-    P2P_KINDS,
-    Program,
-    ScheduleError,
-    ScheduleSpec,
-    issue_units,
-    message_of,
-    unit_token,
-    unmirrored_pairs,
-)
+from lcgraph.schedule.p2p import message_of, unmirrored_pairs
 
 Streams = Literal["pair", "rank"]
 _MAX_LISTED = 8
@@ -329,7 +321,7 @@ def check(programs: list[Program], spec: ScheduleSpec, comms: Comms | None = Non
     asymmetric = unmirrored_pairs(programs)
     if asymmetric:
         raise ScheduleError(
-            "batches that do not mirror (NCCL hangs on them; programs.mirror_groups splits them):\n  "
+            "batches that do not mirror (NCCL hangs on them; p2p.mirror_groups splits them):\n  "
             + "\n  ".join(asymmetric[:_MAX_LISTED])
         )
 

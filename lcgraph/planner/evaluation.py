@@ -1,0 +1,227 @@
+"""One layout evaluated: the per-rank programs, the cost model and the simulation of a schedule, and the
+setup that every evaluation of one config shares (planner settings, device profile, graph costs, layout,
+layer split), with the recompute segment size of lowest predicted peak (`best_segments`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from lcgraph.errors import PlanError
+from lcgraph.graph import passes
+from lcgraph.graph.capture import CapturedGraph, capture
+from lcgraph.planner.costs import CostModel, Layout
+from lcgraph.planner.graph_costs import GraphCosts
+from lcgraph.planner.profile import DeviceProfile, load_profile
+from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
+from lcgraph.runtime.model import build_config
+from lcgraph.runtime.recompute import AUTO, recompute_mode
+from lcgraph.schedule import nccl
+from lcgraph.schedule.actions import ScheduleSpec
+from lcgraph.schedule.p2p import add_p2p
+from lcgraph.schedule.programs import build_programs
+from lcgraph.schedule.sequence import split_sequence
+
+DEFAULTS = {
+    "device": "h100",
+    "gpus_per_node": None,
+    "dtype": None,
+    "alternatives": True,
+    "chunks": [2, 4, 8],
+    "timeline": True,
+}
+GiB = 2**30
+
+
+def plan_settings(cfg: DictConfig) -> dict:
+    """The `plan` section of the config over DEFAULTS (the section is optional: `+plan.KEY=VALUE`)."""
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.select(cfg, "plan", default=None)
+    given: dict = OmegaConf.to_container(section, resolve=True) if section is not None else {}  # type: ignore[assignment]
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise PlanError(
+            f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
+            f"{', '.join('plan.' + k for k in DEFAULTS)}"
+        )
+    settings = {**DEFAULTS, **given}
+    settings["dtype"] = settings["dtype"] or cfg.train.dtype
+    return settings
+
+
+def size(n: float) -> str:
+    """Bytes in binary units, short: 16.4G, 340M, 12K."""
+    for unit, scale in (("G", GiB), ("M", 2**20), ("K", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+# --- one layout, evaluated -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """A schedule evaluated for one layout: its programs, cost model and simulation."""
+
+    label: str
+    spec: ScheduleSpec
+    programs: list
+    cost: CostModel
+    sim: SimResult
+    tokens_per_step: int
+    model_flops_per_token: float
+    segment_peaks: dict[int, float] = field(default_factory=dict)  # best_segments: size -> predicted peak
+
+    @property
+    def gpus(self) -> int:
+        return self.cost.layout.gpus
+
+    def summary(self) -> dict:
+        sim, dev = self.sim, self.cost.profile
+        tokens_per_s_gpu = self.tokens_per_step / sim.step_time / self.gpus
+        peak = max(sim.rank_peak)
+        return {
+            "schedule": self.spec.name,
+            "seq_chunks": self.spec.seq_chunks,
+            "chunk_lengths": list(self.cost.chunk_lengths),
+            "step_time_s": sim.step_time,
+            "pipeline_time_s": sim.pipeline_time,
+            "tokens_per_step": self.tokens_per_step,
+            "tokens_per_s_per_gpu": tokens_per_s_gpu,
+            "mfu": self.model_flops_per_token * tokens_per_s_gpu / dev.matmul_flops,
+            "bubble": sim.bubble,
+            "peak_bytes": peak,
+            "fits": peak <= dev.memory_bytes,
+        }
+
+
+def evaluate(
+    graph,
+    profile,
+    layout,
+    layer_counts: list[int],
+    seq_len: int,
+    schedule_name: str,
+    microbatches: int,
+    seq_chunks: int = 1,
+    chunk_split: str = "uniform_comp",
+    label: str | None = None,
+) -> Evaluation:
+    """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
+
+    k = seq_chunks if schedule_name == "seq1f1b" else 1
+    spec = ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
+    programs = add_p2p(build_programs(spec), spec)
+    nccl.check(programs, spec, nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero))
+    if k == 1:
+        lengths = [seq_len]
+    else:
+        per_token, per_pair = graph.split_costs()
+        lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, align=layout.sp)
+    cost = CostModel(graph, profile, layout, list(layer_counts), lengths)
+    sim = simulate(programs, spec, cost)
+    tokens = layout.dp * microbatches * layout.micro_batch * seq_len
+    label = label or (schedule_name if k == 1 else f"{schedule_name} k={k} ({chunk_split})")
+    return Evaluation(label, spec, programs, cost, sim, tokens, graph.model_flops_per_token(seq_len))
+
+
+def layer_counts(cfg: DictConfig, captured) -> tuple[list[int], list[int]]:
+    """The trainer's layer counts (passes.plan_layer_counts), and a balanced split over pp stages for
+    the alternatives (one stage per rank)."""
+
+    par = cfg.parallel
+    counts = passes.plan_layer_counts(captured, par, cfg.data.seq_len)
+    if len(counts) == par.pp:
+        return counts, counts
+    costs, first, last = passes.layer_costs(captured, cfg.data.seq_len)
+    return counts, passes.balance_layers(costs, first, last, par.pp)
+
+
+@dataclass
+class Setup:
+    """What every evaluation of one config shares: profile, graph costs, layout, layer split."""
+
+    settings: dict
+    profile: DeviceProfile
+    graph: GraphCosts
+    captured: CapturedGraph
+    layout: Layout
+    counts: list[int]
+    alt_counts: list[int]
+    auto_segments: bool = False  # train.recompute_layers=0: the planner picks the segment size (best_segments)
+
+
+def setup(cfg: DictConfig, captured=None) -> Setup:
+    """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here."""
+    settings = plan_settings(cfg)
+    profile = load_profile(settings["device"])
+    if settings["gpus_per_node"]:
+        profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
+    if captured is None:
+        captured = capture(build_config(cfg.model))
+    graph = GraphCosts.from_captured(captured, settings["dtype"])
+    par, train = cfg.parallel, cfg.train
+    mode = recompute_mode(train.get("recompute", False), allow_auto=True)
+    segments = int(train.get("recompute_layers", 0))  # 0: best_segments picks
+    layout = Layout(
+        par.pp,
+        par.dp,
+        par.sp,
+        cfg.data.micro_batch_size,
+        par.zero,
+        par.virtual_stages,
+        recompute="none" if mode == AUTO else mode,
+        recompute_layers=max(1, segments),
+        kept_attention_layers=int(train.get("keep_attention_layers", -1)),
+        compiled=bool(train.get("compile", False)),
+        fused_loss=bool(train.get("fused_loss", True)),
+    )
+    counts, alt_counts = layer_counts(cfg, captured)
+    return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)
+
+
+def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) -> Evaluation:
+    """The config's own schedule on `layout` (default: the setup's)."""
+    par, layout = cfg.parallel, layout or st.layout
+    ev = evaluate(
+        st.graph,
+        st.profile,
+        layout,
+        st.counts,
+        cfg.data.seq_len,
+        par.schedule,
+        par.microbatches,
+        par.seq_chunks,
+        par.chunk_split,
+        label=f"{par.schedule} (this config)",
+    )
+    return best_segments(ev) if st.auto_segments else ev
+
+
+SEGMENT_TIE = 0.005  # peaks this close count as equal: the smaller segment (the smaller rerun) wins
+
+
+def best_segments(ev: Evaluation) -> Evaluation:
+    """`ev` with the recompute segment size (train.recompute_layers) of lowest predicted peak. Few units in
+    flight want small segments (a small rerun); many want large ones (fewer inputs kept per unit). The step
+    time does not depend on it (every layer reruns once either way), so only memory is replayed."""
+    cost = ev.cost
+    if cost.layout.recompute == "none":
+        return ev
+    best, tried = None, {}
+    for group in range(1, max(cost.layer_counts) + 1):
+        layout = dataclasses.replace(cost.layout, recompute_layers=group)
+        trial = CostModel(cost.graph, cost.profile, layout, cost.layer_counts, cost.chunk_lengths)
+        peaks, rank_peak = memory_peaks(ev.programs, ev.spec, trial)
+        tried[group] = max(rank_peak)
+        if best is None or max(rank_peak) < max(best[2]) * (1 - SEGMENT_TIE):
+            best = (trial, peaks, rank_peak)
+    assert best is not None  # a stage holds at least one layer
+    trial, peaks, rank_peak = best
+    sim = dataclasses.replace(ev.sim, peaks=peaks, rank_peak=rank_peak)
+    return dataclasses.replace(ev, cost=trial, sim=sim, segment_peaks=tried)
