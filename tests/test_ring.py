@@ -66,10 +66,8 @@ def _check_all(layouts: dict, world: int) -> list:
     return results
 
 
-def test_cp2_matches_hf_eager():
-    (result,) = _check_all(TWO_RANKS, world=2)
-    for rank in result["ranks"]:  # one ring step per attention layer and micro-batch, F and B on each rank
-        assert any(t.startswith("F") for t in rank["program"])
+def test_two_rank_ring_layouts_match_hf_eager():
+    _check_all(TWO_RANKS, world=2)
 
 
 def test_four_rank_ring_layouts_match_hf_eager():
