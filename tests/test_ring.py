@@ -15,6 +15,10 @@ from lcgraph.app.testing import compose, train_spawned
 from lcgraph.app.validate import check_layout
 from lcgraph.errors import PlanError
 from lcgraph.ops import ring
+from lcgraph.planner.costs import CostModel, Layout
+from lcgraph.planner.graph_costs import GraphCosts
+from lcgraph.planner.profile import load_profile
+from lcgraph.planner.ring import RingShape, ring_times
 from lcgraph.schedule import nccl
 from lcgraph.schedule.actions import ScheduleSpec
 from lcgraph.schedule.mesh import Coords
@@ -125,3 +129,59 @@ def test_the_nccl_model_replays_the_ring_steps_inside_every_forward_and_backward
     assert {op.peer for kr in ring_steps for op in kr.ops} == {2, 2 * (cp - 1)}  # cp neighbours: sp=2 apart
     nccl.check(programs, spec, comms)
     nccl.check(programs, spec, comms, streams="rank")
+
+
+# --- the planner ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cp,length,prefix", [(2, 64, 0), (4, 256, 0), (4, 256, 512), (3, 96, 48)])
+def test_ring_steps_cover_one_cp_share_of_the_causal_pairs(cp, length, prefix):
+    """Step 0 (causal block + its prefix) and cp - 1 equal later steps hold exactly 1/cp of the chunk's causal
+    pairs and of its prefix pairs: the zigzag balance the planner charges every rank."""
+    shape = RingShape(cp, length, prefix)
+    pairs = shape.diag_pairs() + shape.prefix_pairs() + (cp - 1) * shape.step_pairs()
+    assert pairs == pytest.approx((length * (length + 1) / 2 + length * prefix) / cp)
+
+
+def test_ring_p2p_hides_behind_compute_until_a_send_outlasts_a_step():
+    shape = RingShape(4, 256, 0)
+    rate = lambda kind, sq, sk: 1.0
+    slow = ring_times(shape, 1.0, payload_bytes=10.0, dtype_bytes=2, rate=rate, link_bw=1e9, backward=False)
+    assert slow["ring_p2p"] == 0.0  # every send hides behind its step's blocks
+    step = shape.step_pairs()
+    send = 4 * step  # each send lasts four later steps
+    fast = ring_times(shape, 1.0, payload_bytes=send, dtype_bytes=2, rate=rate, link_bw=1.0, backward=False)
+    # forward: steps 0..2 each wait for their send, the last step computes alone
+    assert fast["ring_p2p"] == pytest.approx(3 * send - (shape.diag_pairs() + 2 * step))
+    back = ring_times(shape, 1.0, payload_bytes=send, dtype_bytes=2, rate=rate, link_bw=1.0, backward=True)
+    grads = 2 * send  # fp32 accumulators of a bf16 payload
+    sends = send + 2 * (send + grads) + grads + grads  # the last send (accumulators home) overlaps nothing
+    assert back["ring_p2p"] == pytest.approx(sends - (shape.diag_pairs() + 3 * step))
+
+
+def test_planned_cp_divides_per_rank_work_and_shards_optimizer_state(tiny_graph):
+    one = _cost(tiny_graph, [4096])
+    cp2 = _cost(tiny_graph, [4096], cp=2)
+    assert cp2.layout.gpus == 2 * one.layout.gpus and cp2.layout.replicas == 2
+    parts1, parts2 = one.compute_parts(0, 4096, 0), cp2.compute_parts(0, 4096, 0)
+    assert parts2["matmul"] == pytest.approx(parts1["matmul"] / 2)
+    assert parts2["attention_diag"] + parts2["attention_prefix"] < parts1["attention_diag"]  # 1/cp of the pairs
+    assert parts2["ring_p2p"] >= 0.0 and "ring_p2p" not in parts1
+    assert cp2.unit_activations(0, 0)[0] < one.unit_activations(0, 0)[0] / 2 + cp2.ring_transient(0)
+    assert cp2.stage_memory(0).optimizer == pytest.approx(one.stage_memory(0).optimizer / 2)
+    assert cp2.ring_transient(0) > 0 == one.ring_transient(0)
+    assert "ring_p2p" in cp2.backward_parts(0, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_graph():
+    from transformers import LlamaConfig
+
+    from lcgraph.graph.capture import capture
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+    return GraphCosts.from_captured(capture(LlamaConfig(**shape, num_key_value_heads=2)), "bf16")
+
+
+def _cost(graph, chunks, **layout):
+    return CostModel(graph, load_profile("h100"), Layout(**{"pp": 2, **layout}), [2, 2], chunks)
