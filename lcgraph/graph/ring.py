@@ -29,8 +29,8 @@ def check_ring(par, seq: int, cross_document_attention: bool = True) -> None:
         per = f" per Seq1F1B chunk (parallel.seq_chunks={k}, parallel.chunk_split={par.chunk_split})" if k > 1 else ""
         ok = max(need, seq - seq % need)
         raise PlanError(
-            f"data.seq_len={seq} does not split into 2 x parallel.cp={cp} balanced chunks{per} of tokens "
-            f"parallel.sp={sp} divides: use data.seq_len a multiple of {need} (e.g. {ok})"
+            f"data.seq_len={seq} does not split into 2 x parallel.cp={cp} balanced chunks{per}, each divisible "
+            f"by parallel.sp={sp}: use data.seq_len a multiple of {need} (e.g. {ok})"
         )
     if not cross_document_attention:
         raise PlanError(
