@@ -185,3 +185,35 @@ def tiny_graph():
 
 def _cost(graph, chunks, **layout):
     return CostModel(graph, load_profile("h100"), Layout(**{"pp": 2, **layout}), [2, 2], chunks)
+
+
+@pytest.mark.slow
+def test_llama70b_1m_80gb_recipe_fits_an_h100_where_the_h200_layout_does_not(tmp_path):
+    """The 80 GB recipe (pp=8 x cp=2 x sp=8) plans within an H100's 80 GB, captured on meta, no weights; the H200
+    recipe's layout (no ring) on an H100 does not fit, whatever it recomputes."""
+    import json
+    import subprocess
+    import sys
+
+    def plan(*overrides: str) -> dict:
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lcgraph.app.plan_cli",
+                *overrides,
+                "+plan.alternatives=false",
+                f"hydra.run.dir={out}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads((out / "plan.json").read_text())
+
+    ring_plan = plan("+recipe=llama70b_1m_80gb", "+plan.device=h100")
+    assert ring_plan["layout"]["gpus"] == 128 and ring_plan["layout"]["cp"] == 2 and ring_plan["summary"]["fits"]
+    no_ring = plan("+recipe=llama70b_1m", "+plan.device=h100", "train.recompute=full", "train.recompute_layers=1")
+    assert not no_ring["summary"]["fits"]
