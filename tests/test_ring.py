@@ -14,7 +14,6 @@ from lcgraph.app.job import shard_positions
 from lcgraph.app.testing import compose, train_spawned
 from lcgraph.app.validate import check_layout
 from lcgraph.errors import PlanError
-from lcgraph.ops import ring
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.profile import load_profile
@@ -108,7 +107,6 @@ def test_layouts_the_ring_cannot_split_are_refused_in_one_line():
         from lcgraph.graph.ring import check_ring
 
         check_ring(compose("parallel.cp=2").parallel, 64, cross_document_attention=False)
-    assert ring.cp_size() == 1  # nothing above touched a process group
 
 
 @pytest.mark.parametrize("name,pp,m,k", [("seq1f1b", 2, 2, 2), ("seq1f1b", 4, 4, 4), ("1f1b", 2, 4, 1)])

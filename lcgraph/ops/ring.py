@@ -59,10 +59,6 @@ def set_cp_group(group, size: int, rank: int) -> None:
     _ring = _Ring(group, size, rank, dist.get_global_rank(group, nxt), dist.get_global_rank(group, prev))
 
 
-def cp_size() -> int:
-    return _ring.size
-
-
 @dataclass(frozen=True)
 class Piece:
     """One kernel call of a ring step: query rows of this rank against key columns of the payload held."""
