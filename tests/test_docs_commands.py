@@ -189,7 +189,7 @@ class Job:
     @property
     def layout(self) -> tuple:
         p = self.cfg.parallel
-        return p.pp, p.sp, p.dp, p.schedule, bool(self.cfg.model.path)
+        return p.pp, p.sp, p.dp, p.schedule, bool(self.cfg.model.path), p.cp
 
 
 @pytest.fixture(scope="module")
@@ -244,14 +244,15 @@ def synthetic(cfg):
 
 @pytest.mark.slow
 def test_every_doc_layout_trains_one_step(doc_jobs):
-    """Each distinct (pp, sp, dp, schedule, model.path) of the docs' training jobs: one step, one launch per world."""
+    """Each distinct (pp, sp, dp, schedule, model.path, cp) of the docs' training jobs: one step, one launch per world."""
     layouts: dict[tuple, Job] = {}
     for job in doc_jobs:
         if job.program == "lcgraph-train":
             layouts.setdefault(job.layout, job)
     by_world = defaultdict(list)
     for job in layouts.values():
-        by_world[job.layout[0] * job.layout[1] * job.layout[2]].append(job)
+        pp, sp, dp, *_, cp = job.layout
+        by_world[pp * sp * dp * cp].append(job)
     for world, group in sorted(by_world.items()):
         if world > COMPOSE_ONLY:
             continue

@@ -18,7 +18,7 @@ from lcgraph.app.testing import TINY, compose, train_local, train_spawned
 from lcgraph.app.validate import check_choices, check_layout, check_model, validate_plan
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-SHIPPED = {"llama70b_1m", "llama8b_256k", "llama7b_64k_seq1f1b", "llama1b_128k_1gpu", "tiny_cpu"}
+SHIPPED = {"llama70b_1m", "llama70b_1m_80gb", "llama8b_256k", "llama7b_64k_seq1f1b", "llama1b_128k_1gpu", "tiny_cpu"}
 
 # What a developer types to try a recipe on a laptop: the recipe's layout and schedule, a tiny shape.
 SHRINK = [
@@ -84,7 +84,7 @@ def test_every_recipe_shrunk_to_a_tiny_shape_trains_two_steps():
         validate_plan(cfgs[name], env={})
     by_world = defaultdict(list)
     for name, cfg in cfgs.items():
-        by_world[cfg.parallel.pp * cfg.parallel.sp * cfg.parallel.dp].append(name)
+        by_world[cfg.parallel.pp * cfg.parallel.sp * cfg.parallel.cp * cfg.parallel.dp].append(name)
     losses = {}
     for world, group in sorted(by_world.items()):
         if world == 1:

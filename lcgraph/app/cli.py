@@ -307,7 +307,7 @@ def train_main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     with one_line_errors():
         check_resume(cfg, Path(run_dir))
-    world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
+    world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp * cfg.parallel.cp
     with one_line_errors():
         if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             _join_torchrun(cfg, run_dir)
@@ -336,7 +336,7 @@ def _check_gpus(cfg: DictConfig, world: int) -> None:
     gpus = torch.cuda.device_count()
     if backend_for(cfg) == "nccl" and world > gpus:
         raise LaunchError(
-            f"pp*dp*sp = {world} ranks but this node has {gpus} GPUs (NCCL runs one rank per GPU); "
+            f"pp*dp*sp*cp = {world} ranks but this node has {gpus} GPUs (NCCL runs one rank per GPU); "
             f"lower the layout to {gpus} ranks, use train.device=cpu, or launch on more nodes "
             "with torchrun"
         )

@@ -69,6 +69,7 @@ class DataConfig:
 class ParallelConfig:
     pp: int = 1
     sp: int = 1
+    cp: int = 1  # ring attention degree (context parallel); the sequence is sharded over sp x cp ranks
     dp: int = 1
     schedule: str = choice(ScheduleName, "1f1b")
     microbatches: int = 1

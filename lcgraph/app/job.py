@@ -21,8 +21,9 @@ from lcgraph.errors import DataError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture
 from lcgraph.graph.fusion import fuse_wanted
+from lcgraph.graph.ring import ring_align
 from lcgraph.observability.graphs import dump_graph, graph_text
-from lcgraph.ops import attention, collectives
+from lcgraph.ops import attention, collectives, ring
 from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
@@ -70,7 +71,7 @@ class Job:
     def __init__(self, cfg, run_dir: Path, rank: int = 0, world: int = 1):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         par = cfg.parallel
-        self.coords = Coords.of(rank, par.pp, par.dp, par.sp)
+        self.coords = Coords.of(rank, par.pp, par.dp, par.sp, par.cp)
         self.world = world
         self.device = pick_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
@@ -89,14 +90,17 @@ class Job:
     def _setup_groups(self):
         c = self.coords
         self.mesh = None
-        self.sp_group = self.replica_group = self.tied_group = None
+        self.sp_group = self.cp_group = self.replica_group = self.tied_group = None
         if self.world > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            self.mesh = init_device_mesh(self.device.type, (c.pp, c.dp, c.sp), mesh_dim_names=("pp", "dp", "sp"))
+            shape, names = (c.pp, c.dp, c.cp, c.sp), ("pp", "dp", "cp", "sp")
+            self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
             self.sp_group = self.mesh["sp"].get_group()
-            self.replica_group = self.mesh["dp", "sp"]._flatten("dp_sp").get_group()
+            self.cp_group = self.mesh["cp"].get_group()  # the ring's p2p: a communicator of its own
+            self.replica_group = self.mesh["dp", "cp", "sp"]._flatten("dp_cp_sp").get_group()
         collectives.set_sp_group(self.sp_group, c.sp)
+        ring.set_cp_group(self.cp_group, c.cp, c.cp_rank)
 
     def _setup_data(self):
         d = self.cfg.data
@@ -139,7 +143,7 @@ class Job:
             return [seq]
         per_token = sum(n.meta["lcgraph"].flops_per_token for n in self.captured.graph.nodes)
         per_pair = sum(n.meta["lcgraph"].flops_per_pair for n in self.captured.graph.nodes)
-        return split_sequence(seq, k, par.chunk_split, per_token, per_pair, align=par.sp)
+        return split_sequence(seq, k, par.chunk_split, per_token, per_pair, align=ring_align(par))
 
     def _setup_stages(self):
         c, par = self.coords, self.cfg.parallel
@@ -156,6 +160,7 @@ class Job:
             dump=dump,
             fused_loss=self.cfg.train.fused_loss,
             fuse=fuse_wanted(self.cfg.train.fuse, self.device),
+            cp=par.cp,
         )
         self.stages: dict[int, StageState] = {}
         for s, g in graphs.items():
@@ -183,7 +188,12 @@ class Job:
             return []
         c = self.coords
         self.tied_group = _subgroups(
-            [[c.global_rank(0, d, s), c.global_rank(par.pp - 1, d, s)] for d in range(par.dp) for s in range(par.sp)],
+            [
+                [c.global_rank(0, d, s, r), c.global_rank(par.pp - 1, d, s, r)]
+                for d in range(par.dp)
+                for r in range(par.cp)
+                for s in range(par.sp)
+            ],
             c.rank,
         )
         return ["model.embed_tokens.weight"] if c.pp_rank in (0, par.pp - 1) else []
@@ -205,7 +215,7 @@ class Job:
         validate(self.programs, self.spec)
         par = self.cfg.parallel
         tied = par.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
-        nccl.check(self.programs, self.spec, nccl.Comms(par.dp, par.sp, tied, par.zero, tied_buckets))
+        nccl.check(self.programs, self.spec, nccl.Comms(par.dp, par.sp, tied, par.zero, tied_buckets, cp=par.cp))
 
     def _gather_bucket_actions(self, mine: dict, tied: frozenset) -> tuple[dict, frozenset]:
         if self.world == 1:
@@ -231,7 +241,7 @@ class Job:
                 resolved.segment_layers,
                 uneven=len(set(self.chunk_lengths)) > 1,
             )
-            if self.cfg.dump.graphs and self.recompute != "none" and self.coords.dp_rank == self.coords.sp_rank == 0:
+            if self.cfg.dump.graphs and self.recompute != "none" and self.coords.replica_rank == 0:
                 (self.run_dir / "graphs" / f"09_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
         c = self.coords
         peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
@@ -258,7 +268,7 @@ class Job:
         out = self.run_dir / "graphs"
 
         def dump(name, gm):
-            if self.coords.dp_rank == 0 and self.coords.sp_rank == 0:
+            if self.coords.replica_rank == 0:
                 dump_graph(gm, out / name)
 
         return dump
@@ -268,7 +278,8 @@ class Job:
         """This rank's (micro-batch, chunk) inputs for `step`, and the step's global count of target tokens.
 
         The step reads the global batch at the sampler's cursor (advanced by `run_step`); position ids and
-        labels are sliced per chunk and Ulysses shard, the document ids (masked runs) stay whole-window.
+        labels are sliced per chunk and sequence shard (`shard_positions`: the cp rank's zigzag pieces, then the
+        Ulysses rank's part of them), the document ids (masked runs) stay whole-window.
         """
         par, d = self.cfg.parallel, self.cfg.data
         units, total = {}, 0
@@ -291,9 +302,7 @@ class Job:
                     continue
                 masked_docs = None if d.cross_document_attention else docs.to(self.device)
                 for c, length in enumerate(self.chunk_lengths):
-                    shard = length // par.sp
-                    start = offsets[c] + self.coords.sp_rank * shard
-                    sl = slice(start, start + shard)
+                    sl = offsets[c] + shard_positions(length, self.coords)
                     units[(mb, c)] = UnitData(
                         ids[:, sl].to(self.device),
                         positions[:, sl].to(self.device),
@@ -344,6 +353,19 @@ class Job:
         for st in self.stages.values():
             out.update(st.params)
         return out
+
+
+def shard_positions(length: int, c: Coords) -> torch.Tensor:
+    """Positions of a `length`-token chunk this rank holds: with cp > 1 the chunk is cut into 2 * cp pieces and
+    cp rank r keeps pieces r and 2cp-1-r (equal causal work on every rank), then sp rank s its s-th part."""
+    if c.cp == 1:
+        mine = torch.arange(length)
+    else:
+        n = length // (2 * c.cp)
+        early, late = c.cp_rank, 2 * c.cp - 1 - c.cp_rank
+        mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
+    shard = len(mine) // c.sp
+    return mine[c.sp_rank * shard : (c.sp_rank + 1) * shard]
 
 
 def _placeholder_shape(gm, name):

@@ -57,6 +57,7 @@ def draw(cfg: DictConfig, out: Path, layer_level: list[int] | None = None) -> li
         par.sp,
         dump=dump,
         fuse=cfg.train.fuse == "on",
+        cp=par.cp,
     )
     return counts
 

@@ -117,7 +117,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -
         for i, text in enumerate(cfg_yamls):
             losses, params, extra = _train(OmegaConf.create(text), rank, dist.get_world_size())
             job = extra.pop("job")
-            keep = keep_params and job.coords.dp_rank == 0 and job.coords.sp_rank == 0
+            keep = keep_params and job.coords.replica_rank == 0
             record = {
                 "losses": losses,
                 "grad_norms": extra["grad_norms"],

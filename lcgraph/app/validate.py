@@ -20,11 +20,13 @@ order they are checked (docs/recipes.md lists them with examples):
     sequence   with k = seq_chunks (seq1f1b) or 1: seq_len % sp == 0; seq_len % (sp * k) == 0 for
                chunk_split=even; seq_len >= 2 * sp * k
     ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
+    ring       cp > 1: every Seq1F1B chunk (the whole sequence with one chunk) splits into 2 * cp zigzag
+               pieces whose tokens sp divides (chunk length % (2 * cp * sp) == 0); no document mask
     documents  data.cross_document_attention=false only with train.compile=false; data.num_workers >= 0
     positions  data.seq_len <= the model's max_position_embeddings
     files      model.path holds config.json, readable safetensors weights and (unless data.synthetic) a
                tokenizer, and no shape key is overridden beside it; data.path holds text
-    launch     under a launcher (WORLD_SIZE set) WORLD_SIZE == pp * sp * dp; the ranks of this node fit
+    launch     under a launcher (WORLD_SIZE set) WORLD_SIZE == pp * sp * cp * dp; the ranks of this node fit
                its GPUs (train.device cuda/auto with a GPU) or its CPU cores (train.device=cpu), unless
                train.allow_oversubscribe=true
 """
@@ -42,6 +44,7 @@ from lcgraph.app.config import LcgraphConfig, choice_fields
 from lcgraph.errors import LaunchError, ModelPathError, PlanError
 from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import check_ulysses
+from lcgraph.graph.ring import check_ring
 from lcgraph.runtime import data
 from lcgraph.runtime.model import build_config
 from lcgraph.runtime.recompute import recompute_mode
@@ -49,6 +52,7 @@ from lcgraph.runtime.recompute import recompute_mode
 COUNT_KEYS = (
     "parallel.pp",
     "parallel.sp",
+    "parallel.cp",
     "parallel.dp",
     "parallel.microbatches",
     "parallel.seq_chunks",
@@ -290,6 +294,7 @@ def check_layout(cfg: DictConfig, num_layers: int, heads: int, kv_heads: int, de
     check_schedule(par)
     check_sequence(par, cfg.data.seq_len)
     check_ulysses(_Heads(heads, kv_heads), par.sp)
+    check_ring(par, cfg.data.seq_len, cfg.data.cross_document_attention)
     if device_count is not None:
         check_launch(cfg, env={}, gpus=device_count)
 
@@ -305,8 +310,9 @@ def check_launch(cfg: DictConfig, env, gpus: int | None, cpus: int | None = None
     `gpus` is the number of GPUs the ranks will use (None: they run on CPU, `cpus` cores).
     """
     par = cfg.parallel
-    world = par.pp * par.sp * par.dp
-    product = f"parallel.pp={par.pp} x parallel.sp={par.sp} x parallel.dp={par.dp} = {world}"
+    world = par.pp * par.sp * par.cp * par.dp
+    ring = f" x parallel.cp={par.cp}" if par.cp > 1 else ""
+    product = f"parallel.pp={par.pp} x parallel.sp={par.sp}{ring} x parallel.dp={par.dp} = {world}"
     if "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) != world:
         raise LaunchError(
             f"the launcher started WORLD_SIZE={env['WORLD_SIZE']} ranks but {product}; launch {world} "

@@ -8,6 +8,7 @@ writes the graph after each one.
     partition         cut at decoder-layer boundaries into pp stage graphs (rotary tables recomputed per stage)
     kv_relay          attention -> attention over the K/V of earlier chunks and this one, read from one buffer (Seq1F1B)
     ulysses           all-to-all (sequence-sharded -> head-sharded) around every attention (parallel.sp)
+    ring              attention -> ring attention over the cp ranks' zigzag pieces (parallel.cp; rules in graph/ring.py)
     fuse_loss         LM head + cross-entropy -> one blockwise op that never builds the full logits
     lower_attention   every other attention -> the kernel under autograd, keeping output and LSE for its backward
     fuse_pointwise    (graph/fusion.py, under train.fuse) RMSNorm, SwiGLU and rotary subgraphs -> fused ops that keep
@@ -33,6 +34,7 @@ from lcgraph.graph.fusion import fuse_pointwise
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
 from lcgraph.ops.fused import linear_cross_entropy
 from lcgraph.ops.relay import layer_attention, relay_attention
+from lcgraph.ops.ring import ring_layer_attention, ring_relay_attention
 
 ATTENTION = torch.ops.lcgraph.attention.default
 
@@ -332,6 +334,24 @@ def ulysses(stage: StageGraph, sp: int) -> StageGraph:
     return stage
 
 
+def ring(stage: StageGraph, cp: int) -> StageGraph:
+    """Point every attention node at ring attention over the cp group (ops/ring.py).
+
+    Assumes: runs after kv_relay and ulysses, before lower_attention (which then leaves these nodes alone); each
+    rank holds its zigzag pieces (pieces r and 2cp-1-r of every Seq1F1B chunk, absolute position ids), which the
+    data side cuts. Guarantees: every query attends exactly the causal keys of the whole sequence, the relayed
+    prefix of earlier chunks included; K/V gradients return to the rank that holds those keys.
+    """
+    if cp == 1:
+        return stage
+    for node in stage.attention_nodes():
+        chunked = node.target is relay_attention
+        node.target = ring_relay_attention if chunked else ring_layer_attention
+        node.args = (*node.args[:4], node.meta["lcgraph"].layer)
+    stage.gm.recompile()
+    return stage
+
+
 def _repeat_kv_node(graph: fx.Graph, node: fx.Node, sp: int) -> fx.Node:
     kv_heads = node.meta["val"].shape[1]
     if kv_heads % sp == 0:
@@ -358,6 +378,7 @@ PASSES = (
     "partition",
     "kv_relay",
     "ulysses",
+    "ring",
     "fuse_loss",
     "lower_attention",
     "fuse_pointwise",
@@ -422,6 +443,7 @@ def compile_stages(
     dump=None,
     fused_loss: bool = True,
     fuse: bool = False,
+    cp: int = 1,
 ) -> dict[int, StageGraph]:
     """Run the passes in their fixed order; return the stage graphs (only those in `only`, when given)."""
     device = torch.device(device)
@@ -433,6 +455,7 @@ def compile_stages(
     steps = [
         ("03_kv_relay", kv_relay, seq_chunks > 1),
         ("04_ulysses", lambda st: ulysses(st, sp), sp > 1),
+        ("04b_ring", lambda st: ring(st, cp), cp > 1),
         ("05_fuse_loss", fuse_loss, fused_loss),
         ("06_lower_attention", lower_attention, True),
         ("07_fuse_pointwise", lambda st: fuse_pointwise(st.gm), fuse),

@@ -26,6 +26,8 @@ import torch
 
 from lcgraph.ops.attention import Saved, attend, attend_backward, attention_fn
 
+DEFAULT = (attend, attend_backward)  # what StageAttention runs unless told otherwise
+
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -107,9 +109,12 @@ class RelayContext:
         self.accumulated_bytes += _nbytes(dk, dv)
 
 
-class _StageAttention(torch.autograd.Function):
+class StageAttention(torch.autograd.Function):
+    """Attention of one stage layer with the relay's buffers and kept outputs; `functions` are the forward and
+    backward it runs (`attend`, `attend_backward`; ring attention brings its own)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, relay: RelayContext, layer: int, chunked: bool):
+    def forward(ctx, q, k, v, scale: float, relay: RelayContext, layer: int, chunked: bool, functions=DEFAULT):
         key = (*relay.unit, layer)
         if chunked:
             cache, start, end = relay.write(layer, k, v)
@@ -117,7 +122,7 @@ class _StageAttention(torch.autograd.Function):
         else:
             k_att, v_att, start, end = k, v, 0, k.shape[2]
         kept = relay.kept.pop(key, None) if relay.rerun else None
-        saved = kept if kept is not None else attend(q, k_att, v_att, scale)
+        saved = kept if kept is not None else functions[0](q, k_att, v_att, scale)
         if layer in relay.keep and not relay.rerun:
             relay.kept[key] = saved
         relay.peak_bytes = max(relay.peak_bytes, relay.live_bytes())
@@ -127,16 +132,16 @@ class _StageAttention(torch.autograd.Function):
         else:
             ctx.save_for_backward(q, saved.out, saved.lse, k, v)
         ctx.scale, ctx.relay, ctx.layer, ctx.mb, ctx.span = scale, relay, layer, relay.unit[0], (start, end)
-        ctx.backend, ctx.aux = saved.backend, (saved.aux_diagonal, saved.aux_prefix)
+        ctx.backend, ctx.aux, ctx.functions = saved.backend, (saved.aux_diagonal, saved.aux_prefix), functions
         return saved.out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, out, lse, *kv = ctx.saved_tensors
         k, v = kv if kv else ctx.kv
-        g = attend_backward(grad_out, q, k, v, Saved(out, lse, ctx.backend, *ctx.aux), ctx.scale)
+        g = ctx.functions[1](grad_out, q, k, v, Saved(out, lse, ctx.backend, *ctx.aux), ctx.scale)
         if not hasattr(ctx, "kv"):
-            return g.dq, g.dk, g.dv, None, None, None, None
+            return g.dq, g.dk, g.dv, None, None, None, None, None
         relay, (start, end) = ctx.relay, ctx.span
         cache = relay.caches[(ctx.mb, ctx.layer)]
         dk, dv = g.dk, g.dv
@@ -147,7 +152,7 @@ class _StageAttention(torch.autograd.Function):
             relay.accumulate(cache, g.dk_prefix, g.dv_prefix)
         else:
             relay.release(ctx.mb, ctx.layer)  # chunk 0 done: this micro-batch's buffers are no longer needed
-        return g.dq, dk, dv, None, None, None, None
+        return g.dq, dk, dv, None, None, None, None, None
 
 
 def _context(name: str) -> RelayContext:
@@ -164,7 +169,7 @@ def _context(name: str) -> RelayContext:
 @torch.compiler.disable
 def relay_attention(q, k, v, scale: float, layer: int):
     """Graph target that replaces `lcgraph::attention` on stages that run sequence chunks."""
-    return _StageAttention.apply(q, k, v, scale, _context("relay_attention"), layer, True)
+    return StageAttention.apply(q, k, v, scale, _context("relay_attention"), layer, True)
 
 
 @torch.compiler.disable
@@ -174,4 +179,4 @@ def layer_attention(q, k, v, scale: float, layer: int):
     relay = RelayContext.current
     if relay is None:
         return attention_fn(q, k, v, scale)
-    return _StageAttention.apply(q, k, v, scale, relay, layer, False)
+    return StageAttention.apply(q, k, v, scale, relay, layer, False)

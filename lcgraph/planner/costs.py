@@ -7,7 +7,8 @@ The kernels charged are those the runtime calls. Per unit (a chunk of s tokens a
 
     matmul       every linear at the measured rate of its [tokens, k] x [k, n] shape; backward 2x FLOPs
     attention    a diagonal block (s x s, causal) and, when P > 0, a prefix block (s x P, no mask), each
-                 at its measured forward / backward rate; the two are merged through their LSE
+                 at its measured forward / backward rate; the two are merged through their LSE. With
+                 parallel.cp > 1 the ring's steps instead, each overlapped with its K/V p2p (planner/ring.py)
     traffic      unfused elementwise bytes (norms, rotary, SwiGLU, adds) x the profile's traffic factor
                  (eager or compiled) / memory bandwidth; backward moves twice the bytes
     loss         the fused LM head + cross-entropy, all of its matmuls in the forward (grads computed there)
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 from lcgraph.planner.graph_costs import Coeffs, GraphCosts
 from lcgraph.planner.profile import ATTENTION_BACKWARD, DeviceProfile, load_profile, profile_names
+from lcgraph.planner.ring import RingShape, ring_times, ring_transient
 from lcgraph.runtime.recompute import recompute_mode
 
 __all__ = ["DeviceProfile", "load_profile", "profile_names"]  # the profile lives next door; old imports work
@@ -58,17 +60,23 @@ class Layout:
     compiled: bool = False  # train.compile: elementwise ops fused (the profile's "compiled" factors)
     fused_loss: bool = True  # train.fused_loss
     offload: str = "none"  # train.offload: what waits in host memory (planner/offload.py)
+    cp: int = 1  # ring attention's degree: a sequence is sharded over sp x cp ranks
 
     def __post_init__(self) -> None:
         self.recompute = recompute_mode(self.recompute)
 
     @property
     def replicas(self) -> int:
-        return self.dp * self.sp
+        return self.dp * self.cp * self.sp
 
     @property
     def gpus(self) -> int:
-        return self.pp * self.dp * self.sp
+        return self.pp * self.dp * self.cp * self.sp
+
+    @property
+    def seq_shards(self) -> int:
+        """Ranks one sequence is sharded over: Ulysses x ring."""
+        return self.sp * self.cp
 
 
 @dataclass
@@ -95,6 +103,7 @@ TERM_FIGURES = {
     "optimizer": ("adamw_params_per_s", "memory_bandwidth"),
     "grad_sync": ("intra_node_bw", "inter_node_bw"),
     "p2p": ("intra_node_bw", "inter_node_bw"),
+    "ring_p2p": ("intra_node_bw", "inter_node_bw"),
     "activations": ("saved_factor",),
     "offload": ("host_bandwidth",),
 }
@@ -129,7 +138,7 @@ class CostModel:
         return stage == len(self.layer_counts) - 1
 
     def _tokens(self, length: int) -> float:
-        return self.layout.micro_batch * length / self.layout.sp
+        return self.layout.micro_batch * length / self.layout.seq_shards
 
     # --- compute -----------------------------------------------------------------------------------------
     def compute_parts(self, stage: int, length: int, prefix: int, grads: bool | None = None) -> dict[str, float]:
@@ -142,7 +151,7 @@ class CostModel:
         d = self.graph.head_dim
         diag = per_pair * length * (length + 1) / 2
         pre = per_pair * length * prefix
-        return {
+        parts = {
             "matmul": self._matmul(c, tokens, backward=False),
             "attention_diag": diag / dev.block_rate("diag", length, length, d, False, dtype) if diag else 0.0,
             "attention_prefix": pre / dev.block_rate("prefix", length, prefix, d, False, dtype) if pre else 0.0,
@@ -151,6 +160,43 @@ class CostModel:
             "loss": self._loss(stage, tokens, grads),
             "all_to_all": self._all_to_all(c, tokens),
         }
+        return self._with_ring(parts, stage, length, prefix, backward=False)
+
+    def _with_ring(self, parts: dict[str, float], stage: int, length: int, prefix: int, backward: bool) -> dict:
+        """parallel.cp > 1: attention as the ring's steps (planner/ring.py), one LSE merge per kernel call."""
+        lay = self.layout
+        if lay.cp == 1:
+            return parts
+        c, dev, d, dtype = self.bodies[stage], self.profile, self.graph.head_dim, self.graph.dtype
+        per_pair = c.attention_per_pair * lay.micro_batch / lay.sp * (ATTENTION_BACKWARD if backward else 1.0)
+        shape = RingShape(lay.cp, length, prefix)
+        rate = lambda kind, sq, sk: dev.block_rate(kind, sq, sk, d, backward, dtype)
+        link = dev.link_bw(lay.seq_shards)
+        parts.update(
+            ring_times(shape, per_pair, self._ring_payload(stage, shape), self.graph.dtype_bytes, rate, link, backward)
+        )
+        if not backward:
+            merges = lay.cp + (1 if prefix else 0)
+            parts["attention_merge"] = merges * self._merge_bytes(stage, self._tokens(length)) / dev.memory_bandwidth
+        return parts
+
+    def _ring_payload(self, stage: int, shape: RingShape) -> float:
+        """Bytes of K/V one ring step sends, over the stage's attention layers (K/V heads this rank holds:
+        Ulysses repeats them up to sp first)."""
+        g, lay = self.graph, self.layout
+        per_rank = max(g.kv_heads, lay.sp) / (g.kv_heads * lay.sp)
+        return self.bodies[stage].kv_per_token * per_rank * lay.micro_batch * shape.payload_keys
+
+    def ring_transient(self, stage: int) -> float:
+        """The ring's buffers of one layer at its largest unit (the longest payload: the last chunk's)."""
+        if self.layout.cp == 1:
+            return 0.0
+        g, c = self.graph, self.bodies[stage]
+        chunk = max(range(len(self.chunk_lengths)), key=lambda i: self.chunk_lengths[i] + self.prefixes[i])
+        shape = RingShape(self.layout.cp, self.chunk_lengths[chunk], self.prefixes[chunk])
+        layers = max(1, c.attention_layers)
+        queries = g.heads * g.head_dim * g.dtype_bytes * self._tokens(self.chunk_lengths[chunk])
+        return ring_transient(self._ring_payload(stage, shape) / layers, queries, g.dtype_bytes)
 
     def backward_parts(self, stage: int, chunk: int) -> dict[str, float]:
         """Backward seconds of one unit, by part; `rerun` is the forward the recompute mode repeats."""
@@ -170,7 +216,7 @@ class CostModel:
             "all_to_all": f["all_to_all"],
             "rerun": self._rerun(stage, length, prefix),
         }
-        return parts
+        return self._with_ring(parts, stage, length, prefix, backward=True)
 
     def _rerun(self, stage: int, length: int, prefix: int) -> float:
         mode = self.layout.recompute
@@ -179,8 +225,9 @@ class CostModel:
         again = self.compute_parts(stage, length, prefix, grads=True)
         if mode == "keep_attention":  # the kept layers' attention output and LSE are not recomputed
             unkept = 1.0 - self.kept_attention(stage) / len(self.stage_layers[stage])
-            for part in ("attention_diag", "attention_prefix", "attention_merge"):
-                again[part] *= unkept
+            for part in ("attention_diag", "attention_prefix", "attention_merge", "ring_p2p"):
+                if part in again:
+                    again[part] *= unkept
         return sum(again.values())
 
     def kept_attention(self, stage: int) -> int:
@@ -373,7 +420,12 @@ class CostModel:
         return 0.0
 
     def static_bytes(self, stage: int) -> float:
-        return self.stage_memory(stage).total + self.recompute_transient(stage) + self.offload_transient(stage)
+        return (
+            self.stage_memory(stage).total
+            + self.recompute_transient(stage)
+            + self.offload_transient(stage)
+            + self.ring_transient(stage)
+        )
 
     def step_bytes(self, stage: int) -> float:
         """The fp32 gradient shard a bf16 run's distributed optimizer casts at OPT and frees (runtime/optimizer.py)."""
@@ -414,8 +466,9 @@ class CostModel:
 
     def _figures(self, term: str) -> tuple[str, ...]:
         """The figures a term reads on this layout (a link: only the one its collectives cross)."""
-        if term in ("all_to_all", "grad_sync", "p2p"):
-            ranks = {"all_to_all": self.layout.sp, "grad_sync": self.layout.replicas}.get(term, self.layout.gpus)
+        if term in ("all_to_all", "grad_sync", "p2p", "ring_p2p"):
+            lay = self.layout
+            ranks = {"all_to_all": lay.sp, "grad_sync": lay.replicas, "ring_p2p": lay.seq_shards}.get(term, lay.gpus)
             return (self.profile.link_figure(ranks, term),)
         dev = self.profile
         fallback = {  # figures a profile may lack: the term then reads the one it falls back to

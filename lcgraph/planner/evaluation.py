@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
+from lcgraph.graph.ring import ring_align
 from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.graph_costs import GraphCosts
@@ -127,12 +128,12 @@ def evaluate(
     k = seq_chunks if schedule_name == "seq1f1b" else 1
     spec = ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
     programs = add_p2p(build_programs(spec), spec)
-    nccl.check(programs, spec, nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero))
+    nccl.check(programs, spec, nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero, cp=layout.cp))
     if k == 1:
         lengths = [seq_len]
     else:
         per_token, per_pair = graph.split_costs()
-        lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, align=layout.sp)
+        lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, align=ring_align(layout))
     cost = CostModel(graph, profile, layout, list(layer_counts), lengths)
     sim = simulate(programs, spec, cost)
     offload = offload_plan(programs, spec, cost, settings or DEFAULTS)
@@ -197,6 +198,7 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
         compiled=bool(train.get("compile", False)),
         fused_loss=bool(train.get("fused_loss", True)),
         offload="none" if offload == AUTO else offload,
+        cp=par.cp,
     )
     counts, alt_counts = layer_counts(cfg, captured)
     return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)

@@ -50,7 +50,7 @@ def print_plan(plan: Plan, console=None) -> None:
     )
     console.print(
         f"seq {seq:,} x {lay.micro_batch} per micro-batch, {ev.spec.microbatches} micro-batches x dp "
-        f"{lay.dp} | pp {lay.pp} x dp {lay.dp} x sp {lay.sp} = {lay.gpus} x {dev.name} "
+        f"{lay.dp} | pp {lay.pp} x dp {lay.dp} x sp {lay.sp}{f' x cp {lay.cp}' if lay.cp > 1 else ''} = {lay.gpus} x {dev.name} "
         f"({size(dev.memory_bytes)}) | {cost.graph.dtype}, optimizer "
         f"{'distributed (ZeRO-1, reduce-scatter)' if lay.zero else 'replicated (all-reduce)'}"
     )

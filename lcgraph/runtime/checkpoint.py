@@ -107,6 +107,7 @@ def layout(cfg: DictConfig) -> dict:
         "pp": par.pp,
         "dp": par.dp,
         "sp": par.sp,
+        **({"cp": par.cp} if par.cp > 1 else {}),  # ring attention's ranks (absent: cp=1, as before it existed)
         "virtual_stages": par.virtual_stages,
         "zero": par.zero,
         "dtype": cfg.train.dtype,

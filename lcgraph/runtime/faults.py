@@ -194,7 +194,7 @@ class ReplicaCheck:
             for name, s in held:
                 self.owner.setdefault(name, []).append(s)
         self.names = sorted(self.owner)
-        replicated = job.coords.dp * job.coords.sp > 1 or any(len(set(v)) > 1 for v in self.owner.values())
+        replicated = job.coords.replicas > 1 or any(len(set(v)) > 1 for v in self.owner.values())
         self.enabled = replicated
 
     def __call__(self, job: Any) -> None:

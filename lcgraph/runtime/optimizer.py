@@ -63,7 +63,7 @@ class OptimizerJob(Protocol):
     @property
     def mesh(self) -> DeviceMesh | None: ...  # None on one rank
     @property
-    def replica_group(self) -> dist.ProcessGroup | None: ...  # the stage's dp*sp replicas
+    def replica_group(self) -> dist.ProcessGroup | None: ...  # the stage's dp*cp*sp replicas
     @property
     def tied_group(self) -> dist.ProcessGroup | None: ...  # the two ranks holding a tied weight
     @property
@@ -108,7 +108,7 @@ class ShardedAdamW:
         self.job = job
         o = job.cfg.optim
         self.lr, self.betas, self.eps, self.wd = o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay
-        self.group_size = job.coords.dp * job.coords.sp
+        self.group_size = job.coords.replicas
         self.group = job.replica_group if self.group_size > 1 else None
         self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time) since the step began
         self.nonfinite: list[int] = []  # the last step's non-finite stages (and loss slot): its update was dropped
@@ -159,7 +159,7 @@ class ShardedAdamW:
             p.data = param_flat[offset : offset + n].view_as(p)
             p.grad = grad_flat[offset : offset + n].view_as(p)
             offset += n
-        rank = self.job.coords.dp_rank * self.job.coords.sp + self.job.coords.sp_rank
+        rank = self.job.coords.replica_rank
         per = padded // self.group_size
         shard = slice(rank * per, (rank + 1) * per)
         b = Bucket(s, index, names, plist, param_flat, grad_flat, plist[0].ndim >= 2, shard, tied)
@@ -220,7 +220,7 @@ class ShardedAdamW:
             lo, hi = max(offset, r * per), min(offset + numel, (r + 1) * per)
             if hi <= lo:
                 continue
-            where = f"rank:{c.global_rank(c.pp_rank, r // c.sp, r % c.sp)}/{flat.device}"
+            where = f"rank:{c.replica_global_rank(r)}/{flat.device}"
             chunks.append(ShardMetadata([lo - offset], [hi - lo], where))
             if r * per == b.shard.start:
                 local.append(Shard(flat[lo - b.shard.start : hi - b.shard.start], chunks[-1]))
@@ -495,7 +495,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
         for p in params.values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if job.replica_group is not None and job.coords.dp * job.coords.sp > 1:
+        if job.replica_group is not None and job.coords.replicas > 1:
             for p in params.values():
                 dist.all_reduce(p.grad, group=job.replica_group)
         for name in job.tied:

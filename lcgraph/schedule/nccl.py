@@ -2,7 +2,7 @@
 
 `validator.validate` proves the programs complete and dependency-ordered with sends that never block,
 which is what gloo gives. NCCL is stricter, and this module replays one training step under its
-rules, for every global rank of a (pp, dp, sp) layout:
+rules, for every global rank of a (pp, dp, cp, sp) layout:
 
 - Every communication is a *kernel* on an in-order stream: p2p on one stream per rank pair (or, with
   `streams="rank"`, one stream per rank: the stricter reading), each collective on its communicator's
@@ -18,7 +18,9 @@ rules, for every global rank of a (pp, dp, sp) layout:
   in the same order.
 - The host issues kernels in program order and waits: for a p2p group holding a receive right before
   the compute that uses the received tensor, for the
-  Ulysses all-to-alls inside F and B, for a reduce-scatter at its RS action, for every send at OPT,
+  Ulysses all-to-alls inside F and B, for each step of ring attention inside F and B (parallel.cp: one p2p
+  group per step with the next and the previous cp rank, on the ring's own communicator; cp - 1 steps
+  forward, cp backward, the last one taking each K/V gradient home), for a reduce-scatter at its RS action, for every send at OPT,
   for the tied-embedding sum (and its reduce-scatter), gradient and grad-norm all-reduces at OPT, for the loss all-reduce after the
   step, and for the all-gathers (the next step's forward).
 
@@ -46,7 +48,8 @@ class Comms:
 
     `zero`: the distributed optimizer (RS/AG actions in the programs; `tied_buckets` names the
     (stage, bucket) of a tied embedding, all-reduced across first and last stage before its RS);
-    otherwise gradients are all-reduced over the stage's dp*sp replicas at OPT. The tied sum runs at
+    otherwise gradients are all-reduced over the stage's dp*cp*sp replicas at OPT. `cp`: ring attention's
+    degree, whose p2p runs inside every F and B on a communicator of its own. The tied sum runs at
     OPT (`tied_sum_at="rs"` models summing it at the bucket's RS action, which deadlocks interleaved).
     """
 
@@ -56,6 +59,7 @@ class Comms:
     zero: bool = True
     tied_buckets: frozenset[tuple[int, int]] = frozenset()
     tied_sum_at: Literal["opt", "rs"] = "opt"  # where the runtime sums a tied bucket ("rs": the old placement)
+    cp: int = 1
 
 
 @dataclass
@@ -91,17 +95,18 @@ class _Builder:
     def __init__(self, programs: list[Program], spec: ScheduleSpec, comms: Comms, streams: Streams):
         self.programs, self.spec, self.comms, self.streams = programs, spec, comms, streams
         self.kernels: list[_Kernel] = []
-        self.world = spec.pp * comms.dp * comms.sp
+        self.world = spec.pp * comms.dp * comms.cp * comms.sp
         self.hosts = [_Host() for _ in range(self.world)]
 
     def coords(self, rank: int) -> Coords:
-        return Coords.of(rank, self.spec.pp, self.comms.dp, self.comms.sp)
+        return Coords.of(rank, self.spec.pp, self.comms.dp, self.comms.sp, self.comms.cp)
 
     def describe(self, rank: int) -> str:
         if self.world == self.spec.pp:
             return f"rank {rank}"
         c = self.coords(rank)
-        return f"rank {rank} (pp {c.pp_rank}, dp {c.dp_rank}, sp {c.sp_rank})"
+        ring = f", cp {c.cp_rank}" if c.cp > 1 else ""
+        return f"rank {rank} (pp {c.pp_rank}, dp {c.dp_rank}{ring}, sp {c.sp_rank})"
 
     # --- kernels -----------------------------------------------------------------------------------------
     def issue(self, rank: int, label: str, streams: tuple, ops: list[_Op], comm: tuple = ()) -> int:
@@ -132,13 +137,27 @@ class _Builder:
         streams = tuple(sorted({("p2p", op.peer) for op in ops})) if self.streams == "pair" else (("p2p",),)
         return self.issue(rank, unit_token(unit, multi_stage), streams, ops)
 
+    def ring(self, rank: int, token: str, kind: str) -> None:
+        """Ring attention's steps inside one F or B: each a p2p group with both cp neighbours, waited before
+        the next step (its payload is the next step's input)."""
+        me, cp = self.coords(rank), self.comms.cp
+        nxt = me.global_rank(me.pp_rank, cp_rank=(me.cp_rank + 1) % cp)
+        prev = me.global_rank(me.pp_rank, cp_rank=(me.cp_rank - 1) % cp)
+        for step in range(cp - 1 if kind == "F" else cp):
+            message = ("ring", token, step)
+            ops = [_Op("send", f"ring step {step} of {token}", nxt, message)]
+            ops.append(_Op("recv", f"ring step {step} of {token}", prev, message))
+            streams = tuple(sorted({("ring", nxt), ("ring", prev)})) if self.streams == "pair" else (("ring",),)
+            k = self.issue(rank, f"ring step {step} in {token}", streams, ops)
+            self.wait(rank, [k], f"ring step {step} in {token}")
+
     # --- communicators -----------------------------------------------------------------------------------
     def members(self, name: str, rank: int) -> list[int]:
         me, c, pp = self.coords(rank), self.comms, self.spec.pp
         if name == "sp":
             return [me.global_rank(me.pp_rank, me.dp_rank, s) for s in range(c.sp)]
         if name == "replicas":
-            return [me.global_rank(me.pp_rank, d, s) for d in range(c.dp) for s in range(c.sp)]
+            return [me.replica_global_rank(i) for i in range(me.replicas)]
         if name == "pp":
             return [me.global_rank(r) for r in range(pp)]
         if name == "tied":
@@ -175,6 +194,8 @@ class _Builder:
                     self.wait(rank, [waiting], f"{token} (waiting for {self.kernels[waiting].label})")
                 if self.comms.sp > 1:
                     self.collective(rank, "sp", self.members("sp", rank), f"all-to-all in {token}")
+                if self.comms.cp > 1:
+                    self.ring(rank, token, head.kind)
                 if head.kind == "B" and self.comms.zero and last_b.get(head.stage) == position:
                     for bucket in rs_of[head.stage]:  # issued by grad-ready hooks during the last backward
                         if (head.stage, bucket) not in self.comms.tied_buckets:
