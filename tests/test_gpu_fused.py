@@ -7,6 +7,8 @@ eager's loss and gradient norm; the fused ops must lower a step's peak by what t
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,15 +155,18 @@ def test_bf16_run_with_fused_ops_gives_hf_eager_loss_and_gradient_norm_then_trai
 
 
 def _step_peak(fuse: str, layers: int, seq: int) -> int:
+    """Peak bytes of a fresh job's second step above what was allocated before the job was built."""
+    gc.collect()  # a job holds reference cycles: `del` alone leaves an earlier one's tensors allocated
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
     job = _job(fuse, layers=layers, seq=seq, steps=2)
     job.run_step(0)  # allocator warm, optimizer state built
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     job.run_step(1)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() - base
     del job
-    torch.cuda.empty_cache()
     return peak
 
 
