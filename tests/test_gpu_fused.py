@@ -137,17 +137,19 @@ def test_bf16_run_with_fused_ops_gives_hf_eager_loss_and_gradient_norm_then_trai
     fused = [job.run_step(s) for s in range(3)]
     if fp.liger_available():
         assert fp.KERNEL_CALLS[("rms_norm_backward", "liger")] > calls.get(("rms_norm_backward", "liger"), 0)
+    # HF in fp32 from the same weights: HF's own bf16 gradients are the noisier side (its bf16 grad norm read
+    # 4.34 where fp32 HF, lcgraph bf16 plain and lcgraph bf16 fused all read 3.156 on an H200)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(job.config).to(torch.bfloat16)
+        model = LlamaForCausalLM(job.config)
     model.config._attn_implementation = "sdpa"
-    model.load_state_dict(params, strict=False)
+    model.load_state_dict({n: p.float() for n, p in params.items()}, strict=False)
     unit = units[(0, 0)]
     logits = model(input_ids=unit.input_ids, position_ids=unit.position_ids).logits.float()
     ref = F.cross_entropy(logits.flatten(0, 1), unit.labels.flatten())
     ref.backward()
     ref_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-    assert abs(fused[0]["loss"] - float(ref)) < 2e-2 * float(ref)
-    assert abs(fused[0]["grad_norm"] - ref_norm) < 3e-2 * ref_norm, (fused[0]["grad_norm"], ref_norm)
+    assert abs(fused[0]["loss"] - float(ref)) < 2e-3 * float(ref)
+    assert abs(fused[0]["grad_norm"] - ref_norm) < 1e-2 * ref_norm, (fused[0]["grad_norm"], ref_norm)
     del job, model
     plain = [_job("off", layers=2, seq=4096, steps=3).run_step(s) for s in range(3)]
     for a, b in zip(fused, plain):

@@ -43,7 +43,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float().cpu() - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"], indirect=True)
+@pytest.mark.parametrize("backend", ["cudnn", "flash"], indirect=True)  # efficient: refused by the ring
 @pytest.mark.parametrize("cp,prefix", [(2, 0), (4, 0), (4, 1024)], ids=["cp2", "cp4", "cp4-prefix"])
 @pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa"])
 def test_one_gpu_ring_steps_match_full_attention(backend, cp, prefix, kv_heads):

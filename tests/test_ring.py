@@ -107,6 +107,25 @@ def test_layouts_the_ring_cannot_split_are_refused_in_one_line():
         from lcgraph.graph.ring import check_ring
 
         check_ring(compose("parallel.cp=2").parallel, 64, cross_document_attention=False)
+    with pytest.raises(PlanError, match="train.attention=efficient with parallel.cp=2"):
+        layout("parallel.cp=2", "data.seq_len=64", "train.attention=efficient")
+    layout("parallel.cp=1", "data.seq_len=64", "train.attention=efficient")  # without the ring it is fine
+
+
+def test_the_ring_never_runs_the_efficient_kernel():
+    """Its backward from the ring's merged output and LSE broke on an H200: auto's fallback to it runs math in
+    the ring, and asked for by name it is refused."""
+    from lcgraph.ops import attention, ring
+
+    q = torch.zeros(1, 2, 4, 8)
+    try:
+        attention.set_backend("efficient")
+        with pytest.raises(RuntimeError, match="does not run the efficient kernel"):
+            ring.ring_backend(q)
+        attention.set_backend("auto")
+        assert ring.ring_backend(q) == attention.resolve_backend(q) == "math"  # CPU: auto is math anyway
+    finally:
+        attention.set_backend("auto")
 
 
 @pytest.mark.parametrize("name,pp,m,k", [("seq1f1b", 2, 2, 2), ("seq1f1b", 4, 4, 4), ("1f1b", 2, 4, 1)])

@@ -294,7 +294,7 @@ def check_layout(cfg: DictConfig, num_layers: int, heads: int, kv_heads: int, de
     check_schedule(par)
     check_sequence(par, cfg.data.seq_len)
     check_ulysses(_Heads(heads, kv_heads), par.sp)
-    check_ring(par, cfg.data.seq_len, cfg.data.cross_document_attention)
+    check_ring(par, cfg.data.seq_len, cfg.data.cross_document_attention, cfg.train.attention)
     if device_count is not None:
         check_launch(cfg, env={}, gpus=device_count)
 

@@ -16,8 +16,9 @@ def ring_align(par) -> int:
     return 2 * par.cp * par.sp if par.cp > 1 else par.sp
 
 
-def check_ring(par, seq: int, cross_document_attention: bool = True) -> None:
-    """cp > 1: each Seq1F1B chunk cuts into 2 * cp balanced pieces that sp divides; no document mask."""
+def check_ring(par, seq: int, cross_document_attention: bool = True, attention: str = "auto") -> None:
+    """cp > 1: each Seq1F1B chunk cuts into 2 * cp balanced pieces that sp divides; no document mask; not the
+    efficient kernel (ops/ring.py: ring_backend)."""
     cp, sp = par.cp, par.sp
     if cp == 1:
         return
@@ -31,6 +32,11 @@ def check_ring(par, seq: int, cross_document_attention: bool = True) -> None:
         raise PlanError(
             f"data.seq_len={seq} does not split into 2 x parallel.cp={cp} balanced chunks{per}, each divisible "
             f"by parallel.sp={sp}: use data.seq_len a multiple of {need} (e.g. {ok})"
+        )
+    if attention == "efficient":
+        raise PlanError(
+            f"train.attention=efficient with parallel.cp={cp}: ring attention runs the cudnn, flash or math kernels; "
+            "set train.attention=auto (or cudnn, flash)"
         )
     if not cross_document_attention:
         raise PlanError(

@@ -59,6 +59,11 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
+def attention_backend() -> str:
+    """The backend this process was set to (`auto` or a kernel's name)."""
+    return _backend
+
+
 def resolve_backend(q: torch.Tensor) -> str:
     """The kernel used for tensors like ``q``: ``auto`` picks math on CPU and reads `AUTO_TABLE` on GPU."""
     if _backend != "auto":

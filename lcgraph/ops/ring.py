@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from lcgraph.ops import masks
-from lcgraph.ops.attention import KERNEL_CALLS, KERNELS, Block, Grads, Saved, resolve_backend
+from lcgraph.ops.attention import KERNEL_CALLS, KERNELS, Block, Grads, Saved, attention_backend, resolve_backend
 from lcgraph.ops.relay import RelayContext, StageAttention
 
 RING = "ring"  # Saved.backend prefix of a ring call: "ring:<kernel>"
@@ -109,6 +109,21 @@ def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
     return t[:, :, rows].contiguous()
 
 
+def ring_backend(q: torch.Tensor) -> str:
+    """The kernel the ring runs for tensors like `q`: auto's choice, except `efficient`. Its backward, called
+    from the ring's merged output and LSE, gave NaN gradients and illegal memory accesses on an H200
+    (tests/test_gpu_ring.py), so where auto would fall back to it (fp32 on a GPU, a head dim or GPU the table
+    does not cover) the ring runs `math`; asked for by name it is refused (validation says so up front)."""
+    name = resolve_backend(q)
+    if name != "efficient":
+        return name
+    if attention_backend() == "efficient":
+        raise RuntimeError(
+            "ring attention does not run the efficient kernel: set train.attention to auto, cudnn or flash"
+        )
+    return "math"
+
+
 def _check(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
     if masks._documents is not None:
         raise RuntimeError("ring attention has no document mask: data.cross_document_attention=false needs cp=1")
@@ -163,7 +178,7 @@ def ring_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     q [B, Hq, 2c, D]; k, v [B, Hkv, P + 2c, D] (prefix, then this rank's own pieces). Returns the merged
     output and LSE; `aux_diagonal` keeps each kernel call's aux for the backward, in call order."""
     c, p = _check(q, k)
-    name = resolve_backend(q)
+    name = ring_backend(q)
     kernel = KERNELS[name]
     KERNEL_CALLS["forward"] += 1
     acc = _lse_dtype(q)
@@ -217,7 +232,7 @@ def simulate(qs, ks, vs, douts, scale: float) -> list[tuple[torch.Tensor, ...]]:
     kernel checks compare with full attention."""
     cp = len(qs)
     c, p = _check(qs[0], ks[0])
-    kernel = KERNELS[resolve_backend(qs[0])]
+    kernel = KERNELS[ring_backend(qs[0])]
     acc = _lse_dtype(qs[0])
     forward = []
     for r in range(cp):
