@@ -286,7 +286,7 @@ def test_bench_fuse_flag_gives_one_lcgraph_side_per_value_with_its_override():
     ]
 
 
-def test_train_fuse_auto_is_on_for_cuda_only():
+def test_train_fuse_auto_is_on_for_eager_cuda_stages_only():
     assert [fuse_wanted(m, d) for m in ("auto", "on", "off") for d in ("cpu", "cuda")] == [
         False,
         True,
@@ -295,6 +295,8 @@ def test_train_fuse_auto_is_on_for_cuda_only():
         False,
         False,
     ]
+    assert not fuse_wanted("auto", "cuda", compiled=True)  # inductor keeps as little already (docs/kernels.md)
+    assert fuse_wanted("on", "cuda", compiled=True)
 
 
 # --- training against HF eager + AdamW -------------------------------------------------------------------------

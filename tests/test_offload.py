@@ -121,8 +121,8 @@ def test_host_link_tool_writes_rates_and_marks_a_profile_measured(tmp_path):
 
     from lcgraph.planner.profile import PROFILES_DIR, load_profile
 
-    profile = tmp_path / "h200.json"
-    shutil.copy(PROFILES_DIR / "h200.json", profile)
+    profile = tmp_path / "h100.json"  # its host link is still the assumed nominal figure (h200's is measured)
+    shutil.copy(PROFILES_DIR / "h100.json", profile)
     assert load_profile(str(profile)).status("host_bandwidth")[0] == "assumed"
     argv = ["--device", "cpu", "--mib", "4", "--repeat", "1", "--out", str(tmp_path / "link.json")]
     result = _tool("host_link").main([*argv, "--update-profile", str(profile)])

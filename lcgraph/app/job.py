@@ -159,7 +159,7 @@ class Job:
             only=mine,
             dump=dump,
             fused_loss=self.cfg.train.fused_loss,
-            fuse=fuse_wanted(self.cfg.train.fuse, self.device),
+            fuse=fuse_wanted(self.cfg.train.fuse, self.device, self.cfg.train.compile),
             cp=par.cp,
         )
         self.stages: dict[int, StageState] = {}
