@@ -234,9 +234,9 @@ def test_a_two_stage_run_writes_graph_pictures_the_gathered_timeline_and_an_offl
         ET.parse(graphs / f"{name}.svg")
         assert (graphs / f"{name}.txt").is_file() and "<details" in (graphs / f"{name}.html").read_text()
     assert "KV 1" in (graphs / "03_kv_relay_stage1.svg").read_text()
-    gathers = (graphs / "07_gather_waits_stage1.txt").read_text()
+    gathers = (graphs / "08_gather_waits_stage1.txt").read_text()
     assert gathers.count("all_gather_wait") >= 2  # ZeRO over dp=2: a wait per bucket, where it is first read
-    segments = (graphs / "08_segment_layers_stage1.txt").read_text()  # stage 1 holds layer 1: embed-less
+    segments = (graphs / "09_segment_layers_stage1.txt").read_text()  # stage 1 holds layer 1: embed-less
     assert "layer_1" in segments and "head" in segments and "layer_0" not in segments
 
     trace = json.loads((run_dir / "timeline.json").read_text())
