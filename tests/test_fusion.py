@@ -23,6 +23,7 @@ from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
 from lcgraph.graph.fusion import fuse_pointwise, fuse_wanted
 from lcgraph.ops import fused_pointwise as fp
+from lcgraph.runtime.interpreter import ActivationMeter
 
 FUSE = "train.fuse=on"
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -38,16 +39,11 @@ TINY = LlamaConfig(
 
 
 def _saved_bytes(fn, *args) -> tuple[torch.Tensor, int]:
-    """fn's output and the bytes autograd keeps for its backward (each storage once)."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """fn's output and the bytes autograd keeps for its backward (each storage once): the runtime's meter."""
+    meter = ActivationMeter(param_ptrs=set())
+    with meter.hooks(()):
         out = fn(*args)
-    return out, sum(storages.values())
+    return out, meter.unit_bytes[()]
 
 
 def _leaf(*shape, dtype=torch.float32, seed=0):

@@ -35,6 +35,7 @@ from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama import modeling_llama as hf  # noqa: E402
 
 from lcgraph.ops import fused_pointwise as fp  # noqa: E402
+from lcgraph.runtime.interpreter import ActivationMeter  # noqa: E402
 
 CANDIDATES = ("plain", "plain_compiled", "torch", "compiled", "liger")
 FUSED = ("torch", "compiled", "liger")
@@ -85,15 +86,11 @@ def inputs(op: str, a, device: str, dtype: torch.dtype) -> tuple[list[torch.Tens
 
 
 def _kept_bytes_hooks(fn, args) -> tuple[object, int]:
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """fn's output and the bytes autograd keeps for its backward (each storage once): the runtime's meter."""
+    meter = ActivationMeter(param_ptrs=set())
+    with meter.hooks(()):
         out = fn(*args)
-    return out, sum(storages.values())
+    return out, meter.unit_bytes[()]
 
 
 def _outputs(out) -> tuple[torch.Tensor, ...]:
