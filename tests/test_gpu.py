@@ -1,38 +1,17 @@
 """GPU-only paths (run on a GPU machine: python -m pytest -m gpu tests/test_gpu.py)."""
 
-import gc
-
 import pytest
 import torch
 
+from lcgraph.app.testing import cuda_allocated_before_a_job, llama1b_job
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def _llama1b_job(layers: int, seq: int, steps: int):
-    """One-GPU bf16 job of the Llama-3.2-1B shape, cut to `layers` decoder layers, synthetic tokens."""
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
-
-    cfg = compose(
-        "parallel=single",
-        "model=llama3_1b",
-        f"model.num_hidden_layers={layers}",
-        f"data.seq_len={seq}",
-        "data.synthetic=true",
-        "train.dtype=bf16",
-        "train.device=cuda",
-        f"train.steps={steps}",
-        "logging.wandb.mode=disabled",
-        "train.progress=false",
-        tiny=False,
-    )
-    return Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1)
 
 
 def test_bf16_loss_matches_hf_at_4k_tokens():
     from transformers import LlamaForCausalLM
 
-    job = _llama1b_job(layers=4, seq=4096, steps=1)
+    job = llama1b_job(layers=4, seq=4096, steps=1)
     units, total = job.step_units(0)
     params = {n: p.detach().clone() for n, p in job.all_params().items()}  # before the update
     loss = job.run_step(0)["loss"]
@@ -52,10 +31,8 @@ def test_bf16_training_holds_16_bytes_per_parameter_between_steps():
     8 B per parameter plus 8 for fp32 master and moments. A persistent fp32 gradient would make it 20.
     Counted above what was allocated before the job was built: an earlier test's job, kept alive by its reference
     cycles until a collection, read as 37 B per parameter on an H200."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    job = _llama1b_job(layers=2, seq=1024, steps=2)
+    base = cuda_allocated_before_a_job()
+    job = llama1b_job(layers=2, seq=1024, steps=2)
     job.run_step(0)
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - base

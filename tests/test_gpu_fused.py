@@ -7,14 +7,13 @@ eager's loss and gradient norm; the fused ops must lower a step's peak by what t
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama as hf
 
+from lcgraph.app.testing import cuda_allocated_before_a_job, llama1b_job
 from lcgraph.ops import fused_pointwise as fp
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -107,24 +106,7 @@ def test_fused_op_in_bf16_is_as_close_to_fp32_as_the_plain_ops(op, kernels):
 
 
 def _job(fuse: str, layers: int, seq: int, steps: int):
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
-
-    cfg = compose(
-        "parallel=single",
-        "model=llama3_1b",
-        f"model.num_hidden_layers={layers}",
-        f"data.seq_len={seq}",
-        "data.synthetic=true",
-        "train.dtype=bf16",
-        "train.device=cuda",
-        f"train.fuse={fuse}",
-        f"train.steps={steps}",
-        "logging.wandb.mode=disabled",
-        "train.progress=false",
-        tiny=False,
-    )
-    return Job(cfg, "/tmp/lcgraph-gpu-fused-test", 0, 1)
+    return llama1b_job(f"train.fuse={fuse}", layers=layers, seq=seq, steps=steps, run_dir="/tmp/lcgraph-gpu-fused-test")
 
 
 def test_bf16_run_with_fused_ops_gives_hf_eager_loss_and_gradient_norm_then_trains_like_the_plain_graph():
@@ -158,9 +140,7 @@ def test_bf16_run_with_fused_ops_gives_hf_eager_loss_and_gradient_norm_then_trai
 
 def _step_peak(fuse: str, layers: int, seq: int) -> int:
     """Peak bytes of a fresh job's second step above what was allocated before the job was built."""
-    gc.collect()  # a job holds reference cycles: `del` alone leaves an earlier one's tensors allocated
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    base = cuda_allocated_before_a_job()
     job = _job(fuse, layers=layers, seq=seq, steps=2)
     job.run_step(0)  # allocator warm, optimizer state built
     torch.cuda.synchronize()

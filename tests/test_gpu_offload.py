@@ -2,11 +2,12 @@
 allocated once, copies hidden behind compute. Run on a GPU machine: python -m pytest -m gpu tests/test_gpu_offload.py
 """
 
-import gc
 import time
 
 import pytest
 import torch
+
+from lcgraph.app.testing import cuda_allocated_before_a_job, llama1b_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -15,35 +16,14 @@ SEQ, CHUNKS, LAYERS = 32768, 8, 4
 
 def _job(*extra: str):
     """4 decoder layers of the Llama-3.2-1B shape, 32k tokens in 8 Seq1F1B chunks, keep_attention, bf16."""
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
-
-    cfg = compose(
-        "parallel=single",
-        "model=llama3_1b",
-        f"model.num_hidden_layers={LAYERS}",
-        f"data.seq_len={SEQ}",
-        "data.synthetic=true",
-        "parallel.schedule=seq1f1b",
-        f"parallel.seq_chunks={CHUNKS}",
-        "train.recompute=keep_attention",
-        "train.dtype=bf16",
-        "train.device=cuda",
-        "train.steps=3",
-        "logging.wandb.mode=disabled",
-        "train.progress=false",
-        *extra,
-        tiny=False,
-    )
-    return Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1)
+    seq1f1b = ("parallel.schedule=seq1f1b", f"parallel.seq_chunks={CHUNKS}", "train.recompute=keep_attention")
+    return llama1b_job(*seq1f1b, *extra, layers=LAYERS, seq=SEQ, steps=3)
 
 
 def _measure(*extra: str):
     """A fresh job's three steps: the last one's loss, gradient norm, peak bytes above what was allocated before
     the job was built (so a job still alive from an earlier measurement does not count), and seconds; the job."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    base = cuda_allocated_before_a_job()
     job = _job(*extra)
     for step in range(2):
         job.run_step(step)

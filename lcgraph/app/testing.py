@@ -9,6 +9,7 @@ grid of layouts costs one process start. Both return per-step losses and the fin
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -81,6 +82,34 @@ def compose(*overrides: str, tiny: bool = True):
     """A config as the CLI composes it; `tiny` puts the tiny CPU test shape first."""
 
     return compose_config((TINY if tiny else []) + list(overrides))
+
+
+def llama1b_job(*overrides: str, layers: int, seq: int, steps: int = 1, run_dir: str = "/tmp/lcgraph-gpu-test") -> Job:
+    """One-GPU bf16 job of the Llama-3.2-1B shape cut to `layers` decoder layers, on synthetic tokens: what the
+    GPU tests train (`overrides` add to it, e.g. train.fuse=on)."""
+    cfg = compose(
+        "parallel=single",
+        "model=llama3_1b",
+        f"model.num_hidden_layers={layers}",
+        f"data.seq_len={seq}",
+        "data.synthetic=true",
+        "train.dtype=bf16",
+        "train.device=cuda",
+        f"train.steps={steps}",
+        "logging.wandb.mode=disabled",
+        "train.progress=false",
+        *overrides,
+        tiny=False,
+    )
+    return Job(cfg, Path(run_dir), 0, 1)
+
+
+def cuda_allocated_before_a_job() -> int:
+    """CUDA bytes allocated before a new job is built, for a test to count its job's memory above: a job holds
+    reference cycles, so an earlier one's tensors stay allocated until a collection."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
 
 
 def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor], dict]:
