@@ -197,6 +197,24 @@ def test_zero_shards_optimizer_state_over_dp_times_sp(tiny_graph):
     )
 
 
+def test_an_activation_budget_plans_less_kept_per_unit_and_a_fitted_factor_wins(tiny_graph):
+    """train.activation_budget < 1 (compiled): the profile's compiled_budget factor, else the compiled one scaled
+    by the partition's measured ratio (LSEs and the loss's gradients are not scaled); eager plans are unchanged."""
+    import dataclasses
+
+    from lcgraph.planner.costs import BUDGET_SAVED_RATIO
+
+    def kept(**layout):
+        return _cost(tiny_graph, [1024], **layout)._kept(1, 1024)
+
+    full, budget = kept(compiled=True), kept(compiled=True, activation_budget=0.9)
+    assert full * BUDGET_SAVED_RATIO < budget < full * 0.9
+    assert kept(compiled=False, activation_budget=0.9) == kept(compiled=False)
+    fitted = _cost(tiny_graph, [1024], compiled=True, activation_budget=0.9)
+    fitted.profile = dataclasses.replace(fitted.profile, saved_factor={"eager": 1.0, "compiled": 1.0, "compiled_budget": 0.1})
+    assert fitted._kept(1, 1024) < budget
+
+
 @pytest.mark.parametrize("zero", [True, False])
 def test_planned_optimizer_state_is_what_a_bf16_job_holds(zero, tmp_path):
     """The planner's optimizer bytes against the live state of a bf16 CPU job after one step: ZeRO's fp32

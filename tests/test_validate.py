@@ -263,6 +263,9 @@ def test_config_rules_outside_the_drawn_ranges():
         "parallel.pp_layers=[4, 0]",
     )
     validate_plan(plan(parallel__pp=2, parallel__pp_layers="[3,1]", **base), env={})
+    refused(lambda: validate_plan(plan(train__activation_budget=0.9, **base), env={}), "activation_budget=0.9")
+    refused(lambda: validate_plan(plan(train__activation_budget=0, train__compile=True, **base), env={}), "(0, 1]")
+    validate_plan(plan(train__activation_budget=0.9, train__compile=True, **base), env={})
 
 
 # --- the command line ----------------------------------------------------------------------------------

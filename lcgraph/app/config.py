@@ -113,6 +113,7 @@ class TrainConfig:
     keep_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all; auto: as fit)
     offload: str = choice(Offload, "none")  # kept activations to host memory and back; see runtime.offload
     compile: bool = False  # torch.compile each stage graph
+    activation_budget: float = 1.0  # compiled: share of saved bytes kept (<1 reruns pointwise ops); runtime.recompute
     comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
     on_nonfinite: str = choice(OnNonfinite, "stop")  # NaN/inf loss or gradients: drop the update, then skip or stop
     check_every: int = 100  # compare replicas' parameter checksums every N steps (0: never)

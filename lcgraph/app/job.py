@@ -240,6 +240,7 @@ class Job:
                 self.cfg.train.compile,
                 resolved.segment_layers,
                 uneven=len(set(self.chunk_lengths)) > 1,
+                budget=self.cfg.train.activation_budget,
             )
             if self.cfg.dump.graphs and self.recompute != "none" and self.coords.replica_rank == 0:
                 (self.run_dir / "graphs" / f"09_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))

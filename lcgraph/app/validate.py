@@ -194,6 +194,18 @@ def check_documents(cfg: DictConfig) -> None:
         )
 
 
+def check_activation_budget(cfg: DictConfig) -> None:
+    """train.activation_budget tells inductor's partitioner what to keep: only compiled graphs have one."""
+    t = cfg.train
+    if not 0 < t.activation_budget <= 1:
+        raise PlanError(f"train.activation_budget={t.activation_budget} must be in (0, 1] (1: keep what autograd keeps)")
+    if t.activation_budget < 1 and not t.compile:
+        raise PlanError(
+            f"train.activation_budget={t.activation_budget} needs train.compile=true (the partitioner of compiled "
+            "graphs applies it); set train.compile=true or train.activation_budget=1"
+        )
+
+
 def check_model(hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
     if heads < 1 or kv_heads < 1:
         raise PlanError(f"model.num_attention_heads={heads} and model.num_key_value_heads={kv_heads} must be >= 1")
@@ -361,6 +373,7 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
         raise PlanError(f"train.recompute_layers={cfg.train.recompute_layers} must be >= 0 (0: the planner picks)")
     check_counts(cfg)
     check_documents(cfg)
+    check_activation_budget(cfg)
     m = cfg.model
     if not m.get("path"):  # before HF's own config checks, whose errors are tracebacks
         check_model(m.hidden_size, m.num_attention_heads, m.num_key_value_heads or m.num_attention_heads, m.head_dim)

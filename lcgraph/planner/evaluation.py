@@ -196,6 +196,7 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
         recompute_layers=max(1, segments),
         kept_attention_layers=int(train.get("keep_attention_layers", -1)),
         compiled=bool(train.get("compile", False)),
+        activation_budget=float(train.get("activation_budget", 1.0)),
         fused_loss=bool(train.get("fused_loss", True)),
         offload="none" if offload == AUTO else offload,
         cp=par.cp,

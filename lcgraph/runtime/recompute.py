@@ -109,27 +109,50 @@ def _rerunning(relay: RelayContext | None, unit) -> Iterator[None]:
         RelayContext.current, relay.unit, relay.rerun = current, unit_before, rerun_before
 
 
-def _compiled(module: torch.nn.Module, uneven: bool) -> Callable[..., torch.Tensor]:
+def _compiled(module: torch.nn.Module, uneven: bool, budget: float = 1.0) -> Callable[..., torch.Tensor]:
     """Static shapes for chunks of one length. Uneven Seq1F1B chunks get one dynamic-shape graph from the first
     call: compiled static, every new length recompiled until dynamo's recompile limit sent the rest to eager,
     and dynamo's own switch to a dynamic graph at the second length can give a checkpoint rerun another graph
-    than its forward ran (CheckpointError; pytorch/pytorch#166926)."""
-    return torch.compile(module, dynamic=uneven)
+    than its forward ran (CheckpointError; pytorch/pytorch#166926). `budget` < 1: inductor under
+    `activation_budget` (train.activation_budget)."""
+    if budget >= 1.0:
+        return torch.compile(module, dynamic=uneven)
+    return torch.compile(module, dynamic=uneven, backend=activation_budget(budget))
+
+
+def activation_budget(budget: float) -> Callable:
+    """Inductor, with AOTAutograd's partitioner told to keep at most `budget` of the saved bytes it would keep by
+    default (torch._functorch.config.activation_memory_budget). It then reruns the operators cheapest to rerun
+    (by FLOPs: pointwise ones first) in the backward instead of saving their outputs: a decoder layer's SwiGLU
+    product, the normalised activations and the copy of attention's output that feeds o_proj. The partition is
+    made when a graph is first compiled, inside this backend, so the setting stays local to these graphs."""
+    inductor = torch._dynamo.lookup_backend("inductor")
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return inductor(gm, example_inputs)
+
+    return backend
 
 
 def seal(
-    gm: fx.GraphModule, mode: str, compile: bool = False, group: int = 1, uneven: bool = False
+    gm: fx.GraphModule,
+    mode: str,
+    compile: bool = False,
+    group: int = 1,
+    uneven: bool = False,
+    budget: float = 1.0,
 ) -> Callable[..., torch.Tensor]:
     """The module a stage runs: `gm` itself (compiled when asked) without recompute; else its layers checkpointed
     `group` at a time, each segment compiled on its own when asked (checkpoint boundaries stay outside the
     compiled code). `uneven`: the stage runs sequence chunks of several lengths (compiled with dynamic
-    shapes)."""
+    shapes). `budget`: train.activation_budget for the compiled graphs."""
     if recompute_mode(mode) == "none":
-        return _compiled(gm, uneven) if compile else gm
+        return _compiled(gm, uneven, budget) if compile else gm
     out, layers = segment_layers(gm, group)
     for name, members in layers.items():
         inner = getattr(out, name)
-        setattr(out, name, CheckpointedSegment(_compiled(inner, uneven) if compile else inner, members, compile))
+        setattr(out, name, CheckpointedSegment(_compiled(inner, uneven, budget) if compile else inner, members, compile))
     if hasattr(out, HEAD):
         setattr(out, HEAD, RerunHead(getattr(out, HEAD)))
     return out
