@@ -211,7 +211,9 @@ def test_an_activation_budget_plans_less_kept_per_unit_and_a_fitted_factor_wins(
     assert full * BUDGET_SAVED_RATIO < budget < full * 0.9
     assert kept(compiled=False, activation_budget=0.9) == kept(compiled=False)
     fitted = _cost(tiny_graph, [1024], compiled=True, activation_budget=0.9)
-    fitted.profile = dataclasses.replace(fitted.profile, saved_factor={"eager": 1.0, "compiled": 1.0, "compiled_budget": 0.1})
+    fitted.profile = dataclasses.replace(
+        fitted.profile, saved_factor={"eager": 1.0, "compiled": 1.0, "compiled_budget": 0.1}
+    )
     assert fitted._kept(1, 1024) < budget
 
 

@@ -164,7 +164,9 @@ def test_compiled_stage_graphs_match_hf_eager_and_the_activation_budget_keeps_le
     for budget in (1.0, 0.9):
         cfg = run_cfg("train.compile=true", f"train.activation_budget={budget}", one_layer, tied=True, steps=3)
         losses, params, extra = train_local(cfg)
-        check(losses, params, reference(1, True, 3, one_layer), label=f"budget {budget}", grad_norms=extra["grad_norms"])
+        check(
+            losses, params, reference(1, True, 3, one_layer), label=f"budget {budget}", grad_norms=extra["grad_norms"]
+        )
         kept[budget] = extra["activation_peaks"][0]
     assert kept[0.9] < 0.9 * kept[1.0], kept
 

@@ -198,7 +198,9 @@ def check_activation_budget(cfg: DictConfig) -> None:
     """train.activation_budget tells inductor's partitioner what to keep: only compiled graphs have one."""
     t = cfg.train
     if not 0 < t.activation_budget <= 1:
-        raise PlanError(f"train.activation_budget={t.activation_budget} must be in (0, 1] (1: keep what autograd keeps)")
+        raise PlanError(
+            f"train.activation_budget={t.activation_budget} must be in (0, 1] (1: keep what autograd keeps)"
+        )
     if t.activation_budget < 1 and not t.compile:
         raise PlanError(
             f"train.activation_budget={t.activation_budget} needs train.compile=true (the partitioner of compiled "

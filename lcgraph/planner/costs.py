@@ -261,7 +261,12 @@ class CostModel:
         )
 
     def _traffic(self, c: Coeffs, tokens: float) -> float:
-        return self._factor(self.profile.traffic_factor, 1.0) * c.traffic_per_token * tokens / self.profile.memory_bandwidth
+        return (
+            self._factor(self.profile.traffic_factor, 1.0)
+            * c.traffic_per_token
+            * tokens
+            / self.profile.memory_bandwidth
+        )
 
     def _merge_bytes(self, stage: int, tokens: float) -> float:
         """Merging the prefix and diagonal blocks through their LSE: read two outputs and LSEs, write one."""
@@ -355,7 +360,8 @@ class CostModel:
         """What autograd saves for the nodes of `c` (a stage body or a few layers), and their attention LSEs."""
         g = self.graph
         return (
-            self._factor(self.profile.saved_factor, BUDGET_SAVED_RATIO) * c.saved_per_token + c.attention_layers * g.heads * LSE_BYTES
+            self._factor(self.profile.saved_factor, BUDGET_SAVED_RATIO) * c.saved_per_token
+            + c.attention_layers * g.heads * LSE_BYTES
         ) * tokens
 
     def _head_kept(self, tokens: float) -> float:

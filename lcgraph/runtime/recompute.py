@@ -152,7 +152,9 @@ def seal(
     out, layers = segment_layers(gm, group)
     for name, members in layers.items():
         inner = getattr(out, name)
-        setattr(out, name, CheckpointedSegment(_compiled(inner, uneven, budget) if compile else inner, members, compile))
+        setattr(
+            out, name, CheckpointedSegment(_compiled(inner, uneven, budget) if compile else inner, members, compile)
+        )
     if hasattr(out, HEAD):
         setattr(out, HEAD, RerunHead(getattr(out, HEAD)))
     return out
