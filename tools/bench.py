@@ -80,6 +80,7 @@ class Side:
     checkpointing: bool = False  # peers only: HF gradient checkpointing
     fuse: str = "auto"  # train.fuse (auto: lcgraph's default, on for CUDA)
     offload: str | None = None  # train.offload (None: lcgraph's own default)
+    budget: float | None = None  # train.activation_budget (None: lcgraph's own default)
 
     @property
     def label(self) -> str:
@@ -96,6 +97,8 @@ class Side:
             parts.append(f"fuse={self.fuse}")
         if self.offload:
             parts.append(f"offload={self.offload}")
+        if self.budget is not None:
+            parts.append(f"budget={self.budget:g}")
         return " ".join(parts)
 
     def overrides(self, extra: list[str]) -> list[str]:
@@ -108,6 +111,8 @@ class Side:
             out.append(f"train.fuse={self.fuse}")
         if self.offload:
             out.append(f"train.offload={self.offload}")
+        if self.budget is not None:
+            out.append(f"train.activation_budget={self.budget}")
         return out + list(extra)
 
 
@@ -115,10 +120,12 @@ def sides_from_args(args) -> list[Side]:
     """Peers first (the lcgraph rows' ratios need them), then every lcgraph combination asked for."""
     peers = [Side(p) for p in args.peers]
     lcgraph = []
+    budgets = args.activation_budget or [None]
     grid = itertools.product(args.variant, args.compile, args.fuse, args.recompute or [None], args.offload or [None])
-    for variant, comp, fuse, rc, off in grid:
+    for (variant, comp, fuse, rc, off), budget in itertools.product(grid, budgets):
         for chunks in args.chunks if variant == "chunked" else [1]:
-            lcgraph.append(Side("lcgraph", variant, chunks, rc, comp == "on", fuse=fuse, offload=off))
+            side = Side("lcgraph", variant, chunks, rc, comp == "on", fuse=fuse, offload=off, budget=budget)
+            lcgraph.append(side)
     return peers + lcgraph
 
 
@@ -445,6 +452,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--offload", nargs="+", choices=OFFLOAD_MODES, help="train.offload (default: lcgraph's)")
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
     ap.add_argument("--fuse", nargs="+", default=["auto"], choices=["auto", "on", "off"], help="train.fuse")
+    ap.add_argument("--activation-budget", type=float, nargs="+", help="train.activation_budget (with --compile on)")
     ap.add_argument("--set", nargs="*", default=[], help="more lcgraph overrides, e.g. train.attention=cudnn")
     ap.add_argument("--hf-checkpointing", default="auto", choices=["auto", "never", "always"])
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds before a side counts as failed")

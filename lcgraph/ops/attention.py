@@ -242,29 +242,36 @@ def _merge(a: Block, b: Block, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return out.to(dtype), lse
 
 
+def seq_major(t: torch.Tensor) -> torch.Tensor:
+    """A [B, H, S, D] tensor laid out [B, S, H, D] in memory: what o_proj reads after HF's transpose(1, 2) and
+    what the flash and cuDNN kernels write. No copy when `t` is laid out so already, so the output that
+    attention's backward keeps and o_proj's input are one tensor (HF's `.contiguous()` is then a no-op)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Saved:
     """Bottom-right causal attention of q over k/v (Sk >= Sq), with no autograd: output, LSE, kernel aux."""
     mask = masks.document_mask(q.shape[2], k.shape[2], q.device)  # packed documents kept apart (masks.py)
     if mask is not None:  # one exact masked block over every key (dense mask: O(Sq * Sk) memory)
         KERNEL_CALLS["forward"] += 1
         block = _math_forward(q, k, v, scale, False, mask)
-        return Saved(block.out.contiguous(), block.lse, MASKED, (mask,))
+        return Saved(seq_major(block.out), block.lse, MASKED, (mask,))
     name = resolve_backend(q)
     kernel = KERNELS[name]
     KERNEL_CALLS["forward"] += 1
     start = k.shape[2] - q.shape[2]
     diagonal = kernel.forward(q, k[:, :, start:], v[:, :, start:], scale, True)
     if not start:
-        return Saved(diagonal.out.contiguous(), diagonal.lse, name, diagonal.aux)
+        return Saved(seq_major(diagonal.out), diagonal.lse, name, diagonal.aux)
     prefix = kernel.forward(q, k[:, :, :start], v[:, :, :start], scale, False)
     out, lse = _merge(prefix, diagonal, q.dtype)
-    return Saved(out, lse, name, diagonal.aux, prefix.aux)
+    return Saved(seq_major(out), lse, name, diagonal.aux, prefix.aux)
 
 
 def attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float) -> Grads:
     """Gradients of `attend` from its saved output and LSE: one kernel backward per block, no forward."""
     KERNEL_CALLS["backward"] += 1
-    dout, start = dout.contiguous(), k.shape[2] - q.shape[2]
+    dout, start = seq_major(dout), k.shape[2] - q.shape[2]  # o_proj's gradient, transposed: no copy
     if saved.backend == MASKED:
         dq, dk, dv = _math_backward(dout, q, k, v, saved.out, saved.lse, scale, False, saved.aux_diagonal)
         prefix = (dk[:, :, :start], dv[:, :, :start]) if start else (None, None)
@@ -319,7 +326,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 @attention.register_fake
 def _(q, k, v, scale):
-    return q.new_empty(q.shape)  # contiguous, as the kernel returns it (q is often a transposed view)
+    b, h, s, d = q.shape
+    return q.new_empty(b, s, h, d).transpose(1, 2)  # seq_major, as `attend` returns it
 
 
 def _setup_context(ctx, inputs, output):

@@ -38,7 +38,10 @@ BACKWARD_TRAFFIC = 2.0  # elementwise backward reads the saved input and the inc
 ADAM_STATE_BYTES = 8  # two fp32 moments per parameter
 MASTER_BYTES = 4  # fp32 master copy when the model runs in a lower precision (its fp32 gradient: OPT only)
 OPTIMIZER_TRAFFIC = 28  # bytes one fused AdamW update moves per parameter (read master, grad, m, v; write 3)
-CAST_TRAFFIC = 16  # grad norm (2), grad -> fp32 (2 + 4), master -> bf16 param (4 + 2), grad zeroing (2)
+# bf16 weights under ZeRO: one pass reads the bf16 gradient, master and moments and writes them, the bf16 weight
+# and the zeroed gradient (runtime/mixed_adamw.py)
+MIXED_ADAMW_TRAFFIC = 2 + 12 + 12 + 2 + 2
+NORM_TRAFFIC = 2  # the global gradient norm reads every bf16 gradient once
 LSE_BYTES = 4  # fp32 log-sum-exp per query and head
 # train.activation_budget < 1 without a fitted "compiled_budget" factor: a Llama-3.2-1B-shaped decoder layer,
 # compiled (inductor on CPU, bf16, 1,024 tokens), saves 54.4 MiB under budget 0.9 against 78.4 MiB at 1: the
@@ -324,15 +327,20 @@ class CostModel:
         return 2 * nbytes * (n - 1) / n / self.profile.link_bw(n)
 
     def optimizer_time(self, stage: int) -> float:
-        """Fused AdamW over this rank's shard, plus the casts around it (whole-stage buffers: not sharded)."""
-        params, dev = self.stages[stage].params, self.profile
-        shard = params / (self.layout.replicas if self.layout.zero else 1)
+        """AdamW over this rank's shard and the gradient norm. bf16 weights under ZeRO: one pass per bucket
+        (mixed_adamw.py), plus zeroing the other replicas' gradient shards; else torch's fused AdamW and, for fp32,
+        a norm and a zeroing pass over whole-stage buffers."""
+        params, dev, lay = self.stages[stage].params, self.profile, self.layout
+        shard = params / (lay.replicas if lay.zero else 1)
+        if self.graph.dtype != "fp32" and lay.zero:
+            zeroing = 2 * (params - shard)
+            return (shard * MIXED_ADAMW_TRAFFIC + params * NORM_TRAFFIC + zeroing) / dev.memory_bandwidth
         adamw = (
             shard / dev.adamw_params_per_s
             if dev.adamw_params_per_s
             else shard * OPTIMIZER_TRAFFIC / dev.memory_bandwidth
         )
-        casts = (CAST_TRAFFIC if self.graph.dtype != "fp32" else 4) * params / dev.memory_bandwidth
+        casts = (16 if self.graph.dtype != "fp32" else 4) * params / dev.memory_bandwidth
         return adamw + casts
 
     # --- memory ------------------------------------------------------------------------------------------
@@ -453,10 +461,9 @@ class CostModel:
         )
 
     def step_bytes(self, stage: int) -> float:
-        """The fp32 gradient shard a bf16 run's distributed optimizer casts at OPT and frees (runtime/optimizer.py)."""
-        if self.graph.dtype == "fp32" or not self.layout.zero:
-            return 0.0
-        return 4 * self.stages[stage].params / self.layout.replicas
+        """What OPT allocates while it runs: nothing, every optimizer updates its tensors in place (a bf16 run's
+        fp32 gradient exists only inside mixed_adamw's kernel)."""
+        return 0.0
 
     def unit_bytes(self, stage: int, chunk: int) -> tuple[float, float]:
         """What a unit holds on the device between its forward and its backward (less what went to the host)."""

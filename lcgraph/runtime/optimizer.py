@@ -10,9 +10,8 @@ whole-stage gradient buffers), so this is not ZeRO-2.
   stage's dp*sp replicas is *issued* the moment its last gradient is accumulated, while the backward
   goes on; the RS action is where the program *waits* for it. Issue and wait times are recorded.
 - Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
-  two AdamW moments. A bf16 run's fp32 gradient shard exists only during OPT (cast from the bf16 one,
-  freed after the update), so it never coexists with activations: unsharded, 16 B per parameter between
-  steps (bf16 weights and gradients, fp32 master and moments).
+  two AdamW moments; unsharded, 16 B per parameter (bf16 weights and gradients, fp32 master and moments).
+  A bf16 run steps each bucket in one pass from its bf16 gradient (mixed_adamw.py): no fp32 gradient.
 - OPT clips by the global norm and updates the shard; AG all-gathers the updated
   parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait
   node for each bucket right before the first graph node that reads one of its parameters, so the next
@@ -47,6 +46,7 @@ from lcgraph.graph.capture import NodeInfo
 from lcgraph.graph.passes import StageGraph
 from lcgraph.runtime import faults
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
+from lcgraph.runtime.mixed_adamw import step_bucket
 from lcgraph.schedule.actions import Action, issue_units
 from lcgraph.schedule.mesh import Coords
 
@@ -356,19 +356,32 @@ class ShardedAdamW:
             return norm
         clip = self.job.cfg.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
+        if all(_separate_master(b) for b in self.buckets):  # bf16 weights: one pass per bucket (mixed_adamw.py)
+            self._mixed_step(scale)
+            return norm
         for b in self.buckets:
             assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
-            grad = b.grad_shard.to(b.master.dtype)  # bf16 runs: a new fp32 tensor, freed after the update
+            grad = b.grad_shard.to(b.master.dtype)  # a new fp32 tensor only if the weights are not fp32
             b.master.grad = grad.mul_(scale) if scale != 1.0 else grad
         self.adamw.step()
         for b in self.buckets:
             assert b.master is not None  # set by _bucket
             b.master.grad = None
-            if b.master.data_ptr() != b.param_flat[b.shard].data_ptr():
+            if _separate_master(b):
                 b.param_flat[b.shard].copy_(b.master)
             b.grad_flat.zero_()
             b.work = None
         return norm
+
+    def _mixed_step(self, scale: float) -> None:
+        groups = {id(p): g for g in self.adamw.param_groups for p in g["params"]}
+        for b in self.buckets:
+            assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
+            state = adamw_state(self.adamw, b.master)
+            step_bucket(b.master, state, b.grad_shard, b.param_flat[b.shard], scale, groups[id(b.master)])
+            if b.grad_shard.numel() != b.grad_flat.numel():  # other replicas' shards
+                b.grad_flat.zero_()
+            b.work = None
 
     def _global_norm(self, interp: Interpreter) -> tuple[float, list[int]]:
         """The global gradient norm and the non-finite stages, from one sum of per-stage squares (faults.py)."""

@@ -1,0 +1,71 @@
+"""AdamW on a bucket's fp32 master from its bf16 gradient, in one pass.
+
+torch's fused AdamW steps tensors of one dtype, so a bf16 run's update took five passes over each bucket: the
+bf16 gradient cast to a new fp32 tensor, the clip scale applied to it, the fused update, the master copied back
+into the bf16 weights, the gradient zeroed. `step_bucket` does torch.optim.AdamW's arithmetic (decoupled weight
+decay, bias-corrected moments) reading and writing each tensor once: compiled on a GPU (one kernel for every
+bucket size), eager elsewhere. Moments and step counts stay in torch's AdamW state, so checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _update(
+    master: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    weights: torch.Tensor,
+    scale: torch.Tensor,
+    lr: torch.Tensor,
+    step: torch.Tensor,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    g = grad.float() * scale
+    master.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(eps)
+    master.sub_(exp_avg / denom * (lr / (1 - beta1**step)))
+    weights.copy_(master)
+    grad.zero_()
+
+
+_compiled: dict[str, Callable[..., None]] = {}
+
+
+def _kernel(device: torch.device) -> Callable[..., None]:
+    if device.type != "cuda":
+        return _update
+    if "cuda" not in _compiled:  # dynamic: buckets of every size share one kernel
+        _compiled["cuda"] = torch.compile(_update, dynamic=True, fullgraph=True)
+    return _compiled["cuda"]
+
+
+def step_bucket(
+    master: torch.Tensor,
+    state: dict,
+    grad: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float,
+    group: dict,
+) -> None:
+    """One AdamW step of `master` (fp32) from `grad` (its bf16 shard, times `scale`, zeroed after), written back to
+    `weights` (the bf16 shard); `state` is torch AdamW's for `master` (step counted here), `group` its param group."""
+    state["step"] += 1
+    dev = master.device
+    step = state["step"].to(dev, torch.float32)
+    beta1, beta2 = group["betas"]
+    lr = torch.tensor(float(group["lr"]), dtype=torch.float32, device=dev)
+    s = torch.tensor(float(scale), dtype=torch.float32, device=dev)
+    _kernel(dev)(
+        master, state["exp_avg"], state["exp_avg_sq"], grad, weights, s, lr, step,
+        float(group["weight_decay"]), float(beta1), float(beta2), float(group["eps"]),
+    )  # fmt: skip
