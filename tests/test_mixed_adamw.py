@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcgraph.runtime.mixed_adamw import step_bucket
-
+from lcgraph.runtime.mixed_adamw import step_bucket, step_scalars
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -39,7 +38,7 @@ def _against_torch(n: int, weight_decay: float, dev: torch.device) -> None:
         ref.grad = grad.float() * scale
         group["lr"] = lr
         opt.step()
-        step_bucket(master, state, grad, weights, scale, group)
+        step_bucket(master, state, grad, weights, step_scalars([group], scale, dev)[id(group)], group)
         torch.testing.assert_close(master, ref.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(state["exp_avg_sq"], opt.state[ref]["exp_avg_sq"], rtol=1e-6, atol=1e-12)
         assert torch.equal(weights, master.to(torch.bfloat16))

@@ -49,23 +49,31 @@ def _kernel(device: torch.device) -> Callable[..., None]:
     return _compiled["cuda"]
 
 
+def step_scalars(
+    groups: list[dict], scale: float, device: torch.device
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per param group (by id): its lr and the clip scale as device scalars, made in one copy per step. A Python
+    float would recompile the kernel each step, and a host-to-device copy per bucket waits for the GPU each time."""
+    values = torch.tensor([float(scale)] + [float(g["lr"]) for g in groups], dtype=torch.float32).to(device)
+    return {id(g): (values[1 + i], values[0]) for i, g in enumerate(groups)}
+
+
 def step_bucket(
     master: torch.Tensor,
     state: dict,
     grad: torch.Tensor,
     weights: torch.Tensor,
-    scale: float,
+    scalars: tuple[torch.Tensor, torch.Tensor],
     group: dict,
 ) -> None:
-    """One AdamW step of `master` (fp32) from `grad` (its bf16 shard, times `scale`, zeroed after), written back to
-    `weights` (the bf16 shard); `state` is torch AdamW's for `master` (step counted here), `group` its param group."""
+    """One AdamW step of `master` (fp32) from `grad` (its bf16 shard, times the clip scale, zeroed after), written
+    back to `weights` (the bf16 shard); `state` is torch AdamW's for `master` (step counted here), `group` its
+    param group, `scalars` its (lr, clip scale) from `step_scalars`."""
     state["step"] += 1
-    dev = master.device
-    step = state["step"].to(dev, torch.float32)
+    step = state["step"].to(master.device, torch.float32)  # on the device already where AdamW is fused
+    lr, scale = scalars
     beta1, beta2 = group["betas"]
-    lr = torch.tensor(float(group["lr"]), dtype=torch.float32, device=dev)
-    s = torch.tensor(float(scale), dtype=torch.float32, device=dev)
-    _kernel(dev)(
-        master, state["exp_avg"], state["exp_avg_sq"], grad, weights, s, lr, step,
+    _kernel(master.device)(
+        master, state["exp_avg"], state["exp_avg_sq"], grad, weights, scale, lr, step,
         float(group["weight_decay"]), float(beta1), float(beta2), float(group["eps"]),
     )  # fmt: skip

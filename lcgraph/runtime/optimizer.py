@@ -12,11 +12,10 @@ whole-stage gradient buffers), so this is not ZeRO-2.
 - Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
   two AdamW moments; unsharded, 16 B per parameter (bf16 weights and gradients, fp32 master and moments).
   A bf16 run steps each bucket in one pass from its bf16 gradient (mixed_adamw.py): no fp32 gradient.
-- OPT clips by the global norm and updates the shard; AG all-gathers the updated
-  parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait
-  node for each bucket right before the first graph node that reads one of its parameters, so the next
-  step's forward runs while later buckets are still being gathered (without the pass, as under
-  `train.compile`, the stage's first forward waits for all of them).
+- OPT clips by the global norm and updates the shard; AG all-gathers the updated parameters asynchronously,
+  in the order the forward reads them. The `gather_waits` pass puts a wait node for each bucket right before
+  the first graph node that reads one of its parameters, so the next step's forward runs while later buckets
+  are still being gathered (without the pass, as under `train.compile`, the first forward waits for all).
 
 `ReplicatedAdamW` (parallel.zero=false) all-reduces whole gradients at OPT instead.
 
@@ -46,7 +45,7 @@ from lcgraph.graph.capture import NodeInfo
 from lcgraph.graph.passes import StageGraph
 from lcgraph.runtime import faults
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
-from lcgraph.runtime.mixed_adamw import step_bucket
+from lcgraph.runtime.mixed_adamw import step_bucket, step_scalars
 from lcgraph.schedule.actions import Action, issue_units
 from lcgraph.schedule.mesh import Coords
 
@@ -375,10 +374,11 @@ class ShardedAdamW:
 
     def _mixed_step(self, scale: float) -> None:
         groups = {id(p): g for g in self.adamw.param_groups for p in g["params"]}
+        scalars = step_scalars(self.adamw.param_groups, scale, self.job.device)
         for b in self.buckets:
             assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
-            state = adamw_state(self.adamw, b.master)
-            step_bucket(b.master, state, b.grad_shard, b.param_flat[b.shard], scale, groups[id(b.master)])
+            group, state = groups[id(b.master)], adamw_state(self.adamw, b.master)
+            step_bucket(b.master, state, b.grad_shard, b.param_flat[b.shard], scalars[id(group)], group)
             if b.grad_shard.numel() != b.grad_flat.numel():  # other replicas' shards
                 b.grad_flat.zero_()
             b.work = None
