@@ -36,12 +36,13 @@ __all__ = ["DeviceProfile", "load_profile", "profile_names"]  # the profile live
 BACKWARD_MATMUL = 2.0  # dX and dW
 BACKWARD_TRAFFIC = 2.0  # elementwise backward reads the saved input and the incoming gradient
 ADAM_STATE_BYTES = 8  # two fp32 moments per parameter
-MASTER_BYTES = 4  # fp32 master copy when the model runs in a lower precision (its fp32 gradient: OPT only)
+MASTER_BYTES = 4  # fp32 master copy when the model runs in a lower precision
 OPTIMIZER_TRAFFIC = 28  # bytes one fused AdamW update moves per parameter (read master, grad, m, v; write 3)
 # bf16 weights under ZeRO: one pass reads the bf16 gradient, master and moments and writes them, the bf16 weight
 # and the zeroed gradient (runtime/mixed_adamw.py)
 MIXED_ADAMW_TRAFFIC = 2 + 12 + 12 + 2 + 2
 NORM_TRAFFIC = 2  # the global gradient norm reads every bf16 gradient once
+CAST_TRAFFIC = 16  # torch's AdamW on bf16 weights: norm (2), grad -> fp32 (2 + 4), master -> bf16 (4 + 2), zeroing (2)
 LSE_BYTES = 4  # fp32 log-sum-exp per query and head
 # train.activation_budget < 1 without a fitted "compiled_budget" factor: a Llama-3.2-1B-shaped decoder layer,
 # compiled (inductor on CPU, bf16, 1,024 tokens), saves 54.4 MiB under budget 0.9 against 78.4 MiB at 1: the
@@ -340,7 +341,7 @@ class CostModel:
             if dev.adamw_params_per_s
             else shard * OPTIMIZER_TRAFFIC / dev.memory_bandwidth
         )
-        casts = (16 if self.graph.dtype != "fp32" else 4) * params / dev.memory_bandwidth
+        casts = (CAST_TRAFFIC if self.graph.dtype != "fp32" else 4) * params / dev.memory_bandwidth
         return adamw + casts
 
     # --- memory ------------------------------------------------------------------------------------------

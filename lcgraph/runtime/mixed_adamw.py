@@ -28,6 +28,8 @@ def _update(
     beta2: float,
     eps: float,
 ) -> None:
+    """torch.optim.AdamW's update (decoupled decay, bias corrections) of the fp32 master from the scaled bf16
+    gradient; the bf16 weights take the result and the gradient is zeroed, in the same pass."""
     g = grad.float() * scale
     master.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(g, 1 - beta1)
