@@ -560,3 +560,31 @@ def test_recompute_auto_keeps_as_many_attention_layers_as_fit_between_full_and_k
     assert max(chosen.sim.rank_peak) <= usable * 1.000001
     assert ev["keep_attention"].sim.step_time < chosen.sim.step_time < ev["full"].sim.step_time
     assert f"keep_attention({kept})" in reason
+
+
+@pytest.mark.parametrize("fuse", ["off", "on"])
+def test_planned_activations_are_what_a_bf16_step_keeps(fuse, tmp_path):
+    """The planner's bytes kept by one unit against the runtime's activation meter, for a Llama-3.2-1B-shaped
+    layer pair in bf16 on CPU, with the plain ops and with the fused RMSNorm, SwiGLU and rotary (train.fuse=on:
+    the plan reads a fused copy of the graph; with the plain graph's bytes it was 40% high)."""
+    from lcgraph.app.job import Job
+    from lcgraph.app.testing import compose
+    from lcgraph.planner.plan import build_plan
+
+    overrides = [
+        "parallel=single",
+        "model=llama3_1b",
+        "model.num_hidden_layers=2",
+        "model.vocab_size=4096",
+        "data.seq_len=512",
+        "train.dtype=bf16",
+        "train.device=cpu",
+        f"train.fuse={fuse}",
+        "train.steps=1",
+    ]
+    job = Job(compose(*overrides, tiny=False), tmp_path, 0, 1)
+    job.run_step(0)
+    planned, _ = build_plan(compose(*overrides, "+plan.alternatives=false", tiny=False)).main.cost.unit_activations(
+        0, 0
+    )
+    assert planned == pytest.approx(job.activation_peaks()[0], rel=0.05)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
+from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align
 from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
@@ -171,6 +172,13 @@ class Setup:
     auto_segments: bool = False  # train.recompute_layers=0: the planner picks the segment size (best_segments)
 
 
+def fused_ops_planned(train: DictConfig) -> bool:
+    """Whether the planned run's stages get the fused RMSNorm, SwiGLU and rotary (train.fuse, graph/fusion.py):
+    a plan is for a GPU unless train.device=cpu."""
+    device = "cpu" if train.get("device", "auto") == "cpu" else "cuda"
+    return fuse_wanted(str(train.get("fuse", "auto")), device, bool(train.get("compile", False)))
+
+
 def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) -> Setup:
     """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here.
     `profile` (the GPU a rank runs on) replaces `+plan.device`'s."""
@@ -180,8 +188,8 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
         profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
     if captured is None:
         captured = capture(build_config(cfg.model))
-    graph = GraphCosts.from_captured(captured, settings["dtype"])
     par, train = cfg.parallel, cfg.train
+    graph = GraphCosts.from_captured(captured, settings["dtype"], fused=fused_ops_planned(train))
     mode = recompute_mode(train.get("recompute", False), allow_auto=True)
     segments = int(train.get("recompute_layers", 0))  # 0: best_segments picks
     offload = offload_mode(train.get("offload", "none"), allow_auto=True)  # auto: resolved with the recompute mode

@@ -8,8 +8,14 @@ few additions. `lcgraph.planner.costs.CostModel` turns these sums into time and 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field, fields
 
+import torch
+
+from lcgraph.graph.capture import retarget_device
+from lcgraph.graph.fusion import fuse_pointwise
 from lcgraph.planner import mfu
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -52,6 +58,8 @@ NO_SAVE_OPS = VIEW_OPS | {
 }
 # ops that keep their own output for backward (on top of, or instead of, their inputs)
 SAVES_OUTPUT_OPS = {"rsqrt", "exp", "sigmoid", "tanh", "_softmax", "softmax", "attention"}
+# fused ops (graph/fusion.py) that keep only some of their inputs: op -> the argument positions kept
+SAVES_ARGS = {"rotary": (2, 3)}  # cos and sin: rotary's backward rotates the gradient back, it needs no q or k
 FREE_OPS = {"_assert_tensor_metadata", "sym_size"}  # bookkeeping, no kernel
 COMPUTE_OPS = {"linear", "attention"}  # timed by FLOPs, not by memory traffic
 
@@ -106,8 +114,26 @@ class GraphCosts:
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    def groups(self) -> list[Coeffs]:
+        return [*self.layers, self.first, self.last, self.shared, self.loss]
+
     @classmethod
-    def from_captured(cls, captured, dtype: str = "bf16") -> GraphCosts:
+    def from_captured(cls, captured, dtype: str = "bf16", fused: bool = False) -> GraphCosts:
+        """`fused`: the stages run the fused RMSNorm, SwiGLU and rotary of graph/fusion.py (train.fuse), so what
+        autograd keeps is read from a fused copy of the graph. Time stays the plain ops': the profile's factors
+        were fitted on them, and the fused kernels are faster (docs/kernels.md), so it errs on the safe side."""
+        costs = cls._read(captured, dtype)
+        if fused:
+            gm = copy.deepcopy(captured.gm)
+            retarget_device(gm, torch.device("meta"))  # as a job prepares its stages: capture's asserts dropped
+            fuse_pointwise(gm)
+            kept = cls._read(dataclasses.replace(captured, gm=gm), dtype)
+            for plain, fused_group in zip(costs.groups(), kept.groups()):
+                plain.saved_per_token = fused_group.saved_per_token
+        return costs
+
+    @classmethod
+    def _read(cls, captured, dtype: str) -> GraphCosts:
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype {dtype!r} unknown; choose one of {', '.join(DTYPE_BYTES)}")
         config = captured.config
@@ -128,7 +154,10 @@ class GraphCosts:
             op = _op_name(node)
             if node.op == "call_function":
                 ins = [a for a in dict.fromkeys(node.all_input_nodes) if _is_activation(a)]
-                if op not in NO_SAVE_OPS:
+                if op in SAVES_ARGS:
+                    kept = [node.args[i] for i in SAVES_ARGS[op]]
+                    saved.update(base[a] for a in ins if a in kept)
+                elif op not in NO_SAVE_OPS:
                     saved.update(base[a] for a in ins)
                 if op in SAVES_OUTPUT_OPS:
                     saved.add(base[node])
