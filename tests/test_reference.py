@@ -157,8 +157,8 @@ def test_single_process_matches_hf_eager_adamw_with_clipping_and_warmup(tied, re
 
 def test_compiled_stage_graphs_match_hf_eager_and_the_activation_budget_keeps_less(reference):
     """train.compile=true (inductor on CPU); one decoder layer and 3 steps keep the compile short. Under
-    train.activation_budget=0.9 the partitioner reruns pointwise ops (SwiGLU's product, a norm's output, the
-    o_proj input copy) in the backward: the same numbers, and over a tenth less kept for the backward."""
+    train.activation_budget=0.9 the partitioner reruns pointwise ops (SwiGLU's product, a norm's output, casts)
+    in the backward: the same numbers, and over a tenth less kept for the backward."""
     one_layer = "model.num_hidden_layers=1"
     kept = {}
     for budget in (1.0, 0.9):

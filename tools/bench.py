@@ -120,9 +120,15 @@ def sides_from_args(args) -> list[Side]:
     """Peers first (the lcgraph rows' ratios need them), then every lcgraph combination asked for."""
     peers = [Side(p) for p in args.peers]
     lcgraph = []
-    budgets = args.activation_budget or [None]
-    grid = itertools.product(args.variant, args.compile, args.fuse, args.recompute or [None], args.offload or [None])
-    for (variant, comp, fuse, rc, off), budget in itertools.product(grid, budgets):
+    grid = itertools.product(
+        args.variant,
+        args.compile,
+        args.fuse,
+        args.recompute or [None],
+        args.offload or [None],
+        args.activation_budget or [None],
+    )
+    for variant, comp, fuse, rc, off, budget in grid:
         for chunks in args.chunks if variant == "chunked" else [1]:
             side = Side("lcgraph", variant, chunks, rc, comp == "on", fuse=fuse, offload=off, budget=budget)
             lcgraph.append(side)

@@ -355,19 +355,16 @@ class ShardedAdamW:
             return norm
         clip = self.job.cfg.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
-        if all(_separate_master(b) for b in self.buckets):  # bf16 weights: one pass per bucket (mixed_adamw.py)
+        if any(_separate_master(b) for b in self.buckets):  # bf16 weights: one pass per bucket (mixed_adamw.py)
             self._mixed_step(scale)
             return norm
-        for b in self.buckets:
+        for b in self.buckets:  # fp32 weights: each master is its weight shard, torch's AdamW steps it in place
             assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
-            grad = b.grad_shard.to(b.master.dtype)  # a new fp32 tensor only if the weights are not fp32
-            b.master.grad = grad.mul_(scale) if scale != 1.0 else grad
+            b.master.grad = b.grad_shard.mul_(scale) if scale != 1.0 else b.grad_shard
         self.adamw.step()
         for b in self.buckets:
             assert b.master is not None  # set by _bucket
             b.master.grad = None
-            if _separate_master(b):
-                b.param_flat[b.shard].copy_(b.master)
             b.grad_flat.zero_()
             b.work = None
         return norm

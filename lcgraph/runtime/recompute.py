@@ -124,7 +124,7 @@ def activation_budget(budget: float) -> Callable:
     """Inductor, with AOTAutograd's partitioner told to keep at most `budget` of the saved bytes it would keep by
     default (torch._functorch.config.activation_memory_budget). It then reruns the operators cheapest to rerun
     (by FLOPs: pointwise ones first) in the backward instead of saving their outputs: a decoder layer's SwiGLU
-    product, the normalised activations and the copy of attention's output that feeds o_proj. The partition is
+    product, a normalised activation and the casts around them. The partition is
     made when a graph is first compiled, inside this backend, so the setting stays local to these graphs."""
     inductor = torch._dynamo.lookup_backend("inductor")
 
