@@ -46,3 +46,18 @@ def test_recompute_takes_three_modes_and_the_old_booleans():
     with pytest.raises(PlanError, match="train.recompute=auto is unknown"):  # the runtime runs a resolved mode
         recompute_mode("auto")
     assert recompute_mode("auto", allow_auto=True) == "auto"  # what the planner resolves
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("sk", [16, 24], ids=["no prefix", "prefix"])
+def test_attention_output_is_laid_out_for_o_proj_without_a_copy(device, sk):
+    """HF transposes attention's [B, H, S, D] output back and calls .contiguous() before o_proj: the op's output
+    (the real kernels' and the fake capture sees) is already in that memory order, so o_proj reads the tensor
+    attention's backward keeps, not a copy."""
+    q = torch.randn(1, 16, 4, 8, device=device).transpose(1, 2)  # HF's q: [B, S, H, D] viewed as [B, H, S, D]
+    k, v = (torch.randn(1, sk, 2, 8, device=device).transpose(1, 2) for _ in range(2))
+    out = torch.ops.lcgraph.attention(q, k, v, 0.35)
+    assert out.shape == (1, 4, 16, 8)
+    assert out.transpose(1, 2).is_contiguous()
+    if device == "cpu":
+        assert out.transpose(1, 2).contiguous().data_ptr() == out.data_ptr()
