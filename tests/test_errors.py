@@ -48,3 +48,33 @@ def test_a_rank_error_reaches_the_user_as_one_line_naming_the_rank_with_the_trac
     kept = run / f"rank{message[5]}.traceback"
     assert "Traceback" in kept.read_text() and "DataError" in kept.read_text()
     assert "Traceback" not in capfd.readouterr().err  # the ranks print none: it is in the run directory
+
+
+def _disagreeing_rank(cfg_yaml: str) -> None:
+    """A spawned rank whose rank 1 composed another learning rate (a torchrun node started with other overrides)."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from lcgraph.app.cli import init_distributed
+    from lcgraph.app.job import Job
+
+    cfg = OmegaConf.create(cfg_yaml)
+    init_distributed(cfg)
+    try:
+        if dist.get_rank() == 1:
+            cfg.optim.lr = 2 * cfg.optim.lr
+        with pytest.raises(LaunchError) as err:
+            Job(cfg, __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size())
+        message = str(err.value)
+        assert "rank 1 and rank 0 differ in their config" in message and "\n" not in message, message
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_composed_different_plans_are_refused_on_every_rank_before_a_step():
+    from omegaconf import OmegaConf
+
+    from lcgraph.app.cli import launch_local
+
+    cfg = compose("parallel.dp=2", "data.synthetic=true")
+    launch_local(2, _disagreeing_rank, OmegaConf.to_yaml(cfg, resolve=True), run_id="disagree")

@@ -87,8 +87,8 @@ def test_sigterm_stops_both_ranks_after_one_step_nan_gradients_are_skipped_and_d
     cleanly (the launch goes on); it runs replicated AdamW (parallel.zero=false), whose skip of step 2's NaN
     update is checked too. The second, with a replica check every 2 steps: NaN gradients on stage 1 at step 2 drop that
     update on both ranks (stage 0's rank only learns it through the grad-norm all-reduce), and training goes on.
-    Before step 4 rank 1's copy of the tied embedding is changed: the check after step 2 passed, the one after
-    step 4 stops the run naming the tensor and its stages."""
+    After step 4's update two elements of rank 1's copy of the tied embedding change places (the same bits, summed): the
+    check after step 2 passed, the one after step 4 stops the run naming the tensor and its stages."""
     stop, drift = tmp_path / "stop", tmp_path / "drift"
     pp2 = [*PP2, "model.tie_word_embeddings=true", "train.on_nonfinite=skip"]
     cfgs = [
@@ -212,3 +212,23 @@ def test_sigint_twice_to_the_launcher_of_a_stuck_run_exits_at_once_without_a_che
         assert_no_rank_left(tmp_path)  # before the way out kills what is left
     assert "lcgraph: error: stopped by SIGINT before a checkpoint was written" in out, out[-6000:]
     assert len(metrics(tmp_path)) == 2 and not list((tmp_path / CHECKPOINTS).glob("*"))
+
+
+def test_the_replica_checksum_sees_swapped_and_compensating_elements_and_any_single_change():
+    from lcgraph.runtime.faults import checksum
+
+    torch.manual_seed(0)
+    for t in (torch.randn(1000), torch.randn(1000).bfloat16()):
+        swapped = t.clone()
+        swapped[[3, 700]] = swapped[[700, 3]]
+        bits = t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+        compensated = bits.clone()
+        compensated[5] += 1
+        compensated[9] -= 1
+        assert checksum(swapped) != checksum(t)
+        assert checksum(compensated.view(t.dtype)) != checksum(t)
+        for i in (0, 1, 999):
+            flipped = bits.clone()
+            flipped[i] ^= 1 << 7
+            assert checksum(flipped.view(t.dtype)) != checksum(t)
+        assert checksum(t.clone()) == checksum(t)

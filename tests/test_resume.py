@@ -126,3 +126,73 @@ def test_bf16_zero_run_on_two_gpus_resumes_in_the_same_layout_and_as_pp2(tmp_pat
     a, b, c = run_spawned(cfgs, dirs, world=2)
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a[10:]), rtol=1e-3, atol=0)
     torch.testing.assert_close(torch.tensor(c), torch.tensor(a[10:]), rtol=1e-2, atol=0)
+
+
+# --- what a resume must read from the checkpoint (one process, fp32 unless said) ---------------------------------
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _dcp_tensor(path, key, shape):
+    out = {key: torch.empty(shape)}
+    dcp.load(out, checkpoint_id=path, no_dist=True)
+    return out[key]
+
+
+@pytest.mark.parametrize("zero", ["true", "false"])
+def test_a_run_that_skipped_a_step_resumes_bit_for_bit(zero, tmp_path, monkeypatch):
+    """NaN gradients at step 2 with on_nonfinite=skip drop that update, so AdamW has taken one step fewer than the
+    trainer: its step count (bias correction) must come from the checkpoint, not from the step number."""
+    from lcgraph.runtime.faults import FAULT_ENV
+
+    base = ["train.on_nonfinite=skip", f"parallel.zero={zero}", "train.checkpoint_every=3", "train.keep_checkpoints=0"]
+    monkeypatch.setenv(FAULT_ENV, "nan:1:0")
+    run(compose(*base), str(tmp_path / "a"))
+    monkeypatch.setenv(FAULT_ENV, "")
+    run(compose(*base, f"train.resume={tmp_path / 'a' / CHECKPOINTS / 'step-00000003'}"), str(tmp_path / "b"))
+    whole, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [json.loads(r).get("skipped") for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1]
+    assert torch.equal(torch.tensor(resumed), torch.tensor(whole[3:])), (resumed, whole)
+
+
+def test_rolling_back_into_the_run_directory_moves_the_later_trajectory_aside(tmp_path):
+    """A run reaches step 4, then resumes from its step-2 checkpoint in the same directory with lr 0: the new
+    step 4 holds step 2's weights (not the old step 4's), metrics read steps 1-4 once, and the old steps 3-4
+    (checkpoint and rows) are kept under superseded/."""
+    from lcgraph.app.cli import SUPERSEDED
+
+    run_dir, base = tmp_path / "run", ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0"]
+    run(compose(*base), str(run_dir))
+    saves = run_dir / CHECKPOINTS
+    old_rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    key, shape = "model.lm_head.weight", (512, 64)
+    old4 = _dcp_tensor(saves / "step-00000004", key, shape)
+    run(compose(*base, "optim.lr=0", f"train.resume={saves / 'step-00000002'}"), str(run_dir))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    new4, step2 = _dcp_tensor(saves / "step-00000004", key, shape), _dcp_tensor(saves / "step-00000002", key, shape)
+    assert torch.equal(new4, step2) and not torch.equal(new4, old4)
+    (moved,) = (run_dir / SUPERSEDED).iterdir()
+    assert moved.name.endswith("after-step-00000002")
+    assert (moved / "metrics.jsonl").read_text().splitlines() == old_rows[2:]
+    assert torch.equal(_dcp_tensor(moved / CHECKPOINTS / "step-00000004", key, shape), old4)
+
+
+@pytest.mark.parametrize("saved,resumed", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_a_resume_in_the_other_dtype_takes_the_fp32_masters(saved, resumed, tmp_path):
+    """bf16 -> fp32: the fp32 weights are the checkpoint's masters, not its bf16 weights; fp32 -> bf16: the masters
+    are the checkpoint's fp32 weights, not the bf16 rounding of them."""
+    from lcgraph.runtime.checkpoint import load_checkpoint
+
+    run(compose("train.steps=2", f"train.dtype={saved}"), str(tmp_path / "a"))
+    ckpt = tmp_path / "a" / CHECKPOINTS / "step-00000002"
+    job = Job(compose(f"train.dtype={resumed}"), tmp_path / "b")
+    load_checkpoint(job, ckpt)
+    for name, p in job.all_params().items():
+        if saved == "bf16":
+            want, got = _dcp_tensor(ckpt, f"optim.{name}.master", (p.numel(),)), p.detach().view(-1)
+        else:
+            b = next(b for b in job.optimizer.buckets if name in b.names)
+            offset = sum(q.numel() for q in b.params[: b.names.index(name)])
+            want, got = _dcp_tensor(ckpt, f"model.{name}", p.shape).view(-1), b.master[offset : offset + p.numel()]
+        assert torch.equal(got, want), name

@@ -351,3 +351,37 @@ def test_a_model_directory_is_checked_before_any_process_starts(tmp_path):
     refused(lambda: validate_plan(cfg, env={}), str(weights), "re-download")
     weights.unlink()
     refused(lambda: validate_plan(cfg, env={}), "has no weights")
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused_and_one_covering_it_trains_as_hf(tmp_path):
+    """Mistral with sliding_window=16: at data.seq_len=64 HF masks keys more than 16 back and lcgraph's full causal
+    attention would not, so the plan is refused in one line naming both; at 16 the window masks nothing and the
+    first step's loss is HF eager's. Qwen2's window counts only with use_sliding_window on some layer."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config
+
+    from lcgraph.app.job import Job
+    from lcgraph.graph.capture import sliding_window
+
+    config = MistralConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    over = ["model=hf", f"model.path={tmp_path / 'mistral'}", "data.synthetic=true", "train.device=cpu"]
+    refused(lambda: validate_plan(compose(*over), env={}), "sliding_window=16", "data.seq_len=64")
+    cfg = compose(*over, "data.seq_len=16", "train.steps=1")
+    validate_plan(cfg, env={})
+    job = Job(cfg, tmp_path / "run")
+    units, total = job.step_units(0)
+    hf = MistralForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation="eager")
+    (u,) = units.values()
+    with torch.no_grad():
+        logits = hf(input_ids=u.input_ids, position_ids=u.position_ids).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), u.labels.flatten(), reduction="sum") / total
+    assert abs(job.run_step(0)["loss"] - float(want)) <= 1e-5 * float(want)
+    assert sliding_window(Qwen2Config(num_hidden_layers=4)) is None  # use_sliding_window off by default
+    on = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert sliding_window(on) == 8
+    assert sliding_window(Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=4)) is None

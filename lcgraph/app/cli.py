@@ -28,12 +28,13 @@ from lcgraph.app.perf import RunPerf, device_gpu
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.measured import comm_times, write_measured_timeline
-from lcgraph.observability.metrics import RunLogger, throughput
+from lcgraph.observability.metrics import RunLogger, move_later_rows, throughput
 from lcgraph.planner.mfu import model_flops_per_token
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule.text import format_programs
 
+SUPERSEDED = "superseded"  # under the run directory: what a resume at an earlier step moved aside
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 
 
@@ -111,7 +112,11 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
+    resume = checkpoint.resume_path(cfg.train.resume, run_path)
+    superseded = supersede_later(run_path, resume) if rank == 0 and resume is not None else None
     logger = RunLogger(cfg, run_path, enabled=rank == 0, append=resuming(cfg))
+    if superseded:
+        logger.note(superseded)
     if rank == 0:
         (run_path / "programs.txt").write_text(format_programs(job.programs, job.spec).rstrip("\n") + "\n")
         logger.note(
@@ -120,7 +125,6 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
             f"({job.recompute_reason})"
         )
     start = 0
-    resume = checkpoint.resume_path(cfg.train.resume, run_path)
     if resume is not None:
         start = checkpoint.load_checkpoint(job, resume)
         logger.note(f"resumed from {resume} at step {start}")
@@ -149,6 +153,25 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     whole_run = perf.at(throughput(logger.history)) if logger.history else {}
     summary = logger.finish(extra={**_memory_summary(job, world), **measured, **whole_run})
     return summary
+
+
+def supersede_later(run_dir: Path, resume: Path) -> str | None:
+    """A resume at step N in a run directory that went past N (a rollback, or a crash after the last checkpoint):
+    its later checkpoints and metrics rows move to `superseded/<UTC time>-after-step-N/`, so the directory holds
+    the one trajectory this run continues; returns the line saying so (None when nothing was later)."""
+    manifest = checkpoint.read_manifest(resume)
+    assert manifest is not None  # resume_path returns complete checkpoints only
+    step = int(manifest["step"])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = run_dir / SUPERSEDED / f"{stamp}-after-step-{step:08d}"
+    moved = checkpoint.move_later(run_dir / checkpoint.CHECKPOINTS, step, resume, dest / checkpoint.CHECKPOINTS)
+    rows = move_later_rows(run_dir / "metrics.jsonl", step, dest)
+    if not moved and not rows:
+        return None
+    return (
+        f"resuming at step {step}: this run directory's later trajectory (checkpoints of steps {moved}, "
+        f"{rows} metrics rows) moved to {dest}"
+    )
 
 
 def resuming(cfg: DictConfig) -> bool:

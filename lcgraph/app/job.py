@@ -7,25 +7,30 @@ progress and checkpoints, is `lcgraph.app.cli.run`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app.perf import device_gpu
-from lcgraph.errors import DataError
+from lcgraph.errors import DataError, LaunchError
 from lcgraph.graph import passes
-from lcgraph.graph.capture import IGNORE_INDEX, capture
+from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
 from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, ring
 from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
+from lcgraph.runtime.checkpoint import model_shape
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
 from lcgraph.schedule import nccl
@@ -79,7 +84,10 @@ class Job:
         torch.manual_seed(cfg.train.seed)
         self._setup_groups()
         self.config = model.build_config(cfg.model)
+        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
         self._setup_data()
+        if self.world > 1:
+            self._check_ranks_agree()
         self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
@@ -126,6 +134,31 @@ class Job:
         if corpus is None:
             raise DataError(f"the token cache of data.path={d.path!r} was not built on this machine")
         return corpus
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must train the same plan on the same tokens (under torchrun each composes its own config and
+        each node reads its own corpus cache): a difference is refused on every rank, naming it, before a step.
+        Paths may differ per node; the token stream is compared by length, documents and a strided sample."""
+        plan = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(plan, dict)
+        for section, key in (("model", "path"), ("data", "path")):
+            plan.get(section, {}).pop(key, None)
+        tokens = self.sampler.corpus.tokens
+        sample = np.asarray(tokens[:: max(1, len(tokens) // 4096)], dtype=np.uint32)
+        mine = {
+            "config": hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest(),
+            "model": model_shape(self.config),
+            "corpus": (len(tokens), self.sampler.corpus.num_documents, zlib.crc32(sample.tobytes())),
+        }
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        for rank, theirs in enumerate(everyone):
+            differ = [k for k in mine if theirs[k] != everyone[0][k]]
+            if differ:
+                raise LaunchError(
+                    f"rank {rank} and rank 0 differ in their {differ[0]} ({theirs[differ[0]]} vs "
+                    f"{everyone[0][differ[0]]}); start every rank with the same overrides and the same data"
+                )
 
     def _setup_schedule(self):
         par = self.cfg.parallel

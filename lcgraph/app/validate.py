@@ -24,6 +24,7 @@ order they are checked (docs/recipes.md lists them with examples):
                pieces whose tokens sp divides (chunk length % (2 * cp * sp) == 0); no document mask
     documents  data.cross_document_attention=false only with train.compile=false; data.num_workers >= 0
     positions  data.seq_len <= the model's max_position_embeddings
+    window     a model's sliding window (Mistral, Qwen2 with use_sliding_window) is >= data.seq_len
     files      model.path holds config.json, readable safetensors weights and (unless data.synthetic) a
                tokenizer, and no shape key is overridden beside it; data.path holds text
     launch     under a launcher (WORLD_SIZE set) WORLD_SIZE == pp * sp * cp * dp; the ranks of this node fit
@@ -42,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app.config import LcgraphConfig, choice_fields
 from lcgraph.errors import LaunchError, ModelPathError, PlanError
-from lcgraph.graph.capture import check_llama_like
+from lcgraph.graph.capture import check_llama_like, check_sliding_window
 from lcgraph.graph.passes import check_ulysses
 from lcgraph.graph.ring import check_ring
 from lcgraph.runtime import data
@@ -382,6 +383,7 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
     config = build_config(m)  # a model.path without config.json is the first thing to fix
     check_model_overrides(cfg, overrides)
     check_llama_like(config)
+    check_sliding_window(config, cfg.data.seq_len)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     check_model(config.hidden_size, config.num_attention_heads, kv, getattr(config, "head_dim", None))
     check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)

@@ -2,8 +2,11 @@
 
 `<run>/checkpoints/step-00000010/` holds everything a run needs to go on exactly where it stopped: the
 weights, the optimizer's AdamW moments (and fp32 masters), the step (which is also the LR schedule's
-position), the data position (`job.sampler.state_dict()`) and every rank's RNG states, plus `hf/` (the HF
-config and tokenizer) and `manifest.json` (step, layout, model shape, complete flag).
+position), AdamW's own step count (fewer when updates were dropped: `train.on_nonfinite=skip`), the data
+position (`job.sampler.state_dict()`) and every rank's RNG states, plus `hf/` (the HF config and tokenizer) and
+`manifest.json` (step, optimizer updates, layout, model shape, complete flag).
+- A resume in the other dtype loads the fp32 masters: a bf16 checkpoint's masters become a fp32 run's weights,
+  a fp32 checkpoint's weights a bf16 run's masters (never rebuilt from rounded bf16 weights).
 
 - Every tensor is keyed by its HF parameter name (`model.<name>`, `optim.<name>.exp_avg`, ...), never by
   rank or stage: each rank writes what it holds (replicas' copies are written once, ZeRO shards as
@@ -12,6 +15,9 @@ config and tokenizer) and `manifest.json` (step, layout, model shape, complete f
   the directory to `step-N` in one `os.replace`. A crash at any moment leaves either the old checkpoints or
   the old ones plus the new: a directory without a complete manifest is never loaded.
 - Only the newest `train.keep_checkpoints` are kept (0 keeps all); older ones go after the new one is in place.
+- Resuming at step N in a run directory that went past N (a rollback, or a crash after the last checkpoint) moves
+  its later checkpoints aside (`move_later`, into `<run>/superseded/<time>-after-step-N/`) before the first
+  step: the run directory then holds one trajectory, which `train.resume=auto` and pruning read.
 """
 
 from __future__ import annotations
@@ -187,6 +193,7 @@ def _publish(job: CheckpointJob, tmp: Path, final: Path, step: int) -> None:
     manifest = {
         "format": FORMAT,
         "step": step,
+        "optimizer_updates": job.optimizer.updates,  # AdamW's step count: bias correction after dropped updates
         "layout": layout(job.cfg),
         "model": model_shape(job.config),
         "complete": True,
@@ -210,6 +217,22 @@ def _prune(root: Path, keep: int) -> None:
         m = STEP_DIR.match(p.name[: -len(".tmp")])
         if m and int(m.group(1)) < newest:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def move_later(root: Path, step: int, resumed: Path, dest: Path) -> list[int]:
+    """Move the checkpoints under `root` that a resume at `step` (from `resumed`) supersedes into `dest`: every
+    complete or cut-off one after `step`, and one at `step` that is not `resumed` itself. Returns their steps."""
+    moved = []
+    for p in sorted(root.glob("step-*")) if root.is_dir() else []:
+        m = STEP_DIR.match(p.name.removesuffix(".tmp"))
+        if m is None:
+            continue
+        at = int(m.group(1))
+        if at > step or (at == step and p.resolve() != resumed.resolve()):
+            dest.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dest / p.name)
+            moved.append(at)
+    return moved
 
 
 # --- resume -------------------------------------------------------------------------------------------------
@@ -261,9 +284,15 @@ def load_checkpoint(job: CheckpointJob, path: Path) -> int:
     manifest = check_model(path, job.config)
     job.optimizer.sync_params()
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    masters = any(k.startswith("optim.") and k.endswith(".master") for k in saved)
+    saved_masters = any(k.startswith("optim.") and k.endswith(".master") for k in saved)
     same_ranks = manifest["layout"] == layout(job.cfg)
-    state = _state_dict(job, masters=masters, rng=same_ranks)
+    state = _state_dict(job, masters=True, rng=same_ranks)
+    run_masters = any(k.endswith(".master") for k in state["optim"])  # bf16 weights with fp32 masters
+    if not saved_masters:  # a fp32 checkpoint (its weights were the masters) or a replicated-optimizer one
+        state["optim"] = {k: v for k, v in state["optim"].items() if not k.endswith(".master")}
+    elif not run_masters:  # a bf16 checkpoint resumed in fp32: its fp32 masters are the weights, not its bf16 copy
+        for name in [n for n in state["model"] if f"optim.{n}.master" in saved]:
+            state["optim"][f"{name}.master"] = state["model"].pop(name).view(-1)
     rank = f"rank{job.coords.rank}"
     rng = state.get("rng", {}).get(rank, {})
     for kind in [k for k in rng if f"rng.{rank}.{k}" not in saved]:  # e.g. saved on CPU, resumed on a GPU
@@ -276,8 +305,22 @@ def load_checkpoint(job: CheckpointJob, path: Path) -> int:
         torch.cuda.set_rng_state(rng["cuda"], job.device)
     job.sampler.load_state_dict(state["data"])
     step = int(manifest["step"])
-    job.optimizer.restored(step, masters_loaded=masters)
+    job.optimizer.restored(int(manifest.get("optimizer_updates", step)), masters_loaded=saved_masters)
+    if run_masters and not saved_masters and _full_precision_weights(saved):  # fp32 checkpoint resumed in bf16
+        job.optimizer.masters_from(lambda shapes: _read_fp32(path, shapes))
     return step
+
+
+def _full_precision_weights(saved: dict) -> bool:
+    return all(md.properties.dtype == torch.float32 for k, md in saved.items() if k.startswith("model."))
+
+
+def _read_fp32(path: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights of these names in fp32, on the host (this rank alone reads them)."""
+    part = {f"model.{n}": torch.empty(shape, dtype=torch.float32) for n, shape in shapes.items()}
+    with _quiet_single_process():
+        dcp.load(part, checkpoint_id=path, no_dist=True)
+    return {n: part[f"model.{n}"] for n in shapes}
 
 
 # --- HF export ----------------------------------------------------------------------------------------------

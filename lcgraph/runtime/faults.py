@@ -4,8 +4,8 @@
   grad-norm all-reduce it already does (`stage_sums` / `bad_stages`), so every rank learns in the same
   step which stages went bad; it then drops that step's update. `after_step` applies
   `train.on_nonfinite`: skip (logged in metrics.jsonl) or stop (the run ends before any new checkpoint).
-- Replica drift: every `train.check_every` steps `check_replicas` sums each parameter's bits on every rank
-  that holds it (dp and sp replicas, the two copies of a tied weight) and compares them through one MAX
+- Replica drift: every `train.check_every` steps `check_replicas` takes a position-weighted sum of each
+  parameter's bits on every rank that holds it (dp and sp replicas, the two copies of a tied weight) and compares them through one MAX
   all-reduce over the world; a mismatch stops the run naming the stage and the tensor.
 - Dead or stuck ranks: each rank writes its current step and program action to
   `<run>/heartbeats/rank-N` (one pwrite per action). When the launcher's ranks fail, `explained_failures`
@@ -13,7 +13,8 @@
 
 Test hook (documented in docs/training.md): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]" injects faults at a 0-based step:
 nan:S:STAGE (NaN gradients for the stage's last parameter in name order, on its first replica),
-perturb:S:RANK (adds 1 to an element of the rank's first parameter in name order),
+perturb:S:RANK (after step S's update, swaps two elements of the rank's first parameter in name order: a plain
+sum of bits misses that),
 kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward),
 term:S:RANK (sends itself SIGTERM at its first backward; once per process),
 swap:S:RANK (the rank's first send of the step goes out after its next p2p group: two transfers change places,
@@ -86,7 +87,7 @@ def _injected(kind: str, step: int) -> list[int]:
 
 
 def before_step(job: Any, step: int) -> list:
-    """Apply this step's injected nan/perturb faults on this rank; returns hook handles for `after_step`."""
+    """Apply this step's injected nan/swap/skip_rs faults on this rank; returns hook handles for `after_step`."""
     handles = []
     c = job.coords
     for stage in _injected("nan", step):
@@ -97,12 +98,17 @@ def before_step(job: Any, step: int) -> list:
         job.interpreter.swap_next_send = True
     for stage in _injected("skip_rs", step):
         skip_first_reduce_scatter(job.optimizer, stage)
-    if c.rank in _injected("perturb", step):
+    return handles
+
+
+def _perturb(job: Any, step: int) -> None:
+    """perturb: after the step's update (the replica check that follows sees exactly this change)."""
+    if job.coords.rank in _injected("perturb", step):
         job.optimizer.sync_params()
         st = job.stages[min(job.stages)]
         with torch.no_grad():
-            st.params[min(st.params)].view(-1)[0] += 1.0
-    return handles
+            flat = st.params[min(st.params)].view(-1)
+            flat[[0, 1]] = flat[[1, 0]]
 
 
 def skip_first_reduce_scatter(optimizer: Any, stage: int) -> None:
@@ -146,6 +152,7 @@ def after_step(job: Any, step: int, metrics: dict, handles: list) -> None:
     """Drop the step's injected hooks; on non-finite gradients either note the skip in `metrics` or stop."""
     for h in handles:
         h.remove()
+    _perturb(job, step)
     job.interpreter.swap_next_send = False  # a swap armed but never fired (no send this step) ends with it
     if hasattr(job.optimizer, "skip_rs"):
         job.optimizer.skip_rs = set()
@@ -176,10 +183,21 @@ def fault(job: Any, message: str) -> None:
 
 
 # --- replica checksums ------------------------------------------------------------------------------------------
+CHECKSUM_CHUNK = 1 << 24  # elements weighted at a time: the int64 weights of a whole embedding would not fit
+
+
 def checksum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of the tensor's bit patterns as integers: any flipped bit changes it, and it is exact."""
+    """sum_i bits_i * (2i + 1) over the flattened tensor, in int64 arithmetic (wrapping, so exact and the same in
+    any order): an odd weight is invertible mod 2^64, so any single changed element changes it, and the weights
+    differ by position, so swapped or compensating elements change it too (a plain sum of bits misses both)."""
     flat = t.detach().contiguous().view(-1)
-    return flat.view(INT_OF_SIZE[flat.element_size()]).sum(dtype=torch.int64)
+    bits = flat.view(INT_OF_SIZE[flat.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), CHECKSUM_CHUNK):
+        part = bits[start : start + CHECKSUM_CHUNK].to(torch.int64)
+        weights = torch.arange(start, start + part.numel(), dtype=torch.int64, device=flat.device).mul_(2).add_(1)
+        total += (part * weights).sum()
+    return total
 
 
 class ReplicaCheck:

@@ -111,6 +111,7 @@ class ShardedAdamW:
         self.group = job.replica_group if self.group_size > 1 else None
         self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time) since the step began
         self.nonfinite: list[int] = []  # the last step's non-finite stages (and loss slot): its update was dropped
+        self.updates = 0  # updates applied (AdamW's step count: dropped ones do not count), checkpointed
         limit = max(1, int(job.cfg.parallel.bucket_mb * 2**20))
         self.buckets: list[Bucket] = []
         for s, stage in job.stages.items():
@@ -228,14 +229,29 @@ class ShardedAdamW:
         meta = ShardedTensorMetadata(chunks, torch.Size([numel]), TensorProperties(dtype=flat.dtype))
         return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)  # placements: global ranks
 
-    def restored(self, step: int, masters_loaded: bool) -> None:
-        """After a checkpoint load: AdamW's step count is `step`; masters not in the checkpoint come from the weights."""
+    def restored(self, updates: int, masters_loaded: bool) -> None:
+        """After a checkpoint load: AdamW's step count is the `updates` applied before it (not the training step:
+        dropped updates do not count); masters not in the checkpoint come from the weights."""
+        self.updates = updates
         for state in self.adamw.state.values():
-            state["step"].fill_(step)
+            state["step"].fill_(updates)
         for b in self.buckets:
             assert b.master is not None  # set by _bucket
             if _separate_master(b) and not masters_loaded:
                 b.master.data.copy_(b.param_flat[b.shard])
+
+    def masters_from(self, read: Callable[[dict[str, torch.Size]], dict[str, torch.Tensor]]) -> None:
+        """Separate fp32 masters from full-precision weights (a fp32 checkpoint resumed in bf16): `read` gives the
+        fp32 tensors of the names and shapes asked for, one bucket at a time (memory: one bucket in fp32)."""
+        for b in self.buckets:
+            assert b.master is not None  # set by _bucket
+            if not _separate_master(b):
+                continue
+            weights = read({n: p.shape for n, p in zip(b.names, b.params)})
+            flat = torch.cat([weights[n].reshape(-1) for n in b.names])
+            lo, hi = b.shard.start, min(b.shard.stop, flat.numel())
+            b.master.data.zero_()  # the bucket's padding
+            b.master.data[: max(0, hi - lo)].copy_(flat[lo:hi])
 
     def program_actions(self) -> dict[int, tuple[list[Action], list[Action]]]:
         """Per stage: the RS actions (after its last backward) and AG actions (after OPT)."""
@@ -353,6 +369,7 @@ class ShardedAdamW:
                 b.grad_flat.zero_()
                 b.work = None
             return norm
+        self.updates += 1
         clip = self.job.cfg.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         if any(_separate_master(b) for b in self.buckets):  # bf16 weights: one pass per bucket (mixed_adamw.py)
@@ -450,6 +467,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
         )
         self.events: list[tuple[str, int, int, float]] = []  # no buckets: nothing to time
         self.nonfinite: list[int] = []  # the last step's non-finite stages (and loss slot): its update was dropped
+        self.updates = 0  # updates applied (AdamW's step count: dropped ones do not count), checkpointed
 
     def start_step(self):
         pass
@@ -495,9 +513,13 @@ class ReplicatedAdamW(torch.optim.AdamW):
             out[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].view(-1)
         return out
 
-    def restored(self, step: int, masters_loaded: bool) -> None:
+    def restored(self, updates: int, masters_loaded: bool) -> None:
+        self.updates = updates
         for state in self.state.values():
-            state["step"].fill_(step)
+            state["step"].fill_(updates)
+
+    def masters_from(self, read) -> None:
+        pass  # the weights are the state: no separate masters
 
     def sync_and_step(self, interp: Interpreter) -> float:
         job = self.job
@@ -522,6 +544,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
         if self.nonfinite:  # every rank agrees (the sums were all-reduced): all drop this update
             self.zero_grad(set_to_none=True)
             return norm
+        self.updates += 1
         clip = job.cfg.optim.grad_clip
         if clip > 0 and norm > clip:
             for p in params.values():
