@@ -240,12 +240,13 @@ def test_each_bad_input_is_one_clear_error(tmp_path, cache, tokenizer_dir):
     refused(tmp_path / "k.jsonl", "the tokenizer has 512 tokens but model.vocab_size=256", vocab=256, text_key="body")
 
 
-def test_a_mask_in_a_compiled_graph_and_bad_data_are_refused_before_training(tmp_path, cache):
+def test_bad_data_is_refused_before_training_and_a_mask_plans_with_any_kernel_and_compile(tmp_path, cache):
     (tmp_path / "k.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(DataError, match="text_key"):  # what lcgraph-train runs before it spawns ranks
         prepare_data(compose(f"data.path={tmp_path / 'k.jsonl'}"))
-    with pytest.raises(PlanError, match="not supported with train.compile=true"):
-        validate_plan(compose("data.cross_document_attention=false", "train.compile=true"), env={})
+    with pytest.raises(PlanError, match="data.mean_document_tokens=-1"):
+        validate_plan(compose("data.mean_document_tokens=-1"), env={})
+    validate_plan(compose("data.cross_document_attention=false", "train.compile=true"), env={})
     validate_plan(compose("data.cross_document_attention=false", "train.attention=cudnn"), env={})
 
 

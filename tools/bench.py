@@ -81,6 +81,7 @@ class Side:
     fuse: str = "auto"  # train.fuse (auto: lcgraph's default, on for CUDA)
     offload: str | None = None  # train.offload (None: lcgraph's own default)
     budget: float | None = None  # train.activation_budget (None: lcgraph's own default)
+    documents: str | None = None  # packed documents under a document mask: a mean length (synthetic) or a corpus
 
     @property
     def label(self) -> str:
@@ -99,6 +100,8 @@ class Side:
             parts.append(f"offload={self.offload}")
         if self.budget is not None:
             parts.append(f"budget={self.budget:g}")
+        if self.documents:
+            parts.append(f"documents={self.documents}")
         return " ".join(parts)
 
     def overrides(self, extra: list[str]) -> list[str]:
@@ -113,6 +116,14 @@ class Side:
             out.append(f"train.offload={self.offload}")
         if self.budget is not None:
             out.append(f"train.activation_budget={self.budget}")
+        if self.documents:
+            out.append("data.cross_document_attention=false")
+            mean = self.documents.isdigit()
+            out += (
+                [f"data.mean_document_tokens={self.documents}"]
+                if mean
+                else ["data.synthetic=false", f"data.path={self.documents}"]
+            )
         return out + list(extra)
 
 
@@ -127,10 +138,13 @@ def sides_from_args(args) -> list[Side]:
         args.recompute or [None],
         args.offload or [None],
         args.activation_budget or [None],
+        [None, args.documents] if args.documents else [None],  # masked beside the unmasked row of its layout
     )
-    for variant, comp, fuse, rc, off, budget in grid:
+    for variant, comp, fuse, rc, off, budget, docs in grid:
         for chunks in args.chunks if variant == "chunked" else [1]:
-            side = Side("lcgraph", variant, chunks, rc, comp == "on", fuse=fuse, offload=off, budget=budget)
+            side = Side(
+                "lcgraph", variant, chunks, rc, comp == "on", fuse=fuse, offload=off, budget=budget, documents=docs
+            )
             lcgraph.append(side)
     return peers + lcgraph
 
@@ -364,6 +378,16 @@ def summarize(rows: list[dict], config, peak_tflops: float, targets: Targets = T
             }
             r["memory_target_gib"] = liger["peak_gib"] + extra_gib if "peak_gib" in liger else None
             r["targets"] = _targets(targets, res, r["speed_x"].get("liger"), r["memory_target_gib"])
+            if r["side"].get("documents"):
+                r["vs_unmasked"] = _vs_unmasked(r, same)
+
+
+def _vs_unmasked(row: dict, same: list[dict]) -> dict:
+    """A document-masked row against the unmasked row of the same layout and length: tokens/s and peak ratios."""
+    plain = {**row["side"], "documents": None}
+    base = next((r["result"] for r in same if r["side"] == plain), {})
+    res = row["result"]
+    return {key: res[key] / base[key] for key in ("tokens_per_s", "peak_gib") if key in res and base.get(key)}
 
 
 def _targets(targets: Targets, res: dict, speed: float | None, mem_target: float | None) -> dict:
@@ -411,6 +435,8 @@ def render(rows: list[dict], title: str):
     for r in rows:
         res, ratios = r["result"], r.get("speed_x", {})
         note = "plain OOM, " if res.get("plain_oom") else ""
+        if r.get("vs_unmasked"):
+            note += ", ".join(f"{k} x{v:.2f} unmasked" for k, v in r["vs_unmasked"].items()) + ", "
         target = r.get("memory_target_gib")
         table.add_row(
             f"{r['seq'] // 1024}k",
@@ -459,6 +485,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
     ap.add_argument("--fuse", nargs="+", default=["auto"], choices=["auto", "on", "off"], help="train.fuse")
     ap.add_argument("--activation-budget", type=float, nargs="+", help="train.activation_budget (with --compile on)")
+    ap.add_argument(
+        "--documents",
+        help="MEAN: synthetic documents of log-normal lengths (sigma 1) with this mean, or PATH: a corpus; packed "
+        "under a document mask, each row beside the unmasked row of the same layout",
+    )
     ap.add_argument("--set", nargs="*", default=[], help="more lcgraph overrides, e.g. train.attention=cudnn")
     ap.add_argument("--hf-checkpointing", default="auto", choices=["auto", "never", "always"])
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds before a side counts as failed")

@@ -63,6 +63,9 @@ class DataConfig:
     num_workers: int = 0  # tokenizer processes (0: one per core, at most 8)
     cross_document_attention: bool = True  # false: attention stays inside each packed document
     synthetic: bool = False  # uniform random tokens (benchmarks, planning runs): no corpus, no tokenizer
+    # packed documents' mean length, log-normal with sigma 1: the synthetic corpus's documents (0: one endless
+    # document), and what the planner prices a document mask with when data.path is not set
+    mean_document_tokens: int = 0
 
 
 @dataclass

@@ -114,7 +114,9 @@ class Job:
         d = self.cfg.data
         self.tokenizer = None
         if d.synthetic:
-            corpus = data.synthetic_corpus(self.config.vocab_size, d.seq_len, self.cfg.train.seed)
+            corpus = data.synthetic_corpus(
+                self.config.vocab_size, d.seq_len, self.cfg.train.seed, d.mean_document_tokens
+            )
         else:
             corpus = self._open_corpus()
         self.sampler = data.PackedSampler(corpus, d.seq_len, self.cfg.train.seed, d.cross_document_attention)
@@ -334,7 +336,7 @@ class Job:
                 total += int((labels != IGNORE_INDEX).sum())
                 if dp_rank != self.coords.dp_rank:
                     continue
-                masked_docs = None if d.cross_document_attention else docs.to(self.device)
+                masked_docs = None if d.cross_document_attention else docs  # on the host: spans cut there (masks.py)
                 for c, length in enumerate(self.chunk_lengths):
                     sl = offsets[c] + shard_positions(length, self.coords)
                     units[(mb, c)] = UnitData(

@@ -22,7 +22,7 @@ order they are checked (docs/recipes.md lists them with examples):
     ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
     ring       cp > 1: every Seq1F1B chunk (the whole sequence with one chunk) splits into 2 * cp zigzag
                pieces whose tokens sp divides (chunk length % (2 * cp * sp) == 0); no document mask
-    documents  data.cross_document_attention=false only with train.compile=false; data.num_workers >= 0
+    documents  data.num_workers >= 0, data.mean_document_tokens >= 0
     positions  data.seq_len <= the model's max_position_embeddings
     window     a model's sliding window (Mistral, Qwen2 with use_sliding_window) is >= data.seq_len
     files      model.path holds config.json, readable safetensors weights and (unless data.synthetic) a
@@ -183,16 +183,13 @@ def check_counts(cfg: DictConfig) -> None:
 
 
 def check_documents(cfg: DictConfig) -> None:
-    """data.cross_document_attention=false runs exact masked math attention (any device, any backend setting;
-    a dense mask, so memory grows with seq_len^2) and needs an uncompiled graph (the mask reaches the op at run
-    time, beside the graph's inputs)."""
-    d, t = cfg.data, cfg.train
+    """data.num_workers is a process count. (data.cross_document_attention=false runs every kernel, compiled or
+    not, one causal span per document: ops/masks.py; ring attention refuses it in graph/ring.py.)"""
+    d = cfg.data
     if d.num_workers < 0:
         raise PlanError(f"data.num_workers={d.num_workers} must be >= 0 (0: one tokenizer process per core)")
-    if not d.cross_document_attention and t.compile:
-        raise PlanError(
-            "data.cross_document_attention=false is not supported with train.compile=true yet; set train.compile=false"
-        )
+    if d.mean_document_tokens < 0:
+        raise PlanError(f"data.mean_document_tokens={d.mean_document_tokens} must be >= 0 (0: one document)")
 
 
 def check_activation_budget(cfg: DictConfig) -> None:

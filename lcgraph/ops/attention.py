@@ -99,18 +99,16 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(b, kv_heads, h // kv_heads, s, d)
 
 
-def _math_scores(q, k, scale, causal, mask=None):
+def _math_scores(q, k, scale, causal):
     acc = _accumulate_dtype(q)
     scores = torch.matmul(_grouped(q.to(acc), k.shape[1]), k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
     if causal:  # square block: query i sees keys 0..i
         scores = scores.masked_fill(torch.ones_like(scores[0, 0, 0], dtype=torch.bool).triu(1), float("-inf"))
-    if mask is not None:  # [B, 1, Sq, Sk], True where a query may see a key (masks.document_mask)
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
     return scores  # [B, Hkv, G, Sq, Sk]
 
 
-def _math_forward(q, k, v, scale: float, causal: bool, mask=None) -> Block:
-    scores = _math_scores(q, k, scale, causal, mask)
+def _math_forward(q, k, v, scale: float, causal: bool) -> Block:
+    scores = _math_scores(q, k, scale, causal)
     lse = scores.logsumexp(-1)
     out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(scores.dtype).unsqueeze(2))
     b, h, s, _ = q.shape
@@ -119,10 +117,9 @@ def _math_forward(q, k, v, scale: float, causal: bool, mask=None) -> Block:
 
 def _math_backward(dout, q, k, v, out, lse, scale: float, causal: bool, aux=()):
     """P = exp(S*scale - lse), D = rowsum(dO*O), dV = P^T dO, dS = P*(dO V^T - D), dQ = scale*dS K,
-    dK = scale*dS^T Q; GQA gradients of K/V sum over the query heads of their group. `aux`: (mask,) for
-    the document-masked block."""
+    dK = scale*dS^T Q; GQA gradients of K/V sum over the query heads of their group."""
     hkv = k.shape[1]
-    scores = _math_scores(q, k, scale, causal, aux[0] if aux else None)
+    scores = _math_scores(q, k, scale, causal)
     acc = scores.dtype
     p = torch.exp(scores - _grouped(lse.to(acc).unsqueeze(-1), hkv))
     do, o = _grouped(dout.to(acc), hkv), _grouped(out.to(acc), hkv)
@@ -208,7 +205,7 @@ KERNELS = {
 }
 
 
-MASKED = "math+document mask"  # the backend name `attend` records for a document-masked call
+DOCUMENTS = "+documents"  # appended to the backend name `attend` records for a document-masked call
 
 # --- causal attention over [prefix || own keys] as two blocks merged through the LSE ---------------------
 
@@ -222,6 +219,7 @@ class Saved:
     backend: str
     aux_diagonal: tuple = ()
     aux_prefix: tuple = ()
+    spans: tuple = ()  # a document-masked call: its masks.Span, and aux_diagonal holds each one's (diagonal, prefix) aux
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.out, self.lse))
@@ -249,43 +247,82 @@ def seq_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Saved:
-    """Bottom-right causal attention of q over k/v (Sk >= Sq), with no autograd: output, LSE, kernel aux."""
-    mask = masks.document_mask(q.shape[2], k.shape[2], q.device)  # packed documents kept apart (masks.py)
-    if mask is not None:  # one exact masked block over every key (dense mask: O(Sq * Sk) memory)
-        KERNEL_CALLS["forward"] += 1
-        block = _math_forward(q, k, v, scale, False, mask)
-        return Saved(seq_major(block.out), block.lse, MASKED, (mask,))
-    name = resolve_backend(q)
-    kernel = KERNELS[name]
-    KERNEL_CALLS["forward"] += 1
+def _causal(kernel: Kernel, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
+    """Bottom-right causal attention as a diagonal block (square, causal) and, with Sk > Sq, a prefix block (no
+    mask) merged through their LSE: (out, lse, diagonal aux, prefix aux)."""
     start = k.shape[2] - q.shape[2]
     diagonal = kernel.forward(q, k[:, :, start:], v[:, :, start:], scale, True)
     if not start:
-        return Saved(seq_major(diagonal.out), diagonal.lse, name, diagonal.aux)
+        return diagonal.out, diagonal.lse, diagonal.aux, ()
     prefix = kernel.forward(q, k[:, :, :start], v[:, :, :start], scale, False)
     out, lse = _merge(prefix, diagonal, q.dtype)
-    return Saved(seq_major(out), lse, name, diagonal.aux, prefix.aux)
+    return out, lse, diagonal.aux, prefix.aux
+
+
+def _causal_backward(kernel: Kernel, dout, q, k, v, out, lse, scale: float, aux_diagonal, aux_prefix) -> Grads:
+    """Gradients of `_causal` from its (merged) output and LSE: one kernel backward per block."""
+    start = k.shape[2] - q.shape[2]
+    dq, dk, dv = kernel.backward(dout, q, k[:, :, start:], v[:, :, start:], out, lse, scale, True, aux_diagonal)
+    if not start:
+        return Grads(dq, dk, dv, None, None)
+    dq_p, dk_p, dv_p = kernel.backward(dout, q, k[:, :, :start], v[:, :, :start], out, lse, scale, False, aux_prefix)
+    return Grads(dq + dq_p, dk, dv, dk_p, dv_p)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Saved:
+    """Bottom-right causal attention of q over k/v (Sk >= Sq), with no autograd: output, LSE, kernel aux; with
+    document ids set (masks.py), each document's queries over its own keys only."""
+    name = resolve_backend(q)
+    KERNEL_CALLS["forward"] += 1
+    spans = masks.document_spans(q.shape[2], k.shape[2])
+    if spans is not None:
+        return _attend_documents(name, q, k, v, scale, spans)
+    out, lse, aux_diagonal, aux_prefix = _causal(KERNELS[name], q, k, v, scale)
+    return Saved(seq_major(out), lse, name, aux_diagonal, aux_prefix)
+
+
+def _attend_documents(name: str, q, k, v, scale: float, spans: list[masks.Span]) -> Saved:
+    """One `_causal` call per document span, written into one output and LSE: memory O(S), and the key blocks of
+    other documents (a finished document's part of a relayed prefix) are never read."""
+    b, h, sq, _ = q.shape
+    start = k.shape[2] - sq
+    out = q.new_empty(b, sq, h, v.shape[-1]).transpose(1, 2)  # seq_major
+    lse = q.new_empty(b, h, sq, dtype=_accumulate_dtype(q))
+    aux = []
+    for s in spans:
+        rows, queries, keys = slice(s.row, s.row + 1), slice(s.q0 - start, s.q1 - start), slice(s.k0, s.q1)
+        o, lse_s, aux_diagonal, aux_prefix = _causal(
+            KERNELS[name], q[rows, :, queries], k[rows, :, keys], v[rows, :, keys], scale
+        )
+        out[rows, :, queries], lse[rows, :, queries] = o, lse_s
+        aux.append((aux_diagonal, aux_prefix))
+    return Saved(out, lse, name + DOCUMENTS, tuple(aux), (), tuple(spans))
+
+
+def _documents_backward(dout, q, k, v, saved: Saved, scale: float) -> Grads:
+    """Gradients of `_attend_documents`: each span's blocks from its own rows of the output and LSE."""
+    kernel, start = KERNELS[saved.backend.removesuffix(DOCUMENTS)], k.shape[2] - q.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)  # keys of no span get no gradient
+    for s, (aux_diagonal, aux_prefix) in zip(saved.spans, saved.aux_diagonal):
+        rows, queries, keys = slice(s.row, s.row + 1), slice(s.q0 - start, s.q1 - start), slice(s.k0, s.q1)
+        g = _causal_backward(
+            kernel, dout[rows, :, queries], q[rows, :, queries], k[rows, :, keys], v[rows, :, keys],
+            saved.out[rows, :, queries], saved.lse[rows, :, queries].contiguous(), scale, aux_diagonal, aux_prefix,
+        )  # fmt: skip
+        dq[rows, :, queries] = g.dq
+        dk[rows, :, keys], dv[rows, :, keys] = _full_key_grads(g)
+    prefix = (dk[:, :, :start], dv[:, :, :start]) if start else (None, None)
+    return Grads(dq, dk[:, :, start:], dv[:, :, start:], *prefix)
 
 
 def attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float) -> Grads:
     """Gradients of `attend` from its saved output and LSE: one kernel backward per block, no forward."""
     KERNEL_CALLS["backward"] += 1
-    dout, start = seq_major(dout), k.shape[2] - q.shape[2]  # o_proj's gradient, transposed: no copy
-    if saved.backend == MASKED:
-        dq, dk, dv = _math_backward(dout, q, k, v, saved.out, saved.lse, scale, False, saved.aux_diagonal)
-        prefix = (dk[:, :, :start], dv[:, :, :start]) if start else (None, None)
-        return Grads(dq, dk[:, :, start:], dv[:, :, start:], *prefix)
+    dout = seq_major(dout)  # o_proj's gradient, transposed: no copy
+    if saved.backend.endswith(DOCUMENTS):
+        return _documents_backward(dout, q, k, v, saved, scale)
     kernel = KERNELS[saved.backend]
-    dq, dk, dv = kernel.backward(
-        dout, q, k[:, :, start:], v[:, :, start:], saved.out, saved.lse, scale, True, saved.aux_diagonal
-    )
-    if not start:
-        return Grads(dq, dk, dv, None, None)
-    dq_p, dk_p, dv_p = kernel.backward(
-        dout, q, k[:, :, :start], v[:, :, :start], saved.out, saved.lse, scale, False, saved.aux_prefix
-    )
-    return Grads(dq + dq_p, dk, dv, dk_p, dv_p)
+    return _causal_backward(kernel, dout, q, k, v, saved.out, saved.lse, scale, saved.aux_diagonal, saved.aux_prefix)
 
 
 def _full_key_grads(g: Grads) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +338,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale: float):
         saved = attend(q, k, v, scale)
         ctx.save_for_backward(q, k, v, saved.out, saved.lse)
-        ctx.scale, ctx.backend, ctx.aux = scale, saved.backend, (saved.aux_diagonal, saved.aux_prefix)
+        ctx.scale, ctx.backend, ctx.aux = scale, saved.backend, (saved.aux_diagonal, saved.aux_prefix, saved.spans)
         return saved.out
 
     @staticmethod

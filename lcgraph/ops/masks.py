@@ -1,49 +1,66 @@
 """Document masks: attention that stays inside each packed document (`data.cross_document_attention=false`).
 
-The runtime sets the running micro-batch's document ids (`set_documents`: [B, S], the whole window, before
-any chunking or sharding) around each forward and backward; the attention op reads them through
-`document_mask`. One rule serves every layout: the keys an attention call sees always start at the window's
-first token (a whole sequence; a Seq1F1B chunk after its relayed prefix; a Ulysses rank after the all-to-all,
-which gathers the chunk whole), so keys are positions 0 .. Sk and queries the last Sq of them.
+The runtime sets the running micro-batch's document ids (`set_documents`: [B, S] on the host, the whole window,
+before any chunking or sharding) around each forward and backward. A document is a run of equal ids, as packing
+makes them. No [S, S] mask is ever built: `document_spans` cuts an attention call into one causal span per
+document that holds some of its queries, and attention runs its kernel on each span alone (ops/attention.py), so
+memory stays O(S) and the key blocks of other documents are never touched. One rule serves every layout: the keys
+an attention call sees start at the window's first token (a whole sequence; a Seq1F1B chunk after its relayed
+prefix; a Ulysses rank after the all-to-all, which gathers the chunk whole), so keys are positions 0 .. Sk and
+queries the last Sq of them.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 
 _documents: torch.Tensor | None = None  # [B, S] document id of each position of the running micro-batch
+_bounds: list[list[int]] = []  # per row: where each document starts, then S
+
+
+class Span(NamedTuple):
+    """One document's part of an attention call, in window positions: queries q0 .. q1 attend keys k0 .. q1
+    (the document's first token up to each query: causal, aligned bottom-right)."""
+
+    row: int
+    q0: int
+    q1: int
+    k0: int
 
 
 def set_documents(document_ids: torch.Tensor | None) -> None:
     """Mask attention by these document ids from now on (None: no document mask)."""
-    global _documents
+    global _documents, _bounds
+    if document_ids is _documents:
+        return
     _documents = document_ids
+    _bounds = [] if document_ids is None else document_bounds(document_ids)
 
 
-def document_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
-    """[B, 1, Sq, Sk] bool, True where query i may see key j: causal (bottom-right) and the same document.
+def documents_set() -> bool:
+    return _documents is not None
 
-    None when no document ids are set (plain causal attention).
-    """
+
+def document_bounds(document_ids: torch.Tensor) -> list[list[int]]:
+    """Per row of [B, S] ids: the first position of each document, then S."""
+    ids = document_ids.cpu()  # the runtime keeps them on the host: no device sync here
+    change = ids[:, 1:] != ids[:, :-1]
+    return [[0, *(torch.nonzero(change[b]).flatten() + 1).tolist(), ids.shape[1]] for b in range(ids.shape[0])]
+
+
+def document_spans(sq: int, sk: int) -> list[Span] | None:
+    """The spans of a call whose queries are positions sk - sq .. sk and keys 0 .. sk: per row, per document
+    holding some of those queries; None when no document ids are set (plain causal attention)."""
     if _documents is None:
         return None
-    docs = _documents.to(device)
-    if docs.shape[1] < sk:
-        raise RuntimeError(f"document mask: {sk} keys but the window holds {docs.shape[1]} positions")
-    keys, queries = docs[:, :sk], docs[:, sk - sq : sk]
-    causal = torch.arange(sk, device=device)[None, :] <= torch.arange(sk - sq, sk, device=device)[:, None]
-    return ((queries[:, :, None] == keys[:, None, :]) & causal).unsqueeze(1)
-
-
-def masked_attention(q, k, v, scale: float, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    """Attention under an explicit boolean mask: exact fp32 math on CPU, SDPA (which takes a mask) on GPU."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if backend == "math":
-        acc = torch.promote_types(q.dtype, torch.float32)
-        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(scores.softmax(-1), v.to(acc)).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    start, spans = sk - sq, []
+    for row, bounds in enumerate(_bounds):
+        if bounds[-1] < sk:
+            raise RuntimeError(f"document mask: {sk} keys but the window holds {bounds[-1]} positions")
+        for first, end in zip(bounds, bounds[1:]):
+            q0, q1 = max(first, start), min(end, sk)
+            if q0 < q1:
+                spans.append(Span(row, q0, q1, first))
+    return spans

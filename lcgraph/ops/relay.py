@@ -132,7 +132,8 @@ class StageAttention(torch.autograd.Function):
         else:
             ctx.save_for_backward(q, saved.out, saved.lse, k, v)
         ctx.scale, ctx.relay, ctx.layer, ctx.mb, ctx.span = scale, relay, layer, relay.unit[0], (start, end)
-        ctx.backend, ctx.aux, ctx.functions = saved.backend, (saved.aux_diagonal, saved.aux_prefix), functions
+        ctx.backend, ctx.functions = saved.backend, functions
+        ctx.aux = (saved.aux_diagonal, saved.aux_prefix, saved.spans)
         return saved.out
 
     @staticmethod

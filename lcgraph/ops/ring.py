@@ -125,7 +125,7 @@ def ring_backend(q: torch.Tensor) -> str:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
-    if masks._documents is not None:
+    if masks.documents_set():
         raise RuntimeError("ring attention has no document mask: data.cross_document_attention=false needs cp=1")
     sq = q.shape[2]
     if sq % 2 or k.shape[2] < sq:

@@ -301,12 +301,32 @@ def build_corpus(ds, tokenizer, text_key: str, key: str, workers: int) -> TokenC
     return corpus
 
 
-def synthetic_corpus(vocab_size: int, seq_len: int, seed: int) -> TokenCorpus:
-    """Uniform random tokens, one document (benchmarks and planning runs: no files, no tokenizer)."""
+def synthetic_corpus(vocab_size: int, seq_len: int, seed: int, mean_document_tokens: int = 0) -> TokenCorpus:
+    """Uniform random tokens (benchmarks and planning runs: no files, no tokenizer): one document, or documents
+    of log-normal lengths (sigma 1) with mean `mean_document_tokens`."""
     g = torch.Generator().manual_seed(seed)
     n = max(1 << 20, 4 * seq_len)
     tokens = torch.randint(0, vocab_size, (n,), generator=g).numpy().astype(np.uint32)
-    return TokenCorpus(tokens, np.array([0, n], dtype=np.int64), key=f"synthetic-{vocab_size}-{n}-{seed}")
+    offsets = np.array([0, n], dtype=np.int64)
+    if mean_document_tokens > 0:
+        offsets = lognormal_offsets(n, mean_document_tokens, seed)
+    key = f"synthetic-{vocab_size}-{n}-{seed}" + (f"-docs{mean_document_tokens}" if mean_document_tokens else "")
+    return TokenCorpus(tokens, offsets, key=key)
+
+
+def lognormal_offsets(n: int, mean: float, seed: int, sigma: float = 1.0) -> np.ndarray:
+    """Document starts (then n) of a stream of n tokens cut into documents of log-normal lengths with this mean
+    (mu = ln(mean) - sigma^2 / 2), each at least one token."""
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    total = 0
+    while total < n:
+        chunk = np.maximum(1, np.rint(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, 1024))).astype(np.int64)
+        lengths.extend(chunk.tolist())
+        total += int(chunk.sum())
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = offsets[offsets < n]
+    return np.append(offsets, n).astype(np.int64)
 
 
 # --- packed windows and the sampler ------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""Packed documents (`data.cross_document_attention=false`) against an independent reference in every layout that
+has them: HF eager LlamaForCausalLM run on each document of each window alone, the summed token cross-entropy
+over the step's global count of target tokens, torch AdamW with clip_grad_norm_ and the warm-up/cosine schedule
+(tests/test_reference.py's conventions), from the same initial weights on the same windows.
+
+The corpus is short documents (3 to 30 words), so a 64-token window holds several and Seq1F1B chunks and Ulysses
+shards cut through them."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.graph.capture import IGNORE_INDEX
+from lcgraph.ops import attention, masks
+from lcgraph.runtime import data
+from lcgraph.runtime.model import build_config, init_parameter
+
+STEPS, WARMUP, LR, MIN_RATIO, CLIP, WD = 3, 1, 1e-3, 0.1, 0.05, 0.1
+WORDS = "alpha beta gamma delta river stone cloud seven green quick lamp table north".split()
+FP32 = 1e-5
+UNEVEN = ["parallel.chunk_split=uniform_comp", "parallel.microbatches=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs")
+    rng = random.Random(3)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30))) + "." for _ in range(400)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return [
+        f"data.path={root / 'docs.jsonl'}",
+        "data.num_workers=1",
+        "data.cross_document_attention=false",
+        f"train.steps={STEPS}",
+        f"optim.warmup_steps={WARMUP}",
+        f"optim.lr={LR}",
+        f"optim.min_lr_ratio={MIN_RATIO}",
+        f"optim.grad_clip={CLIP}",
+        f"optim.weight_decay={WD}",
+        "parallel.bucket_mb=0.05",
+    ]
+
+
+def reference_lr(step: int) -> float:
+    import math
+
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    done = (step + 1 - WARMUP) / (STEPS - WARMUP)
+    return LR * (MIN_RATIO + (1 - MIN_RATIO) * (1 + math.cos(math.pi * done)) / 2)
+
+
+def hf_per_document(cfg, batch: int):
+    """HF eager in fp32, each document of each window alone; (losses, params) after STEPS steps of `batch`
+    windows (sequence i of step s is window s * batch + i, what lcgraph's sampler promises)."""
+    from transformers import LlamaForCausalLM
+
+    config = build_config(cfg.model)
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_parameter(name, p.shape, config, cfg.train.seed))
+    named = dict(model.named_parameters())
+    no_decay = [n for n in named if "norm" in n]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named.items() if n not in no_decay], "weight_decay": WD},
+            {"params": [named[n] for n in no_decay], "weight_decay": 0.0},
+        ],
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        foreach=False,
+    )
+    tokens, _ = data.prepare_corpus(cfg.data, None, config.vocab_size)
+    sampler = data.PackedSampler(tokens, cfg.data.seq_len, cfg.train.seed, cross_document=False)
+    losses = []
+    for step in range(STEPS):
+        windows = [sampler.window(step * batch + i) for i in range(batch)]
+        total = sum(int((w.labels != IGNORE_INDEX).sum()) for w in windows)
+        loss = torch.zeros(())
+        for w in windows:
+            for d in w.document_ids.unique():
+                s = w.document_ids == d
+                logits = model(input_ids=w.input_ids[s][None], position_ids=w.position_ids[s][None]).logits[0]
+                loss = loss + F.cross_entropy(logits.float(), w.labels[s], ignore_index=IGNORE_INDEX, reduction="sum")
+        (loss / total).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        for group in optimizer.param_groups:
+            group["lr"] = reference_lr(step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()) / total)
+    return losses, {n: p.detach().clone() for n, p in named.items()}
+
+
+def test_one_process_whole_and_seq1f1b_uneven_chunks_match_hf_per_document(corpus):
+    """parallel=single, then Seq1F1B with 3 uneven chunks (uniform_comp) keeping attention outputs, eager and
+    compiled: each equals HF run document by document; the windows do hold several documents, so a mask that let one see another fails."""
+    ref = hf_per_document(compose(*corpus), batch=1)
+    losses, params, extra = train_local(compose(*corpus))
+    assert_close_run(losses, params, *ref, rtol=FP32, label="single")
+    units, _ = extra["job"].step_units(0)
+    assert len(units[(0, 0)].document_ids.unique()) >= 3
+    seq1f1b = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=3", "parallel.chunk_split=uniform_comp"]
+    seq1f1b += ["train.recompute=keep_attention"]
+    losses, params, extra = train_local(compose(*corpus, *seq1f1b))
+    assert len(set(extra["job"].chunk_lengths)) > 1, extra["job"].chunk_lengths
+    assert_close_run(losses, params, *ref, rtol=FP32, label="seq1f1b uneven keep_attention")
+    losses, params, _ = train_local(compose(*corpus, *seq1f1b, "train.compile=true"))
+    assert_close_run(losses, params, *ref, rtol=FP32, label="seq1f1b uneven keep_attention compiled")
+
+
+def test_two_rank_layouts_match_hf_per_document(corpus):
+    """On 2 gloo ranks: Ulysses sp=2 (GQA, 2 KV heads); pp=2 Seq1F1B with uneven chunks; dp=2 with ZeRO (two
+    windows a step, as the reference's batch of 2)."""
+    cfgs = [
+        compose(*corpus, "parallel.sp=2"),
+        compose(*corpus, "parallel.pp=2", "parallel.schedule=seq1f1b", "parallel.seq_chunks=3", *UNEVEN),
+        compose(*corpus, "parallel.dp=2", "parallel.zero=true"),
+    ]
+    results = train_spawned(cfgs, world=2)
+    one, two = hf_per_document(cfgs[0], batch=1), hf_per_document(cfgs[0], batch=2)
+    for label, r, ref in zip(("sp=2", "pp=2 seq1f1b", "dp=2 zero"), results, (one, two, two)):
+        assert_close_run(r["losses"], r["params"], *ref, rtol=FP32, label=label)
+
+
+def test_ulysses_beyond_the_kv_heads_matches_hf_per_document(corpus):
+    """sp=4 over 2 KV heads (each KV head serves two Ulysses ranks) on 4 gloo ranks."""
+    cfg = compose(*corpus, "parallel.sp=4")
+    (r,) = train_spawned([cfg], world=4)
+    assert_close_run(r["losses"], r["params"], *hf_per_document(cfg, batch=1), rtol=FP32, label="sp=4")
+
+
+def test_a_window_of_one_document_is_the_unmasked_attention_bit_for_bit():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 24, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    plain = attention.attend(q, k, v, 0.3)
+    try:
+        masks.set_documents(torch.zeros(1, 40, dtype=torch.long))
+        one = attention.attend(q, k, v, 0.3)
+    finally:
+        masks.set_documents(None)
+    assert torch.equal(one.out, plain.out) and torch.equal(one.lse, plain.lse)
+
+
+def test_document_spans_skip_finished_documents_of_the_prefix():
+    """Queries 10..16 of a window with documents starting at 0, 4, 9 and 12: the first document has no query
+    there, so no span reads its keys; the third reads from its own start, not the call's first query."""
+    try:
+        masks.set_documents(torch.tensor([[0] * 4 + [1] * 5 + [2] * 3 + [3] * 6]))
+        spans = masks.document_spans(6, 16)
+    finally:
+        masks.set_documents(None)
+    assert spans == [masks.Span(0, 10, 12, 9), masks.Span(0, 12, 16, 12)]
