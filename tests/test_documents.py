@@ -159,3 +159,68 @@ def test_document_spans_skip_finished_documents_of_the_prefix():
     finally:
         masks.set_documents(None)
     assert spans == [masks.Span(0, 10, 12, 9), masks.Span(0, 12, 16, 12)]
+
+
+# --- the planner under a document mask ------------------------------------------------------------------------
+def test_planned_pairs_per_chunk_are_the_dense_mask_counts():
+    """chunk_blocks' pair counts per chunk, diagonal and prefix, against a dense [S, S] document mask counted
+    element by element on the same packed windows."""
+    from lcgraph.planner.documents import WINDOWS, DocumentMix, _window_starts, chunk_blocks
+
+    mix = DocumentMix((7, 1, 30, 12, 3, 50, 2), "hand-made")
+    seq, chunks = 64, (24, 24, 16)
+    blocks = chunk_blocks(mix, seq, chunks)
+    want = torch.zeros(len(chunks), 2, dtype=torch.float64)
+    for w in range(WINDOWS):
+        starts = _window_starts(mix, seq, w)
+        docs = torch.zeros(seq, dtype=torch.long)
+        for s in starts[1:]:
+            docs[s:] += 1
+        pos = torch.arange(seq)
+        visible = (docs[:, None] == docs[None, :]) & (pos[None, :] <= pos[:, None])
+        first = 0
+        for c, n in enumerate(chunks):
+            rows = visible[first : first + n]
+            want[c, 0] += rows[:, first : first + n].sum()
+            want[c, 1] += rows[:, :first].sum()
+            first += n
+    got = torch.tensor(
+        [[sum(b.pairs for b in bl if b.kind == k) for k in ("diag", "prefix")] for bl in blocks], dtype=torch.float64
+    )
+    torch.testing.assert_close(got * WINDOWS, want, rtol=0, atol=1e-9)
+
+
+def test_a_masked_plan_prices_the_pairs_the_mask_leaves():
+    """The 128k one-GPU recipe: under a document mask (log-normal documents of mean 8,192 tokens) attention keeps
+    about a seventh of its causal pairs, so the planned step is shorter, the memory the same (no [S, S] mask), and
+    one endless synthetic document plans exactly as no mask."""
+    from lcgraph.planner import evaluation
+
+    base = ["+recipe=llama1b_128k_1gpu", "+plan.device=h100", "train.recompute=keep_attention"]
+    plans = {}
+    for name, extra in {
+        "plain": [],
+        "masked": ["data.cross_document_attention=false", "data.mean_document_tokens=8192"],
+        "one document": ["data.cross_document_attention=false", "data.synthetic=true"],
+    }.items():
+        cfg = compose(*base, *extra, tiny=False)
+        ev = evaluation.evaluate_config(cfg, evaluation.setup(cfg))
+        plans[name] = (ev.sim.step_time, max(ev.sim.rank_peak), ev.model_flops_per_token)
+    plain, masked, one = plans["plain"], plans["masked"], plans["one document"]
+    assert one == plain
+    assert masked[1] == plain[1]
+    assert masked[0] < 0.6 * plain[0] and masked[2] < 0.6 * plain[2], plans
+
+
+def test_mfu_under_a_mask_counts_the_pairs_the_mask_leaves():
+    """The share a step reports (`attention_kept`) is the dense mask's count over the causal count, and the run's
+    TFLOP/s counts 6*L*h*S times it."""
+    from lcgraph.app.job import kept_pairs
+    from lcgraph.app.perf import RunPerf
+
+    docs = torch.tensor([[0] * 5 + [1] * 1 + [2] * 10, [0] * 16])
+    pos = torch.arange(16)
+    visible = (docs[:, :, None] == docs[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
+    assert kept_pairs(docs) == pytest.approx(float(visible.sum()) / (2 * 16 * 17 / 2), rel=1e-12)
+    perf = RunPerf(100.0, 1, "bf16", None, attention_flops_per_token=40.0)
+    assert perf.at(1e12, 0.25)["tflops_per_gpu"] == pytest.approx(70.0)

@@ -280,6 +280,8 @@ def bench_lcgraph(side: Side, seq: int, steps: int, warmup: int, model_name: str
     )
     job = Job(cfg, Path("/tmp/lcgraph-bench"), 0, 1)
     result = _timed_steps(lambda i: job.run_step(i)["loss"], steps, warmup)
+    if job.attention_kept is not None:  # under a document mask MFU counts the pairs it left (planner/mfu.py)
+        result["attention_kept"] = job.attention_kept
     if PROFILE_DIR:  # after the timed steps: the profiled step must not count in tokens/s
         _profile(lambda: job.run_step(warmup + steps), Path(PROFILE_DIR) / f"profile_{_file_label(side)}_{seq}.txt")
     return result
@@ -359,9 +361,9 @@ def summarize(rows: list[dict], config, peak_tflops: float, targets: Targets = T
     extra_gib = targets.extra_bytes * param_count(config) / 2**30
     for seq in sorted({r["seq"] for r in rows}):
         same = [r for r in rows if r["seq"] == seq]
-        flops = mfu.model_flops_per_token(config, seq)
         for r in same:
             res = r["result"]
+            flops = mfu.model_flops_per_token(config, seq, res.get("attention_kept", 1.0))
             if "tokens_per_s" in res:
                 res["tflops"] = res["tokens_per_s"] * flops / 1e12
                 res["mfu"] = mfu.utilisation(flops, res["tokens_per_s"], peak_tflops * 1e12)

@@ -130,7 +130,8 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         logger.note(f"resumed from {resume} at step {start}")
     every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
     end = max(start, cfg.train.steps)
-    perf = RunPerf(model_flops_per_token(job.config, cfg.data.seq_len), world, cfg.train.dtype, device_gpu(job.device))
+    flops, linear = (model_flops_per_token(job.config, seq) for seq in (cfg.data.seq_len, 0))
+    perf = RunPerf(flops, world, cfg.train.dtype, device_gpu(job.device), attention_flops_per_token=flops - linear)
     if rank == 0 and (line := perf.peak_line()):
         logger.note(line)
     with faults.graceful_stop(cfg.train.comm_timeout_s):  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
@@ -150,7 +151,7 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
         checkpoint.save_checkpoint(job, saves, end)
     measured = write_measured_timeline(job, run_path, world)  # collective: every rank
     # the summary's MFU is that of its own tokens/s (tokens over time of the second half), as bench counts it
-    whole_run = perf.at(throughput(logger.history)) if logger.history else {}
+    whole_run = perf.at(throughput(logger.history), mean_kept(logger.history)) if logger.history else {}
     summary = logger.finish(extra={**_memory_summary(job, world), **measured, **whole_run})
     return summary
 
@@ -192,9 +193,16 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
             ) from None
 
 
+def mean_kept(history: list[dict]) -> float:
+    """The share of causal attention pairs a document mask left, over the steps (1 without a mask)."""
+    return sum(m.get("attention_kept", 1.0) for m in history) / len(history)
+
+
 def step_perf(metrics: dict, perf: RunPerf, device: torch.device) -> dict:
     """TFLOP/s per GPU and MFU of one step (lcgraph.app.perf) and, on GPU, the step's peak memory."""
-    out: dict[str, float | int] = {**perf.at(metrics["tokens"] / metrics["step_time_s"])}
+    out: dict[str, float | int] = {
+        **perf.at(metrics["tokens"] / metrics["step_time_s"], metrics.get("attention_kept", 1.0))
+    }
     if device.type == "cuda":
         out["cuda_step_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out

@@ -27,7 +27,7 @@ from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
 from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align
 from lcgraph.observability.graphs import dump_graph, graph_text
-from lcgraph.ops import attention, collectives, ring
+from lcgraph.ops import attention, collectives, masks, ring
 from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.checkpoint import model_shape
@@ -319,6 +319,7 @@ class Job:
         """
         par, d = self.cfg.parallel, self.cfg.data
         units, total = {}, 0
+        self.attention_kept = 0.0 if not d.cross_document_attention else None
         base = self.sampler.consumed  # the data position: restored with the sampler on resume
         offsets = [0]
         for length in self.chunk_lengths:
@@ -334,6 +335,8 @@ class Job:
                     for f in ("input_ids", "labels", "position_ids", "document_ids")
                 )
                 total += int((labels != IGNORE_INDEX).sum())
+                if self.attention_kept is not None:
+                    self.attention_kept += kept_pairs(docs) / (par.dp * par.microbatches)
                 if dp_rank != self.coords.dp_rank:
                     continue
                 masked_docs = None if d.cross_document_attention else docs  # on the host: spans cut there (masks.py)
@@ -374,6 +377,7 @@ class Job:
             "tokens_per_s": tokens / elapsed,
             "lr": lr_at(step, self.cfg),
             "grad_norm": self.interpreter.grad_norm,
+            **({"attention_kept": self.attention_kept} if self.attention_kept is not None else {}),
         }
         faults.after_step(self, step, metrics, injected)  # a dropped update: logged, or the run stops
         return metrics
@@ -389,6 +393,17 @@ class Job:
         for st in self.stages.values():
             out.update(st.params)
         return out
+
+
+def kept_pairs(document_ids: torch.Tensor) -> float:
+    """The share of a [B, S] batch's causal attention pairs that stay inside documents (what MFU counts)."""
+    s = document_ids.shape[1]
+    kept = sum((n * (n + 1) / 2) for row in masks.document_bounds(document_ids) for n in _lengths(row))
+    return kept / (document_ids.shape[0] * s * (s + 1) / 2)
+
+
+def _lengths(bounds: list[int]) -> list[int]:
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 def shard_positions(length: int, c: Coords) -> torch.Tensor:

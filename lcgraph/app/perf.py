@@ -33,17 +33,18 @@ class RunPerf:
     world: int
     dtype: str
     gpu: GpuProfile | None
+    attention_flops_per_token: float = 0.0  # the 6*L*h*S part of flops_per_token (a document mask keeps less)
 
-    def at(self, tokens_per_s: float) -> dict[str, float]:
-        """tflops_per_gpu, and on a known GPU mfu and of_measured_matmul_peak, at a whole-run `tokens_per_s`."""
+    def at(self, tokens_per_s: float, attention_kept: float = 1.0) -> dict[str, float]:
+        """tflops_per_gpu, and on a known GPU mfu and of_measured_matmul_peak, at a whole-run `tokens_per_s`;
+        `attention_kept`: the share of causal attention pairs a document mask left (mfu.py)."""
         per_gpu = tokens_per_s / self.world
-        out = {"tflops_per_gpu": self.flops_per_token * per_gpu / 1e12}
+        flops = self.flops_per_token - self.attention_flops_per_token * (1.0 - attention_kept)
+        out = {"tflops_per_gpu": flops * per_gpu / 1e12}
         if self.gpu is not None and self.gpu.exact:
             figures = {
-                "mfu": mfu.mfu(self.flops_per_token, per_gpu, self.gpu.profile, self.dtype),
-                "of_measured_matmul_peak": mfu.of_measured_matmul(
-                    self.flops_per_token, per_gpu, self.gpu.profile, self.dtype
-                ),
+                "mfu": mfu.mfu(flops, per_gpu, self.gpu.profile, self.dtype),
+                "of_measured_matmul_peak": mfu.of_measured_matmul(flops, per_gpu, self.gpu.profile, self.dtype),
             }
             out.update({k: v for k, v in figures.items() if v is not None})
         return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lcgraph.planner.documents import DocumentMix, chunk_blocks
 from lcgraph.planner.graph_costs import Coeffs, GraphCosts
 from lcgraph.planner.profile import ATTENTION_BACKWARD, DeviceProfile, load_profile, profile_names
 from lcgraph.planner.ring import RingShape, ring_times, ring_transient
@@ -70,6 +71,7 @@ class Layout:
     fused_loss: bool = True  # train.fused_loss
     offload: str = "none"  # train.offload: what waits in host memory (planner/offload.py)
     cp: int = 1  # ring attention's degree: a sequence is sharded over sp x cp ranks
+    documents: DocumentMix | None = None  # a document mask over packed documents of this mix (planner/documents.py)
 
     def __post_init__(self) -> None:
         self.recompute = recompute_mode(self.recompute)
@@ -160,23 +162,38 @@ class CostModel:
     def compute_parts(self, stage: int, length: int, prefix: int, grads: bool | None = None) -> dict[str, float]:
         """Forward seconds of one unit on one rank, by part. `grads`: whether the forward records what
         backward needs (the fused loss then computes its gradients too); default: unless recomputing."""
-        c, lay, dev, dtype = self.bodies[stage], self.layout, self.profile, self.graph.dtype
+        c, lay, dev = self.bodies[stage], self.layout, self.profile
         grads = lay.recompute == "none" if grads is None else grads
         tokens = self._tokens(length)
         per_pair = c.attention_per_pair * lay.micro_batch / lay.sp
-        d = self.graph.head_dim
-        diag = per_pair * length * (length + 1) / 2
-        pre = per_pair * length * prefix
+        diag, pre = self._attention(per_pair, length, prefix, backward=False)
         parts = {
             "matmul": self._matmul(c, tokens, backward=False),
-            "attention_diag": diag / dev.block_rate("diag", length, length, d, False, dtype) if diag else 0.0,
-            "attention_prefix": pre / dev.block_rate("prefix", length, prefix, d, False, dtype) if pre else 0.0,
+            "attention_diag": diag,
+            "attention_prefix": pre,
             "attention_merge": self._merge_bytes(stage, tokens) / dev.memory_bandwidth if pre else 0.0,
             "traffic": self._traffic(c, tokens),
             "loss": self._loss(stage, tokens, grads),
             "all_to_all": self._all_to_all(c, tokens),
         }
         return self._with_ring(parts, stage, length, prefix, backward=False)
+
+    def _attention(self, per_pair: float, length: int, prefix: int, backward: bool) -> tuple[float, float]:
+        """Seconds of a unit's diagonal and prefix attention: whole causal blocks, or under a document mask each
+        span shape's pairs at that shape's rate (planner/documents.py)."""
+        dev, d, dtype = self.profile, self.graph.head_dim, self.graph.dtype
+        rate = lambda kind, sq, sk: dev.block_rate(kind, sq, sk, d, backward, dtype)
+        mix = self.layout.documents
+        if mix is None or prefix not in self.prefixes:
+            diag, pre = per_pair * length * (length + 1) / 2, per_pair * length * prefix
+            return diag / rate("diag", length, length) if diag else 0.0, pre / rate(
+                "prefix", length, prefix
+            ) if pre else 0.0
+        blocks = chunk_blocks(mix, sum(self.chunk_lengths), tuple(self.chunk_lengths))[self.prefixes.index(prefix)]
+        time = {"diag": 0.0, "prefix": 0.0}
+        for b in blocks:
+            time[b.kind] += per_pair * b.pairs / rate(b.kind, b.sq, b.sk)
+        return time["diag"], time["prefix"]
 
     def _with_ring(self, parts: dict[str, float], stage: int, length: int, prefix: int, backward: bool) -> dict:
         """parallel.cp > 1: attention as the ring's steps (planner/ring.py), one LSE merge per kernel call."""
@@ -218,15 +235,14 @@ class CostModel:
         """Backward seconds of one unit, by part; `rerun` is the forward the recompute mode repeats."""
         length, prefix = self.chunk_lengths[chunk], self.prefixes[chunk]
         f = self.compute_parts(stage, length, prefix)
-        c, dev, d, dtype = self.bodies[stage], self.profile, self.graph.head_dim, self.graph.dtype
+        c, dev = self.bodies[stage], self.profile
         tokens = self._tokens(length)
         per_pair = c.attention_per_pair * self.layout.micro_batch / self.layout.sp * ATTENTION_BACKWARD
-        diag = per_pair * length * (length + 1) / 2
-        pre = per_pair * length * prefix
+        diag, pre = self._attention(per_pair, length, prefix, backward=True)
         parts = {
             "matmul": self._matmul(c, tokens, backward=True),
-            "attention_diag": diag / dev.block_rate("diag", length, length, d, True, dtype) if diag else 0.0,
-            "attention_prefix": pre / dev.block_rate("prefix", length, prefix, d, True, dtype) if pre else 0.0,
+            "attention_diag": diag,
+            "attention_prefix": pre,
             "traffic": BACKWARD_TRAFFIC * f["traffic"],
             "grads": 3 * self.stages[stage].params * self.graph.dtype_bytes / dev.memory_bandwidth,
             "all_to_all": f["all_to_all"],

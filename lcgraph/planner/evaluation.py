@@ -17,10 +17,12 @@ from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align
 from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
+from lcgraph.planner.documents import DocumentMix, kept_fraction
 from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.offload import OffloadPlan, offload_plan
 from lcgraph.planner.profile import DeviceProfile, load_profile
 from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
+from lcgraph.runtime import data
 from lcgraph.runtime.model import build_config
 from lcgraph.runtime.offload import offload_mode
 from lcgraph.runtime.recompute import AUTO, recompute_mode
@@ -142,7 +144,8 @@ def evaluate(
         sim = dataclasses.replace(sim, step_time=sim.step_time + offload.exposed_s)
     tokens = layout.dp * microbatches * layout.micro_batch * seq_len
     label = label or (schedule_name if k == 1 else f"{schedule_name} k={k} ({chunk_split})")
-    flops = graph.model_flops_per_token(seq_len)
+    kept = kept_fraction(layout.documents, seq_len) if layout.documents is not None else 1.0
+    flops = graph.model_flops_per_token(seq_len, kept)
     return Evaluation(label, spec, programs, cost, sim, tokens, flops, offload=offload)
 
 
@@ -208,9 +211,32 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
         fused_loss=bool(train.get("fused_loss", True)),
         offload="none" if offload == AUTO else offload,
         cp=par.cp,
+        documents=document_mix(cfg),
     )
     counts, alt_counts = layer_counts(cfg, captured)
     return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)
+
+
+DEFAULT_MEAN_DOCUMENT = 8192  # priced when a masked plan has no corpus to read and no data.mean_document_tokens
+
+
+def document_mix(cfg: DictConfig) -> DocumentMix | None:
+    """The packed documents a masked plan prices (None: no document mask, or one endless synthetic document): the
+    prepared corpus's own lengths when its cache exists, else log-normal around data.mean_document_tokens, else
+    around DEFAULT_MEAN_DOCUMENT (the plan says so)."""
+    d = cfg.data
+    if d.cross_document_attention:
+        return None
+    mean = int(d.get("mean_document_tokens", 0))
+    if d.synthetic:
+        return DocumentMix.lognormal(mean) if mean > 0 else None
+    offsets = data.cached_offsets(d, cfg.model.get("path"), build_config(cfg.model).vocab_size)
+    if offsets is not None:
+        return DocumentMix.from_offsets(offsets, f"the prepared corpus of data.path={d.path}")
+    if mean > 0:
+        return DocumentMix.lognormal(mean)
+    mix = DocumentMix.lognormal(DEFAULT_MEAN_DOCUMENT)
+    return dataclasses.replace(mix, source=f"{mix.source} (assumed: no prepared corpus; set data.mean_document_tokens)")
 
 
 def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) -> Evaluation:

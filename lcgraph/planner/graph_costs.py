@@ -223,9 +223,10 @@ class GraphCosts:
     def total(self) -> Coeffs:
         return self.stage(list(range(len(self.layers))), True, True)
 
-    def model_flops_per_token(self, seq_len: int) -> float:
-        """6*N + 6*L*h*S (lcgraph.planner.mfu), N read from the graph's linears (2N forward FLOPs per token)."""
-        return mfu.flops_per_token(self.total().matmul_per_token / 2, len(self.layers), self.hidden_size, seq_len)
+    def model_flops_per_token(self, seq_len: int, attention_kept: float = 1.0) -> float:
+        """6*N + 6*L*h*S*f (lcgraph.planner.mfu), N read from the graph's linears (2N forward FLOPs per token)."""
+        t = self.total()
+        return mfu.flops_per_token(t.matmul_per_token / 2, len(self.layers), self.hidden_size, seq_len, attention_kept)
 
     def split_costs(self) -> tuple[float, float]:
         """(per token, per pair) forward FLOPs of the whole model: what schedule.split_sequence balances."""

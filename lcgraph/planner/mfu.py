@@ -3,7 +3,8 @@
     model FLOPs per token = 6*N + 6*L*h*S
     MFU                   = model FLOPs per token x tokens/s per GPU / the GPU's datasheet dense peak
 
-N counts the matmul weights (every layer's q, k, v, o and MLP projections plus the LM head; embedding and
+Under a document mask (`data.cross_document_attention=false`) the attention term counts only the pairs the mask
+leaves: 6*L*h*S*f, f the kept share of a window's causal pairs (planner/documents.py for a plan). N counts the matmul weights (every layer's q, k, v, o and MLP projections plus the LM head; embedding and
 norms aside), L the decoder layers, h the hidden size, S the sequence length. The peak is the datasheet's
 dense bf16 figure (fp32 for fp32 runs) stored in the device profile (`peak_bf16_flops`, `peak_fp32_flops`,
 `peak_source`), not the profile's measured `matmul_flops`: that one is the planner's time model, and a
@@ -16,9 +17,10 @@ from __future__ import annotations
 from lcgraph.planner.profile import DeviceProfile
 
 
-def flops_per_token(matmul_params: float, layers: int, hidden: int, seq: int) -> float:
-    """6*N + 6*L*h*S: forward and backward FLOPs per token, causal attention over `seq` tokens included."""
-    return 6.0 * matmul_params + 6.0 * layers * hidden * seq
+def flops_per_token(matmul_params: float, layers: int, hidden: int, seq: int, attention_kept: float = 1.0) -> float:
+    """6*N + 6*L*h*S*f: forward and backward FLOPs per token, causal attention over `seq` tokens included (f: the
+    share of its pairs a document mask leaves)."""
+    return 6.0 * matmul_params + 6.0 * layers * hidden * seq * attention_kept
 
 
 def matmul_params(config) -> int:
@@ -32,9 +34,9 @@ def matmul_params(config) -> int:
     return L * per_layer + h * config.vocab_size
 
 
-def model_flops_per_token(config, seq: int) -> float:
-    """6*N + 6*L*h*S of an HF config at sequence length `seq`."""
-    return flops_per_token(matmul_params(config), config.num_hidden_layers, config.hidden_size, seq)
+def model_flops_per_token(config, seq: int, attention_kept: float = 1.0) -> float:
+    """6*N + 6*L*h*S*f of an HF config at sequence length `seq`."""
+    return flops_per_token(matmul_params(config), config.num_hidden_layers, config.hidden_size, seq, attention_kept)
 
 
 def datasheet_peak(profile: DeviceProfile, dtype: str) -> float | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lcgraph.observability.timeline import matplotlib_available, write_timeline
 from lcgraph.planner import mfu
+from lcgraph.planner.documents import kept_fraction
 from lcgraph.planner.evaluation import size
 from lcgraph.planner.plan import Plan
 from lcgraph.schedule.text import format_programs
@@ -55,6 +56,9 @@ def print_plan(plan: Plan, console=None) -> None:
         f"{'distributed (ZeRO-1, reduce-scatter)' if lay.zero else 'replicated (all-reduce)'}"
     )
     console.print(f"{ev.label}: chunks {cost.chunk_lengths}, layers per stage {cost.layer_counts}")
+    if lay.documents is not None:
+        kept = kept_fraction(lay.documents, seq)
+        console.print(f"document mask: {lay.documents.source}; {kept:.1%} of the causal attention pairs kept")
     table = Table(
         title="per stage: one rank's memory at the stage's peak (G = GiB), times per chunk of one micro-batch"
     )

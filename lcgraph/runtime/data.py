@@ -438,6 +438,16 @@ def prepare_corpus(d, model_path: str | None, vocab_size: int, build: bool = Tru
     return corpus, tokenizer
 
 
+def cached_offsets(d, model_path: str | None, vocab_size: int) -> np.ndarray | None:
+    """The document offsets of `d`'s prepared corpus, or None when it (or the BPE it needs) is not cached yet:
+    the planner reads them without tokenizing anything."""
+    files = corpus_files(d.path, int(d.max_corpus_mb * 2**20))
+    if not model_path and not (cache_dir() / f"bpe-{vocab_size}-{_fingerprint(files, vocab_size)}").is_dir():
+        return None
+    corpus, _ = prepare_corpus(d, model_path, vocab_size, build=False)
+    return None if corpus is None else np.asarray(corpus.offsets)
+
+
 def workers(num_workers: int) -> int:
     """`data.num_workers`, 0 meaning one per core (at most 8)."""
     return num_workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
