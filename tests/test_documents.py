@@ -192,8 +192,8 @@ def test_planned_pairs_per_chunk_are_the_dense_mask_counts():
 
 def test_a_masked_plan_prices_the_pairs_the_mask_leaves():
     """The 128k one-GPU recipe: under a document mask (log-normal documents of mean 8,192 tokens) attention keeps
-    about a seventh of its causal pairs, so the planned step is shorter, the memory the same (no [S, S] mask), and
-    one endless synthetic document plans exactly as no mask."""
+    about a seventh of its causal pairs, so the planned step is shorter, the memory about the same (no [S, S]
+    mask), and one endless synthetic document plans exactly as no mask."""
     from lcgraph.planner import evaluation
 
     base = ["+recipe=llama1b_128k_1gpu", "+plan.device=h100", "train.recompute=keep_attention"]
@@ -205,11 +205,20 @@ def test_a_masked_plan_prices_the_pairs_the_mask_leaves():
     }.items():
         cfg = compose(*base, *extra, tiny=False)
         ev = evaluation.evaluate_config(cfg, evaluation.setup(cfg))
-        plans[name] = (ev.sim.step_time, max(ev.sim.rank_peak), ev.model_flops_per_token)
+        plans[name] = (ev.sim.step_time, max(ev.sim.rank_peak), ev.model_flops_per_token, ev.cost)
     plain, masked, one = plans["plain"], plans["masked"], plans["one document"]
-    assert one == plain
-    assert masked[1] == plain[1]
+    assert one[:3] == plain[:3]
+    assert abs(masked[1] / plain[1] - 1) < 0.1  # the chunks move, the memory per token does not
     assert masked[0] < 0.6 * plain[0] and masked[2] < 0.6 * plain[2], plans
+    # uniform_comp balances what the mask leaves: the masked chunks' forward times are closer than those of the
+    # causal split would be under the same mask
+    times = lambda cost: [cost.forward_time(0, c) for c in range(len(cost.chunk_lengths))]
+    spread = lambda cost: max(times(cost)) / min(times(cost))
+    causal_split = masked[3].__class__(
+        masked[3].graph, masked[3].profile, masked[3].layout, masked[3].layer_counts, plain[3].chunk_lengths
+    )
+    assert masked[3].chunk_lengths != plain[3].chunk_lengths
+    assert spread(masked[3]) < spread(causal_split), (spread(masked[3]), spread(causal_split))
 
 
 def test_mfu_under_a_mask_counts_the_pairs_the_mask_leaves():

@@ -28,6 +28,7 @@ from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, masks, ring
+from lcgraph.planner.documents import DocumentMix, pairs_before
 from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.checkpoint import model_shape
@@ -178,7 +179,11 @@ class Job:
             return [seq]
         per_token = sum(n.meta["lcgraph"].flops_per_token for n in self.captured.graph.nodes)
         per_pair = sum(n.meta["lcgraph"].flops_per_pair for n in self.captured.graph.nodes)
-        return split_sequence(seq, k, par.chunk_split, per_token, per_pair, align=ring_align(par))
+        curve = None
+        if not self.cfg.data.cross_document_attention:  # balance the work the mask leaves (planner/documents.py)
+            mix = DocumentMix.from_offsets(self.sampler.corpus.offsets, "this run's corpus")
+            curve = pairs_before(mix, seq)
+        return split_sequence(seq, k, par.chunk_split, per_token, per_pair, ring_align(par), curve)
 
     def _setup_stages(self):
         c, par = self.coords, self.cfg.parallel

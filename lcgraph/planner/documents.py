@@ -12,6 +12,7 @@ around `data.mean_document_tokens`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -104,6 +105,21 @@ def _add(bins: dict, kind: str, sq: int, sk: int, pairs: float) -> None:
     entry[1] += sq
     entry[2] += sk
     entry[3] += 1
+
+
+@lru_cache(maxsize=16)
+def pairs_before(mix: DocumentMix, seq_len: int, points: int = 512) -> Callable[[float], float]:
+    """Expected attended pairs of a window's queries before position P under the mask (what uniform_comp
+    balances), averaged over WINDOWS windows and interpolated between `points` positions."""
+    grid = np.linspace(0, seq_len, points + 1)
+    total = np.zeros_like(grid)
+    for w in range(WINDOWS):
+        starts = np.array(_window_starts(mix, seq_len, w), dtype=np.float64)
+        ends = np.append(starts[1:], seq_len)
+        m = np.clip(np.minimum(ends[None, :], grid[:, None]) - starts[None, :], 0, None)
+        total += (m * (m + 1) / 2).sum(1)
+    curve = total / WINDOWS
+    return lambda p: float(np.interp(p, grid, curve))
 
 
 def kept_fraction(mix: DocumentMix, seq_len: int) -> float:

@@ -17,7 +17,7 @@ from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align
 from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
-from lcgraph.planner.documents import DocumentMix, kept_fraction
+from lcgraph.planner.documents import DocumentMix, kept_fraction, pairs_before
 from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.offload import OffloadPlan, offload_plan
 from lcgraph.planner.profile import DeviceProfile, load_profile
@@ -136,7 +136,8 @@ def evaluate(
         lengths = [seq_len]
     else:
         per_token, per_pair = graph.split_costs()
-        lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, align=ring_align(layout))
+        curve = pairs_before(layout.documents, seq_len) if layout.documents is not None else None
+        lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, ring_align(layout), curve)
     cost = CostModel(graph, profile, layout, list(layer_counts), lengths)
     sim = simulate(programs, spec, cost)
     offload = offload_plan(programs, spec, cost, settings or DEFAULTS)
@@ -228,11 +229,14 @@ def document_mix(cfg: DictConfig) -> DocumentMix | None:
     if d.cross_document_attention:
         return None
     mean = int(d.get("mean_document_tokens", 0))
-    if d.synthetic:
-        return DocumentMix.lognormal(mean) if mean > 0 else None
-    offsets = data.cached_offsets(d, cfg.model.get("path"), build_config(cfg.model).vocab_size)
-    if offsets is not None:
-        return DocumentMix.from_offsets(offsets, f"the prepared corpus of data.path={d.path}")
+    if d.synthetic:  # the documents the run's synthetic corpus will hold
+        if mean <= 0:
+            return None
+        drawn = data.lognormal_offsets(data.synthetic_size(d.seq_len), mean, cfg.train.seed)
+        return DocumentMix.from_offsets(drawn, f"synthetic log-normal documents of mean {mean:,} tokens")
+    cached = data.cached_offsets(d, cfg.model.get("path"), build_config(cfg.model).vocab_size)
+    if cached is not None:
+        return DocumentMix.from_offsets(cached, f"the prepared corpus of data.path={d.path}")
     if mean > 0:
         return DocumentMix.lognormal(mean)
     mix = DocumentMix.lognormal(DEFAULT_MEAN_DOCUMENT)

@@ -305,13 +305,18 @@ def synthetic_corpus(vocab_size: int, seq_len: int, seed: int, mean_document_tok
     """Uniform random tokens (benchmarks and planning runs: no files, no tokenizer): one document, or documents
     of log-normal lengths (sigma 1) with mean `mean_document_tokens`."""
     g = torch.Generator().manual_seed(seed)
-    n = max(1 << 20, 4 * seq_len)
+    n = synthetic_size(seq_len)
     tokens = torch.randint(0, vocab_size, (n,), generator=g).numpy().astype(np.uint32)
     offsets = np.array([0, n], dtype=np.int64)
     if mean_document_tokens > 0:
         offsets = lognormal_offsets(n, mean_document_tokens, seed)
     key = f"synthetic-{vocab_size}-{n}-{seed}" + (f"-docs{mean_document_tokens}" if mean_document_tokens else "")
     return TokenCorpus(tokens, offsets, key=key)
+
+
+def synthetic_size(seq_len: int) -> int:
+    """Tokens in the synthetic corpus of this window length."""
+    return max(1 << 20, 4 * seq_len)
 
 
 def lognormal_offsets(n: int, mean: float, seed: int, sigma: float = 1.0) -> np.ndarray:
