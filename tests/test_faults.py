@@ -112,7 +112,7 @@ def test_a_rank_killed_mid_step_is_named_and_auto_resume_goes_on_until_a_nan_sto
     """dp=2 with ZeRO (replicas checked every step), a checkpoint every 2 steps; rank 1 is SIGKILLed in its first
     backward of step 4. The launch ends with one line naming rank 1 and that action, no rank left running. Resumed
     in one process (train.resume=auto, the same global batch), step 3 is recomputed from the step-2 checkpoint and
-    matches the killed run's step 3; then NaN gradients at step 4 with train.on_nonfinite=stop end the run
+    matches the killed run's step 3, whose row moved to superseded/; then NaN gradients at step 4 with train.on_nonfinite=stop end the run
     naming the step and stage, and step 2 stays the newest checkpoint."""
     dp2 = compose(*DP2, "train.steps=5", "train.checkpoint_every=2", "train.check_every=1")
     message = launch(monkeypatch, "kill:3:1", [dp2], [tmp_path])
@@ -123,9 +123,12 @@ def test_a_rank_killed_mid_step_is_named_and_auto_resume_goes_on_until_a_nan_sto
     one = compose(*SMALL, "parallel.microbatches=2", "train.steps=5", "train.checkpoint_every=2", "train.resume=auto")
     with pytest.raises(TrainingFault, match=r"^step 4: non-finite gradients, first at stage 0"):
         run(one, str(tmp_path))
-    resumed = metrics(tmp_path)[len(killed) :]
-    assert [r["step"] for r in killed] == [1, 2, 3] and [r["step"] for r in resumed] == [3]
-    assert abs(resumed[0]["loss"] - killed[2]["loss"]) <= FP32 * killed[2]["loss"]
+    after = metrics(tmp_path)  # the killed run's step 3 moved aside for the recomputed one (cli.supersede_later)
+    (superseded,) = (tmp_path / "superseded").glob("*-after-step-00000002")
+    replaced = [json.loads(line) for line in (superseded / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in killed] == [1, 2, 3] and [r["step"] for r in after] == [1, 2, 3]
+    assert replaced == killed[2:] and after[:2] == killed[:2]
+    assert abs(after[2]["loss"] - killed[2]["loss"]) <= FP32 * killed[2]["loss"]
     assert [s for s, _ in complete_checkpoints(tmp_path / CHECKPOINTS)] == [2]
 
 

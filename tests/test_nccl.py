@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcgraph.runtime.optimizer import add_bucket_actions
 from lcgraph.schedule import nccl
 from lcgraph.schedule.actions import Action, ScheduleError, ScheduleSpec
+from lcgraph.schedule.buckets import add_bucket_actions
 from lcgraph.schedule.p2p import add_p2p, group_p2p, receive_ahead, ungroup_p2p, with_transfers
 from lcgraph.schedule.programs import build_programs
 from lcgraph.schedule.text import format_programs, parse_programs

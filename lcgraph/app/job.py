@@ -33,9 +33,10 @@ from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.checkpoint import model_shape
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
-from lcgraph.runtime.optimizer import add_bucket_actions, build_optimizer
+from lcgraph.runtime.optimizer import build_optimizer
 from lcgraph.schedule import nccl
 from lcgraph.schedule.actions import ScheduleSpec
+from lcgraph.schedule.buckets import add_bucket_actions
 from lcgraph.schedule.mesh import Coords
 from lcgraph.schedule.p2p import add_p2p
 from lcgraph.schedule.programs import build_programs
