@@ -118,24 +118,34 @@ def test_one_process_whole_and_seq1f1b_uneven_chunks_match_hf_per_document(corpu
 
 
 def test_two_rank_layouts_match_hf_per_document(corpus):
-    """On 2 gloo ranks: Ulysses sp=2 (GQA, 2 KV heads); pp=2 Seq1F1B with uneven chunks; dp=2 with ZeRO (two
-    windows a step, as the reference's batch of 2)."""
+    """On 2 gloo ranks: Ulysses sp=2 (GQA, 2 KV heads); ring attention cp=2 (zigzag pieces cut by document); pp=2
+    Seq1F1B with uneven chunks; dp=2 with ZeRO (two windows a step, as the reference's batch of 2)."""
     cfgs = [
         compose(*corpus, "parallel.sp=2"),
+        compose(*corpus, "parallel.cp=2"),
         compose(*corpus, "parallel.pp=2", "parallel.schedule=seq1f1b", "parallel.seq_chunks=3", *UNEVEN),
         compose(*corpus, "parallel.dp=2", "parallel.zero=true"),
     ]
     results = train_spawned(cfgs, world=2)
     one, two = hf_per_document(cfgs[0], batch=1), hf_per_document(cfgs[0], batch=2)
-    for label, r, ref in zip(("sp=2", "pp=2 seq1f1b", "dp=2 zero"), results, (one, two, two)):
+    for label, r, ref in zip(("sp=2", "cp=2", "pp=2 seq1f1b", "dp=2 zero"), results, (one, one, two, two)):
         assert_close_run(r["losses"], r["params"], *ref, rtol=FP32, label=label)
 
 
-def test_ulysses_beyond_the_kv_heads_matches_hf_per_document(corpus):
-    """sp=4 over 2 KV heads (each KV head serves two Ulysses ranks) on 4 gloo ranks."""
-    cfg = compose(*corpus, "parallel.sp=4")
-    (r,) = train_spawned([cfg], world=4)
-    assert_close_run(r["losses"], r["params"], *hf_per_document(cfg, batch=1), rtol=FP32, label="sp=4")
+def test_four_rank_layouts_match_hf_per_document(corpus):
+    """On 4 gloo ranks: Ulysses sp=4 over 2 KV heads; ring cp=4; sp=2 x cp=2; pp=2 x cp=2 with Seq1F1B chunks (the
+    ring's payload carries each rank's share of the earlier chunks: a document crossing chunks is seen whole)."""
+    seq1f1b = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", *UNEVEN]
+    cfgs = [
+        compose(*corpus, "parallel.sp=4"),
+        compose(*corpus, "parallel.cp=4"),
+        compose(*corpus, "parallel.sp=2", "parallel.cp=2"),
+        compose(*corpus, "parallel.pp=2", "parallel.cp=2", *seq1f1b),
+    ]
+    results = train_spawned(cfgs, world=4)
+    one, two = hf_per_document(cfgs[0], batch=1), hf_per_document(cfgs[0], batch=2)
+    for label, r, ref in zip(("sp=4", "cp=4", "sp=2 x cp=2", "pp=2 x cp=2 seq1f1b"), results, (one, one, one, two)):
+        assert_close_run(r["losses"], r["params"], *ref, rtol=FP32, label=label)
 
 
 def test_a_window_of_one_document_is_the_unmasked_attention_bit_for_bit():

@@ -103,10 +103,7 @@ def test_layouts_the_ring_cannot_split_are_refused_in_one_line():
         layout("parallel.cp=4", "data.seq_len=60")
     with pytest.raises(PlanError, match=r"balanced chunks per Seq1F1B chunk \(parallel.seq_chunks=2"):
         layout("parallel.cp=2", "parallel.sp=2", "parallel.pp=2", *SEQ1F1B[:2], "data.seq_len=40")
-    with pytest.raises(PlanError, match="ring attention has no document mask"):
-        from lcgraph.graph.ring import check_ring
-
-        check_ring(compose("parallel.cp=2").parallel, 64, cross_document_attention=False)
+    layout("parallel.cp=2", "data.seq_len=64", "data.cross_document_attention=false")  # packed documents too
     with pytest.raises(PlanError, match="train.attention=efficient with parallel.cp=2"):
         layout("parallel.cp=2", "data.seq_len=64", "train.attention=efficient")
     layout("parallel.cp=1", "data.seq_len=64", "train.attention=efficient")  # without the ring it is fine

@@ -148,3 +148,47 @@ def test_one_process_simulation_of_the_ring_matches_softmax_attention(cp, prefix
         torch.testing.assert_close(dq_r, dq[:, :, owns[r]], **tol)
         torch.testing.assert_close(dk_r, dk[:, :, keys[r]], **tol)
         torch.testing.assert_close(dv_r, dv[:, :, keys[r]], **tol)
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+@pytest.mark.parametrize("prefix", [0, 6])
+def test_ring_steps_under_documents_visit_each_pair_inside_a_document_once(cp, prefix):
+    """Packed documents (one-token ones, one crossing the earlier chunk and this one): over a rank's cp steps the
+    document pieces cover exactly the (query, key) pairs that are causal and inside one document, each once.
+    Positions come from `_segments`, itself checked against the zigzag layout the runtime shards by."""
+    from lcgraph.ops import masks
+    from lcgraph.ops.relay import RelayContext
+
+    c = 3
+    chunk, earlier = 2 * c * cp, prefix * cp  # window tokens of this chunk and of the earlier one
+    window = earlier + chunk
+    cuts = sorted({1, 2, window // 3, window // 3 + 1, window - 2} - {0})
+    docs = torch.zeros(1, window, dtype=torch.long)
+    for cut in cuts:
+        docs[0, cut:] += 1
+    masks.set_documents(docs)
+    RelayContext.current = RelayContext([prefix, 2 * c]) if prefix else None  # the relay's per-rank chunk lengths
+    try:
+        for rank in range(cp):
+            queries = _positions(ring._segments(rank, c, prefix, cp)[0])
+            earlier_keys = zigzag(cp, rank, earlier) if prefix else torch.arange(0)
+            assert torch.equal(
+                _positions(ring._segments(rank, c, prefix, cp)[1]),
+                torch.cat([earlier_keys, earlier + zigzag(cp, rank, chunk)]),
+            )
+            for source in range(cp):
+                keys = _positions(ring._segments(source, c, prefix, cp)[1])
+                seen = torch.zeros(2 * c, len(keys), dtype=torch.long)
+                for p in ring.document_pieces(rank, source, c, prefix, cp):
+                    n, m = p.rows.stop - p.rows.start, p.keys.stop - p.keys.start
+                    seen[p.rows, p.keys] += torch.ones(n, m, dtype=torch.long).tril() if p.causal else 1
+                d = docs[0]
+                want = (keys[None, :] <= queries[:, None]) & (d[keys][None, :] == d[queries][:, None])
+                assert torch.equal(seen, want.long()), f"cp={cp} rank={rank} source={source} prefix={prefix}"
+    finally:
+        masks.set_documents(None)
+        RelayContext.current = None
+
+
+def _positions(segments) -> torch.Tensor:
+    return torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])

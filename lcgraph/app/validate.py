@@ -21,7 +21,7 @@ order they are checked (docs/recipes.md lists them with examples):
                chunk_split=even; seq_len >= 2 * sp * k
     ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
     ring       cp > 1: every Seq1F1B chunk (the whole sequence with one chunk) splits into 2 * cp zigzag
-               pieces whose tokens sp divides (chunk length % (2 * cp * sp) == 0); no document mask
+               pieces whose tokens sp divides (chunk length % (2 * cp * sp) == 0)
     documents  data.num_workers >= 0, data.mean_document_tokens >= 0
     positions  data.seq_len <= the model's max_position_embeddings
     window     a model's sliding window (Mistral, Qwen2 with use_sliding_window) is >= data.seq_len
@@ -306,7 +306,7 @@ def check_layout(cfg: DictConfig, num_layers: int, heads: int, kv_heads: int, de
     check_schedule(par)
     check_sequence(par, cfg.data.seq_len)
     check_ulysses(_Heads(heads, kv_heads), par.sp)
-    check_ring(par, cfg.data.seq_len, cfg.data.cross_document_attention, cfg.train.attention)
+    check_ring(par, cfg.data.seq_len, cfg.train.attention)
     if device_count is not None:
         check_launch(cfg, env={}, gpus=device_count)
 

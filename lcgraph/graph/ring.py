@@ -16,9 +16,9 @@ def ring_align(par) -> int:
     return 2 * par.cp * par.sp if par.cp > 1 else par.sp
 
 
-def check_ring(par, seq: int, cross_document_attention: bool = True, attention: str = "auto") -> None:
-    """cp > 1: each Seq1F1B chunk cuts into 2 * cp balanced pieces that sp divides; no document mask; not the
-    efficient kernel (ops/ring.py: ring_backend)."""
+def check_ring(par, seq: int, attention: str = "auto") -> None:
+    """cp > 1: each Seq1F1B chunk cuts into 2 * cp balanced pieces that sp divides; not the efficient kernel
+    (ops/ring.py: ring_backend)."""
     cp, sp = par.cp, par.sp
     if cp == 1:
         return
@@ -37,9 +37,4 @@ def check_ring(par, seq: int, cross_document_attention: bool = True, attention: 
         raise PlanError(
             f"train.attention=efficient with parallel.cp={cp}: ring attention runs the cudnn, flash or math kernels; "
             "set train.attention=auto (or cudnn, flash)"
-        )
-    if not cross_document_attention:
-        raise PlanError(
-            f"data.cross_document_attention=false with parallel.cp={cp}: ring attention has no document mask; "
-            "set parallel.cp=1 or data.cross_document_attention=true"
         )

@@ -43,6 +43,11 @@ def documents_set() -> bool:
     return _documents is not None
 
 
+def row_bounds() -> list[list[int]]:
+    """Per batch row of the running micro-batch: where each document starts, then S ([] without documents)."""
+    return _bounds
+
+
 def document_bounds(document_ids: torch.Tensor) -> list[list[int]]:
     """Per row of [B, S] ids: the first position of each document, then S."""
     ids = document_ids.cpu()  # the runtime keeps them on the host: no device sync here

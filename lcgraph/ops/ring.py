@@ -14,6 +14,11 @@ The payload travels around the ring in cp - 1 steps; at the step holding source 
     j <  rank   every query sees j's prefix and j's early piece, unmasked (j's late piece lies after both)
     j >  rank   the late query piece sees all of j's payload; the early one only j's prefix
 
+Packed documents (masks.py): every query row and payload key has a window position (`_segments`), so each
+step's blocks are cut by document (`document_pieces`): a block whose keys are all earlier than its queries becomes
+one unmasked block per document present in both, a diagonal one causal square per document, and pairs the mask
+empties are never computed.
+
 Each call to a kernel returns its output and log-sum-exp (LSE); partial results merge exactly through the
 LSE, as `attention.attend` merges its prefix and diagonal blocks. The send of the next step's payload is
 posted (one `batch_isend_irecv` to the ring neighbours on the cp group) before the current step's kernels
@@ -24,7 +29,7 @@ returns it to its owner. Gradients are exact: each block's backward takes the me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -61,11 +66,13 @@ def set_cp_group(group, size: int, rank: int) -> None:
 
 @dataclass(frozen=True)
 class Piece:
-    """One kernel call of a ring step: query rows of this rank against key columns of the payload held."""
+    """One kernel call of a ring step: query rows of this rank against key columns of the payload held (of batch
+    rows `batch`: under a document mask each row has its own documents)."""
 
     rows: slice
     keys: slice
     causal: bool
+    batch: slice = field(default_factory=lambda: slice(None))
 
 
 def pieces(rank: int, source: int, chunk: int, prefix: int) -> list[Piece]:
@@ -82,6 +89,76 @@ def pieces(rank: int, source: int, chunk: int, prefix: int) -> list[Piece]:
     if p and (source == rank or source > rank):
         out.append(Piece(slice(0, 2 * c) if source == rank else slice(0, c), slice(0, p), False))
     return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Contiguous positions of the window held at contiguous rows (queries) or columns (payload keys)."""
+
+    at: int  # first row or column
+    start: int  # its window position
+    length: int
+
+
+def _segments(rank: int, chunk: int, prefix: int, cp: int) -> tuple[list[Segment], list[Segment]]:
+    """(query segments of `rank`, key segments of its payload) in window positions. The payload's prefix holds
+    the rank's two zigzag pieces of each earlier Seq1F1B chunk (the relay's chunk lengths say which), then its
+    two pieces of this chunk; the queries are those two pieces."""
+    frames = [chunk * 2]
+    relay = RelayContext.current
+    if prefix:
+        if relay is None:
+            raise RuntimeError("ring attention with a prefix runs under a RelayContext")
+        frames = _chunk_frames(relay.chunk_lengths, 2 * chunk, prefix)
+    keys, col, offset = [], 0, 0
+    for frame in frames:
+        n = frame // 2
+        for piece in (rank, 2 * cp - 1 - rank):
+            keys.append(Segment(col, offset + piece * n, n))
+            col += n
+        offset += cp * frame
+    early, late = keys[-2:]
+    return [Segment(0, early.start, early.length), Segment(early.length, late.start, late.length)], keys
+
+
+def _chunk_frames(lengths: list[int], frame: int, prefix: int) -> list[int]:
+    """Attention-frame lengths of the chunks up to the one running: the relay's per-rank chunk lengths times
+    what Ulysses gathers, the running one being `frame` long after `prefix` keys (found by both: a backward
+    runs outside its unit)."""
+    for i, n in enumerate(lengths):
+        ratio, rest = divmod(frame, n)
+        if not rest and ratio * sum(lengths[:i]) == prefix:
+            return [ratio * m for m in lengths[: i + 1]]
+    raise RuntimeError(f"ring attention: no chunk of {lengths} is {frame} long after a prefix of {prefix}")
+
+
+def document_pieces(rank: int, source: int, chunk: int, prefix: int, cp: int) -> list[Piece]:
+    """`pieces` cut by document: per batch row, per (query segment, source key segment) with keys not after the
+    queries, one block per document present in both (causal on the diagonal segment)."""
+    queries, _ = _segments(rank, chunk, prefix, cp)
+    _, keys = _segments(source, chunk, prefix, cp)
+    out: list[Piece] = []
+    for row, bounds in enumerate(masks.row_bounds()):
+        batch = slice(row, row + 1)
+        for q in queries:
+            for k in keys:
+                if k.start >= q.start + q.length:
+                    continue  # keys after every query of the segment
+                diagonal = k.start == q.start
+                for first, end in zip(bounds, bounds[1:]):
+                    qa, qb = max(first, q.start), min(end, q.start + q.length)
+                    ka, kb = max(first, k.start), min(end, k.start + k.length)
+                    if qa < qb and ka < kb:
+                        rows = slice(q.at + qa - q.start, q.at + qb - q.start)
+                        out.append(Piece(rows, slice(k.at + ka - k.start, k.at + kb - k.start), diagonal, batch))
+    return out
+
+
+def step_pieces(rank: int, source: int, chunk: int, prefix: int, cp: int) -> list[Piece]:
+    """The kernel calls of one ring step: whole zigzag blocks, or cut by document under a document mask."""
+    if masks.documents_set():
+        return document_pieces(rank, source, chunk, prefix, cp)
+    return pieces(rank, source, chunk, prefix)
 
 
 class _Shift:
@@ -101,12 +178,12 @@ class _Shift:
         return self.received
 
 
-def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
+def _rows(t: torch.Tensor, rows: slice, batch: slice = slice(None)) -> torch.Tensor:
     """Query rows of a [B, H, S, ...] tensor; a contiguous copy when it is not all of them (kernels read
     their LSE and output rows as dense tensors)."""
-    if rows.start == 0 and rows.stop == t.shape[2]:
+    if rows.start == 0 and rows.stop == t.shape[2] and batch == slice(None):
         return t
-    return t[:, :, rows].contiguous()
+    return t[batch, :, rows].contiguous()
 
 
 def ring_backend(q: torch.Tensor) -> str:
@@ -125,8 +202,6 @@ def ring_backend(q: torch.Tensor) -> str:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
-    if masks.documents_set():
-        raise RuntimeError("ring attention has no document mask: data.cross_document_attention=false needs cp=1")
     sq = q.shape[2]
     if sq % 2 or k.shape[2] < sq:
         raise RuntimeError(f"ring attention: {sq} queries (two equal pieces) against {k.shape[2]} keys")
@@ -137,22 +212,23 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _merge_into(out: torch.Tensor, lse: torch.Tensor, rows: slice, block: Block) -> None:
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, piece: Piece, block: Block) -> None:
     """Fold one block's output and LSE into the running ones of its rows (exact log-sum-exp merge)."""
-    old = lse[:, :, rows]
+    b, rows = piece.batch, piece.rows
+    old = lse[b, :, rows]
     new = torch.logaddexp(old, block.lse.to(lse.dtype))
     kept = torch.exp(old - new).unsqueeze(-1)
-    out[:, :, rows] = out[:, :, rows] * kept + block.out.to(out.dtype) * torch.exp(block.lse - new).unsqueeze(-1)
-    lse[:, :, rows] = new
+    out[b, :, rows] = out[b, :, rows] * kept + block.out.to(out.dtype) * torch.exp(block.lse - new).unsqueeze(-1)
+    lse[b, :, rows] = new
 
 
 def forward_step(kernel, q, payload, steps: list[Piece], out, lse, scale: float) -> list:
     """One ring step's kernel calls (queries against the payload held), merged into `out` and `lse`; their aux."""
     auxes = []
     for piece in steps:
-        kk, vv = payload[0][:, :, piece.keys], payload[1][:, :, piece.keys]
-        block = kernel.forward(_rows(q, piece.rows), kk, vv, scale, piece.causal)
-        _merge_into(out, lse, piece.rows, block)
+        kk, vv = payload[0][piece.batch, :, piece.keys], payload[1][piece.batch, :, piece.keys]
+        block = kernel.forward(_rows(q, piece.rows, piece.batch), kk, vv, scale, piece.causal)
+        _merge_into(out, lse, piece, block)
         auxes.append(block.aux)
     return auxes
 
@@ -162,13 +238,14 @@ def backward_step(kernel, dout, q, payload, steps: list[Piece], saved: Saved, sc
     dK and dV from this rank's queries (fp32 accumulators)."""
     mine = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in payload]
     for piece in steps:
-        kk, vv = payload[0][:, :, piece.keys], payload[1][:, :, piece.keys]
-        rows = [_rows(t, piece.rows) for t in (dout, q, saved.out)]
-        lse = saved.lse[:, :, piece.rows].contiguous()
+        b = piece.batch
+        kk, vv = payload[0][b, :, piece.keys], payload[1][b, :, piece.keys]
+        rows = [_rows(t, piece.rows, b) for t in (dout, q, saved.out)]
+        lse = saved.lse[b, :, piece.rows].contiguous()
         dq_p, dk_p, dv_p = kernel.backward(*rows[:2], kk, vv, rows[2], lse, scale, piece.causal, next(auxes))
-        dq[:, :, piece.rows] += dq_p
-        mine[0][:, :, piece.keys] += dk_p
-        mine[1][:, :, piece.keys] += dv_p
+        dq[b, :, piece.rows] += dq_p
+        mine[0][b, :, piece.keys] += dk_p
+        mine[1][b, :, piece.keys] += dv_p
     return mine
 
 
@@ -189,7 +266,7 @@ def ring_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     for step in range(_ring.size):
         source = (_ring.rank - step) % _ring.size
         shift = _Shift(payload) if step < _ring.size - 1 else None  # the next payload travels during this step
-        auxes += forward_step(kernel, q, payload, pieces(_ring.rank, source, c, p), out, lse, scale)
+        auxes += forward_step(kernel, q, payload, step_pieces(_ring.rank, source, c, p, _ring.size), out, lse, scale)
         stats["steps"] += 1
         if shift is not None:
             payload = shift.wait()
@@ -211,7 +288,7 @@ def ring_attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float
         source = (_ring.rank - step) % _ring.size
         sends = (payload if step < _ring.size - 1 else []) + grads  # grads: the previous source's, passed on
         shift = _Shift(sends) if sends else None
-        steps = pieces(_ring.rank, source, c, p)
+        steps = step_pieces(_ring.rank, source, c, p, _ring.size)
         mine = backward_step(kernel, dout, q, payload, steps, saved, scale, auxes, dq)
         if shift is not None:
             received = shift.wait()
@@ -241,7 +318,7 @@ def simulate(qs, ks, vs, douts, scale: float) -> list[tuple[torch.Tensor, ...]]:
         auxes = []
         for step in range(cp):
             j = (r - step) % cp
-            auxes += forward_step(kernel, qs[r], [ks[j], vs[j]], pieces(r, j, c, p), out, lse, scale)
+            auxes += forward_step(kernel, qs[r], [ks[j], vs[j]], step_pieces(r, j, c, p, cp), out, lse, scale)
         forward.append((Saved(out.to(qs[r].dtype), lse, RING), auxes))
     dkv = [[torch.zeros(t.shape, dtype=acc, device=t.device) for t in (ks[j], vs[j])] for j in range(cp)]
     dqs = []
@@ -249,7 +326,7 @@ def simulate(qs, ks, vs, douts, scale: float) -> list[tuple[torch.Tensor, ...]]:
         dq, it = torch.zeros(qs[r].shape, dtype=acc, device=qs[r].device), iter(auxes)
         for step in range(cp):
             j = (r - step) % cp
-            steps = pieces(r, j, c, p)
+            steps = step_pieces(r, j, c, p, cp)
             mine = backward_step(kernel, douts[r].contiguous(), qs[r], [ks[j], vs[j]], steps, saved, scale, it, dq)
             dkv[j] = [a + b for a, b in zip(dkv[j], mine)]
         dqs.append(dq.to(qs[r].dtype))
