@@ -6,6 +6,8 @@ LONGEST_FIRST = (
     "test_plan.py::test_llama70b",
     "test_pipeline.py::test_every_schedule",
     "test_reference.py::test_four_rank",
+    "test_documents.py::test_one_process",
+    "test_documents.py::test_four_rank",
     "test_ring.py::test_four_rank",
     "test_reference.py::test_two_rank_layouts",
     "test_sequence_parallel.py::test_ulysses",

@@ -195,6 +195,14 @@ class CostModel:
             time[b.kind] += per_pair * b.pairs / rate(b.kind, b.sq, b.sk)
         return time["diag"], time["prefix"]
 
+    def _pairs_kept(self, length: int, prefix: int) -> float:
+        """The share of a unit's causal pairs (diagonal and prefix) a document mask leaves (1 without one)."""
+        mix = self.layout.documents
+        if mix is None or prefix not in self.prefixes:
+            return 1.0
+        blocks = chunk_blocks(mix, sum(self.chunk_lengths), tuple(self.chunk_lengths))[self.prefixes.index(prefix)]
+        return sum(b.pairs for b in blocks) / (length * (length + 1) / 2 + length * prefix)
+
     def _with_ring(self, parts: dict[str, float], stage: int, length: int, prefix: int, backward: bool) -> dict:
         """parallel.cp > 1: attention as the ring's steps (planner/ring.py), one LSE merge per kernel call."""
         lay = self.layout
@@ -202,6 +210,7 @@ class CostModel:
             return parts
         c, dev, d, dtype = self.bodies[stage], self.profile, self.graph.head_dim, self.graph.dtype
         per_pair = c.attention_per_pair * lay.micro_batch / lay.sp * (ATTENTION_BACKWARD if backward else 1.0)
+        per_pair *= self._pairs_kept(length, prefix)  # a document mask: the ring's blocks shrink by the pairs it empties
         shape = RingShape(lay.cp, length, prefix)
         rate = lambda kind, sq, sk: dev.block_rate(kind, sq, sk, d, backward, dtype)
         link = dev.link_bw(lay.seq_shards)
