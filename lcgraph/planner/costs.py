@@ -210,9 +210,7 @@ class CostModel:
             return parts
         c, dev, d, dtype = self.bodies[stage], self.profile, self.graph.head_dim, self.graph.dtype
         per_pair = c.attention_per_pair * lay.micro_batch / lay.sp * (ATTENTION_BACKWARD if backward else 1.0)
-        per_pair *= self._pairs_kept(
-            length, prefix
-        )  # a document mask: the ring's blocks shrink by the pairs it empties
+        per_pair *= self._pairs_kept(length, prefix)  # a document mask leaves the ring's blocks fewer pairs
         shape = RingShape(lay.cp, length, prefix)
         rate = lambda kind, sq, sk: dev.block_rate(kind, sq, sk, d, backward, dtype)
         link = dev.link_bw(lay.seq_shards)
