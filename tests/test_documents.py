@@ -216,7 +216,10 @@ def test_a_masked_plan_prices_the_pairs_the_mask_leaves():
         cfg = compose(*base, *extra, tiny=False)
         ev = evaluation.evaluate_config(cfg, evaluation.setup(cfg))
         plans[name] = (ev.sim.step_time, max(ev.sim.rank_peak), ev.model_flops_per_token, ev.cost)
+    elsewhere = compose(*base, "data.cross_document_attention=false", "data.path=/not/on/this/machine", tiny=False)
+    assert "assumed" in evaluation.document_mix(elsewhere).source  # a corpus this machine lacks: no error
     plain, masked, one = plans["plain"], plans["masked"], plans["one document"]
+
     assert one[:3] == plain[:3]
     assert abs(masked[1] / plain[1] - 1) < 0.1  # the chunks move, the memory per token does not
     assert masked[0] < 0.6 * plain[0] and masked[2] < 0.6 * plain[2], plans

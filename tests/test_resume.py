@@ -196,3 +196,17 @@ def test_a_resume_in_the_other_dtype_takes_the_fp32_masters(saved, resumed, tmp_
             offset = sum(q.numel() for q in b.params[: b.names.index(name)])
             want, got = _dcp_tensor(ckpt, f"model.{name}", p.shape).view(-1), b.master[offset : offset + p.numel()]
         assert torch.equal(got, want), name
+
+
+def test_a_run_that_crashed_before_its_first_checkpoint_starts_over_with_one_trajectory(tmp_path):
+    """train.resume=auto finds no checkpoint: the run starts at step 0, and the crashed attempt's rows move to
+    superseded/ instead of being followed by a second step 1."""
+    from lcgraph.app.cli import SUPERSEDED
+
+    run(compose("train.steps=2"), str(tmp_path))
+    shutil.rmtree(tmp_path / CHECKPOINTS)  # as if it had died before writing one
+    old = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    run(compose("train.steps=2", "train.resume=auto"), str(tmp_path))
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    (moved,) = (tmp_path / SUPERSEDED).iterdir()
+    assert (moved / "metrics.jsonl").read_text().splitlines() == old

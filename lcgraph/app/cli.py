@@ -113,7 +113,7 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
     resume = checkpoint.resume_path(cfg.train.resume, run_path)
-    superseded = supersede_later(run_path, resume) if rank == 0 and resume is not None else None
+    superseded = supersede_later(run_path, resume) if rank == 0 and resuming(cfg) else None
     logger = RunLogger(cfg, run_path, enabled=rank == 0, append=resuming(cfg))
     if superseded:
         logger.note(superseded)
@@ -156,11 +156,12 @@ def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     return summary
 
 
-def supersede_later(run_dir: Path, resume: Path) -> str | None:
-    """A resume at step N in a run directory that went past N (a rollback, or a crash after the last checkpoint):
-    its later checkpoints and metrics rows move to `superseded/<UTC time>-after-step-N/`, so the directory holds
-    the one trajectory this run continues; returns the line saying so (None when nothing was later)."""
-    manifest = checkpoint.read_manifest(resume)
+def supersede_later(run_dir: Path, resume: Path | None) -> str | None:
+    """A resume at step N in a run directory that went past N (a rollback, or a crash after the last checkpoint;
+    N = 0 when `train.resume=auto` found none yet): its later checkpoints and metrics rows move to
+    `superseded/<UTC time>-after-step-N/`, so the directory holds the one trajectory this run continues; returns
+    the line saying so (None when nothing was later)."""
+    manifest = checkpoint.read_manifest(resume) if resume is not None else {"step": 0}
     assert manifest is not None  # resume_path returns complete checkpoints only
     step = int(manifest["step"])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -194,8 +195,9 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def mean_kept(history: list[dict]) -> float:
-    """The share of causal attention pairs a document mask left, over the steps (1 without a mask)."""
-    return sum(m.get("attention_kept", 1.0) for m in history) / len(history)
+    """The share of causal attention pairs a document mask left, over the steps `throughput` reads (1 without)."""
+    tail = history[len(history) // 2 :] or history
+    return sum(m.get("attention_kept", 1.0) for m in tail) / len(tail)
 
 
 def step_perf(metrics: dict, perf: RunPerf, device: torch.device) -> dict:

@@ -183,8 +183,8 @@ def check_counts(cfg: DictConfig) -> None:
 
 
 def check_documents(cfg: DictConfig) -> None:
-    """data.num_workers is a process count. (data.cross_document_attention=false runs every kernel, compiled or
-    not, one causal span per document: ops/masks.py; ring attention refuses it in graph/ring.py.)"""
+    """data.num_workers is a process count, data.mean_document_tokens a length. (data.cross_document_attention=false
+    needs no check: every kernel and layout runs it, one causal span per document: ops/masks.py, ops/ring.py.)"""
     d = cfg.data
     if d.num_workers < 0:
         raise PlanError(f"data.num_workers={d.num_workers} must be >= 0 (0: one tokenizer process per core)")

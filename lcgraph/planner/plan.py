@@ -93,6 +93,7 @@ class Plan:
             "model": self.model,
             "layout": {
                 **dataclasses.asdict(cost.layout),
+                "documents": cost.layout.documents.source if cost.layout.documents else None,  # not its sample
                 "gpus": cost.layout.gpus,
                 "schedule": ev.spec.name,
                 "microbatches": ev.spec.microbatches,

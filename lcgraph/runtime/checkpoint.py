@@ -219,7 +219,7 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def move_later(root: Path, step: int, resumed: Path, dest: Path) -> list[int]:
+def move_later(root: Path, step: int, resumed: Path | None, dest: Path) -> list[int]:
     """Move the checkpoints under `root` that a resume at `step` (from `resumed`) supersedes into `dest`: every
     complete or cut-off one after `step`, and one at `step` that is not `resumed` itself. Returns their steps."""
     moved = []
@@ -228,7 +228,7 @@ def move_later(root: Path, step: int, resumed: Path, dest: Path) -> list[int]:
         if m is None:
             continue
         at = int(m.group(1))
-        if at > step or (at == step and p.resolve() != resumed.resolve()):
+        if at > step or (at == step and (resumed is None or p.resolve() != resumed.resolve())):
             dest.mkdir(parents=True, exist_ok=True)
             os.replace(p, dest / p.name)
             moved.append(at)

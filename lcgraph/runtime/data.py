@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lcgraph.errors import DataError, DataPathError
+from lcgraph.errors import DataError, DataPathError, LcgraphError
 
 EOS = "<|endoftext|>"
 IGNORE_INDEX = -100  # the label cross-entropy skips (as capture's loss)
@@ -446,10 +446,13 @@ def prepare_corpus(d, model_path: str | None, vocab_size: int, build: bool = Tru
 def cached_offsets(d, model_path: str | None, vocab_size: int) -> np.ndarray | None:
     """The document offsets of `d`'s prepared corpus, or None when it (or the BPE it needs) is not cached yet:
     the planner reads them without tokenizing anything."""
-    files = corpus_files(d.path, int(d.max_corpus_mb * 2**20))
-    if not model_path and not (cache_dir() / f"bpe-{vocab_size}-{_fingerprint(files, vocab_size)}").is_dir():
+    try:
+        files = corpus_files(d.path, int(d.max_corpus_mb * 2**20))
+        if not model_path and not (cache_dir() / f"bpe-{vocab_size}-{_fingerprint(files, vocab_size)}").is_dir():
+            return None
+        corpus, _ = prepare_corpus(d, model_path, vocab_size, build=False)
+    except LcgraphError:  # a path or model this machine does not have: a plan made elsewhere
         return None
-    corpus, _ = prepare_corpus(d, model_path, vocab_size, build=False)
     return None if corpus is None else np.asarray(corpus.offsets)
 
 

@@ -13,7 +13,7 @@
 
 Test hook (documented in docs/training.md): LCGRAPH_FAULT="KIND:STEP:WHERE[,...]" injects faults at a 0-based step:
 nan:S:STAGE (NaN gradients for the stage's last parameter in name order, on its first replica),
-perturb:S:RANK (after step S's update, swaps two elements of the rank's first parameter in name order: a plain
+perturb:S:RANK (after step S's update, swaps two differing elements of the rank's first parameter in name order: a plain
 sum of bits misses that),
 kill:S:RANK (SIGKILL at its first backward), hang:S:RANK (sleeps forever at its first backward),
 term:S:RANK (sends itself SIGTERM at its first backward; once per process),
@@ -108,7 +108,8 @@ def _perturb(job: Any, step: int) -> None:
         st = job.stages[min(job.stages)]
         with torch.no_grad():
             flat = st.params[min(st.params)].view(-1)
-            flat[[0, 1]] = flat[[1, 0]]
+            other = int(torch.nonzero(flat != flat[0])[0]) if bool((flat != flat[0]).any()) else 1
+            flat[[0, other]] = flat[[other, 0]]  # two elements that differ (a norm weight starts all ones)
 
 
 def skip_first_reduce_scatter(optimizer: Any, stage: int) -> None:
