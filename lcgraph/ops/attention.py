@@ -291,22 +291,29 @@ def _attend_documents(name: str, q, k, v, scale: float, spans: list[masks.Span])
     aux = []
     for s in spans:
         rows, queries, keys = slice(s.row, s.row + 1), slice(s.q0 - start, s.q1 - start), slice(s.k0, s.q1)
+        kernel = _span_kernel(name, s)
         o, lse_s, aux_diagonal, aux_prefix = _causal(
-            KERNELS[name], q[rows, :, queries], k[rows, :, keys], v[rows, :, keys], scale
+            KERNELS[kernel], q[rows, :, queries], k[rows, :, keys], v[rows, :, keys], scale
         )
         out[rows, :, queries], lse[rows, :, queries] = o, lse_s
-        aux.append((aux_diagonal, aux_prefix))
+        aux.append((aux_diagonal, aux_prefix, kernel))
     return Saved(out, lse, name + DOCUMENTS, tuple(aux), (), tuple(spans))
+
+
+def _span_kernel(name: str, span: masks.Span) -> str:
+    """The kernel of one document span: the call's, except that cuDNN refuses a 1 x 1 causal block (s_q = s_kv = 1,
+    a span of one query), which math computes exactly at no cost worth a kernel."""
+    return "math" if name == "cudnn" and span.q1 - span.q0 == 1 else name
 
 
 def _documents_backward(dout, q, k, v, saved: Saved, scale: float) -> Grads:
     """Gradients of `_attend_documents`: each span's blocks from its own rows of the output and LSE."""
-    kernel, start = KERNELS[saved.backend.removesuffix(DOCUMENTS)], k.shape[2] - q.shape[2]
+    start = k.shape[2] - q.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)  # keys of no span get no gradient
-    for s, (aux_diagonal, aux_prefix) in zip(saved.spans, saved.aux_diagonal):
+    for s, (aux_diagonal, aux_prefix, kernel) in zip(saved.spans, saved.aux_diagonal):
         rows, queries, keys = slice(s.row, s.row + 1), slice(s.q0 - start, s.q1 - start), slice(s.k0, s.q1)
         g = _causal_backward(
-            kernel, dout[rows, :, queries], q[rows, :, queries], k[rows, :, keys], v[rows, :, keys],
+            KERNELS[kernel], dout[rows, :, queries], q[rows, :, queries], k[rows, :, keys], v[rows, :, keys],
             saved.out[rows, :, queries], saved.lse[rows, :, queries].contiguous(), scale, aux_diagonal, aux_prefix,
         )  # fmt: skip
         dq[rows, :, queries] = g.dq
