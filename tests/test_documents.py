@@ -1,7 +1,7 @@
 """Packed documents (`data.cross_document_attention=false`) against an independent reference in every layout that
 has them: HF eager LlamaForCausalLM run on each document of each window alone, the summed token cross-entropy
 over the step's global count of target tokens, torch AdamW with clip_grad_norm_ and the warm-up/cosine schedule
-(tests/test_reference.py's conventions), from the same initial weights on the same windows.
+(tests/test_reference.py's conventions and constants), from the same initial weights on the same windows.
 
 The corpus is short documents (3 to 30 words), so a 64-token window holds several and Seq1F1B chunks and Ulysses
 shards cut through them."""
@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from test_reference import ACTIVE, CLIP, STEPS, WD, reference_lr  # the reference's schedule, clipping, decay
 
 from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
 from lcgraph.graph.capture import IGNORE_INDEX
@@ -21,7 +22,6 @@ from lcgraph.ops import attention, masks
 from lcgraph.runtime import data
 from lcgraph.runtime.model import build_config, init_parameter
 
-STEPS, WARMUP, LR, MIN_RATIO, CLIP, WD = 3, 1, 1e-3, 0.1, 0.05, 0.1
 WORDS = "alpha beta gamma delta river stone cloud seven green quick lamp table north".split()
 FP32 = 1e-5
 UNEVEN = ["parallel.chunk_split=uniform_comp", "parallel.microbatches=2"]
@@ -37,23 +37,8 @@ def corpus(tmp_path_factory):
         f"data.path={root / 'docs.jsonl'}",
         "data.num_workers=1",
         "data.cross_document_attention=false",
-        f"train.steps={STEPS}",
-        f"optim.warmup_steps={WARMUP}",
-        f"optim.lr={LR}",
-        f"optim.min_lr_ratio={MIN_RATIO}",
-        f"optim.grad_clip={CLIP}",
-        f"optim.weight_decay={WD}",
-        "parallel.bucket_mb=0.05",
+        *ACTIVE,
     ]
-
-
-def reference_lr(step: int) -> float:
-    import math
-
-    if step < WARMUP:
-        return LR * (step + 1) / WARMUP
-    done = (step + 1 - WARMUP) / (STEPS - WARMUP)
-    return LR * (MIN_RATIO + (1 - MIN_RATIO) * (1 + math.cos(math.pi * done)) / 2)
 
 
 def hf_per_document(cfg, batch: int):
