@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from lcgraph.runtime.data import lognormal_offsets
+
 WINDOWS = 64  # windows averaged per chunk layout
 SAMPLE = 16384  # document lengths a mix keeps
 
@@ -31,9 +33,10 @@ class DocumentMix:
 
     @classmethod
     def lognormal(cls, mean: float, seed: int = 0, sigma: float = 1.0) -> DocumentMix:
-        rng = np.random.default_rng(seed)
-        drawn = np.maximum(1, np.rint(rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, SAMPLE)))
-        return cls(tuple(int(x) for x in drawn), f"log-normal lengths, mean {mean:,.0f} tokens, sigma {sigma:g}")
+        """SAMPLE lengths drawn as the synthetic corpus draws its documents (data.lognormal_offsets)."""
+        offsets = lognormal_offsets(int(mean * SAMPLE), mean, seed, sigma)
+        lengths = tuple(int(x) for x in np.diff(offsets)[:-1])  # the last one is cut at the stream's end
+        return cls(lengths, f"log-normal lengths, mean {mean:,.0f} tokens, sigma {sigma:g}")
 
     @classmethod
     def from_offsets(cls, offsets: np.ndarray, source: str) -> DocumentMix:

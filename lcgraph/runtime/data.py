@@ -171,7 +171,7 @@ def build_tokenizer(model_path: str | None, vocab_size: int, files: list[Path], 
 
     if model_path:
         return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    target = cache_dir() / f"bpe-{vocab_size}-{_fingerprint(files, vocab_size)}"
+    target = _bpe_dir(vocab_size, files)
     if not (target / "tokenizer.json").is_file():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -191,6 +191,11 @@ def build_tokenizer(model_path: str | None, vocab_size: int, files: list[Path], 
         fast.save_pretrained(tmp)
         _publish(tmp, target)
     return PreTrainedTokenizerFast.from_pretrained(str(target))
+
+
+def _bpe_dir(vocab_size: int, files: list[Path]) -> Path:
+    """Where the BPE trained on these files is cached."""
+    return cache_dir() / f"bpe-{vocab_size}-{_fingerprint(files, vocab_size)}"
 
 
 def sample_texts(ds, text_key: str, max_bytes: int):
@@ -448,7 +453,7 @@ def cached_offsets(d, model_path: str | None, vocab_size: int) -> np.ndarray | N
     the planner reads them without tokenizing anything."""
     try:
         files = corpus_files(d.path, int(d.max_corpus_mb * 2**20))
-        if not model_path and not (cache_dir() / f"bpe-{vocab_size}-{_fingerprint(files, vocab_size)}").is_dir():
+        if not model_path and not _bpe_dir(vocab_size, files).is_dir():
             return None
         corpus, _ = prepare_corpus(d, model_path, vocab_size, build=False)
     except LcgraphError:  # a path or model this machine does not have: a plan made elsewhere
