@@ -25,6 +25,8 @@ from lcgraph.runtime.model import build_config, init_parameter
 WORDS = "alpha beta gamma delta river stone cloud seven green quick lamp table north".split()
 FP32 = 1e-5
 UNEVEN = ["parallel.chunk_split=uniform_comp", "parallel.microbatches=2"]
+# 61 tokens in 2 even chunks of 2 x cp=2 zigzag pieces: the programs run 64, three padding tokens the loss ignores
+PADDED = ["data.seq_len=61", "parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "parallel.chunk_split=even"]
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +106,20 @@ def test_one_process_whole_and_seq1f1b_uneven_chunks_match_hf_per_document(corpu
 
 def test_two_rank_layouts_match_hf_per_document(corpus):
     """On 2 gloo ranks: Ulysses sp=2 (GQA, 2 KV heads); ring attention cp=2 (zigzag pieces cut by document); pp=2
-    Seq1F1B with uneven chunks; dp=2 with ZeRO (two windows a step, as the reference's batch of 2)."""
+    Seq1F1B with uneven chunks; dp=2 with ZeRO (two windows a step, as the reference's batch of 2); cp=2 with
+    Seq1F1B at a length its chunks and pieces do not divide (padded, the reference on the 61 real tokens)."""
     cfgs = [
         compose(*corpus, "parallel.sp=2"),
         compose(*corpus, "parallel.cp=2"),
         compose(*corpus, "parallel.pp=2", "parallel.schedule=seq1f1b", "parallel.seq_chunks=3", *UNEVEN),
         compose(*corpus, "parallel.dp=2", "parallel.zero=true"),
+        compose(*corpus, *PADDED, "parallel.cp=2"),
     ]
     results = train_spawned(cfgs, world=2)
     one, two = hf_per_document(cfgs[0], batch=1), hf_per_document(cfgs[0], batch=2)
-    for label, r, ref in zip(("sp=2", "cp=2", "pp=2 seq1f1b", "dp=2 zero"), results, (one, one, two, two)):
+    padded = hf_per_document(cfgs[-1], batch=1)
+    labels = ("sp=2", "cp=2", "pp=2 seq1f1b", "dp=2 zero", "cp=2 seq1f1b 2 even chunks, 61 tokens padded to 64")
+    for label, r, ref in zip(labels, results, (one, one, two, two, padded)):
         assert_close_run(r["losses"], r["params"], *ref, rtol=FP32, label=label)
 
 

@@ -171,3 +171,27 @@ def test_document_mask_on_each_gpu_kernel_agrees_with_cpu_math(backend, sq, sk):
     torch.testing.assert_close(out.float().cpu(), ref, atol=tol["out"], rtol=tol["out"])
     for d, c in zip(dev, cpu):
         torch.testing.assert_close(d.grad.float().cpu(), c.grad, atol=tol["grad"], rtol=tol["grad"])
+
+
+def test_auto_runs_flash_under_a_document_mask_where_it_runs_cudnn_without():
+    """cuDNN builds a plan per span shape and packed documents bring new shapes every step (docs/attention.md), so
+    `auto` swaps it for flash under a mask, on the GPUs whose table picks cuDNN; the unmasked call keeps the table's
+    choice."""
+    from lcgraph.ops import attention, masks
+
+    q = torch.randn(1, 8, 64, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q[:, :2]), torch.randn_like(q[:, :2])
+    before = attention.attention_backend()
+    try:
+        attention.set_backend("auto")
+        table = attention.resolve_backend(q)
+        plain = attention.attend(q, k, v, 0.125).backend
+        masks.set_documents(torch.repeat_interleave(torch.arange(2), torch.tensor([20, 44]))[None])
+        masked = attention.attend(q, k, v, 0.125).backend
+    finally:
+        masks.set_documents(None)
+        attention.set_backend(before)
+    assert plain == table
+    assert masked == attention.DOCUMENT_AUTO.get(table, table) + attention.DOCUMENTS
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert masked.startswith("flash"), masked

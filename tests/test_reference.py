@@ -186,6 +186,17 @@ def test_compiled_uneven_chunks_with_the_kv_relay_match_hf_eager(mode, reference
     check(losses, params, reference(1, True, 3, one_layer), label="compile", grad_norms=extra["grad_norms"])
 
 
+def test_a_length_the_chunks_do_not_divide_is_padded_and_matches_hf_eager(reference):
+    """data.seq_len=61 in 3 even Seq1F1B chunks runs 63 tokens: two padding tokens whose labels the loss ignores,
+    so losses, weights and gradient norms stay HF eager's on the 61 real tokens (a padded label counted, or the
+    padding seen by a real token, moves them)."""
+    length = "data.seq_len=61"
+    even = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=3", "parallel.chunk_split=even"]
+    losses, params, extra = train_local(run_cfg(length, *even))
+    assert extra["job"].chunk_lengths == [21, 21, 21]
+    check(losses, params, reference(1, False, STEPS, length), label="padded 61 -> 63", grad_norms=extra["grad_norms"])
+
+
 def _graphs_compiled(chunks: int) -> int:
     from torch._dynamo.utils import counters
 

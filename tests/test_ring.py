@@ -92,17 +92,18 @@ def test_zigzag_shards_cover_the_chunk_once_with_mirrored_pieces():
     assert torch.equal(c0, torch.cat([torch.arange(0, 8), torch.arange(40, 48)]))
 
 
-def test_layouts_the_ring_cannot_split_are_refused_in_one_line():
+def test_layouts_too_short_for_the_ring_are_refused_in_one_line_and_others_padded():
     def layout(*overrides):
         cfg = compose(*overrides)
         check_layout(cfg, 4, 4, 2)
 
     layout("parallel.cp=2", "data.seq_len=64")
     layout("parallel.cp=2", "parallel.pp=2", *SEQ1F1B, "data.seq_len=64")
-    with pytest.raises(PlanError, match=r"data.seq_len=60 does not split into 2 x parallel.cp=4 balanced chunks"):
-        layout("parallel.cp=4", "data.seq_len=60")
-    with pytest.raises(PlanError, match=r"balanced chunks per Seq1F1B chunk \(parallel.seq_chunks=2"):
-        layout("parallel.cp=2", "parallel.sp=2", "parallel.pp=2", *SEQ1F1B[:2], "data.seq_len=40")
+    layout("parallel.cp=4", "data.seq_len=60")  # padded to 64 (graph/ring.py: padded_length)
+    with pytest.raises(PlanError, match=r"data.seq_len=7 is too short for 2 x parallel.cp=4 zigzag pieces"):
+        layout("parallel.cp=4", "data.seq_len=7")
+    with pytest.raises(PlanError, match=r"zigzag pieces per Seq1F1B chunk \(parallel.seq_chunks=2\) of parallel.sp=2"):
+        layout("parallel.cp=2", "parallel.sp=2", "parallel.pp=2", *SEQ1F1B[:2], "data.seq_len=12")
     layout("parallel.cp=2", "data.seq_len=64", "data.cross_document_attention=false")  # packed documents too
     with pytest.raises(PlanError, match="train.attention=efficient with parallel.cp=2"):
         layout("parallel.cp=2", "data.seq_len=64", "train.attention=efficient")

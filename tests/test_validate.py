@@ -22,6 +22,7 @@ from lcgraph.app.config import LcgraphConfig
 from lcgraph.app.testing import compose, hf_model_dir, train_local
 from lcgraph.app.validate import check_launch, validate_plan
 from lcgraph.errors import LcgraphError, PlanError
+from lcgraph.graph.ring import run_length
 from lcgraph.schedule.actions import ScheduleSpec
 from lcgraph.schedule.p2p import add_p2p
 from lcgraph.schedule.programs import build_programs
@@ -69,10 +70,6 @@ def violations(d: dict) -> list[tuple[str, ...]]:
     if name == "interleaved_1f1b" and pp >= 2 and v >= 2 and m % pp != 0 and m > pp:
         out.append((f"parallel.microbatches={m}", f"parallel.pp={pp}"))
     chunks = k if name == "seq1f1b" else 1
-    if seq % sp:
-        out.append((f"data.seq_len={seq}", f"parallel.sp={sp}"))
-    if d["chunk_split"] == "even" and seq % (sp * chunks):
-        out.append((f"data.seq_len={seq}", f"parallel.sp={sp}", f"parallel.seq_chunks={chunks}"))
     if seq < 2 * sp * chunks:
         out.append((f"data.seq_len={seq}", f"parallel.sp={sp}", f"parallel.seq_chunks={chunks}"))
     if heads % sp:
@@ -152,8 +149,10 @@ def check_programs(cfg) -> None:
     k = par.seq_chunks if par.schedule == "seq1f1b" else 1
     spec = ScheduleSpec(par.schedule, par.pp, par.microbatches, k, par.virtual_stages)
     validate(add_p2p(build_programs(spec), spec), spec)
-    lengths = split_sequence(cfg.data.seq_len, k, par.chunk_split, 1.0, 1.0, align=par.sp)
-    assert sum(lengths) == cfg.data.seq_len and all(n > 0 and n % par.sp == 0 for n in lengths), lengths
+    length = run_length(par, cfg.data.seq_len)  # padded where the chunks and shards do not divide seq_len
+    assert cfg.data.seq_len <= length < cfg.data.seq_len + par.sp * k
+    lengths = split_sequence(length, k, par.chunk_split, 1.0, 1.0, align=par.sp)
+    assert sum(lengths) == length and all(n > 0 and n % par.sp == 0 for n in lengths), lengths
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -138,7 +138,7 @@ def sides_from_args(args) -> list[Side]:
         args.recompute or [None],
         args.offload or [None],
         args.activation_budget or [None],
-        [None, args.documents] if args.documents else [None],  # masked beside the unmasked row of its layout
+        _document_rows(args),
     )
     for variant, comp, fuse, rc, off, budget, docs in grid:
         for chunks in args.chunks if variant == "chunked" else [1]:
@@ -147,6 +147,14 @@ def sides_from_args(args) -> list[Side]:
             )
             lcgraph.append(side)
     return peers + lcgraph
+
+
+def _document_rows(args) -> list[str | None]:
+    """The masked row beside the unmasked row of its layout; `--masked-only` drops the unmasked one (a fit check at
+    a length where the unmasked step takes minutes)."""
+    if not args.documents:
+        return [None]
+    return [args.documents] if args.masked_only else [None, args.documents]
 
 
 def _layer_params(config) -> int:
@@ -491,6 +499,9 @@ def parser() -> argparse.ArgumentParser:
         "--documents",
         help="MEAN: synthetic documents of log-normal lengths (sigma 1) with this mean, or PATH: a corpus; packed "
         "under a document mask, each row beside the unmasked row of the same layout",
+    )
+    ap.add_argument(
+        "--masked-only", action="store_true", help="with --documents: no unmasked rows (a fit check at a long length)"
     )
     ap.add_argument("--set", nargs="*", default=[], help="more lcgraph overrides, e.g. train.attention=cudnn")
     ap.add_argument("--hf-checkpointing", default="auto", choices=["auto", "never", "always"])

@@ -25,7 +25,7 @@ from lcgraph.errors import DataError, LaunchError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
 from lcgraph.graph.fusion import fuse_wanted
-from lcgraph.graph.ring import ring_align
+from lcgraph.graph.ring import ring_align, run_length
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, masks, ring
 from lcgraph.planner.documents import DocumentMix, pairs_before
@@ -121,7 +121,10 @@ class Job:
             )
         else:
             corpus = self._open_corpus()
-        self.sampler = data.PackedSampler(corpus, d.seq_len, self.cfg.train.seed, d.cross_document_attention)
+        self.length = run_length(self.cfg.parallel, d.seq_len)  # seq_len padded to what the layout divides
+        self.sampler = data.PackedSampler(
+            corpus, d.seq_len, self.cfg.train.seed, d.cross_document_attention, length=self.length
+        )
 
     def _open_corpus(self) -> data.TokenCorpus:
         """The token cache (lcgraph-train builds it before spawning ranks); under torchrun the first rank of
@@ -175,7 +178,7 @@ class Job:
         self.chunk_lengths = self._chunk_lengths(k)
 
     def _chunk_lengths(self, k: int) -> list[int]:
-        par, seq = self.cfg.parallel, self.cfg.data.seq_len
+        par, seq = self.cfg.parallel, self.length
         if k == 1:
             return [seq]
         per_token = sum(n.meta["lcgraph"].flops_per_token for n in self.captured.graph.nodes)
@@ -188,7 +191,7 @@ class Job:
 
     def _setup_stages(self):
         c, par = self.coords, self.cfg.parallel
-        self.layer_counts = passes.plan_layer_counts(self.captured, par, self.cfg.data.seq_len)
+        self.layer_counts = passes.plan_layer_counts(self.captured, par, self.length)
         mine = {s for s in range(par.pp * par.virtual_stages) if s % par.pp == c.pp_rank}
         dump = self._dumper() if self.cfg.dump.graphs else None
         graphs = passes.compile_stages(
@@ -342,7 +345,7 @@ class Job:
                 )
                 total += int((labels != IGNORE_INDEX).sum())
                 if self.attention_kept is not None:
-                    self.attention_kept += kept_pairs(docs) / (par.dp * par.microbatches)
+                    self.attention_kept += kept_pairs(docs[:, : d.seq_len]) / (par.dp * par.microbatches)
                 if dp_rank != self.coords.dp_rank:
                     continue
                 masked_docs = None if d.cross_document_attention else docs  # on the host: spans cut there (masks.py)

@@ -17,11 +17,10 @@ order they are checked (docs/recipes.md lists them with examples):
                stage and sums to num_hidden_layers
     schedule   seq_chunks > 1 only with seq1f1b; virtual_stages > 1 only with interleaved_1f1b, which
                needs pp >= 2, virtual_stages >= 2, and microbatches % pp == 0 or microbatches <= pp
-    sequence   with k = seq_chunks (seq1f1b) or 1: seq_len % sp == 0; seq_len % (sp * k) == 0 for
-               chunk_split=even; seq_len >= 2 * sp * k
+    sequence   with k = seq_chunks (seq1f1b) or 1: seq_len >= 2 * sp * k (a length the chunks and shards do
+               not divide is padded: graph/ring.py padded_length)
     ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
-    ring       cp > 1: every Seq1F1B chunk (the whole sequence with one chunk) splits into 2 * cp zigzag
-               pieces whose tokens sp divides (chunk length % (2 * cp * sp) == 0)
+    ring       cp > 1: seq_len >= 2 * cp * sp * k (each chunk holds 2 * cp zigzag pieces of sp tokens or more)
     documents  data.num_workers >= 0, data.mean_document_tokens >= 0
     positions  data.seq_len <= the model's max_position_embeddings
     window     a model's sliding window (Mistral, Qwen2 with use_sliding_window) is >= data.seq_len
@@ -280,17 +279,6 @@ def check_schedule(par) -> None:
 def check_sequence(par, seq: int) -> None:
     sp = par.sp
     k = par.seq_chunks if par.schedule == "seq1f1b" else 1
-    if seq % sp:
-        raise PlanError(
-            f"data.seq_len={seq} is not divisible by parallel.sp={sp}: every Ulysses rank holds "
-            f"seq_len/sp tokens; use data.seq_len={seq - seq % sp or sp}"
-        )
-    if par.chunk_split == "even" and seq % (sp * k):
-        raise PlanError(
-            f"data.seq_len={seq} is not divisible by parallel.sp={sp} x parallel.seq_chunks={k} = "
-            f"{sp * k} (parallel.chunk_split=even); use data.seq_len={seq - seq % (sp * k) or sp * k} "
-            "or parallel.chunk_split=uniform_comp"
-        )
     if seq < 2 * sp * k:
         raise PlanError(
             f"data.seq_len={seq} is too short for parallel.sp={sp} x parallel.seq_chunks={k} chunks of "

@@ -16,22 +16,33 @@ def ring_align(par) -> int:
     return 2 * par.cp * par.sp if par.cp > 1 else par.sp
 
 
+def padded_length(seq_len: int, k: int, chunk_split: str, align: int) -> int:
+    """The length the programs run for a window of `seq_len` tokens: rounded up to what the k Seq1F1B chunks
+    (`chunk_split`) and the shards (`align`, ring_align) divide. The data pads the window with labels the loss
+    ignores, so the loss and its token count stay those of the real tokens (runtime/data.py: pad_window)."""
+    quantum = align * k if chunk_split == "even" else align
+    return -(-seq_len // quantum) * quantum
+
+
+def run_length(par, seq_len: int) -> int:
+    """`padded_length` for a parallel config section."""
+    k = par.seq_chunks if par.schedule == "seq1f1b" else 1
+    return padded_length(seq_len, k, par.chunk_split, ring_align(par))
+
+
 def check_ring(par, seq: int, attention: str = "auto") -> None:
-    """cp > 1: each Seq1F1B chunk cuts into 2 * cp balanced pieces that sp divides; not the efficient kernel
-    (ops/ring.py: ring_backend)."""
+    """cp > 1: each Seq1F1B chunk is long enough for 2 * cp balanced pieces that sp divides; not the efficient
+    kernel (ops/ring.py: ring_backend)."""
     cp, sp = par.cp, par.sp
     if cp == 1:
         return
     k = par.seq_chunks if par.schedule == "seq1f1b" else 1
     align = ring_align(par)
-    even = par.chunk_split == "even"
-    need = align * k if even else align
-    if seq % need or seq < align * k:
-        per = f" per Seq1F1B chunk (parallel.seq_chunks={k}, parallel.chunk_split={par.chunk_split})" if k > 1 else ""
-        ok = max(need, seq - seq % need)
+    if seq < align * k:  # a length the pieces do not divide is padded (padded_length); one too short is not
+        per = f" per Seq1F1B chunk (parallel.seq_chunks={k})" if k > 1 else ""
         raise PlanError(
-            f"data.seq_len={seq} does not split into 2 x parallel.cp={cp} balanced chunks{per}, each divisible "
-            f"by parallel.sp={sp}: use data.seq_len a multiple of {need} (e.g. {ok})"
+            f"data.seq_len={seq} is too short for 2 x parallel.cp={cp} zigzag pieces{per} of parallel.sp={sp} "
+            f"tokens each: use data.seq_len >= {align * k} or fewer chunks"
         )
     if attention == "efficient":
         raise PlanError(

@@ -45,6 +45,10 @@ AUTO_TABLE: dict[tuple[int, bool], list[tuple[int, str]]] = {
     (8, True): [(256, "flash")],
 }
 AUTO_FALLBACK = "efficient"  # fp32 on GPU, head dims the table does not cover, GPUs it does not list
+# Under a document mask `auto` runs flash where the table says cuDNN: cuDNN builds an execution plan for every new
+# span length, and packed documents bring new lengths every step (one H200, 16k tokens of 8k-token documents:
+# 20,464 tok/s on cuDNN, 41,773 on flash; docs/benchmarks.md).
+DOCUMENT_AUTO = {"cudnn": "flash"}
 
 # Kernel runs of this process, ("forward" | "backward") -> count, one per attention call (however many
 # blocks it has); tests read it to prove each layer's forward runs once per unit and step.
@@ -64,8 +68,9 @@ def attention_backend() -> str:
     return _backend
 
 
-def resolve_backend(q: torch.Tensor) -> str:
-    """The kernel used for tensors like ``q``: ``auto`` picks math on CPU and reads `AUTO_TABLE` on GPU."""
+def resolve_backend(q: torch.Tensor, documents: bool = False) -> str:
+    """The kernel used for tensors like ``q``: ``auto`` picks math on CPU and reads `AUTO_TABLE` on GPU
+    (`DOCUMENT_AUTO` under a document mask)."""
     if _backend != "auto":
         return _backend
     if q.device.type != "cuda":
@@ -74,7 +79,7 @@ def resolve_backend(q: torch.Tensor) -> str:
     half = q.dtype in (torch.float16, torch.bfloat16)
     for max_dim, name in AUTO_TABLE.get((major, half), []):
         if q.shape[-1] <= max_dim:
-            return name
+            return DOCUMENT_AUTO.get(name, name) if documents else name
     return AUTO_FALLBACK
 
 
@@ -272,9 +277,9 @@ def _causal_backward(kernel: Kernel, dout, q, k, v, out, lse, scale: float, aux_
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Saved:
     """Bottom-right causal attention of q over k/v (Sk >= Sq), with no autograd: output, LSE, kernel aux; with
     document ids set (masks.py), each document's queries over its own keys only."""
-    name = resolve_backend(q)
     KERNEL_CALLS["forward"] += 1
     spans = masks.document_spans(q.shape[2], k.shape[2])
+    name = resolve_backend(q, documents=spans is not None)
     if spans is not None:
         return _attend_documents(name, q, k, v, scale, spans)
     out, lse, aux_diagonal, aux_prefix = _causal(KERNELS[name], q, k, v, scale)

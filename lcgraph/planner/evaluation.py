@@ -14,7 +14,7 @@ from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.graph.fusion import fuse_wanted
-from lcgraph.graph.ring import ring_align
+from lcgraph.graph.ring import padded_length, ring_align
 from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.documents import DocumentMix, kept_fraction, pairs_before
@@ -90,6 +90,17 @@ class Evaluation:
     def gpus(self) -> int:
         return self.cost.layout.gpus
 
+    @property
+    def seq_len(self) -> int:
+        """The window's real tokens (the programs may run more: `run_length`)."""
+        lay = self.cost.layout
+        return self.tokens_per_step // (lay.dp * self.spec.microbatches * lay.micro_batch)
+
+    @property
+    def run_length(self) -> int:
+        """The length the programs run: seq_len plus the padding the chunks and shards need (ring.padded_length)."""
+        return sum(self.cost.chunk_lengths)
+
     def summary(self) -> dict:
         sim, dev = self.sim, self.cost.profile
         tokens_per_s_gpu = self.tokens_per_step / sim.step_time / self.gpus
@@ -132,12 +143,13 @@ def evaluate(
     spec = ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
     programs = add_p2p(build_programs(spec), spec)
     nccl.check(programs, spec, nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero, cp=layout.cp))
+    length = padded_length(seq_len, k, chunk_split, ring_align(layout))  # what the programs run (padding included)
     if k == 1:
-        lengths = [seq_len]
+        lengths = [length]
     else:
         per_token, per_pair = graph.split_costs()
-        curve = pairs_before(layout.documents, seq_len) if layout.documents is not None else None
-        lengths = split_sequence(seq_len, k, chunk_split, per_token, per_pair, ring_align(layout), curve)
+        curve = pairs_before(layout.documents, length) if layout.documents is not None else None
+        lengths = split_sequence(length, k, chunk_split, per_token, per_pair, ring_align(layout), curve)
     cost = CostModel(graph, profile, layout, list(layer_counts), lengths)
     sim = simulate(programs, spec, cost)
     offload = offload_plan(programs, spec, cost, settings or DEFAULTS)

@@ -98,7 +98,8 @@ class Plan:
                 "schedule": ev.spec.name,
                 "microbatches": ev.spec.microbatches,
                 "seq_chunks": ev.spec.seq_chunks,
-                "seq_len": sum(cost.chunk_lengths),
+                "seq_len": ev.seq_len,
+                "run_length": ev.run_length,  # seq_len padded to what the chunks and shards divide
                 "dtype": cost.graph.dtype,
             },
             "device": cost.profile.to_dict(),

@@ -44,7 +44,7 @@ def print_plan(plan: Plan, console=None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     ev, cost = plan.main, plan.main.cost
     lay, dev, m = cost.layout, cost.profile, plan.model
-    seq = sum(cost.chunk_lengths)
+    seq = ev.seq_len
     console.print(
         f"[bold]{m['name']}[/]: {m['layers']} layers, hidden {m['hidden_size']}, {m['heads']} heads "
         f"({m['kv_heads']} kv, head dim {m['head_dim']}), {_count(m['params'])} params"
@@ -56,6 +56,12 @@ def print_plan(plan: Plan, console=None) -> None:
         f"{'distributed (ZeRO-1, reduce-scatter)' if lay.zero else 'replicated (all-reduce)'}"
     )
     console.print(f"{ev.label}: chunks {cost.chunk_lengths}, layers per stage {cost.layer_counts}")
+    if ev.run_length != seq:
+        pad = ev.run_length - seq
+        console.print(
+            f"padding: the programs run {ev.run_length:,} tokens, {pad:,} of them padding the loss ignores "
+            f"(+{pad / seq:.1%} tokens computed): the chunks and shards divide {ev.run_length:,}, not {seq:,}"
+        )
     if lay.documents is not None:
         kept = kept_fraction(lay.documents, seq)
         console.print(f"document mask: {lay.documents.source}; {kept:.1%} of the causal attention pairs kept")

@@ -364,6 +364,21 @@ def pack_window(corpus: TokenCorpus, start: int, seq_len: int, cross_document: b
     return Window(t[:-1].clone(), labels, positions, docs)
 
 
+def pad_window(w: Window, length: int) -> Window:
+    """`w` padded to `length` tokens as one more document whose labels the loss ignores: a real token never attends
+    to it (it comes last, and under a mask it is its own document), so loss and gradients are those of `w`."""
+    n = length - len(w.input_ids)
+    if n <= 0:
+        return w
+    last = int(w.document_ids[-1]) + 1
+    return Window(
+        torch.cat([w.input_ids, w.input_ids.new_zeros(n)]),
+        torch.cat([w.labels, w.labels.new_full((n,), IGNORE_INDEX)]),
+        torch.cat([w.position_ids, torch.arange(n, dtype=w.position_ids.dtype)]),
+        torch.cat([w.document_ids, w.document_ids.new_full((n,), last)]),
+    )
+
+
 class PackedSampler:
     """Global sequence index -> packed window, reproducible from the seed alone; resumable mid-epoch.
 
@@ -373,7 +388,10 @@ class PackedSampler:
     same. The cursor `consumed` is the whole state: `state_dict`/`load_state_dict` carry it across a restart.
     """
 
-    def __init__(self, corpus: TokenCorpus, seq_len: int, seed: int, cross_document: bool = True):
+    def __init__(
+        self, corpus: TokenCorpus, seq_len: int, seed: int, cross_document: bool = True, length: int | None = None
+    ):
+        self.length = length or seq_len  # what the programs run: seq_len, padded where the layout needs more
         self.num_windows = (len(corpus.tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise DataError(
@@ -392,7 +410,8 @@ class PackedSampler:
         return int(self._order[1][i]) * self.seq_len
 
     def window(self, index: int) -> Window:
-        return pack_window(self.corpus, self._window_start(index), self.seq_len, self.cross_document)
+        w = pack_window(self.corpus, self._window_start(index), self.seq_len, self.cross_document)
+        return pad_window(w, self.length)
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.window(index)
