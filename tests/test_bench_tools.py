@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lcgraph.app.testing import compose
 from lcgraph.runtime.model import build_config
@@ -42,6 +43,22 @@ def test_attention_kernel_sweep_on_cpu_matches_the_exact_reference_for_every_sha
         assert r["fwd_tflops"] > 0 and r["bwd_tflops"] > 0
     assert {r["gqa"] for r in out["rows"] if r["candidate"] == "math"} == {"expanded"}
     assert set(out["best"]) == {kernels.Case(16, 4, 2, r["shape"], r["sq"], r["sk"]).name for r in cpu}
+
+
+def test_attention_kernels_times_lcgraph_attention_under_a_document_mask_on_cpu(tmp_path):
+    """`--documents`: lcgraph's own attention over log-normal documents, timed, its FLOPs the kept pairs only
+    (counted here from the ids the tool drew), and the case's best backend named."""
+    kernels = _tool("attention_kernels")
+    argv = ["--device", "cpu", "--configs", "16:4/2", "--causal-seq", "--prefix", "--diagonal"]
+    out = kernels.main([*argv, "--documents", "64", "--document-seq", "512", "--json", str(tmp_path / "k.json")])
+    (row,) = out["rows"]
+    ids = kernels.document_ids(512, 64)
+    lengths = torch.unique_consecutive(ids[0], return_counts=True)[1]
+    kept = int((lengths * (lengths + 1) // 2).sum())
+    assert row["candidate"] == "math" and row["documents"] == len(lengths) > 2
+    assert row["kept"] == pytest.approx(kept / (512 * 513 / 2))
+    assert row["fwd_tflops"] == pytest.approx(4 * 4 * 16 * kept / (row["fwd_ms"] / 1e3) / 1e12)
+    assert out["best"]["d16 4/2 documents of 64 in 512"]["candidate"] == "math"
 
 
 def _row(seq, side, **result):

@@ -87,6 +87,19 @@ def hf_per_document(cfg, batch: int):
     return losses, {n: p.detach().clone() for n, p in named.items()}
 
 
+def zigzag(cp: int) -> tuple[tuple[int, int], ...]:
+    return tuple((r, 2 * cp - 1 - r) for r in range(cp))
+
+
+def balanced_pairs_of(cfg, cp: int) -> list[tuple[tuple[int, int], ...]]:
+    """The ring's piece pairs of each window the test's steps read (one chunk, batch 1): the exactness tests cover
+    pairs other than the zigzag only if some window has them."""
+    tokens, _ = data.prepare_corpus(cfg.data, None, build_config(cfg.model).vocab_size)
+    sampler = data.PackedSampler(tokens, cfg.data.seq_len, cfg.train.seed, cross_document=False)
+    windows = [sampler.window(step) for step in range(STEPS)]
+    return [masks.balanced_pairs(masks.piece_work(w.document_ids[None], 0, cfg.data.seq_len, cp)) for w in windows]
+
+
 def test_one_process_whole_and_seq1f1b_uneven_chunks_match_hf_per_document(corpus):
     """parallel=single, then Seq1F1B with 3 uneven chunks (uniform_comp) keeping attention outputs, eager and
     compiled: each equals HF run document by document; the windows do hold several documents, so a mask that let one see another fails."""
@@ -124,8 +137,9 @@ def test_two_rank_layouts_match_hf_per_document(corpus):
 
 
 def test_four_rank_layouts_match_hf_per_document(corpus):
-    """On 4 gloo ranks: Ulysses sp=4 over 2 KV heads; ring cp=4; sp=2 x cp=2; pp=2 x cp=2 with Seq1F1B chunks (the
-    ring's payload carries each rank's share of the earlier chunks: a document crossing chunks is seen whole)."""
+    """On 4 gloo ranks: Ulysses sp=4 over 2 KV heads; ring cp=4 (its pieces paired by the work the mask leaves, not
+    the zigzag, in some windows); sp=2 x cp=2; pp=2 x cp=2 with Seq1F1B chunks (the ring's payload carries each
+    rank's share of the earlier chunks: a document crossing chunks is seen whole)."""
     seq1f1b = ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2", *UNEVEN]
     cfgs = [
         compose(*corpus, "parallel.sp=4"),
@@ -133,6 +147,7 @@ def test_four_rank_layouts_match_hf_per_document(corpus):
         compose(*corpus, "parallel.sp=2", "parallel.cp=2"),
         compose(*corpus, "parallel.pp=2", "parallel.cp=2", *seq1f1b),
     ]
+    assert any(pairs != zigzag(4) for pairs in balanced_pairs_of(cfgs[1], cp=4)), "no window leaves the zigzag"
     results = train_spawned(cfgs, world=4)
     one, two = hf_per_document(cfgs[0], batch=1), hf_per_document(cfgs[0], batch=2)
     for label, r, ref in zip(("sp=4", "cp=4", "sp=2 x cp=2", "pp=2 x cp=2 seq1f1b"), results, (one, one, one, two)):

@@ -232,3 +232,28 @@ def test_llama70b_1m_80gb_recipe_fits_an_h100_where_the_h200_layout_does_not(tmp
     assert ring_plan["layout"]["gpus"] == 128 and ring_plan["layout"]["cp"] == 2 and ring_plan["summary"]["fits"]
     no_ring = plan("+recipe=llama70b_1m", "+plan.device=h100", "train.recompute=full", "train.recompute_layers=1")
     assert not no_ring["summary"]["fits"]
+
+
+def test_ring_pieces_under_a_mask_are_paired_by_the_work_it_leaves():
+    """Each piece's work is the pairs a dense document mask keeps for its queries (counted element by element);
+    causal work rising along the chunk pairs as the zigzag, and a mask that leaves the middle pieces the most work
+    pairs them otherwise, the heaviest pair lighter than the zigzag's."""
+    from lcgraph.ops import masks
+
+    torch.manual_seed(0)
+    docs = torch.cumsum(torch.rand(2, 48) < 0.15, dim=1)  # two rows of random documents
+    for offset, length, cp in [(0, 48, 2), (16, 32, 4), (8, 24, 3)]:
+        n = length // (2 * cp)
+        dense = [
+            sum(int(((docs[b, : t + 1] == docs[b, t])).sum()) for b in range(2) for t in range(offset + i * n, offset + (i + 1) * n))
+            for i in range(2 * cp)
+        ]  # fmt: skip
+        assert masks.piece_work(docs, offset, length, cp) == dense
+    causal = masks.piece_work(torch.zeros(1, 32, dtype=torch.long), 0, 32, 2)
+    assert masks.balanced_pairs(causal) == ((0, 3), (1, 2))  # the zigzag
+    one_long_then_single_tokens = torch.tensor([[0] * 20 + list(range(1, 13))])
+    work = masks.piece_work(one_long_then_single_tokens, 0, 32, 2)
+    assert work == [36, 100, 78, 8]
+    pairs = masks.balanced_pairs(work)
+    assert pairs == ((0, 2), (1, 3))
+    assert max(work[a] + work[b] for a, b in pairs) == 114 < max(work[0] + work[3], work[1] + work[2])

@@ -13,7 +13,11 @@ Candidates (each keeps its output and log-sum-exp and runs its own backward, as 
   cpu                      (--device cpu) `_scaled_dot_product_flash_attention_for_cpu` and its backward
   math                     the exact fp32 reference under autograd (S x S scores: small shapes; the CPU default)
 Cases: full causal (Sq = Sk), prefix blocks (a chunk's queries against its cached prefix, no mask) and diagonal
-blocks (a chunk against itself, causal) for each head shape `head_dim:q_heads/kv_heads`.
+blocks (a chunk against itself, causal) for each head shape `head_dim:q_heads/kv_heads`. With `--documents MEAN ..`
+also packed documents: lcgraph's own attention (`attention_fn`, one causal span per document) on each of its GPU
+backends (math on CPU), documents of log-normal lengths (sigma 1) with that mean in windows of `--document-seq`
+tokens; TFLOP/s count only the pairs the mask keeps. `auto`'s choice under a mask (ops/attention.py:
+DOCUMENT_AUTO) is the backend this case measures fastest.
 
 FLOPs follow lcgraph's cost model: forward = 4 * heads * head_dim * pairs (pairs = Sq*(Sq+1)/2 causal, Sq*Sk
 otherwise), backward = 2.5 x forward. Each row also gives every candidate's largest difference from the first
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import sys
 import time
@@ -35,6 +40,9 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import flex_attention as flex_mod
+
+from lcgraph.ops import attention, masks
+from lcgraph.runtime.data import lognormal_offsets
 
 aten = torch.ops.aten
 CANDIDATES = ("cudnn", "flash", "efficient", "flex", "cpu", "math")
@@ -305,6 +313,86 @@ def run_case(case: Case, names: list[str], flex: Flex | None, clock: Clock, min_
     return rows
 
 
+# ---------------------------------------------------------------- packed documents (lcgraph's own attention)
+
+DOCUMENT_BACKENDS = ("cudnn", "flash", "efficient")  # lcgraph's GPU kernels; `math` on CPU
+
+
+def document_ids(seq: int, mean: int, seed: int = 0) -> torch.Tensor:
+    """[1, seq] ids of documents with log-normal lengths (sigma 1) of this mean, as `data.mean_document_tokens`."""
+    offsets = torch.from_numpy(lognormal_offsets(seq, mean, seed))
+    return torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())[None]
+
+
+def kept_pairs(ids: torch.Tensor) -> int:
+    lengths = masks.document_bounds(ids)[0]
+    return sum(n * (n + 1) // 2 for n in (b - a for a, b in zip(lengths, lengths[1:])))
+
+
+def document_case(config: tuple[int, int, int], seq: int, mean: int, names: list[str], clock: Clock, min_time: float):
+    """lcgraph's `attention_fn` under a document mask (one causal span per document, ops/attention.py) on each
+    backend: forward and backward (autograd) seconds, TFLOP/s of the pairs the mask keeps, distance from the
+    first backend that ran."""
+    d, hq, hkv = config
+    ids = document_ids(seq, mean)
+    flops = 4 * hq * d * kept_pairs(ids)
+    case = Case(d, hq, hkv, "causal", seq, seq)
+    q, k, v, dout = _inputs(case, "cuda" if clock.cuda else "cpu")
+    rows, ref = [], None
+    base = {"candidate": None, "head_dim": d, "hq": hq, "hkv": hkv, "shape": "documents", "mean": mean, "sq": seq}
+    base |= {"sk": seq, "documents": int(ids.max()) + 1, "kept": kept_pairs(ids) / (seq * (seq + 1) / 2)}
+    base |= {"gqa": "native"}  # lcgraph's attention: fewer K/V heads as the kernel takes them
+    before = attention.attention_backend()
+    try:
+        masks.set_documents(ids)
+        for name in names:
+            attention.set_backend(name)
+            row = base | {"candidate": name}
+            try:
+                row |= _document_run(q, k, v, dout, flops, clock, min_time, ref)
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                rows.append(row | {"errors": [_first_line(e)]})
+                continue
+            ref = row.pop("ref", ref)
+            rows.append(row)
+    finally:
+        masks.set_documents(None)
+        attention.set_backend(before)
+    return rows
+
+
+def _document_run(q, k, v, dout, flops: float, clock: Clock, min_time: float, ref: dict | None) -> dict:
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention.attention_fn(*leaves, q.shape[-1] ** -0.5)  # warm-up
+    grads = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    with torch.no_grad():
+        fwd = timed(clock, lambda: attention.attention_fn(*leaves, q.shape[-1] ** -0.5), min_time)
+    bwd = timed(clock, lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), min_time)
+    row = {"fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "fwd_tflops": flops / fwd / 1e12}
+    row["bwd_tflops"] = 2.5 * flops / bwd / 1e12
+    got = {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    if ref is None:
+        return row | {"ref": got}
+    return row | {f"diff_{name}": _diff(t, ref[name]) for name, t in got.items()}
+
+
+def _case_key(r: dict) -> str:
+    if "mean" in r:
+        return f"d{r['head_dim']} {r['hq']}/{r['hkv']} documents of {r['mean']} in {_k(r['sq'])}"
+    return Case(*(r[k] for k in ("head_dim", "hq", "hkv", "shape", "sq", "sk"))).name
+
+
+def document_best(rows: list[dict]) -> dict:
+    """Per (head shape, mean, length): the backend with the least forward + backward time."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if "fwd_ms" in r and "mean" in r:
+            key = _case_key(r)
+            if key not in out or r["fwd_ms"] + r["bwd_ms"] < out[key]["fwd_ms"] + out[key]["bwd_ms"]:
+                out[key] = {k: r[k] for k in ("candidate", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops")}
+    return out
+
+
 # ---------------------------------------------------------------- the sweep
 
 
@@ -345,15 +433,14 @@ def render(rows: list[dict], names: list[str], title: str):
 
     table = Table(title=title)
     table.add_column("case")
+    names = [*names, *sorted({r["candidate"] for r in rows} - set(names))]  # math: the CPU's document rows
     for n in names:
         table.add_column(f"{n} fwd/bwd", justify="right")
     table.add_column("best")
-    winners = best(rows)
+    winners = best([r for r in rows if "mean" not in r]) | document_best(rows)
     by_case: dict[str, dict[str, dict]] = {}
     for r in rows:
-        by_case.setdefault(Case(*(r[k] for k in ("head_dim", "hq", "hkv", "shape", "sq", "sk"))).name, {})[
-            r["candidate"]
-        ] = r
+        by_case.setdefault(_case_key(r), {})[r["candidate"]] = r
     for case, cands in by_case.items():
         cells = [_cell(cands.get(n)) for n in names]
         table.add_row(case, *cells, winners.get(case, {}).get("candidate", "-"))
@@ -387,6 +474,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--short-max", type=int, default=64 * K, help="longest S for head shapes after the first")
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds of timed calls per measurement")
     ap.add_argument("--budget-s", type=float, default=160.0, help="cases starting later are skipped")
+    ap.add_argument(
+        "--documents",
+        type=int,
+        nargs="*",
+        default=[],
+        help="mean document lengths: lcgraph's attention under a document mask on each backend (--document-seq)",
+    )
+    ap.add_argument("--document-seq", type=int, nargs="+", default=[16 * K, 32 * K, 128 * K])
     ap.add_argument("--json", default="attention_kernels.json")
     return ap
 
@@ -409,9 +504,16 @@ def main(argv: list[str] | None = None) -> dict:
             if "fwd_tflops" in r
         ]
         print(f"{time.perf_counter() - start:6.1f}s {case.name}: {', '.join(rates) or 'none ran'}", flush=True)
+    doc_names = [n for n in names if n in DOCUMENT_BACKENDS] if args.device == "cuda" else ["math"]
+    for config, mean, seq in itertools.product(map(parse_config, args.configs), args.documents, args.document_seq):
+        if time.perf_counter() - start > args.budget_s:
+            break
+        rows += document_case(config, seq, mean, doc_names, clock, args.min_time)
+        rates = [f"{r['candidate']} {_rate(r['fwd_tflops'])}/{_rate(r['bwd_tflops'])}" for r in rows if "mean" in r]
+        print(f"{time.perf_counter() - start:6.1f}s documents {mean} in {seq}: {', '.join(rates[-len(doc_names) :])}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     out = {"device": device, "torch": torch.__version__, "seconds": time.perf_counter() - start, "rows": rows}
-    out["best"] = best(rows)
+    out["best"] = best([r for r in rows if "mean" not in r]) | document_best(rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     from rich.console import Console

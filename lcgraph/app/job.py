@@ -323,7 +323,7 @@ class Job:
         """This rank's (micro-batch, chunk) inputs for `step`, and the step's global count of target tokens.
 
         The step reads the global batch at the sampler's cursor (advanced by `run_step`); position ids and
-        labels are sliced per chunk and sequence shard (`shard_positions`: the cp rank's zigzag pieces, then the
+        labels are sliced per chunk and sequence shard (`shard_positions`: the cp rank's two pieces, then the
         Ulysses rank's part of them), the document ids (masked runs) stay whole-window.
         """
         par, d = self.cfg.parallel, self.cfg.data
@@ -349,15 +349,29 @@ class Job:
                 if dp_rank != self.coords.dp_rank:
                     continue
                 masked_docs = None if d.cross_document_attention else docs  # on the host: spans cut there (masks.py)
+                pairs = self._ring_pairs(masked_docs, offsets)
                 for c, length in enumerate(self.chunk_lengths):
-                    sl = offsets[c] + shard_positions(length, self.coords)
+                    pair = pairs[c][self.coords.cp_rank] if pairs else None
+                    sl = offsets[c] + shard_positions(length, self.coords, pair)
                     units[(mb, c)] = UnitData(
                         ids[:, sl].to(self.device),
                         positions[:, sl].to(self.device),
                         labels[:, sl].to(self.device),
                         masked_docs,
+                        pairs,
                     )
         return units, total
+
+    def _ring_pairs(self, docs: torch.Tensor | None, offsets: list[int]) -> masks.RingPairs:
+        """Under a document mask with ring attention, each chunk's 2 * cp pieces paired by the work the mask leaves
+        (every rank computes the same pairs from the same window); () keeps the zigzag."""
+        cp = self.coords.cp
+        if docs is None or cp == 1:
+            return ()
+        return tuple(
+            masks.balanced_pairs(masks.piece_work(docs, offsets[c], length, cp))
+            for c, length in enumerate(self.chunk_lengths)
+        )
 
     # --- step ----------------------------------------------------------------------------------------------
     def run_step(self, step: int) -> dict:
@@ -415,14 +429,15 @@ def _lengths(bounds: list[int]) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def shard_positions(length: int, c: Coords) -> torch.Tensor:
+def shard_positions(length: int, c: Coords, pair: tuple[int, int] | None = None) -> torch.Tensor:
     """Positions of a `length`-token chunk this rank holds: with cp > 1 the chunk is cut into 2 * cp pieces and
-    cp rank r keeps pieces r and 2cp-1-r (equal causal work on every rank), then sp rank s its s-th part."""
+    cp rank r keeps two of them, `pair` (under a document mask: as balanced by the work it leaves) or pieces r and
+    2cp-1-r (equal causal work on every rank); then sp rank s its s-th part."""
     if c.cp == 1:
         mine = torch.arange(length)
     else:
         n = length // (2 * c.cp)
-        early, late = c.cp_rank, 2 * c.cp - 1 - c.cp_rank
+        early, late = pair or (c.cp_rank, 2 * c.cp - 1 - c.cp_rank)
         mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
     shard = len(mine) // c.sp
     return mine[c.sp_rank * shard : (c.sp_rank + 1) * shard]

@@ -17,7 +17,9 @@ The payload travels around the ring in cp - 1 steps; at the step holding source 
 Packed documents (masks.py): every query row and payload key has a window position (`_segments`), so each
 step's blocks are cut by document (`document_pieces`): a block whose keys are all earlier than its queries becomes
 one unmasked block per document present in both, a diagonal one causal square per document, and pairs the mask
-empties are never computed.
+empties are never computed. The zigzag pairs balance causal work, not what a mask leaves, so under a mask the
+runtime pairs each chunk's pieces by the work left (`masks.balanced_pairs`: heaviest with lightest), per
+micro-batch; the pieces keep their size, so shapes and messages do not change.
 
 Each call to a kernel returns its output and log-sum-exp (LSE); partial results merge exactly through the
 LSE, as `attention.attend` merges its prefix and diagonal blocks. The send of the next step's payload is
@@ -102,8 +104,8 @@ class Segment:
 
 def _segments(rank: int, chunk: int, prefix: int, cp: int) -> tuple[list[Segment], list[Segment]]:
     """(query segments of `rank`, key segments of its payload) in window positions. The payload's prefix holds
-    the rank's two zigzag pieces of each earlier Seq1F1B chunk (the relay's chunk lengths say which), then its
-    two pieces of this chunk; the queries are those two pieces."""
+    the rank's two pieces of each earlier Seq1F1B chunk (the relay's chunk lengths say which; `masks.ring_pair`
+    which pieces), then its two pieces of this chunk; the queries are those two pieces."""
     frames = [chunk * 2]
     relay = RelayContext.current
     if prefix:
@@ -111,9 +113,9 @@ def _segments(rank: int, chunk: int, prefix: int, cp: int) -> tuple[list[Segment
             raise RuntimeError("ring attention with a prefix runs under a RelayContext")
         frames = _chunk_frames(relay.chunk_lengths, 2 * chunk, prefix)
     keys, col, offset = [], 0, 0
-    for frame in frames:
+    for i, frame in enumerate(frames):
         n = frame // 2
-        for piece in (rank, 2 * cp - 1 - rank):
+        for piece in masks.ring_pair(i, rank, cp):  # zigzag, or as the runtime balanced this chunk's pieces
             keys.append(Segment(col, offset + piece * n, n))
             col += n
         offset += cp * frame

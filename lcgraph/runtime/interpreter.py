@@ -45,6 +45,7 @@ class UnitData:
     position_ids: torch.Tensor  # [B, s]
     labels: torch.Tensor  # [B, s]
     document_ids: torch.Tensor | None = None  # [B, S] the whole window's documents (masked runs), else None
+    ring_pairs: masks.RingPairs = ()  # masked runs with ring attention: each chunk's pieces per cp rank
 
 
 class ActivationMeter:
@@ -257,7 +258,7 @@ class Interpreter:
             hidden_in.requires_grad_(True)
         RelayContext.current = st.relay
         st.relay.unit = (a.mb, a.chunk)
-        masks.set_documents(unit.document_ids)
+        masks.set_documents(unit.document_ids, unit.ring_pairs)
         key = (a.stage, a.mb, a.chunk)
         meter = self.meters[a.stage]
         offload = self.offloader if self.offloader is not None and not self.backward_follows[self._index] else None
@@ -285,7 +286,8 @@ class Interpreter:
             self.offloader.restore_kept(st.relay, key)
             self._prefetch()
         self.optimizer.before_backward(a, final)
-        masks.set_documents(self.units[(a.mb, a.chunk)].document_ids)  # for attention's backward and reruns
+        unit = self.units[(a.mb, a.chunk)]
+        masks.set_documents(unit.document_ids, unit.ring_pairs)  # for attention's backward and reruns
         if st.graph.is_last:
             out.backward()
         else:
