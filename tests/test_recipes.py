@@ -19,6 +19,7 @@ from lcgraph.app.validate import check_choices, check_layout, check_model, valid
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 SHIPPED = {"llama70b_1m", "llama70b_1m_80gb", "llama8b_256k", "llama7b_64k_seq1f1b", "llama1b_128k_1gpu", "tiny_cpu"}
+SHIPPED |= {"gpu"}
 
 # What a developer types to try a recipe on a laptop: the recipe's layout and schedule, a tiny shape.
 SHRINK = [
@@ -57,6 +58,28 @@ def test_recipe_composes_and_passes_the_plan_checks(name):
     m = cfg.model
     check_model(m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.head_dim)
     check_layout(cfg, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads)
+
+
+def test_the_gpu_recipe_gives_a_first_real_run_its_defaults_and_a_data_parallel_layout_over_the_gpus(
+    tmp_path, monkeypatch
+):
+    """`+recipe=gpu model=hf model.path=... data.path=...`: bf16, a fine-tuning schedule, the planner's recompute and
+    offload, and dp over as many GPUs as torch sees (4 here, 1 on a machine without one)."""
+    import torch
+
+    from lcgraph.app.testing import hf_model_dir
+
+    path, _ = hf_model_dir(tmp_path)
+    (tmp_path / "docs.txt").write_text("a short text.\n" * 50)
+    given = ["+recipe=gpu", "model=hf", f"model.path={path}", f"data.path={tmp_path / 'docs.txt'}"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    cfg = compose(*given, tiny=False)
+    train = cfg.train
+    assert (train.dtype, train.device, train.recompute, train.offload) == ("bf16", "cuda", "auto", "auto")
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.model.path) == (2e-5, 50, str(path))
+    assert (cfg.parallel.pp, cfg.parallel.sp, cfg.parallel.dp, cfg.parallel.zero) == (1, 1, 4, True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert compose(*given, tiny=False).parallel.dp == 1
 
 
 def test_a_recipe_key_outside_the_schema_fails_to_compose():

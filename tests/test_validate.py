@@ -384,3 +384,44 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused_and_one_covering_
     on = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2)
     assert sliding_window(on) == 8
     assert sliding_window(Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=4)) is None
+
+
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        ("parallel.ppp=2", "unknown key parallel.ppp; did you mean parallel.pp? known keys of parallel: bucket_mb,"),
+        ("+optim.lrr=1", "unknown key optim.lrr; did you mean optim.lr?"),
+        ("trian.steps=3", "unknown key trian.steps; did you mean train? known keys: data,"),
+        (
+            "+recipe=llama70b",
+            "unknown recipe 'llama70b'; did you mean +recipe=llama70b_1m? the recipes: gpu, llama1b_128k",
+        ),
+        ("recipe=llama70b_1m", "a recipe is added to the defaults with +: use +recipe=llama70b_1m"),
+        ("+model=tiny", "model is in the defaults already: use model=tiny (without +)"),
+        ("model=tinyy", "unknown model 'tinyy'; did you mean model=tiny? the models: hf, llama3_1b, tiny"),
+        ("+recipe=tiny_cpu,nope", "unknown recipe 'nope'"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_naming_the_fix_before_hydra(override, line):
+    from lcgraph.app.validate import check_overrides
+
+    with pytest.raises(PlanError) as err:
+        check_overrides([override, "hydra.run.dir=/tmp/x", "+plan.device=h100"])
+    assert str(err.value).startswith(line)
+    check_overrides(["parallel.pp=1,2", "+recipe=tiny_cpu", "model=hf", "logging.wandb.mode=offline", "~train.seed"])
+
+
+def test_a_misspelt_key_on_the_command_line_prints_one_line(tmp_path):
+    from lcgraph.app.testing import cli_env
+
+    out = subprocess.run(
+        [sys.executable, "-m", "lcgraph", "parallel.ppp=2", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "lcgraph: error: unknown key parallel.ppp; did you mean parallel.pp? known keys of parallel: bucket_mb, "
+        "chunk_split, cp, dp, microbatches, pp, pp_layers, schedule, seq_chunks, sp, virtual_stages, zero"
+    ], out.stderr

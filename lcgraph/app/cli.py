@@ -25,8 +25,8 @@ from lcgraph.app.config import register_configs
 from lcgraph.app.job import Job, prepare_data
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.perf import RunPerf, device_gpu
-from lcgraph.app.validate import validate_plan
-from lcgraph.errors import LaunchError, LcgraphError, RankError, full_tracebacks, user_error_names
+from lcgraph.app.validate import check_overrides, validate_plan
+from lcgraph.errors import LaunchError, LcgraphError, PlanError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, move_later_rows, throughput
 from lcgraph.planner.mfu import model_flops_per_token
@@ -83,10 +83,19 @@ def one_line_errors(prog: str = "lcgraph", sweep_goes_on: bool = True):
 
 
 def hydra_app(task) -> None:
-    """Run `task(cfg)` as a Hydra app over lcgraph's config groups and recipes (lcgraph-train, lcgraph-plan)."""
+    """Run `task(cfg)` as a Hydra app over lcgraph's config groups and recipes (lcgraph-train, lcgraph-plan); the
+    command line's overrides are checked first (validate.check_overrides), so a typo is one line, not Hydra's."""
     import hydra
+    from hydra._internal.utils import get_args_parser
 
     register_configs()
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    try:
+        check_overrides(args.overrides)
+    except PlanError as exc:
+        if full_tracebacks():
+            raise
+        fail(str(exc))
     hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(task)()
 
 

@@ -170,12 +170,21 @@ def seq_chunks_for(schedule: str, chunks: int) -> int:
     return int(chunks) if schedule == "seq1f1b" else 1
 
 
+def local_gpus() -> int:
+    """The GPUs of this machine (at least 1: a CPU machine plans and tests the layout as for one GPU);
+    `${lcgraph_gpus:}` in recipes/gpu.yaml."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 def register_configs() -> None:
     """Schemas for the config groups, and every recipe in recipes/ as `+recipe=NAME`."""
     from omegaconf import OmegaConf
 
     register_resolvers()
     OmegaConf.register_new_resolver("lcgraph_seq_chunks", seq_chunks_for, replace=True)
+    OmegaConf.register_new_resolver("lcgraph_gpus", local_gpus, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="lcgraph_schema", node=LcgraphConfig)
     for group, node in (

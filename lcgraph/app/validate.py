@@ -41,6 +41,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app.config import LcgraphConfig, choice_fields
+from lcgraph.app.paths import conf_dir, recipes_dir
 from lcgraph.errors import LaunchError, ModelPathError, PlanError
 from lcgraph.graph.capture import check_llama_like, check_sliding_window
 from lcgraph.graph.passes import check_ulysses
@@ -87,6 +88,61 @@ def check_keys(cfg: DictConfig) -> None:
         raise PlanError(f"unknown key {key}; {hint}known keys{' of ' + section if section else ''}: {', '.join(known)}")
     if OmegaConf.is_missing(cfg.model, "path") or (cfg.model.name == "hf" and not cfg.model.path):
         raise PlanError("model=hf needs model.path=/path/to/a/local/HF/model (config.json, safetensors, tokenizer)")
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """The command line's overrides before Hydra composes them (Hydra's own messages run to several lines): a
+    misspelt key names the nearest, an unknown group option lists the options, a recipe without `+` says so."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+    except OverrideParseException as exc:
+        raise PlanError(f"{str(exc).splitlines()[0]}; an override is key=value (a list: key=[a,b])") from None
+    schema = OmegaConf.to_container(OmegaConf.structured(LcgraphConfig))
+    assert isinstance(schema, dict)
+    groups = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in conf_dir().iterdir() if g.is_dir()}
+    groups["recipe"] = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    for o in parsed:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or o.is_delete():
+            continue
+        if key in groups:
+            _check_group(key, o, groups[key])
+        elif key.split(".")[0] not in OPEN_SECTIONS:
+            _check_key(key, schema)
+
+
+def _check_group(group: str, o, options: list[str]) -> None:
+    plus = "+" if group == "recipe" else ""
+    values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+    given = ",".join(values)
+    if plus and not (o.is_add() or o.is_force_add()):
+        raise PlanError(f"a recipe is added to the defaults with +: use +recipe={given}")
+    if not plus and o.is_add():
+        raise PlanError(f"{group} is in the defaults already: use {group}={given} (without +)")
+    for value in values:
+        if value not in options:
+            near = difflib.get_close_matches(value, options, n=1)
+            hint = f"did you mean {plus}{group}={near[0]}? " if near else ""
+            raise PlanError(f"unknown {group} {value!r}; {hint}the {group}s: {', '.join(options)}")
+
+
+def _check_key(key: str, schema: dict) -> None:
+    node: object = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or not node:
+            return  # a value, or a free-form mapping: Hydra and the schema check the rest
+        if part not in node:
+            section = ".".join(parts[:i])
+            known = sorted(node)
+            near = difflib.get_close_matches(part, known, n=1)
+            hint = f"did you mean {section + '.' if section else ''}{near[0]}? " if near else ""
+            where = f" of {section}" if section else ""
+            raise PlanError(f"unknown key {key}; {hint}known keys{where}: {', '.join(known)}")
+        node = node[part]
 
 
 def check_model_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
