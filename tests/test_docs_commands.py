@@ -148,6 +148,8 @@ def _args(cmd: Command, hf_dir: Path) -> tuple[str, bool, list[str]]:
         text = text.replace(old, new)
     words = [f"model.path={hf_dir}" if w.startswith("model.path=") else w for w in shlex.split(text)]  # tiny HF dir
     words = [w for w in words if not w.startswith("data.path=/data/")]  # the docs' example corpus: stdlib's here
+    # the docs' example held-out corpus: a held-out share of stdlib's here
+    words = ["data.eval_fraction=0.05" if w.startswith("data.eval_path=/data/") else w for w in words]
     if words[0] == "torchrun":  # torchrun [options] -m lcgraph OVERRIDES
         words = ["lcgraph-train", *words[words.index("lcgraph") + 1 :]]
     if words[:3] in (["python", "-m", "lcgraph.app.pictures"], ["python", "-m", "lcgraph.app.plan_cli"]):

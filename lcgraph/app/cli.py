@@ -408,6 +408,8 @@ def _print_summary(run_dir: str) -> None:
         return
     s = json.loads(path.read_text())
     parts = [f"final loss {s.get('final_loss'):.4f}", f"{s.get('tokens_per_s', 0):.0f} tokens/s"]
+    if "eval_loss" in s:
+        parts.insert(1, f"eval loss {s['eval_loss']:.4f} (step {s['eval_step']})")
     if "tflops_per_gpu" in s:
         parts.append(f"{s['tflops_per_gpu']:.3g} TFLOP/s per GPU")
     if "mfu" in s:

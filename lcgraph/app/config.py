@@ -66,6 +66,10 @@ class DataConfig:
     # packed documents' mean length, log-normal with sigma 1: the synthetic corpus's documents (0: one endless
     # document), and what the planner prices a document mask with when data.path is not set
     mean_document_tokens: int = 0
+    # a held-out split for train.eval_every: the corpus's last windows (this share of them; training never reads
+    # them), or the windows of another corpus tokenized as this one
+    eval_fraction: float = 0.0
+    eval_path: Optional[str] = None
 
 
 @dataclass
@@ -120,6 +124,8 @@ class TrainConfig:
     comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
     on_nonfinite: str = choice(OnNonfinite, "stop")  # NaN/inf loss or gradients: drop the update, then skip or stop
     check_every: int = 100  # compare replicas' parameter checksums every N steps (0: never)
+    eval_every: int = 0  # a held-out loss every N steps, forward only (0: never); data.eval_fraction / eval_path
+    eval_windows: int = 8  # held-out windows each evaluation reads (the same ones every time)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from lcgraph.app import held_out
 from lcgraph.app.perf import device_gpu
 from lcgraph.errors import DataError, LaunchError
 from lcgraph.graph import passes
@@ -69,7 +70,9 @@ def lr_at(step: int, cfg: DictConfig) -> float:
 def prepare_data(cfg: DictConfig) -> None:
     """Tokenize and cache the corpus once, in this process, before any rank starts (bad input fails here)."""
     if not cfg.data.synthetic:
-        data.prepare_corpus(cfg.data, cfg.model.path, model.build_config(cfg.model).vocab_size)
+        _, tokenizer = data.prepare_corpus(cfg.data, cfg.model.path, model.build_config(cfg.model).vocab_size)
+        if cfg.data.eval_path:
+            data.prepare_eval_corpus(cfg.data, tokenizer)
 
 
 class Job:
@@ -123,23 +126,35 @@ class Job:
             corpus = self._open_corpus()
         self.length = run_length(self.cfg.parallel, d.seq_len)  # seq_len padded to what the layout divides
         self.sampler = data.PackedSampler(
-            corpus, d.seq_len, self.cfg.train.seed, d.cross_document_attention, length=self.length
+            corpus, d.seq_len, self.cfg.train.seed, d.cross_document_attention, self.length, d.eval_fraction
         )
+        self.eval_windows: data.HeldOutWindows | None = None  # train.eval_every's split (app/held_out.py)
+        if d.eval_path:
+            self.eval_windows = held_out.windows_of(self._open_corpus(eval_split=True), self.sampler)
+        elif d.eval_fraction > 0:
+            self.eval_windows = self.sampler.held_out_windows()
 
-    def _open_corpus(self) -> data.TokenCorpus:
-        """The token cache (lcgraph-train builds it before spawning ranks); under torchrun the first rank of
-        each machine builds it while the others wait."""
+    def _open_corpus(self, eval_split: bool = False) -> data.TokenCorpus:
+        """The token cache of data.path (of data.eval_path with `eval_split`, tokenized as data.path); lcgraph-train
+        builds it before spawning ranks; under torchrun the first rank of each machine builds it while the others
+        wait."""
         d, vocab = self.cfg.data, self.config.vocab_size
         builder = self.world == 1 or int(os.environ.get("LOCAL_RANK", self.coords.rank)) == 0
-        corpus = None
-        if builder:
-            corpus, self.tokenizer = data.prepare_corpus(d, self.cfg.model.path, vocab)
+
+        def prepare(build: bool) -> data.TokenCorpus | None:
+            if eval_split:
+                return data.prepare_eval_corpus(d, self.tokenizer, build)
+            corpus, self.tokenizer = data.prepare_corpus(d, self.cfg.model.path, vocab, build)
+            return corpus
+
+        corpus = prepare(True) if builder else None
         if self.world > 1:
             dist.barrier()
         if not builder:
-            corpus, self.tokenizer = data.prepare_corpus(d, self.cfg.model.path, vocab, build=False)
+            corpus = prepare(False)
         if corpus is None:
-            raise DataError(f"the token cache of data.path={d.path!r} was not built on this machine")
+            path = d.eval_path if eval_split else d.path
+            raise DataError(f"the token cache of data.{'eval_path' if eval_split else 'path'}={path!r} was not built")
         return corpus
 
     def _check_ranks_agree(self) -> None:
@@ -277,6 +292,7 @@ class Job:
         resolved = resolve_recompute(self.cfg, self.captured, gpu)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
+        self.kept_attention_layers = resolved.kept_attention_layers
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
             st.graph.gm = recompute.seal(
                 st.graph.gm,
@@ -307,6 +323,7 @@ class Job:
         self.interpreter.on_action = self.heartbeat.beat
         self.replica_check: faults.ReplicaCheck | None = None  # built at the first check (collective)
         self.stopping = False  # a stop signal reached some rank: every rank stops after this step
+        self.held_out = held_out.HeldOut(self, self.eval_windows) if self.eval_windows is not None else None
 
     def _dumper(self):
 
@@ -326,17 +343,20 @@ class Job:
         labels are sliced per chunk and sequence shard (`shard_positions`: the cp rank's two pieces, then the
         Ulysses rank's part of them), the document ids (masked runs) stay whole-window.
         """
+        self.attention_kept = 0.0 if not self.cfg.data.cross_document_attention else None
+        return self.units_for(self.sampler.window, self.sampler.consumed, count_kept=True)
+
+    def units_for(self, window, base: int, count_kept: bool = False) -> tuple[dict, int]:
+        """`step_units` for the global batch of windows `window(base) ..` (the sampler's, or held-out ones)."""
         par, d = self.cfg.parallel, self.cfg.data
         units, total = {}, 0
-        self.attention_kept = 0.0 if not d.cross_document_attention else None
-        base = self.sampler.consumed  # the data position: restored with the sampler on resume
         offsets = [0]
         for length in self.chunk_lengths:
             offsets.append(offsets[-1] + length)
         for dp_rank in range(par.dp):
             for mb in range(par.microbatches):
                 rows = [
-                    self.sampler.window(base + (dp_rank * par.microbatches + mb) * d.micro_batch_size + b)
+                    window(base + (dp_rank * par.microbatches + mb) * d.micro_batch_size + b)
                     for b in range(d.micro_batch_size)
                 ]
                 ids, labels, positions, docs = (
@@ -344,7 +364,7 @@ class Job:
                     for f in ("input_ids", "labels", "position_ids", "document_ids")
                 )
                 total += int((labels != IGNORE_INDEX).sum())
-                if self.attention_kept is not None:
+                if count_kept and self.attention_kept is not None:
                     self.attention_kept += kept_pairs(docs[:, : d.seq_len]) / (par.dp * par.microbatches)
                 if dp_rank != self.coords.dp_rank:
                     continue
@@ -403,6 +423,9 @@ class Job:
             **({"attention_kept": self.attention_kept} if self.attention_kept is not None else {}),
         }
         faults.after_step(self, step, metrics, injected)  # a dropped update: logged, or the run stops
+        every = self.cfg.train.eval_every
+        if self.held_out is not None and every and (step + 1) % every == 0:
+            metrics["eval_loss"] = self.held_out.loss()
         return metrics
 
     # --- memory --------------------------------------------------------------------------------------------

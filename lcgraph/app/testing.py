@@ -123,6 +123,7 @@ def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, t
         "relay_peaks": {s: st.relay.peak_bytes for s, st in job.stages.items()},
         "optimizer_state_bytes": job.optimizer.state_bytes(),
         "grad_norms": [m["grad_norm"] for m in metrics],
+        "eval_losses": [m["eval_loss"] for m in metrics if "eval_loss" in m],
         "job": job,
     }
     return losses, params, extra
@@ -150,6 +151,7 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -
             record = {
                 "losses": losses,
                 "grad_norms": extra["grad_norms"],
+                "eval_losses": extra["eval_losses"],
                 "params": params if keep else {},
                 "activation_peaks": extra["activation_peaks"],
                 "relay_peaks": extra["relay_peaks"],
@@ -185,7 +187,13 @@ def train_spawned(cfgs: list, world: int, keep_params: bool = True) -> list[dict
         for r in ranks:
             params.update(r["params"])
         results.append(
-            {"losses": ranks[0]["losses"], "grad_norms": ranks[0]["grad_norms"], "params": params, "ranks": ranks}
+            {
+                "losses": ranks[0]["losses"],
+                "grad_norms": ranks[0]["grad_norms"],
+                "eval_losses": ranks[0]["eval_losses"],
+                "params": params,
+                "ranks": ranks,
+            }
         )
     return results
 

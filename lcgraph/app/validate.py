@@ -22,6 +22,7 @@ order they are checked (docs/recipes.md lists them with examples):
     ulysses    num_attention_heads % sp == 0; num_key_value_heads and sp divide one another
     ring       cp > 1: seq_len >= 2 * cp * sp * k (each chunk holds 2 * cp zigzag pieces of sp tokens or more)
     documents  data.num_workers >= 0, data.mean_document_tokens >= 0
+    eval       train.eval_every > 0 has data.eval_fraction in (0, 1) or data.eval_path (not both)
     positions  data.seq_len <= the model's max_position_embeddings
     window     a model's sliding window (Mistral, Qwen2 with use_sliding_window) is >= data.seq_len
     files      model.path holds config.json, readable safetensors weights and (unless data.synthetic) a
@@ -247,6 +248,27 @@ def check_documents(cfg: DictConfig) -> None:
         raise PlanError(f"data.mean_document_tokens={d.mean_document_tokens} must be >= 0 (0: one document)")
 
 
+def check_eval(cfg: DictConfig) -> None:
+    """train.eval_every needs a held-out split, a share of the corpus below 1 or another corpus, not both."""
+    d, t = cfg.data, cfg.train
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise PlanError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1): the share of windows held out")
+    if d.eval_fraction > 0 and d.eval_path:
+        raise PlanError(
+            f"data.eval_fraction={d.eval_fraction} and data.eval_path={d.eval_path} both name the held-out split; "
+            "keep one"
+        )
+    if t.eval_every < 0 or t.eval_windows < 1:
+        raise PlanError(f"train.eval_every={t.eval_every} must be >= 0 and train.eval_windows={t.eval_windows} >= 1")
+    if t.eval_every > 0 and not (d.eval_fraction > 0 or d.eval_path):
+        raise PlanError(
+            f"train.eval_every={t.eval_every} needs a held-out split: set data.eval_fraction (e.g. 0.01) or "
+            "data.eval_path"
+        )
+    if d.eval_path and d.synthetic:
+        raise PlanError(f"data.eval_path={d.eval_path} with data.synthetic=true: use data.eval_fraction instead")
+
+
 def check_activation_budget(cfg: DictConfig) -> None:
     """train.activation_budget tells inductor's partitioner what to keep: only compiled graphs have one."""
     t = cfg.train
@@ -417,6 +439,7 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
         raise PlanError(f"train.recompute_layers={cfg.train.recompute_layers} must be >= 0 (0: the planner picks)")
     check_counts(cfg)
     check_documents(cfg)
+    check_eval(cfg)
     check_activation_budget(cfg)
     m = cfg.model
     if not m.get("path"):  # before HF's own config checks, whose errors are tracebacks

@@ -46,14 +46,21 @@ SECTIONS = {
         "measured_pipeline_s",
     ),
     "comm": ("p2p_s", "grad_sync_s", "comm_s"),
+    "eval": ("eval_loss",),
 }
 SUMMARIES = {
     "train/loss": "min,last",
+    "eval/eval_loss": "min,last",
     "perf/tokens_per_s": "mean,max",
     "perf/step_time_s": "mean,min",
     "perf/mfu": "mean,max",
     "perf/tflops_per_gpu": "mean,max",
 }
+
+
+def _evals(history: list[dict]) -> list[dict]:
+    """The steps that ran a held-out evaluation (train.eval_every)."""
+    return [m for m in history if "eval_loss" in m]
 
 
 def metric_key(name: str) -> str:
@@ -226,6 +233,7 @@ class RunLogger:
             "steps": len(h),
             "final_loss": h[-1]["loss"] if h else None,
             "first_loss": h[0]["loss"] if h else None,
+            **({"eval_loss": evals[-1]["eval_loss"], "eval_step": evals[-1]["step"]} if (evals := _evals(h)) else {}),
             "tokens_per_s": throughput(h),
             **_tail_means(h, ("tflops_per_gpu", "mfu")),
             **(

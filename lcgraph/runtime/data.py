@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import math
 import os
 import shutil
 import sysconfig
@@ -389,14 +390,25 @@ class PackedSampler:
     """
 
     def __init__(
-        self, corpus: TokenCorpus, seq_len: int, seed: int, cross_document: bool = True, length: int | None = None
+        self,
+        corpus: TokenCorpus,
+        seq_len: int,
+        seed: int,
+        cross_document: bool = True,
+        length: int | None = None,
+        eval_fraction: float = 0.0,
     ):
         self.length = length or seq_len  # what the programs run: seq_len, padded where the layout needs more
-        self.num_windows = (len(corpus.tokens) - 1) // seq_len
+        windows = (len(corpus.tokens) - 1) // seq_len
+        self.held_out = math.ceil(eval_fraction * windows) if eval_fraction > 0 else 0  # the last ones: eval only
+        self.num_windows = windows - self.held_out
         if self.num_windows < 1:
+            held = (
+                f" ({self.held_out} of its {windows} windows held out by data.eval_fraction)" if self.held_out else ""
+            )
             raise DataError(
-                f"the corpus has {len(corpus.tokens)} tokens, fewer than data.seq_len={seq_len}+1; "
-                "lower data.seq_len or give a larger data.path"
+                f"the corpus has {len(corpus.tokens)} tokens, too few for a training window of data.seq_len={seq_len}"
+                f"+1{held}; lower data.seq_len or give a larger data.path"
             )
         self.corpus, self.seq_len, self.seed, self.cross_document = corpus, seq_len, seed, cross_document
         self.consumed = 0  # sequences taken by finished steps (all replicas)
@@ -412,6 +424,12 @@ class PackedSampler:
     def window(self, index: int) -> Window:
         w = pack_window(self.corpus, self._window_start(index), self.seq_len, self.cross_document)
         return pad_window(w, self.length)
+
+    def held_out_windows(self) -> HeldOutWindows:
+        """The windows data.eval_fraction keeps from training: the corpus's last ones, in order."""
+        return HeldOutWindows(
+            self.corpus, self.num_windows, self.held_out, self.seq_len, self.length, self.cross_document
+        )
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.window(index)
@@ -440,6 +458,25 @@ class PackedSampler:
         self.consumed = int(state["consumed"])
 
 
+@dataclass
+class HeldOutWindows:
+    """Windows `first .. first + count` of a corpus, in order, packed and padded as training packs its own: what
+    an evaluation reads (train.eval_every), the same windows every time."""
+
+    corpus: TokenCorpus
+    first: int
+    count: int
+    seq_len: int
+    length: int
+    cross_document: bool
+
+    def window(self, index: int) -> Window:
+        if not 0 <= index < self.count:
+            raise IndexError(f"held-out window {index} of {self.count}")
+        w = pack_window(self.corpus, (self.first + index) * self.seq_len, self.seq_len, self.cross_document)
+        return pad_window(w, self.length)
+
+
 # --- the whole pipeline --------------------------------------------------------------------------------------
 def prepare_corpus(d, model_path: str | None, vocab_size: int, build: bool = True):
     """(corpus, tokenizer) for data config `d`: the cache when present, else built (when `build`).
@@ -465,6 +502,20 @@ def prepare_corpus(d, model_path: str | None, vocab_size: int, build: bool = Tru
     if corpus is None and build:
         corpus = build_corpus(documents(), tokenizer, d.text_key, key, workers(d.num_workers))
     return corpus, tokenizer
+
+
+def prepare_eval_corpus(d, tokenizer, build: bool = True) -> TokenCorpus | None:
+    """The corpus of data.eval_path, tokenized with the training corpus's tokenizer (its cache when present)."""
+    max_bytes = int(d.max_corpus_mb * 2**20)
+    files = corpus_files(d.eval_path, max_bytes)
+    settings = {"text_key": d.text_key, "path": str(d.eval_path), "max_mb": None}
+    key = corpus_key(files, tokenizer, settings)
+    corpus = open_corpus(key)
+    if corpus is None and build:
+        corpus = build_corpus(
+            load_documents(d.eval_path, files, d.text_key), tokenizer, d.text_key, key, workers(d.num_workers)
+        )
+    return corpus
 
 
 def cached_offsets(d, model_path: str | None, vocab_size: int) -> np.ndarray | None:
