@@ -4,11 +4,14 @@ layout within fp32 tolerance; a cut-off write is never loaded; another model sha
 One launch of 2 spawned ranks runs the three distributed runs (lcgraph-train's own loop, gloo, fp32):
 A  dp=2 with the distributed optimizer (ZeRO shards), tied embeddings, 20 steps, a checkpoint every 10;
 B  the same layout resumed from A's step-10 checkpoint;
-C  pp=2 (2 micro-batches: the same global batch) resumed from the same checkpoint, a checkpoint every 3.
+C  pp=2 (2 micro-batches: the same global batch) resumed from the same checkpoint, a checkpoint every 3;
+D  ring attention over cp=2 ranks (2 micro-batches) resumed from the same checkpoint.
 """
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -19,11 +22,12 @@ from lcgraph.app.export import main as export_main
 from lcgraph.app.job import Job
 from lcgraph.app.testing import compose, run_spawned
 from lcgraph.errors import CheckpointError
-from lcgraph.runtime.checkpoint import CHECKPOINTS
+from lcgraph.runtime.checkpoint import CHECKPOINTS, read_manifest, same_layout
 
 STEPS = ["train.steps=20", "model.tie_word_embeddings=true"]
 DP2 = ["parallel.dp=2", *STEPS]
 PP2 = ["parallel.pp=2", "parallel.microbatches=2", *STEPS]
+CP2 = ["parallel.cp=2", "parallel.microbatches=2", *STEPS]
 ONE = ["parallel.microbatches=2", *STEPS]  # one process, the same global batch of 2 rows
 FP32 = 1e-5
 
@@ -34,15 +38,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    dirs = [root / "a", root / "b", root / "c"]
+    dirs = [root / "a", root / "b", root / "c", root / "d"]
     step10 = dirs[0] / CHECKPOINTS / "step-00000010"
     cfgs = [
         compose(*DP2, "train.checkpoint_every=10"),
         compose(*DP2, f"train.resume={step10}"),
         compose(*PP2, f"train.resume={step10}", "train.checkpoint_every=3", "train.keep_checkpoints=2"),
+        compose(*CP2, f"train.resume={step10}"),
     ]
     losses = run_spawned(cfgs, dirs, world=2)
-    return dict(zip("abc", losses)), dict(zip("abc", dirs)), step10
+    return dict(zip("abcd", losses)), dict(zip("abcd", dirs)), step10
 
 
 def test_dp2_zero_run_resumed_at_step_10_equals_the_uninterrupted_20_steps_exactly(runs):
@@ -56,6 +61,34 @@ def test_dp2_checkpoint_resumed_as_pp2_matches_and_keeps_the_newest_checkpoints(
     torch.testing.assert_close(torch.tensor(losses["c"]), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
     kept = sorted(p.name for p in (dirs["c"] / CHECKPOINTS).iterdir())
     assert kept == ["step-00000018", "step-00000020"]  # saved at 12, 15, 18 and the end; keep_checkpoints=2
+
+
+def test_the_manifest_records_cp_and_a_checkpoint_resumes_under_another_cp_as_under_another_sp(runs):
+    """The layout in manifest.json names cp (1 for A, 2 for D); D, resumed from A's dp=2 checkpoint over a ring of
+    2, matches A (DCP reshards; RNG states are only restored in the same layout). A manifest written before cp
+    existed reads as cp=1."""
+    losses, dirs, step10 = runs
+    torch.testing.assert_close(torch.tensor(losses["d"]), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
+    saved = read_manifest(step10)["layout"]
+    assert saved["cp"] == 1 and read_manifest(dirs["d"] / CHECKPOINTS / "step-00000020")["layout"]["cp"] == 2
+    assert same_layout(saved, compose(*DP2)) and not same_layout(saved, compose(*DP2, "parallel.cp=2"))
+    without_cp = {k: v for k, v in saved.items() if k != "cp"}
+    assert same_layout(without_cp, compose(*DP2)) and not same_layout(without_cp, compose(*DP2, "parallel.cp=2"))
+
+
+def test_checkpoint_and_exported_files_get_the_mode_the_umask_gives(runs, tmp_path):
+    """Every file of a checkpoint and of its HF export is 0666 less the umask (0644 under 022), not the owner-only
+    0600 of a temporary file: an exported model is read by other users (a serving account, a container)."""
+    _, _, step10 = runs
+    umask = os.umask(0o027)
+    try:
+        export_main([str(step10), str(tmp_path / "hf")])
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").glob("*.safetensors")}
+    assert modes == {"model.safetensors": 0o640}, {n: oct(m) for n, m in modes.items()}
+    written = {p.relative_to(step10): stat.S_IMODE(p.stat().st_mode) for p in step10.rglob("*") if p.is_file()}
+    assert written and all(m == 0o666 & ~umask for m in written.values()), {str(p): oct(m) for p, m in written.items()}
 
 
 def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_the_previous_one_is(runs, tmp_path):

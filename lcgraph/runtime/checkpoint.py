@@ -10,7 +10,7 @@ position (`job.sampler.state_dict()`) and every rank's RNG states, plus `hf/` (t
 
 - Every tensor is keyed by its HF parameter name (`model.<name>`, `optim.<name>.exp_avg`, ...), never by
   rank or stage: each rank writes what it holds (replicas' copies are written once, ZeRO shards as
-  chunks), and DCP reshards on load, so a checkpoint resumes under any pp/sp/dp layout.
+  chunks), and DCP reshards on load, so a checkpoint resumes under any pp/sp/cp/dp layout.
 - It is written to `step-N.tmp/`; after every rank has written, rank 0 adds the manifest last and renames
   the directory to `step-N` in one `os.replace`. A crash at any moment leaves either the old checkpoints or
   the old ones plus the new: a directory without a complete manifest is never loaded.
@@ -113,11 +113,16 @@ def layout(cfg: DictConfig) -> dict:
         "pp": par.pp,
         "dp": par.dp,
         "sp": par.sp,
-        **({"cp": par.cp} if par.cp > 1 else {}),  # ring attention's ranks (absent: cp=1, as before it existed)
+        "cp": par.cp,
         "virtual_stages": par.virtual_stages,
         "zero": par.zero,
         "dtype": cfg.train.dtype,
     }
+
+
+def same_layout(saved: dict, cfg: DictConfig) -> bool:
+    """Whether a checkpoint's manifest layout is this run's (so its ranks, and their RNG states, are the same)."""
+    return {"cp": 1, **saved} == layout(cfg)  # manifests written before ring attention have no cp: it was 1
 
 
 def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
@@ -285,7 +290,7 @@ def load_checkpoint(job: CheckpointJob, path: Path) -> int:
     job.optimizer.sync_params()
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     saved_masters = any(k.startswith("optim.") and k.endswith(".master") for k in saved)
-    same_ranks = manifest["layout"] == layout(job.cfg)
+    same_ranks = same_layout(manifest["layout"], job.cfg)
     state = _state_dict(job, masters=True, rng=same_ranks)
     run_masters = any(k.endswith(".master") for k in state["optim"])  # bf16 weights with fp32 masters
     if not saved_masters:  # a fp32 checkpoint (its weights were the masters) or a replicated-optimizer one
@@ -324,6 +329,14 @@ def _read_fp32(path: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Ten
 
 
 # --- HF export ----------------------------------------------------------------------------------------------
+def _world_readable(path: Path) -> None:
+    """Give a file the mode a plain `open` would (0666 less the umask): safetensors writes through a private
+    temporary file, which would leave an exported model readable by its owner alone."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def _shard_groups(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     total = 0
@@ -364,6 +377,7 @@ def export_hf(source: Path, out: Path, max_shard_bytes: int = 5 * 2**30) -> Path
         with _quiet_single_process():
             dcp.load(part, checkpoint_id=ckpt, no_dist=True)
         save_file({n: part[f"model.{n}"] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+        _world_readable(tmp / fname)
         weight_map.update(dict.fromkeys(names, fname))
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
