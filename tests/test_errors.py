@@ -43,7 +43,8 @@ def test_a_rank_error_reaches_the_user_as_one_line_naming_the_rank_with_the_trac
         spawn(cfg, str(run), 2)
     message = str(info.value)
     assert re.fullmatch(
-        r"rank [01]: (the )?corpus has \d+ tokens, fewer than data.seq_len=64\+1; .* \(traceback: .*\)", message
+        r"rank [01]: the corpus has \d+ tokens, too few for a training window of data.seq_len=64\+1; .* \(traceback: .*\)",
+        message,
     )
     kept = run / f"rank{message[5]}.traceback"
     assert "Traceback" in kept.read_text() and "DataError" in kept.read_text()
