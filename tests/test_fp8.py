@@ -151,3 +151,46 @@ def test_fp8_mistakes_are_one_line():
     )
     assert gpu_refusal("tensorwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32) is None
     assert "set train.dtype=bf16" in gpu_refusal("rowwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32)
+
+
+# --- the planner ------------------------------------------------------------------------------------------
+STAGE_70B = ["model=llama70b_2l", "parallel=single", "data.seq_len=16384", "train.dtype=bf16"]
+
+
+def _stage_parts(*overrides: str) -> tuple[dict[str, float], dict[str, float], float]:
+    """Forward and backward seconds by part of the one stage of Llama-2-70B's 2-layer stage shape at 16k on an
+    h100, and the plan's peak bytes."""
+    from lcgraph.planner.plan import build_plan
+
+    plan = build_plan(compose(*STAGE_70B, "+plan.alternatives=false", *overrides, tiny=False))
+    cost = plan.main.cost
+    return cost.compute_parts(0, 16384, 0), cost.backward_parts(0, 0), max(plan.main.sim.rank_peak)
+
+
+def test_a_plan_runs_the_decoder_matmuls_at_the_fp8_rate_and_adds_the_casts():
+    """The decoder's matmuls at the profile's FP8 rate (twice bf16's on an h100), the LM head's (train.fused_loss
+    =false puts it among the matmuls) at bf16's; the casts cost memory traffic; what autograd keeps is the same."""
+    fwd, bwd, peak = _stage_parts()
+    fwd8, bwd8, peak8 = _stage_parts("train.fp8=tensorwise")
+    assert fwd8["matmul"] == pytest.approx(fwd["matmul"] / 2) and bwd8["matmul"] == pytest.approx(bwd["matmul"] / 2)
+    assert fwd["fp8_casts"] == 0 < fwd8["fp8_casts"] < bwd8["fp8_casts"]
+    assert peak8 == peak
+    head, head8 = (
+        _stage_parts("train.fused_loss=false")[0],
+        _stage_parts("train.fused_loss=false", "train.fp8=rowwise")[0],
+    )
+    decoder = fwd["matmul"]
+    assert head8["matmul"] == pytest.approx(head["matmul"] - decoder / 2)  # only the decoder's half went
+    rowwise = _stage_parts("train.fp8=rowwise")[1]
+    assert rowwise["fp8_casts"] > bwd8["fp8_casts"]  # row-wise casts the output gradient along both axes
+
+
+def test_the_plan_prints_fp8_beside_bf16_and_a_device_without_fp8_refuses_it():
+    from lcgraph.planner.plan import build_plan
+
+    plan = build_plan(compose(*STAGE_70B, "+plan.alternatives=false", tiny=False))
+    (label, main), (other_label, other) = plan.alternatives
+    assert other_label == f"{label}, train.fp8=tensorwise" and other.cost.layout.fp8 == "tensorwise"
+    assert other.sim.step_time < main.sim.step_time and main.cost.layout.fp8 is None
+    with pytest.raises(PlanError, match=r"^train.fp8=tensorwise needs FP8 tensor cores, which the a100 profile has"):
+        build_plan(compose(*STAGE_70B, "train.fp8=tensorwise", "+plan.device=a100", tiny=False))

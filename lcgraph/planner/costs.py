@@ -72,6 +72,7 @@ class Layout:
     offload: str = "none"  # train.offload: what waits in host memory (planner/offload.py)
     cp: int = 1  # ring attention's degree: a sequence is sharded over sp x cp ranks
     documents: DocumentMix | None = None  # a document mask over packed documents of this mix (planner/documents.py)
+    fp8: str | None = None  # train.fp8: the decoder layers' matmuls in FP8 under this recipe (ops/fp8.py)
 
     def __post_init__(self) -> None:
         self.recompute = recompute_mode(self.recompute)
@@ -111,6 +112,7 @@ class StageMemory:
 # which profile figure each time term reads (the plan prints their provenance)
 TERM_FIGURES = {
     "matmul": ("matmul_shapes",),
+    "fp8_casts": ("fp8_speedup", "memory_bandwidth", "traffic_factor"),
     "attention_diag": ("attention_blocks",),
     "attention_prefix": ("attention_blocks",),
     "attention_merge": ("memory_bandwidth",),
@@ -173,6 +175,7 @@ class CostModel:
             "attention_prefix": pre,
             "attention_merge": self._merge_bytes(stage, tokens) / dev.memory_bandwidth if pre else 0.0,
             "traffic": self._traffic(c, tokens),
+            "fp8_casts": self._fp8_casts(c, tokens, backward=False),
             "loss": self._loss(stage, tokens, grads),
             "all_to_all": self._all_to_all(c, tokens),
         }
@@ -253,6 +256,7 @@ class CostModel:
             "attention_diag": diag,
             "attention_prefix": pre,
             "traffic": BACKWARD_TRAFFIC * f["traffic"],
+            "fp8_casts": self._fp8_casts(c, tokens, backward=True),
             "grads": 3 * self.stages[stage].params * self.graph.dtype_bytes / dev.memory_bandwidth,
             "all_to_all": f["all_to_all"],
             "rerun": self._rerun(stage, length, prefix),
@@ -279,15 +283,40 @@ class CostModel:
         return layers if kept < 0 else min(kept, layers)
 
     def _matmul(self, c: Coeffs, tokens: float, backward: bool) -> float:
-        """Each linear at its own shape's rate; graphs without shape records at the peak rate."""
+        """Each linear at its own shape's rate (a decoder layer's at the FP8 rate under train.fp8); graphs
+        without shape records at the peak rate."""
         factor = BACKWARD_MATMUL if backward else 1.0
         dtype = self.graph.dtype
         if not c.matmuls:
             return factor * c.matmul_per_token * tokens / self.profile.matmul_rate(dtype)
+        fp8 = self._fp8_shapes()
         return sum(
-            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward)
+            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward, fp8=(k, n) in fp8)
             for (k, n), flops in c.matmuls.items()
         )
+
+    def _fp8_shapes(self) -> set[tuple[int, int]]:
+        """The (k, n) of the linears train.fp8 runs in FP8: a decoder layer's (the LM head stays)."""
+        if not self.layout.fp8 or not self.graph.layers:
+            return set()
+        return set(self.graph.layers[0].matmuls)
+
+    def _fp8_casts(self, c: Coeffs, tokens: float, backward: bool) -> float:
+        """Seconds of FP8 casts: each FP8 linear reads its high-precision operand twice (amax, then scale and
+        cast) and writes one byte per element; forward casts the input, backward the output gradient (row-wise:
+        along both axes) and the input again. The weights' casts, per unit not per token, are left out."""
+        if not self.layout.fp8:
+            return 0.0
+        b = self.graph.dtype_bytes
+        per_element = 2 * b + 1
+        grads = 2 if self.layout.fp8 == "rowwise" else 1
+        moved = 0.0
+        for (k, n), flops in c.matmuls.items():
+            if (k, n) not in self._fp8_shapes():
+                continue
+            linears = flops / (2 * k * n)  # linears of this shape in the group (forward FLOPs 2kn a token each)
+            moved += linears * ((grads * n + k) if backward else k) * per_element
+        return self._factor(self.profile.traffic_factor, 1.0) * moved * tokens / self.profile.memory_bandwidth
 
     def _traffic(self, c: Coeffs, tokens: float) -> float:
         return (
