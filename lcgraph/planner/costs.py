@@ -282,24 +282,18 @@ class CostModel:
         layers, kept = len(self.stage_layers[stage]), self.layout.kept_attention_layers
         return layers if kept < 0 else min(kept, layers)
 
-    def _matmul(self, c: Coeffs, tokens: float, backward: bool) -> float:
-        """Each linear at its own shape's rate (a decoder layer's at the FP8 rate under train.fp8); graphs
-        without shape records at the peak rate."""
+    def _matmul(self, c: Coeffs, tokens: float, backward: bool, head: bool = False) -> float:
+        """Each linear at its own shape's rate, under train.fp8 at the FP8 rate unless it is the LM `head`;
+        graphs without shape records at the peak rate."""
         factor = BACKWARD_MATMUL if backward else 1.0
         dtype = self.graph.dtype
         if not c.matmuls:
             return factor * c.matmul_per_token * tokens / self.profile.matmul_rate(dtype)
-        fp8 = self._fp8_shapes()
+        fp8 = self.layout.fp8 is not None and not head
         return sum(
-            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward, fp8=(k, n) in fp8)
+            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward, fp8=fp8)
             for (k, n), flops in c.matmuls.items()
         )
-
-    def _fp8_shapes(self) -> set[tuple[int, int]]:
-        """The (k, n) of the linears train.fp8 runs in FP8: a decoder layer's (the LM head stays)."""
-        if not self.layout.fp8 or not self.graph.layers:
-            return set()
-        return set(self.graph.layers[0].matmuls)
 
     def _fp8_casts(self, c: Coeffs, tokens: float, backward: bool) -> float:
         """Seconds of FP8 casts: each FP8 linear reads its high-precision operand twice (amax, then scale and
@@ -312,8 +306,6 @@ class CostModel:
         grads = 2 if self.layout.fp8 == "rowwise" else 1
         moved = 0.0
         for (k, n), flops in c.matmuls.items():
-            if (k, n) not in self._fp8_shapes():
-                continue
             linears = flops / (2 * k * n)  # linears of this shape in the group (forward FLOPs 2kn a token each)
             moved += linears * ((grads * n + k) if backward else k) * per_element
         return self._factor(self.profile.traffic_factor, 1.0) * moved * tokens / self.profile.memory_bandwidth
@@ -338,7 +330,7 @@ class CostModel:
             return 0.0
         g, dev = self.graph, self.profile
         if not self.layout.fused_loss:
-            return self._matmul(g.loss, tokens, False) + self._traffic(g.loss, tokens)
+            return self._matmul(g.loss, tokens, False, head=True) + self._traffic(g.loss, tokens)
         hv = g.hidden_size * g.vocab_size * tokens
         if grads:
             return 6 * hv / (dev.fused_loss_flops or dev.matmul_rate(g.dtype))
@@ -358,7 +350,7 @@ class CostModel:
         parts = self.backward_parts(stage, chunk)
         if not self.layout.fused_loss and self._is_last(stage):  # the unfused head's own backward
             tokens = self._tokens(self.chunk_lengths[chunk])
-            parts["loss"] = self._matmul(self.graph.loss, tokens, True) + BACKWARD_TRAFFIC * self._traffic(
+            parts["loss"] = self._matmul(self.graph.loss, tokens, True, head=True) + BACKWARD_TRAFFIC * self._traffic(
                 self.graph.loss, tokens
             )
         return sum(parts.values())
