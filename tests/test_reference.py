@@ -67,8 +67,10 @@ def _sampler(seq_len: int, vocab: int, max_mb: float, seed: int):
     return data.PackedSampler(corpus, seq_len, seed)
 
 
-def hf_reference(cfg, batch: int, steps: int = STEPS):
-    """Train HF eager LlamaForCausalLM in fp32 on `batch` sequences per step; (losses, grad norms, params)."""
+def hf_reference(cfg, batch: int, steps: int = STEPS, prepare=None, one_by_one: bool = False):
+    """Train HF eager LlamaForCausalLM in fp32 on `batch` sequences per step; (losses, grad norms, params).
+    `prepare(model)` changes the model in place before training (e.g. torchao's float8 linears); `one_by_one`
+    runs each sequence's forward alone (what depends on the batch's contents, an FP8 scale, sees one)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
@@ -91,6 +93,8 @@ def hf_reference(cfg, batch: int, steps: int = STEPS):
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied LM head is the embedding: one parameter
             p.copy_(init_parameter(name, p.shape, config, cfg.train.seed))
+    if prepare is not None:
+        prepare(model)
     named = dict(model.named_parameters())
     no_decay = [n for n in named if "norm" in n or n.endswith(".bias")]  # the HF Trainer's groups
     optimizer = torch.optim.AdamW(
@@ -109,8 +113,11 @@ def hf_reference(cfg, batch: int, steps: int = STEPS):
         windows = [sampler.window(step * batch + i) for i in range(batch)]
         ids, labels = torch.stack([w.input_ids for w in windows]), torch.stack([w.labels for w in windows])
         positions = torch.stack([w.position_ids for w in windows])  # restart at each packed document
-        logits = model(input_ids=ids, position_ids=positions).logits.float()
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        if one_by_one:
+            logits = torch.cat([model(input_ids=i[None], position_ids=p[None]).logits for i, p in zip(ids, positions)])
+        else:
+            logits = model(input_ids=ids, position_ids=positions).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         for group in optimizer.param_groups:

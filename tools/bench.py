@@ -82,6 +82,7 @@ class Side:
     offload: str | None = None  # train.offload (None: lcgraph's own default)
     budget: float | None = None  # train.activation_budget (None: lcgraph's own default)
     documents: str | None = None  # packed documents under a document mask: a mean length (synthetic) or a corpus
+    fp8: str | None = None  # train.fp8 recipe (None: bf16 matmuls)
 
     @property
     def label(self) -> str:
@@ -102,6 +103,8 @@ class Side:
             parts.append(f"budget={self.budget:g}")
         if self.documents:
             parts.append(f"documents={self.documents}")
+        if self.fp8:
+            parts.append(f"fp8={self.fp8}")
         return " ".join(parts)
 
     def overrides(self, extra: list[str]) -> list[str]:
@@ -116,6 +119,8 @@ class Side:
             out.append(f"train.offload={self.offload}")
         if self.budget is not None:
             out.append(f"train.activation_budget={self.budget}")
+        if self.fp8:
+            out.append(f"train.fp8={self.fp8}")
         if self.documents:
             out.append("data.cross_document_attention=false")
             mean = self.documents.isdigit()
@@ -139,11 +144,12 @@ def sides_from_args(args) -> list[Side]:
         args.offload or [None],
         args.activation_budget or [None],
         _document_rows(args),
+        [None if f == "false" else f for f in args.fp8],
     )
-    for variant, comp, fuse, rc, off, budget, docs in grid:
+    for variant, comp, fuse, rc, off, budget, docs, fp8 in grid:
         for chunks in args.chunks if variant == "chunked" else [1]:
             side = Side(
-                "lcgraph", variant, chunks, rc, comp == "on", fuse=fuse, offload=off, budget=budget, documents=docs
+                "lcgraph", variant, chunks, rc, comp == "on", fuse, off, budget, documents=docs, fp8=fp8
             )
             lcgraph.append(side)
     return peers + lcgraph
@@ -495,6 +501,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
     ap.add_argument("--fuse", nargs="+", default=["auto"], choices=["auto", "on", "off"], help="train.fuse")
     ap.add_argument("--activation-budget", type=float, nargs="+", help="train.activation_budget (with --compile on)")
+    ap.add_argument(
+        "--fp8", nargs="+", default=["false"], choices=["false", "tensorwise", "rowwise"], help="train.fp8 rows"
+    )
     ap.add_argument(
         "--documents",
         help="MEAN: synthetic documents of log-normal lengths (sigma 1) with this mean, or PATH: a corpus; packed "

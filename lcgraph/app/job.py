@@ -22,13 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app import held_out
 from lcgraph.app.perf import device_gpu
-from lcgraph.errors import DataError, LaunchError
+from lcgraph.errors import DataError, LaunchError, PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
 from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align, run_length
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, masks, ring
+from lcgraph.ops.fp8 import fp8_recipe, fp8_refusal
 from lcgraph.planner.documents import DocumentMix, pairs_before
 from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
@@ -85,6 +86,9 @@ class Job:
         self.world = world
         self.device = pick_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
+        self.fp8 = fp8_recipe(cfg.train.fp8)
+        if self.fp8 and (why := fp8_refusal(self.fp8, self.device, self.dtype)):  # this rank's own GPU
+            raise PlanError(why)
         attention.set_backend(cfg.train.attention)
         torch.manual_seed(cfg.train.seed)
         self._setup_groups()
@@ -220,6 +224,7 @@ class Job:
             fused_loss=self.cfg.train.fused_loss,
             fuse=fuse_wanted(self.cfg.train.fuse, self.device, self.cfg.train.compile),
             cp=par.cp,
+            fp8=self.fp8,
         )
         self.stages: dict[int, StageState] = {}
         for s, g in graphs.items():

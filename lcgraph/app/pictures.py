@@ -16,6 +16,7 @@ from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
 from lcgraph.observability.graph_layout import boxes_of
 from lcgraph.observability.graphs import dump_graph
+from lcgraph.ops.fp8 import fp8_recipe
 from lcgraph.planner.evaluation import layer_counts
 from lcgraph.runtime import model
 
@@ -58,6 +59,7 @@ def draw(cfg: DictConfig, out: Path, layer_level: list[int] | None = None) -> li
         dump=dump,
         fuse=cfg.train.fuse == "on",
         cp=par.cp,
+        fp8=fp8_recipe(cfg.train.fp8),
     )
     return counts
 

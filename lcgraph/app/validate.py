@@ -231,6 +231,22 @@ def check_offload(cfg: DictConfig) -> None:
         )
 
 
+def check_fp8(cfg: DictConfig, device: str) -> None:
+    """train.fp8: a known recipe, on a device whose matmuls take it (`device`: cpu or cuda, as the ranks run)."""
+    import torch
+
+    from lcgraph.ops.fp8 import fp8_recipe, fp8_refusal  # torch: imported once a plan is checked
+
+    try:
+        recipe = fp8_recipe(cfg.train.fp8)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    why = recipe and fp8_refusal(recipe, torch.device(device), dtype)
+    if why:
+        raise PlanError(why)
+
+
 def check_counts(cfg: DictConfig) -> None:
     for key in COUNT_KEYS:
         value = _get(cfg, key)
@@ -457,4 +473,5 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
     if device == "cuda" and not torch.cuda.is_available():
         raise PlanError("train.device=cuda but no GPU is visible; use train.device=cpu")
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    check_fp8(cfg, "cuda" if on_gpu else "cpu")
     check_launch(cfg, env, gpus=torch.cuda.device_count() if on_gpu else None, cpus=_cpu_count())

@@ -13,6 +13,7 @@ writes the graph after each one.
     lower_attention   every other attention -> the kernel under autograd, keeping output and LSE for its backward
     fuse_pointwise    (graph/fusion.py, under train.fuse) RMSNorm, SwiGLU and rotary subgraphs -> fused ops that keep
                       only what their backward needs
+    fp8_matmuls       (graph/fp8.py, under train.fp8) the decoder layers' linears -> FP8 scaled matmuls
     gather_waits      (runtime/optimizer.py, once the distributed optimizer has cut its buckets) a wait for each bucket's parameter
                       all-gather right before the forward first reads one of its parameters
     segment_layers    (runtime/recompute.py, under train.recompute) one submodule per decoder layer, each then
@@ -30,6 +31,7 @@ from torch.fx.passes.split_module import split_module
 
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
+from lcgraph.graph.fp8 import fp8_matmuls
 from lcgraph.graph.fusion import fuse_pointwise
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
 from lcgraph.ops.fused import linear_cross_entropy
@@ -382,6 +384,7 @@ PASSES = (
     "fuse_loss",
     "lower_attention",
     "fuse_pointwise",
+    "fp8_matmuls",
     "gather_waits",
 )  # the last one is zero.gather_waits: it needs the optimizer's bucket layout
 
@@ -444,8 +447,10 @@ def compile_stages(
     fused_loss: bool = True,
     fuse: bool = False,
     cp: int = 1,
+    fp8: str | None = None,
 ) -> dict[int, StageGraph]:
-    """Run the passes in their fixed order; return the stage graphs (only those in `only`, when given)."""
+    """Run the passes in their fixed order; return the stage graphs (only those in `only`, when given).
+    `fp8`: the FP8 recipe of the decoder layers' matmuls (train.fp8), None for none."""
     device = torch.device(device)
     retarget_device(captured.gm, device)
     if dump:
@@ -459,6 +464,7 @@ def compile_stages(
         ("05_fuse_loss", fuse_loss, fused_loss),
         ("06_lower_attention", lower_attention, True),
         ("07_fuse_pointwise", lambda st: fuse_pointwise(st.gm), fuse),
+        ("08_fp8_matmuls", lambda st: fp8_matmuls(st.gm, cast(str, fp8)), fp8 is not None),
     ]
     for s in chosen.values():
         if dump:

@@ -72,6 +72,7 @@ class Layout:
     offload: str = "none"  # train.offload: what waits in host memory (planner/offload.py)
     cp: int = 1  # ring attention's degree: a sequence is sharded over sp x cp ranks
     documents: DocumentMix | None = None  # a document mask over packed documents of this mix (planner/documents.py)
+    fp8: str | None = None  # train.fp8: the decoder layers' matmuls in FP8 under this recipe (ops/fp8.py)
 
     def __post_init__(self) -> None:
         self.recompute = recompute_mode(self.recompute)
@@ -111,6 +112,7 @@ class StageMemory:
 # which profile figure each time term reads (the plan prints their provenance)
 TERM_FIGURES = {
     "matmul": ("matmul_shapes",),
+    "fp8_casts": ("fp8_speedup", "memory_bandwidth", "traffic_factor"),
     "attention_diag": ("attention_blocks",),
     "attention_prefix": ("attention_blocks",),
     "attention_merge": ("memory_bandwidth",),
@@ -173,6 +175,7 @@ class CostModel:
             "attention_prefix": pre,
             "attention_merge": self._merge_bytes(stage, tokens) / dev.memory_bandwidth if pre else 0.0,
             "traffic": self._traffic(c, tokens),
+            "fp8_casts": self._fp8_casts(c, tokens, backward=False),
             "loss": self._loss(stage, tokens, grads),
             "all_to_all": self._all_to_all(c, tokens),
         }
@@ -253,6 +256,7 @@ class CostModel:
             "attention_diag": diag,
             "attention_prefix": pre,
             "traffic": BACKWARD_TRAFFIC * f["traffic"],
+            "fp8_casts": self._fp8_casts(c, tokens, backward=True),
             "grads": 3 * self.stages[stage].params * self.graph.dtype_bytes / dev.memory_bandwidth,
             "all_to_all": f["all_to_all"],
             "rerun": self._rerun(stage, length, prefix),
@@ -278,16 +282,33 @@ class CostModel:
         layers, kept = len(self.stage_layers[stage]), self.layout.kept_attention_layers
         return layers if kept < 0 else min(kept, layers)
 
-    def _matmul(self, c: Coeffs, tokens: float, backward: bool) -> float:
-        """Each linear at its own shape's rate; graphs without shape records at the peak rate."""
+    def _matmul(self, c: Coeffs, tokens: float, backward: bool, head: bool = False) -> float:
+        """Each linear at its own shape's rate, under train.fp8 at the FP8 rate unless it is the LM `head`;
+        graphs without shape records at the peak rate."""
         factor = BACKWARD_MATMUL if backward else 1.0
         dtype = self.graph.dtype
         if not c.matmuls:
             return factor * c.matmul_per_token * tokens / self.profile.matmul_rate(dtype)
+        fp8 = self.layout.fp8 is not None and not head
         return sum(
-            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward)
+            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward, fp8=fp8)
             for (k, n), flops in c.matmuls.items()
         )
+
+    def _fp8_casts(self, c: Coeffs, tokens: float, backward: bool) -> float:
+        """Seconds of FP8 casts: each FP8 linear reads its high-precision operand twice (amax, then scale and
+        cast) and writes one byte per element; forward casts the input, backward the output gradient (row-wise:
+        along both axes) and the input again. The weights' casts, per unit not per token, are left out."""
+        if not self.layout.fp8:
+            return 0.0
+        b = self.graph.dtype_bytes
+        per_element = 2 * b + 1
+        grads = 2 if self.layout.fp8 == "rowwise" else 1
+        moved = 0.0
+        for (k, n), flops in c.matmuls.items():
+            linears = flops / (2 * k * n)  # linears of this shape in the group (forward FLOPs 2kn a token each)
+            moved += linears * ((grads * n + k) if backward else k) * per_element
+        return self._factor(self.profile.traffic_factor, 1.0) * moved * tokens / self.profile.memory_bandwidth
 
     def _traffic(self, c: Coeffs, tokens: float) -> float:
         return (
@@ -309,7 +330,7 @@ class CostModel:
             return 0.0
         g, dev = self.graph, self.profile
         if not self.layout.fused_loss:
-            return self._matmul(g.loss, tokens, False) + self._traffic(g.loss, tokens)
+            return self._matmul(g.loss, tokens, False, head=True) + self._traffic(g.loss, tokens)
         hv = g.hidden_size * g.vocab_size * tokens
         if grads:
             return 6 * hv / (dev.fused_loss_flops or dev.matmul_rate(g.dtype))
@@ -329,7 +350,7 @@ class CostModel:
         parts = self.backward_parts(stage, chunk)
         if not self.layout.fused_loss and self._is_last(stage):  # the unfused head's own backward
             tokens = self._tokens(self.chunk_lengths[chunk])
-            parts["loss"] = self._matmul(self.graph.loss, tokens, True) + BACKWARD_TRAFFIC * self._traffic(
+            parts["loss"] = self._matmul(self.graph.loss, tokens, True, head=True) + BACKWARD_TRAFFIC * self._traffic(
                 self.graph.loss, tokens
             )
         return sum(parts.values())

@@ -15,6 +15,7 @@ from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
 from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import padded_length, ring_align
+from lcgraph.ops.fp8 import fp8_recipe
 from lcgraph.planner import mfu
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.documents import DocumentMix, kept_fraction, pairs_before
@@ -225,9 +226,24 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
         offload="none" if offload == AUTO else offload,
         cp=par.cp,
         documents=document_mix(cfg),
+        fp8=planned_fp8(train, profile),
     )
     counts, alt_counts = layer_counts(cfg, captured)
     return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)
+
+
+def planned_fp8(train: DictConfig, profile: DeviceProfile) -> str | None:
+    """train.fp8's recipe, refused in one line on a device profile without FP8 tensor cores."""
+    try:
+        recipe = fp8_recipe(train.get("fp8", "false"))
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    if recipe and not profile.fp8_speedup:
+        raise PlanError(
+            f"train.fp8={recipe} needs FP8 tensor cores, which the {profile.name} profile has none of "
+            "(fp8_speedup 0); plan for an h100 or h200 (+plan.device=h100) or set train.fp8=false"
+        )
+    return recipe
 
 
 DEFAULT_MEAN_DOCUMENT = 8192  # priced when a masked plan has no corpus to read and no data.mean_document_tokens

@@ -279,6 +279,10 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
     main, notes = _resolved(cfg, st)
     st.layout = main.cost.layout  # the resolved mode and segment size, for the alternatives too
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
+    if profile.fp8_speedup and st.settings["dtype"] == "bf16":  # the other precision of the same run beside it
+        other = None if st.layout.fp8 else "tensorwise"
+        label = f"{main.label}, " + (f"train.fp8={other}" if other else "bf16 matmuls")
+        alternatives.append((label, evaluate_config(cfg, st, dataclasses.replace(st.layout, fp8=other))))
     if st.settings["alternatives"]:
         alternatives += _alternatives(
             graph,

@@ -59,6 +59,7 @@ class DeviceProfile:
     p2p_bw: float = 0.0  # inside a node, one pipeline send/receive between two GPUs, bytes/s (0: intra_node_bw)
     all_to_all_bw: float = 0.0  # inside a node, Ulysses all-to-all: bytes each rank sends to others / s (0: ditto)
     fp32_flops: float = 0.0  # fp32 (no tensor cores): used for train.dtype=fp32 plans
+    fp8_speedup: float = 0.0  # FP8 over bf16 matmul rate at the same shape (train.fp8); 0: no FP8 tensor cores
     # [k, n, forward FLOP/s, backward FLOP/s] of [tokens, k] x [k, n] at long token counts
     matmul_shapes: list[list[float]] = field(default_factory=list)
     # head dim -> {"diag": [[s, fwd, bwd]], "prefix": [[sq, sk, fwd, bwd]]} (FLOP/s, convention above)
@@ -106,8 +107,11 @@ class DeviceProfile:
         return ("measured" if kind.strip() == "measured" else "assumed"), how.strip()
 
     # --- rates ---------------------------------------------------------------------------------------------
-    def matmul_rate(self, dtype: str, k: int = 0, n: int = 0, backward: bool = False) -> float:
-        """FLOP/s of [tokens, k] x [k, n]: the measured shape nearest in log2(k), log2(n), else the peak."""
+    def matmul_rate(self, dtype: str, k: int = 0, n: int = 0, backward: bool = False, fp8: bool = False) -> float:
+        """FLOP/s of [tokens, k] x [k, n]: the measured shape nearest in log2(k), log2(n), else the peak;
+        `fp8`: its FP8 matmuls' (train.fp8), the bf16 rate times `fp8_speedup`."""
+        if fp8:
+            return self.matmul_rate("bf16", k, n, backward) * self.fp8_speedup
         if dtype == "fp32" and self.fp32_flops:
             return self.fp32_flops
         if not (self.matmul_shapes and k and n):

@@ -1,0 +1,193 @@
+"""FP8 matmuls (train.fp8, ops/fp8.py, graph/fp8.py) against an independent implementation: torchao's float8
+training linear (pytorch/ao), op by op and through training HF eager whose decoder linears torchao converted.
+
+The scales are dynamic and cover what one call sees, so a layout that runs the whole sequence in one call (one
+process, pp, dp, recompute, compile) rounds as the reference does: its first loss equals the reference's to fp32
+rounding (the unquantized reference's does not). One that cuts it (Seq1F1B chunks, Ulysses, ring) scales each
+piece by its own amax and stays within FP8's rounding of the reference (PIECES).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from test_reference import hf_reference, run_cfg
+
+from lcgraph.app.testing import compose, train_local, train_spawned
+from lcgraph.app.validate import check_fp8
+from lcgraph.errors import PlanError
+from lcgraph.graph.capture import capture
+from lcgraph.graph.fp8 import fp8_matmuls
+from lcgraph.ops.fp8 import fp8_linear, fp8_recipe, gpu_refusal
+from lcgraph.runtime.model import build_config
+
+torchao_float8 = pytest.importorskip("torchao.float8")  # the test extra installs it
+
+STEPS = 2  # the reference's schedule needs its warm-up; the checks read the first step
+# rtol of (the first loss, the first gradient norm) against the reference. After the first update, AdamW turns an
+# FP8 rounding flip of a near-zero gradient element into a full-size update of it: later steps tell nothing.
+WHOLE = (1e-6, 2e-3)  # the same FP8 roundings in the forward; a flip here and there in backward (e5m2: 25% a step)
+PIECES = (5e-4, 3e-2)  # each chunk or rank scaled by its own amax, not the whole sequence's
+BF16_ROWWISE = (2e-3, 3e-2)  # bf16 weights and activations against the fp32 reference
+
+
+def torchao_linears(recipe: str):
+    """The reference's conversion: every decoder linear to torchao's Float8Linear, the LM head as it is."""
+    config = torchao_float8.Float8LinearConfig.from_recipe_name(recipe)
+
+    def prepare(model: torch.nn.Module) -> None:
+        torchao_float8.convert_to_float8_training(model, config=config, module_filter_fn=lambda _, fqn: "layers" in fqn)
+        assert sum(type(m).__name__ == "Float8Linear" for m in model.modules()) == 7 * model.config.num_hidden_layers
+
+    return prepare
+
+
+@pytest.mark.parametrize(
+    "recipe,dtype", [("tensorwise", torch.float32), ("tensorwise", torch.bfloat16), ("rowwise", torch.bfloat16)]
+)
+def test_fp8_linear_is_torchaos_float8_linear_forward_and_backward(recipe, dtype):
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 64) / 8).to(dtype).requires_grad_()
+    x = (torch.randn(3, 37, 64) * 3).to(dtype)  # 111 tokens: no multiple of 16 on the CPU path
+    grad = torch.randn(3, 37, 96).to(dtype)
+    ref = torch.nn.Linear(64, 96, bias=False).to(dtype)
+    ref.weight.data.copy_(weight.detach())
+    ref = torchao_float8.convert_to_float8_training(
+        torch.nn.Sequential(ref), config=torchao_float8.Float8LinearConfig.from_recipe_name(recipe)
+    )
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = fp8_linear(xa, weight, recipe), ref(xb)
+    ours.backward(grad)
+    theirs.backward(grad)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(weight.grad, ref[0].weight.grad)
+    plain = F.linear(x, weight.detach())
+    assert (ours - plain).abs().max() > 1e-2 * plain.abs().max()  # FP8 did round: the comparison can tell
+
+
+def test_the_pass_rewrites_each_decoder_linear_and_leaves_the_lm_head():
+    cfg = compose()
+    captured = capture(build_config(cfg.model))
+    gm = captured.gm
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert fp8_matmuls(gm, "tensorwise") == 7 * cfg.model.num_hidden_layers == len(linears) - 1
+    left = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert [n.meta["lcgraph"].part for n in left] == ["head"]
+    fp8 = [n for n in gm.graph.nodes if n.target is fp8_linear]
+    assert all(n.meta["lcgraph"].part == "layer" and n.args[2] == "tensorwise" for n in fp8)
+    assert isinstance(gm, fx.GraphModule)
+
+
+@pytest.fixture(scope="module")
+def references():
+    cache = {}
+
+    def get(batch: int, recipe: str | None):
+        if (batch, recipe) not in cache:
+            prepare = torchao_linears(recipe) if recipe else None
+            cache[batch, recipe] = hf_reference(run_cfg(steps=STEPS), batch, STEPS, prepare=prepare, one_by_one=True)
+        return cache[batch, recipe]
+
+    return get
+
+
+def check(losses, grad_norms, ref, rtols: tuple[float, float], label: str) -> None:
+    """The first loss and gradient norm against the reference's, within WHOLE or PIECES."""
+    ref_losses, ref_norms, _ = ref
+    pairs = [("first loss", losses[0], ref_losses[0]), ("first gradient norm", grad_norms[0], ref_norms[0])]
+    for (what, got, want), rtol in zip(pairs, rtols):
+        assert abs(got - want) <= rtol * abs(want), f"{label}: {what} {got} vs {want} (rtol {rtol})"
+
+
+def test_one_process_fp8_runs_match_hf_eager_with_torchaos_float8_linears(references):
+    """Tensorwise in fp32, the whole sequence in one call: plain, recompute=full and compiled; Seq1F1B chunks
+    scale each chunk alone. The unquantized reference fails the whole-sequence check."""
+    ref = references(1, "tensorwise")
+    plain = references(1, None)
+    with pytest.raises(AssertionError, match="first loss"):
+        check(plain[0], plain[1], ref, WHOLE, label="the unquantized reference")
+    for label, extra, whole in [
+        ("fp8 tensorwise", [], True),
+        ("fp8 recompute=full", ["train.recompute=full"], True),
+        ("fp8 compiled", ["train.compile=true"], True),
+        ("fp8 seq1f1b 2 chunks", ["parallel.schedule=seq1f1b", "parallel.seq_chunks=2"], False),
+    ]:
+        losses, _, extra_out = train_local(run_cfg("train.fp8=tensorwise", *extra, steps=STEPS))
+        check(losses, extra_out["grad_norms"], ref, WHOLE if whole else PIECES, label)
+
+
+def test_two_rank_fp8_layouts_match_hf_eager_with_torchaos_float8_linears(references):
+    layouts = {  # label -> (overrides, sequences per step, whole sequence in one call)
+        "pp=2 1f1b": (["parallel.pp=2", "parallel.microbatches=2", "parallel.schedule=1f1b"], 2, True),
+        "dp=2 distributed optimizer": (["parallel.dp=2", "parallel.microbatches=1"], 2, True),
+        "sp=2 ulysses": (["parallel.sp=2"], 1, False),
+        "cp=2 ring": (["parallel.cp=2"], 1, False),
+    }
+    cfgs = [run_cfg("train.fp8=tensorwise", *v[0], steps=STEPS) for v in layouts.values()]
+    results = train_spawned(cfgs, world=2, keep_params=False)
+    for (label, (_, batch, whole)), r in zip(layouts.items(), results):
+        check(r["losses"], r["grad_norms"], references(batch, "tensorwise"), WHOLE if whole else PIECES, label)
+
+
+def test_rowwise_trains_in_bf16_near_the_reference(references):
+    """Row-wise scales in bf16 (the op equals torchao's, above) against the fp32 reference with torchao's
+    row-wise linears: within what bf16 weights and activations move it (BF16_ROWWISE)."""
+    losses, _, extra = train_local(run_cfg("train.fp8=rowwise", "train.dtype=bf16", steps=STEPS))
+    check(losses, extra["grad_norms"], references(1, "rowwise"), BF16_ROWWISE, "fp8 rowwise bf16")
+
+
+def test_fp8_mistakes_are_one_line():
+    with pytest.raises(PlanError, match=r"^train.fp8=fp4 is not a recipe; use false, tensorwise or rowwise$"):
+        check_fp8(compose("train.fp8=fp4"), "cpu")
+    assert fp8_recipe(False) is None and fp8_recipe("False") is None and fp8_recipe("rowwise") == "rowwise"
+    check_fp8(compose("train.fp8=rowwise"), "cpu")  # the CPU runs either recipe in any dtype
+    old = gpu_refusal("tensorwise", "NVIDIA A100-SXM4-80GB", (8, 0), torch.bfloat16)
+    assert old == (
+        "train.fp8=tensorwise needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell), but "
+        "NVIDIA A100-SXM4-80GB is 8.0; set train.fp8=false"
+    )
+    assert gpu_refusal("tensorwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32) is None
+    assert "set train.dtype=bf16" in gpu_refusal("rowwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32)
+
+
+# --- the planner ------------------------------------------------------------------------------------------
+STAGE_70B = ["model=llama70b_2l", "parallel=single", "data.seq_len=16384", "train.dtype=bf16"]
+
+
+def _stage_parts(*overrides: str) -> tuple[dict[str, float], dict[str, float], float]:
+    """Forward and backward seconds by part of the one stage of Llama-2-70B's 2-layer stage shape at 16k on an
+    h100, and the plan's peak bytes."""
+    from lcgraph.planner.plan import build_plan
+
+    plan = build_plan(compose(*STAGE_70B, "+plan.alternatives=false", *overrides, tiny=False))
+    cost = plan.main.cost
+    return cost.compute_parts(0, 16384, 0), cost.backward_parts(0, 0), max(plan.main.sim.rank_peak)
+
+
+def test_a_plan_runs_the_decoder_matmuls_at_the_fp8_rate_and_adds_the_casts():
+    """The decoder's matmuls at the profile's FP8 rate (twice bf16's on an h100), the LM head's (the loss's part,
+    fused or not) at bf16's; the casts cost memory traffic; what autograd keeps is the same."""
+    fwd, bwd, peak = _stage_parts()
+    fwd8, bwd8, peak8 = _stage_parts("train.fp8=tensorwise")
+    assert fwd8["matmul"] == pytest.approx(fwd["matmul"] / 2) and bwd8["matmul"] == pytest.approx(bwd["matmul"] / 2)
+    assert fwd["fp8_casts"] == 0 < fwd8["fp8_casts"] < bwd8["fp8_casts"]
+    assert peak8 == peak
+    assert fwd8["loss"] == fwd["loss"] > 0
+    unfused = _stage_parts("train.fused_loss=false")[0]
+    assert _stage_parts("train.fused_loss=false", "train.fp8=rowwise")[0]["loss"] == unfused["loss"] > 0
+    rowwise = _stage_parts("train.fp8=rowwise")[1]
+    assert rowwise["fp8_casts"] > bwd8["fp8_casts"]  # row-wise casts the output gradient along both axes
+
+
+def test_the_plan_prints_fp8_beside_bf16_and_a_device_without_fp8_refuses_it():
+    from lcgraph.planner.plan import build_plan
+
+    plan = build_plan(compose(*STAGE_70B, "+plan.alternatives=false", tiny=False))
+    (label, main), (other_label, other) = plan.alternatives
+    assert other_label == f"{label}, train.fp8=tensorwise" and other.cost.layout.fp8 == "tensorwise"
+    assert other.sim.step_time < main.sim.step_time and main.cost.layout.fp8 is None
+    with pytest.raises(PlanError, match=r"^train.fp8=tensorwise needs FP8 tensor cores, which the a100 profile has"):
+        build_plan(compose(*STAGE_70B, "train.fp8=tensorwise", "+plan.device=a100", tiny=False))
