@@ -1,7 +1,8 @@
 """The GPU benchmark tools' CPU-side parts: tools/attention_kernels.py end to end on CPU kernels (each candidate
 against the exact fp32 reference, GQA included), and tools/bench.py's table arithmetic on a hand-made result list
 (speed against each peer, the targets asked for, the memory target of the peer's peak plus 8 bytes per parameter),
-and tools/calibrate.py's refit of saved measurements."""
+tools/calibrate.py's refit of saved measurements; every run tools/multi_gpu.py and the several-GPU tests
+(tests/test_gpu_multi.py) make composes and validates on CPU, and multi_gpu.py's ratios and targets."""
 
 import importlib.util
 import json
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lcgraph.app.config import compose_config
 from lcgraph.app.testing import compose
+from lcgraph.app.validate import validate_plan
 from lcgraph.runtime.model import build_config
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
 
 
 def _tool(name: str):
@@ -134,3 +138,54 @@ def test_calibrate_refits_saved_measurements_to_the_factor_that_made_them(tmp_pa
     assert fitted.saved_factor["compiled"] == pytest.approx(0.5, abs=0.002)
     assert fitted.traffic_factor["compiled"] == pytest.approx(0.6, abs=0.002)
     assert fitted.saved_factor["eager"] == base.saved_factor["eager"]  # no eager run: left as it was
+
+
+def _valid_on_cpu(overrides: list[str]) -> None:
+    """Compose as lcgraph-train does, then validate with the CPU standing in for the GPUs."""
+    cfg = compose_config(overrides)
+    cfg.train.device, cfg.train.allow_oversubscribe = "cpu", True
+    validate_plan(cfg, env={})
+
+
+def test_every_several_gpu_test_config_composes_and_validates():
+    spec = importlib.util.spec_from_file_location("test_gpu_multi", ROOT / "tests" / "test_gpu_multi.py")
+    gm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gm)
+    for overrides in [gm.PP_1F1B, gm.SP_OWN, *([*gm.FAMILY_BASE, *f] for f in gm.FAMILIES.values())]:
+        _valid_on_cpu([*gm.SHAPE, gm.TIMEOUT, *overrides])
+
+
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+def test_every_multi_gpu_run_composes_and_validates(gpus):
+    mg = _tool("multi_gpu")
+    runs = [o for rows in mg.experiments(gpus).values() for _, o in rows]
+    widths = set()
+    for overrides in runs:
+        _valid_on_cpu([*mg.MODEL, *overrides, "train.steps=4"])
+        cfg = compose_config([*mg.MODEL, *overrides])
+        widths.add(cfg.parallel.pp * cfg.parallel.sp * cfg.parallel.dp * cfg.parallel.cp)
+    assert max(widths) == gpus and 1 in widths
+
+
+def test_multi_gpu_ratios_and_targets_on_hand_made_rows():
+    mg = _tool("multi_gpu")
+
+    def row(label, tps, peaks, pred_tps):
+        measured = {"tokens_per_s": tps, "peak_gib_per_gpu": peaks, "final_loss": 11.0}
+        return {
+            "label": label,
+            "measured": measured,
+            "predicted": {"tokens_per_s": pred_tps, "peak_gib_per_gpu": [60.0]},
+        }
+
+    pipe = [row("1f1b", 40000.0, [80.0, 40.0], 44000.0), row("seq1f1b", 44000.0, [60.0, 45.0], 66000.0)]
+    verdict = mg.compare("pipeline32k", pipe)
+    assert pipe[1]["vs_baseline"] == pytest.approx({"tokens_per_s": 1.1, "stage0_peak": 0.75})
+    assert pipe[1]["pred_over_meas"] == pytest.approx({"tokens_per_s": 1.5, "stage0_peak": 1.0})
+    assert verdict == {"target_met": True}
+    pipe[1]["measured"]["peak_gib_per_gpu"][0] = 70.0  # 0.875x the memory: not the target
+    assert mg.compare("pipeline32k", pipe) == {"target_met": False}
+    uly = [row("1 GPU", 6000.0, [60.0], 6000.0), row("sp=2", 10200.0, [35.0, 35.0], 12000.0)]
+    verdict = mg.compare("ulysses", uly)
+    assert verdict["scaling_efficiency"] == pytest.approx(0.85) and not verdict["target_met"]
+    assert "0.85" in mg.table("ulysses", uly, verdict)

@@ -31,11 +31,12 @@ from lcgraph.app.plan_cli import checked_plan
 from lcgraph.app.testing import hf_model_dir, train_local, train_spawned
 from lcgraph.app.validate import validate_plan
 from lcgraph.errors import LcgraphError
+from lcgraph.planner.profile import PROFILES_DIR
 from lcgraph.planner.report import write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PROGRAMS = ("lcgraph-train", "lcgraph-plan", "python", "python3", "torchrun", "wandb", "pip")
+PROGRAMS = ("lcgraph-train", "lcgraph-plan", "lcgraph-check", "python", "python3", "torchrun", "wandb", "pip")
 
 # Lines that cannot run on CI's 2-core CPU machine, and why (first match wins).
 SKIP = [
@@ -43,9 +44,10 @@ SKIP = [
     (r"\bpytest\b", "the test suite itself"),
     (r"tools/calibrate\.py --measured", "replans saved runs on CPU: tests/test_bench_tools.py runs it"),
     (
-        r"tools/(bench|profile_device|calibrate|attention_kernels|fused_kernels|multi_gpu|nccl_replay|host_link)\.py",
+        r"tools/(bench|profile_device|calibrate|attention_kernels|fused_kernels|multi_gpu)\.py",
         "GPU only: times CUDA kernels",
     ),
+    (r"^lcgraph-check ", "starts a rank per GPU (or gloo process): tests/test_check.py runs it end to end on gloo"),
     (r"^python3? -c ", "a Python one-liner, not a command line (the export it loads: tests/test_resume.py)"),
     (r"train\.device=cuda", "GPU only: train.device=cuda"),
     (r"--nnodes|submitit_slurm", "needs several nodes (torchrun --nnodes, SLURM)"),
@@ -79,6 +81,9 @@ PLACEHOLDERS = {
     # the 70B x 1M plan's 8 x 8 layout and 64 chunks, on the tiny shape's 4 layers and 64 tokens
     "+recipe=llama70b_1m +plan.device=h200": "+recipe=llama70b_1m +plan.device=h200 parallel.pp=2 parallel.sp=2 "
     "parallel.seq_chunks=2",
+    # the profile lcgraph-check writes: a shipped one stands in; the 32-rank layout on the tiny shape's 4 layers
+    "+recipe=llama8b_256k +plan.profile=runs/check/profile.json": "+recipe=llama8b_256k "
+    f"+plan.profile={PROFILES_DIR / 'h200.json'} parallel.pp=2 parallel.sp=2 parallel.seq_chunks=2",
 }
 # Layouts with more ranks are composed and validated, not trained here (CI has 2 cores): 4-rank layouts train in
 # test_cli (the default plan), test_sequence_parallel and test_reference.

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from lcgraph.app.links import host_link
 from lcgraph.app.testing import cuda_allocated_before_a_job, llama1b_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -55,19 +56,10 @@ def test_offload_trains_the_same_with_a_lower_peak_and_a_pinned_pool_allocated_o
     assert seconds <= 1.10 * ref_s, f"copies not hidden: {ref_s:.3f}s -> {seconds:.3f}s"
 
 
-def test_host_link_measures_pinned_copies_on_a_side_stream(tmp_path):
-    """tools/host_link.py on the GPU: both directions well above what pageable copies reach (PCIe Gen4 or
+def test_host_link_measures_pinned_copies_on_a_side_stream():
+    """lcgraph-check's host link on the GPU: both directions well above what pageable copies reach (PCIe Gen4 or
     better gives > 10 GB/s pinned)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "host_link.py"
-    spec = importlib.util.spec_from_file_location("host_link", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["host_link"] = module
-    spec.loader.exec_module(module)
-    result = module.main(["--mib", "512", "--out", str(tmp_path / "link.json")])
+    result = host_link(torch.device("cuda", 0), mib=512)
     assert result["pinned"] and result["host_bandwidth"] > 10e9, result
 
 

@@ -9,12 +9,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from test_reference import SEQ1F1B, check, hf_reference, run_cfg
 
 from lcgraph.app.job import Job
+from lcgraph.app.links import fitted_profile, host_link
 from lcgraph.app.testing import compose, train_local, train_spawned
 from lcgraph.app.validate import check_offload
 from lcgraph.errors import PlanError
+from lcgraph.planner.profile import load_profile
 from lcgraph.runtime.offload import HostPool, offload_mode
 
 KEEP = ["train.recompute=keep_attention"]
@@ -114,22 +117,14 @@ def _tool(name: str):
     return module
 
 
-def test_host_link_tool_writes_rates_and_marks_a_profile_measured(tmp_path):
-    """tools/host_link.py on CPU copies (its GPU run differs only in pinned memory and event timing)."""
-    import json
-    import shutil
-
-    from lcgraph.planner.profile import PROFILES_DIR, load_profile
-
-    profile = tmp_path / "h100.json"  # its host link is still the assumed nominal figure (h200's is measured)
-    shutil.copy(PROFILES_DIR / "h100.json", profile)
-    assert load_profile(str(profile)).status("host_bandwidth")[0] == "assumed"
-    argv = ["--device", "cpu", "--mib", "4", "--repeat", "1", "--out", str(tmp_path / "link.json")]
-    result = _tool("host_link").main([*argv, "--update-profile", str(profile)])
-    written = json.loads((tmp_path / "link.json").read_text())
-    assert written["host_bandwidth"] == min(written["d2h_bytes_per_s"], written["h2d_bytes_per_s"]) > 0
-    measured = load_profile(str(profile))
-    assert measured.host_bandwidth == pytest.approx(result["host_bandwidth"], rel=1e-3)  # 4 digits in the JSON
+def test_host_link_rates_go_into_a_profile_marked_measured():
+    """lcgraph-check's host link on CPU copies (its GPU run differs only in pinned memory and event timing)."""
+    base = load_profile("h100")  # its host link is still the assumed nominal figure (h200's is measured)
+    assert base.status("host_bandwidth")[0] == "assumed"
+    result = host_link(torch.device("cpu"), mib=4, repeat=1)
+    assert result["host_bandwidth"] == min(result["d2h_bytes_per_s"], result["h2d_bytes_per_s"]) > 0
+    measured = fitted_profile(base, {}, result, {"date": "2026-12-07", "ranks": 1, "device": "cpu"})
+    assert measured.host_bandwidth == pytest.approx(result["host_bandwidth"], rel=1e-3)  # 4 digits
     assert measured.status("host_bandwidth")[0] == "measured"
 
 

@@ -1,4 +1,4 @@
-"""Several-GPU measurements, each beside its baseline in the same call, with the planner's prediction beside each.
+"""Several-GPU speed and memory, each run beside its baseline and the planner's prediction (correctness: lcgraph-check).
 
     python3 tools/multi_gpu.py --out runs/mg                                  # 2 GPUs: every experiment below
     python3 tools/multi_gpu.py --out runs/mg --only pipeline32k ulysses       # some of them
@@ -18,7 +18,7 @@ Each run is a real `python -m lcgraph` (its own launcher, NCCL, one rank per GPU
 tokens/s is the trainer's (second half of the steps), memory torch's peak allocation per rank. The planner
 (`build_plan` with `+plan.device=<profile>`) predicts each config in a side process while the GPUs run; rows
 carry pred/meas for tokens/s and for stage 0's (rank 0's) peak; a run already measured (the one-GPU 128k
-baseline) is reused. Writes <out>/multi_gpu.json after every run, so a call cut short keeps what it measured.
+baseline) is reused. Writes <out>/multi_gpu.json after every run, so an invocation cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def predict(overrides: list[str], device: str) -> dict:
     cfg = compose(*MODEL, *overrides, f"+plan.device={device}", "+plan.alternatives=false", tiny=False)
     main = build_plan(cfg).main
     s = main.summary()
-    gpus = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp
+    gpus = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp * cfg.parallel.cp
     return {
         "tokens_per_s": s["tokens_per_s_per_gpu"] * gpus,
         "peak_gib_per_gpu": [p / 2**30 for p in main.sim.rank_peak],

@@ -292,8 +292,9 @@ class Job:
         return merged, frozenset().union(*(t for _, t in everyone))
 
     def _setup_interpreter(self):
-        # train.recompute=auto: the planner's fastest mode that fits this GPU (+plan.device may name the rates)
-        gpu = device_gpu(self.device, OmegaConf.select(self.cfg, "plan.device", default=None))
+        # train.recompute=auto: the planner's fastest mode that fits this GPU (+plan.profile / +plan.device: the rates)
+        rates = OmegaConf.select(self.cfg, "plan.profile", default=None)  # a profile file, or a shipped name
+        gpu = device_gpu(self.device, rates or OmegaConf.select(self.cfg, "plan.device", default=None))
         resolved = resolve_recompute(self.cfg, self.captured, gpu)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         self.offload = resolved.offload  # train.offload, `auto` resolved by the planner

@@ -246,5 +246,11 @@ def assert_close_run(got_losses, got_params, ref_losses, ref_params, rtol=1e-5, 
     )
     assert set(got_params) == set(ref_params), f"{label}: parameter names differ"
     for name, ref in ref_params.items():
-        err = float((got_params[name].double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+        err = relative_error(got_params[name], ref)
         assert err <= rtol, f"{label}: parameter {name} differs by {err:.2e} relative (limit {rtol:.0e})"
+
+
+def relative_error(got, ref) -> float:
+    """||got - ref|| / ||ref|| of two numbers or tensors, in float64 (a tensor in norm, as `assert_close_run` compares)."""
+    got, ref = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))

@@ -35,6 +35,7 @@ from lcgraph.schedule.sequence import split_sequence
 
 DEFAULTS = {
     "device": "h100",
+    "profile": None,  # a device profile JSON path (lcgraph-check writes one): plans with it instead of plan.device
     "gpus_per_node": None,
     "dtype": None,
     "alternatives": True,
@@ -57,6 +58,8 @@ def plan_settings(cfg: DictConfig) -> dict:
             f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
             f"{', '.join('plan.' + k for k in DEFAULTS)}"
         )
+    if given.get("profile") and "device" in given:
+        raise PlanError("give +plan.device (a shipped profile) or +plan.profile (a profile file), not both")
     settings = {**DEFAULTS, **given}
     settings["dtype"] = settings["dtype"] or cfg.train.dtype
     return settings
@@ -200,7 +203,7 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
     """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here.
     `profile` (the GPU a rank runs on) replaces `+plan.device`'s."""
     settings = plan_settings(cfg)
-    profile = profile or load_profile(settings["device"])
+    profile = profile or load_profile(settings["profile"] or settings["device"])
     if settings["gpus_per_node"]:
         profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
     if captured is None:

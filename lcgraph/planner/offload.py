@@ -133,7 +133,7 @@ def offload_plan(programs, spec, cost: CostModel, settings: dict) -> OffloadPlan
     if not dev.host_bandwidth:
         raise PlanError(
             f"train.offload={lay.offload} but device profile {dev.name!r} has no host_bandwidth; "
-            "measure it with tools/host_link.py --update-profile PROFILE.json"
+            "measure it with lcgraph-check --gpus 1 --only links and plan with +plan.profile=DIR/profile.json"
         )
     _, host_peaks = memory_peaks(programs, spec, _HostCosts(cost))
     per_rank = [_exposed([a for a in p if a.kind in ("F", "B")], cost, dev.host_bandwidth) for p in programs]

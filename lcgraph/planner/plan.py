@@ -11,6 +11,7 @@ with matplotlib) to the run directory.
 Planner settings are optional keys of a `plan` section, added with '+' on the command line:
 
     +plan.device=h100           shipped profile name (h100, h200, a100) or a profile JSON path
+    +plan.profile=PATH          a profile JSON file, e.g. the one lcgraph-check fitted to your GPUs' links
     +plan.gpus_per_node=8       override the profile's node size
     +plan.dtype=bf16            plan for another dtype than train.dtype
     +plan.alternatives=false    skip the alternatives table

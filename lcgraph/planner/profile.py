@@ -41,7 +41,7 @@ def interp_log(points: Sequence[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
-LINK_KINDS = ("p2p", "all_to_all")  # links with a figure of their own (fitted by tools/fit_links.py)
+LINK_KINDS = ("p2p", "all_to_all")  # links with a figure of their own (fitted by lcgraph-check)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class DeviceProfile:
     peak_fp32_flops: float = 0.0  # datasheet fp32 peak (no tensor cores), the denominator of fp32 runs
     peak_source: str = ""  # where the two peaks come from
     adamw_params_per_s: float = 0.0  # fused AdamW over fp32 master weights and moments
-    host_bandwidth: float = 0.0  # pinned host <-> GPU copies, per direction (train.offload; tools/host_link.py)
+    host_bandwidth: float = 0.0  # pinned host <-> GPU copies, per direction (train.offload; lcgraph-check measures it)
     traffic_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.9, "compiled": 1.0})
     saved_factor: dict[str, float] = field(default_factory=lambda: {"eager": 1.0, "compiled": 1.0})
     provenance: dict[str, str] = field(default_factory=dict)
