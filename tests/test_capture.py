@@ -1,10 +1,16 @@
 """Capture: the exported graph computes HF eager's loss and gradients, and carries its annotations."""
 
+import copy
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch.utils._pytree import tree_map
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
-from lcgraph.graph.capture import CaptureError, capture, graph_flops, retarget_device
+from lcgraph.graph import passes
+from lcgraph.graph.capture import EXPORTED_LAYERS, CaptureError, capture, graph_flops, retarget_device
+from lcgraph.graph.repeat import grow_layers
+from lcgraph.observability.graphs import graph_text
 from lcgraph.runtime import model as lcmodel
 
 ROPE_LLAMA3 = {
@@ -16,12 +22,12 @@ ROPE_LLAMA3 = {
 }
 
 
-def tiny_config(tied=False, rope_scaling=None):
+def tiny_config(tied=False, rope_scaling=None, layers=3):
     return LlamaConfig(
         vocab_size=97,
         hidden_size=64,
         intermediate_size=112,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=2,
         tie_word_embeddings=tied,
@@ -51,11 +57,13 @@ def run_captured(captured, hf, ids, pos, labels):
 
 
 @pytest.mark.parametrize(
-    "tied,rope", [(False, None), (True, None), (False, ROPE_LLAMA3)], ids=["untied", "tied", "llama3_rope"]
+    "tied,rope,layers",
+    [(False, None, 3), (True, None, 3), (False, ROPE_LLAMA3, 3), (True, ROPE_LLAMA3, 5)],
+    ids=["untied", "tied", "llama3_rope", "grown"],  # grown: 5 layers, 2 of them grown from the export of 3
 )
-def test_captured_graph_matches_hf_eager_loss_and_gradients(tied, rope):
+def test_captured_graph_matches_hf_eager_loss_and_gradients(tied, rope, layers):
     torch.manual_seed(0)
-    config = tiny_config(tied, rope)
+    config = tiny_config(tied, rope, layers)
     hf = LlamaForCausalLM(config).float()
     hf.config._attn_implementation = "sdpa"
     seq = 40
@@ -68,7 +76,8 @@ def test_captured_graph_matches_hf_eager_loss_and_gradients(tied, rope):
     ref.backward()
     ref_grads = {n: p.grad for n, p in hf.named_parameters()}
 
-    captured = capture(tiny_config(tied, rope), batch_size=2)  # built on meta: the graph holds no weights
+    captured = capture(tiny_config(tied, rope, layers), batch_size=2)  # built on meta: the graph holds no weights
+    assert captured.exported_layers == min(layers, EXPORTED_LAYERS)
     loss, grads = run_captured(captured, hf, ids, pos, labels)
 
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
@@ -162,3 +171,75 @@ def test_segment_layers_cuts_one_submodule_per_layer_group_with_the_same_loss_an
     seg_loss, seg_grads = run_captured(segmented, hf, ids, pos, labels)
     assert torch.equal(seg_loss, loss)
     assert seg_grads.keys() == grads.keys() and all(torch.equal(seg_grads[n], g) for n, g in grads.items())
+
+
+def described(captured) -> dict:
+    """All of a captured graph that lcgraph, a pass or a picture can read: each node (op, name, target, arguments,
+    every metadata key with tensors as shape, dtype and strides), the code, the placeholders' HF names, and the
+    graph's table of used names, from which the passes name the nodes they add."""
+
+    def sig(v):
+        return ("tensor", str(v.shape), v.dtype, str(v.stride())) if isinstance(v, torch.Tensor) else v
+
+    nodes = []
+    for n in captured.graph.nodes:
+        args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{a.name}")
+        nodes.append(
+            (n.op, n.name, str(n.target), n.type, str(args), {k: str(tree_map(sig, v)) for k, v in n.meta.items()})
+        )
+    names = captured.graph._graph_namespace
+    return {
+        "nodes": nodes,
+        "code": captured.gm.code,
+        "param_names": list(captured.param_names.items()),
+        "buffer_names": list(captured.buffer_names.items()),
+        "used_names": sorted(names._used_names),
+        "name_counters": sorted(names._base_count.items()),
+        "config": captured.config.to_dict(),
+    }
+
+
+@pytest.mark.parametrize(  # 12: two-digit layer indices; bf16: the trainer's capture (HF casts in norms and rotary)
+    "layers, tied, batch, dtype", [(5, False, 1, torch.float32), (12, True, 2, torch.bfloat16)]
+)
+def test_a_grown_capture_is_the_export_of_every_layer_node_for_node(layers, tied, batch, dtype):
+    grown = capture(tiny_config(tied, layers=layers), batch_size=batch, dtype=dtype)
+    whole = capture(tiny_config(tied, layers=layers), batch_size=batch, dtype=dtype, whole=True)
+    assert (grown.exported_layers, whole.exported_layers) == (EXPORTED_LAYERS, layers)
+    assert described(grown) == described(whole)
+    # the passes add nodes named from the graph's name table: every stage comes out the same
+    stages = [passes.compile_stages(c, [2, layers - 2], "meta", 2, 2) for c in (grown, whole)]
+    assert [graph_text(s.gm) for s in stages[0].values()] == [graph_text(s.gm) for s in stages[1].values()]
+
+
+def test_layers_that_differ_by_config_are_exported_whole():
+    sliding = Qwen2Config(  # a sliding window on the first two layers only
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=5,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=2,
+    )
+    assert capture(sliding).exported_layers == 5
+
+
+def test_grow_layers_leaves_a_graph_whose_last_layers_differ_as_it_is():
+    captured = capture(tiny_config())  # 3 layers, exported
+    layer_of = {n.name: n.meta["lcgraph"].layer for n in captured.graph.nodes}
+    for n in captured.graph.nodes:
+        del n.meta["lcgraph"]  # the annotations name the layer: export's graph has none
+
+    def grow(gm):
+        return grow_layers(gm, captured.param_names, captured.buffer_names, 3, 5, lambda n: layer_of[n.name])
+
+    assert grow(copy.deepcopy(captured.gm)) is not None  # as exported, the layers repeat
+    changed = copy.deepcopy(captured.gm)
+    eps = next(n for n in changed.graph.nodes if layer_of[n.name] == 2 and n.args[1:] == (1e-6,))
+    eps.args = (eps.args[0], 1e-5)  # layer 2's first RMSNorm epsilon
+    before = graph_text(changed)
+    assert grow(changed) is None
+    assert graph_text(changed) == before

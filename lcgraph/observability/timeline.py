@@ -107,8 +107,17 @@ def write_png(timeline, path, title: str = "", label: str = "rank") -> Path | No
     compute = [e for e in timeline if _lane(e[1]) == 0]
     span = max((e[3] for e in compute), default=1.0) or 1.0
     fig, ax = plt.subplots(figsize=(14, 0.55 * len(ranks) + 1.5))
+    if compute:  # one call for every bar (thousands at many chunks): per-bar calls cost seconds
+        ax.barh(
+            [e[0] for e in compute],
+            [end - start for _, _, start, end in compute],
+            left=[e[2] for e in compute],
+            height=0.8,
+            color=[COLORS[_kind(e[1])] for e in compute],
+            edgecolor="white",
+            linewidth=0.3,
+        )
     for rank, name, start, end in compute:
-        ax.barh(rank, end - start, left=start, height=0.8, color=COLORS[_kind(name)], edgecolor="white", linewidth=0.3)
         if (end - start) > span / 45:  # label the bars wide enough to read
             ax.text((start + end) / 2, rank, name, ha="center", va="center", fontsize=6, color="white")
     ax.set_yticks(ranks, [f"{label} {r}" for r in ranks])

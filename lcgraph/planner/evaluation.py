@@ -6,6 +6,7 @@ layer split), with the recompute segment size of lowest predicted peak (`best_se
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
@@ -145,8 +146,8 @@ def evaluate(
 
     k = seq_chunks if schedule_name == "seq1f1b" else 1
     spec = ScheduleSpec(schedule_name, layout.pp, microbatches, k, layout.virtual_stages)
-    programs = add_p2p(build_programs(spec), spec)
-    nccl.check(programs, spec, nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero, cp=layout.cp))
+    comms = nccl.Comms(layout.dp, layout.sp, graph.tied_params > 0, layout.zero, cp=layout.cp)
+    programs = [list(p) for p in checked_programs(spec, comms)]
     length = padded_length(seq_len, k, chunk_split, ring_align(layout))  # what the programs run (padding included)
     if k == 1:
         lengths = [length]
@@ -164,6 +165,16 @@ def evaluate(
     kept = kept_fraction(layout.documents, seq_len) if layout.documents is not None else 1.0
     flops = graph.model_flops_per_token(seq_len, kept)
     return Evaluation(label, spec, programs, cost, sim, tokens, flops, offload=offload)
+
+
+@functools.lru_cache(maxsize=16)
+def checked_programs(spec: ScheduleSpec, comms: nccl.Comms) -> list:
+    """The per-rank programs of `spec` with explicit p2p, checked against NCCL's rules (raises ScheduleError).
+    Kept per process: the recompute and offload modes a plan tries share one schedule, and checking a Seq1F1B of
+    many chunks replays every rank's kernels (seconds at 64 chunks); the programs depend on nothing else."""
+    programs = add_p2p(build_programs(spec), spec)
+    nccl.check(programs, spec, comms)
+    return programs
 
 
 def layer_counts(cfg: DictConfig, captured) -> tuple[list[int], list[int]]:

@@ -327,30 +327,67 @@ def check(programs: list[Program], spec: ScheduleSpec, comms: Comms | None = Non
 
 
 def _replay(b: _Builder) -> tuple[set[int], set[int]]:
-    """Advance hosts and kernels until nothing changes; returns the running and the completed kernels."""
+    """Advance hosts and kernels until nothing changes; returns the running and the completed kernels.
+
+    A host issues in order and stops at a wait until its kernels complete; an issued kernel runs once the kernels
+    before it on its streams complete; a running kernel completes once its partners run. Every step only adds, so
+    the end state is the same in any order: each kernel is looked at again only when what it waits for changes."""
+    kernels = b.kernels
     issued: set[int] = set()
     running: set[int] = set()
     done: set[int] = set()
-    changed = True
-    while changed:
-        changed = False
-        for host in b.hosts:
-            while host.position < len(host.items):
-                item = host.items[host.position]
-                if item[0] == "issue":
-                    issued.add(item[1])
-                elif not all(k in done for k in item[1]):
-                    break
-                host.position += 1
-                changed = True
-        for i in issued - running:
-            if all(a in done for a in b.kernels[i].after):
-                running.add(i)
-                changed = True
-        for i in running - done:
-            if all(all(p in running for p in partners) for partners in b.kernels[i].partners):
-                done.add(i)
-                changed = True
+    before_left = [len(set(k.after)) for k in kernels]  # kernels before it on its streams not yet completed
+    partners = [{p for ps in k.partners for p in ps} for k in kernels]
+    partners_left = [len(ps) for ps in partners]  # partners not yet running
+    completes: list[list[int]] = [[] for _ in kernels]  # kernel -> the kernels it is before
+    runs: list[list[int]] = [[] for _ in kernels]  # kernel -> the kernels it partners
+    for i, k in enumerate(kernels):
+        for a in set(k.after):
+            completes[a].append(i)
+        for p in partners[i]:
+            runs[p].append(i)
+    blocked: dict[int, list[int]] = {}  # kernel -> hosts waiting for it to complete
+    events: list[tuple[bool, int]] = []  # (completed, kernel): False when it starts running
+
+    def try_run(i: int) -> None:
+        if i in issued and before_left[i] == 0 and i not in running:
+            running.add(i)
+            events.append((False, i))
+
+    def try_complete(i: int) -> None:
+        if i in running and partners_left[i] == 0 and i not in done:
+            done.add(i)
+            events.append((True, i))
+
+    def advance(rank: int) -> None:
+        host = b.hosts[rank]
+        while host.position < len(host.items):
+            item = host.items[host.position]
+            if item[0] == "issue":
+                issued.add(item[1])
+                try_run(item[1])
+            else:
+                missing = next((k for k in item[1] if k not in done), None)
+                if missing is not None:
+                    blocked.setdefault(missing, []).append(rank)
+                    return
+            host.position += 1
+
+    for rank in range(len(b.hosts)):
+        advance(rank)
+    while events:
+        completed, i = events.pop()
+        if completed:
+            for j in completes[i]:
+                before_left[j] -= 1
+                try_run(j)
+            for rank in blocked.pop(i, []):
+                advance(rank)
+        else:
+            try_complete(i)
+            for j in runs[i]:
+                partners_left[j] -= 1
+                try_complete(j)
     return running, done
 
 
