@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from test_reference import hf_reference, run_cfg
+from test_reference import BF16, hf_reference, run_cfg
 
-from lcgraph.app.testing import compose, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
 from lcgraph.app.validate import check_fp8
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import capture
@@ -130,6 +130,19 @@ def test_two_rank_fp8_layouts_match_hf_eager_with_torchaos_float8_linears(refere
     results = train_spawned(cfgs, world=2, keep_params=False)
     for (label, (_, batch, whole)), r in zip(layouts.items(), results):
         check(r["losses"], r["grad_norms"], references(batch, "tensorwise"), WHOLE if whole else PIECES, label)
+
+
+def test_rowwise_bf16_dp2_matches_one_process_over_five_steps():
+    """dp=2 with the distributed optimizer against one process running the same two sequences a step as
+    micro-batches, both rowwise FP8 in bf16: each sequence is scaled alone either way, so only the gradients'
+    summation order differs (the bf16 tolerance of the layout tests, BF16 in test_reference)."""
+    one = train_local(run_cfg("train.fp8=rowwise", "train.dtype=bf16", "parallel.microbatches=2", steps=5))
+    (two,) = train_spawned(
+        [run_cfg("train.fp8=rowwise", "train.dtype=bf16", "parallel.dp=2", "parallel.microbatches=1", steps=5)], world=2
+    )
+    params, ref = ({n: p.float() for n, p in run.items()} for run in (two["params"], one[1]))
+    assert_close_run(two["losses"], params, one[0], ref, rtol=BF16, label="rowwise bf16 dp=2")
+    torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one[2]["grad_norms"]), rtol=BF16, atol=0)
 
 
 def test_rowwise_trains_in_bf16_near_the_reference(references):
