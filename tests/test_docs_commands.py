@@ -130,6 +130,8 @@ def doc_commands() -> list[Command]:
         for start, lines in _blocks(doc.read_text()):
             env: dict[str, str] = {}
             for n, line in _logical_lines(start, lines):
+                if line.split(" ", 1)[0] not in PROGRAMS and not re.match(r"(export )?[A-Z_]+=", line):
+                    continue  # a command's output quoted in the doc (its apostrophes are no shell quotes)
                 words = shlex.split(line, comments=True)
                 if words and words[0] == "export":
                     words = words[1:]

@@ -204,3 +204,20 @@ def test_the_plan_prints_fp8_beside_bf16_and_a_device_without_fp8_refuses_it():
     assert other.sim.step_time < main.sim.step_time and main.cost.layout.fp8 is None
     with pytest.raises(PlanError, match=r"^train.fp8=tensorwise needs FP8 tensor cores, which the a100 profile has"):
         build_plan(compose(*STAGE_70B, "train.fp8=tensorwise", "+plan.device=a100", tiny=False))
+
+
+def test_bench_fp8_flag_puts_bf16_and_fp8_rows_side_by_side():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(bench)
+    args = bench.parser().parse_args(["--peers", "--model", "llama70b_2l", "--fp8", "false", "tensorwise"])
+    sides = bench.sides_from_args(args)
+    assert [s.label for s in sides] == ["lcgraph", "lcgraph fp8=tensorwise"]
+    assert [[o for o in s.overrides([]) if "fp8" in o] for s in sides] == [[], ["train.fp8=tensorwise"]]
+    assert [s.fuse for s in sides] == ["auto", "auto"] and not any(s.checkpointing for s in sides)

@@ -148,7 +148,18 @@ def sides_from_args(args) -> list[Side]:
     )
     for variant, comp, fuse, rc, off, budget, docs, fp8 in grid:
         for chunks in args.chunks if variant == "chunked" else [1]:
-            side = Side("lcgraph", variant, chunks, rc, comp == "on", fuse, off, budget, documents=docs, fp8=fp8)
+            side = Side(
+                "lcgraph",
+                variant,
+                chunks,
+                rc,
+                comp == "on",
+                fuse=fuse,
+                offload=off,
+                budget=budget,
+                documents=docs,
+                fp8=fp8,
+            )
             lcgraph.append(side)
     return peers + lcgraph
 

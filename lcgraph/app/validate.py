@@ -47,6 +47,7 @@ from lcgraph.errors import LaunchError, ModelPathError, PlanError
 from lcgraph.graph.capture import check_llama_like, check_sliding_window
 from lcgraph.graph.passes import check_ulysses
 from lcgraph.graph.ring import check_ring
+from lcgraph.ops.fp8 import fp8_recipe, fp8_refusal
 from lcgraph.runtime import data
 from lcgraph.runtime.model import build_config
 from lcgraph.runtime.recompute import recompute_mode
@@ -234,8 +235,6 @@ def check_offload(cfg: DictConfig) -> None:
 def check_fp8(cfg: DictConfig, device: str) -> None:
     """train.fp8: a known recipe, on a device whose matmuls take it (`device`: cpu or cuda, as the ranks run)."""
     import torch
-
-    from lcgraph.ops.fp8 import fp8_recipe, fp8_refusal  # torch: imported once a plan is checked
 
     try:
         recipe = fp8_recipe(cfg.train.fp8)
