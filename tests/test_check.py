@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lcgraph.app import check, links
-from lcgraph.app.testing import cli_env, compose
+from lcgraph.app.testing import cli_env, compose, planned
 from lcgraph.errors import PlanError
 from lcgraph.planner.plan import build_plan
 from lcgraph.planner.profile import load_profile, profile_json
@@ -66,8 +66,8 @@ def test_the_fitted_profile_is_what_lcgraph_plan_plans_with(two_ranks):
         measured, how = profile.status(f"{kind}_bw")
         assert measured == "measured" and how.startswith("lcgraph-check") and "2 x cpu, gloo" in how
     assert profile.status("host_bandwidth")[0] == "measured" and profile.host_bandwidth > 0
-    fitted = build_plan(compose(*PLAN, f"+plan.profile={path}", tiny=False)).main
-    default = build_plan(compose(*PLAN, tiny=False)).main
+    fitted = build_plan(planned(*PLAN, f"+plan.profile={path}", tiny=False)).main
+    default = build_plan(planned(*PLAN, tiny=False)).main
     assert fitted.cost.profile.p2p_bw == profile.p2p_bw and fitted.cost.profile.name == "h100-checked"
     # CPU processes move bytes 100x slower than NVLink: the pipeline's sends and Ulysses' all-to-alls cost more
     assert fitted.summary()["step_time_s"] > default.summary()["step_time_s"]
@@ -150,11 +150,11 @@ def test_plan_profile_names_a_file_and_excludes_plan_device(tmp_path):
     slow = links.fitted_profile(load_profile("h100"), fits, None, {})
     path = tmp_path / "slow.json"
     path.write_text(profile_json(slow.to_dict()))
-    fitted = build_plan(compose(*PLAN, f"+plan.profile={path}", tiny=False)).main
+    fitted = build_plan(planned(*PLAN, f"+plan.profile={path}", tiny=False)).main
     assert fitted.cost.profile.p2p_bw == 1e9
-    assert fitted.summary()["step_time_s"] > build_plan(compose(*PLAN, tiny=False)).main.summary()["step_time_s"]
+    assert fitted.summary()["step_time_s"] > build_plan(planned(*PLAN, tiny=False)).main.summary()["step_time_s"]
     with pytest.raises(PlanError, match="not both"):
-        build_plan(compose(*PLAN, f"+plan.profile={path}", "+plan.device=h200", tiny=False))
+        build_plan(planned(*PLAN, f"+plan.profile={path}", "+plan.device=h200", tiny=False))
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lcgraph.app.config import DataConfig
+from lcgraph.app.config import DataConfig, typed
 from lcgraph.app.job import prepare_data
 from lcgraph.app.testing import compose, train_local
 from lcgraph.app.validate import validate_plan
@@ -243,7 +243,7 @@ def test_each_bad_input_is_one_clear_error(tmp_path, cache, tokenizer_dir):
 def test_bad_data_is_refused_before_training_and_a_mask_plans_with_any_kernel_and_compile(tmp_path, cache):
     (tmp_path / "k.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(DataError, match="text_key"):  # what lcgraph-train runs before it spawns ranks
-        prepare_data(compose(f"data.path={tmp_path / 'k.jsonl'}"))
+        prepare_data(typed(compose(f"data.path={tmp_path / 'k.jsonl'}")))
     with pytest.raises(PlanError, match="data.mean_document_tokens=-1"):
         validate_plan(compose("data.mean_document_tokens=-1"), env={})
     validate_plan(compose("data.cross_document_attention=false", "train.compile=true"), env={})

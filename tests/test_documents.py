@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from test_reference import ACTIVE, CLIP, STEPS, WD, reference_lr  # the reference's schedule, clipping, decay
 
-from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, planned, train_local, train_spawned
 from lcgraph.graph.capture import IGNORE_INDEX
 from lcgraph.ops import attention, masks
 from lcgraph.runtime import data
@@ -219,10 +219,10 @@ def test_a_masked_plan_prices_the_pairs_the_mask_leaves():
         "masked": ["data.cross_document_attention=false", "data.mean_document_tokens=8192"],
         "one document": ["data.cross_document_attention=false", "data.synthetic=true"],
     }.items():
-        cfg = compose(*base, *extra, tiny=False)
+        cfg = planned(*base, *extra, tiny=False)
         ev = evaluation.evaluate_config(cfg, evaluation.setup(cfg))
         plans[name] = (ev.sim.step_time, max(ev.sim.rank_peak), ev.model_flops_per_token, ev.cost)
-    elsewhere = compose(*base, "data.cross_document_attention=false", "data.path=/not/on/this/machine", tiny=False)
+    elsewhere = planned(*base, "data.cross_document_attention=false", "data.path=/not/on/this/machine", tiny=False)
     assert "assumed" in evaluation.document_mix(elsewhere).source  # a corpus this machine lacks: no error
     plain, masked, one = plans["plain"], plans["masked"], plans["one document"]
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from lcgraph.app.cli import one_line_errors, spawn
+from lcgraph.app.config import typed
 from lcgraph.app.testing import compose
 from lcgraph.errors import DataError, LaunchError, LcgraphError, PlanError, RankError
 
@@ -40,7 +41,7 @@ def test_a_rank_error_reaches_the_user_as_one_line_naming_the_rank_with_the_trac
     cfg = compose(f"data.path={short}", "parallel.pp=2")
     run = tmp_path / "run"
     with pytest.raises(RankError) as info:
-        spawn(cfg, str(run), 2)
+        spawn(typed(cfg), str(run), 2)
     message = str(info.value)
     assert re.fullmatch(
         r"rank [01]: the corpus has \d+ tokens, too few for a training window of data.seq_len=64\+1; .* \(traceback: .*\)",
@@ -57,15 +58,16 @@ def _disagreeing_rank(cfg_yaml: str) -> None:
     from omegaconf import OmegaConf
 
     from lcgraph.app.cli import init_distributed
+    from lcgraph.app.config import typed
     from lcgraph.app.job import Job
 
     cfg = OmegaConf.create(cfg_yaml)
-    init_distributed(cfg)
+    init_distributed(typed(cfg).train)
     try:
         if dist.get_rank() == 1:
             cfg.optim.lr = 2 * cfg.optim.lr
         with pytest.raises(LaunchError) as err:
-            Job(cfg, __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size())
+            Job(typed(cfg), __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size())
         message = str(err.value)
         assert "rank 1 and rank 0 differ in their config" in message and "\n" not in message, message
     finally:

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from test_reference import BF16, hf_reference, run_cfg
 
-from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, planned, train_local, train_spawned
 from lcgraph.app.validate import check_fp8
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import capture
@@ -175,7 +175,7 @@ def _stage_parts(*overrides: str) -> tuple[dict[str, float], dict[str, float], f
     h100, and the plan's peak bytes."""
     from lcgraph.planner.plan import build_plan
 
-    plan = build_plan(compose(*STAGE_70B, "+plan.alternatives=false", *overrides, tiny=False))
+    plan = build_plan(planned(*STAGE_70B, "+plan.alternatives=false", *overrides, tiny=False))
     cost = plan.main.cost
     return cost.compute_parts(0, 16384, 0), cost.backward_parts(0, 0), max(plan.main.sim.rank_peak)
 
@@ -198,12 +198,12 @@ def test_a_plan_runs_the_decoder_matmuls_at_the_fp8_rate_and_adds_the_casts():
 def test_the_plan_prints_fp8_beside_bf16_and_a_device_without_fp8_refuses_it():
     from lcgraph.planner.plan import build_plan
 
-    plan = build_plan(compose(*STAGE_70B, "+plan.alternatives=false", tiny=False))
+    plan = build_plan(planned(*STAGE_70B, "+plan.alternatives=false", tiny=False))
     (label, main), (other_label, other) = plan.alternatives
     assert other_label == f"{label}, train.fp8=tensorwise" and other.cost.layout.fp8 == "tensorwise"
     assert other.sim.step_time < main.sim.step_time and main.cost.layout.fp8 is None
     with pytest.raises(PlanError, match=r"^train.fp8=tensorwise needs FP8 tensor cores, which the a100 profile has"):
-        build_plan(compose(*STAGE_70B, "train.fp8=tensorwise", "+plan.device=a100", tiny=False))
+        build_plan(planned(*STAGE_70B, "train.fp8=tensorwise", "+plan.device=a100", tiny=False))
 
 
 def test_bench_fp8_flag_puts_bf16_and_fp8_rows_side_by_side():

@@ -111,8 +111,7 @@ def test_seq1f1b_relay_with_each_recompute_mode_matches_unchunked_run_in_bf16(mo
     """A 2-layer Llama-3.2-1B-shaped model, 4k tokens, one step: 4 even chunks under each recompute mode (also
     keeping one layer's attention in one 2-layer segment, and compiled segments, static for even chunks and
     dynamic-shape for uneven ones) against the unchunked run (loss and gradient norm, bf16 tolerance)."""
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
+    from lcgraph.app.testing import compose, job_of
 
     def run(*extra):
         cfg = compose(
@@ -129,7 +128,7 @@ def test_seq1f1b_relay_with_each_recompute_mode_matches_unchunked_run_in_bf16(mo
             *extra,
             tiny=False,
         )
-        return Job(cfg, "/tmp/lcgraph-gpu-test", 0, 1).run_step(0)
+        return job_of(cfg, "/tmp/lcgraph-gpu-test").run_step(0)
 
     ref = run()
     got = run("parallel.schedule=seq1f1b", "parallel.seq_chunks=4", f"train.recompute={mode}", *extra)

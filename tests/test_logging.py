@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from lcgraph.app.config import typed
 from lcgraph.app.testing import TINY, compose
 from lcgraph.observability.metrics import RunLogger, metric_key, spread
 from lcgraph.observability.timeline import matplotlib_available, write_trace
@@ -138,7 +139,8 @@ def test_the_logger_sends_trainer_metrics_by_section_against_step_and_pictures_a
             }
         )
     )
-    logger = RunLogger(cfg, tmp_path)
+    run = typed(cfg)
+    logger = RunLogger(run.logging, tmp_path, run.train.steps, run.train.progress, run.composed)
     for step in (1, 2):
         logger.log(
             {

@@ -17,7 +17,7 @@ from transformers import LlamaConfig
 
 from lcgraph.app.cli import step_perf
 from lcgraph.app.perf import RunPerf
-from lcgraph.app.testing import TINY, compose
+from lcgraph.app.testing import TINY, compose, planned, run_config
 from lcgraph.graph.capture import capture
 from lcgraph.planner import plan
 from lcgraph.planner.costs import GraphCosts, Layout
@@ -128,7 +128,7 @@ def test_recompute_auto_plans_with_the_memory_of_the_gpu_it_runs_on(tiny_capture
     H200 and recomputes on the H100; without a GPU (CPU, lcgraph-plan) the default profile (h100) decides."""
 
     def cfg(seq: int):
-        return compose(
+        return planned(
             *TINY,
             f"data.seq_len={seq}",
             f"model.max_position_embeddings={seq}",
@@ -162,7 +162,7 @@ def test_the_trainers_steps_and_summary_report_the_formula_on_a_faked_h200(tmp_p
     from lcgraph.app import cli
 
     monkeypatch.setattr(cli, "device_gpu", lambda device: gpu_profile(*H200))
-    cfg = compose("train.steps=4")
+    cfg = run_config("train.steps=4")
     summary = cli.run(cfg, str(tmp_path))
     flops = model_flops_per_token(build_config(cfg.model), cfg.data.seq_len)
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -186,7 +186,7 @@ def test_a_job_resolves_auto_recompute_with_the_gpu_it_runs_on(tmp_path, monkeyp
         return gpu_profile(*H200, requested)
 
     monkeypatch.setattr(job_module, "device_gpu", fake_gpu)
-    job = job_module.Job(compose("train.recompute=auto", "+plan.alternatives=false"), tmp_path, 0, 1)
+    job = job_module.Job(run_config("train.recompute=auto", "+plan.alternatives=false"), tmp_path, 0, 1)
     assert asked == [("cpu", None)]
     assert job.recompute_reason.startswith("planned for NVIDIA H200 (139.8 GiB): profile h200;"), job.recompute_reason
     assert "125.8G usable of h200" in job.recompute_reason

@@ -50,9 +50,9 @@ def test_a_bf16_job_steps_its_masters_in_one_pass_and_checkpoints_them(tmp_path)
     """Two steps of a bf16 CPU job: masters moved, weights are their bf16 rounding, gradients zeroed, and the
     moments are the ones checkpoint_state names."""
     from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
+    from lcgraph.app.testing import run_config
 
-    job = Job(compose("parallel=single", "train.dtype=bf16", "train.steps=2"), tmp_path, 0, 1)
+    job = Job(run_config("parallel=single", "train.dtype=bf16", "train.steps=2"), tmp_path, 0, 1)
     before = {id(b): b.master.detach().clone() for b in job.optimizer.buckets}
     for i in range(2):
         job.run_step(i)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_reference import SEQ1F1B, check, hf_reference, run_cfg
 
+from lcgraph.app.config import typed
 from lcgraph.app.job import Job
 from lcgraph.app.links import fitted_profile, host_link
 from lcgraph.app.testing import compose, train_local, train_spawned
@@ -48,7 +49,7 @@ def test_pp2_seq1f1b_with_offload_matches_hf_eager(hf_two_sequences):
 
 def _job(*overrides: str) -> Job:
     cfg = compose("parallel.microbatches=2", *SEQ1F1B, *KEEP, *overrides)
-    return Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), 0, 1)
+    return Job(typed(cfg), Path(tempfile.mkdtemp(prefix="lcgraph-test-")), 0, 1)
 
 
 def test_offload_takes_saved_bytes_off_the_device_and_allocates_the_pool_once():

@@ -107,6 +107,7 @@ def test_partition_refuses_more_stages_than_layers():
 
 
 def test_uniform_comp_chunks_come_from_the_graph_costs():
+    from lcgraph.app.config import typed
     from lcgraph.app.job import Job
 
     cfg = compose(
@@ -116,7 +117,7 @@ def test_uniform_comp_chunks_come_from_the_graph_costs():
         "parallel.chunk_split=uniform_comp",
         "data.seq_len=256",
     )
-    job = Job(cfg, "/tmp/lcgraph-unused", 0, 1)
+    job = Job(typed(cfg), "/tmp/lcgraph-unused", 0, 1)
     lengths = job.chunk_lengths
     assert sum(lengths) == 256 and lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 

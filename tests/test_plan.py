@@ -221,14 +221,14 @@ def test_planned_optimizer_state_is_what_a_bf16_job_holds(zero, tmp_path):
     """The planner's optimizer bytes against the live state of a bf16 CPU job after one step: ZeRO's fp32
     masters and moments, or replicated AdamW's moments in the weights' dtype (lcgraph as it was charged 12 B)."""
     from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
+    from lcgraph.app.testing import planned, run_config
     from lcgraph.planner.plan import build_plan
 
     overrides = ["parallel=single", "train.dtype=bf16", f"parallel.zero={str(zero).lower()}", "train.steps=1"]
-    job = Job(compose(*overrides), tmp_path, 0, 1)
+    job = Job(run_config(*overrides), tmp_path, 0, 1)
     job.run_step(0)
     live = sum(t.numel() * t.element_size() for t in job.optimizer.checkpoint_state().values())
-    cost = build_plan(compose(*overrides, "+plan.alternatives=false")).main.cost
+    cost = build_plan(planned(*overrides, "+plan.alternatives=false")).main.cost
     assert sum(cost.stage_memory(s).optimizer for s in range(len(cost.stages))) == pytest.approx(live, rel=1e-3)
 
 
@@ -336,14 +336,14 @@ def test_lcgraph_plan_writes_plan_json_and_programs(tmp_path):
 def test_plan_fits_only_when_the_peak_is_within_the_devices_memory(tmp_path):
     """`fits` follows the device's memory: the same plan on a profile with room for exactly its peak fits,
     one byte less does not; the stage weights are the hand-counted parameters x 2 bytes (bf16)."""
-    from lcgraph.app.testing import compose
+    from lcgraph.app.testing import planned
     from lcgraph.planner.plan import build_plan
 
     def plan_on(memory):
         toy = {**load_profile("h100").to_dict(), "name": "toy", "memory_bytes": memory}
         (tmp_path / "toy.json").write_text(json.dumps(toy))
         return build_plan(
-            compose(
+            planned(
                 "parallel.pp=2",
                 "data.seq_len=1024",
                 "train.dtype=bf16",
@@ -366,11 +366,11 @@ def test_plan_fits_only_when_the_peak_is_within_the_devices_memory(tmp_path):
 @pytest.mark.parametrize("mode", ["none", "full"])
 def test_plan_table_shows_every_term_of_the_total_the_rerun_included(mode):
     """The stage table's columns add up to its total: what they left out was recompute's rerun transient."""
-    from lcgraph.app.testing import compose
+    from lcgraph.app.testing import planned
     from lcgraph.planner.plan import build_plan
 
     plan = build_plan(
-        compose("parallel.pp=2", "data.seq_len=1024", f"train.recompute={mode}", "+plan.alternatives=false")
+        planned("parallel.pp=2", "data.seq_len=1024", f"train.recompute={mode}", "+plan.alternatives=false")
     )
     for row in plan.stage_rows():
         transient = plan.main.cost.recompute_transient(row["stage"])
@@ -530,7 +530,7 @@ def test_recompute_auto_keeps_as_many_attention_layers_as_fit_between_full_and_k
     from pathlib import Path
 
     import lcgraph.planner as planner_pkg
-    from lcgraph.app.testing import compose
+    from lcgraph.app.testing import planned
     from lcgraph.planner.evaluation import evaluate_config, setup
     from lcgraph.planner.plan import AUTO_USABLE, choose_recompute
 
@@ -545,7 +545,7 @@ def test_recompute_auto_keeps_as_many_attention_layers_as_fit_between_full_and_k
 
     def config(memory: float):
         profile.write_text(json.dumps({**base, "name": "tight", "memory_bytes": memory}))
-        return compose(*shape, "train.recompute=auto", f"+plan.device={profile}", "+plan.alternatives=false")
+        return planned(*shape, "train.recompute=auto", f"+plan.device={profile}", "+plan.alternatives=false")
 
     cfg = config(1e15)
     st = setup(cfg)
@@ -568,7 +568,7 @@ def test_planned_activations_are_what_a_bf16_step_keeps(fuse, tmp_path):
     layer pair in bf16 on CPU, with the plain ops and with the fused RMSNorm, SwiGLU and rotary (train.fuse=on:
     the plan reads a fused copy of the graph; with the plain graph's bytes it was 40% high)."""
     from lcgraph.app.job import Job
-    from lcgraph.app.testing import compose
+    from lcgraph.app.testing import planned, run_config
     from lcgraph.planner.plan import build_plan
 
     overrides = [
@@ -582,9 +582,7 @@ def test_planned_activations_are_what_a_bf16_step_keeps(fuse, tmp_path):
         f"train.fuse={fuse}",
         "train.steps=1",
     ]
-    job = Job(compose(*overrides, tiny=False), tmp_path, 0, 1)
+    job = Job(run_config(*overrides, tiny=False), tmp_path, 0, 1)
     job.run_step(0)
-    planned, _ = build_plan(compose(*overrides, "+plan.alternatives=false", tiny=False)).main.cost.unit_activations(
-        0, 0
-    )
-    assert planned == pytest.approx(job.activation_peaks()[0], rel=0.05)
+    kept, _ = build_plan(planned(*overrides, "+plan.alternatives=false", tiny=False)).main.cost.unit_activations(0, 0)
+    assert kept == pytest.approx(job.activation_peaks()[0], rel=0.05)

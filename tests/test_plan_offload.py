@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import lcgraph.planner as planner_pkg
-from lcgraph.app.testing import compose
+from lcgraph.app.testing import planned
 from lcgraph.errors import PlanError
 from lcgraph.planner.evaluation import evaluate_config, setup
 from lcgraph.planner.plan import AUTO_USABLE, build_plan, choose_recompute, resolve_recompute
@@ -32,7 +32,7 @@ def _profile(tmp_path, **figures) -> str:
 
 
 def _evaluations(tmp_path, recompute="keep_attention", **figures):
-    cfg = compose(*SHAPE, f"train.recompute={recompute}", f"+plan.device={_profile(tmp_path, **figures)}")
+    cfg = planned(*SHAPE, f"train.recompute={recompute}", f"+plan.device={_profile(tmp_path, **figures)}")
     st = setup(cfg)
     return (
         cfg,
@@ -65,7 +65,7 @@ def test_a_slow_host_link_adds_what_compute_does_not_hide(tmp_path):
 
 
 def test_an_offload_the_host_cannot_hold_is_refused_in_one_line(tmp_path):
-    cfg = compose(*SHAPE, "train.recompute=keep_attention", "train.offload=attention", "+plan.host_memory_gb=1e-6")
+    cfg = planned(*SHAPE, "train.recompute=keep_attention", "train.offload=attention", "+plan.host_memory_gb=1e-6")
     with pytest.raises(PlanError, match=r"train.offload=attention needs .* GiB of host memory per rank"):
         build_plan(cfg)
 
@@ -76,11 +76,11 @@ def test_offload_auto_moves_attention_only_when_the_device_needs_it(tmp_path):
     _, _, ev = _evaluations(tmp_path)
     peak = {m: max(e.sim.rank_peak) for m, e in ev.items()}
     tight = _profile(tmp_path, memory_bytes=(peak["none"] + peak["attention"]) / 2 / AUTO_USABLE)
-    roomy = compose(*SHAPE, "train.recompute=keep_attention", "train.offload=auto")
+    roomy = planned(*SHAPE, "train.recompute=keep_attention", "train.offload=auto")
     assert resolve_recompute(roomy).offload == "none"
-    cfg = compose(*SHAPE, "train.recompute=keep_attention", "train.offload=auto", f"+plan.device={tight}")
+    cfg = planned(*SHAPE, "train.recompute=keep_attention", "train.offload=auto", f"+plan.device={tight}")
     resolved = resolve_recompute(cfg)
     assert resolved.offload == "attention", resolved.reason
-    cfg = compose(*SHAPE, "train.recompute=auto", "train.offload=auto", f"+plan.device={tight}")
+    cfg = planned(*SHAPE, "train.recompute=auto", "train.offload=auto", f"+plan.device={tight}")
     mode, reason, chosen = choose_recompute(cfg, setup(cfg))
     assert (mode, chosen.cost.layout.offload) == ("keep_attention", "attention"), reason

@@ -146,7 +146,7 @@ def test_multirun_writes_a_comparison_table_and_shares_a_wandb_group(tmp_path):
             "model.num_hidden_layers=2",
             "logging.wandb.group=${lcgraph_sweep_group:}",
             f"hydra.sweep.dir={sweep}",
-            "++hydra.callbacks.sweep_table._target_=lcgraph.observability.sweep.SweepTable",
+            "++hydra.callbacks.sweep_table._target_=lcgraph.app.sweep.SweepTable",
         ],
         check=False,
         capture_output=True,

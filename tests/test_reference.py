@@ -308,9 +308,10 @@ def test_two_rank_checkpoint_round_trips_through_model_path_and_from_pretrained(
     from transformers import LlamaForCausalLM
 
     from lcgraph.app.cli import spawn
+    from lcgraph.app.config import typed
     from lcgraph.runtime.checkpoint import export_hf
 
-    spawn(run_cfg(*PP2, *SEQ1F1B, tied=True, steps=2), str(tmp_path), world=2)
+    spawn(typed(run_cfg(*PP2, *SEQ1F1B, tied=True, steps=2)), str(tmp_path), world=2)
     ckpt = tmp_path / "hf"
     assert export_hf(tmp_path, ckpt).name == "step-00000002"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:

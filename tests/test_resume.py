@@ -20,9 +20,9 @@ import torch.distributed.checkpoint as dcp
 from lcgraph.app.cli import check_resume, run
 from lcgraph.app.export import main as export_main
 from lcgraph.app.job import Job
-from lcgraph.app.testing import compose, run_spawned
+from lcgraph.app.testing import compose, run_config, run_spawned
 from lcgraph.errors import CheckpointError
-from lcgraph.runtime.checkpoint import CHECKPOINTS, read_manifest, same_layout
+from lcgraph.runtime.checkpoint import CHECKPOINTS, layout, read_manifest, same_layout
 
 STEPS = ["train.steps=20", "model.tie_word_embeddings=true"]
 DP2 = ["parallel.dp=2", *STEPS]
@@ -71,9 +71,11 @@ def test_the_manifest_records_cp_and_a_checkpoint_resumes_under_another_cp_as_un
     torch.testing.assert_close(torch.tensor(losses["d"]), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
     saved = read_manifest(step10)["layout"]
     assert saved["cp"] == 1 and read_manifest(dirs["d"] / CHECKPOINTS / "step-00000020")["layout"]["cp"] == 2
-    assert same_layout(saved, compose(*DP2)) and not same_layout(saved, compose(*DP2, "parallel.cp=2"))
+    dp2, cp2 = (run_config(*DP2, *more) for more in ([], ["parallel.cp=2"]))
+    mine, ring = (layout(c.parallel, c.train.dtype) for c in (dp2, cp2))
+    assert same_layout(saved, mine) and not same_layout(saved, ring)
     without_cp = {k: v for k, v in saved.items() if k != "cp"}
-    assert same_layout(without_cp, compose(*DP2)) and not same_layout(without_cp, compose(*DP2, "parallel.cp=2"))
+    assert same_layout(without_cp, mine) and not same_layout(without_cp, ring)
 
 
 def test_checkpoint_and_exported_files_get_the_mode_the_umask_gives(runs, tmp_path):
@@ -103,7 +105,7 @@ def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_the_previous_one_is(
     shutil.copytree(step10, torn)
     manifest = (torn / "manifest.json").read_text().replace('"step": 10', '"step": 30')
     (torn / "manifest.json").write_text(manifest[: len(manifest) // 2])
-    run(compose(*ONE, "train.resume=auto"), str(tmp_path))
+    run(run_config(*ONE, "train.resume=auto"), str(tmp_path))
     resumed = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
 
@@ -111,7 +113,7 @@ def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_the_previous_one_is(
 def test_a_checkpoint_of_another_model_shape_is_refused_in_one_line(runs, tmp_path):
     _, _, step10 = runs
     with pytest.raises(CheckpointError) as err:
-        check_resume(compose(*ONE, "model.hidden_size=32", f"train.resume={step10}"), tmp_path)
+        check_resume(run_config(*ONE, "model.hidden_size=32", f"train.resume={step10}"), tmp_path)
     assert "hidden_size=64" in str(err.value) and "hidden_size=32" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -123,7 +125,7 @@ def test_export_of_the_dp2_checkpoint_loads_in_transformers_and_lcgraph_with_the
     losses, _, step10 = runs
     out = tmp_path / "hf"
     export_main([str(step10), str(out)])
-    job = Job(compose(*ONE, "model=hf", f"model.path={out}"), tmp_path / "run")
+    job = Job(run_config(*ONE, "model=hf", f"model.path={out}"), tmp_path / "run")
     position = {"data": job.sampler.state_dict()}  # step 10's data position (the weights come from the export)
     dcp.load(position, checkpoint_id=step10, no_dist=True)
     job.sampler.load_state_dict(position["data"])
@@ -180,9 +182,9 @@ def test_a_run_that_skipped_a_step_resumes_bit_for_bit(zero, tmp_path, monkeypat
 
     base = ["train.on_nonfinite=skip", f"parallel.zero={zero}", "train.checkpoint_every=3", "train.keep_checkpoints=0"]
     monkeypatch.setenv(FAULT_ENV, "nan:1:0")
-    run(compose(*base), str(tmp_path / "a"))
+    run(run_config(*base), str(tmp_path / "a"))
     monkeypatch.setenv(FAULT_ENV, "")
-    run(compose(*base, f"train.resume={tmp_path / 'a' / CHECKPOINTS / 'step-00000003'}"), str(tmp_path / "b"))
+    run(run_config(*base, f"train.resume={tmp_path / 'a' / CHECKPOINTS / 'step-00000003'}"), str(tmp_path / "b"))
     whole, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [json.loads(r).get("skipped") for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1]
     assert torch.equal(torch.tensor(resumed), torch.tensor(whole[3:])), (resumed, whole)
@@ -195,12 +197,12 @@ def test_rolling_back_into_the_run_directory_moves_the_later_trajectory_aside(tm
     from lcgraph.app.cli import SUPERSEDED
 
     run_dir, base = tmp_path / "run", ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0"]
-    run(compose(*base), str(run_dir))
+    run(run_config(*base), str(run_dir))
     saves = run_dir / CHECKPOINTS
     old_rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     key, shape = "model.lm_head.weight", (512, 64)
     old4 = _dcp_tensor(saves / "step-00000004", key, shape)
-    run(compose(*base, "optim.lr=0", f"train.resume={saves / 'step-00000002'}"), str(run_dir))
+    run(run_config(*base, "optim.lr=0", f"train.resume={saves / 'step-00000002'}"), str(run_dir))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     new4, step2 = _dcp_tensor(saves / "step-00000004", key, shape), _dcp_tensor(saves / "step-00000002", key, shape)
@@ -217,9 +219,9 @@ def test_a_resume_in_the_other_dtype_takes_the_fp32_masters(saved, resumed, tmp_
     are the checkpoint's fp32 weights, not the bf16 rounding of them."""
     from lcgraph.runtime.checkpoint import load_checkpoint
 
-    run(compose("train.steps=2", f"train.dtype={saved}"), str(tmp_path / "a"))
+    run(run_config("train.steps=2", f"train.dtype={saved}"), str(tmp_path / "a"))
     ckpt = tmp_path / "a" / CHECKPOINTS / "step-00000002"
-    job = Job(compose(f"train.dtype={resumed}"), tmp_path / "b")
+    job = Job(run_config(f"train.dtype={resumed}"), tmp_path / "b")
     load_checkpoint(job, ckpt)
     for name, p in job.all_params().items():
         if saved == "bf16":
@@ -236,10 +238,10 @@ def test_a_run_that_crashed_before_its_first_checkpoint_starts_over_with_one_tra
     superseded/ instead of being followed by a second step 1."""
     from lcgraph.app.cli import SUPERSEDED
 
-    run(compose("train.steps=2"), str(tmp_path))
+    run(run_config("train.steps=2"), str(tmp_path))
     shutil.rmtree(tmp_path / CHECKPOINTS)  # as if it had died before writing one
     old = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    run(compose("train.steps=2", "train.resume=auto"), str(tmp_path))
+    run(run_config("train.steps=2", "train.resume=auto"), str(tmp_path))
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     (moved,) = (tmp_path / SUPERSEDED).iterdir()
     assert (moved / "metrics.jsonl").read_text().splitlines() == old

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from lcgraph.app.cli import claim_run_dir
-from lcgraph.app.testing import TINY, compose
+from lcgraph.app.testing import TINY, compose, run_config
 from lcgraph.errors import LaunchError
 from lcgraph.observability.metrics import RunLogger
 
@@ -23,9 +23,9 @@ def test_a_run_directory_is_claimed_once_and_a_resumed_run_appends(tmp_path):
     with pytest.raises(LaunchError, match="already holds a run"):
         claim_run_dir(tmp_path, resume=False)
     claim_run_dir(tmp_path, resume=True)
-    cfg = compose()
+    cfg = run_config()
     for append in (False, True):
-        logger = RunLogger(cfg, tmp_path, append=append)
+        logger = RunLogger(cfg.logging, tmp_path, cfg.train.steps, cfg.train.progress, append=append)
         logger.log({"step": 1, "loss": 1.0, "tokens": 64, "step_time_s": 1.0, "tokens_per_s": 64.0})
         logger.finish()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -282,6 +282,16 @@ def _recompute_override(overrides: list[str]) -> list[str]:
     return out
 
 
+def _job(job_class, cfg, run_dir: Path):
+    """A Job of the composed config: typed first (lcgraph.app.config.typed), or as it is for an lcgraph whose Job
+    took the composed config itself."""
+    try:
+        from lcgraph.app.config import typed
+    except ImportError:
+        return job_class(cfg, run_dir, 0, 1)
+    return job_class(typed(cfg), run_dir, 0, 1)
+
+
 def bench_lcgraph(side: Side, seq: int, steps: int, warmup: int, model_name: str, extra: list[str]) -> dict:
     from lcgraph.app.job import Job
     from lcgraph.app.testing import compose
@@ -301,7 +311,7 @@ def bench_lcgraph(side: Side, seq: int, steps: int, warmup: int, model_name: str
         *_recompute_override(side.overrides(extra)),
         tiny=False,
     )
-    job = Job(cfg, Path("/tmp/lcgraph-bench"), 0, 1)
+    job = _job(Job, cfg, Path("/tmp/lcgraph-bench"))
     result = _timed_steps(lambda i: job.run_step(i)["loss"], steps, warmup)
     if job.attention_kept is not None:  # under a document mask MFU counts the pairs it left (planner/mfu.py)
         result["attention_kept"] = job.attention_kept

@@ -76,14 +76,14 @@ def overrides(seq: int, chunks: int, mode: str, compiled: bool) -> list[str]:
 
 
 def compose_cfg(args: list[str]):
-    """The config as the trainer composes it; a boolean-only `train.recompute` schema gets true/false."""
-    from lcgraph.app.testing import compose
+    """The config as the trainer composes and types it; a boolean-only `train.recompute` schema gets true/false."""
+    from lcgraph.app.testing import run_config
 
     try:
-        return compose(*args, tiny=False)
+        return run_config(*args, tiny=False)
     except Exception:  # older schema: recompute is a boolean
         legacy = {"train.recompute=none": "train.recompute=false", "train.recompute=full": "train.recompute=true"}
-        return compose(*[legacy.get(a, a) for a in args], tiny=False)
+        return run_config(*[legacy.get(a, a) for a in args], tiny=False)
 
 
 def measure(args: list[str], steps: int, warmup: int) -> dict:
@@ -124,22 +124,22 @@ def predict(args: list[str], profile_path: str, profile=None) -> dict:
     from lcgraph.planner import evaluation
 
     cfg = compose_cfg(args + [f"+plan.device={profile_path}", "+plan.alternatives=false", "+plan.timeline=false"])
-    st = evaluation.setup(cfg, _captured(cfg.model))
+    st = evaluation.setup(cfg.planned(), _captured(cfg.model))
     if profile is not None:
         st.profile = profile
-    ev = evaluation.evaluate_config(cfg, st)
+    ev = evaluation.evaluate_config(cfg.planned(), st)
     return {"step_s": ev.sim.step_time, "peak_bytes": max(ev.sim.rank_peak)}
 
 
 def _captured(model_cfg):
     """The model's meta-device capture, one per process (capture() keeps it): `overrides` raises the position
     limit with the sequence, which changes no node of the graph, so it is left out of the cache key."""
-    from omegaconf import OmegaConf
+    import dataclasses
 
     from lcgraph.graph.capture import capture
     from lcgraph.runtime.model import build_config
 
-    return capture(build_config(OmegaConf.merge(model_cfg, {"max_position_embeddings": 131072})))
+    return capture(build_config(dataclasses.replace(model_cfg, max_position_embeddings=131072)))
 
 
 def table(rows: list[dict]) -> list[dict]:

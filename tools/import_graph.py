@@ -1,8 +1,9 @@
 """Draw lcgraph's package import graph as an SVG (docs/architecture.svg): `python tools/import_graph.py`.
 
 One row per layer (app on top, ops at the bottom), one box per package with its modules and lines of
-code, one arrow per pair of packages where the upper one imports the lower one, labelled with the
-number of import statements. Read from the source's AST, like tests/test_layering.py.
+code and the config sections its modules name (`takes`), one arrow per pair of packages where the upper one
+imports the lower one, labelled with the number of import statements. Read from the source's AST, like
+tests/test_layering.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lcgraph"
 ROWS = [["app"], ["planner"], ["observability"], ["runtime"], ["graph", "schedule"], ["ops"]]
-W, BOX_H, ROW_GAP, MARGIN = 900, 70, 50, 20
+W, BOX_H, ROW_GAP, MARGIN = 900, 84, 50, 20
+# the config's sections as the rooms receive them (lcgraph/runtime/config.py, planner/settings.py,
+# observability/metrics.py, app/config.py), and the Protocols graph/ reads a layout through
+SECTIONS = (
+    "RunConfig",
+    "PlanConfig",
+    "PlanSettings",
+    "ModelConfig",
+    "DataConfig",
+    "ParallelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "LoggingConfig",
+    "StageLayout",  # graph/: what it reads of the parallel section (a Protocol)
+    "ChunkedShards",
+    "Shards",
+)
 CHAR_W = 5.6  # rough width of one character of the module list (10.5 px sans-serif)
 
 
@@ -32,6 +49,18 @@ def package_edges() -> Counter:
                 if there != parts[0] and (PACKAGE / there).is_dir():
                     edges[parts[0], there] += 1
     return edges
+
+
+def sections(package: str) -> list[str]:
+    """The config sections the package's modules name (define, import or annotate with), in SECTIONS' order."""
+    named = set()
+    for path in (PACKAGE / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name):
+                named.add(node.id)
+            elif isinstance(node, ast.ClassDef):
+                named.add(node.name)
+    return [s for s in SECTIONS if s in named]
 
 
 def modules(package: str) -> list[tuple[str, int]]:
@@ -89,6 +118,8 @@ def svg() -> str:
         )
         for i, line in enumerate(wrapped(text, int((w - 16) / CHAR_W))):
             out.append(f'<text x="{x + 8:.0f}" y="{y + 40 + 14 * i}" font-size="10.5" fill="#333">{line}</text>')
+        takes = ", ".join(sections(name)) or "plain values, no config section"
+        out.append(f'<text x="{x + 8:.0f}" y="{y + BOX_H - 8}" font-size="10.5" fill="#2b5d8a">takes: {takes}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -39,15 +39,16 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from lcgraph.app.cli import backend_for, init_distributed, share_cores
+    from lcgraph.app.config import typed
     from lcgraph.app.job import Job
     from lcgraph.observability.overlap import analyze
 
-    cfg = OmegaConf.create(cfg_yaml)
+    cfg = typed(OmegaConf.create(cfg_yaml))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = backend_for(cfg) == "nccl"
+    cuda = backend_for(cfg.train) == "nccl"
     share_cores()
     if world > 1:
-        init_distributed(cfg)
+        init_distributed(cfg.train)
     rank = dist.get_rank() if world > 1 else 0
     try:
         job = Job(cfg, Path(out), rank, world)

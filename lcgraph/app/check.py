@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from lcgraph.app import links, replay
@@ -36,6 +35,7 @@ from lcgraph.app.testing import compose, relative_error, train_local, train_spaw
 from lcgraph.errors import LaunchError, LcgraphError, full_tracebacks
 from lcgraph.planner.devices import gpu_profile
 from lcgraph.planner.profile import DeviceProfile, load_profile, profile_json
+from lcgraph.runtime.config import TrainConfig
 
 PROG = "lcgraph-check"
 CHECKS = ("exactness", "replay", "links")
@@ -162,7 +162,7 @@ def exactness_table(result: dict) -> str:
 def _comm_worker(task: dict, out: str) -> None:
     """Entry of a launched rank: the replay cases and/or the link benchmark `task` names."""
     share_cores()
-    init_distributed(OmegaConf.create({"train": {"device": task["device"], "comm_timeout_s": task["timeout_s"]}}))
+    init_distributed(TrainConfig(device=task["device"], comm_timeout_s=task["timeout_s"]))
     nccl = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     try:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
-from lcgraph.app.config import register_configs
+from lcgraph.app.config import RunConfig, register_configs, typed
 from lcgraph.app.job import Job, prepare_data
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.perf import RunPerf, device_gpu
@@ -31,6 +31,7 @@ from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, move_later_rows, throughput
 from lcgraph.planner.mfu import model_flops_per_token
 from lcgraph.runtime import checkpoint, faults
+from lcgraph.runtime.config import TrainConfig
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule.text import format_programs
 
@@ -117,13 +118,18 @@ def launch_local(world: int, entry, *args, run_id: str = "lcgraph") -> None:
     elastic_launch(config, entry)(*args)
 
 
-def run(cfg: DictConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
-    """The training loop of one rank; rank 0 writes metrics, W&B, progress, summary."""
+def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
+    """The training loop of one rank; rank 0 writes config.yaml, metrics, W&B, progress, summary."""
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
     resume = checkpoint.resume_path(cfg.train.resume, run_path)
     superseded = supersede_later(run_path, resume) if rank == 0 and resuming(cfg) else None
-    logger = RunLogger(cfg, run_path, enabled=rank == 0, append=resuming(cfg))
+    if rank == 0:
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg.composed))
+    logger = RunLogger(
+        cfg.logging, run_path, cfg.train.steps, cfg.train.progress, cfg.composed, rank == 0, resuming(cfg)
+    )
     if superseded:
         logger.note(superseded)
     if rank == 0:
@@ -185,9 +191,9 @@ def supersede_later(run_dir: Path, resume: Path | None) -> str | None:
     )
 
 
-def resuming(cfg: DictConfig) -> bool:
-    """Whether this run continues the one in its run directory (train.resume, when the schema has it)."""
-    return bool(OmegaConf.select(cfg, "train.resume", default=None))
+def resuming(cfg: RunConfig) -> bool:
+    """Whether this run continues the one in its run directory (train.resume)."""
+    return bool(cfg.train.resume)
 
 
 def claim_run_dir(run_dir: Path, resume: bool) -> None:
@@ -232,19 +238,19 @@ def _memory_summary(job: Job, world: int) -> dict:
     return out
 
 
-def backend_for(cfg: DictConfig) -> str:
+def backend_for(train: TrainConfig) -> str:
     """The torch.distributed backend of a run: NCCL on GPUs, gloo on CPU."""
-    return "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
+    return "nccl" if train.device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(cfg: DictConfig) -> None:
+def init_distributed(train: TrainConfig) -> None:
     """Join the process group; on GPUs first bind this rank to its own device (LOCAL_RANK).
 
     NCCL refuses two ranks on one GPU, and every collective before the first CUDA call (the run
     directory broadcast, barriers) would otherwise run on device 0 in every process.
     """
-    backend = backend_for(cfg)
-    timeout = datetime.timedelta(seconds=cfg.train.comm_timeout_s)
+    backend = backend_for(train)
+    timeout = datetime.timedelta(seconds=train.comm_timeout_s)
     store = _attempt_store(timeout)
     if backend != "nccl":
         dist.init_process_group(backend, timeout=timeout, **store)
@@ -283,13 +289,12 @@ def share_cores() -> None:
 @record  # the rank's exception and traceback go to TORCHELASTIC_ERROR_FILE, which the launcher reads
 def _worker(cfg_yaml: str, run_dir: str) -> None:
     """Entry of a spawned rank (elastic launcher)."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create(cfg_yaml)
-    assert isinstance(cfg, DictConfig)  # the YAML of a composed config: a mapping
+    composed = OmegaConf.create(cfg_yaml)
+    assert isinstance(composed, DictConfig)  # the YAML of a composed config: a mapping
+    cfg = typed(composed)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     share_cores()
-    init_distributed(cfg)
+    init_distributed(cfg.train)
     try:
         run(cfg, run_dir, rank, world)
     finally:
@@ -297,20 +302,18 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
     faults.exit_if_stopped()
 
 
-def spawn(cfg: DictConfig, run_dir: str, world: int) -> None:
+def spawn(cfg: RunConfig, run_dir: str, world: int) -> None:
     """Start `world` local ranks with torch's elastic launcher and wait for them.
 
     A rank's LcgraphError comes back as one RankError line naming the rank; its traceback is kept in
     RUN_DIR/rank<r>.traceback. Any other failure (a bug) is re-raised with its traceback."""
-    from omegaconf import OmegaConf
-
     elastic = logging.getLogger("torch.distributed.elastic")
     level = elastic.level
     elastic.setLevel(logging.CRITICAL)  # the failure is reported below, once
     try:
         with faults.explained_failures([Path(run_dir)], cfg.train.comm_timeout_s):  # a dead or stuck rank: one line
             try:
-                launch_local(world, _worker, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
+                launch_local(world, _worker, OmegaConf.to_yaml(cfg.composed), run_dir)
             except ChildFailedError as exc:  # a user error in a rank: its one line, first
                 error = rank_error(exc, Path(run_dir))
                 if error is None:
@@ -336,7 +339,7 @@ def rank_error(exc: ChildFailedError, run_dir: Path) -> RankError | None:
     return RankError(f"rank {rank}: {text}" + (f" (traceback: {kept})" if trace else ""))
 
 
-def train_main(cfg: DictConfig) -> None:
+def train_main(composed: DictConfig) -> None:
     """Validate, then run in this process, spawn the ranks, or join torchrun's."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -345,7 +348,8 @@ def train_main(cfg: DictConfig) -> None:
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     with one_line_errors():
-        validate_plan(cfg, overrides=HydraConfig.get().overrides.task)
+        validate_plan(composed, overrides=HydraConfig.get().overrides.task)
+        cfg = typed(composed)  # the sections every room below reads, from here on
     run_dir = HydraConfig.get().runtime.output_dir
     with one_line_errors():
         check_resume(cfg, Path(run_dir))
@@ -366,17 +370,17 @@ def train_main(cfg: DictConfig) -> None:
         print(f"run directory: {run_dir}")
 
 
-def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+def check_resume(cfg: RunConfig, run_dir: Path) -> None:
     """A `train.resume` that names no complete checkpoint, or one of another model shape: refused before any rank starts."""
     path = checkpoint.resume_path(cfg.train.resume, run_dir)
     if path is not None:
         checkpoint.check_model(path, build_config(cfg.model))
 
 
-def _check_gpus(cfg: DictConfig, world: int) -> None:
+def _check_gpus(cfg: RunConfig, world: int) -> None:
     """lcgraph's own launcher starts every rank on this node: on GPUs, one per GPU."""
     gpus = torch.cuda.device_count()
-    if backend_for(cfg) == "nccl" and world > gpus:
+    if backend_for(cfg.train) == "nccl" and world > gpus:
         raise LaunchError(
             f"pp*dp*sp*cp = {world} ranks but this node has {gpus} GPUs (NCCL runs one rank per GPU); "
             f"lower the layout to {gpus} ranks, use train.device=cpu, or launch on more nodes "
@@ -384,8 +388,8 @@ def _check_gpus(cfg: DictConfig, world: int) -> None:
         )
 
 
-def _join_torchrun(cfg: DictConfig, run_dir: str) -> None:
-    init_distributed(cfg)
+def _join_torchrun(cfg: RunConfig, run_dir: str) -> None:
+    init_distributed(cfg.train)
     shared = [run_dir, ""]
     if dist.get_rank() == 0:
         try:

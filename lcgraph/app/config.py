@@ -1,145 +1,60 @@
-"""The plan's schema: structured configs (type-checked by Hydra/OmegaConf) with the defaults in one place.
+"""The plan's schema: structured configs (type-checked by Hydra/OmegaConf) with the defaults in one place,
+and the composed config turned into them once (`typed`).
 
-YAML files in conf/<group>/ pick values; these dataclasses define which keys exist and their types, so
-a misspelt key or a wrong type is refused by Hydra with one line naming it.
+YAML files in conf/<group>/ pick values; the sections' dataclasses define which keys exist and their types, so
+a misspelt key or a wrong type is refused by Hydra with one line naming it. Each section is defined in the room
+that reads it (lcgraph/runtime/config.py: model, data, parallel, optim, train; observability/metrics.py:
+logging; planner/settings.py: the optional `plan` section); `LcgraphConfig` gathers them for Hydra, and
+`RunConfig` is what the app hands on: the sections, the planner's settings and the config as composed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, Literal, Optional, get_args
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app.paths import conf_dir, recipes_dir
-from lcgraph.observability.sweep import register_resolvers
+from lcgraph.app.sweep import register_resolvers
+from lcgraph.observability.metrics import LoggingConfig, WandbConfig, WandbMode
+from lcgraph.planner.settings import PlanConfig, PlanSettings
+from lcgraph.runtime.config import (
+    AttentionBackend,
+    ChunkSplit,
+    DataConfig,
+    Device,
+    Dtype,
+    FuseMode,
+    ModelConfig,
+    Offload,
+    OnNonfinite,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleName,
+    TrainConfig,
+)
 
-# The values a choice field takes. OmegaConf cannot check Literal annotations, so each choice field is a
-# `str` for Hydra and carries its Literal in the field's metadata (`choice`); validate.check_choices
-# reads them from the schema (`choice_fields`), and mypy users of the config read the aliases.
-Dtype = Literal["fp32", "bf16"]
-Device = Literal["auto", "cpu", "cuda"]
-AttentionBackend = Literal["auto", "math", "cudnn", "flash", "efficient"]
-ScheduleName = Literal["gpipe", "1f1b", "seq1f1b", "interleaved_1f1b"]
-ChunkSplit = Literal["even", "uniform_comp"]
-WandbMode = Literal["offline", "online", "disabled"]
-OnNonfinite = Literal["skip", "stop"]
-FuseMode = Literal["auto", "on", "off"]
-Offload = Literal["none", "attention", "all", "auto"]
-
-
-def choice(options: Any, default: str) -> Any:
-    """A `str` field for Hydra whose allowed values are the Literal `options`."""
-    return field(default=default, metadata={"choices": get_args(options)})
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"
-    path: Optional[str] = None  # a local HF model directory (config.json, safetensors, tokenizer)
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    intermediate_size: int = 704
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    head_dim: Optional[int] = None
-    max_position_embeddings: int = 1048576
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[Any] = None  # e.g. {rope_type: llama3, factor: 8.0, ...}
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-
-
-@dataclass
-class DataConfig:
-    path: Optional[str] = None  # text/JSONL/Parquet file, a directory of them, or a save_to_disk directory
-    seq_len: int = 256
-    micro_batch_size: int = 1
-    max_corpus_mb: float = 3.0  # the standard-library demo corpus's size, and the text a trained BPE learns from
-    text_key: str = "text"  # the JSONL / Parquet / save_to_disk column holding each document's text
-    num_workers: int = 0  # tokenizer processes (0: one per core, at most 8)
-    cross_document_attention: bool = True  # false: attention stays inside each packed document
-    synthetic: bool = False  # uniform random tokens (benchmarks, planning runs): no corpus, no tokenizer
-    # packed documents' mean length, log-normal with sigma 1: the synthetic corpus's documents (0: one endless
-    # document), and what the planner prices a document mask with when data.path is not set
-    mean_document_tokens: int = 0
-    # a held-out split for train.eval_every: the corpus's last windows (this share of them; training never reads
-    # them), or the windows of another corpus tokenized as this one
-    eval_fraction: float = 0.0
-    eval_path: Optional[str] = None
-
-
-@dataclass
-class ParallelConfig:
-    pp: int = 1
-    sp: int = 1
-    cp: int = 1  # ring attention degree (context parallel); the sequence is sharded over sp x cp ranks
-    dp: int = 1
-    schedule: str = choice(ScheduleName, "1f1b")
-    microbatches: int = 1
-    seq_chunks: int = 1
-    chunk_split: str = choice(ChunkSplit, "even")
-    virtual_stages: int = 1
-    pp_layers: Optional[list[int]] = None
-    zero: bool = True  # distributed optimizer: optimizer state sharded over the dp*sp replicas (ZeRO-1, RS)
-    bucket_mb: float = 25.0
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 200
-    seed: int = 0
-    dtype: str = choice(Dtype, "fp32")
-    device: str = choice(Device, "auto")
-    attention: str = choice(AttentionBackend, "auto")
-    log_every: int = 1
-    checkpoint_every: int = 0  # 0: only the final checkpoint
-    keep_checkpoints: int = 2  # the newest N full-state checkpoints stay in <run>/checkpoints (0: all)
-    resume: Optional[str] = None  # auto (this run directory's newest complete checkpoint, if any) or a path
-    allow_oversubscribe: bool = False
-    progress: bool = True
-    fused_loss: bool = True  # LM head + cross-entropy without materialising the logits
-    fuse: str = choice(FuseMode, "auto")  # fused RMSNorm/SwiGLU/rotary (auto: eager CUDA stages); docs/kernels.md
-    fp8: str = "false"  # false | tensorwise | rowwise: the decoder layers' matmuls in FP8 (ops/fp8.py; docs/kernels.md)
-    recompute: str = "none"  # none | full | keep_attention (true/false: full/none); see runtime.recompute
-    recompute_layers: int = 0  # decoder layers per checkpoint segment (0: the planner picks); see runtime.recompute
-    keep_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all; auto: as fit)
-    offload: str = choice(Offload, "none")  # kept activations to host memory and back; see runtime.offload
-    compile: bool = False  # torch.compile each stage graph
-    activation_budget: float = 1.0  # compiled: share of saved bytes kept (<1 reruns pointwise ops); runtime.recompute
-    comm_timeout_s: float = 600.0  # process-group timeout: a collective or p2p stuck this long ends the run
-    on_nonfinite: str = choice(OnNonfinite, "stop")  # NaN/inf loss or gradients: drop the update, then skip or stop
-    check_every: int = 100  # compare replicas' parameter checksums every N steps (0: never)
-    eval_every: int = 0  # a held-out loss every N steps, forward only (0: never); data.eval_fraction / eval_path
-    eval_windows: int = 8  # held-out windows each evaluation reads (the same ones every time)
-
-
-@dataclass
-class WandbConfig:
-    mode: str = choice(WandbMode, "offline")
-    project: str = "lcgraph"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-
-
-@dataclass
-class LoggingConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+__all__ = [
+    "AttentionBackend",
+    "ChunkSplit",
+    "DataConfig",
+    "Device",
+    "Dtype",
+    "FuseMode",
+    "LoggingConfig",
+    "ModelConfig",
+    "Offload",
+    "OnNonfinite",
+    "OptimConfig",
+    "ParallelConfig",
+    "ScheduleName",
+    "TrainConfig",
+    "WandbConfig",
+    "WandbMode",
+]
 
 
 @dataclass
@@ -156,6 +71,36 @@ class LcgraphConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dump: DumpConfig = field(default_factory=DumpConfig)
+
+
+@dataclass
+class RunConfig(LcgraphConfig):
+    """The composed config as the app hands it on: typed sections, the planner's settings (`+plan.KEY`), and
+    `composed`, the config as composed and resolved (what config.yaml, W&B and the ranks' agreement record)."""
+
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    composed: dict = field(default_factory=dict)
+
+    @property
+    def plan_device(self) -> str | None:
+        """`+plan.device` when the command line gives it (None: a rank plans for its own GPU's profile)."""
+        given = self.composed.get("plan") or {}
+        return given.get("device")
+
+    def planned(self) -> PlanConfig:
+        """The sections a plan of this run reads (lcgraph/planner)."""
+        return PlanConfig(self.model, self.data, self.parallel, self.train, self.plan)
+
+
+def typed(cfg: DictConfig) -> RunConfig:
+    """The composed config (Hydra's, or its YAML read back in a spawned rank) as typed sections, once."""
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(composed, dict)  # a composed config is a mapping
+    sections = {k: v for k, v in composed.items() if k != "plan"}
+    schema = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LcgraphConfig), sections))
+    assert isinstance(schema, LcgraphConfig)
+    plan = PlanSettings.of(dict(composed.get("plan") or {}), schema.train.dtype)
+    return RunConfig(**{f.name: getattr(schema, f.name) for f in fields(LcgraphConfig)}, plan=plan, composed=composed)
 
 
 def choice_fields(schema: Any = LcgraphConfig, prefix: str = "") -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -187,8 +132,6 @@ def local_gpus() -> int:
 
 def register_configs() -> None:
     """Schemas for the config groups, and every recipe in recipes/ as `+recipe=NAME`."""
-    from omegaconf import OmegaConf
-
     register_resolvers()
     OmegaConf.register_new_resolver("lcgraph_seq_chunks", seq_chunks_for, replace=True)
     OmegaConf.register_new_resolver("lcgraph_gpus", local_gpus, replace=True)

@@ -7,6 +7,7 @@ progress and checkpoints, is `lcgraph.app.cli.run`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -18,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app import held_out
+from lcgraph.app.config import RunConfig
 from lcgraph.app.perf import device_gpu
 from lcgraph.errors import DataError, LaunchError, PlanError
 from lcgraph.graph import passes
@@ -34,6 +35,7 @@ from lcgraph.planner.documents import DocumentMix, pairs_before
 from lcgraph.planner.plan import resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.checkpoint import model_shape
+from lcgraph.runtime.config import OptimConfig
 from lcgraph.runtime.interpreter import Interpreter, StageState, UnitData
 from lcgraph.runtime.optimizer import build_optimizer
 from lcgraph.schedule import nccl
@@ -58,17 +60,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def lr_at(step: int, cfg: DictConfig) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step (steps counted from 1, as
+def lr_at(step: int, o: OptimConfig, total: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step `total` (steps counted from 1, as
     Megatron does: the peak is step `warmup_steps`, the minimum step `steps`)."""
-    o, total = cfg.optim, cfg.train.steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
     progress = (step + 1 - o.warmup_steps) / max(1, total - o.warmup_steps)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def prepare_data(cfg: DictConfig) -> None:
+def prepare_data(cfg: RunConfig) -> None:
     """Tokenize and cache the corpus once, in this process, before any rank starts (bad input fails here)."""
     if not cfg.data.synthetic:
         _, tokenizer = data.prepare_corpus(cfg.data, cfg.model.path, model.build_config(cfg.model).vocab_size)
@@ -79,8 +80,9 @@ def prepare_data(cfg: DictConfig) -> None:
 class Job:
     """Everything one rank holds for a run."""
 
-    def __init__(self, cfg, run_dir: Path, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.parallel, self.train, self.optim = cfg.parallel, cfg.train, cfg.optim  # what the runtime reads
         par = cfg.parallel
         self.coords = Coords.of(rank, par.pp, par.dp, par.sp, par.cp)
         self.world = world
@@ -165,8 +167,7 @@ class Job:
         """Every rank must train the same plan on the same tokens (under torchrun each composes its own config and
         each node reads its own corpus cache): a difference is refused on every rank, naming it, before a step.
         Paths may differ per node; the token stream is compared by length, documents and a strided sample."""
-        plan = OmegaConf.to_container(self.cfg, resolve=True)
-        assert isinstance(plan, dict)
+        plan = copy.deepcopy(self.cfg.composed)
         for section, key in (("model", "path"), ("data", "path")):
             plan.get(section, {}).pop(key, None)
         tokens = self.sampler.corpus.tokens
@@ -242,7 +243,9 @@ class Job:
 
     def _load_progress(self) -> bool:
         """One bar (rank 0's, for its stage) when the HF model being loaded is large."""
-        big = model.checkpoint_bytes(self.cfg.model.path) > model.PROGRESS_BYTES
+        path = self.cfg.model.path
+        assert path is not None  # only asked when loading an HF model
+        big = model.checkpoint_bytes(path) > model.PROGRESS_BYTES
         return big and self.cfg.train.progress and self.coords.rank == 0
 
     def _tied_names(self) -> list[str]:
@@ -293,9 +296,8 @@ class Job:
 
     def _setup_interpreter(self):
         # train.recompute=auto: the planner's fastest mode that fits this GPU (+plan.profile / +plan.device: the rates)
-        rates = OmegaConf.select(self.cfg, "plan.profile", default=None)  # a profile file, or a shipped name
-        gpu = device_gpu(self.device, rates or OmegaConf.select(self.cfg, "plan.device", default=None))
-        resolved = resolve_recompute(self.cfg, self.captured, gpu)
+        gpu = device_gpu(self.device, self.cfg.plan.profile or self.cfg.plan_device)
+        resolved = resolve_recompute(self.cfg.planned(), self.captured, gpu)
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
         self.kept_attention_layers = resolved.kept_attention_layers
@@ -402,7 +404,7 @@ class Job:
     # --- step ----------------------------------------------------------------------------------------------
     def run_step(self, step: int) -> dict:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.cfg)
+            group["lr"] = lr_at(step, self.optim, self.train.steps)
         units, total = self.step_units(step)
         self.heartbeat.step = step
         injected = faults.before_step(self, step)  # LCGRAPH_FAULT test hooks; nothing otherwise
@@ -424,7 +426,7 @@ class Job:
             "tokens": tokens,
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
-            "lr": lr_at(step, self.cfg),
+            "lr": lr_at(step, self.optim, self.train.steps),
             "grad_norm": self.interpreter.grad_norm,
             **({"attention_kept": self.attention_kept} if self.attention_kept is not None else {}),
         }

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from lcgraph.app.config import compose_config
+from lcgraph.app.config import RunConfig, compose_config, typed
 from lcgraph.graph import passes
 from lcgraph.graph.capture import capture
 from lcgraph.observability.graph_layout import boxes_of
@@ -35,15 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="the training config's overrides, e.g. parallel.pp=4")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    counts = draw(compose_config(args.overrides), out, args.layer_level)
+    counts = draw(typed(compose_config(args.overrides)), out, args.layer_level)
     print(f"wrote {len(list(out.glob('*.svg')))} pictures to {out}/ (layers per stage {counts})")
 
 
-def draw(cfg: DictConfig, out: Path, layer_level: list[int] | None = None) -> list[int]:
+def draw(cfg: RunConfig, out: Path, layer_level: list[int] | None = None) -> list[int]:
     """Capture `cfg`'s model on the meta device, run the passes of every stage, draw each graph into `out`."""
     par = cfg.parallel
     captured = capture(model.build_config(cfg.model), batch_size=cfg.data.micro_batch_size)
-    counts, _ = layer_counts(cfg, captured)
+    counts, _ = layer_counts(par, cfg.data.seq_len, captured)
 
     def dump(name, gm):
         present = {b.layer for b in boxes_of(gm)[0].values() if b.part == "layer"}

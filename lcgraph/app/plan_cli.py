@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lcgraph.app.cli import hydra_app, one_line_errors
+from lcgraph.app.config import RunConfig, typed
 from lcgraph.app.pictures import draw
 from lcgraph.app.validate import check_choices, check_keys, check_layout
 from lcgraph.planner.plan import Plan, build_plan
@@ -20,20 +21,27 @@ from lcgraph.planner.report import print_plan, write_plan
 from lcgraph.runtime.model import build_config
 
 
-def checked_plan(cfg: DictConfig) -> Plan:
-    """Check the config's choices and layout (cheap, before the capture), then build the plan."""
-    check_keys(cfg)
-    check_choices(cfg)
+def checked(composed: DictConfig) -> RunConfig:
+    """Check the config's choices and layout (cheap, before the capture); the config, typed."""
+    check_keys(composed)
+    check_choices(composed)
+    cfg = typed(composed)
     config = build_config(cfg.model)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    check_layout(cfg, config.num_hidden_layers, config.num_attention_heads, kv)
-    return build_plan(cfg)
+    check_layout(composed, config.num_hidden_layers, config.num_attention_heads, kv)
+    return cfg
 
 
-def plan_main(cfg: DictConfig) -> None:
+def checked_plan(composed: DictConfig) -> Plan:
+    """Check the config, then build the plan."""
+    return build_plan(checked(composed).planned())
+
+
+def plan_main(composed: DictConfig) -> None:
     """The Hydra task: plan, print, write to the run directory."""
     with one_line_errors("lcgraph-plan", sweep_goes_on=False):
-        plan = checked_plan(cfg)
+        cfg = checked(composed)
+        plan = build_plan(cfg.planned())
     out = HydraConfig.get().runtime.output_dir
     written = write_plan(plan, out)
     draw(cfg, Path(out) / "graphs")  # the graph after every pass, per stage (as `dump.graphs=true` trains)

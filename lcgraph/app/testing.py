@@ -20,8 +20,9 @@ import torch
 from omegaconf import DictConfig
 
 from lcgraph.app.cli import init_distributed, launch_local, run, share_cores
-from lcgraph.app.config import compose_config
+from lcgraph.app.config import RunConfig, compose_config, typed
 from lcgraph.app.job import Job
+from lcgraph.planner.settings import PlanConfig
 from lcgraph.runtime import data, faults
 from lcgraph.schedule.text import format_programs
 
@@ -78,16 +79,31 @@ def hf_model_dir(root: Path, num_hidden_layers: int = 2, tie: bool = True):
     return Path(root) / "hf", model
 
 
-def compose(*overrides: str, tiny: bool = True):
+def compose(*overrides: str, tiny: bool = True) -> DictConfig:
     """A config as the CLI composes it; `tiny` puts the tiny CPU test shape first."""
 
     return compose_config((TINY if tiny else []) + list(overrides))
 
 
+def run_config(*overrides: str, tiny: bool = True) -> RunConfig:
+    """`compose(...)` typed, as the app hands it to a Job."""
+    return typed(compose(*overrides, tiny=tiny))
+
+
+def planned(*overrides: str, tiny: bool = True) -> PlanConfig:
+    """The sections a plan of `compose(...)` reads, as the app hands them to the planner."""
+    return run_config(*overrides, tiny=tiny).planned()
+
+
+def job_of(cfg: DictConfig | RunConfig, run_dir: Path | str, rank: int = 0, world: int = 1) -> Job:
+    """A Job for a composed config (typed here, as the app does) or a typed one."""
+    return Job(typed(cfg) if isinstance(cfg, DictConfig) else cfg, Path(run_dir), rank, world)
+
+
 def llama1b_job(*overrides: str, layers: int, seq: int, steps: int = 1, run_dir: str = "/tmp/lcgraph-gpu-test") -> Job:
     """One-GPU bf16 job of the Llama-3.2-1B shape cut to `layers` decoder layers, on synthetic tokens: what the
     GPU tests train (`overrides` add to it, e.g. train.fuse=on)."""
-    cfg = compose(
+    cfg = run_config(
         "parallel=single",
         "model=llama3_1b",
         f"model.num_hidden_layers={layers}",
@@ -112,10 +128,10 @@ def cuda_allocated_before_a_job() -> int:
     return torch.cuda.memory_allocated()
 
 
-def _train(cfg, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+def _train(cfg: DictConfig, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor], dict]:
 
-    job = Job(cfg, Path(tempfile.mkdtemp(prefix="lcgraph-test-")), rank, world)
-    metrics = [job.run_step(step) for step in range(cfg.train.steps)]
+    job = job_of(cfg, tempfile.mkdtemp(prefix="lcgraph-test-"), rank, world)
+    metrics = [job.run_step(step) for step in range(job.train.steps)]
     losses = [m["loss"] for m in metrics]
     params = {n: p.detach().cpu().clone() for n, p in job.all_params().items()}
     extra = {
@@ -141,11 +157,13 @@ def _grid_worker(cfg_yamls: list[str], out_dir: str, keep_params: bool = True) -
     share_cores()
     first = OmegaConf.create(cfg_yamls[0])
     assert isinstance(first, DictConfig)  # the YAML of a composed config: a mapping
-    init_distributed(first)  # NCCL when the configs train on cuda (one rank per GPU), else gloo
+    init_distributed(typed(first).train)  # NCCL when the configs train on cuda (one rank per GPU), else gloo
     rank = dist.get_rank()
     try:
         for i, text in enumerate(cfg_yamls):
-            losses, params, extra = _train(OmegaConf.create(text), rank, dist.get_world_size())
+            cfg = OmegaConf.create(text)
+            assert isinstance(cfg, DictConfig)
+            losses, params, extra = _train(cfg, rank, dist.get_world_size())
             job = extra.pop("job")
             keep = keep_params and job.coords.replica_rank == 0
             record = {
@@ -205,12 +223,12 @@ def _run_worker(cfg_yamls: list[str], run_dirs: list[str]) -> None:
     share_cores()
     first = OmegaConf.create(cfg_yamls[0])
     assert isinstance(first, DictConfig)  # the YAML of a composed config: a mapping
-    init_distributed(first)
+    init_distributed(typed(first).train)
     try:
         for text, run_dir in zip(cfg_yamls, run_dirs):
             cfg = OmegaConf.create(text)
             assert isinstance(cfg, DictConfig)
-            run(cfg, run_dir, dist.get_rank(), dist.get_world_size())
+            run(typed(cfg), run_dir, dist.get_rank(), dist.get_world_size())
             dist.barrier()
     finally:
         dist.destroy_process_group()

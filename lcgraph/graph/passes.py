@@ -23,7 +23,7 @@ writes the graph after each one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.fx as fx
@@ -117,7 +117,18 @@ def balance_layers(costs: list[float], first: float, last: float, stages: int) -
     return counts[::-1]
 
 
-def plan_layer_counts(captured: CapturedGraph, parallel, seq_len: int) -> list[int]:
+class StageLayout(Protocol):
+    """What the stage split reads of the parallel config section."""
+
+    @property
+    def pp(self) -> int: ...
+    @property
+    def virtual_stages(self) -> int: ...
+    @property
+    def pp_layers(self) -> list[int] | None: ...
+
+
+def plan_layer_counts(captured: CapturedGraph, parallel: StageLayout, seq_len: int) -> list[int]:
     """Layers per stage of a plan: `parallel.pp_layers` when given, else a FLOP-balanced split over
     pp * virtual_stages stages. The trainer and the planner both ask here, so they agree."""
     stages = parallel.pp * parallel.virtual_stages

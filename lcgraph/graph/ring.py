@@ -7,10 +7,32 @@ ranks share a sequence, the Ulysses all-to-all gathers a cp rank's share for its
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from lcgraph.errors import PlanError
 
 
-def ring_align(par) -> int:
+class Shards(Protocol):
+    """What the ring's rules read of a layout: the parallel config section, or the planner's Layout."""
+
+    @property
+    def cp(self) -> int: ...
+    @property
+    def sp(self) -> int: ...
+
+
+class ChunkedShards(Shards, Protocol):
+    """A layout with its schedule's chunks: the parallel config section."""
+
+    @property
+    def schedule(self) -> str: ...
+    @property
+    def seq_chunks(self) -> int: ...
+    @property
+    def chunk_split(self) -> str: ...
+
+
+def ring_align(par: Shards) -> int:
     """Every Seq1F1B chunk (or the whole sequence) is a multiple of this many tokens: 2 * cp zigzag pieces,
     each split evenly over the sp ranks."""
     return 2 * par.cp * par.sp if par.cp > 1 else par.sp
@@ -24,13 +46,13 @@ def padded_length(seq_len: int, k: int, chunk_split: str, align: int) -> int:
     return -(-seq_len // quantum) * quantum
 
 
-def run_length(par, seq_len: int) -> int:
+def run_length(par: ChunkedShards, seq_len: int) -> int:
     """`padded_length` for a parallel config section."""
     k = par.seq_chunks if par.schedule == "seq1f1b" else 1
     return padded_length(seq_len, k, par.chunk_split, ring_align(par))
 
 
-def check_ring(par, seq: int, attention: str = "auto") -> None:
+def check_ring(par: ChunkedShards, seq: int, attention: str = "auto") -> None:
     """cp > 1: each Seq1F1B chunk is long enough for 2 * cp balanced pieces that sp divides; not the efficient
     kernel (ops/ring.py: ring_backend)."""
     cp, sp = par.cp, par.sp

@@ -28,10 +28,12 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 from urllib.parse import urlparse
 
-from omegaconf import OmegaConf
+from lcgraph.runtime.config import choice
 
 SECTIONS = {
     "train": ("loss", "lr", "grad_norm", "tokens"),
@@ -148,23 +150,50 @@ def spread(values: dict) -> dict:
     return out
 
 
-class RunLogger:
-    """Rank 0's reports; `append` (a resumed run) adds to metrics.jsonl instead of starting it anew."""
+WandbMode = Literal["offline", "online", "disabled"]
 
-    def __init__(self, cfg, run_dir: Path, enabled: bool = True, append: bool = False):
-        self.enabled, self.run_dir, self.cfg = enabled, Path(run_dir), cfg
+
+@dataclass
+class WandbConfig:
+    mode: str = choice(WandbMode, "offline")
+    project: str = "lcgraph"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+class RunLogger:
+    """Rank 0's reports; `append` (a resumed run) adds to metrics.jsonl instead of starting it anew.
+
+    `steps` sizes the progress bar (`progress=False`: none); `record` is the run's config as W&B keeps it."""
+
+    def __init__(
+        self,
+        logging: LoggingConfig,
+        run_dir: Path,
+        steps: int,
+        progress: bool = True,
+        record: dict | None = None,
+        enabled: bool = True,
+        append: bool = False,
+    ):
+        self.enabled, self.run_dir, self.logging, self.steps = enabled, Path(run_dir), logging, steps
+        self.record = record or {}
         self.history: list[dict] = []
         self.started = time.perf_counter()
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.metrics = open(self.run_dir / "metrics.jsonl", "a" if append else "w")
         self.wandb = self._init_wandb()
-        self.progress = self._init_progress() if cfg.train.progress else None
+        self.progress = self._init_progress() if progress else None
 
     def _init_wandb(self):
-        w = self.cfg.logging.wandb
+        w = self.logging.wandb
         if w.mode == "disabled":
             return None
         import wandb
@@ -180,7 +209,7 @@ class RunLogger:
             group=w.group,
             mode=mode,
             dir=str(self.run_dir),
-            config=OmegaConf.to_container(self.cfg, resolve=True),
+            config=self.record,
             reinit="finish_previous",
         )
         run.define_metric("step")
@@ -203,7 +232,7 @@ class RunLogger:
             transient=False,
         )
         progress.start()
-        self.task = progress.add_task("train", total=self.cfg.train.steps, loss=float("nan"), tps=0.0)
+        self.task = progress.add_task("train", total=self.steps, loss=float("nan"), tps=0.0)
         return progress
 
     def note(self, text: str) -> None:

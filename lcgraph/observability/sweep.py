@@ -1,18 +1,10 @@
-"""Hydra multirun helpers: one comparison table for the jobs of a sweep, and one W&B group for all of them.
+"""One comparison table for the jobs of a sweep.
 
-`SweepTable` is a Hydra callback. When a multirun ends it reads every job's summary.json (written by
-lcgraph's RunLogger) and the job's overrides (Hydra's .hydra/overrides.yaml), then writes
-comparison.csv and comparison.json into the sweep directory and prints a table: the swept keys, tokens/s,
-final loss, activation peak per pipeline stage and, when the summary has them, bubble fraction and CUDA
-peak. Register it in conf/config.yaml:
-
-    hydra:
-      callbacks:
-        sweep_table:
-          _target_: lcgraph.observability.sweep.SweepTable
-
-The `lcgraph_sweep_group` resolver gives every job of a multirun the same W&B group (the sweep
-directory) and a plain run none: `logging.wandb.group: ${lcgraph_sweep_group:}`.
+It reads every job's summary.json (written by lcgraph's RunLogger) and the job's overrides (Hydra's
+.hydra/overrides.yaml), then writes comparison.csv and comparison.json into the sweep directory and prints a
+table: the swept keys, tokens/s, final loss, activation peak per pipeline stage and, when the summary has
+them, bubble fraction and CUDA peak. The Hydra callback that keeps it current during a multirun is
+lcgraph/app/sweep.py's `SweepTable`.
 
 `python -m lcgraph.observability.sweep SWEEP_DIR` rebuilds the table of a finished (or interrupted) sweep.
 """
@@ -26,28 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
 METRICS = ("final_loss", "tokens_per_s", "activation_peak_bytes_per_stage", "bubble_fraction", "cuda_peak_bytes")
-
-
-def sweep_group() -> str | None:
-    """The sweep directory inside a multirun job, None in a single run or outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-
-
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("lcgraph_sweep_group", sweep_group, replace=True)
-
-
-register_resolvers()  # importing the callback (Hydra does, before any job) makes the resolver available
 
 
 def _natural(path: Path) -> list:
@@ -64,7 +37,7 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 def _overrides(job_dir: Path, known: dict[str, list[str]]) -> list[str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     if path.is_file():
-        return [str(o) for o in OmegaConf.load(path)]
+        return [str(o) for o in yaml.safe_load(path.read_text()) or []]
     return known.get(str(job_dir.resolve()), [])
 
 
@@ -158,43 +131,6 @@ def print_table(sweep_dir: Path, rows: list[dict], file=None) -> None:
     for row in cells:
         table.add_row(*(row[c] for c in shown))
     Console(file=file or sys.stdout, width=200).print(table)
-
-
-class SweepTable(Callback):
-    """Hydra callback: comparison.csv, comparison.json and a printed table when a multirun ends."""
-
-    def __init__(self, print_table: bool = True):
-        self.print = print_table
-        self.sweep_dir: Path | None = None
-        self.overrides: dict[str, list[str]] = {}
-        self.status: dict[str, str] = {}
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = Path(str(config.hydra.sweep.dir))
-
-    def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
-        """Remember the job's overrides and status, and rewrite the comparison files.
-
-        Runs where the job runs: with a remote launcher (SLURM) it is a fresh instance there, and
-        on_multirun_end reads the overrides from each job's .hydra/overrides.yaml instead.
-        """
-        out = job_return.hydra_cfg.hydra.runtime.output_dir if job_return.hydra_cfg is not None else None
-        if out:
-            key = str(Path(out).resolve())
-            self.overrides[key] = list(job_return.overrides or [])
-            self.status[key] = job_return.status.name.lower()
-        if self.sweep_dir is not None and self.sweep_dir.is_dir():  # kept current: a failed job ends the sweep
-            write_comparison(self.sweep_dir, collect(self.sweep_dir, self.overrides, self.status))
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
-        if not sweep_dir.is_dir():
-            return
-        rows = collect(sweep_dir, self.overrides, self.status)
-        csv_path, _ = write_comparison(sweep_dir, rows)
-        if self.print:
-            print_table(sweep_dir, rows)
-            print(f"comparison: {csv_path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,8 +9,6 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
-
 from lcgraph.errors import PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import CapturedGraph, capture
@@ -23,8 +21,10 @@ from lcgraph.planner.documents import DocumentMix, kept_fraction, pairs_before
 from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.offload import OffloadPlan, offload_plan
 from lcgraph.planner.profile import DeviceProfile, load_profile
+from lcgraph.planner.settings import PlanConfig, PlanSettings
 from lcgraph.planner.simulator import SimResult, memory_peaks, simulate
 from lcgraph.runtime import data
+from lcgraph.runtime.config import ParallelConfig, TrainConfig
 from lcgraph.runtime.model import build_config
 from lcgraph.runtime.offload import offload_mode
 from lcgraph.runtime.recompute import AUTO, recompute_mode
@@ -34,36 +34,7 @@ from lcgraph.schedule.p2p import add_p2p
 from lcgraph.schedule.programs import build_programs
 from lcgraph.schedule.sequence import split_sequence
 
-DEFAULTS = {
-    "device": "h100",
-    "profile": None,  # a device profile JSON path (lcgraph-check writes one): plans with it instead of plan.device
-    "gpus_per_node": None,
-    "dtype": None,
-    "alternatives": True,
-    "chunks": [2, 4, 8],
-    "timeline": True,
-    "host_memory_gb": None,  # host RAM per GPU for train.offload (default: this machine's over its GPUs)
-}
 GiB = 2**30
-
-
-def plan_settings(cfg: DictConfig) -> dict:
-    """The `plan` section of the config over DEFAULTS (the section is optional: `+plan.KEY=VALUE`)."""
-    from omegaconf import OmegaConf
-
-    section = OmegaConf.select(cfg, "plan", default=None)
-    given: dict = OmegaConf.to_container(section, resolve=True) if section is not None else {}  # type: ignore[assignment]
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise PlanError(
-            f"unknown planner setting(s) plan.{', plan.'.join(unknown)}; known: "
-            f"{', '.join('plan.' + k for k in DEFAULTS)}"
-        )
-    if given.get("profile") and "device" in given:
-        raise PlanError("give +plan.device (a shipped profile) or +plan.profile (a profile file), not both")
-    settings = {**DEFAULTS, **given}
-    settings["dtype"] = settings["dtype"] or cfg.train.dtype
-    return settings
 
 
 def size(n: float) -> str:
@@ -140,7 +111,7 @@ def evaluate(
     seq_chunks: int = 1,
     chunk_split: str = "uniform_comp",
     label: str | None = None,
-    settings: dict | None = None,
+    settings: PlanSettings | None = None,
 ) -> Evaluation:
     """Programs + cost model + simulation of one schedule; raises ValueError for an impossible one."""
 
@@ -157,7 +128,7 @@ def evaluate(
         lengths = split_sequence(length, k, chunk_split, per_token, per_pair, ring_align(layout), curve)
     cost = CostModel(graph, profile, layout, list(layer_counts), lengths)
     sim = simulate(programs, spec, cost)
-    offload = offload_plan(programs, spec, cost, settings or DEFAULTS)
+    offload = offload_plan(programs, spec, cost, settings or PlanSettings())
     if offload is not None:  # what the copies do not hide lengthens the step
         sim = dataclasses.replace(sim, step_time=sim.step_time + offload.exposed_s)
     tokens = layout.dp * microbatches * layout.micro_batch * seq_len
@@ -177,15 +148,14 @@ def checked_programs(spec: ScheduleSpec, comms: nccl.Comms) -> list:
     return programs
 
 
-def layer_counts(cfg: DictConfig, captured) -> tuple[list[int], list[int]]:
+def layer_counts(par: ParallelConfig, seq_len: int, captured) -> tuple[list[int], list[int]]:
     """The trainer's layer counts (passes.plan_layer_counts), and a balanced split over pp stages for
     the alternatives (one stage per rank)."""
 
-    par = cfg.parallel
-    counts = passes.plan_layer_counts(captured, par, cfg.data.seq_len)
+    counts = passes.plan_layer_counts(captured, par, seq_len)
     if len(counts) == par.pp:
         return counts, counts
-    costs, first, last = passes.layer_costs(captured, cfg.data.seq_len)
+    costs, first, last = passes.layer_costs(captured, seq_len)
     return counts, passes.balance_layers(costs, first, last, par.pp)
 
 
@@ -193,7 +163,7 @@ def layer_counts(cfg: DictConfig, captured) -> tuple[list[int], list[int]]:
 class Setup:
     """What every evaluation of one config shares: profile, graph costs, layout, layer split."""
 
-    settings: dict
+    settings: PlanSettings
     profile: DeviceProfile
     graph: GraphCosts
     captured: CapturedGraph
@@ -203,27 +173,28 @@ class Setup:
     auto_segments: bool = False  # train.recompute_layers=0: the planner picks the segment size (best_segments)
 
 
-def fused_ops_planned(train: DictConfig) -> bool:
+def fused_ops_planned(train: TrainConfig) -> bool:
     """Whether the planned run's stages get the fused RMSNorm, SwiGLU and rotary (train.fuse, graph/fusion.py):
     a plan is for a GPU unless train.device=cpu."""
-    device = "cpu" if train.get("device", "auto") == "cpu" else "cuda"
-    return fuse_wanted(str(train.get("fuse", "auto")), device, bool(train.get("compile", False)))
+    device = "cpu" if train.device == "cpu" else "cuda"
+    return fuse_wanted(train.fuse, device, train.compile)
 
 
-def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) -> Setup:
+def setup(cfg: PlanConfig, captured=None, profile: DeviceProfile | None = None) -> Setup:
     """Capture (unless given) and read the config's layout; `train.recompute=auto` stays unresolved here.
     `profile` (the GPU a rank runs on) replaces `+plan.device`'s."""
-    settings = plan_settings(cfg)
-    profile = profile or load_profile(settings["profile"] or settings["device"])
-    if settings["gpus_per_node"]:
-        profile = dataclasses.replace(profile, gpus_per_node=int(settings["gpus_per_node"]))
+    dtype = cfg.settings.dtype or cfg.train.dtype
+    settings = dataclasses.replace(cfg.settings, dtype=dtype)
+    profile = profile or load_profile(settings.profile or settings.device)
+    if settings.gpus_per_node:
+        profile = dataclasses.replace(profile, gpus_per_node=int(settings.gpus_per_node))
     if captured is None:
         captured = capture(build_config(cfg.model))
     par, train = cfg.parallel, cfg.train
-    graph = GraphCosts.from_captured(captured, settings["dtype"], fused=fused_ops_planned(train))
-    mode = recompute_mode(train.get("recompute", False), allow_auto=True)
-    segments = int(train.get("recompute_layers", 0))  # 0: best_segments picks
-    offload = offload_mode(train.get("offload", "none"), allow_auto=True)  # auto: resolved with the recompute mode
+    graph = GraphCosts.from_captured(captured, dtype, fused=fused_ops_planned(train))
+    mode = recompute_mode(train.recompute, allow_auto=True)
+    segments = train.recompute_layers  # 0: best_segments picks
+    offload = offload_mode(train.offload, allow_auto=True)  # auto: resolved with the recompute mode
     layout = Layout(
         par.pp,
         par.dp,
@@ -233,23 +204,23 @@ def setup(cfg: DictConfig, captured=None, profile: DeviceProfile | None = None) 
         par.virtual_stages,
         recompute="none" if mode == AUTO else mode,
         recompute_layers=max(1, segments),
-        kept_attention_layers=int(train.get("keep_attention_layers", -1)),
-        compiled=bool(train.get("compile", False)),
-        activation_budget=float(train.get("activation_budget", 1.0)),
-        fused_loss=bool(train.get("fused_loss", True)),
+        kept_attention_layers=train.keep_attention_layers,
+        compiled=train.compile,
+        activation_budget=train.activation_budget,
+        fused_loss=train.fused_loss,
         offload="none" if offload == AUTO else offload,
         cp=par.cp,
         documents=document_mix(cfg),
         fp8=planned_fp8(train, profile),
     )
-    counts, alt_counts = layer_counts(cfg, captured)
+    counts, alt_counts = layer_counts(par, cfg.data.seq_len, captured)
     return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)
 
 
-def planned_fp8(train: DictConfig, profile: DeviceProfile) -> str | None:
+def planned_fp8(train: TrainConfig, profile: DeviceProfile) -> str | None:
     """train.fp8's recipe, refused in one line on a device profile without FP8 tensor cores."""
     try:
-        recipe = fp8_recipe(train.get("fp8", "false"))
+        recipe = fp8_recipe(train.fp8)
     except ValueError as e:
         raise PlanError(str(e)) from None
     if recipe and not profile.fp8_speedup:
@@ -263,20 +234,20 @@ def planned_fp8(train: DictConfig, profile: DeviceProfile) -> str | None:
 DEFAULT_MEAN_DOCUMENT = 8192  # priced when a masked plan has no corpus to read and no data.mean_document_tokens
 
 
-def document_mix(cfg: DictConfig) -> DocumentMix | None:
+def document_mix(cfg: PlanConfig) -> DocumentMix | None:
     """The packed documents a masked plan prices (None: no document mask, or one endless synthetic document): the
     prepared corpus's own lengths when its cache exists, else log-normal around data.mean_document_tokens, else
     around DEFAULT_MEAN_DOCUMENT (the plan says so)."""
     d = cfg.data
     if d.cross_document_attention:
         return None
-    mean = int(d.get("mean_document_tokens", 0))
+    mean = d.mean_document_tokens
     if d.synthetic:  # the documents the run's synthetic corpus will hold
         if mean <= 0:
             return None
         drawn = data.lognormal_offsets(data.synthetic_size(d.seq_len), mean, cfg.train.seed)
         return DocumentMix.from_offsets(drawn, f"synthetic log-normal documents of mean {mean:,} tokens")
-    cached = data.cached_offsets(d, cfg.model.get("path"), build_config(cfg.model).vocab_size)
+    cached = data.cached_offsets(d, cfg.model.path, build_config(cfg.model).vocab_size)
     if cached is not None:
         return DocumentMix.from_offsets(cached, f"the prepared corpus of data.path={d.path}")
     if mean > 0:
@@ -285,7 +256,7 @@ def document_mix(cfg: DictConfig) -> DocumentMix | None:
     return dataclasses.replace(mix, source=f"{mix.source} (assumed: no prepared corpus; set data.mean_document_tokens)")
 
 
-def evaluate_config(cfg: DictConfig, st: Setup, layout: Layout | None = None) -> Evaluation:
+def evaluate_config(cfg: PlanConfig, st: Setup, layout: Layout | None = None) -> Evaluation:
     """The config's own schedule on `layout` (default: the setup's)."""
     par, layout = cfg.parallel, layout or st.layout
     ev = evaluate(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from lcgraph.errors import PlanError
 from lcgraph.planner.costs import CostModel
+from lcgraph.planner.settings import PlanSettings
 from lcgraph.planner.simulator import memory_peaks
 from lcgraph.runtime.offload import backward_lookahead
 
@@ -84,9 +85,9 @@ class _HostCosts:
         return self.cost.offloaded_bytes(stage, chunk), 0.0
 
 
-def host_memory(settings: dict, ranks_per_node: int) -> tuple[float, str]:
+def host_memory(settings: PlanSettings, ranks_per_node: int) -> tuple[float, str]:
     """Usable host bytes per rank, and where the figure comes from."""
-    given = settings.get("host_memory_gb")
+    given = settings.host_memory_gb
     if given:
         return HOST_USABLE * float(given) * 1e9, f"+plan.host_memory_gb={given} x {HOST_USABLE}"
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -125,7 +126,7 @@ def _exposed(program, cost: CostModel, bandwidth: float) -> tuple[float, float, 
     return sent, copy_s, waited
 
 
-def offload_plan(programs, spec, cost: CostModel, settings: dict) -> OffloadPlan | None:
+def offload_plan(programs, spec, cost: CostModel, settings: PlanSettings) -> OffloadPlan | None:
     """The offload figures of an evaluated layout (None without offload)."""
     lay, dev = cost.layout, cost.profile
     if lay.offload == "none":

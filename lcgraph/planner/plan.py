@@ -25,11 +25,10 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
-
 from lcgraph.planner.devices import GpuProfile
 from lcgraph.planner.evaluation import Evaluation, Setup, evaluate, evaluate_config, setup, size
 from lcgraph.planner.offload import check_host
+from lcgraph.planner.settings import PlanConfig, PlanSettings
 from lcgraph.runtime.offload import OFFLOAD_MODES, offload_mode
 from lcgraph.runtime.recompute import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.schedule.actions import ScheduleError
@@ -43,7 +42,7 @@ OFFLOAD_TIE = 0.005  # step times this close count as equal: the plan that moves
 
 @dataclass
 class Plan:
-    settings: dict
+    settings: PlanSettings
     main: Evaluation
     alternatives: list[tuple[str, Evaluation | str]]  # (label, evaluation or why not)
     model: dict
@@ -117,17 +116,17 @@ class Plan:
                 for label, alt in self.alternatives
             ],
             "figures": cost.figures_used(),
-            "settings": self.settings,
+            "settings": dataclasses.asdict(self.settings),
             "notes": self.notes,
             "capture_seconds": self.capture_seconds,
             "plan_seconds": self.seconds,
         }
 
 
-def offload_choices(cfg: DictConfig, recompute: str) -> tuple[str, ...]:
+def offload_choices(cfg: PlanConfig, recompute: str) -> tuple[str, ...]:
     """train.offload values worth trying with a recompute mode: the given one, or under `auto` each that moves
     something this mode keeps (attention only with keep_attention)."""
-    given = offload_mode(cfg.train.get("offload", "none"), allow_auto=True)
+    given = offload_mode(cfg.train.offload, allow_auto=True)
     if given != AUTO:
         return (given,) if given != "attention" or recompute == "keep_attention" else ()
     return tuple(m for m in OFFLOAD_MODES if m != "attention" or recompute == "keep_attention")
@@ -151,7 +150,7 @@ def _fastest(fitting: list[Evaluation]) -> Evaluation:
     return min(close, key=lambda ev: (OFFLOAD_MODES.index(ev.cost.layout.offload), ev.sim.step_time))
 
 
-def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
+def choose_recompute(cfg: PlanConfig, st: Setup) -> tuple[str, str, Evaluation]:
     """The fastest recompute mode (with train.offload=auto: and offload mode) whose predicted peak fits
     AUTO_USABLE of the device and whose offloaded bytes fit the host, with a one-line reason. When
     keep_attention with every layer does not fit but full does, keep_attention keeping as many layers per stage
@@ -178,7 +177,7 @@ def choose_recompute(cfg: DictConfig, st: Setup) -> tuple[str, str, Evaluation]:
     return ev.cost.layout.recompute, f"fastest that fits {size(usable)} usable of {st.profile.name} ({table})", ev
 
 
-def choose_offload(cfg: DictConfig, st: Setup, ev: Evaluation) -> tuple[Evaluation, str]:
+def choose_offload(cfg: PlanConfig, st: Setup, ev: Evaluation) -> tuple[Evaluation, str]:
     """train.offload=auto with a given recompute mode: the fastest that fits the device and the host, moving the
     least among equals (hidden copies cost no time), else the lowest peak."""
     usable = AUTO_USABLE * st.profile.memory_bytes
@@ -192,7 +191,7 @@ def choose_offload(cfg: DictConfig, st: Setup, ev: Evaluation) -> tuple[Evaluati
     return min(tried, key=lambda t: max(t.sim.rank_peak)), f"none fits {size(usable)} usable ({table}); lowest peak"
 
 
-def _most_kept_attention(cfg: DictConfig, st: Setup, usable: float) -> Evaluation | None:
+def _most_kept_attention(cfg: PlanConfig, st: Setup, usable: float) -> Evaluation | None:
     """keep_attention with the most layers per stage keeping their attention that still fits, or None."""
     layout = dataclasses.replace(st.layout, recompute="keep_attention")
     lo, hi = 0, max(st.counts) - 1  # hi + 1 = every layer: known not to fit
@@ -218,16 +217,16 @@ class Recompute:
     offload: str = "none"  # train.offload (runtime/offload.py), resolved
 
 
-def resolve_recompute(cfg: DictConfig, captured=None, gpu: GpuProfile | None = None) -> Recompute:
+def resolve_recompute(cfg: PlanConfig, captured=None, gpu: GpuProfile | None = None) -> Recompute:
     """`train.recompute`, `train.recompute_layers` and `train.keep_attention_layers` as what to run, and why:
     given values as they are, `auto` / 0 chosen by the planner.
 
     The app calls this before training with `gpu`, the profile of the GPU the rank runs on (devices.py);
     without one (CPU) `+plan.device` names the profile, default h100."""
     train = cfg.train
-    mode = recompute_mode(train.get("recompute", False), allow_auto=True)
-    layers, kept = int(train.get("recompute_layers", 0)), int(train.get("keep_attention_layers", -1))
-    offload = offload_mode(train.get("offload", "none"), allow_auto=True)
+    mode = recompute_mode(train.recompute, allow_auto=True)
+    layers, kept = train.recompute_layers, train.keep_attention_layers
+    offload = offload_mode(train.offload, allow_auto=True)
     if offload == "none" and (mode == "none" or (mode != AUTO and layers > 0)):
         return Recompute(mode, max(1, layers), kept, "set in the config")
     ev, notes = _resolved(cfg, setup(cfg, captured, gpu.profile if gpu else None))
@@ -236,12 +235,12 @@ def resolve_recompute(cfg: DictConfig, captured=None, gpu: GpuProfile | None = N
     return Recompute(lay.recompute, lay.recompute_layers, lay.kept_attention_layers, "; ".join(notes), lay.offload)
 
 
-def _resolved(cfg: DictConfig, st: Setup) -> tuple[Evaluation, list[str]]:
+def _resolved(cfg: PlanConfig, st: Setup) -> tuple[Evaluation, list[str]]:
     """The config's own evaluation with `train.recompute=auto` and `train.recompute_layers=0` resolved, and a
     note on each choice the planner made (what lcgraph-plan prints and the trainer logs)."""
     notes = []
-    offload = offload_mode(cfg.train.get("offload", "none"), allow_auto=True)
-    if recompute_mode(cfg.train.get("recompute", False), allow_auto=True) == AUTO:
+    offload = offload_mode(cfg.train.offload, allow_auto=True)
+    if recompute_mode(cfg.train.recompute, allow_auto=True) == AUTO:
         mode, reason, ev = choose_recompute(cfg, st)
         auto = f" + train.offload=auto -> {ev.cost.layout.offload}" if offload == AUTO else ""
         notes.append(f"train.recompute=auto -> {mode}{auto}: {reason}")
@@ -270,7 +269,7 @@ def _segment_note(ev: Evaluation) -> str:
     )
 
 
-def build_plan(cfg: DictConfig, captured=None) -> Plan:
+def build_plan(cfg: PlanConfig, captured=None) -> Plan:
     """Capture (unless given), cost, simulate the configured layout and the alternatives."""
 
     started = time.perf_counter()
@@ -280,11 +279,11 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
     main, notes = _resolved(cfg, st)
     st.layout = main.cost.layout  # the resolved mode and segment size, for the alternatives too
     alternatives: list[tuple[str, Evaluation | str]] = [(main.label, main)]
-    if profile.fp8_speedup and st.settings["dtype"] == "bf16":  # the other precision of the same run beside it
+    if profile.fp8_speedup and st.settings.dtype == "bf16":  # the other precision of the same run beside it
         other = None if st.layout.fp8 else "tensorwise"
         label = f"{main.label}, " + (f"train.fp8={other}" if other else "bf16 matmuls")
         alternatives.append((label, evaluate_config(cfg, st, dataclasses.replace(st.layout, fp8=other))))
-    if st.settings["alternatives"]:
+    if st.settings.alternatives:
         alternatives += _alternatives(
             graph,
             profile,
@@ -292,7 +291,7 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
             st.alt_counts,
             seq,
             par,
-            st.settings["chunks"],
+            st.settings.chunks,
         )
     model = {
         "name": cfg.model.name,
@@ -306,7 +305,7 @@ def build_plan(cfg: DictConfig, captured=None) -> Plan:
         "params": graph.total().params,
     }
     plan = Plan(st.settings, main, alternatives, model, st.captured.capture_seconds, notes=notes)
-    if st.settings["dtype"] == "fp32":
+    if st.settings.dtype == "fp32":
         plan.notes.append(
             "dtype fp32: matmul and attention are timed at the profile's fp32 rate; plan bf16 runs "
             "with train.dtype=bf16 or +plan.dtype=bf16"

@@ -172,7 +172,7 @@ def write_plan(plan: Plan, out_dir) -> list[Path]:
     ev = plan.main
     (out / "programs.txt").write_text(format_programs(ev.programs, ev.spec))
     written = [out / "plan.json", out / "programs.txt"]
-    if plan.settings["timeline"]:
+    if plan.settings.timeline:
         if not matplotlib_available():
             plan.notes.append("matplotlib is not installed: wrote timeline.json only (pip install matplotlib)")
         written += write_timeline(ev.sim.timeline, out, title=f"{ev.label}: predicted step", label="pipeline rank")

@@ -35,9 +35,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from omegaconf import DictConfig
 
 from lcgraph.errors import CheckpointError
+from lcgraph.runtime.config import ParallelConfig, TrainConfig
 from lcgraph.runtime.interpreter import OptimizerHooks, StageState
 from lcgraph.schedule.mesh import Coords
 
@@ -68,7 +68,9 @@ class CheckpointJob(Protocol):
     """What the checkpointer reads from the training job (app/job.py: Job satisfies it)."""
 
     @property
-    def cfg(self) -> DictConfig: ...  # reads cfg.parallel, cfg.train
+    def parallel(self) -> ParallelConfig: ...
+    @property
+    def train(self) -> TrainConfig: ...
     @property
     def coords(self) -> Coords: ...
     @property
@@ -107,8 +109,7 @@ def model_shape(config) -> dict:
     return {k: getattr(config, k, None) for k in WEIGHT_SHAPE_KEYS}
 
 
-def layout(cfg: DictConfig) -> dict:
-    par = cfg.parallel
+def layout(par: ParallelConfig, dtype: str) -> dict:
     return {
         "pp": par.pp,
         "dp": par.dp,
@@ -116,13 +117,13 @@ def layout(cfg: DictConfig) -> dict:
         "cp": par.cp,
         "virtual_stages": par.virtual_stages,
         "zero": par.zero,
-        "dtype": cfg.train.dtype,
+        "dtype": dtype,
     }
 
 
-def same_layout(saved: dict, cfg: DictConfig) -> bool:
-    """Whether a checkpoint's manifest layout is this run's (so its ranks, and their RNG states, are the same)."""
-    return {"cp": 1, **saved} == layout(cfg)  # manifests written before ring attention have no cp: it was 1
+def same_layout(saved: dict, mine: dict) -> bool:
+    """Whether a checkpoint's manifest layout is this run's, `mine` (so its ranks, and their RNG states, are the same)."""
+    return {"cp": 1, **saved} == mine  # manifests written before ring attention have no cp: it was 1
 
 
 def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
@@ -186,7 +187,7 @@ def save_checkpoint(job: CheckpointJob, root: Path, step: int) -> Path:
     _barrier()
     if c.rank == 0:
         _publish(job, tmp, final, step)
-        _prune(root, job.cfg.train.keep_checkpoints)
+        _prune(root, job.train.keep_checkpoints)
     _barrier()
     return final
 
@@ -199,7 +200,7 @@ def _publish(job: CheckpointJob, tmp: Path, final: Path, step: int) -> None:
         "format": FORMAT,
         "step": step,
         "optimizer_updates": job.optimizer.updates,  # AdamW's step count: bias correction after dropped updates
-        "layout": layout(job.cfg),
+        "layout": layout(job.parallel, job.train.dtype),
         "model": model_shape(job.config),
         "complete": True,
     }
@@ -290,7 +291,7 @@ def load_checkpoint(job: CheckpointJob, path: Path) -> int:
     job.optimizer.sync_params()
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     saved_masters = any(k.startswith("optim.") and k.endswith(".master") for k in saved)
-    same_ranks = same_layout(manifest["layout"], job.cfg)
+    same_ranks = same_layout(manifest["layout"], layout(job.parallel, job.train.dtype))
     state = _state_dict(job, masters=True, rng=same_ranks)
     run_masters = any(k.endswith(".master") for k in state["optim"])  # bf16 weights with fp32 masters
     if not saved_masters:  # a fp32 checkpoint (its weights were the masters) or a replicated-optimizer one

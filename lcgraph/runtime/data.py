@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lcgraph.errors import DataError, DataPathError, LcgraphError
+from lcgraph.runtime.config import DataConfig
 
 EOS = "<|endoftext|>"
 IGNORE_INDEX = -100  # the label cross-entropy skips (as capture's loss)
@@ -478,7 +479,7 @@ class HeldOutWindows:
 
 
 # --- the whole pipeline --------------------------------------------------------------------------------------
-def prepare_corpus(d, model_path: str | None, vocab_size: int, build: bool = True):
+def prepare_corpus(d: DataConfig, model_path: str | None, vocab_size: int, build: bool = True):
     """(corpus, tokenizer) for data config `d`: the cache when present, else built (when `build`).
 
     Every bad input is refused here, before training: missing, unreadable or binary files, an empty
@@ -504,7 +505,7 @@ def prepare_corpus(d, model_path: str | None, vocab_size: int, build: bool = Tru
     return corpus, tokenizer
 
 
-def prepare_eval_corpus(d, tokenizer, build: bool = True) -> TokenCorpus | None:
+def prepare_eval_corpus(d: DataConfig, tokenizer, build: bool = True) -> TokenCorpus | None:
     """The corpus of data.eval_path, tokenized with the training corpus's tokenizer (its cache when present)."""
     max_bytes = int(d.max_corpus_mb * 2**20)
     files = corpus_files(d.eval_path, max_bytes)
@@ -518,7 +519,7 @@ def prepare_eval_corpus(d, tokenizer, build: bool = True) -> TokenCorpus | None:
     return corpus
 
 
-def cached_offsets(d, model_path: str | None, vocab_size: int) -> np.ndarray | None:
+def cached_offsets(d: DataConfig, model_path: str | None, vocab_size: int) -> np.ndarray | None:
     """The document offsets of `d`'s prepared corpus, or None when it (or the BPE it needs) is not cached yet:
     the planner reads them without tokenizing anything."""
     try:

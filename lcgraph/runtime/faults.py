@@ -160,11 +160,11 @@ def after_step(job: Any, step: int, metrics: dict, handles: list) -> None:
     bad = job.optimizer.nonfinite
     if not bad:
         return
-    n = job.coords.pp * job.cfg.parallel.virtual_stages
+    n = job.coords.pp * job.parallel.virtual_stages
     metrics["skipped"] = True
     metrics["nonfinite_stages"] = [s for s in bad if s < n]
     metrics["nonfinite_loss"] = n in bad
-    if job.cfg.train.on_nonfinite == "skip":
+    if job.train.on_nonfinite == "skip":
         return
     fault(
         job,
@@ -239,7 +239,7 @@ class ReplicaCheck:
 
 def check_replicas(job: Any, step: int) -> None:
     """After `step`: every `train.check_every` steps, compare all replicas' parameters (collective)."""
-    every = job.cfg.train.check_every
+    every = job.train.check_every
     if not every or job.world == 1 or (step + 1) % every:
         return
     if getattr(job, "replica_check", None) is None:

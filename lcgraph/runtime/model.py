@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from lcgraph.errors import ModelPathError
+from lcgraph.runtime.config import ModelConfig
 
 SHAPE_KEYS = (
     "vocab_size",
@@ -34,11 +34,11 @@ SHAPE_KEYS = (
 )
 
 
-def build_config(model_cfg: DictConfig) -> Any:  # a transformers.PretrainedConfig (imported lazily: it is slow)
+def build_config(model_cfg: ModelConfig) -> Any:  # a transformers.PretrainedConfig (imported lazily: it is slow)
     """HF config from `model.path` (a local directory) or from the shape keys of the model config group."""
     from transformers import AutoConfig, LlamaConfig
 
-    path = model_cfg.get("path")
+    path = model_cfg.path
     if path:
         if not (Path(path) / "config.json").is_file():
             if (Path(path) / "manifest.json").is_file() or (Path(path) / "checkpoints").is_dir():
@@ -49,8 +49,8 @@ def build_config(model_cfg: DictConfig) -> Any:  # a transformers.PretrainedConf
             raise ModelPathError(f"model.path={path!r} has no config.json; give a local HF model directory")
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     else:
-        kwargs = {k: model_cfg[k] for k in SHAPE_KEYS if model_cfg.get(k) is not None}
-        rope_scaling = model_cfg.get("rope_scaling")
+        kwargs = {k: getattr(model_cfg, k) for k in SHAPE_KEYS if getattr(model_cfg, k) is not None}
+        rope_scaling = model_cfg.rope_scaling
         if rope_scaling:
             kwargs["rope_scaling"] = dict(rope_scaling)
         config = LlamaConfig(**kwargs)

@@ -35,7 +35,6 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -44,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from lcgraph.graph.capture import NodeInfo
 from lcgraph.graph.passes import StageGraph
 from lcgraph.runtime import faults
+from lcgraph.runtime.config import OptimConfig, ParallelConfig
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
 from lcgraph.runtime.mixed_adamw import step_bucket, step_scalars
 from lcgraph.schedule.actions import Action
@@ -54,7 +54,9 @@ class OptimizerJob(Protocol):
     """What the optimizers read from the training job (app/job.py: Job satisfies it)."""
 
     @property
-    def cfg(self) -> DictConfig: ...  # reads cfg.optim and cfg.parallel.bucket_mb
+    def optim(self) -> OptimConfig: ...
+    @property
+    def parallel(self) -> ParallelConfig: ...  # bucket_mb, virtual_stages, zero
     @property
     def coords(self) -> Coords: ...
     @property
@@ -105,14 +107,14 @@ class Bucket:
 class ShardedAdamW:
     def __init__(self, job: OptimizerJob):
         self.job = job
-        o = job.cfg.optim
+        o = job.optim
         self.lr, self.betas, self.eps, self.wd = o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay
         self.group_size = job.coords.replicas
         self.group = job.replica_group if self.group_size > 1 else None
         self.events: list[tuple[str, int, int, float]] = []  # (what, stage, bucket, time) since the step began
         self.nonfinite: list[int] = []  # the last step's non-finite stages (and loss slot): its update was dropped
         self.updates = 0  # updates applied (AdamW's step count: dropped ones do not count), checkpointed
-        limit = max(1, int(job.cfg.parallel.bucket_mb * 2**20))
+        limit = max(1, int(job.parallel.bucket_mb * 2**20))
         self.buckets: list[Bucket] = []
         for s, stage in job.stages.items():
             self._make_buckets(s, stage, limit)
@@ -370,7 +372,7 @@ class ShardedAdamW:
                 b.work = None
             return norm
         self.updates += 1
-        clip = self.job.cfg.optim.grad_clip
+        clip = self.job.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         if any(_separate_master(b) for b in self.buckets):  # bf16 weights: one pass per bucket (mixed_adamw.py)
             self._mixed_step(scale)
@@ -400,7 +402,7 @@ class ShardedAdamW:
     def _global_norm(self, interp: Interpreter) -> tuple[float, list[int]]:
         """The global gradient norm and the non-finite stages, from one sum of per-stage squares (faults.py)."""
         job = self.job
-        sq = faults.stage_sums(job.coords.pp * job.cfg.parallel.virtual_stages, job.device)
+        sq = faults.stage_sums(job.coords.pp * job.parallel.virtual_stages, job.device)
         for b in self.buckets:
             if b.tied and job.coords.pp_rank != 0:
                 continue  # a tied weight counts once
@@ -454,7 +456,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
     def __init__(self, job: OptimizerJob):
         self.job = job
         params = job.all_params()
-        o = job.cfg.optim
+        o = job.optim
         super().__init__(
             [
                 {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": o.weight_decay},
@@ -532,7 +534,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
                 dist.all_reduce(p.grad, group=job.replica_group)
         for name in job.tied:
             dist.all_reduce(params[name].grad, group=job.tied_group)
-        sq = faults.stage_sums(job.coords.pp * job.cfg.parallel.virtual_stages, job.device)
+        sq = faults.stage_sums(job.coords.pp * job.parallel.virtual_stages, job.device)
         for s, st in job.stages.items():
             for n, p in st.params.items():
                 if not (n in job.tied and job.coords.pp_rank != 0):
@@ -545,7 +547,7 @@ class ReplicatedAdamW(torch.optim.AdamW):
             self.zero_grad(set_to_none=True)
             return norm
         self.updates += 1
-        clip = job.cfg.optim.grad_clip
+        clip = job.optim.grad_clip
         if clip > 0 and norm > clip:
             for p in params.values():
                 p.grad.mul_(clip / (norm + 1e-6))
@@ -585,4 +587,4 @@ def gather_waits(stage: StageGraph, bucket_of: dict[str, int], wait: Callable[[i
 
 def build_optimizer(job: OptimizerJob) -> OptimizerHooks:
     """The distributed optimizer (parallel.zero=true) or replicated AdamW; both are the interpreter's OptimizerHooks."""
-    return ShardedAdamW(job) if job.cfg.parallel.zero else ReplicatedAdamW(job)
+    return ShardedAdamW(job) if job.parallel.zero else ReplicatedAdamW(job)
