@@ -398,7 +398,7 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused_and_one_covering_
         ),
         ("recipe=llama70b_1m", "a recipe is added to the defaults with +: use +recipe=llama70b_1m"),
         ("+model=tiny", "model is in the defaults already: use model=tiny (without +)"),
-        ("model=tinyy", "unknown model 'tinyy'; did you mean model=tiny? the models: hf, llama3_1b, tiny"),
+        ("model=tinyy", "unknown model 'tinyy'; did you mean model=tiny? the models: hf, llama3_1b, llama70b_2l, tiny"),
         ("+recipe=tiny_cpu,nope", "unknown recipe 'nope'"),
     ],
 )
