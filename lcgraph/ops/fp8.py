@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lcgraph.errors import PlanError
+
 RECIPES = ("tensorwise", "rowwise")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 EPS = 1e-12  # the smallest amax a scale divides by: an all-zero operand scales by finfo.max / EPS, still finite
@@ -31,12 +33,12 @@ OFF = ("false", "none", "off")
 
 
 def fp8_recipe(value: object) -> str | None:
-    """train.fp8 as a recipe name, None for off (`false`; YAML's false arrives as "False")."""
+    """train.fp8 as a recipe name, None for off (`false`; YAML's false arrives as "False"); PlanError if neither."""
     name = str(value).lower()
     if name in OFF:
         return None
     if name not in RECIPES:
-        raise ValueError(f"train.fp8={value} is not a recipe; use false, {' or '.join(RECIPES)}")
+        raise PlanError(f"train.fp8={value} is not a recipe; use false, {' or '.join(RECIPES)}")
     return name
 
 
