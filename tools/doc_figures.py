@@ -57,14 +57,14 @@ PLAN_70B = Command(
 DEFAULT_RUN = Command(("lcgraph",), "lcgraph-train", ("train.progress=false",))
 
 
-def _lines(prefixes: tuple[str, ...], elide: bool = True) -> Callable[[str, Path], str]:
+def _lines(prefixes: tuple[str, ...]) -> Callable[[str, Path], str]:
     """The output's lines that start with one of `prefixes`, in order, `...` between runs of them."""
 
     def keep(out: str, _: Path) -> str:
         kept, gap = [], False
         for line in out.splitlines():
             if line.startswith(prefixes):
-                if gap and kept and elide:
+                if gap and kept:
                     kept.append("...")
                 kept.append(line)
                 gap = False
