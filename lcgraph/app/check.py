@@ -30,10 +30,10 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from lcgraph.app import links, replay
-from lcgraph.app.cli import init_distributed, launch_local, share_cores
+from lcgraph.app.cli import first_failure, init_distributed, launch_local, share_cores
+from lcgraph.app.perf import device_gpu
 from lcgraph.app.testing import compose, relative_error, train_local, train_spawned
 from lcgraph.errors import LaunchError, LcgraphError, full_tracebacks
-from lcgraph.planner.devices import gpu_profile
 from lcgraph.planner.profile import DeviceProfile, load_profile, profile_json
 from lcgraph.runtime.config import TrainConfig
 
@@ -178,9 +178,7 @@ def _comm_worker(task: dict, out: str) -> None:
 
 
 def _failure_line(exc: ChildFailedError) -> str:
-    rank, failure = exc.get_first_failure()
-    info = failure.error_file_data.get("message", {})
-    message = info.get("message", failure.message) if isinstance(info, dict) else str(info)
+    rank, failure, message, _ = first_failure(exc)
     return f"rank {rank}: {str(message).strip().splitlines()[-1] if message else 'exit ' + str(failure.exitcode)}"
 
 
@@ -206,9 +204,9 @@ def launch(ranks: int, task: dict, out: Path, env: dict[str, str] | None = None)
 
 def base_profile(backend: str, requested: str | None) -> DeviceProfile:
     """The profile the fitted figures go into: `--base`, else the one of GPU 0 (its own memory), else h100."""
-    if backend == "nccl":
-        props = torch.cuda.get_device_properties(0)
-        return gpu_profile(torch.cuda.get_device_name(0), int(props.total_memory), requested).profile
+    gpu = device_gpu(torch.device("cuda", 0), requested) if backend == "nccl" else None
+    if gpu is not None:
+        return gpu.profile
     return load_profile(requested or "h100")
 
 
@@ -246,7 +244,7 @@ def run_checks(args: argparse.Namespace, backend: str, checks: list[str]) -> dic
         print(
             f"exactness: {verdict} (max relative difference {ex['max_rel_diff']:.1e}, limit {rtol:.0e}; {_since(start)})"
         )
-    task: dict = {"device": device, "timeout_s": args.timeout, **sizes}
+    task: dict = {"device": device, "timeout_s": args.timeout, **{k: v for k, v in sizes.items() if k != "link_mib"}}
     measure_links = "links" in checks and args.gpus >= 2
     if "replay" in checks:
         start = time.perf_counter()
@@ -275,7 +273,7 @@ def run_checks(args: argparse.Namespace, backend: str, checks: list[str]) -> dic
 def measure(args: argparse.Namespace, backend: str, task: dict, out: Path, launch_now: bool, info: dict) -> dict:
     """3. links (measured now, or read from the replay's launch) and the host link, fitted into DIR/profile.json."""
     start = time.perf_counter()
-    failure = launch(args.gpus, {**task, "link_mib": task["link_mib"]}, out) if launch_now else None
+    failure = launch(args.gpus, {**task, "link_mib": SIZES[backend]["link_mib"]}, out) if launch_now else None
     path = out / "links.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     failure = failure or (None if rows or args.gpus < 2 else "no link times: the launch that measures them failed")

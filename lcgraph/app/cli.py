@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -323,12 +324,18 @@ def spawn(cfg: RunConfig, run_dir: str, world: int) -> None:
         elastic.setLevel(level)
 
 
-def rank_error(exc: ChildFailedError, run_dir: Path) -> RankError | None:
-    """The first failed rank's user error as one line (None for a bug); its traceback goes to the run dir."""
+def first_failure(exc: ChildFailedError) -> tuple[int, Any, str, str]:
+    """The first failed rank of a launch: (rank, its failure record, its error message, its Python traceback)."""
     rank, failure = exc.get_first_failure()
     info = failure.error_file_data.get("message", {})
     message = info.get("message", failure.message) if isinstance(info, dict) else str(info)
     trace = info.get("extraInfo", {}).get("py_callstack", "") if isinstance(info, dict) else ""
+    return rank, failure, message, trace
+
+
+def rank_error(exc: ChildFailedError, run_dir: Path) -> RankError | None:
+    """The first failed rank's user error as one line (None for a bug); its traceback goes to the run dir."""
+    rank, _, message, trace = first_failure(exc)
     kept = run_dir / f"rank{rank}.traceback"
     if trace:
         run_dir.mkdir(parents=True, exist_ok=True)
