@@ -99,7 +99,7 @@ def typed(cfg: DictConfig) -> RunConfig:
     sections = {k: v for k, v in composed.items() if k != "plan"}
     schema = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LcgraphConfig), sections))
     assert isinstance(schema, LcgraphConfig)
-    plan = PlanSettings.of(dict(composed.get("plan") or {}), schema.train.dtype)
+    plan = PlanSettings.of(dict(composed.get("plan") or {}))
     return RunConfig(**{f.name: getattr(schema, f.name) for f in fields(LcgraphConfig)}, plan=plan, composed=composed)
 
 

@@ -29,8 +29,8 @@ class PlanSettings:
     host_memory_gb: Optional[float] = None  # host RAM per GPU for train.offload (default: this machine's over its GPUs)
 
     @classmethod
-    def of(cls, given: dict[str, Any], train_dtype: str) -> PlanSettings:
-        """The `plan` section `given` over the defaults, its dtype defaulting to train.dtype."""
+    def of(cls, given: dict[str, Any]) -> PlanSettings:
+        """The `plan` section `given` over the defaults (a dtype left unset is train.dtype's: evaluation.setup)."""
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(given) - set(known))
         if unknown:
@@ -40,9 +40,7 @@ class PlanSettings:
             )
         if given.get("profile") and "device" in given:
             raise PlanError("give +plan.device (a shipped profile) or +plan.profile (a profile file), not both")
-        settings = cls(**given)
-        settings.dtype = settings.dtype or train_dtype
-        return settings
+        return cls(**given)
 
 
 @dataclass
