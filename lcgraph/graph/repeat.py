@@ -304,7 +304,7 @@ class _Plan:
 
     def _hf_names(self, new_ph: list[list[Node]]) -> tuple[dict[str, str], dict[str, str]]:
         """param_names and buffer_names in the grown graph's placeholder order."""
-        t, kinds = self.tmpl, {**{k: ("p", v) for k, v in self.params.items()}}
+        t, kinds = self.tmpl, {k: ("p", v) for k, v in self.params.items()}
         kinds.update({k: ("b", v) for k, v in self.buffers.items()})
         for i, row in enumerate(new_ph):
             for src, node in zip(self.ph[t], row):

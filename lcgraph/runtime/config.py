@@ -5,7 +5,7 @@ schema and the defaults in one place, and turns the composed config into them on
 each room then receives only the sections it uses: the model's shape (`ModelConfig`), the token data
 (`DataConfig`), the layout (`ParallelConfig`), the optimizer (`OptimConfig`) and the run (`TrainConfig`).
 The logging section is observability's (observability/metrics.py), the planner's settings the planner's
-(planner/evaluation.py).
+(planner/settings.py).
 """
 
 from __future__ import annotations
