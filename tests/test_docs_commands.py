@@ -47,6 +47,7 @@ SKIP = [
         r"tools/(bench|profile_device|calibrate|attention_kernels|fused_kernels|multi_gpu)\.py",
         "GPU only: times CUDA kernels",
     ),
+    (r"tools/fp8_convergence\.py", "trains a 1B model twice on a GPU: tests/test_fp8_convergence.py runs it on CPU"),
     (r"^lcgraph-check ", "starts a rank per GPU (or gloo process): tests/test_check.py runs it end to end on gloo"),
     (r"^python3? -c ", "a Python one-liner, not a command line (the export it loads: tests/test_resume.py)"),
     (r"train\.device=cuda", "GPU only: train.device=cuda"),
