@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -141,7 +142,10 @@ def bad_stages(sums: torch.Tensor) -> tuple[float, list[int]]:
     """(global grad norm, non-finite slots) of the all-reduced sums; slot n_stages is the loss."""
     values = sums.tolist()
     bad = [i for i, v in enumerate(values) if not torch.isfinite(torch.tensor(v))]
-    return float(sum(values[:-1])) ** 0.5, bad
+    total = 0.0
+    for v in values[:-1]:  # plain adds in order, then the root: what mixed_adamw.py takes on the device to clip
+        total += v
+    return math.sqrt(total), bad
 
 
 def first_bad(bad: list[int], n_stages: int) -> str:

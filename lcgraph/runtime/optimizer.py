@@ -11,11 +11,13 @@ whole-stage gradient buffers), so this is not ZeRO-2.
   goes on; the RS action is where the program *waits* for it. Issue and wait times are recorded.
 - Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
   two AdamW moments; unsharded, 16 B per parameter (bf16 weights and gradients, fp32 master and moments).
-  A bf16 run steps each bucket in one pass from its bf16 gradient (mixed_adamw.py): no fp32 gradient.
-- OPT clips by the global norm and updates the shard; AG all-gathers the updated parameters asynchronously,
-  in the order the forward reads them. The `gather_waits` pass puts a wait node for each bucket right before
-  the first graph node that reads one of its parameters, so the next step's forward runs while later buckets
-  are still being gathered (without the pass, as under `train.compile`, the first forward waits for all).
+  A bf16 run steps all its buckets in one call from their bf16 gradients (mixed_adamw.py): no fp32 gradient.
+- OPT clips by the global norm and updates the shard (in a bf16 run the clip scale and the drop of a non-finite
+  step are decided on the device, and the host reads the norm after the update is launched); AG all-gathers the
+  updated parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait node
+  for each bucket right before the first graph node that reads one of its parameters, so the next step's forward
+  runs while later buckets are still being gathered (without the pass, as under `train.compile`, the first
+  forward waits for all).
 
 `ReplicatedAdamW` (parallel.zero=false) all-reduces whole gradients at OPT instead.
 
@@ -45,7 +47,7 @@ from lcgraph.graph.passes import StageGraph
 from lcgraph.runtime import faults
 from lcgraph.runtime.config import OptimConfig, ParallelConfig
 from lcgraph.runtime.interpreter import Interpreter, OptimizerHooks, StageState
-from lcgraph.runtime.mixed_adamw import step_bucket, step_scalars
+from lcgraph.runtime.mixed_adamw import MixedAdamW
 from lcgraph.schedule.actions import Action
 from lcgraph.schedule.mesh import Coords
 
@@ -123,6 +125,7 @@ class ShardedAdamW:
         self.skip_rs: set[int] = set()  # buckets whose reduce-scatter this step skips (faults: skip_rs test hook)
         self.adamw = self._make_adamw()
         self.param_groups = self.adamw.param_groups  # the trainer sets the lr per step here
+        self.mixed: MixedAdamW | None = None  # bf16 weights: the one-call step, made at the first step
 
     # --- layout ------------------------------------------------------------------------------------------
     def _make_buckets(self, s: int, stage: StageState, limit: int) -> None:
@@ -365,7 +368,14 @@ class ShardedAdamW:
                 dist.all_reduce(b.grad_flat, group=self.job.tied_group)
             for b in self.buckets:
                 b.grad_shard = b.grad_flat[b.shard]
-        norm, self.nonfinite = self._global_norm(interp)
+        sums = self._stage_sums(interp)
+        if any(_separate_master(b) for b in self.buckets):  # bf16 weights: one call for every bucket
+            self._mixed_step(sums)  # launched before the norm is read: a non-finite step is dropped on the device
+            norm, self.nonfinite = faults.bad_stages(sums)  # the step's one read of a device value
+            if not self.nonfinite:
+                self.updates += 1
+            return norm
+        norm, self.nonfinite = faults.bad_stages(sums)
         if self.nonfinite:  # every rank agrees (the sums were all-reduced): all drop this update
             for b in self.buckets:
                 b.grad_flat.zero_()
@@ -374,9 +384,6 @@ class ShardedAdamW:
         self.updates += 1
         clip = self.job.optim.grad_clip
         scale = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
-        if any(_separate_master(b) for b in self.buckets):  # bf16 weights: one pass per bucket (mixed_adamw.py)
-            self._mixed_step(scale)
-            return norm
         for b in self.buckets:  # fp32 weights: each master is its weight shard, torch's AdamW steps it in place
             assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
             b.master.grad = b.grad_shard.mul_(scale) if scale != 1.0 else b.grad_shard
@@ -388,19 +395,25 @@ class ShardedAdamW:
             b.work = None
         return norm
 
-    def _mixed_step(self, scale: float) -> None:
-        groups = {id(p): g for g in self.adamw.param_groups for p in g["params"]}
-        scalars = step_scalars(self.adamw.param_groups, scale, self.job.device)
+    def _mixed_step(self, sums: torch.Tensor) -> None:
+        """bf16 weights: AdamW from the bf16 gradient shards into the fp32 masters and back into the weights, every
+        bucket in one call (mixed_adamw.py), clipped and, on non-finite `sums`, dropped on the device."""
+        grads: list[torch.Tensor] = []
+        masters: list[torch.Tensor] = []
         for b in self.buckets:
             assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
-            group, state = groups[id(b.master)], adamw_state(self.adamw, b.master)
-            step_bucket(b.master, state, b.grad_shard, b.param_flat[b.shard], scalars[id(group)], group)
-            if b.grad_shard.numel() != b.grad_flat.numel():  # other replicas' shards
-                b.grad_flat.zero_()
+            grads.append(b.grad_shard)
+            masters.append(b.master)
             b.work = None
+        if self.mixed is None:  # at the first step: AdamW's state exists by then (made here or by a checkpoint load)
+            states = [adamw_state(self.adamw, m) for m in masters]
+            weights = [b.param_flat[b.shard] for b in self.buckets]
+            self.mixed = MixedAdamW(masters, weights, states, self.adamw.param_groups, self.job.optim.grad_clip)
+        others = [b.grad_flat for b, g in zip(self.buckets, grads) if g.numel() != b.grad_flat.numel()]  # replicas'
+        self.mixed.step(grads, others, sums)
 
-    def _global_norm(self, interp: Interpreter) -> tuple[float, list[int]]:
-        """The global gradient norm and the non-finite stages, from one sum of per-stage squares (faults.py)."""
+    def _stage_sums(self, interp: Interpreter) -> torch.Tensor:
+        """The per-stage sums of squared gradients and the loss flag, all-reduced, on the device (faults.py)."""
         job = self.job
         sq = faults.stage_sums(job.coords.pp * job.parallel.virtual_stages, job.device)
         for b in self.buckets:
@@ -412,7 +425,7 @@ class ShardedAdamW:
             dist.all_reduce(sq, group=self.group)
         if job.mesh is not None and job.coords.pp > 1:
             dist.all_reduce(sq, group=job.mesh["pp"].get_group())
-        return faults.bad_stages(sq)
+        return sq
 
 
 def _separate_master(b: Bucket) -> bool:
