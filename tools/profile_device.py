@@ -3,6 +3,7 @@
     python tools/profile_device.py --base h200 --name h200 --out h200.json      # about 2-3 minutes on an H200
     lcgraph-plan +plan.device=h200.json ...
     python tools/profile_device.py --matmul-only --base h200 --out h200.json    # re-measure matmul_flops only (~1 min)
+    python tools/profile_device.py --fp8-only --base h200 --out h200.json       # re-measure fp8_speedup only (~20 s)
 
 Measured (bf16 unless said; CUDA events, median of a few runs after warm-up):
 - matmul: `matmul_flops`, the best dense bf16 rate over square cubes (4096-16384) and the largest LLaMA
@@ -10,7 +11,9 @@ Measured (bf16 unless said; CUDA events, median of a few runs after warm-up):
   several timings (the planner's rate for shapes it has no row for; MFU divides by the datasheet peak instead,
   `peak_bf16_flops`, kept from the shipped profile the GPU's name matches); fp32 (TF32 off); and
   [16384, k] x [k, n] forward and backward (dX + dW) for the projection shapes of 1B-70B LLaMA models
-  (`matmul_shapes`);
+  (`matmul_shapes`); on GPUs with FP8 tensor cores, `fp8_speedup`: torch._scaled_mm's rate (e4m3 operands, one
+  scale each, bf16 out; forward with fast accumulation, dX + dW without, as lcgraph.ops.fp8 calls it) over bf16's at
+  the 8B and 70B projection shapes, flop-weighted (the casts are priced apart, as HBM traffic);
 - attention blocks as the runtime calls them, for head dims 64 and 128 with 32 heads: the diagonal block
   (square, causal) and prefix blocks (sq queries over sk earlier keys, no mask), forward under no_grad and
   backward as (forward + backward) - forward; every SDPA backend that runs (cuDNN, flash), the faster one
@@ -80,6 +83,7 @@ def warm_up(seconds: float) -> None:
 
 PEAK_CUBES = (4096, 8192, 16384)
 PEAK_SHAPES = ((8192, 28672), (28672, 8192), (4096, 14336))  # [16384, k] x [k, n]: LLaMA's largest projections
+FP8_SHAPES = ((4096, 4096), (4096, 14336), (8192, 8192), (8192, 28672), (28672, 8192))
 BURST_S = 0.05  # seconds of back-to-back matmuls per timing: launch gaps and event overhead vanish
 
 
@@ -155,6 +159,34 @@ def shape_rates(k: int, n: int, repeats: int) -> tuple[float, float]:
     bwd = timed(lambda: (dy @ w, dy.t() @ x), repeats)
     flops = 2.0 * TOKENS * k * n
     return flops / fwd, 2 * flops / bwd
+
+
+def fp8_speedup(repeats: int) -> tuple[float, str]:
+    """FP8 over bf16 matmul time at the large projections (forward + dX + dW), and how it was measured."""
+    e4m3 = torch.float8_e4m3fn
+    one = torch.ones((), device="cuda")
+    fp8_s = bf16_s = 0.0
+    rows = []
+    for k, n in FP8_SHAPES:
+        x, w, dy = (
+            torch.randn(r, c, device="cuda", dtype=torch.bfloat16) for r, c in ((TOKENS, k), (n, k), (TOKENS, n))
+        )
+        xq, wq, dyq = (t.to(e4m3) for t in (x, w, dy))
+        wq_col, dyt, xq_col = wq.t(), dyq.t().contiguous(), xq.t().contiguous().t()  # row-major a, column-major b
+        w_col = wq.t().contiguous().t()
+
+        def fp8_step():
+            torch._scaled_mm(xq, wq_col, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
+            torch._scaled_mm(dyq, w_col, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            torch._scaled_mm(dyt, xq_col, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+        bf16 = timed(lambda: (x @ w.t(), dy @ w, dy.t() @ x), repeats)
+        fp8 = timed(fp8_step, repeats)
+        fp8_s, bf16_s = fp8_s + fp8, bf16_s + bf16
+        rows.append(f"({k}, {n}) {bf16 / fp8:.2f}x")
+        print(f"  fp8 [{TOKENS}, {k}] x [{k}, {n}] fwd + bwd: {bf16 / fp8:.2f}x bf16", flush=True)
+    how = f"torch._scaled_mm e4m3 against bf16 at [{TOKENS}, k] x [k, n], forward + dX + dW: {', '.join(rows)}"
+    return bf16_s / fp8_s, how
 
 
 def sdpa_backends():
@@ -259,6 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--matmul-only", action="store_true", help="re-measure matmul_flops alone into --base's figures"
     )
+    parser.add_argument("--fp8-only", action="store_true", help="re-measure fp8_speedup alone into --base's figures")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="seconds of matmuls before the first timing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -271,6 +304,17 @@ def main(argv=None) -> int:
     how = f"measured: tools/profile_device.py {day}, {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     print(f"profiling {props.name} ({props.total_memory / 2**30:.1f} GiB), torch {torch.__version__}", flush=True)
     peaks = datasheet_peaks(props.name)
+    has_fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    if args.fp8_only:
+        if not has_fp8:
+            print(f"profile_device: {props.name} has no FP8 tensor cores (compute capability 8.9+)", file=sys.stderr)
+            return 2
+        warm_up(args.warmup_s)
+        speedup, fp8_how = fp8_speedup(repeats)
+        provenance = {**base.get("provenance", {}), "fp8_speedup": f"{how}: {fp8_how}"}
+        Path(args.out).write_text(profile_json({**base, "fp8_speedup": round(speedup, 3), "provenance": provenance}))
+        print(f"  fp8 {speedup:.2f}x bf16\nwrote {args.out} in {time.time() - started:.0f} s")
+        return 0
     matmul, matmul_how = matmul_peak(10 if args.matmul_only else repeats, args.warmup_s, peaks["peak_bf16_flops"])
     if args.matmul_only:
         provenance = {**base.get("provenance", {}), "matmul_flops": f"{how}: {matmul_how}"}
@@ -285,6 +329,7 @@ def main(argv=None) -> int:
         fwd, bwd = shape_rates(k, n, repeats)
         shapes.append([k, n, _round(fwd), _round(bwd)])
         print(f"  matmul [{TOKENS}, {k}] x [{k}, {n}]: fwd {fwd / 1e12:.0f} bwd {bwd / 1e12:.0f} TFLOP/s", flush=True)
+    speedup, fp8_how = fp8_speedup(repeats) if has_fp8 else (0.0, "no FP8 tensor cores (compute capability < 8.9)")
     grid = QUICK if args.quick else {"diag": DIAG, "prefix_q": PREFIX_Q, "prefix_k": PREFIX_K}
     raw: dict = {}
     blocks = {d: attention_tables(d, grid, repeats, raw) for d in (64, 128)}
@@ -307,6 +352,7 @@ def main(argv=None) -> int:
         "fused_loss_nograd_flops": "the same under no_grad",
         "adamw_params_per_s": "torch.optim.AdamW(fused=True), 2^28 fp32 parameters",
         "memory_bytes": "torch.cuda.get_device_properties",
+        "fp8_speedup": fp8_how,
     }
     intra = base["intra_node_bw"]
     if gpus > 1:
@@ -328,6 +374,7 @@ def main(argv=None) -> int:
         "fused_loss_flops": _round(loss),
         "fused_loss_nograd_flops": _round(loss_nograd),
         "adamw_params_per_s": _round(adamw),
+        "fp8_speedup": round(speedup, 3),
         **peaks,
         "intra_node_bw": _round(intra),
         "provenance": provenance,
