@@ -11,8 +11,8 @@ Each run is the real trainer (`python -m lcgraph.app.cli`) in its own process an
 (a non-finite step is logged and counted, not the end of the run), no W&B, no progress bar, no checkpoint before
 the final one (deleted after the run). `--set` replaces the default, a GPU run: recipes/gpu.yaml (bf16 weights,
 fp32 master weights and AdamW moments, 50 warm-up steps, cosine decay) on one GPU (`parallel.dp=1`), the
-Llama-3.2-1B shape from random init, 8,192-token windows of the standard library's sources (30 MB of them), a
-pretraining learning rate of 3e-4.
+Llama-3.2-1B shape from random init, compiled (uncompiled FP8 casts are slower than bf16), 8,192-token windows of
+the standard library's sources (30 MB of them), a pretraining learning rate of 3e-4.
 
 Compared: the mean loss of the last `--last` steps of each run and their relative difference (fp8 - bf16) / bf16;
 `ok` when it is within `--tolerance` and neither run had a non-finite (skipped) step, else `MISSED`. Writes `--json`
@@ -44,6 +44,7 @@ GPU_RUN = [
     "data.seq_len=8192",
     "data.max_corpus_mb=30",
     "optim.lr=3e-4",
+    "train.compile=true",
 ]
 FIXED = ["train.on_nonfinite=skip", "train.checkpoint_every=0", "train.progress=false", "logging.wandb.mode=disabled"]
 

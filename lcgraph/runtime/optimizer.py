@@ -12,19 +12,16 @@ whole-stage gradient buffers), so this is not ZeRO-2.
 - Each replica keeps 1/(dp*sp) of every bucket: fp32 master (an alias when training in fp32) and the
   two AdamW moments; unsharded, 16 B per parameter (bf16 weights and gradients, fp32 master and moments).
   A bf16 run steps all its buckets in one call from their bf16 gradients (mixed_adamw.py): no fp32 gradient.
-- OPT clips by the global norm and updates the shard (in a bf16 run the clip scale and the drop of a non-finite
-  step are decided on the device, and the host reads the norm after the update is launched); AG all-gathers the
-  updated parameters asynchronously, in the order the forward reads them. The `gather_waits` pass puts a wait node
-  for each bucket right before the first graph node that reads one of its parameters, so the next step's forward
-  runs while later buckets are still being gathered (without the pass, as under `train.compile`, the first
-  forward waits for all).
+- OPT clips by the global norm and updates the shard (bf16: clip and non-finite drop decided on the device, the
+  norm read after the launch); AG all-gathers the updated parameters asynchronously, in the order the forward reads
+  them: the `gather_waits` pass puts each bucket's wait right before the first node reading it, so the next forward
+  runs while later buckets are still gathered (without it, as under `train.compile`, the first forward waits).
 
 `ReplicatedAdamW` (parallel.zero=false) all-reduces whole gradients at OPT instead.
 
 Checkpoints see neither buckets nor replicas: `checkpoint_state` names each AdamW moment by its HF parameter
-(`<name>.exp_avg`, `<name>.exp_avg_sq`, and `<name>.master` for the separate fp32 master of a bf16 run), 1-D
-over the parameter's flattened elements. A replica's part of a bucket shard is a ShardedTensor chunk whose
-metadata names every replica's chunk, so torch.distributed.checkpoint can load it into any other layout.
+(`<name>.exp_avg`, `<name>.exp_avg_sq`, `<name>.master` for a bf16 run's fp32 master), 1-D over its elements; a
+replica's part of a bucket shard is a ShardedTensor chunk naming every replica's, so any layout can load it.
 """
 
 from __future__ import annotations
