@@ -20,7 +20,7 @@ from lcgraph.app.validate import check_fp8
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import capture
 from lcgraph.graph.fp8 import fp8_matmuls
-from lcgraph.ops.fp8 import fp8_linear, fp8_recipe, gpu_refusal
+from lcgraph.ops.fp8 import eager_note, fp8_linear, fp8_recipe, gpu_refusal
 from lcgraph.planner.profile import load_profile
 from lcgraph.runtime.model import build_config
 
@@ -165,6 +165,16 @@ def test_fp8_mistakes_are_one_line():
     )
     assert gpu_refusal("tensorwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32) is None
     assert "set train.dtype=bf16" in gpu_refusal("rowwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32)
+
+
+def test_fp8_uncompiled_on_a_gpu_gets_a_line_naming_compile():
+    """Uncompiled, FP8's casts are chains of eager kernels: on one H100 a 1B step ran at a third of bf16's rate."""
+    line = eager_note("rowwise", False, "cuda")
+    assert line is not None and line.startswith("train.fp8=rowwise without train.compile")
+    assert line.endswith("set train.compile=true")
+    assert eager_note("rowwise", True, "cuda") is None  # compiled: the casts fuse
+    assert eager_note("tensorwise", False, "cpu") is None  # the CPU emulation is for tests
+    assert eager_note(None, False, "cuda") is None
 
 
 # --- the planner ------------------------------------------------------------------------------------------

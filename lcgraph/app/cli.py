@@ -30,6 +30,7 @@ from lcgraph.app.validate import check_overrides, validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, PlanError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, move_later_rows, throughput
+from lcgraph.ops.fp8 import eager_note
 from lcgraph.planner.mfu import model_flops_per_token
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.config import TrainConfig
@@ -149,6 +150,8 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     flops, linear = (model_flops_per_token(job.config, seq) for seq in (cfg.data.seq_len, 0))
     perf = RunPerf(flops, world, cfg.train.dtype, device_gpu(job.device), attention_flops_per_token=flops - linear)
     if rank == 0 and (line := perf.peak_line()):
+        logger.note(line)
+    if rank == 0 and (line := eager_note(job.fp8, cfg.train.compile, job.device)):
         logger.note(line)
     with faults.graceful_stop(cfg.train.comm_timeout_s):  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
         for step in range(start, cfg.train.steps):

@@ -64,6 +64,17 @@ def gpu_refusal(recipe: str, name: str, capability: tuple[int, int], dtype: torc
     return None
 
 
+def eager_note(recipe: str | None, compiled: bool, device: torch.device | str) -> str | None:
+    """The line a run gets when it would run FP8 uncompiled on a GPU, where its casts are chains of separate eager
+    kernels and the step is slower than bf16's (docs/fp8.md); None otherwise."""
+    if recipe is None or compiled or torch.device(device).type != "cuda":
+        return None
+    return (
+        f"train.fp8={recipe} without train.compile casts in separate eager kernels, slower than bf16 matmuls; "
+        "set train.compile=true"
+    )
+
+
 def quantize(x: torch.Tensor, dtype: torch.dtype, dim: int | None, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` scaled to fill `dtype`'s range, saturated and cast; returns it and the inverse scale (fp32) that
     multiplies it back. `dim` None: one scale for the tensor; else one per slice along `dim` (kept as size 1)."""
