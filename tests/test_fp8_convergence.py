@@ -42,9 +42,11 @@ def _tool():
     return module
 
 
-def test_fp8_convergence_trains_both_runs_from_one_start_and_its_verdict_is_the_numbers(tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-after-the-other", "parallel"])
+def test_fp8_convergence_trains_both_runs_from_one_start_and_its_verdict_is_the_numbers(tmp_path, parallel):
     out_json = tmp_path / "conv.json"
     argv = ["--steps", str(STEPS), "--last", str(LAST), "--out", str(tmp_path / "runs"), "--json", str(out_json)]
+    argv += ["--parallel"] if parallel else []
     done = subprocess.run([sys.executable, str(TOOL), *argv, "--set", *CPU_RUN], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out_json.read_text())
@@ -54,7 +56,7 @@ def test_fp8_convergence_trains_both_runs_from_one_start_and_its_verdict_is_the_
     assert fp8 != bf16  # and FP8 was on
     assert "train.fp8=false" in meta["commands"]["bf16"] and "train.fp8=tensorwise" in meta["commands"]["fp8"]
     assert (meta["gpu"], meta["steps"], meta["recipe"], meta["last"]) == ("cpu", STEPS, "tensorwise", LAST)
-    assert meta["torch"] and meta["transformers"] and meta["date"]
+    assert meta["torch"] and meta["transformers"] and meta["date"] and meta["parallel"] is parallel
     assert out_json.with_suffix(".png").stat().st_size > 0
     mean_bf16, mean_fp8 = (sum(x[-LAST:]) / LAST for x in (bf16, fp8))
     rel = (mean_fp8 - mean_bf16) / mean_bf16

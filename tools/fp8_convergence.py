@@ -9,7 +9,8 @@ Each run is the real trainer (`python -m lcgraph.app.cli`) in its own process an
 <out>/fp8 (replaced on each call; the trainer's output in <out>/bf16.log and <out>/fp8.log), with the overrides of
 `--set`, then `train.steps=--steps`, `train.fp8=false` or `train.fp8=--fp8`, and always `train.on_nonfinite=skip`
 (a non-finite step is logged and counted, not the end of the run), no W&B, no progress bar, no checkpoint before
-the final one (deleted after the run). `--set` replaces the default, a GPU run: recipes/gpu.yaml (bf16 weights,
+the final one (deleted after the run); `--parallel` runs the two at once, on one device with memory for both.
+`--set` replaces the default, a GPU run: recipes/gpu.yaml (bf16 weights,
 fp32 master weights and AdamW moments, 50 warm-up steps, cosine decay) on one GPU (`parallel.dp=1`), the
 Llama-3.2-1B shape from random init, compiled (uncompiled FP8 casts are slower than bf16), 8,192-token windows of
 the standard library's sources (30 MB of them), a pretraining learning rate of 3e-4.
@@ -49,9 +50,8 @@ GPU_RUN = [
 FIXED = ["train.on_nonfinite=skip", "train.checkpoint_every=0", "train.progress=false", "logging.wandb.mode=disabled"]
 
 
-def train(name: str, overrides: list[str], out: Path) -> tuple[str, list[dict]]:
-    """One trainer process in <out>/<name>: its command line and metrics.jsonl rows. A run that fails ends the
-    tool (exit 1) with the tail of its output."""
+def start(name: str, overrides: list[str], out: Path) -> tuple[list[str], subprocess.Popen, Path]:
+    """One trainer process in <out>/<name>, its output in <out>/<name>.log: command line, process, log."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "lcgraph.app.cli", *overrides, *FIXED, f"hydra.run.dir={run_dir}"]
@@ -59,16 +59,35 @@ def train(name: str, overrides: list[str], out: Path) -> tuple[str, list[dict]]:
     env = {**os.environ, "PYTHONPATH": path}
     log = out / f"{name}.log"
     print(f"{name}: {shlex.join(cmd)}\n  output: {log}", flush=True)
-    start = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        return cmd, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log
+
+
+def finish(name: str, cmd: list[str], proc: subprocess.Popen, log: Path, began: float) -> tuple[str, list[dict]]:
+    """Waits for one trainer: its command line and metrics.jsonl rows. A run that fails ends the tool (exit 1)
+    with the tail of its output."""
+    code = proc.wait()
+    run_dir = log.parent / name
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final checkpoint: GiBs, unused here
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         sys.exit(f"fp8_convergence: the {name} run failed (exit code {code}); the end of {log}:\n{tail}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"{name}: {len(rows)} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{name}: {len(rows)} steps in {time.perf_counter() - began:.0f} s", flush=True)
     return shlex.join(cmd), rows
+
+
+def train_both(runs: dict[str, list[str]], out: Path, parallel: bool) -> dict[str, tuple[str, list[dict]]]:
+    """Each run's command line and rows; with `parallel` all trainers run at once (one device shared: the
+    compiles overlap, and where memory holds both, the wall time nearly halves), else one after the other."""
+    began = time.perf_counter()
+    if parallel:
+        started = {name: start(name, overrides, out) for name, overrides in runs.items()}
+        return {name: finish(name, *started[name], began) for name in runs}
+    done = {}
+    for name, overrides in runs.items():
+        done[name] = finish(name, *start(name, overrides, out), time.perf_counter())
+    return done
 
 
 def nonfinite_steps(rows: list[dict]) -> list[int]:
@@ -115,6 +134,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--last", type=int, default=20, help="steps at the end whose mean loss is compared")
     ap.add_argument("--tolerance", type=float, default=0.01, help="largest |relative difference| that is ok")
     ap.add_argument("--set", nargs="*", default=GPU_RUN, help=f"Hydra overrides of both runs (default: {GPU_RUN})")
+    ap.add_argument("--parallel", action="store_true", help="run both at once on one device (memory for two)")
     ap.add_argument("--out", type=Path, default=Path("runs/fp8_convergence"), help="folder of the two run dirs")
     ap.add_argument("--json", type=Path, default=Path("fp8_convergence.json"), help="results; the plot beside it")
     return ap
@@ -124,9 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for name, fp8 in (("bf16", "false"), ("fp8", args.fp8)):
-        runs[name] = train(name, [*args.set, f"train.steps={args.steps}", f"train.fp8={fp8}"], out)
+    asked = {
+        name: [*args.set, f"train.steps={args.steps}", f"train.fp8={fp8}"]
+        for name, fp8 in (("bf16", "false"), ("fp8", args.fp8))
+    }
+    runs = train_both(asked, out, args.parallel)
     (bf16_cmd, bf16_rows), (fp8_cmd, fp8_rows) = runs["bf16"], runs["fp8"]
     bf16, fp8 = ([r["loss"] for r in rows] for rows in (bf16_rows, fp8_rows))
     if len(bf16) != args.steps or len(fp8) != args.steps:  # e.g. stopped early by a signal
@@ -147,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         "recipe": args.fp8,
         "last": last,
         "tolerance": args.tolerance,
+        "parallel": args.parallel,
         **{k: _finite(v) for k, v in result.items()},
         "nonfinite": any(skipped.values()),
         "nonfinite_steps": skipped,
