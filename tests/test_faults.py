@@ -124,7 +124,7 @@ def test_a_rank_killed_mid_step_is_named_and_auto_resume_goes_on_until_a_nan_sto
     one = compose(*SMALL, "parallel.microbatches=2", "train.steps=5", "train.checkpoint_every=2", "train.resume=auto")
     with pytest.raises(TrainingFault, match=r"^step 4: non-finite gradients, first at stage 0"):
         run(typed(one), str(tmp_path))
-    after = metrics(tmp_path)  # the killed run's step 3 moved aside for the recomputed one (cli.supersede_later)
+    after = metrics(tmp_path)  # the killed run's step 3 moved aside for the recomputed one (checkpoint.supersede_later)
     (superseded,) = (tmp_path / "superseded").glob("*-after-step-00000002")
     replaced = [json.loads(line) for line in (superseded / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in killed] == [1, 2, 3] and [r["step"] for r in after] == [1, 2, 3]

@@ -196,7 +196,7 @@ def test_rolling_back_into_the_run_directory_moves_the_later_trajectory_aside(tm
     """A run reaches step 4, then resumes from its step-2 checkpoint in the same directory with lr 0: the new
     step 4 holds step 2's weights (not the old step 4's), metrics read steps 1-4 once, and the old steps 3-4
     (checkpoint and rows) are kept under superseded/."""
-    from lcgraph.app.cli import SUPERSEDED
+    from lcgraph.runtime.checkpoint import SUPERSEDED
 
     run_dir, base = tmp_path / "run", ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0"]
     run(run_config(*base), str(run_dir))
@@ -238,7 +238,7 @@ def test_a_resume_in_the_other_dtype_takes_the_fp32_masters(saved, resumed, tmp_
 def test_a_run_that_crashed_before_its_first_checkpoint_starts_over_with_one_trajectory(tmp_path):
     """train.resume=auto finds no checkpoint: the run starts at step 0, and the crashed attempt's rows move to
     superseded/ instead of being followed by a second step 1."""
-    from lcgraph.app.cli import SUPERSEDED
+    from lcgraph.runtime.checkpoint import SUPERSEDED
 
     run(run_config("train.steps=2"), str(tmp_path))
     shutil.rmtree(tmp_path / CHECKPOINTS)  # as if it had died before writing one

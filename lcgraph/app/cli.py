@@ -29,7 +29,7 @@ from lcgraph.app.perf import RunPerf, device_gpu
 from lcgraph.app.validate import check_overrides, validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, PlanError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.measured import comm_times, write_measured_timeline
-from lcgraph.observability.metrics import RunLogger, move_later_rows, throughput
+from lcgraph.observability.metrics import RunLogger, throughput
 from lcgraph.ops.fp8 import eager_note
 from lcgraph.planner.mfu import model_flops_per_token
 from lcgraph.runtime import checkpoint, faults
@@ -37,7 +37,6 @@ from lcgraph.runtime.config import TrainConfig
 from lcgraph.runtime.model import build_config
 from lcgraph.schedule.text import format_programs
 
-SUPERSEDED = "superseded"  # under the run directory: what a resume at an earlier step moved aside
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment the cache
 
 
@@ -125,7 +124,7 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     run_path = Path(run_dir)
     job = Job(cfg, run_path, rank, world)
     resume = checkpoint.resume_path(cfg.train.resume, run_path)
-    superseded = supersede_later(run_path, resume) if rank == 0 and resuming(cfg) else None
+    superseded = checkpoint.supersede_later(run_path, resume) if rank == 0 and resuming(cfg) else None
     if rank == 0:
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg.composed))
@@ -173,26 +172,6 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
     whole_run = perf.at(throughput(logger.history), mean_kept(logger.history)) if logger.history else {}
     summary = logger.finish(extra={**_memory_summary(job, world), **measured, **whole_run})
     return summary
-
-
-def supersede_later(run_dir: Path, resume: Path | None) -> str | None:
-    """A resume at step N in a run directory that went past N (a rollback, or a crash after the last checkpoint;
-    N = 0 when `train.resume=auto` found none yet): its later checkpoints and metrics rows move to
-    `superseded/<UTC time>-after-step-N/`, so the directory holds the one trajectory this run continues; returns
-    the line saying so (None when nothing was later)."""
-    manifest = checkpoint.read_manifest(resume) if resume is not None else {"step": 0}
-    assert manifest is not None  # resume_path returns complete checkpoints only
-    step = int(manifest["step"])
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    dest = run_dir / SUPERSEDED / f"{stamp}-after-step-{step:08d}"
-    moved = checkpoint.move_later(run_dir / checkpoint.CHECKPOINTS, step, resume, dest / checkpoint.CHECKPOINTS)
-    rows = move_later_rows(run_dir / "metrics.jsonl", step, dest)
-    if not moved and not rows:
-        return None
-    return (
-        f"resuming at step {step}: this run directory's later trajectory (checkpoints of steps {moved}, "
-        f"{rows} metrics rows) moved to {dest}"
-    )
 
 
 def resuming(cfg: RunConfig) -> bool:

@@ -36,17 +36,6 @@ def forward_only(programs: list[Program]) -> list[Program]:
     return [[a for a in program if a.kind in FORWARD_KINDS] for program in programs]
 
 
-def windows_of(corpus: data.TokenCorpus, sampler: data.PackedSampler) -> data.HeldOutWindows:
-    """All windows of another corpus (data.eval_path), packed as the training sampler packs its own."""
-    count = (len(corpus.tokens) - 1) // sampler.seq_len
-    if count < 1:
-        raise DataError(
-            f"data.eval_path holds {len(corpus.tokens)} tokens, fewer than one window of data.seq_len="
-            f"{sampler.seq_len}+1; give a larger held-out corpus"
-        )
-    return data.HeldOutWindows(corpus, 0, count, sampler.seq_len, sampler.length, sampler.cross_document)
-
-
 class _NoOptimizer:
     """The optimizer hooks of a forward-only program: there is nothing to reduce or update."""
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lcgraph.app import held_out
 from lcgraph.app.config import RunConfig
 from lcgraph.app.perf import device_gpu
-from lcgraph.errors import DataError, LaunchError, PlanError
+from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
 from lcgraph.graph.fusion import fuse_wanted
@@ -88,17 +88,17 @@ class Job:
         self.world = world
         self.device = pick_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
+        self.config = model.build_config(cfg.model)
+        self._setup_groups()
         self.fp8 = fp8_recipe(cfg.train.fp8)
         if self.fp8 and (why := fp8_refusal(self.fp8, self.device, self.dtype)):  # this rank's own GPU
             raise PlanError(why)
         attention.set_backend(cfg.train.attention)
         torch.manual_seed(cfg.train.seed)
-        self._setup_groups()
-        self.config = model.build_config(cfg.model)
-        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
         self._setup_data()
         if self.world > 1:
             self._check_ranks_agree()
+        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
         self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
@@ -107,6 +107,8 @@ class Job:
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
+        """The process groups: the mesh's, and the pair of stages that hold a tied embedding (whose gradients are
+        summed across the two)."""
         c = self.coords
         self.mesh = None
         self.sp_group = self.cp_group = self.replica_group = self.tied_group = None
@@ -118,50 +120,35 @@ class Job:
             self.sp_group = self.mesh["sp"].get_group()
             self.cp_group = self.mesh["cp"].get_group()  # the ring's p2p: a communicator of its own
             self.replica_group = self.mesh["dp", "cp", "sp"]._flatten("dp_cp_sp").get_group()
+        self.tied: list[str] = []  # the parameters of this rank held by two pipeline stages
+        if c.pp > 1 and getattr(self.config, "tie_word_embeddings", False):
+            first_last = [
+                [c.global_rank(0, d, s, r), c.global_rank(c.pp - 1, d, s, r)]
+                for d in range(c.dp)
+                for r in range(c.cp)
+                for s in range(c.sp)
+            ]
+            self.tied_group = _subgroups(first_last, c.rank)
+            self.tied = ["model.embed_tokens.weight"] if c.pp_rank in (0, c.pp - 1) else []
         collectives.set_sp_group(self.sp_group, c.sp)
         ring.set_cp_group(self.cp_group, c.cp, c.cp_rank)
 
     def _setup_data(self):
-        d = self.cfg.data
-        self.tokenizer = None
-        if d.synthetic:
-            corpus = data.synthetic_corpus(
-                self.config.vocab_size, d.seq_len, self.cfg.train.seed, d.mean_document_tokens
-            )
-        else:
-            corpus = self._open_corpus()
-        self.length = run_length(self.cfg.parallel, d.seq_len)  # seq_len padded to what the layout divides
-        self.sampler = data.PackedSampler(
-            corpus, d.seq_len, self.cfg.train.seed, d.cross_document_attention, self.length, d.eval_fraction
+        """The sampler and held-out windows; lcgraph-train builds each token cache before spawning ranks, and under
+        torchrun the first rank of each machine builds it while the others wait."""
+        self.length = run_length(self.cfg.parallel, self.cfg.data.seq_len)  # padded to what the layout divides
+        builds = self.world == 1 or int(os.environ.get("LOCAL_RANK", self.coords.rank)) == 0
+        barrier = dist.barrier if self.world > 1 else lambda: None
+        run_data = data.open_data(
+            self.cfg.data,
+            self.cfg.model.path,
+            self.config.vocab_size,
+            self.cfg.train.seed,
+            self.length,
+            builds,
+            barrier,
         )
-        self.eval_windows: data.HeldOutWindows | None = None  # train.eval_every's split (app/held_out.py)
-        if d.eval_path:
-            self.eval_windows = held_out.windows_of(self._open_corpus(eval_split=True), self.sampler)
-        elif d.eval_fraction > 0:
-            self.eval_windows = self.sampler.held_out_windows()
-
-    def _open_corpus(self, eval_split: bool = False) -> data.TokenCorpus:
-        """The token cache of data.path (of data.eval_path with `eval_split`, tokenized as data.path); lcgraph-train
-        builds it before spawning ranks; under torchrun the first rank of each machine builds it while the others
-        wait."""
-        d, vocab = self.cfg.data, self.config.vocab_size
-        builder = self.world == 1 or int(os.environ.get("LOCAL_RANK", self.coords.rank)) == 0
-
-        def prepare(build: bool) -> data.TokenCorpus | None:
-            if eval_split:
-                return data.prepare_eval_corpus(d, self.tokenizer, build)
-            corpus, self.tokenizer = data.prepare_corpus(d, self.cfg.model.path, vocab, build)
-            return corpus
-
-        corpus = prepare(True) if builder else None
-        if self.world > 1:
-            dist.barrier()
-        if not builder:
-            corpus = prepare(False)
-        if corpus is None:
-            path = d.eval_path if eval_split else d.path
-            raise DataError(f"the token cache of data.{'eval_path' if eval_split else 'path'}={path!r} was not built")
-        return corpus
+        self.sampler, self.eval_windows, self.tokenizer = run_data.sampler, run_data.eval_windows, run_data.tokenizer
 
     def _check_ranks_agree(self) -> None:
         """Every rank must train the same plan on the same tokens (under torchrun each composes its own config and
@@ -211,9 +198,10 @@ class Job:
 
     def _setup_stages(self):
         c, par = self.coords, self.cfg.parallel
+        dump = self._dumper() if self.cfg.dump.graphs else None
+        progress = self.cfg.train.progress and c.rank == 0  # one bar, rank 0's, when the HF model is large
         self.layer_counts = passes.plan_layer_counts(self.captured, par, self.length)
         mine = {s for s in range(par.pp * par.virtual_stages) if s % par.pp == c.pp_rank}
-        dump = self._dumper() if self.cfg.dump.graphs else None
         graphs = passes.compile_stages(
             self.captured,
             self.layer_counts,
@@ -229,41 +217,12 @@ class Job:
         )
         self.stages: dict[int, StageState] = {}
         for s, g in graphs.items():
-            shapes = {name: _placeholder_shape(g.gm, ph) for ph, name in g.param_names.items()}
-            if self.cfg.model.path:
-                values = model.load_parameters(
-                    self.cfg.model.path, shapes, self.config, self.device, self.dtype, progress=self._load_progress()
-                )
-            else:
-                values = model.init_parameters(shapes, self.config, self.cfg.train.seed, self.device, self.dtype)
+            values = model.stage_values(
+                g.gm, g.param_names, self.cfg.model, self.config, self.cfg.train.seed, self.device, self.dtype, progress
+            )
             params = {n: torch.nn.Parameter(v) for n, v in values.items()}
             buffers = model.rotary_buffers(self.config, g.buffer_names.values(), self.device)
             self.stages[s] = StageState(g, params, buffers)
-        self.tied = self._tied_names()
-
-    def _load_progress(self) -> bool:
-        """One bar (rank 0's, for its stage) when the HF model being loaded is large."""
-        path = self.cfg.model.path
-        assert path is not None  # only asked when loading an HF model
-        big = model.checkpoint_bytes(path) > model.PROGRESS_BYTES
-        return big and self.cfg.train.progress and self.coords.rank == 0
-
-    def _tied_names(self) -> list[str]:
-        """Parameters held by two pipeline stages (tied embeddings): their gradients are summed across them."""
-        par = self.cfg.parallel
-        if par.pp == 1 or not getattr(self.config, "tie_word_embeddings", False):
-            return []
-        c = self.coords
-        self.tied_group = _subgroups(
-            [
-                [c.global_rank(0, d, s, r), c.global_rank(par.pp - 1, d, s, r)]
-                for d in range(par.dp)
-                for r in range(par.cp)
-                for s in range(par.sp)
-            ],
-            c.rank,
-        )
-        return ["model.embed_tokens.weight"] if c.pp_rank in (0, par.pp - 1) else []
 
     def _setup_optimizer(self):
 
@@ -403,8 +362,9 @@ class Job:
 
     # --- step ----------------------------------------------------------------------------------------------
     def run_step(self, step: int) -> dict:
+        lr = lr_at(step, self.optim, self.train.steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.optim, self.train.steps)
+            group["lr"] = lr
         units, total = self.step_units(step)
         self.heartbeat.step = step
         injected = faults.before_step(self, step)  # LCGRAPH_FAULT test hooks; nothing otherwise
@@ -426,7 +386,7 @@ class Job:
             "tokens": tokens,
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
-            "lr": lr_at(step, self.optim, self.train.steps),
+            "lr": lr,
             "grad_norm": self.interpreter.grad_norm,
             **({"attention_kept": self.attention_kept} if self.attention_kept is not None else {}),
         }
@@ -472,13 +432,6 @@ def shard_positions(length: int, c: Coords, pair: tuple[int, int] | None = None)
         mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
     shard = len(mine) // c.sp
     return mine[c.sp_rank * shard : (c.sp_rank + 1) * shard]
-
-
-def _placeholder_shape(gm, name):
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and n.name == name:
-            return tuple(int(s) for s in n.meta["val"].shape)
-    raise KeyError(name)
 
 
 def _subgroups(groups: list[list[int]], rank: int):

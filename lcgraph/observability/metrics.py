@@ -79,28 +79,6 @@ def metric_key(name: str) -> str:
     return f"train/{name}"
 
 
-def move_later_rows(path: Path, step: int, dest: Path) -> int:
-    """Move metrics.jsonl's rows of steps after `step` (and any torn row) into `dest`/metrics.jsonl, rewriting
-    `path` atomically with the rest; returns how many moved."""
-    if not path.is_file():
-        return 0
-    keep: list[str] = []
-    later: list[str] = []
-    for line in path.read_text().splitlines():
-        try:
-            kept = json.loads(line).get("step", 0) <= step
-        except ValueError:  # a row cut off by a crash
-            kept = False
-        (keep if kept else later).append(line)
-    if later:
-        dest.mkdir(parents=True, exist_ok=True)
-        (dest / path.name).write_text("".join(f"{r}\n" for r in later))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{r}\n" for r in keep))
-        os.replace(tmp, path)
-    return len(later)
-
-
 def throughput(history: list[dict]) -> float:
     """Tokens per second over the second half of the steps so far (the bar, the summary, the final line)."""
     tail = history[len(history) // 2 :] or history

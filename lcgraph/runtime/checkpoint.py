@@ -23,6 +23,7 @@ position (`job.sampler.state_dict()`) and every rank's RNG states, plus `hf/` (t
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from lcgraph.schedule.mesh import Coords
 
 FORMAT = 1
 CHECKPOINTS = "checkpoints"  # under the run directory
+SUPERSEDED = "superseded"  # under the run directory: what a resume at an earlier step moved aside
 MANIFEST = "manifest.json"
 HF_DIR = "hf"  # config.json and the tokenizer, inside a checkpoint
 STEP_DIR = re.compile(r"step-(\d+)$")
@@ -242,6 +244,48 @@ def move_later(root: Path, step: int, resumed: Path | None, dest: Path) -> list[
 
 
 # --- resume -------------------------------------------------------------------------------------------------
+def supersede_later(run_dir: Path, resume: Path | None) -> str | None:
+    """A resume at step N in a run directory that went past N (a rollback, or a crash after the last checkpoint;
+    N = 0 when `train.resume=auto` found none yet): its later checkpoints and metrics rows move to
+    `superseded/<UTC time>-after-step-N/`, so the directory holds the one trajectory this run continues; returns
+    the line saying so (None when nothing was later)."""
+    manifest = read_manifest(resume) if resume is not None else {"step": 0}
+    assert manifest is not None  # resume_path returns complete checkpoints only
+    step = int(manifest["step"])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = run_dir / SUPERSEDED / f"{stamp}-after-step-{step:08d}"
+    moved = move_later(run_dir / CHECKPOINTS, step, resume, dest / CHECKPOINTS)
+    rows = move_later_rows(run_dir / "metrics.jsonl", step, dest)
+    if not moved and not rows:
+        return None
+    return (
+        f"resuming at step {step}: this run directory's later trajectory (checkpoints of steps {moved}, "
+        f"{rows} metrics rows) moved to {dest}"
+    )
+
+
+def move_later_rows(path: Path, step: int, dest: Path) -> int:
+    """Move metrics.jsonl's rows of steps after `step` (and any torn row) into `dest`/metrics.jsonl, rewriting
+    `path` atomically with the rest; returns how many moved."""
+    if not path.is_file():
+        return 0
+    keep: list[str] = []
+    later: list[str] = []
+    for line in path.read_text().splitlines():
+        try:
+            kept = json.loads(line).get("step", 0) <= step
+        except ValueError:  # a row cut off by a crash
+            kept = False
+        (keep if kept else later).append(line)
+    if later:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / path.name).write_text("".join(f"{r}\n" for r in later))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{r}\n" for r in keep))
+        os.replace(tmp, path)
+    return len(later)
+
+
 def find_checkpoint(source: Path) -> Path | None:
     """The newest complete checkpoint at `source`: a checkpoint, a `checkpoints/` directory or a run directory."""
     if STEP_DIR.match(source.name) and (source / MANIFEST).exists():

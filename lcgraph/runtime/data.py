@@ -519,6 +519,62 @@ def prepare_eval_corpus(d: DataConfig, tokenizer, build: bool = True) -> TokenCo
     return corpus
 
 
+@dataclass
+class RunData:
+    """What a rank trains and evaluates on: the sampler, the held-out windows (train.eval_every's, or None) and the
+    tokenizer (None for synthetic data), which a checkpoint saves beside the model."""
+
+    sampler: PackedSampler
+    eval_windows: HeldOutWindows | None
+    tokenizer: Any
+
+
+def open_data(d: DataConfig, model_path: str | None, vocab_size: int, seed: int, length: int, builds: bool, barrier):
+    """The run's data for data config `d`, windows padded to `length`. The rank that `builds` (one per machine)
+    prepares each token cache while the others wait at `barrier()` and then open it."""
+    tokenizer = None
+
+    def prepare(eval_split: bool, build: bool) -> TokenCorpus | None:
+        nonlocal tokenizer
+        if eval_split:
+            return prepare_eval_corpus(d, tokenizer, build)
+        corpus, tokenizer = prepare_corpus(d, model_path, vocab_size, build)
+        return corpus
+
+    def prepared(eval_split: bool) -> TokenCorpus:
+        corpus = prepare(eval_split, build=True) if builds else None
+        barrier()
+        if not builds:
+            corpus = prepare(eval_split, build=False)
+        if corpus is None:
+            name = "eval_path" if eval_split else "path"
+            raise DataError(f"the token cache of data.{name}={getattr(d, name)!r} was not built")
+        return corpus
+
+    if d.synthetic:
+        corpus = synthetic_corpus(vocab_size, d.seq_len, seed, d.mean_document_tokens)
+    else:
+        corpus = prepared(eval_split=False)
+    sampler = PackedSampler(corpus, d.seq_len, seed, d.cross_document_attention, length, d.eval_fraction)
+    windows = None
+    if d.eval_path:
+        windows = windows_of(prepared(eval_split=True), sampler)
+    elif d.eval_fraction > 0:
+        windows = sampler.held_out_windows()
+    return RunData(sampler, windows, tokenizer)
+
+
+def windows_of(corpus: TokenCorpus, sampler: PackedSampler) -> HeldOutWindows:
+    """All windows of another corpus (data.eval_path), packed as the training sampler packs its own."""
+    count = (len(corpus.tokens) - 1) // sampler.seq_len
+    if count < 1:
+        raise DataError(
+            f"data.eval_path holds {len(corpus.tokens)} tokens, fewer than one window of data.seq_len="
+            f"{sampler.seq_len}+1; give a larger held-out corpus"
+        )
+    return HeldOutWindows(corpus, 0, count, sampler.seq_len, sampler.length, sampler.cross_document)
+
+
 def cached_offsets(d: DataConfig, model_path: str | None, vocab_size: int) -> np.ndarray | None:
     """The document offsets of `d`'s prepared corpus, or None when it (or the BPE it needs) is not cached yet:
     the planner reads them without tokenizing anything."""

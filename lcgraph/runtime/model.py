@@ -140,3 +140,21 @@ def rotary_buffers(config, names, device) -> dict[str, torch.Tensor]:
             raise ValueError(f"captured buffer {name!r} is not a rotary table; lcgraph cannot compute it")
         out[name] = getattr(rotary, attr).to(device)
     return out
+
+
+def stage_values(gm, param_names, model_cfg: ModelConfig, config, seed: int, device, dtype, progress: bool):
+    """The parameters of one stage graph `gm` (placeholder -> name in `param_names`) at their placeholders' shapes:
+    read from model_cfg.path (with a progress bar when `progress` and the checkpoint is large), else initialized
+    from `seed`."""
+    shapes = {name: _placeholder_shape(gm, ph) for ph, name in param_names.items()}
+    if model_cfg.path:
+        big = checkpoint_bytes(model_cfg.path) > PROGRESS_BYTES
+        return load_parameters(model_cfg.path, shapes, config, device, dtype, progress=big and progress)
+    return init_parameters(shapes, config, seed, device, dtype)
+
+
+def _placeholder_shape(gm, name: str) -> tuple[int, ...]:
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.name == name:
+            return tuple(int(s) for s in n.meta["val"].shape)
+    raise KeyError(name)
