@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from lcgraph.app.cli import step_perf
 from lcgraph.app.perf import RunPerf
 from lcgraph.app.testing import TINY, compose, planned, run_config
 from lcgraph.graph.capture import capture
@@ -57,7 +56,7 @@ def test_mfu_of_llama1b_at_128k_on_an_h200_is_the_hand_computation_in_trainer_an
     assert HAND_MFU == pytest.approx(0.342, abs=1e-3)
 
     perf = RunPerf(flops, 1, "bf16", gpu_profile(*H200))
-    step = step_perf({"tokens": 131_072, "step_time_s": 131_072 / TOKENS_PER_S}, perf, torch.device("cpu"))
+    step = perf.step({"tokens": 131_072, "step_time_s": 131_072 / TOKENS_PER_S}, torch.device("cpu"))
     assert step["mfu"] == pytest.approx(HAND_MFU, rel=1e-9)
     assert step["tflops_per_gpu"] == pytest.approx(LLAMA1B_128K_FLOPS_PER_TOKEN * TOKENS_PER_S / 1e12, rel=1e-9)
     # the figure over the measured matmul rate is reported beside MFU, under its own name

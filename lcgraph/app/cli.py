@@ -157,7 +157,7 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
             if job.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(job.device)
             metrics = job.run_step(step)
-            metrics.update(step_perf(metrics, perf, job.device))
+            metrics.update(perf.step(metrics, job.device))
             logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
             faults.check_replicas(job, step)  # every train.check_every steps
             if job.stopping:
@@ -196,16 +196,6 @@ def mean_kept(history: list[dict]) -> float:
     """The share of causal attention pairs a document mask left, over the steps `throughput` reads (1 without)."""
     tail = history[len(history) // 2 :] or history
     return sum(m.get("attention_kept", 1.0) for m in tail) / len(tail)
-
-
-def step_perf(metrics: dict, perf: RunPerf, device: torch.device) -> dict:
-    """TFLOP/s per GPU and MFU of one step (lcgraph.app.perf) and, on GPU, the step's peak memory."""
-    out: dict[str, float | int] = {
-        **perf.at(metrics["tokens"] / metrics["step_time_s"], metrics.get("attention_kept", 1.0))
-    }
-    if device.type == "cuda":
-        out["cuda_step_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return out
 
 
 def _memory_summary(job: Job, world: int) -> dict:

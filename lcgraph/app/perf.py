@@ -49,6 +49,15 @@ class RunPerf:
             out.update({k: v for k, v in figures.items() if v is not None})
         return out
 
+    def step(self, metrics: dict, device: torch.device) -> dict[str, float | int]:
+        """`at` the tokens/s of one step's `metrics` (and its attention_kept) and, on GPU, the step's peak memory."""
+        out: dict[str, float | int] = {
+            **self.at(metrics["tokens"] / metrics["step_time_s"], metrics.get("attention_kept", 1.0))
+        }
+        if device.type == "cuda":
+            out["cuda_step_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        return out
+
     def peak_line(self) -> str | None:
         """One line on what MFU divides by, or why there is none (None on CPU)."""
         if self.gpu is None:

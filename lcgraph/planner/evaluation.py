@@ -191,7 +191,6 @@ def setup(cfg: PlanConfig, captured=None, profile: DeviceProfile | None = None) 
     if captured is None:
         captured = capture(build_config(cfg.model))
     par, train = cfg.parallel, cfg.train
-    graph = GraphCosts.from_captured(captured, dtype, fused=fused_ops_planned(train))
     mode = recompute_mode(train.recompute, allow_auto=True)
     segments = train.recompute_layers  # 0: best_segments picks
     offload = offload_mode(train.offload, allow_auto=True)  # auto: resolved with the recompute mode
@@ -214,6 +213,7 @@ def setup(cfg: PlanConfig, captured=None, profile: DeviceProfile | None = None) 
         fp8=planned_fp8(train, profile),
     )
     counts, alt_counts = layer_counts(par, cfg.data.seq_len, captured)
+    graph = GraphCosts.from_captured(captured, dtype, fused=fused_ops_planned(train))
     return Setup(settings, profile, graph, captured, layout, counts, alt_counts, auto_segments=segments == 0)
 
 
