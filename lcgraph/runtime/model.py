@@ -73,7 +73,7 @@ def init_parameter(name: str, shape, config, seed: int) -> torch.Tensor:
     return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
 
 
-def init_parameters(shapes: dict[str, torch.Size], config, seed: int, device, dtype) -> dict[str, torch.Tensor]:
+def init_parameters(shapes: dict[str, tuple[int, ...]], config, seed: int, device, dtype) -> dict[str, torch.Tensor]:
     return {n: init_parameter(n, s, config, seed).to(device=device, dtype=dtype) for n, s in shapes.items()}
 
 
