@@ -1,5 +1,6 @@
 """Every figure README.md and docs/*.md quote from a command is what the command prints today: the planner's
-outputs and the default run's losses (tools/doc_figures.py regenerates them; this fails when one drifts)."""
+outputs and the default run's losses; and docs/architecture.svg is the package graph the source has today
+(tools/doc_figures.py regenerates them; this fails when one drifts)."""
 
 import importlib.util
 import sys
@@ -37,3 +38,13 @@ def test_a_figure_that_drifted_is_named(tool, tmp_path):
     assert "7.7 -> 6.6" in drifted.read_text()  # --check writes nothing
     tool.refresh(check=False, only={"default-run-loss"}, docs=[drifted], cache=tool.shared_cache)
     assert drifted.read_text() == readme
+
+
+def test_an_architecture_picture_that_drifted_is_named_and_redrawn(tool, tmp_path):
+    picture = tmp_path / "architecture.svg"
+    today = tool.ARCHITECTURE.read_text()
+    picture.write_text(today.replace("lcgraph/runtime/", "lcgraph/runtime_old/"))
+    assert tool.redraw(check=True, target=picture) == ["architecture.svg: architecture"]
+    assert "runtime_old" in picture.read_text()  # --check writes nothing
+    assert tool.redraw(check=False, target=picture) == ["architecture.svg: architecture"]
+    assert picture.read_text() == today and tool.redraw(check=True, target=picture) == []

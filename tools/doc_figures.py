@@ -9,17 +9,22 @@ Two kinds of quotes in README.md and docs/*.md:
   figure  inline text between `<!-- figure: NAME -->` and `<!-- /figure -->`, taken from a run's files
 COMMANDS says which command each NAME runs (each at most once per call) and what of its output the doc keeps. Lines
 whose numbers vary from run to run (planning seconds, the output directory) are compared without them.
+
+And one picture drawn from the code: docs/architecture.svg, lcgraph's packages and the imports between them
+(`--only architecture` redraws it alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +138,122 @@ def expected(name: str, cache: dict) -> str:
     return "\n".join(ln.rstrip() for ln in keep(out, run_dir).splitlines())  # the console pads some lines
 
 
+# --- docs/architecture.svg: the package import graph, drawn from the source ----------------------------------
+PACKAGE = ROOT / "lcgraph"
+ARCHITECTURE = ROOT / "docs" / "architecture.svg"
+ROWS = [["app"], ["planner"], ["observability"], ["runtime"], ["graph", "schedule"], ["ops"]]
+W, BOX_H, ROW_GAP, MARGIN = 900, 84, 50, 20
+# the config's sections as the rooms receive them (lcgraph/runtime/config.py, planner/settings.py,
+# observability/metrics.py, app/config.py), and the Protocols graph/ reads a layout through
+SECTIONS = (
+    "RunConfig",
+    "PlanConfig",
+    "PlanSettings",
+    "ModelConfig",
+    "DataConfig",
+    "ParallelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "LoggingConfig",
+    "StageLayout",  # graph/: what it reads of the parallel section (a Protocol)
+    "ChunkedShards",
+    "Shards",
+)
+CHAR_W = 5.6  # rough width of one character of the module list (10.5 px sans-serif)
+
+
+def package_edges() -> Counter:
+    """(importer package, imported package) -> number of import statements."""
+    edges: Counter = Counter()
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) < 2:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lcgraph."):
+                there = node.module.split(".")[1]
+                if there != parts[0] and (PACKAGE / there).is_dir():
+                    edges[parts[0], there] += 1
+    return edges
+
+
+def sections(package: str) -> list[str]:
+    """The config sections the package's modules name (define, import or annotate with), in SECTIONS' order."""
+    named = set()
+    for path in (PACKAGE / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name):
+                named.add(node.id)
+            elif isinstance(node, ast.ClassDef):
+                named.add(node.name)
+    return [s for s in SECTIONS if s in named]
+
+
+def modules(package: str) -> list[tuple[str, int]]:
+    return [
+        (p.stem, len(p.read_text().splitlines()))
+        for p in sorted((PACKAGE / package).glob("*.py"))
+        if p.stem != "__init__"
+    ]
+
+
+def wrapped(text: str, width: int) -> list[str]:
+    """`text` ("a 12, b 34, ...") in lines of at most `width` characters, broken after a comma."""
+    lines = [""]
+    for item in text.split(", "):
+        joined = f"{lines[-1]}, {item}" if lines[-1] else item
+        if len(joined) > width and lines[-1]:
+            lines[-1] += ","
+            lines.append(item)
+        else:
+            lines[-1] = joined
+    return lines
+
+
+def architecture_svg() -> str:
+    """docs/architecture.svg: one row per layer (app on top, ops at the bottom), one box per package with its
+    modules and lines of code and the config sections its modules name (`takes`), one arrow per pair of packages
+    where the upper one imports the lower one, labelled with the number of import statements; read from the
+    source's AST, like tests/test_layering.py."""
+    boxes = {}
+    for r, row in enumerate(ROWS):
+        width = (W - MARGIN * (len(row) + 1)) / len(row)
+        for c, name in enumerate(row):
+            boxes[name] = (MARGIN + c * (width + MARGIN), MARGIN + r * (BOX_H + ROW_GAP), width)
+    height = MARGIN * 2 + len(ROWS) * (BOX_H + ROW_GAP) - ROW_GAP
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif">',
+        '<defs><marker id="a" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+        'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
+    ]
+    for (src, dst), n in sorted(package_edges().items()):
+        (x1, y1, w1), (x2, y2, w2) = boxes[src], boxes[dst]
+        a, b = (x1 + w1 / 2 + (x2 - x1) * 0.05, y1 + BOX_H), (x2 + w2 / 2 - (x2 - x1) * 0.05, y2)
+        out.append(
+            f'<path d="M{a[0]:.0f},{a[1]} C{a[0]:.0f},{a[1] + 30} {b[0]:.0f},{b[1] - 30} {b[0]:.0f},{b[1]}" '
+            f'fill="none" stroke="#555" stroke-opacity="0.55" marker-end="url(#a)"/>'
+        )
+        out.append(
+            f'<text x="{(a[0] + b[0]) / 2 + 4:.0f}" y="{(a[1] + b[1]) / 2:.0f}" font-size="10" fill="#555">{n}</text>'
+        )
+    for name, (x, y, w) in boxes.items():
+        mods = modules(name)
+        text = ", ".join(f"{m} {n}" for m, n in mods)
+        out.append(
+            f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{BOX_H}" rx="6" fill="#dbe7f3" stroke="#2b5d8a"/>'
+        )
+        out.append(
+            f'<text x="{x + 8:.0f}" y="{y + 20}" font-size="15" font-weight="bold">lcgraph/{name}/ '
+            f'<tspan font-weight="normal" font-size="11">{sum(n for _, n in mods)} lines</tspan></text>'
+        )
+        for i, line in enumerate(wrapped(text, int((w - 16) / CHAR_W))):
+            out.append(f'<text x="{x + 8:.0f}" y="{y + 40 + 14 * i}" font-size="10.5" fill="#333">{line}</text>')
+        takes = ", ".join(sections(name)) or "plain values, no config section"
+        out.append(f'<text x="{x + 8:.0f}" y="{y + BOX_H - 8}" font-size="10.5" fill="#2b5d8a">takes: {takes}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def _norm(text: str) -> str:
     lines = [re.sub(r"\d+(\.\d+)?", "N", ln) if any(p.match(ln) for p in VOLATILE) else ln for ln in text.splitlines()]
     return "\n".join(ln.rstrip() for ln in lines)
@@ -142,13 +263,25 @@ def quotes(text: str) -> list[tuple[re.Match, str]]:
     return [(m, "block") for m in BLOCK.finditer(text)] + [(m, "figure") for m in FIGURE.finditer(text)]
 
 
+def redraw(check: bool, target: Path = ARCHITECTURE) -> list[str]:
+    """Rewrite (or, with `check`, compare) the architecture picture; returns `file: architecture` if it differs."""
+    want = architecture_svg()
+    if target.is_file() and target.read_text() == want:
+        return []
+    if not check:
+        target.write_text(want)
+    return [f"{target.name}: architecture"]
+
+
 def refresh(
     check: bool, only: set[str] | None = None, docs: list[Path] | None = None, cache: dict | None = None
 ) -> list[str]:
-    """Rewrite (or, with `check`, compare) every quote of `docs` (default: all); returns what differs as
-    `file: NAME`. `cache` keeps the commands' outputs across calls."""
+    """Rewrite (or, with `check`, compare) every quote of `docs` (default: all, and the architecture picture);
+    returns what differs as `file: NAME`. `cache` keeps the commands' outputs across calls."""
     cache = {} if cache is None else cache
     differ, seen = [], set()
+    if docs is None and (not only or "architecture" in only):
+        differ += redraw(check)
     for path in docs or DOCS:
         text = path.read_text()
         new = text
