@@ -46,7 +46,13 @@ def torchao_linears(recipe: str):
 
 
 @pytest.mark.parametrize(
-    "recipe,dtype", [("tensorwise", torch.float32), ("tensorwise", torch.bfloat16), ("rowwise", torch.bfloat16)]
+    "recipe,dtype",
+    [
+        ("tensorwise", torch.float32),
+        ("tensorwise", torch.bfloat16),
+        ("rowwise", torch.bfloat16),
+        ("rowwise_with_gw_hp", torch.bfloat16),
+    ],
 )
 def test_fp8_linear_is_torchaos_float8_linear_forward_and_backward(recipe, dtype):
     torch.manual_seed(0)
@@ -146,15 +152,18 @@ def test_rowwise_bf16_dp2_matches_one_process_over_five_steps():
     torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one[2]["grad_norms"]), rtol=BF16, atol=0)
 
 
-def test_rowwise_trains_in_bf16_near_the_reference(references):
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+def test_rowwise_trains_in_bf16_near_the_reference(references, recipe):
     """Row-wise scales in bf16 (the op equals torchao's, above) against the fp32 reference with torchao's
-    row-wise linears: within what bf16 weights and activations move it (BF16_ROWWISE)."""
-    losses, _, extra = train_local(run_cfg("train.fp8=rowwise", "train.dtype=bf16", steps=STEPS))
-    check(losses, extra["grad_norms"], references(1, "rowwise"), BF16_ROWWISE, "fp8 rowwise bf16")
+    linears of the same recipe: within what bf16 weights and activations move it (BF16_ROWWISE)."""
+    losses, _, extra = train_local(run_cfg(f"train.fp8={recipe}", "train.dtype=bf16", steps=STEPS))
+    check(losses, extra["grad_norms"], references(1, recipe), BF16_ROWWISE, f"fp8 {recipe} bf16")
 
 
 def test_fp8_mistakes_are_one_line():
-    with pytest.raises(PlanError, match=r"^train.fp8=fp4 is not a recipe; use false, tensorwise or rowwise$"):
+    with pytest.raises(
+        PlanError, match=r"^train.fp8=fp4 is not a recipe; use false, tensorwise, rowwise or rowwise_with_gw_hp$"
+    ):
         check_fp8(compose("train.fp8=fp4"), "cpu")
     assert fp8_recipe(False) is None and fp8_recipe("False") is None and fp8_recipe("rowwise") == "rowwise"
     check_fp8(compose("train.fp8=rowwise"), "cpu")  # the CPU runs either recipe in any dtype
@@ -164,7 +173,8 @@ def test_fp8_mistakes_are_one_line():
         "NVIDIA A100-SXM4-80GB is 8.0; set train.fp8=false"
     )
     assert gpu_refusal("tensorwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32) is None
-    assert "set train.dtype=bf16" in gpu_refusal("rowwise", "NVIDIA H100 80GB HBM3", (9, 0), torch.float32)
+    for recipe in ("rowwise", "rowwise_with_gw_hp"):
+        assert "set train.dtype=bf16" in gpu_refusal(recipe, "NVIDIA H100 80GB HBM3", (9, 0), torch.float32)
 
 
 def test_fp8_uncompiled_on_a_gpu_gets_a_line_naming_compile():
@@ -207,6 +217,10 @@ def test_a_plan_runs_the_decoder_matmuls_at_the_fp8_rate_and_adds_the_casts():
     assert _stage_parts("train.fused_loss=false", "train.fp8=rowwise")[0]["loss"] == unfused["loss"] > 0
     rowwise = _stage_parts("train.fp8=rowwise")[1]
     assert rowwise["fp8_casts"] > bwd8["fp8_casts"]  # row-wise casts the output gradient along both axes
+    fwd_hp, bwd_hp, _ = _stage_parts("train.fp8=rowwise_with_gw_hp")
+    assert fwd_hp["matmul"] == pytest.approx(fwd8["matmul"])  # forward as rowwise
+    assert bwd_hp["matmul"] == pytest.approx((bwd["matmul"] + bwd8["matmul"]) / 2)  # dX in FP8, dW in bf16
+    assert 0 < bwd_hp["fp8_casts"] < bwd8["fp8_casts"]  # the output gradient along one axis; the input not again
 
 
 def test_the_plan_prints_fp8_beside_bf16_and_a_device_without_fp8_refuses_it():

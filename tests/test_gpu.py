@@ -197,7 +197,7 @@ def test_auto_runs_flash_under_a_document_mask_where_it_runs_cudnn_without():
         assert masked.startswith("flash"), masked
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_fp8_trains_on_the_gpu_beside_bf16(recipe):
     """The Llama-3.2-1B shape cut to 2 layers at 4k tokens, the same weights and window: the first FP8 loss within 1%
     of bf16's (FP8's rounding of 7 matmuls a layer), every step finite, and the stage graphs run fp8_linear (on a GPU

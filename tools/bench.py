@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcgraph.ops.fp8 import RECIPES  # noqa: E402
 from lcgraph.planner import mfu  # noqa: E402
 from lcgraph.planner.devices import match_profile  # noqa: E402
 from lcgraph.planner.profile import load_profile  # noqa: E402
@@ -520,9 +521,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
     ap.add_argument("--fuse", nargs="+", default=["auto"], choices=["auto", "on", "off"], help="train.fuse")
     ap.add_argument("--activation-budget", type=float, nargs="+", help="train.activation_budget (with --compile on)")
-    ap.add_argument(
-        "--fp8", nargs="+", default=["false"], choices=["false", "tensorwise", "rowwise"], help="train.fp8 rows"
-    )
+    ap.add_argument("--fp8", nargs="+", default=["false"], choices=["false", *RECIPES], help="train.fp8 rows")
     ap.add_argument(
         "--documents",
         help="MEAN: synthetic documents of log-normal lengths (sigma 1) with this mean, or PATH: a corpus; packed "

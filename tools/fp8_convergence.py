@@ -37,6 +37,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's lcgraph, as the runs get it
+from lcgraph.ops.fp8 import RECIPES  # noqa: E402
 
 GPU_RUN = [
     "+recipe=gpu",
@@ -130,7 +132,7 @@ def plot(bf16: list[float], fp8: list[float], recipe: str, last: int, result: di
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300, help="train.steps of each run")
-    ap.add_argument("--fp8", default="tensorwise", choices=["tensorwise", "rowwise"], help="the FP8 run's recipe")
+    ap.add_argument("--fp8", default="tensorwise", choices=list(RECIPES), help="the FP8 run's recipe")
     ap.add_argument("--last", type=int, default=20, help="steps at the end whose mean loss is compared")
     ap.add_argument("--tolerance", type=float, default=0.01, help="largest |relative difference| that is ok")
     ap.add_argument("--set", nargs="*", default=GPU_RUN, help=f"Hydra overrides of both runs (default: {GPU_RUN})")

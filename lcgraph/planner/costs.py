@@ -290,24 +290,29 @@ class CostModel:
         if not c.matmuls:
             return factor * c.matmul_per_token * tokens / self.profile.matmul_rate(dtype)
         fp8 = self.layout.fp8 is not None and not head
-        return sum(
-            factor * flops * tokens / self.profile.matmul_rate(dtype, k, n, backward, fp8=fp8)
-            for (k, n), flops in c.matmuls.items()
-        )
+        rate = self.profile.matmul_rate
+        # rowwise_with_gw_hp: of backward's two matmuls (dX, dW), the weight gradient's runs in high precision
+        hp = 0.5 if backward and fp8 and self.layout.fp8 == "rowwise_with_gw_hp" else 0.0
+        seconds = 0.0
+        for (k, n), flops in c.matmuls.items():
+            per_flop = (1 - hp) / rate(dtype, k, n, backward, fp8=fp8) + hp / rate(dtype, k, n, backward)
+            seconds += factor * flops * tokens * per_flop
+        return seconds
 
     def _fp8_casts(self, c: Coeffs, tokens: float, backward: bool) -> float:
         """Seconds of FP8 casts: each FP8 linear reads its high-precision operand twice (amax, then scale and
         cast) and writes one byte per element; forward casts the input, backward the output gradient (row-wise:
-        along both axes) and the input again. The weights' casts, per unit not per token, are left out."""
+        along both axes) and the input again (rowwise_with_gw_hp: the gradient along one axis, the input not at
+        all). The weights' casts, per unit not per token, are left out."""
         if not self.layout.fp8:
             return 0.0
         b = self.graph.dtype_bytes
         per_element = 2 * b + 1
-        grads = 2 if self.layout.fp8 == "rowwise" else 1
+        grads, inputs = {"rowwise": (2, 1), "rowwise_with_gw_hp": (1, 0)}.get(self.layout.fp8, (1, 1))
         moved = 0.0
         for (k, n), flops in c.matmuls.items():
             linears = flops / (2 * k * n)  # linears of this shape in the group (forward FLOPs 2kn a token each)
-            moved += linears * ((grads * n + k) if backward else k) * per_element
+            moved += linears * ((grads * n + inputs * k) if backward else k) * per_element
         return self._factor(self.profile.traffic_factor, 1.0) * moved * tokens / self.profile.memory_bandwidth
 
     def _traffic(self, c: Coeffs, tokens: float) -> float:

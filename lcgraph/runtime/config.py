@@ -112,7 +112,7 @@ class TrainConfig:
     progress: bool = True
     fused_loss: bool = True  # LM head + cross-entropy without materialising the logits
     fuse: str = choice(FuseMode, "auto")  # fused RMSNorm/SwiGLU/rotary (auto: eager CUDA stages); docs/kernels.md
-    fp8: str = "false"  # false | tensorwise | rowwise: the decoder layers' matmuls in FP8 (ops/fp8.py; docs/fp8.md)
+    fp8: str = "false"  # false | tensorwise | rowwise | rowwise_with_gw_hp: decoder matmuls in FP8 (docs/fp8.md)
     recompute: str = "none"  # none | full | keep_attention (true/false: full/none); see runtime.recompute
     recompute_layers: int = 0  # decoder layers per checkpoint segment (0: the planner picks); see runtime.recompute
     keep_attention_layers: int = -1  # keep_attention: layers per stage that keep attention (-1: all; auto: as fit)
