@@ -89,6 +89,7 @@ class Job:
         self.device = pick_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
         self.config = model.build_config(cfg.model)
+        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
         self._setup_groups()
         self.fp8 = fp8_recipe(cfg.train.fp8)
         if self.fp8 and (why := fp8_refusal(self.fp8, self.device, self.dtype)):  # this rank's own GPU
@@ -98,7 +99,7 @@ class Job:
         self._setup_data()
         if self.world > 1:
             self._check_ranks_agree()
-        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
+        self._setup_tied()  # after the check: only ranks that agree on tie_word_embeddings make its group
         self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
@@ -107,11 +108,10 @@ class Job:
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
-        """The process groups: the mesh's, and the pair of stages that hold a tied embedding (whose gradients are
-        summed across the two)."""
+        """The mesh's process groups."""
         c = self.coords
         self.mesh = None
-        self.sp_group = self.cp_group = self.replica_group = self.tied_group = None
+        self.sp_group = self.cp_group = self.replica_group = None
         if self.world > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -120,8 +120,17 @@ class Job:
             self.sp_group = self.mesh["sp"].get_group()
             self.cp_group = self.mesh["cp"].get_group()  # the ring's p2p: a communicator of its own
             self.replica_group = self.mesh["dp", "cp", "sp"]._flatten("dp_cp_sp").get_group()
-        self.tied: list[str] = []  # the parameters of this rank held by two pipeline stages
-        if c.pp > 1 and getattr(self.config, "tie_word_embeddings", False):
+        collectives.set_sp_group(self.sp_group, c.sp)
+        ring.set_cp_group(self.cp_group, c.cp, c.cp_rank)
+
+    def _setup_tied(self):
+        """A tied embedding under pp > 1 lives on the first and the last stage: the group of each such pair, whose
+        gradients are summed across the two, and the parameters of this rank it covers."""
+        c = self.coords
+        self.tied_embeddings = c.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
+        self.tied_group = None
+        self.tied: list[str] = []
+        if self.tied_embeddings:
             first_last = [
                 [c.global_rank(0, d, s, r), c.global_rank(c.pp - 1, d, s, r)]
                 for d in range(c.dp)
@@ -130,8 +139,6 @@ class Job:
             ]
             self.tied_group = _subgroups(first_last, c.rank)
             self.tied = ["model.embed_tokens.weight"] if c.pp_rank in (0, c.pp - 1) else []
-        collectives.set_sp_group(self.sp_group, c.sp)
-        ring.set_cp_group(self.cp_group, c.cp, c.cp_rank)
 
     def _setup_data(self):
         """The sampler and held-out windows; lcgraph-train builds each token cache before spawning ranks, and under
@@ -142,11 +149,11 @@ class Job:
         run_data = data.open_data(
             self.cfg.data,
             self.cfg.model.path,
-            self.config.vocab_size,
-            self.cfg.train.seed,
-            self.length,
-            builds,
-            barrier,
+            vocab_size=self.config.vocab_size,
+            seed=self.cfg.train.seed,
+            length=self.length,
+            builds=builds,
+            barrier=barrier,
         )
         self.sampler, self.eval_windows, self.tokenizer = run_data.sampler, run_data.eval_windows, run_data.tokenizer
 
@@ -218,7 +225,14 @@ class Job:
         self.stages: dict[int, StageState] = {}
         for s, g in graphs.items():
             values = model.stage_values(
-                g.gm, g.param_names, self.cfg.model, self.config, self.cfg.train.seed, self.device, self.dtype, progress
+                g.gm,
+                g.param_names,
+                self.cfg.model,
+                self.config,
+                seed=self.cfg.train.seed,
+                device=self.device,
+                dtype=self.dtype,
+                progress=progress,
             )
             params = {n: torch.nn.Parameter(v) for n, v in values.items()}
             buffers = model.rotary_buffers(self.config, g.buffer_names.values(), self.device)
@@ -240,8 +254,8 @@ class Job:
         self.programs = [add_bucket_actions(p, actions) for p in self.programs]
         validate(self.programs, self.spec)
         par = self.cfg.parallel
-        tied = par.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
-        nccl.check(self.programs, self.spec, nccl.Comms(par.dp, par.sp, tied, par.zero, tied_buckets, cp=par.cp))
+        comms = nccl.Comms(par.dp, par.sp, self.tied_embeddings, par.zero, tied_buckets, cp=par.cp)
+        nccl.check(self.programs, self.spec, comms)
 
     def _gather_bucket_actions(self, mine: dict, tied: frozenset) -> tuple[dict, frozenset]:
         if self.world == 1:

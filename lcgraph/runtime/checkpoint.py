@@ -16,8 +16,9 @@ position (`job.sampler.state_dict()`) and every rank's RNG states, plus `hf/` (t
   the old ones plus the new: a directory without a complete manifest is never loaded.
 - Only the newest `train.keep_checkpoints` are kept (0 keeps all); older ones go after the new one is in place.
 - Resuming at step N in a run directory that went past N (a rollback, or a crash after the last checkpoint) moves
-  its later checkpoints aside (`move_later`, into `<run>/superseded/<time>-after-step-N/`) before the first
-  step: the run directory then holds one trajectory, which `train.resume=auto` and pruning read.
+  its later checkpoints and metrics.jsonl rows aside (`supersede_later`, into
+  `<run>/superseded/<time>-after-step-N/`) before the first step: the run directory then holds one trajectory,
+  which `train.resume=auto` and pruning read.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -529,7 +530,16 @@ class RunData:
     tokenizer: Any
 
 
-def open_data(d: DataConfig, model_path: str | None, vocab_size: int, seed: int, length: int, builds: bool, barrier):
+def open_data(
+    d: DataConfig,
+    model_path: str | None,
+    *,
+    vocab_size: int,
+    seed: int,
+    length: int,
+    builds: bool,
+    barrier: Callable[[], object],
+) -> RunData:
     """The run's data for data config `d`, windows padded to `length`. The rank that `builds` (one per machine)
     prepares each token cache while the others wait at `barrier()` and then open it."""
     tokenizer = None

@@ -142,14 +142,24 @@ def rotary_buffers(config, names, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def stage_values(gm, param_names, model_cfg: ModelConfig, config, seed: int, device, dtype, progress: bool):
+def stage_values(
+    gm: torch.fx.GraphModule,
+    param_names: dict[str, str],
+    model_cfg: ModelConfig,
+    config,
+    *,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
     """The parameters of one stage graph `gm` (placeholder -> name in `param_names`) at their placeholders' shapes:
     read from model_cfg.path (with a progress bar when `progress` and the checkpoint is large), else initialized
     from `seed`."""
     shapes = {name: _placeholder_shape(gm, ph) for ph, name in param_names.items()}
     if model_cfg.path:
-        big = checkpoint_bytes(model_cfg.path) > PROGRESS_BYTES
-        return load_parameters(model_cfg.path, shapes, config, device, dtype, progress=big and progress)
+        bar = progress and checkpoint_bytes(model_cfg.path) > PROGRESS_BYTES
+        return load_parameters(model_cfg.path, shapes, config, device, dtype, progress=bar)
     return init_parameters(shapes, config, seed, device, dtype)
 
 
