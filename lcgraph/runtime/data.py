@@ -522,8 +522,7 @@ def prepare_eval_corpus(d: DataConfig, tokenizer, build: bool = True) -> TokenCo
 
 @dataclass
 class RunData:
-    """What a rank trains and evaluates on: the sampler, the held-out windows (train.eval_every's, or None) and the
-    tokenizer (None for synthetic data), which a checkpoint saves beside the model."""
+    """What a rank trains and evaluates on; the tokenizer (None for synthetic data) goes into each checkpoint."""
 
     sampler: PackedSampler
     eval_windows: HeldOutWindows | None
@@ -561,10 +560,7 @@ def open_data(
             raise DataError(f"the token cache of data.{name}={getattr(d, name)!r} was not built")
         return corpus
 
-    if d.synthetic:
-        corpus = synthetic_corpus(vocab_size, d.seq_len, seed, d.mean_document_tokens)
-    else:
-        corpus = prepared(eval_split=False)
+    corpus = synthetic_corpus(vocab_size, d.seq_len, seed, d.mean_document_tokens) if d.synthetic else prepared(False)
     sampler = PackedSampler(corpus, d.seq_len, seed, d.cross_document_attention, length, d.eval_fraction)
     windows = None
     if d.eval_path:
