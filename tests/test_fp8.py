@@ -56,7 +56,8 @@ def torchao_linears(recipe: str):
 )
 def test_fp8_linear_is_torchaos_float8_linear_forward_and_backward(recipe, dtype):
     torch.manual_seed(0)
-    weight = (torch.randn(96, 64) / 8).to(dtype).requires_grad_()
+    # input features of magnitudes two decades apart: a scale per feature and one per tensor round differently
+    weight = (torch.randn(96, 64) / 8 * torch.logspace(-1.5, 0.5, 64)).to(dtype).requires_grad_()
     x = (torch.randn(3, 37, 64) * 3).to(dtype)  # 111 tokens: no multiple of 16 on the CPU path
     grad = torch.randn(3, 37, 96).to(dtype)
     ref = torch.nn.Linear(64, 96, bias=False).to(dtype)

@@ -141,19 +141,19 @@ class _Fp8Linear(torch.autograd.Function):
                 dx = _mm(gq, sg, wq, sw, grad.dtype, fast=False)
             if ctx.needs_input_grad[1]:
                 dw = _mm(gq.t(), sg, xq, sx, weight.dtype, fast=False)
-        elif ctx.recipe == "rowwise_with_gw_hp":  # the input gradient against a per-tensor weight; dw unquantized
-            if ctx.needs_input_grad[0]:
-                gq, sg = quantize(g, E4M3, -1, True)
-                wq, sw = quantize(weight, E4M3, None, True)
-                dx = _mm(gq, sg, wq, sw.repeat(weight.shape[1]).reshape(1, -1), grad.dtype, fast=False)  # row-wise call
-            if ctx.needs_input_grad[1]:
-                dw = g.t() @ x2
-        else:  # rowwise: each operand scaled along the dimension its matmul contracts
+        else:  # rowwise: each operand scaled along the dimension its matmul contracts; rowwise_with_gw_hp: see below
+            hp = ctx.recipe == "rowwise_with_gw_hp"
             if ctx.needs_input_grad[0]:
                 gq, sg = quantize(g, E4M3, -1, True)  # per token, over the output features
-                wq, sw = quantize(weight, E4M3, 0, True)  # per input feature, over the output features
+                if hp:  # one scale for the weight, repeated per input feature: a row-wise call all the same
+                    wq, sw = quantize(weight, E4M3, None, True)
+                    sw = sw.repeat(weight.shape[1]).reshape(1, -1)
+                else:
+                    wq, sw = quantize(weight, E4M3, 0, True)  # per input feature, over the output features
                 dx = _mm(gq, sg, wq, sw, grad.dtype, fast=False)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] and hp:  # the weight gradient unquantized
+                dw = g.t() @ x2
+            elif ctx.needs_input_grad[1]:
                 gq, sg = quantize(g, E4M3, 0, True)  # per output feature, over the tokens
                 xq, sx = quantize(x2, E4M3, 0, True)  # per input feature, over the tokens
                 dw = _mm(gq.t(), sg.reshape(-1, 1), xq, sx, weight.dtype, fast=False)
