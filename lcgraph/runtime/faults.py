@@ -141,7 +141,7 @@ def flag_loss(sums: torch.Tensor, loss_sum: torch.Tensor) -> None:
 def bad_stages(sums: torch.Tensor) -> tuple[float, list[int]]:
     """(global grad norm, non-finite slots) of the all-reduced sums; slot n_stages is the loss."""
     values = sums.tolist()
-    bad = [i for i, v in enumerate(values) if not torch.isfinite(torch.tensor(v))]
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     total = 0.0
     for v in values[:-1]:  # plain adds in order, then the root: what mixed_adamw.py takes on the device to clip
         total += v

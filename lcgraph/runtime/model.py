@@ -156,15 +156,9 @@ def stage_values(
     """The parameters of one stage graph `gm` (placeholder -> name in `param_names`) at their placeholders' shapes:
     read from model_cfg.path (with a progress bar when `progress` and the checkpoint is large), else initialized
     from `seed`."""
-    shapes = {name: _placeholder_shape(gm, ph) for ph, name in param_names.items()}
+    placeholders = {n.name: n.meta["val"].shape for n in gm.graph.nodes if n.op == "placeholder"}
+    shapes = {name: tuple(int(s) for s in placeholders[ph]) for ph, name in param_names.items()}
     if model_cfg.path:
         bar = progress and checkpoint_bytes(model_cfg.path) > PROGRESS_BYTES
         return load_parameters(model_cfg.path, shapes, config, device, dtype, progress=bar)
     return init_parameters(shapes, config, seed, device, dtype)
-
-
-def _placeholder_shape(gm, name: str) -> tuple[int, ...]:
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and n.name == name:
-            return tuple(int(s) for s in n.meta["val"].shape)
-    raise KeyError(name)

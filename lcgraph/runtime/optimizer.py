@@ -396,13 +396,12 @@ class ShardedAdamW:
         """bf16 weights: AdamW from the bf16 gradient shards into the fp32 masters and back into the weights, every
         bucket in one call (mixed_adamw.py), clipped and, on non-finite `sums`, dropped on the device."""
         grads: list[torch.Tensor] = []
-        masters: list[torch.Tensor] = []
         for b in self.buckets:
             assert b.grad_shard is not None and b.master is not None  # issued by RS (or taken above); set by _bucket
             grads.append(b.grad_shard)
-            masters.append(b.master)
             b.work = None
         if self.mixed is None:  # at the first step: AdamW's state exists by then (made here or by a checkpoint load)
+            masters = [b.master for b in self.buckets if b.master is not None]
             states = [adamw_state(self.adamw, m) for m in masters]
             weights = [b.param_flat[b.shard] for b in self.buckets]
             self.mixed = MixedAdamW(masters, weights, states, self.adamw.param_groups, self.job.optim.grad_clip)
