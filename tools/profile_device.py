@@ -284,6 +284,12 @@ def legacy_table(blocks: dict) -> list[list[float]]:
     return [[s, _round((1 + ATTENTION_BACKWARD) / (1 / f + ATTENTION_BACKWARD / b))] for s, f, b in blocks["diag"]]
 
 
+def write_one(base: dict, key: str, value, how: str, out: str) -> None:
+    """`base`'s profile with one figure re-measured, `key`, and its provenance `how`, written to `out`."""
+    provenance = {**base.get("provenance", {}), key: how}
+    Path(out).write_text(profile_json({**base, key: value, "provenance": provenance}))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="h200", help="profile whose unmeasured figures are kept (name or path)")
@@ -314,14 +320,12 @@ def main(argv=None) -> int:
             return 2
         warm_up(args.warmup_s)
         speedup, fp8_how = fp8_speedup(repeats)
-        provenance = {**base.get("provenance", {}), "fp8_speedup": f"{how}: {fp8_how}"}
-        Path(args.out).write_text(profile_json({**base, "fp8_speedup": round(speedup, 3), "provenance": provenance}))
+        write_one(base, "fp8_speedup", round(speedup, 3), f"{how}: {fp8_how}", args.out)
         print(f"  fp8 {speedup:.2f}x bf16\nwrote {args.out} in {time.time() - started:.0f} s")
         return 0
     matmul, matmul_how = matmul_peak(10 if args.matmul_only else repeats, args.warmup_s, peaks["peak_bf16_flops"])
     if args.matmul_only:
-        provenance = {**base.get("provenance", {}), "matmul_flops": f"{how}: {matmul_how}"}
-        Path(args.out).write_text(profile_json({**base, "matmul_flops": _round(matmul), "provenance": provenance}))
+        write_one(base, "matmul_flops", _round(matmul), f"{how}: {matmul_how}", args.out)
         print(f"  matmul bf16 {matmul / 1e12:.0f} TFLOP/s\nwrote {args.out} in {time.time() - started:.0f} s")
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False
