@@ -254,8 +254,12 @@ def architecture_svg() -> str:
     return "\n".join(out) + "\n"
 
 
+def _numberless(text: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", "N", text)
+
+
 def _norm(text: str) -> str:
-    lines = [re.sub(r"\d+(\.\d+)?", "N", ln) if any(p.match(ln) for p in VOLATILE) else ln for ln in text.splitlines()]
+    lines = [_numberless(ln) if any(p.match(ln) for p in VOLATILE) else ln for ln in text.splitlines()]
     return "\n".join(ln.rstrip() for ln in lines)
 
 
@@ -272,10 +276,6 @@ def redraw(check: bool, target: Path = ARCHITECTURE) -> list[str]:
     if not check:
         target.write_text(want)
     return [f"{target.name}: architecture"]
-
-
-def _numberless(text: str) -> str:
-    return re.sub(r"\d+(\.\d+)?", "N", text)
 
 
 def refresh(
