@@ -59,7 +59,7 @@ def _disagreeing_rank(cfg_yaml: str) -> None:
 
     from lcgraph.app.cli import init_distributed
     from lcgraph.app.config import typed
-    from lcgraph.app.job import Job
+    from lcgraph.app.testing import job_of
 
     cfg = OmegaConf.create(cfg_yaml)
     init_distributed(typed(cfg).train)
@@ -67,7 +67,7 @@ def _disagreeing_rank(cfg_yaml: str) -> None:
         if dist.get_rank() == 1:
             cfg.optim.lr = 2 * cfg.optim.lr
         with pytest.raises(LaunchError) as err:
-            Job(typed(cfg), __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size())
+            job_of(cfg, __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size())
         message = str(err.value)
         assert "rank 1 and rank 0 differ in their config" in message and "\n" not in message, message
     finally:

@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from lcgraph.app.job import resolve_plan
 from lcgraph.app.perf import RunPerf
-from lcgraph.app.testing import TINY, compose, planned, run_config
+from lcgraph.app.testing import TINY, compose, job_of, planned, run_config
 from lcgraph.graph.capture import capture
 from lcgraph.planner import plan
 from lcgraph.planner.costs import GraphCosts, Layout
@@ -162,7 +163,7 @@ def test_the_trainers_steps_and_summary_report_the_formula_on_a_faked_h200(tmp_p
 
     monkeypatch.setattr(cli, "device_gpu", lambda device: gpu_profile(*H200))
     cfg = run_config("train.steps=4")
-    summary = cli.run(cfg, str(tmp_path))
+    summary = cli.run(cfg, str(tmp_path), plan=resolve_plan(cfg))
     flops = model_flops_per_token(build_config(cfg.model), cfg.data.seq_len)
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for m in steps:
@@ -175,7 +176,7 @@ def test_the_trainers_steps_and_summary_report_the_formula_on_a_faked_h200(tmp_p
 
 
 def test_a_job_resolves_auto_recompute_with_the_gpu_it_runs_on(tmp_path, monkeypatch):
-    """The trainer's Job asks for its device's profile (faked here as one H200) and the planner's note says so."""
+    """The trainer resolves `auto` with its device's profile (faked here as one H200), and the planner's note says so."""
     from lcgraph.app import job as job_module
 
     asked = []
@@ -185,7 +186,7 @@ def test_a_job_resolves_auto_recompute_with_the_gpu_it_runs_on(tmp_path, monkeyp
         return gpu_profile(*H200, requested)
 
     monkeypatch.setattr(job_module, "device_gpu", fake_gpu)
-    job = job_module.Job(run_config("train.recompute=auto", "+plan.alternatives=false"), tmp_path, 0, 1)
+    job = job_of(run_config("train.recompute=auto", "+plan.alternatives=false"), tmp_path)
     assert asked == [("cpu", None)]
     assert job.recompute_reason.startswith("planned for NVIDIA H200 (139.8 GiB): profile h200;"), job.recompute_reason
     assert "125.8G usable of h200" in job.recompute_reason

@@ -103,10 +103,9 @@ def _tensors(opt: torch.optim.AdamW, masters: list[torch.Tensor]) -> list[torch.
 def test_a_bf16_job_steps_its_masters_in_one_call_and_checkpoints_them(tmp_path):
     """Two steps of a bf16 CPU job: masters moved, weights are their bf16 rounding, gradients zeroed, AdamW's step
     count is the updates applied, and the moments are the ones checkpoint_state names."""
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import run_config
+    from lcgraph.app.testing import job_of, run_config
 
-    job = Job(run_config("parallel=single", "train.dtype=bf16", "train.steps=2"), tmp_path, 0, 1)
+    job = job_of(run_config("parallel=single", "train.dtype=bf16", "train.steps=2"), tmp_path)
     before = {id(b): b.master.detach().clone() for b in job.optimizer.buckets}
     for i in range(2):
         job.run_step(i)

@@ -12,10 +12,9 @@ import pytest
 import torch
 from test_reference import SEQ1F1B, check, hf_reference, run_cfg
 
-from lcgraph.app.config import typed
 from lcgraph.app.job import Job
 from lcgraph.app.links import fitted_profile, host_link
-from lcgraph.app.testing import compose, train_local, train_spawned
+from lcgraph.app.testing import compose, job_of, train_local, train_spawned
 from lcgraph.app.validate import check_offload
 from lcgraph.errors import PlanError
 from lcgraph.planner.profile import load_profile
@@ -49,7 +48,7 @@ def test_pp2_seq1f1b_with_offload_matches_hf_eager(hf_two_sequences):
 
 def _job(*overrides: str) -> Job:
     cfg = compose("parallel.microbatches=2", *SEQ1F1B, *KEEP, *overrides)
-    return Job(typed(cfg), Path(tempfile.mkdtemp(prefix="lcgraph-test-")), 0, 1)
+    return job_of(cfg, tempfile.mkdtemp(prefix="lcgraph-test-"))
 
 
 def test_offload_takes_saved_bytes_off_the_device_and_allocates_the_pool_once():

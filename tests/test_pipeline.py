@@ -107,8 +107,7 @@ def test_partition_refuses_more_stages_than_layers():
 
 
 def test_uniform_comp_chunks_come_from_the_graph_costs():
-    from lcgraph.app.config import typed
-    from lcgraph.app.job import Job
+    from lcgraph.app.testing import job_of
 
     cfg = compose(
         "parallel.pp=1",
@@ -117,7 +116,7 @@ def test_uniform_comp_chunks_come_from_the_graph_costs():
         "parallel.chunk_split=uniform_comp",
         "data.seq_len=256",
     )
-    job = Job(typed(cfg), "/tmp/lcgraph-unused", 0, 1)
+    job = job_of(cfg, "/tmp/lcgraph-unused")
     lengths = job.chunk_lengths
     assert sum(lengths) == 256 and lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 

@@ -220,12 +220,11 @@ def test_an_activation_budget_plans_less_kept_per_unit_and_a_fitted_factor_wins(
 def test_planned_optimizer_state_is_what_a_bf16_job_holds(zero, tmp_path):
     """The planner's optimizer bytes against the live state of a bf16 CPU job after one step: ZeRO's fp32
     masters and moments, or replicated AdamW's moments in the weights' dtype (lcgraph as it was charged 12 B)."""
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import planned, run_config
+    from lcgraph.app.testing import job_of, planned, run_config
     from lcgraph.planner.plan import build_plan
 
     overrides = ["parallel=single", "train.dtype=bf16", f"parallel.zero={str(zero).lower()}", "train.steps=1"]
-    job = Job(run_config(*overrides), tmp_path, 0, 1)
+    job = job_of(run_config(*overrides), tmp_path)
     job.run_step(0)
     live = sum(t.numel() * t.element_size() for t in job.optimizer.checkpoint_state().values())
     cost = build_plan(planned(*overrides, "+plan.alternatives=false")).main.cost
@@ -567,8 +566,7 @@ def test_planned_activations_are_what_a_bf16_step_keeps(fuse, tmp_path):
     """The planner's bytes kept by one unit against the runtime's activation meter, for a Llama-3.2-1B-shaped
     layer pair in bf16 on CPU, with the plain ops and with the fused RMSNorm, SwiGLU and rotary (train.fuse=on:
     the plan reads a fused copy of the graph; with the plain graph's bytes it was 40% high)."""
-    from lcgraph.app.job import Job
-    from lcgraph.app.testing import planned, run_config
+    from lcgraph.app.testing import job_of, planned, run_config
     from lcgraph.planner.plan import build_plan
 
     overrides = [
@@ -582,7 +580,7 @@ def test_planned_activations_are_what_a_bf16_step_keeps(fuse, tmp_path):
         f"train.fuse={fuse}",
         "train.steps=1",
     ]
-    job = Job(run_config(*overrides, tiny=False), tmp_path, 0, 1)
+    job = job_of(run_config(*overrides, tiny=False), tmp_path)
     job.run_step(0)
     kept, _ = build_plan(planned(*overrides, "+plan.alternatives=false", tiny=False)).main.cost.unit_activations(0, 0)
     assert kept == pytest.approx(job.activation_peaks()[0], rel=0.05)

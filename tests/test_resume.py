@@ -19,8 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 from lcgraph.app.cli import check_resume, run
 from lcgraph.app.export import main as export_main
-from lcgraph.app.job import Job
-from lcgraph.app.testing import compose, run_config, run_spawned
+from lcgraph.app.testing import compose, job_of, run_config, run_spawned
 from lcgraph.errors import CheckpointError
 from lcgraph.runtime.checkpoint import CHECKPOINTS, layout, read_manifest, same_layout
 
@@ -125,7 +124,7 @@ def test_export_of_the_dp2_checkpoint_loads_in_transformers_and_lcgraph_with_the
     losses, _, step10 = runs
     out = tmp_path / "hf"
     export_main([str(step10), str(out)])
-    job = Job(run_config(*ONE, "model=hf", f"model.path={out}"), tmp_path / "run")
+    job = job_of(run_config(*ONE, "model=hf", f"model.path={out}"), tmp_path / "run")
     position = {"data": job.sampler.state_dict()}  # step 10's data position (the weights come from the export)
     dcp.load(position, checkpoint_id=step10, no_dist=True)
     job.sampler.load_state_dict(position["data"])
@@ -223,7 +222,7 @@ def test_a_resume_in_the_other_dtype_takes_the_fp32_masters(saved, resumed, tmp_
 
     run(run_config("train.steps=2", f"train.dtype={saved}"), str(tmp_path / "a"))
     ckpt = tmp_path / "a" / CHECKPOINTS / "step-00000002"
-    job = Job(run_config(f"train.dtype={resumed}"), tmp_path / "b")
+    job = job_of(run_config(f"train.dtype={resumed}"), tmp_path / "b")
     load_checkpoint(job, ckpt)
     for name, p in job.all_params().items():
         if saved == "bf16":

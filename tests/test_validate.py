@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lcgraph.app.config import LcgraphConfig, typed
+from lcgraph.app.config import LcgraphConfig
 from lcgraph.app.testing import compose, hf_model_dir, train_local
 from lcgraph.app.validate import check_launch, validate_plan
 from lcgraph.errors import LcgraphError, PlanError
@@ -359,7 +359,7 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused_and_one_covering_
     import torch
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config
 
-    from lcgraph.app.job import Job
+    from lcgraph.app.testing import job_of
     from lcgraph.graph.capture import sliding_window
 
     config = MistralConfig(
@@ -372,7 +372,7 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused_and_one_covering_
     refused(lambda: validate_plan(compose(*over), env={}), "sliding_window=16", "data.seq_len=64")
     cfg = compose(*over, "data.seq_len=16", "train.steps=1")
     validate_plan(cfg, env={})
-    job = Job(typed(cfg), tmp_path / "run")
+    job = job_of(cfg, tmp_path / "run")
     units, total = job.step_units(0)
     hf = MistralForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation="eager")
     (u,) = units.values()

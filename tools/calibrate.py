@@ -92,10 +92,10 @@ def measure(args: list[str], steps: int, warmup: int) -> dict:
 
     import torch
 
-    from lcgraph.app.job import Job
+    from lcgraph.app.job import Job, resolve_plan
 
     cfg = compose_cfg(args + [f"train.steps={warmup + steps}"])
-    job = Job(cfg, Path("/tmp/lcgraph-calibrate"), 0, 1)
+    job = Job(cfg, Path("/tmp/lcgraph-calibrate"), 0, 1, plan=resolve_plan(cfg))
     times = []
     for step in range(warmup + steps):
         torch.cuda.synchronize()

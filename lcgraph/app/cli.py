@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from lcgraph.app.config import RunConfig, register_configs, typed
-from lcgraph.app.job import Job, prepare_data
+from lcgraph.app.job import Job, prepare_data, resolve_plan
 from lcgraph.app.paths import conf_dir
 from lcgraph.app.perf import RunPerf, device_gpu
 from lcgraph.app.validate import check_overrides, validate_plan
@@ -32,6 +32,7 @@ from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, throughput
 from lcgraph.ops.fp8 import eager_note
 from lcgraph.planner.mfu import model_flops_per_token
+from lcgraph.planner.plan import Recompute
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.config import TrainConfig
 from lcgraph.runtime.model import build_config
@@ -119,10 +120,11 @@ def launch_local(world: int, entry, *args, run_id: str = "lcgraph") -> None:
     elastic_launch(config, entry)(*args)
 
 
-def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1) -> dict:
-    """The training loop of one rank; rank 0 writes config.yaml, metrics, W&B, progress, summary."""
+def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1, *, plan: Recompute) -> dict:
+    """The training loop of one rank (`plan`: `resolve_plan(cfg)`); rank 0 writes config.yaml, metrics, W&B,
+    progress, summary."""
     run_path = Path(run_dir)
-    job = Job(cfg, run_path, rank, world)
+    job = Job(cfg, run_path, rank, world, plan=plan)
     resume = checkpoint.resume_path(cfg.train.resume, run_path)
     superseded = checkpoint.supersede_later(run_path, resume) if rank == 0 and resuming(cfg) else None
     if rank == 0:
@@ -260,7 +262,7 @@ def share_cores() -> None:
 
 
 @record  # the rank's exception and traceback go to TORCHELASTIC_ERROR_FILE, which the launcher reads
-def _worker(cfg_yaml: str, run_dir: str) -> None:
+def _worker(cfg_yaml: str, run_dir: str, plan: Recompute) -> None:
     """Entry of a spawned rank (elastic launcher)."""
     composed = OmegaConf.create(cfg_yaml)
     assert isinstance(composed, DictConfig)  # the YAML of a composed config: a mapping
@@ -269,13 +271,13 @@ def _worker(cfg_yaml: str, run_dir: str) -> None:
     share_cores()
     init_distributed(cfg.train)
     try:
-        run(cfg, run_dir, rank, world)
+        run(cfg, run_dir, rank, world, plan=plan)
     finally:
         dist.destroy_process_group()
     faults.exit_if_stopped()
 
 
-def spawn(cfg: RunConfig, run_dir: str, world: int) -> None:
+def spawn(cfg: RunConfig, run_dir: str, world: int, plan: Recompute) -> None:
     """Start `world` local ranks with torch's elastic launcher and wait for them.
 
     A rank's LcgraphError comes back as one RankError line naming the rank; its traceback is kept in
@@ -286,7 +288,7 @@ def spawn(cfg: RunConfig, run_dir: str, world: int) -> None:
     try:
         with faults.explained_failures([Path(run_dir)], cfg.train.comm_timeout_s):  # a dead or stuck rank: one line
             try:
-                launch_local(world, _worker, OmegaConf.to_yaml(cfg.composed), run_dir)
+                launch_local(world, _worker, OmegaConf.to_yaml(cfg.composed), run_dir, plan)
             except ChildFailedError as exc:  # a user error in a rank: its one line, first
                 error = rank_error(exc, Path(run_dir))
                 if error is None:
@@ -329,21 +331,22 @@ def train_main(composed: DictConfig) -> None:
     with one_line_errors():
         validate_plan(composed, overrides=HydraConfig.get().overrides.task)
         cfg = typed(composed)  # the sections every room below reads, from here on
+        plan = resolve_plan(cfg)  # train.recompute / offload `auto`: one choice for every rank, before they start
     run_dir = HydraConfig.get().runtime.output_dir
     with one_line_errors():
         check_resume(cfg, Path(run_dir))
     world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp * cfg.parallel.cp
     with one_line_errors():
         if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            _join_torchrun(cfg, run_dir)
+            _join_torchrun(cfg, run_dir, plan)
         elif world > 1:
             _check_gpus(cfg, world)
             prepare_data(cfg)  # one tokenizer pass here, not one per rank
             claim_run_dir(Path(run_dir), resuming(cfg))
-            spawn(cfg, run_dir, world)
+            spawn(cfg, run_dir, world, plan)
         else:
             claim_run_dir(Path(run_dir), resuming(cfg))
-            run(cfg, run_dir)
+            run(cfg, run_dir, plan=plan)
     if int(os.environ.get("RANK", 0)) == 0:
         _print_summary(run_dir)
         print(f"run directory: {run_dir}")
@@ -367,7 +370,7 @@ def _check_gpus(cfg: RunConfig, world: int) -> None:
         )
 
 
-def _join_torchrun(cfg: RunConfig, run_dir: str) -> None:
+def _join_torchrun(cfg: RunConfig, run_dir: str, plan: Recompute) -> None:
     init_distributed(cfg.train)
     shared = [run_dir, ""]
     if dist.get_rank() == 0:
@@ -379,7 +382,7 @@ def _join_torchrun(cfg: RunConfig, run_dir: str) -> None:
     try:
         if shared[1]:
             raise LaunchError(shared[1])
-        run(cfg, shared[0], dist.get_rank(), dist.get_world_size())
+        run(cfg, shared[0], dist.get_rank(), dist.get_world_size(), plan=plan)
     finally:
         dist.destroy_process_group()
 

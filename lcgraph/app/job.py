@@ -32,7 +32,7 @@ from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, masks, ring
 from lcgraph.ops.fp8 import fp8_recipe, fp8_refusal
 from lcgraph.planner.documents import DocumentMix, pairs_before
-from lcgraph.planner.plan import resolve_recompute
+from lcgraph.planner.plan import Recompute, given_recompute, resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
 from lcgraph.runtime.checkpoint import model_shape
 from lcgraph.runtime.config import OptimConfig
@@ -77,10 +77,26 @@ def prepare_data(cfg: RunConfig) -> None:
             data.prepare_eval_corpus(cfg.data, tokenizer)
 
 
-class Job:
-    """Everything one rank holds for a run."""
+def resolve_plan(cfg: RunConfig) -> Recompute:
+    """What every rank recomputes and offloads, resolved once before the ranks start: `auto` values by the planner,
+    for the GPU this process sees (+plan.profile / +plan.device: the rates), given values as they are. A plan that
+    fits nowhere is refused here, before any process is spawned."""
+    if (given := given_recompute(cfg.train)) is not None:
+        return given
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    gpu = device_gpu(device, cfg.plan.profile or cfg.plan_device)
+    # the graph the ranks will capture (same micro-batch and dtype): a second capture in this process is cached
+    captured = capture(
+        model.build_config(cfg.model), batch_size=cfg.data.micro_batch_size, dtype=DTYPES[cfg.train.dtype]
+    )
+    return resolve_recompute(cfg.planned(), captured, gpu)
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1):
+
+class Job:
+    """Everything one rank holds for a run; `plan` is `resolve_plan(cfg)`, made once before the ranks start."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1, *, plan: Recompute):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.parallel, self.train, self.optim = cfg.parallel, cfg.train, cfg.optim  # what the runtime reads
         par = cfg.parallel
@@ -104,7 +120,7 @@ class Job:
         self._setup_schedule()
         self._setup_stages()
         self._setup_optimizer()
-        self._setup_interpreter()
+        self._setup_interpreter(plan)
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
@@ -267,10 +283,7 @@ class Job:
             merged.update(actions)
         return merged, frozenset().union(*(t for _, t in everyone))
 
-    def _setup_interpreter(self):
-        # train.recompute=auto: the planner's fastest mode that fits this GPU (+plan.profile / +plan.device: the rates)
-        gpu = device_gpu(self.device, self.cfg.plan.profile or self.cfg.plan_device)
-        resolved = resolve_recompute(self.cfg.planned(), self.captured, gpu)
+    def _setup_interpreter(self, resolved):  # a Recompute
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
         self.kept_attention_layers = resolved.kept_attention_layers

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from lcgraph.app.cli import init_distributed, launch_local, run, share_cores
 from lcgraph.app.config import RunConfig, compose_config, typed
-from lcgraph.app.job import Job
+from lcgraph.app.job import Job, resolve_plan
 from lcgraph.planner.settings import PlanConfig
 from lcgraph.runtime import data, faults
 from lcgraph.schedule.text import format_programs
@@ -97,7 +97,8 @@ def planned(*overrides: str, tiny: bool = True) -> PlanConfig:
 
 def job_of(cfg: DictConfig | RunConfig, run_dir: Path | str, rank: int = 0, world: int = 1) -> Job:
     """A Job for a composed config (typed here, as the app does) or a typed one."""
-    return Job(typed(cfg) if isinstance(cfg, DictConfig) else cfg, Path(run_dir), rank, world)
+    run = typed(cfg) if isinstance(cfg, DictConfig) else cfg
+    return Job(run, Path(run_dir), rank, world, plan=resolve_plan(run))
 
 
 def llama1b_job(*overrides: str, layers: int, seq: int, steps: int = 1, run_dir: str = "/tmp/lcgraph-gpu-test") -> Job:
@@ -117,7 +118,7 @@ def llama1b_job(*overrides: str, layers: int, seq: int, steps: int = 1, run_dir:
         *overrides,
         tiny=False,
     )
-    return Job(cfg, Path(run_dir), 0, 1)
+    return Job(cfg, Path(run_dir), 0, 1, plan=resolve_plan(cfg))
 
 
 def cuda_allocated_before_a_job() -> int:
@@ -228,7 +229,8 @@ def _run_worker(cfg_yamls: list[str], run_dirs: list[str]) -> None:
         for text, run_dir in zip(cfg_yamls, run_dirs):
             cfg = OmegaConf.create(text)
             assert isinstance(cfg, DictConfig)
-            run(typed(cfg), run_dir, dist.get_rank(), dist.get_world_size())
+            run_cfg = typed(cfg)
+            run(run_cfg, run_dir, dist.get_rank(), dist.get_world_size(), plan=resolve_plan(run_cfg))
             dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -29,6 +29,7 @@ from lcgraph.planner.devices import GpuProfile
 from lcgraph.planner.evaluation import Evaluation, Setup, evaluate, evaluate_config, setup, size
 from lcgraph.planner.offload import check_host
 from lcgraph.planner.settings import PlanConfig, PlanSettings
+from lcgraph.runtime.config import TrainConfig
 from lcgraph.runtime.offload import OFFLOAD_MODES, offload_mode
 from lcgraph.runtime.recompute import AUTO, RECOMPUTE_MODES, recompute_mode
 from lcgraph.schedule.actions import ScheduleError
@@ -217,18 +218,24 @@ class Recompute:
     offload: str = "none"  # train.offload (runtime/offload.py), resolved
 
 
+def given_recompute(train: TrainConfig) -> Recompute | None:
+    """The config's recompute and offload as they are, when it leaves the planner nothing to choose (else None)."""
+    mode = recompute_mode(train.recompute, allow_auto=True)
+    layers, kept = train.recompute_layers, train.keep_attention_layers
+    offload = offload_mode(train.offload, allow_auto=True)
+    if offload == "none" and (mode == "none" or (mode != AUTO and layers > 0)):
+        return Recompute(mode, max(1, layers), kept, "set in the config")
+    return None
+
+
 def resolve_recompute(cfg: PlanConfig, captured=None, gpu: GpuProfile | None = None) -> Recompute:
     """`train.recompute`, `train.recompute_layers` and `train.keep_attention_layers` as what to run, and why:
     given values as they are, `auto` / 0 chosen by the planner.
 
     The app calls this before training with `gpu`, the profile of the GPU the rank runs on (devices.py);
     without one (CPU) `+plan.device` names the profile, default h100."""
-    train = cfg.train
-    mode = recompute_mode(train.recompute, allow_auto=True)
-    layers, kept = train.recompute_layers, train.keep_attention_layers
-    offload = offload_mode(train.offload, allow_auto=True)
-    if offload == "none" and (mode == "none" or (mode != AUTO and layers > 0)):
-        return Recompute(mode, max(1, layers), kept, "set in the config")
+    if (given := given_recompute(cfg.train)) is not None:
+        return given
     ev, notes = _resolved(cfg, setup(cfg, captured, gpu.profile if gpu else None))
     notes = [f"planned for {gpu.note}", *notes] if gpu else notes
     lay = ev.cost.layout
