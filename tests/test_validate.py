@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from lcgraph.app.config import LcgraphConfig
-from lcgraph.app.testing import compose, hf_model_dir, train_local
+from lcgraph.app.testing import TINY, compose, hf_model_dir, train_local
 from lcgraph.app.validate import check_launch, validate_plan
 from lcgraph.errors import LcgraphError, PlanError
 from lcgraph.graph.ring import run_length
@@ -291,6 +291,19 @@ def test_cli_plan_error_is_one_line_without_traceback(tmp_path):
     assert len(errors) == 1 and "parallel.pp=99" in errors[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_plan_the_host_cannot_hold_is_refused_before_the_ranks_are_spawned(tmp_path):
+    """train.offload is resolved by the planner once, in the launching process: an offload pool larger than the
+    host's memory is one line naming the numbers, not a rank's failure (`rank 0: ...`), and no rank starts."""
+    plan = ["train.recompute=keep_attention", "train.offload=attention", "+plan.host_memory_gb=1e-6"]
+    result = lcgraph_cli(tmp_path, *TINY, "parallel.dp=2", "train.steps=1", *plan)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lcgraph: error:")]
+    assert len(errors) == 1, result.stderr
+    assert re.match(r"lcgraph: error: train.offload=attention needs [\d.]+ GiB of host memory per rank", errors[0])
+    assert not list((tmp_path / "run").glob("rank*")), "a rank was started"
 
 
 @pytest.mark.slow
