@@ -8,6 +8,7 @@ import pytest
 
 from lcgraph.app.cli import one_line_errors, spawn
 from lcgraph.app.config import typed
+from lcgraph.app.job import resolve_plan
 from lcgraph.app.testing import compose
 from lcgraph.errors import DataError, LaunchError, LcgraphError, PlanError, RankError
 
@@ -41,7 +42,8 @@ def test_a_rank_error_reaches_the_user_as_one_line_naming_the_rank_with_the_trac
     cfg = compose(f"data.path={short}", "parallel.pp=2")
     run = tmp_path / "run"
     with pytest.raises(RankError) as info:
-        spawn(typed(cfg), str(run), 2)
+        run_cfg = typed(cfg)
+        spawn(run_cfg, str(run), 2, resolve_plan(run_cfg))
     message = str(info.value)
     assert re.fullmatch(
         r"rank [01]: the corpus has \d+ tokens, too few for a training window of data.seq_len=64\+1; .* \(traceback: .*\)",

@@ -309,9 +309,11 @@ def test_two_rank_checkpoint_round_trips_through_model_path_and_from_pretrained(
 
     from lcgraph.app.cli import spawn
     from lcgraph.app.config import typed
+    from lcgraph.app.job import resolve_plan
     from lcgraph.runtime.checkpoint import export_hf
 
-    spawn(typed(run_cfg(*PP2, *SEQ1F1B, tied=True, steps=2)), str(tmp_path), world=2)
+    cfg = typed(run_cfg(*PP2, *SEQ1F1B, tied=True, steps=2))
+    spawn(cfg, str(tmp_path), world=2, plan=resolve_plan(cfg))
     ckpt = tmp_path / "hf"
     assert export_hf(tmp_path, ckpt).name == "step-00000002"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
