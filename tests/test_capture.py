@@ -8,7 +8,8 @@ from torch.utils._pytree import tree_map
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from lcgraph.graph import passes
-from lcgraph.graph.capture import EXPORTED_LAYERS, CaptureError, capture, graph_flops, retarget_device
+from lcgraph.graph.capture import EXPORTED_LAYERS, CaptureError, capture, graph_flops
+from lcgraph.graph.passes import retarget_device
 from lcgraph.graph.repeat import grow_layers
 from lcgraph.observability.graphs import graph_text
 from lcgraph.runtime import model as lcmodel

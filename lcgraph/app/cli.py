@@ -30,7 +30,6 @@ from lcgraph.app.validate import check_overrides, validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, PlanError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, throughput
-from lcgraph.ops.fp8 import eager_note
 from lcgraph.planner.mfu import model_flops_per_token
 from lcgraph.planner.plan import Recompute
 from lcgraph.runtime import checkpoint, faults
@@ -127,6 +126,7 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1, *, plan: Re
     job = Job(cfg, run_path, rank, world, plan=plan)
     resume = checkpoint.resume_path(cfg.train.resume, run_path)
     superseded = checkpoint.supersede_later(run_path, resume) if rank == 0 and resuming(cfg) else None
+    start = checkpoint.load_checkpoint(job, resume) if resume is not None else 0
     if rank == 0:
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg.composed))
@@ -142,9 +142,7 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1, *, plan: Re
             f"capture {job.captured.capture_seconds:.1f}s, recompute {job.recompute}, offload {job.offload} "
             f"({job.recompute_reason})"
         )
-    start = 0
     if resume is not None:
-        start = checkpoint.load_checkpoint(job, resume)
         logger.note(f"resumed from {resume} at step {start}")
     every, saves = cfg.train.checkpoint_every, run_path / checkpoint.CHECKPOINTS
     end = max(start, cfg.train.steps)
@@ -152,8 +150,8 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1, *, plan: Re
     perf = RunPerf(flops, world, cfg.train.dtype, device_gpu(job.device), attention_flops_per_token=flops - linear)
     if rank == 0 and (line := perf.peak_line()):
         logger.note(line)
-    if rank == 0 and (line := eager_note(job.fp8, cfg.train.compile, job.device)):
-        logger.note(line)
+    if rank == 0 and job.fp8_note:
+        logger.note(job.fp8_note)
     with faults.graceful_stop(cfg.train.comm_timeout_s):  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
         for step in range(start, cfg.train.steps):
             if job.device.type == "cuda":

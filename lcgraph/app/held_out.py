@@ -66,11 +66,10 @@ class HeldOut:
         programs = forward_only(add_p2p(build_programs(job.spec), job.spec))
         stages = {s: StageState(st.graph, st.params, st.buffers) for s, st in job.stages.items()}  # own relays
         c = job.coords
-        peers = {r: c.global_rank(r) for r in range(par.pp)}
         self.interpreter = Interpreter(
             programs[c.pp_rank],
             stages,
-            peers,
+            job.peers,
             (d.micro_batch_size, job.config.hidden_size),
             job.dtype,
             job.device,

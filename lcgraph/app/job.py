@@ -30,7 +30,7 @@ from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align, run_length
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, masks, ring
-from lcgraph.ops.fp8 import fp8_recipe, fp8_refusal
+from lcgraph.ops.fp8 import eager_note, fp8_recipe, fp8_refusal
 from lcgraph.planner.documents import DocumentMix, pairs_before
 from lcgraph.planner.plan import Recompute, given_recompute, resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
@@ -105,17 +105,18 @@ class Job:
         self.device = pick_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
         self.config = model.build_config(cfg.model)
-        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
         self._setup_groups()
         self.fp8 = fp8_recipe(cfg.train.fp8)
         if self.fp8 and (why := fp8_refusal(self.fp8, self.device, self.dtype)):  # this rank's own GPU
             raise PlanError(why)
+        self.fp8_note = eager_note(self.fp8, cfg.train.compile, self.device)  # FP8 casts uncompiled: slower
         attention.set_backend(cfg.train.attention)
         torch.manual_seed(cfg.train.seed)
         self._setup_data()
         if self.world > 1:
             self._check_ranks_agree()
-        self._setup_tied()  # after the check: only ranks that agree on tie_word_embeddings make its group
+        self._setup_peers()  # after the check: only ranks that agree on tie_word_embeddings make its group
+        check_sliding_window(self.config, cfg.data.seq_len)  # the graph has no window: also without validate_plan
         self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
@@ -139,21 +140,18 @@ class Job:
         collectives.set_sp_group(self.sp_group, c.sp)
         ring.set_cp_group(self.cp_group, c.cp, c.cp_rank)
 
-    def _setup_tied(self):
-        """A tied embedding under pp > 1 lives on the first and the last stage: the group of each such pair, whose
-        gradients are summed across the two, and the parameters of this rank it covers."""
+    def _setup_peers(self):
+        """This replica's global rank on each pipeline stage (the p2p peers). A tied embedding under pp > 1 lives
+        on the first and the last stage: the group of each such pair, whose gradients are summed across the two,
+        and the parameters of this rank it covers."""
         c = self.coords
+        self.peers = {r: c.global_rank(r) for r in range(c.pp)}
         self.tied_embeddings = c.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
         self.tied_group = None
         self.tied: list[str] = []
         if self.tied_embeddings:
-            first_last = [
-                [c.global_rank(0, d, s, r), c.global_rank(c.pp - 1, d, s, r)]
-                for d in range(c.dp)
-                for r in range(c.cp)
-                for s in range(c.sp)
-            ]
-            self.tied_group = _subgroups(first_last, c.rank)
+            if dist.is_initialized():  # every rank creates every pair's group; each keeps its own
+                self.tied_group, _ = dist.new_subgroups_by_enumeration(c.first_and_last_stages())
             self.tied = ["model.embed_tokens.weight"] if c.pp_rank in (0, c.pp - 1) else []
 
     def _setup_data(self):
@@ -299,11 +297,10 @@ class Job:
             if self.cfg.dump.graphs and self.recompute != "none" and self.coords.replica_rank == 0:
                 (self.run_dir / "graphs" / f"09_segment_layers_stage{s}.txt").write_text(graph_text(st.graph.gm))
         c = self.coords
-        peers = {r: c.global_rank(r) for r in range(self.cfg.parallel.pp)}
         self.interpreter = Interpreter(
             self.programs[c.pp_rank],
             self.stages,
-            peers,
+            self.peers,
             (self.cfg.data.micro_batch_size, self.config.hidden_size),
             self.dtype,
             self.device,
@@ -334,7 +331,7 @@ class Job:
         """This rank's (micro-batch, chunk) inputs for `step`, and the step's global count of target tokens.
 
         The step reads the global batch at the sampler's cursor (advanced by `run_step`); position ids and
-        labels are sliced per chunk and sequence shard (`shard_positions`: the cp rank's two pieces, then the
+        labels are sliced per chunk and sequence shard (`Coords.positions`: the cp rank's two pieces, then the
         Ulysses rank's part of them), the document ids (masked runs) stay whole-window.
         """
         self.attention_kept = 0.0 if not self.cfg.data.cross_document_attention else None
@@ -366,7 +363,7 @@ class Job:
                 pairs = self._ring_pairs(masked_docs, offsets)
                 for c, length in enumerate(self.chunk_lengths):
                     pair = pairs[c][self.coords.cp_rank] if pairs else None
-                    sl = offsets[c] + shard_positions(length, self.coords, pair)
+                    sl = offsets[c] + self.coords.positions(length, pair)
                     units[(mb, c)] = UnitData(
                         ids[:, sl].to(self.device),
                         positions[:, sl].to(self.device),
@@ -445,29 +442,3 @@ def kept_pairs(document_ids: torch.Tensor) -> float:
 
 def _lengths(bounds: list[int]) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
-
-
-def shard_positions(length: int, c: Coords, pair: tuple[int, int] | None = None) -> torch.Tensor:
-    """Positions of a `length`-token chunk this rank holds: with cp > 1 the chunk is cut into 2 * cp pieces and
-    cp rank r keeps two of them, `pair` (under a document mask: as balanced by the work it leaves) or pieces r and
-    2cp-1-r (equal causal work on every rank); then sp rank s its s-th part."""
-    if c.cp == 1:
-        mine = torch.arange(length)
-    else:
-        n = length // (2 * c.cp)
-        early, late = pair or (c.cp_rank, 2 * c.cp - 1 - c.cp_rank)
-        mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
-    shard = len(mine) // c.sp
-    return mine[c.sp_rank * shard : (c.sp_rank + 1) * shard]
-
-
-def _subgroups(groups: list[list[int]], rank: int):
-    """Create every group (all ranks must call this in the same order); return the one holding `rank`."""
-    if not dist.is_initialized():
-        return None
-    mine = None
-    for ranks in groups:
-        g = dist.new_group(sorted(set(ranks)))
-        if rank in ranks:
-            mine = g
-    return mine

@@ -155,7 +155,7 @@ def capture(
     key = None
     if not isinstance(model_or_config, torch.nn.Module):
         key = (config.to_json_string(use_diff=False), batch_size, example_seq_len, dtype, whole)
-        if key in _CACHE:  # passes edit the graph in place (retarget_device): each caller gets its own copy
+        if key in _CACHE:  # passes edit the graph in place (passes.retarget_device): each caller gets its own copy
             return copy.deepcopy(_CACHE[key])
     captured = _export(model_or_config, config, batch_size, example_seq_len, dtype, grow=not whole)
     if key is not None:
@@ -434,28 +434,3 @@ def _add_flops(node: torch.fx.Node, info: NodeInfo, poly: _SeqPoly) -> None:
 def graph_flops(captured: CapturedGraph, seq_len: int) -> float:
     """Forward FLOPs of the whole captured graph for one sequence of `seq_len` tokens."""
     return sum(n.meta["lcgraph"].flops(seq_len) for n in captured.graph.nodes)
-
-
-def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
-    """Rewrite device constants baked in at capture (meta) to the device the graph will run on.
-
-    Capture-time metadata asserts (which name the meta device) are dropped with them.
-    """
-
-    def fix(a):
-        return device if isinstance(a, torch.device) else a
-
-    for node in list(gm.graph.nodes):
-        if node.target == torch.ops.aten._assert_tensor_metadata.default:
-            gm.graph.erase_node(node)
-    autocast = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            node.args = torch.fx.node.map_aggregate(node.args, fix)
-            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, fix)
-            if autocast is not None and node.target == autocast and node.args[0] == "meta":
-                node.args = (device.type, *node.args[1:])  # autocast regions name a device type string
-    for sub in gm.modules():
-        if sub is not gm and isinstance(sub, torch.fx.GraphModule):
-            retarget_device(sub, device)
-    gm.recompile()

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 from lcgraph.errors import PlanError
-from lcgraph.graph.capture import CapturedGraph, NodeInfo, retarget_device
+from lcgraph.graph.capture import CapturedGraph, NodeInfo
 from lcgraph.graph.fp8 import fp8_matmuls
 from lcgraph.graph.fusion import fuse_pointwise
 from lcgraph.ops.collectives import heads_to_seq, seq_to_heads
@@ -384,6 +384,31 @@ def check_ulysses(config, sp: int) -> None:
             f"parallel.sp={sp} and num_key_value_heads={kv}: one must divide the other "
             "(K/V heads are replicated up to sp); change sp"
         )
+
+
+def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
+    """Rewrite device constants baked in at capture (meta) to the device the graph will run on.
+
+    Capture-time metadata asserts (which name the meta device) are dropped with them.
+    """
+
+    def fix(a):
+        return device if isinstance(a, torch.device) else a
+
+    for node in list(gm.graph.nodes):
+        if node.target == torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    autocast = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = torch.fx.node.map_aggregate(node.args, fix)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, fix)
+            if autocast is not None and node.target == autocast and node.args[0] == "meta":
+                node.args = (device.type, *node.args[1:])  # autocast regions name a device type string
+    for sub in gm.modules():
+        if sub is not gm and isinstance(sub, torch.fx.GraphModule):
+            retarget_device(sub, device)
+    gm.recompile()
 
 
 PASSES = (

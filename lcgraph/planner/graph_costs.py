@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from lcgraph.graph.capture import retarget_device
 from lcgraph.graph.fusion import fuse_pointwise
+from lcgraph.graph.passes import retarget_device
 from lcgraph.planner import mfu
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class Coords:
@@ -46,3 +48,26 @@ class Coords:
     def replica_global_rank(self, index: int) -> int:
         """Global rank of replica `index` of this rank's stage."""
         return self.pp_rank * self.replicas + index
+
+    def first_and_last_stages(self) -> list[list[int]]:
+        """For each replica position, the global ranks of its first and last pipeline stage: the pairs that share a
+        tied embedding under pp > 1."""
+        return [
+            [self.global_rank(0, d, s, r), self.global_rank(self.pp - 1, d, s, r)]
+            for d in range(self.dp)
+            for r in range(self.cp)
+            for s in range(self.sp)
+        ]
+
+    def positions(self, length: int, pair: tuple[int, int] | None = None) -> torch.Tensor:
+        """Positions of a `length`-token chunk this rank holds: with cp > 1 the chunk is cut into 2 * cp pieces and
+        cp rank r keeps two of them, `pair` (under a document mask: as balanced by the work it leaves) or pieces r
+        and 2cp-1-r (equal causal work on every rank); then sp rank s its s-th part."""
+        if self.cp == 1:
+            mine = torch.arange(length)
+        else:
+            n = length // (2 * self.cp)
+            early, late = pair or (self.cp_rank, 2 * self.cp - 1 - self.cp_rank)
+            mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
+        shard = len(mine) // self.sp
+        return mine[self.sp_rank * shard : (self.sp_rank + 1) * shard]
