@@ -1,5 +1,5 @@
 """The GPU benchmark tools' CPU-side parts: tools/attention_kernels.py end to end on CPU kernels (each candidate
-against the exact fp32 reference, GQA included), and tools/bench.py's table arithmetic on a hand-made result list
+against the exact fp32 reference, GQA included; its ring steps), and tools/bench.py's table arithmetic on a hand-made result list
 (speed against each peer, the targets asked for, the memory target of the peer's peak plus 8 bytes per parameter),
 tools/calibrate.py's refit of saved measurements; every run tools/multi_gpu.py and the several-GPU tests
 (tests/test_gpu_multi.py) make composes and validates on CPU, and multi_gpu.py's ratios and targets."""
@@ -63,6 +63,19 @@ def test_attention_kernels_times_lcgraph_attention_under_a_document_mask_on_cpu(
     assert row["kept"] == pytest.approx(kept / (512 * 513 / 2))
     assert row["fwd_tflops"] == pytest.approx(4 * 4 * 16 * kept / (row["fwd_ms"] / 1e3) / 1e12)
     assert out["best"]["d16 4/2 documents of 64 in 512"]["candidate"] == "math"
+
+
+def test_attention_kernels_ring_steps_on_cpu_time_every_length_and_ring_size(tmp_path):
+    """`--ring-steps`: one row per (length, cp) with a rank's queries, one step's K/V payload and both times."""
+    kernels = _tool("attention_kernels")
+    argv = ["--ring-steps", "--device", "cpu", "--configs", "16:4/2", "--ring-seq", "256", "--cp", "2", "4"]
+    out = kernels.main([*argv, "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == out and out["meta"]["device"] == "cpu"
+    assert [(r["seq"], r["cp"], r["queries_per_rank"]) for r in out["rows"]] == [(256, 2, 128), (256, 4, 64)]
+    for r in out["rows"]:
+        assert r["payload_bytes"] == 2 * 2 * r["queries_per_rank"] * 16 * 4  # K and V, 2 heads, fp32
+        assert r["ring_s"] > 0 and r["overhead"] == pytest.approx(r["ring_s"] / r["ulysses_only_s"])
+        assert r["step_sends_nvlink_s"] == pytest.approx(4 * r["send_nvlink_s"])
 
 
 def _row(seq, side, **result):

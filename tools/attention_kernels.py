@@ -3,6 +3,8 @@
     python3 tools/attention_kernels.py --json out/attention_kernels.json            # the default sweep, < 3 min
     python3 tools/attention_kernels.py --configs 64:32/8 --candidates cudnn flex    # one head shape, two kernels
     python3 tools/attention_kernels.py --device cpu --configs 16:4/2 --causal-seq 256 --prefix 128:256 --diagonal 128
+    python3 tools/attention_kernels.py --ring-steps --json out/ring_steps.json   # head shape 128:8/1, 32k..128k, cp 2..8
+    python3 tools/attention_kernels.py --ring-steps --device cpu --ring-seq 1024 --cp 2 --configs 16:4/2 --json x.json
 
 Candidates (each keeps its output and log-sum-exp and runs its own backward, as lcgraph's attention does):
   cudnn, flash, efficient  the SDPA aten ops that return the LSE (`torch.ops.aten._scaled_dot_product_*_attention`
@@ -24,6 +26,15 @@ otherwise), backward = 2.5 x forward. Each row also gives every candidate's larg
 candidate that ran (output, LSE in natural-log units, gradients): a candidate that disagrees is not a choice.
 Times: CUDA events, one warm-up call (compiles, cuDNN plans), then enough calls to fill --min-time; cases past
 --budget-s are listed as skipped, so the sweep's length is bounded whatever the kernels do.
+
+`--ring-steps` times ring attention's block steps instead (docs/ring.md), per head shape, whole sequence
+(`--ring-seq`, all cp ranks) and cp: forward + backward of `ring.simulate` (every cp rank's steps in one process,
+payloads read, not sent: the same step functions a ring rank runs) divided by cp, against `attention.attend` +
+`attend_backward` of the whole sequence divided by cp (the ideal split). `overhead` is their ratio: smaller
+blocks, the LSE merges and the row copies. Each row also gives one step's K/V payload and its transfer time at
+the NVLink and InfiniBand bandwidths of the shipped H200 profile, and a step's forward + backward (averaged) against
+its sends (the payload twice and the fp32 dK/dV once): the ring hides its p2p while the compute is the longer.
+Times: `--repeats` calls after one warm-up call.
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ from pathlib import Path
 import torch
 from torch.nn.attention import flex_attention as flex_mod
 
-from lcgraph.ops import attention, masks
+from lcgraph.ops import attention, masks, ring
+from lcgraph.planner.profile import load_profile
 from lcgraph.runtime.data import lognormal_offsets
 
 aten = torch.ops.aten
@@ -225,6 +237,12 @@ class Clock:
         return start.elapsed_time(end) / 1e3 / calls
 
 
+def repeated(clock: Clock, fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call over `calls` calls after one warm-up call (cuDNN plans, allocator)."""
+    fn()
+    return clock.seconds(fn, calls)
+
+
 def timed(clock: Clock, fn: Callable[[], object], min_time: float, max_calls: int = 20) -> float:
     """Seconds per call: one timed call after the caller's warm-up, more if it was short."""
     first = clock.seconds(fn, 1)
@@ -382,14 +400,59 @@ def _case_key(r: dict) -> str:
     return Case(*(r[k] for k in ("head_dim", "hq", "hkv", "shape", "sq", "sk"))).name
 
 
-def document_best(rows: list[dict]) -> dict:
-    """Per (head shape, mean, length): the backend with the least forward + backward time."""
+def best(rows: list[dict]) -> dict:
+    """Per case (a document case: per head shape, mean and length): the candidate with the least forward +
+    backward time among those that ran."""
     out: dict[str, dict] = {}
     for r in rows:
-        if "fwd_ms" in r and "mean" in r:
-            key = _case_key(r)
-            if key not in out or r["fwd_ms"] + r["bwd_ms"] < out[key]["fwd_ms"] + out[key]["bwd_ms"]:
-                out[key] = {k: r[k] for k in ("candidate", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops")}
+        key = _case_key(r)
+        if "fwd_ms" in r and (key not in out or r["fwd_ms"] + r["bwd_ms"] < out[key]["fwd_ms"] + out[key]["bwd_ms"]):
+            out[key] = {k: r[k] for k in ("candidate", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops")}
+    return out
+
+
+# ---------------------------------------------------------------- ring steps (--ring-steps)
+
+
+def ring_row(config: tuple[int, int, int], seq: int, cp: int, clock: Clock, repeats: int) -> dict:
+    """A rank's ring steps, forward + backward, against its share of one Ulysses-only call (the module doc)."""
+    d, heads, kv = config
+    device, dtype = ("cuda", torch.bfloat16) if clock.cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, seq, d, device=device, dtype=dtype)
+    k, v = (torch.randn(1, kv, seq, d, device=device, dtype=dtype) for _ in range(2))
+    grad, scale, c = torch.randn_like(q), d**-0.5, seq // (2 * cp)
+    # zigzag: rank r holds pieces r and 2cp-1-r of the 2cp equal pieces
+    owns = [torch.arange(2 * cp * c).view(2 * cp, c)[[r, 2 * cp - 1 - r]].flatten().to(device) for r in range(cp)]
+    qs, ks, vs, gs = ([t[:, :, o] for o in owns] for t in (q, k, v, grad))
+    whole = lambda: attention.attend_backward(grad, q, k, v, attention.attend(q, k, v, scale), scale)
+    full_s, ring_s = (repeated(clock, fn, repeats) / cp for fn in (whole, lambda: ring.simulate(qs, ks, vs, gs, scale)))
+    profile = load_profile("h200")
+    nvlink, ib = profile.intra_node_bw, profile.inter_node_bw
+    payload = 2 * kv * (seq // cp) * d * q.element_size()  # one step's K and V of one layer
+    sends = 4 * payload  # per step: the payload forward, again backward with its fp32 dK/dV accumulators
+    row = {"head_dim": d, "hq": heads, "hkv": kv, "seq": seq, "cp": cp, "queries_per_rank": seq // cp}
+    row |= {"ulysses_only_s": full_s, "ring_s": ring_s, "overhead": ring_s / full_s, "payload_bytes": payload}
+    row |= {"send_nvlink_s": payload / nvlink, "send_ib_s": payload / ib}
+    row |= {"mean_step_s": ring_s / cp}  # one step's forward + backward, averaged over the cp steps
+    return row | {"step_sends_nvlink_s": sends / nvlink, "step_sends_ib_s": sends / ib}
+
+
+def ring_steps(args) -> dict:
+    clock, rows = Clock(args.device), []
+    for config, seq, cp in itertools.product(map(parse_config, args.configs), args.ring_seq, args.cp):
+        rows.append(row := ring_row(config, seq, cp, clock, args.repeats))
+        print(
+            f"d{config[0]} {config[1]}/{config[2]} seq {seq:>7} cp {cp}: ring {row['ring_s'] * 1e3:8.2f} ms/rank, "
+            f"Ulysses-only share {row['ulysses_only_s'] * 1e3:8.2f} ms ({row['overhead']:.2f}x); payload "
+            f"{row['payload_bytes'] / 2**20:.1f} MiB; a step {row['mean_step_s'] * 1e3:.2f} ms against its sends "
+            f"{row['step_sends_nvlink_s'] * 1e3:.2f} ms NVLink, {row['step_sends_ib_s'] * 1e3:.2f} ms IB",
+            flush=True,
+        )
+    device = torch.cuda.get_device_name() if clock.cuda else "cpu"
+    out = {"meta": {"device": device, "torch": torch.__version__}, "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -416,18 +479,6 @@ def cases_from_args(args) -> list[Case]:
     return out
 
 
-def best(rows: list[dict]) -> dict:
-    """Per case: the candidate with the least forward + backward time among those that ran."""
-    out: dict[str, dict] = {}
-    for r in rows:
-        if "fwd_ms" not in r:
-            continue
-        key = Case(r["head_dim"], r["hq"], r["hkv"], r["shape"], r["sq"], r["sk"]).name
-        if key not in out or r["fwd_ms"] + r["bwd_ms"] < out[key]["fwd_ms"] + out[key]["bwd_ms"]:
-            out[key] = {k: r[k] for k in ("candidate", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops")}
-    return out
-
-
 def render(rows: list[dict], names: list[str], title: str):
     from rich.table import Table
 
@@ -437,7 +488,7 @@ def render(rows: list[dict], names: list[str], title: str):
     for n in names:
         table.add_column(f"{n} fwd/bwd", justify="right")
     table.add_column("best")
-    winners = best([r for r in rows if "mean" not in r]) | document_best(rows)
+    winners = best(rows)
     by_case: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_case.setdefault(_case_key(r), {})[r["candidate"]] = r
@@ -466,7 +517,7 @@ def _rate(tflops: float) -> str:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--configs", nargs="+", default=["64:32/8", "128:32/8", "128:64/8"], help="head_dim:hq/hkv")
+    ap.add_argument("--configs", nargs="+", help="head_dim:hq/hkv (default 64:32/8 128:32/8 128:64/8; ring: 128:8/1)")
     ap.add_argument("--candidates", nargs="+", choices=CANDIDATES, help="default: every one the device has")
     ap.add_argument("--causal-seq", type=int, nargs="*", default=[8 * K, 16 * K, 32 * K, 64 * K, 128 * K, 256 * K])
     ap.add_argument("--prefix", nargs="*", default=["8192:8192", "8192:32768", "8192:131072", "8192:253952"])
@@ -482,12 +533,20 @@ def parser() -> argparse.ArgumentParser:
         help="mean document lengths: lcgraph's attention under a document mask on each backend (--document-seq)",
     )
     ap.add_argument("--document-seq", type=int, nargs="+", default=[16 * K, 32 * K, 128 * K])
-    ap.add_argument("--json", default="attention_kernels.json")
+    ap.add_argument("--ring-steps", action="store_true", help="ring attention's steps instead of the kernel table")
+    ap.add_argument("--ring-seq", type=int, nargs="+", default=[32 * K, 64 * K, 128 * K], help="ring: all cp ranks'")
+    ap.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8], help="ring: ring sizes")
+    ap.add_argument("--repeats", type=int, default=3, help="ring: timed calls per measurement")
+    ap.add_argument("--json", help="default: attention_kernels.json (ring: ring_steps.json)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    args.configs = args.configs or (["128:8/1"] if args.ring_steps else ["64:32/8", "128:32/8", "128:64/8"])
+    args.json = args.json or ("ring_steps.json" if args.ring_steps else "attention_kernels.json")
+    if args.ring_steps:
+        return ring_steps(args)
     names = args.candidates or (list(GPU_CANDIDATES) if args.device == "cuda" else ["math", "cpu"])
     clock, flex = Clock(args.device), Flex(args.device) if "flex" in names else None
     if args.device == "cuda":
@@ -513,7 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{time.perf_counter() - start:6.1f}s documents {mean} in {seq}: {', '.join(rates[-len(doc_names) :])}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     out = {"device": device, "torch": torch.__version__, "seconds": time.perf_counter() - start, "rows": rows}
-    out["best"] = best([r for r in rows if "mean" not in r]) | document_best(rows)
+    out["best"] = best(rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     from rich.console import Console

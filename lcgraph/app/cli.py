@@ -183,11 +183,11 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     """Make metrics.jsonl exclusively: two runs never share a run directory; a resumed run appends to it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        (run_dir / "metrics.jsonl").open("x").close()
+        (run_dir / checkpoint.METRICS).open("x").close()
     except FileExistsError:
         if not resume:
             raise LaunchError(
-                f"run directory {run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir "
+                f"run directory {run_dir} already holds a run ({checkpoint.METRICS}); choose another hydra.run.dir "
                 "or resume that run (train.resume)"
             ) from None
 

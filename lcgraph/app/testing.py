@@ -24,6 +24,7 @@ from lcgraph.app.config import RunConfig, compose_config, typed
 from lcgraph.app.job import Job, resolve_plan
 from lcgraph.planner.settings import PlanConfig
 from lcgraph.runtime import data, faults
+from lcgraph.runtime.checkpoint import METRICS
 from lcgraph.schedule.text import format_programs
 
 TINY = [
@@ -246,7 +247,7 @@ def run_spawned(cfgs: list, run_dirs: list[Path], world: int) -> list[list[float
     yamls = [OmegaConf.to_yaml(c, resolve=True) for c in cfgs]
     with faults.explained_failures(run_dirs, cfgs[0].train.comm_timeout_s):
         launch_local(world, _run_worker, yamls, [str(d) for d in run_dirs], run_id="test-run")
-    return [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
+    return [[json.loads(line)["loss"] for line in (d / METRICS).read_text().splitlines()] for d in run_dirs]
 
 
 def assert_close_run(got_losses, got_params, ref_losses, ref_params, rtol=1e-5, label=""):

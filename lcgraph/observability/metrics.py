@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlparse
 
+from lcgraph.runtime.checkpoint import METRICS
 from lcgraph.runtime.config import choice
 
 SECTIONS = {
@@ -166,7 +167,7 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a" if append else "w")
+        self.metrics = open(self.run_dir / METRICS, "a" if append else "w")
         self.wandb = self._init_wandb()
         self.progress = self._init_progress() if progress else None
 

@@ -46,6 +46,7 @@ from lcgraph.schedule.mesh import Coords
 FORMAT = 1
 CHECKPOINTS = "checkpoints"  # under the run directory
 SUPERSEDED = "superseded"  # under the run directory: what a resume at an earlier step moved aside
+METRICS = "metrics.jsonl"  # under the run directory: one row per step (observability.metrics writes it)
 MANIFEST = "manifest.json"
 HF_DIR = "hf"  # config.json and the tokenizer, inside a checkpoint
 STEP_DIR = re.compile(r"step-(\d+)$")
@@ -256,7 +257,7 @@ def supersede_later(run_dir: Path, resume: Path | None) -> str | None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest = run_dir / SUPERSEDED / f"{stamp}-after-step-{step:08d}"
     moved = move_later(run_dir / CHECKPOINTS, step, resume, dest / CHECKPOINTS)
-    rows = move_later_rows(run_dir / "metrics.jsonl", step, dest)
+    rows = move_later_rows(run_dir / METRICS, step, dest)
     if not moved and not rows:
         return None
     return (
