@@ -40,7 +40,7 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
 
     from lcgraph.app.cli import backend_for, init_distributed, share_cores
     from lcgraph.app.config import typed
-    from lcgraph.app.job import Job
+    from lcgraph.app.job import Job, resolve_plan
     from lcgraph.observability.overlap import analyze
 
     cfg = typed(OmegaConf.create(cfg_yaml))
@@ -51,7 +51,7 @@ def profile_rank(cfg_yaml: str, out: str, warmup: int, steps: int) -> None:
         init_distributed(cfg.train)
     rank = dist.get_rank() if world > 1 else 0
     try:
-        job = Job(cfg, Path(out), rank, world)
+        job = Job(cfg, Path(out), rank, world, plan=resolve_plan(cfg))
         for step in range(warmup):
             job.run_step(step)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
