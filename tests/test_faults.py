@@ -16,9 +16,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from lcgraph.app.cli import run
 from lcgraph.app.config import typed
-from lcgraph.app.testing import TINY, cli_env, compose, run_spawned, torchrun
+from lcgraph.app.testing import TINY, cli_env, compose, run_here, run_spawned, torchrun
 from lcgraph.errors import TrainingFault
 from lcgraph.runtime.checkpoint import CHECKPOINTS, complete_checkpoints
 from lcgraph.runtime.faults import FAULT_ENV, read_heartbeats
@@ -123,7 +122,7 @@ def test_a_rank_killed_mid_step_is_named_and_auto_resume_goes_on_until_a_nan_sto
     monkeypatch.setenv(FAULT_ENV, "nan:3:0")
     one = compose(*SMALL, "parallel.microbatches=2", "train.steps=5", "train.checkpoint_every=2", "train.resume=auto")
     with pytest.raises(TrainingFault, match=r"^step 4: non-finite gradients, first at stage 0"):
-        run(typed(one), str(tmp_path))
+        run_here(typed(one), str(tmp_path))
     after = metrics(tmp_path)  # the killed run's step 3 moved aside for the recomputed one (checkpoint.supersede_later)
     (superseded,) = (tmp_path / "superseded").glob("*-after-step-00000002")
     replaced = [json.loads(line) for line in (superseded / "metrics.jsonl").read_text().splitlines()]

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lcgraph.app.cli import check_resume, run
+from lcgraph.app.cli import check_resume
 from lcgraph.app.export import main as export_main
-from lcgraph.app.testing import compose, job_of, run_config, run_spawned
+from lcgraph.app.testing import compose, job_of, run_config, run_here, run_spawned
 from lcgraph.errors import CheckpointError
 from lcgraph.runtime.checkpoint import CHECKPOINTS, layout, read_manifest, same_layout
 
@@ -104,7 +104,7 @@ def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_the_previous_one_is(
     shutil.copytree(step10, torn)
     manifest = (torn / "manifest.json").read_text().replace('"step": 10', '"step": 30')
     (torn / "manifest.json").write_text(manifest[: len(manifest) // 2])
-    run(run_config(*ONE, "train.resume=auto"), str(tmp_path))
+    run_here(run_config(*ONE, "train.resume=auto"), str(tmp_path))
     resumed = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
 
@@ -183,9 +183,9 @@ def test_a_run_that_skipped_a_step_resumes_bit_for_bit(zero, dtype, tmp_path, mo
     base = ["train.on_nonfinite=skip", f"parallel.zero={zero}", "train.checkpoint_every=3", "train.keep_checkpoints=0"]
     base.append(f"train.dtype={dtype}")
     monkeypatch.setenv(FAULT_ENV, "nan:1:0")
-    run(run_config(*base), str(tmp_path / "a"))
+    run_here(run_config(*base), str(tmp_path / "a"))
     monkeypatch.setenv(FAULT_ENV, "")
-    run(run_config(*base, f"train.resume={tmp_path / 'a' / CHECKPOINTS / 'step-00000003'}"), str(tmp_path / "b"))
+    run_here(run_config(*base, f"train.resume={tmp_path / 'a' / CHECKPOINTS / 'step-00000003'}"), str(tmp_path / "b"))
     whole, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [json.loads(r).get("skipped") for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1]
     assert torch.equal(torch.tensor(resumed), torch.tensor(whole[3:])), (resumed, whole)
@@ -198,12 +198,12 @@ def test_rolling_back_into_the_run_directory_moves_the_later_trajectory_aside(tm
     from lcgraph.runtime.checkpoint import SUPERSEDED
 
     run_dir, base = tmp_path / "run", ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0"]
-    run(run_config(*base), str(run_dir))
+    run_here(run_config(*base), str(run_dir))
     saves = run_dir / CHECKPOINTS
     old_rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     key, shape = "model.lm_head.weight", (512, 64)
     old4 = _dcp_tensor(saves / "step-00000004", key, shape)
-    run(run_config(*base, "optim.lr=0", f"train.resume={saves / 'step-00000002'}"), str(run_dir))
+    run_here(run_config(*base, "optim.lr=0", f"train.resume={saves / 'step-00000002'}"), str(run_dir))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     new4, step2 = _dcp_tensor(saves / "step-00000004", key, shape), _dcp_tensor(saves / "step-00000002", key, shape)
@@ -220,7 +220,7 @@ def test_a_resume_in_the_other_dtype_takes_the_fp32_masters(saved, resumed, tmp_
     are the checkpoint's fp32 weights, not the bf16 rounding of them."""
     from lcgraph.runtime.checkpoint import load_checkpoint
 
-    run(run_config("train.steps=2", f"train.dtype={saved}"), str(tmp_path / "a"))
+    run_here(run_config("train.steps=2", f"train.dtype={saved}"), str(tmp_path / "a"))
     ckpt = tmp_path / "a" / CHECKPOINTS / "step-00000002"
     job = job_of(run_config(f"train.dtype={resumed}"), tmp_path / "b")
     load_checkpoint(job, ckpt)
@@ -239,10 +239,10 @@ def test_a_run_that_crashed_before_its_first_checkpoint_starts_over_with_one_tra
     superseded/ instead of being followed by a second step 1."""
     from lcgraph.runtime.checkpoint import SUPERSEDED
 
-    run(run_config("train.steps=2"), str(tmp_path))
+    run_here(run_config("train.steps=2"), str(tmp_path))
     shutil.rmtree(tmp_path / CHECKPOINTS)  # as if it had died before writing one
     old = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    run(run_config("train.steps=2", "train.resume=auto"), str(tmp_path))
+    run_here(run_config("train.steps=2", "train.resume=auto"), str(tmp_path))
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     (moved,) = (tmp_path / SUPERSEDED).iterdir()
     assert (moved / "metrics.jsonl").read_text().splitlines() == old

@@ -147,6 +147,11 @@ def _train(cfg: DictConfig, rank: int = 0, world: int = 1) -> tuple[list[float],
     return losses, params, extra
 
 
+def run_here(cfg: RunConfig, run_dir: Path | str, rank: int = 0, world: int = 1) -> dict:
+    """`lcgraph-train`'s loop (`cli.run`) in this process, with the plan resolved as `lcgraph-train` resolves it."""
+    return run(cfg, str(run_dir), rank, world, plan=resolve_plan(cfg))
+
+
 def train_local(cfg):
     """Train in this process; returns (losses, params, extras)."""
     return _train(cfg)
@@ -230,8 +235,7 @@ def _run_worker(cfg_yamls: list[str], run_dirs: list[str]) -> None:
         for text, run_dir in zip(cfg_yamls, run_dirs):
             cfg = OmegaConf.create(text)
             assert isinstance(cfg, DictConfig)
-            run_cfg = typed(cfg)
-            run(run_cfg, run_dir, dist.get_rank(), dist.get_world_size(), plan=resolve_plan(run_cfg))
+            run_here(typed(cfg), run_dir, dist.get_rank(), dist.get_world_size())
             dist.barrier()
     finally:
         dist.destroy_process_group()
