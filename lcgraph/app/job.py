@@ -79,8 +79,8 @@ def prepare_data(cfg: RunConfig) -> None:
 
 def resolve_plan(cfg: RunConfig) -> Recompute:
     """What every rank recomputes and offloads, resolved once before the ranks start: `auto` values by the planner,
-    for the GPU this process sees (+plan.profile / +plan.device: the rates), given values as they are. A plan that
-    fits nowhere is refused here, before any process is spawned."""
+    for the GPU this process sees (+plan.profile / +plan.device: the rates), given values as they are. What the
+    planner refuses (an offload pool the host's memory cannot hold) is refused here, before any rank is spawned."""
     if (given := given_recompute(cfg.train)) is not None:
         return given
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
