@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this tree's lcgraph, as the runs get it
 from lcgraph.ops.fp8 import RECIPES  # noqa: E402
+from lcgraph.runtime.checkpoint import METRICS  # noqa: E402
 
 GPU_RUN = [
     "+recipe=gpu",
@@ -74,7 +75,7 @@ def finish(name: str, cmd: list[str], proc: subprocess.Popen, log: Path, began: 
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         sys.exit(f"fp8_convergence: the {name} run failed (exit code {code}); the end of {log}:\n{tail}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
     print(f"{name}: {len(rows)} steps in {time.perf_counter() - began:.0f} s", flush=True)
     return shlex.join(cmd), rows
 
