@@ -94,3 +94,28 @@ def test_a_run_that_fails_ends_the_tool_with_its_error(tmp_path):
     assert done.returncode == 1 and "the bf16 run failed" in done.stderr
     assert "lcgraph: error: parallel.sp=3 must divide num_attention_heads=4" in done.stderr
     assert not (tmp_path / "conv.json").exists() and not (tmp_path / "runs" / "fp8.log").exists()
+
+
+def test_a_baseline_from_an_earlier_result_is_reused_only_for_the_same_overrides(tmp_path):
+    """--baseline takes the bf16 curve of an earlier result instead of training bf16 again, and refuses one that
+    trained with other overrides (another curve)."""
+
+    def tool(*argv: str, out: str, more: tuple[str, ...] = ()):
+        cmd = [sys.executable, str(TOOL), "--steps", str(STEPS), "--last", str(LAST), "--out", str(tmp_path / out)]
+        return subprocess.run([*cmd, *argv, "--set", *CPU_RUN, *more], capture_output=True, text=True)
+
+    first = tool("--json", str(tmp_path / "first.json"), out="first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = tool("--baseline", str(tmp_path / "first.json"), "--json", str(tmp_path / "again.json"), out="again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    earlier, result = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "again"))
+    assert (
+        result["bf16"] == earlier["bf16"] and result["meta"]["commands"]["bf16"] == earlier["meta"]["commands"]["bf16"]
+    )
+    assert result["meta"]["baseline"] == str(tmp_path / "first.json")
+    assert not (tmp_path / "again" / "bf16.log").exists()  # not trained again
+    assert (tmp_path / "again" / "fp8.log").exists() and len(result["fp8"]["losses"]) == STEPS
+    argv = ("--baseline", str(tmp_path / "first.json"), "--json", str(tmp_path / "x.json"))
+    other = tool(*argv, out="x", more=("optim.lr=1e-2",))
+    assert other.returncode != 0 and "had other overrides (optim.lr=1e-2)" in other.stderr
+    assert not (tmp_path / "x" / "fp8.log").exists()

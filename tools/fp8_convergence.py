@@ -15,6 +15,8 @@ fp32 master weights and AdamW moments, 50 warm-up steps, cosine decay) on one GP
 Llama-3.2-1B shape from random init, compiled (uncompiled FP8 casts are slower than bf16), 8,192-token windows of
 the standard library's sources (30 MB of them), a pretraining learning rate of 3e-4.
 
+`--baseline` reuses the bf16 run of an earlier result of this tool instead of training it again (refused unless
+that run had the same overrides; recorded in the result's `meta.baseline`): one baseline for several recipes.
 Compared: the mean loss of the last `--last` steps of each run and their relative difference (fp8 - bf16) / bf16;
 `ok` when it is within `--tolerance` and neither run had a non-finite (skipped) step, else `MISSED`. Writes `--json`
 ({"bf16": {"losses"}, "fp8": {"losses"}, "meta"}: one loss per step, null where it was not finite) and a plot of
@@ -80,6 +82,27 @@ def finish(name: str, cmd: list[str], proc: subprocess.Popen, log: Path, began: 
     return shlex.join(cmd), rows
 
 
+def reuse_baseline(path: Path, overrides: list[str]) -> tuple[str, list[dict]]:
+    """The bf16 run of an earlier result (`--baseline`) as this call's: its command line and rows. Refused in one
+    line unless it trained with these overrides (the same model, data, steps and schedule: the same curve)."""
+    earlier = json.loads(path.read_text())
+    cmd = earlier["meta"]["commands"]["bf16"]
+    words = shlex.split(cmd)
+    theirs = [w for w in words[words.index("lcgraph.app.cli") + 1 :] if not w.startswith("hydra.run.dir=")]
+    ours = [*overrides, *FIXED]
+    if theirs != ours:
+        differ = sorted(set(theirs) ^ set(ours)) or ["their order"]
+        sys.exit(
+            f"fp8_convergence: the bf16 run of {path} had other overrides ({', '.join(differ)}); give this "
+            "call's --set and --steps, or leave out --baseline"
+        )
+    skipped = set(earlier["meta"]["nonfinite_steps"].get("bf16", []))
+    losses = earlier["bf16"]["losses"]
+    rows = [{"step": i, "loss": math.nan if x is None else x, "skipped": i in skipped} for i, x in enumerate(losses, 1)]
+    print(f"bf16: reused from {path} ({earlier['meta']['gpu']}, {earlier['meta']['date']})", flush=True)
+    return cmd, rows
+
+
 def train_both(runs: dict[str, list[str]], out: Path, parallel: bool) -> dict[str, tuple[str, list[dict]]]:
     """Each run's command line and rows; with `parallel` all trainers run at once (one device shared: the
     compiles overlap, and where memory holds both, the wall time nearly halves), else one after the other."""
@@ -138,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tolerance", type=float, default=0.01, help="largest |relative difference| that is ok")
     ap.add_argument("--set", nargs="*", default=GPU_RUN, help=f"Hydra overrides of both runs (default: {GPU_RUN})")
     ap.add_argument("--parallel", action="store_true", help="run both at once on one device (memory for two)")
+    ap.add_argument("--baseline", type=Path, help="reuse the bf16 run of this earlier --json (same overrides)")
     ap.add_argument("--out", type=Path, default=Path("runs/fp8_convergence"), help="folder of the two run dirs")
     ap.add_argument("--json", type=Path, default=Path("fp8_convergence.json"), help="results; the plot beside it")
     return ap
@@ -151,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         name: [*args.set, f"train.steps={args.steps}", f"train.fp8={fp8}"]
         for name, fp8 in (("bf16", "false"), ("fp8", args.fp8))
     }
+    reused = reuse_baseline(args.baseline, asked.pop("bf16")) if args.baseline else None
     runs = train_both(asked, out, args.parallel)
+    runs = {"bf16": reused, **runs} if reused else runs
     (bf16_cmd, bf16_rows), (fp8_cmd, fp8_rows) = runs["bf16"], runs["fp8"]
     bf16, fp8 = ([r["loss"] for r in rows] for rows in (bf16_rows, fp8_rows))
     if len(bf16) != args.steps or len(fp8) != args.steps:  # e.g. stopped early by a signal
@@ -173,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         "last": last,
         "tolerance": args.tolerance,
         "parallel": args.parallel,
+        "baseline": str(args.baseline) if args.baseline else None,  # the bf16 curve reused from this result
         **{k: _finite(v) for k, v in result.items()},
         "nonfinite": any(skipped.values()),
         "nonfinite_steps": skipped,
