@@ -112,7 +112,11 @@ def test_a_baseline_from_an_earlier_result_is_reused_only_for_the_same_overrides
     assert (
         result["bf16"] == earlier["bf16"] and result["meta"]["commands"]["bf16"] == earlier["meta"]["commands"]["bf16"]
     )
-    assert result["meta"]["baseline"] == str(tmp_path / "first.json")
+    assert result["meta"]["baseline"] == {
+        "json": str(tmp_path / "first.json"),
+        "gpu": "cpu",
+        "date": earlier["meta"]["date"],
+    }
     assert not (tmp_path / "again" / "bf16.log").exists()  # not trained again
     assert (tmp_path / "again" / "fp8.log").exists() and len(result["fp8"]["losses"]) == STEPS
     argv = ("--baseline", str(tmp_path / "first.json"), "--json", str(tmp_path / "x.json"))

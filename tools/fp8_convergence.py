@@ -82,8 +82,9 @@ def finish(name: str, cmd: list[str], proc: subprocess.Popen, log: Path, began: 
     return shlex.join(cmd), rows
 
 
-def reuse_baseline(path: Path, overrides: list[str]) -> tuple[str, list[dict]]:
-    """The bf16 run of an earlier result (`--baseline`) as this call's: its command line and rows. Refused in one
+def reuse_baseline(path: Path, overrides: list[str]) -> tuple[str, list[dict], dict]:
+    """The bf16 run of an earlier result (`--baseline`) as this call's: its command line, rows, and where it came
+    from (the result, its GPU and date). Refused in one
     line unless it trained with these overrides (the same model, data, steps and schedule: the same curve)."""
     earlier = json.loads(path.read_text())
     cmd = earlier["meta"]["commands"]["bf16"]
@@ -100,7 +101,7 @@ def reuse_baseline(path: Path, overrides: list[str]) -> tuple[str, list[dict]]:
     losses = earlier["bf16"]["losses"]
     rows = [{"step": i, "loss": math.nan if x is None else x, "skipped": i in skipped} for i, x in enumerate(losses, 1)]
     print(f"bf16: reused from {path} ({earlier['meta']['gpu']}, {earlier['meta']['date']})", flush=True)
-    return cmd, rows
+    return cmd, rows, {"json": str(path), "gpu": earlier["meta"]["gpu"], "date": earlier["meta"]["date"]}
 
 
 def train_both(runs: dict[str, list[str]], out: Path, parallel: bool) -> dict[str, tuple[str, list[dict]]]:
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     reused = reuse_baseline(args.baseline, asked.pop("bf16")) if args.baseline else None
     runs = train_both(asked, out, args.parallel)
-    runs = {"bf16": reused, **runs} if reused else runs
+    runs = {"bf16": reused[:2], **runs} if reused else runs
     (bf16_cmd, bf16_rows), (fp8_cmd, fp8_rows) = runs["bf16"], runs["fp8"]
     bf16, fp8 = ([r["loss"] for r in rows] for rows in (bf16_rows, fp8_rows))
     if len(bf16) != args.steps or len(fp8) != args.steps:  # e.g. stopped early by a signal
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "last": last,
         "tolerance": args.tolerance,
         "parallel": args.parallel,
-        "baseline": str(args.baseline) if args.baseline else None,  # the bf16 curve reused from this result
+        "baseline": reused[2] if reused else None,  # the result whose bf16 curve was reused: its GPU and date
         **{k: _finite(v) for k, v in result.items()},
         "nonfinite": any(skipped.values()),
         "nonfinite_steps": skipped,
