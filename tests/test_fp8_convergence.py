@@ -112,14 +112,16 @@ def test_a_baseline_from_an_earlier_result_is_reused_only_for_the_same_overrides
     assert (
         result["bf16"] == earlier["bf16"] and result["meta"]["commands"]["bf16"] == earlier["meta"]["commands"]["bf16"]
     )
-    assert result["meta"]["baseline"] == {
-        "json": str(tmp_path / "first.json"),
-        "gpu": "cpu",
-        "date": earlier["meta"]["date"],
-    }
+    trained = {"json": str(tmp_path / "first.json"), "gpu": "cpu"}
+    trained |= {"torch": earlier["meta"]["torch"], "date": earlier["meta"]["date"]}
+    assert result["meta"]["baseline"] == trained
     assert not (tmp_path / "again" / "bf16.log").exists()  # not trained again
     assert (tmp_path / "again" / "fp8.log").exists() and len(result["fp8"]["losses"]) == STEPS
+    # a result that reused a curve passes on where that curve was trained, not its own run's GPU and date
+    chained = tool("--baseline", str(tmp_path / "again.json"), "--json", str(tmp_path / "chained.json"), out="c")
+    assert chained.returncode == 0, chained.stderr[-3000:]
+    assert json.loads((tmp_path / "chained.json").read_text())["meta"]["baseline"] == trained
     argv = ("--baseline", str(tmp_path / "first.json"), "--json", str(tmp_path / "x.json"))
     other = tool(*argv, out="x", more=("optim.lr=1e-2",))
-    assert other.returncode != 0 and "had other overrides (optim.lr=1e-2)" in other.stderr
+    assert other.returncode != 0 and "(it had none; this call has optim.lr=1e-2)" in other.stderr
     assert not (tmp_path / "x" / "fp8.log").exists()

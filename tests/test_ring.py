@@ -13,6 +13,7 @@ from test_reference import FP32, check, hf_reference, run_cfg
 from lcgraph.app.testing import compose, train_spawned
 from lcgraph.app.validate import check_layout
 from lcgraph.errors import PlanError
+from lcgraph.graph.ring import shard_positions
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.profile import load_profile
@@ -85,9 +86,9 @@ def test_zigzag_shards_cover_the_chunk_once_with_mirrored_pieces():
     held = []
     for rank in range(cp * sp):
         c = Coords.of(rank, 1, 1, sp, cp)
-        held.append(c.positions(length))
+        held.append(shard_positions(length, c))
     assert torch.equal(torch.cat(held).sort().values, torch.arange(length))
-    c0 = torch.cat([Coords.of(r, 1, 1, sp, cp).positions(length) for r in range(sp)])  # cp rank 0
+    c0 = torch.cat([shard_positions(length, Coords.of(r, 1, 1, sp, cp)) for r in range(sp)])  # cp rank 0
     assert torch.equal(c0, torch.cat([torch.arange(0, 8), torch.arange(40, 48)]))
 
 

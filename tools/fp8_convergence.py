@@ -82,26 +82,43 @@ def finish(name: str, cmd: list[str], proc: subprocess.Popen, log: Path, began: 
     return shlex.join(cmd), rows
 
 
-def reuse_baseline(path: Path, overrides: list[str]) -> tuple[str, list[dict], dict]:
-    """The bf16 run of an earlier result (`--baseline`) as this call's: its command line, rows, and where it came
-    from (the result, its GPU and date). Refused in one
-    line unless it trained with these overrides (the same model, data, steps and schedule: the same curve)."""
+def reuse_baseline(path: Path, overrides: list[str], gpu: str, torch_version: str) -> tuple[str, list[dict], dict]:
+    """The bf16 run of an earlier result (`--baseline`) as this call's: its command line, rows, and where the curve
+    came from (the result that trained it, its GPU, torch and date). Refused in one line unless it trained with these
+    overrides (the same model, data, steps and schedule: the same curve); a curve from another GPU or torch is
+    said in a line and recorded, since kernels differ in their rounding."""
     earlier = json.loads(path.read_text())
-    cmd = earlier["meta"]["commands"]["bf16"]
-    words = shlex.split(cmd)
-    theirs = [w for w in words[words.index("lcgraph.app.cli") + 1 :] if not w.startswith("hydra.run.dir=")]
-    ours = [*overrides, *FIXED]
+    meta = earlier["meta"]
+    words = shlex.split(meta["commands"]["bf16"])
+    if "lcgraph.app.cli" not in words:
+        sys.exit(f"fp8_convergence: {path} records no trainer command for its bf16 run; leave out --baseline")
+    theirs, ours = (
+        [w for w in ws if not w.startswith("hydra.run.dir=")]
+        for ws in (words[words.index("lcgraph.app.cli") + 1 :], [*overrides, *FIXED])
+    )
     if theirs != ours:
-        differ = sorted(set(theirs) ^ set(ours)) or ["their order"]
+        had, has = ([w for w in a if w not in b] or ["none"] for a, b in ((theirs, ours), (ours, theirs)))
         sys.exit(
-            f"fp8_convergence: the bf16 run of {path} had other overrides ({', '.join(differ)}); give this "
-            "call's --set and --steps, or leave out --baseline"
+            f"fp8_convergence: the bf16 run of {path} trained with other overrides (it had {', '.join(had)}; this "
+            f"call has {', '.join(has)}); call with the overrides it had, or leave out --baseline"
         )
-    skipped = set(earlier["meta"]["nonfinite_steps"].get("bf16", []))
+    source = meta.get("baseline") or {
+        "json": str(path),
+        "gpu": meta["gpu"],
+        "torch": meta["torch"],
+        "date": meta["date"],
+    }
+    skipped = set(meta["nonfinite_steps"].get("bf16", []))
     losses = earlier["bf16"]["losses"]
     rows = [{"step": i, "loss": math.nan if x is None else x, "skipped": i in skipped} for i, x in enumerate(losses, 1)]
-    print(f"bf16: reused from {path} ({earlier['meta']['gpu']}, {earlier['meta']['date']})", flush=True)
-    return cmd, rows, {"json": str(path), "gpu": earlier["meta"]["gpu"], "date": earlier["meta"]["date"]}
+    print(
+        f"bf16: reused from {source['json']} ({source['gpu']}, torch {source['torch']}, {source['date']})", flush=True
+    )
+    if (source["gpu"], source["torch"]) != (gpu, torch_version):
+        print(
+            f"bf16: note: that curve is of {source['gpu']}, torch {source['torch']}; this run's: {gpu}, torch {torch_version}"
+        )
+    return meta["commands"]["bf16"], rows, source
 
 
 def train_both(runs: dict[str, list[str]], out: Path, parallel: bool) -> dict[str, tuple[str, list[dict]]]:
@@ -176,7 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         name: [*args.set, f"train.steps={args.steps}", f"train.fp8={fp8}"]
         for name, fp8 in (("bf16", "false"), ("fp8", args.fp8))
     }
-    reused = reuse_baseline(args.baseline, asked.pop("bf16")) if args.baseline else None
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    reused = reuse_baseline(args.baseline, asked.pop("bf16"), gpu, torch.__version__) if args.baseline else None
     runs = train_both(asked, out, args.parallel)
     runs = {"bf16": reused[:2], **runs} if reused else runs
     (bf16_cmd, bf16_rows), (fp8_cmd, fp8_rows) = runs["bf16"], runs["fp8"]
@@ -186,12 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     last = min(args.last, len(bf16), len(fp8))
     skipped = {name: nonfinite_steps(rows) for name, (_, rows) in runs.items()}
     result = compare(bf16, fp8, last, args.tolerance, any(skipped.values()))
-
-    import torch
-
     meta = {
         "commands": {"bf16": bf16_cmd, "fp8": fp8_cmd},
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpu": gpu,
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -200,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         "last": last,
         "tolerance": args.tolerance,
         "parallel": args.parallel,
-        "baseline": reused[2] if reused else None,  # the result whose bf16 curve was reused: its GPU and date
+        "baseline": reused[2] if reused else None,  # where the reused bf16 curve was trained
         **{k: _finite(v) for k, v in result.items()},
         "nonfinite": any(skipped.values()),
         "nonfinite_steps": skipped,

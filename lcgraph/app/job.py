@@ -27,7 +27,7 @@ from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
 from lcgraph.graph.fusion import fuse_wanted
-from lcgraph.graph.ring import ring_align, run_length
+from lcgraph.graph.ring import ring_align, run_length, shard_positions
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import attention, collectives, masks, ring
 from lcgraph.ops.fp8 import eager_note, fp8_recipe, fp8_refusal
@@ -331,7 +331,7 @@ class Job:
         """This rank's (micro-batch, chunk) inputs for `step`, and the step's global count of target tokens.
 
         The step reads the global batch at the sampler's cursor (advanced by `run_step`); position ids and
-        labels are sliced per chunk and sequence shard (`Coords.positions`: the cp rank's two pieces, then the
+        labels are sliced per chunk and sequence shard (`graph.ring.shard_positions`: the cp rank's two pieces, then the
         Ulysses rank's part of them), the document ids (masked runs) stay whole-window.
         """
         self.attention_kept = 0.0 if not self.cfg.data.cross_document_attention else None
@@ -363,7 +363,7 @@ class Job:
                 pairs = self._ring_pairs(masked_docs, offsets)
                 for c, length in enumerate(self.chunk_lengths):
                     pair = pairs[c][self.coords.cp_rank] if pairs else None
-                    sl = offsets[c] + self.coords.positions(length, pair)
+                    sl = offsets[c] + shard_positions(length, self.coords, pair)
                     units[(mb, c)] = UnitData(
                         ids[:, sl].to(self.device),
                         positions[:, sl].to(self.device),

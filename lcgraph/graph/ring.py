@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from lcgraph.errors import PlanError
 
 
@@ -71,3 +73,26 @@ def check_ring(par: ChunkedShards, seq: int, attention: str = "auto") -> None:
             f"train.attention=efficient with parallel.cp={cp}: ring attention runs the cudnn, flash or math kernels; "
             "set train.attention=auto (or cudnn, flash)"
         )
+
+
+class RankShards(Shards, Protocol):
+    """A rank's place among the ranks that share a sequence: schedule.mesh.Coords."""
+
+    @property
+    def cp_rank(self) -> int: ...
+    @property
+    def sp_rank(self) -> int: ...
+
+
+def shard_positions(length: int, c: RankShards, pair: tuple[int, int] | None = None) -> torch.Tensor:
+    """Positions of a `length`-token chunk rank `c` holds: with cp > 1 the chunk is cut into 2 * cp pieces and
+    cp rank r keeps two of them, `pair` (under a document mask: as balanced by the work it leaves) or pieces r and
+    2cp-1-r (the zigzag: equal causal work on every rank); then sp rank s its s-th part."""
+    if c.cp == 1:
+        mine = torch.arange(length)
+    else:
+        n = length // (2 * c.cp)
+        early, late = pair or (c.cp_rank, 2 * c.cp - 1 - c.cp_rank)
+        mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
+    shard = len(mine) // c.sp
+    return mine[c.sp_rank * shard : (c.sp_rank + 1) * shard]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass
 class Coords:
@@ -58,16 +56,3 @@ class Coords:
             for r in range(self.cp)
             for s in range(self.sp)
         ]
-
-    def positions(self, length: int, pair: tuple[int, int] | None = None) -> torch.Tensor:
-        """Positions of a `length`-token chunk this rank holds: with cp > 1 the chunk is cut into 2 * cp pieces and
-        cp rank r keeps two of them, `pair` (under a document mask: as balanced by the work it leaves) or pieces r
-        and 2cp-1-r (equal causal work on every rank); then sp rank s its s-th part."""
-        if self.cp == 1:
-            mine = torch.arange(length)
-        else:
-            n = length // (2 * self.cp)
-            early, late = pair or (self.cp_rank, 2 * self.cp - 1 - self.cp_rank)
-            mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
-        shard = len(mine) // self.sp
-        return mine[self.sp_rank * shard : (self.sp_rank + 1) * shard]
