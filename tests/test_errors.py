@@ -54,32 +54,38 @@ def test_a_rank_error_reaches_the_user_as_one_line_naming_the_rank_with_the_trac
     assert "Traceback" not in capfd.readouterr().err  # the ranks print none: it is in the run directory
 
 
-def _disagreeing_rank(cfg_yaml: str) -> None:
-    """A spawned rank whose rank 1 composed another learning rate (a torchrun node started with other overrides)."""
+def _disagreeing_rank(cfg_yaml: str, what: str) -> None:
+    """A spawned rank whose rank 1 composed another learning rate (`config`: a torchrun node started with other
+    overrides) or resolved another recompute plan (`plan`: a torchrun node whose GPU the planner chose otherwise)."""
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
     from lcgraph.app.cli import init_distributed
     from lcgraph.app.config import typed
-    from lcgraph.app.testing import job_of
+    from lcgraph.app.job import Job
+    from lcgraph.planner.plan import Recompute
 
     cfg = OmegaConf.create(cfg_yaml)
     init_distributed(typed(cfg).train)
     try:
-        if dist.get_rank() == 1:
+        plan = resolve_plan(typed(cfg))
+        if dist.get_rank() == 1 and what == "config":
             cfg.optim.lr = 2 * cfg.optim.lr
+        if dist.get_rank() == 1 and what == "plan":
+            plan = Recompute("full", 1, -1, "planned for another GPU")
         with pytest.raises(LaunchError) as err:
-            job_of(cfg, __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size())
+            Job(typed(cfg), __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size(), plan=plan)
         message = str(err.value)
-        assert "rank 1 and rank 0 differ in their config" in message and "\n" not in message, message
+        assert f"rank 1 and rank 0 differ in their {what}" in message and "\n" not in message, message
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_that_composed_different_plans_are_refused_on_every_rank_before_a_step():
+@pytest.mark.parametrize("what", ["config", "plan"])
+def test_ranks_that_composed_different_plans_are_refused_on_every_rank_before_a_step(what):
     from omegaconf import OmegaConf
 
     from lcgraph.app.cli import launch_local
 
     cfg = compose("parallel.dp=2", "data.synthetic=true")
-    launch_local(2, _disagreeing_rank, OmegaConf.to_yaml(cfg, resolve=True), run_id="disagree")
+    launch_local(2, _disagreeing_rank, OmegaConf.to_yaml(cfg, resolve=True), what, run_id="disagree")

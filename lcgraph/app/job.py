@@ -8,6 +8,7 @@ progress and checkpoints, is `lcgraph.app.cli.run`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -97,7 +98,7 @@ class Job:
     """Everything one rank holds for a run; `plan` is `resolve_plan(cfg)`, made once before the ranks start."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1, *, plan: Recompute):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir, self.plan = cfg, Path(run_dir), plan
         self.parallel, self.train, self.optim = cfg.parallel, cfg.train, cfg.optim  # what the runtime reads
         par = cfg.parallel
         self.coords = Coords.of(rank, par.pp, par.dp, par.sp, par.cp)
@@ -105,6 +106,7 @@ class Job:
         self.device = pick_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
         self.config = model.build_config(cfg.model)
+        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
         self._setup_groups()
         self.fp8 = fp8_recipe(cfg.train.fp8)
         if self.fp8 and (why := fp8_refusal(self.fp8, self.device, self.dtype)):  # this rank's own GPU
@@ -116,7 +118,6 @@ class Job:
         if self.world > 1:
             self._check_ranks_agree()
         self._setup_peers()  # after the check: only ranks that agree on tie_word_embeddings make its group
-        check_sliding_window(self.config, cfg.data.seq_len)  # the graph has no window: also without validate_plan
         self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
@@ -175,14 +176,17 @@ class Job:
         """Every rank must train the same plan on the same tokens (under torchrun each composes its own config and
         each node reads its own corpus cache): a difference is refused on every rank, naming it, before a step.
         Paths may differ per node; the token stream is compared by length, documents and a strided sample."""
-        plan = copy.deepcopy(self.cfg.composed)
+        composed = copy.deepcopy(self.cfg.composed)
         for section, key in (("model", "path"), ("data", "path")):
-            plan.get(section, {}).pop(key, None)
+            composed.get(section, {}).pop(key, None)
         tokens = self.sampler.corpus.tokens
         sample = np.asarray(tokens[:: max(1, len(tokens) // 4096)], dtype=np.uint32)
         mine = {
-            "config": hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest(),
+            "config": hashlib.sha256(json.dumps(composed, sort_keys=True, default=str).encode()).hexdigest(),
             "model": model_shape(self.config),
+            # (recompute mode, layers per segment, kept attention layers, offload): under torchrun each rank
+            # resolves `auto` for its own GPU and host
+            "plan": dataclasses.astuple(dataclasses.replace(self.plan, reason="")),
             "corpus": (len(tokens), self.sampler.corpus.num_documents, zlib.crc32(sample.tobytes())),
         }
         everyone: list = [None] * self.world
@@ -190,9 +194,14 @@ class Job:
         for rank, theirs in enumerate(everyone):
             differ = [k for k in mine if theirs[k] != everyone[0][k]]
             if differ:
+                fix = (
+                    "set train.recompute, train.recompute_layers and train.offload instead of auto"
+                    if differ[0] == "plan"
+                    else "start every rank with the same overrides and the same data"
+                )
                 raise LaunchError(
                     f"rank {rank} and rank 0 differ in their {differ[0]} ({theirs[differ[0]]} vs "
-                    f"{everyone[0][differ[0]]}); start every rank with the same overrides and the same data"
+                    f"{everyone[0][differ[0]]}); {fix}"
                 )
 
     def _setup_schedule(self):
@@ -281,12 +290,12 @@ class Job:
             merged.update(actions)
         return merged, frozenset().union(*(t for _, t in everyone))
 
-    def _setup_interpreter(self, resolved):  # a Recompute
+    def _setup_interpreter(self, resolved: Recompute):
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
         self.kept_attention_layers = resolved.kept_attention_layers
         for s, st in self.stages.items():  # the module each stage runs: compiled and/or layer by layer checkpointed
-            st.graph.gm = recompute.seal(
+            st.graph.gm = recompute.seal(  # type: ignore[assignment]  # sealed: the callable the stage runs
                 st.graph.gm,
                 self.recompute,
                 self.cfg.train.compile,

@@ -232,7 +232,7 @@ def resolve_recompute(cfg: PlanConfig, captured=None, gpu: GpuProfile | None = N
     """`train.recompute`, `train.recompute_layers` and `train.keep_attention_layers` as what to run, and why:
     given values as they are, `auto` / 0 chosen by the planner.
 
-    The app calls this before training with `gpu`, the profile of the GPU the rank runs on (devices.py);
+    The app calls this before its ranks start (app.job.resolve_plan) with `gpu`, the profile of the GPU they run on;
     without one (CPU) `+plan.device` names the profile, default h100."""
     if (given := given_recompute(cfg.train)) is not None:
         return given
