@@ -51,14 +51,22 @@ from lcgraph.schedule.validator import validate
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def pick_device(name: str) -> torch.device:
+def run_device(name: str) -> torch.device:
+    """The device `train.device` names for this process (`auto`: a GPU when one is visible; on CUDA the
+    LOCAL_RANK-th), without making it current."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def pick_device(name: str) -> torch.device:
+    """`run_device(name)`, made this process's current CUDA device."""
+    device = run_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def lr_at(step: int, o: OptimConfig, total: int) -> float:
@@ -84,9 +92,7 @@ def resolve_plan(cfg: RunConfig) -> Recompute:
     planner refuses (an offload pool the host's memory cannot hold) is refused here, before any rank is spawned."""
     if (given := given_recompute(cfg.train)) is not None:
         return given
-    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    gpu = device_gpu(device, cfg.plan.profile or cfg.plan_device)
+    gpu = device_gpu(run_device(cfg.train.device), cfg.plan.profile or cfg.plan_device)  # not made current
     # the graph the ranks will capture (same micro-batch and dtype): a second capture in this process is cached
     captured = capture(
         model.build_config(cfg.model), batch_size=cfg.data.micro_batch_size, dtype=DTYPES[cfg.train.dtype]
@@ -122,7 +128,7 @@ class Job:
         self._setup_schedule()
         self._setup_stages()
         self._setup_optimizer()
-        self._setup_interpreter(plan)
+        self._setup_interpreter()
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
@@ -290,7 +296,8 @@ class Job:
             merged.update(actions)
         return merged, frozenset().union(*(t for _, t in everyone))
 
-    def _setup_interpreter(self, resolved: Recompute):
+    def _setup_interpreter(self) -> None:
+        resolved = self.plan
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
         self.kept_attention_layers = resolved.kept_attention_layers
