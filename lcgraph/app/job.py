@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from lcgraph.app import held_out
 from lcgraph.app.config import RunConfig
-from lcgraph.app.perf import device_gpu
+from lcgraph.app.perf import device_gpu, run_device
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
@@ -49,16 +49,6 @@ from lcgraph.schedule.sequence import split_sequence
 from lcgraph.schedule.validator import validate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def run_device(name: str) -> torch.device:
-    """The device `train.device` names for this process (`auto`: a GPU when one is visible; on CUDA the
-    LOCAL_RANK-th), without making it current."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def pick_device(name: str) -> torch.device:

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app.config import LcgraphConfig, choice_fields
 from lcgraph.app.paths import conf_dir, recipes_dir
+from lcgraph.app.perf import run_device
 from lcgraph.errors import LaunchError, ModelPathError, PlanError
 from lcgraph.graph.capture import check_llama_like, check_sliding_window
 from lcgraph.graph.passes import check_ulysses
@@ -468,6 +469,6 @@ def validate_plan(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> N
     device = cfg.train.device
     if device == "cuda" and not torch.cuda.is_available():
         raise PlanError("train.device=cuda but no GPU is visible; use train.device=cpu")
-    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    on_gpu = run_device(device).type == "cuda"
     check_fp8(cfg, "cuda" if on_gpu else "cpu")
     check_launch(cfg, env, gpus=torch.cuda.device_count() if on_gpu else None, cpus=_cpu_count())
