@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from lcgraph.app import held_out
 from lcgraph.app.config import RunConfig
-from lcgraph.app.perf import device_gpu, run_device
+from lcgraph.app.perf import device_gpu
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
@@ -49,6 +49,16 @@ from lcgraph.schedule.sequence import split_sequence
 from lcgraph.schedule.validator import validate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def run_device(name: str) -> torch.device:
+    """The device `train.device` names for this process (`auto`: a GPU when one is visible; on CUDA the
+    LOCAL_RANK-th), without making it current."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def pick_device(name: str) -> torch.device:
@@ -94,7 +104,7 @@ class Job:
     """Everything one rank holds for a run; `plan` is `resolve_plan(cfg)`, made once before the ranks start."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, rank: int = 0, world: int = 1, *, plan: Recompute):
-        self.cfg, self.run_dir, self.plan = cfg, Path(run_dir), plan
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.parallel, self.train, self.optim = cfg.parallel, cfg.train, cfg.optim  # what the runtime reads
         par = cfg.parallel
         self.coords = Coords.of(rank, par.pp, par.dp, par.sp, par.cp)
@@ -112,13 +122,13 @@ class Job:
         torch.manual_seed(cfg.train.seed)
         self._setup_data()
         if self.world > 1:
-            self._check_ranks_agree()
+            self._check_ranks_agree(plan)
         self._setup_peers()  # after the check: only ranks that agree on tie_word_embeddings make its group
         self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
         self._setup_optimizer()
-        self._setup_interpreter()
+        self._setup_interpreter(plan)
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
@@ -168,7 +178,7 @@ class Job:
         )
         self.sampler, self.eval_windows, self.tokenizer = run_data.sampler, run_data.eval_windows, run_data.tokenizer
 
-    def _check_ranks_agree(self) -> None:
+    def _check_ranks_agree(self, plan: Recompute) -> None:
         """Every rank must train the same plan on the same tokens (under torchrun each composes its own config and
         each node reads its own corpus cache): a difference is refused on every rank, naming it, before a step.
         Paths may differ per node; the token stream is compared by length, documents and a strided sample."""
@@ -182,7 +192,7 @@ class Job:
             "model": model_shape(self.config),
             # (recompute mode, layers per segment, kept attention layers, offload): under torchrun each rank
             # resolves `auto` for its own GPU and host
-            "plan": dataclasses.astuple(dataclasses.replace(self.plan, reason="")),
+            "plan": dataclasses.astuple(dataclasses.replace(plan, reason="")),
             "corpus": (len(tokens), self.sampler.corpus.num_documents, zlib.crc32(sample.tobytes())),
         }
         everyone: list = [None] * self.world
@@ -286,8 +296,7 @@ class Job:
             merged.update(actions)
         return merged, frozenset().union(*(t for _, t in everyone))
 
-    def _setup_interpreter(self) -> None:
-        resolved = self.plan
+    def _setup_interpreter(self, resolved: Recompute) -> None:
         self.recompute, self.recompute_reason = resolved.mode, resolved.reason
         self.offload = resolved.offload  # train.offload, `auto` resolved by the planner
         self.kept_attention_layers = resolved.kept_attention_layers

@@ -1,4 +1,4 @@
-"""What device and GPU a rank runs on, and how a run's speed reads against it (TFLOP/s per GPU, MFU).
+"""What GPU a rank runs on, and how a run's speed reads against it (TFLOP/s per GPU, MFU).
 
 The figures come from lcgraph.planner.mfu, the definition the planner and tools/bench.py share: MFU is over
 the GPU's datasheet dense peak of the run's dtype, and `of_measured_matmul_peak` (the same rate over the
@@ -8,23 +8,12 @@ reports TFLOP/s only: another GPU's peak would give a wrong MFU.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from lcgraph.planner import mfu
 from lcgraph.planner.devices import GpuProfile, gpu_profile
-
-
-def run_device(name: str) -> torch.device:
-    """The device `train.device` names for this process (`auto`: a GPU when one is visible; on CUDA the
-    LOCAL_RANK-th), without making it current."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def device_gpu(device: torch.device, requested: str | None = None) -> GpuProfile | None:

@@ -42,8 +42,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lcgraph.app.config import LcgraphConfig, choice_fields
+from lcgraph.app.job import run_device
 from lcgraph.app.paths import conf_dir, recipes_dir
-from lcgraph.app.perf import run_device
 from lcgraph.errors import LaunchError, ModelPathError, PlanError
 from lcgraph.graph.capture import check_llama_like, check_sliding_window
 from lcgraph.graph.passes import check_ulysses
