@@ -244,7 +244,7 @@ def test_mfu_under_a_mask_counts_the_pairs_the_mask_leaves():
     """The share a step reports (`attention_kept`) is the dense mask's count over the causal count, and the run's
     TFLOP/s counts 6*L*h*S times it."""
     from lcgraph.app.job import kept_pairs
-    from lcgraph.app.perf import RunPerf
+    from lcgraph.planner.mfu import RunPerf
 
     docs = torch.tensor([[0] * 5 + [1] * 1 + [2] * 10, [0] * 16])
     pos = torch.arange(16)

@@ -16,13 +16,12 @@ import torch
 from transformers import LlamaConfig
 
 from lcgraph.app.job import resolve_plan
-from lcgraph.app.perf import RunPerf
 from lcgraph.app.testing import TINY, compose, job_of, planned, run_config
 from lcgraph.graph.capture import capture
 from lcgraph.planner import plan
 from lcgraph.planner.costs import GraphCosts, Layout
 from lcgraph.planner.devices import gpu_profile
-from lcgraph.planner.mfu import model_flops_per_token
+from lcgraph.planner.mfu import RunPerf, model_flops_per_token
 from lcgraph.planner.profile import load_profile
 from lcgraph.runtime.model import build_config
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lcgraph.app.cli import launch_local
-from lcgraph.ops import ring
+from lcgraph.ops import context, ring
 
 
 def softmax_attention(q, k, v, scale):
@@ -78,7 +78,7 @@ def _worker(out_dir: str, length: int, prefix: int) -> None:
     dist.init_process_group("gloo")
     rank, cp = dist.get_rank(), dist.get_world_size()
     try:
-        ring.set_cp_group(dist.new_group(list(range(cp))), cp, rank)
+        context.configure(cp_group=dist.new_group(list(range(cp))), cp=cp, cp_rank=rank)
         q, k, v, grad = _tensors(length, prefix)
         own = zigzag(cp, rank, length)
         mine = zigzag(cp, rank, prefix) if prefix else torch.arange(0)  # this rank's share of the earlier chunk

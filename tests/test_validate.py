@@ -322,7 +322,7 @@ def test_the_config_choices_are_what_the_code_knows():
 
     from lcgraph.app.config import AttentionBackend, ChunkSplit, Dtype, ScheduleName
     from lcgraph.app.job import DTYPES
-    from lcgraph.ops.attention import BACKENDS
+    from lcgraph.ops.context import BACKENDS
     from lcgraph.schedule.actions import SCHEDULES, SPLIT_MODES
 
     assert get_args(ScheduleName) == SCHEDULES

@@ -31,9 +31,9 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 
 from lcgraph.app import links, replay
 from lcgraph.app.cli import first_failure, init_distributed, launch_local, share_cores
-from lcgraph.app.perf import device_gpu
 from lcgraph.app.testing import compose, relative_error, train_local, train_spawned
 from lcgraph.errors import LaunchError, LcgraphError, full_tracebacks
+from lcgraph.planner.devices import device_gpu
 from lcgraph.planner.profile import DeviceProfile, load_profile, profile_json
 from lcgraph.runtime.config import TrainConfig
 

@@ -25,12 +25,12 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from lcgraph.app.config import RunConfig, register_configs, typed
 from lcgraph.app.job import Job, prepare_data, resolve_plan
 from lcgraph.app.paths import conf_dir
-from lcgraph.app.perf import RunPerf, device_gpu
 from lcgraph.app.validate import check_overrides, validate_plan
 from lcgraph.errors import LaunchError, LcgraphError, PlanError, RankError, full_tracebacks, user_error_names
 from lcgraph.observability.measured import comm_times, write_measured_timeline
 from lcgraph.observability.metrics import RunLogger, throughput
-from lcgraph.planner.mfu import model_flops_per_token
+from lcgraph.planner.devices import device_gpu
+from lcgraph.planner.mfu import RunPerf, model_flops_per_token
 from lcgraph.planner.plan import Recompute
 from lcgraph.runtime import checkpoint, faults
 from lcgraph.runtime.config import TrainConfig
@@ -159,7 +159,6 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1, *, plan: Re
             metrics = job.run_step(step)
             metrics.update(perf.step(metrics, job.device))
             logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
-            faults.check_replicas(job, step)  # every train.check_every steps
             if job.stopping:
                 end = step + 1
                 logger.note(f"stop requested: checkpoint at step {end}, then exit")

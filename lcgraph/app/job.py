@@ -23,15 +23,15 @@ import torch.distributed as dist
 
 from lcgraph.app import held_out
 from lcgraph.app.config import RunConfig
-from lcgraph.app.perf import device_gpu
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph import passes
 from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
 from lcgraph.graph.fusion import fuse_wanted
 from lcgraph.graph.ring import ring_align, run_length, shard_positions
 from lcgraph.observability.graphs import dump_graph, graph_text
-from lcgraph.ops import attention, collectives, masks, ring
+from lcgraph.ops import context, masks
 from lcgraph.ops.fp8 import eager_note, fp8_recipe, fp8_refusal
+from lcgraph.planner.devices import device_gpu
 from lcgraph.planner.documents import DocumentMix, pairs_before
 from lcgraph.planner.plan import Recompute, given_recompute, resolve_recompute
 from lcgraph.runtime import data, faults, model, recompute
@@ -118,7 +118,6 @@ class Job:
         if self.fp8 and (why := fp8_refusal(self.fp8, self.device, self.dtype)):  # this rank's own GPU
             raise PlanError(why)
         self.fp8_note = eager_note(self.fp8, cfg.train.compile, self.device)  # FP8 casts uncompiled: slower
-        attention.set_backend(cfg.train.attention)
         torch.manual_seed(cfg.train.seed)
         self._setup_data()
         if self.world > 1:
@@ -132,7 +131,7 @@ class Job:
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
-        """The mesh's process groups."""
+        """The mesh's process groups, and the context the ops run with (their groups, the attention kernel)."""
         c = self.coords
         self.mesh = None
         self.sp_group = self.cp_group = self.replica_group = None
@@ -144,8 +143,7 @@ class Job:
             self.sp_group = self.mesh["sp"].get_group()
             self.cp_group = self.mesh["cp"].get_group()  # the ring's p2p: a communicator of its own
             self.replica_group = self.mesh["dp", "cp", "sp"]._flatten("dp_cp_sp").get_group()
-        collectives.set_sp_group(self.sp_group, c.sp)
-        ring.set_cp_group(self.cp_group, c.cp, c.cp_rank)
+        context.configure(self.sp_group, c.sp, self.cp_group, c.cp, c.cp_rank, self.cfg.train.attention)
 
     def _setup_peers(self):
         """This replica's global rank on each pipeline stage (the p2p peers). A tied embedding under pp > 1 lives
@@ -430,6 +428,7 @@ class Job:
             **({"attention_kept": self.attention_kept} if self.attention_kept is not None else {}),
         }
         faults.after_step(self, step, metrics, injected)  # a dropped update: logged, or the run stops
+        faults.check_replicas(self, step)  # every train.check_every steps: a replica that drifted stops the run
         every = self.cfg.train.eval_every
         if self.held_out is not None and every and (step + 1) % every == 0:
             metrics["eval_loss"] = self.held_out.loss()

@@ -25,7 +25,6 @@ lse [B, Hq, Sq] float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -33,9 +32,8 @@ from typing import Any, NamedTuple
 import torch
 
 from lcgraph.ops import masks
-
-BACKENDS = ("auto", "math", "cudnn", "flash", "efficient")
-_backend = os.environ.get("LCGRAPH_ATTENTION", "auto")
+from lcgraph.ops.context import current
+from lcgraph.ops.context import set_backend as set_backend  # the kernel switch, where callers look for it
 
 # What `auto` picks on a GPU, per (compute capability major, inputs are fp16/bf16): the first backend whose
 # head-dim limit admits the model's. On an H200 cuDNN was fastest in every case measured, head dims 64 and 128,
@@ -55,24 +53,16 @@ DOCUMENT_AUTO = {"cudnn": "flash"}
 KERNEL_CALLS: Counter[str] = Counter()
 
 
-def set_backend(name: str) -> None:
-    """Select the attention kernel for this process (see module docstring)."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} unknown; choose one of {BACKENDS}")
-    _backend = name
-
-
 def attention_backend() -> str:
-    """The backend this process was set to (`auto` or a kernel's name)."""
-    return _backend
+    """The backend this process was set to (`set_backend`) (`auto` or a kernel's name)."""
+    return current().backend
 
 
 def resolve_backend(q: torch.Tensor, documents: bool = False) -> str:
     """The kernel used for tensors like ``q``: ``auto`` picks math on CPU and reads `AUTO_TABLE` on GPU
     (`DOCUMENT_AUTO` under a document mask)."""
-    if _backend != "auto":
-        return _backend
+    if (chosen := current().backend) != "auto":
+        return chosen
     if q.device.type != "cuda":
         return "math"
     major = torch.cuda.get_device_capability(q.device)[0]

@@ -1,7 +1,6 @@
 """Autograd-aware collectives that graph passes insert as nodes (Ulysses all-to-all).
 
-The sequence-parallel process group is set once per rank by the runtime (`set_sp_group`); the graph
-nodes take only tensors, so stage graphs stay plain fx graphs.
+The sequence-parallel process group is this rank's op context (ops/context.py), set once by the runtime.
 """
 
 from __future__ import annotations
@@ -9,28 +8,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_sp_group = None
-_sp_size = 1
+from lcgraph.ops.context import current
+
 stats = {"all_to_all": 0, "all_to_all_bytes": 0}
-
-
-def set_sp_group(group, size: int) -> None:
-    global _sp_group, _sp_size
-    _sp_group, _sp_size = group, size
 
 
 def _all_to_all(x: torch.Tensor) -> torch.Tensor:
     """Exchange dim-0 blocks: block i goes to rank i of the sp group."""
     x = x.contiguous()
     out = torch.empty_like(x)  # contiguous like x: all_to_all_single reads and writes flat memory
-    dist.all_to_all_single(out, x, group=_sp_group)
+    dist.all_to_all_single(out, x, group=current().sp_group)
     stats["all_to_all"] += 1
     stats["all_to_all_bytes"] += x.numel() * x.element_size()
     return out
 
 
 def _seq_to_heads(x_bhsd: torch.Tensor) -> torch.Tensor:
-    p = _sp_size
+    p = current().sp
     b, h, s, d = x_bhsd.shape
     blocks = x_bhsd.reshape(b, p, h // p, s, d).permute(1, 0, 2, 3, 4)  # [p, B, H/p, s, D]: block i -> rank i
     recv = _all_to_all(blocks)  # [p (sequence shard), B, H/p, s, D]
@@ -38,7 +32,7 @@ def _seq_to_heads(x_bhsd: torch.Tensor) -> torch.Tensor:
 
 
 def _heads_to_seq(x_bhsd: torch.Tensor) -> torch.Tensor:
-    p = _sp_size
+    p = current().sp
     b, hp, full, d = x_bhsd.shape
     blocks = x_bhsd.reshape(b, hp, p, full // p, d).permute(2, 0, 1, 3, 4)  # [p, B, H/p, s, D]: shard i -> rank i
     recv = _all_to_all(blocks)  # [p (head group), B, H/p, s, D]
@@ -67,9 +61,9 @@ class _HeadsToSeq(torch.autograd.Function):
 
 def seq_to_heads(x_bhsd: torch.Tensor) -> torch.Tensor:
     """[B, H, S/sp, D] on each sp rank -> [B, H/sp, S, D] (this rank's heads, the whole sequence)."""
-    return _SeqToHeads.apply(x_bhsd) if _sp_size > 1 else x_bhsd
+    return _SeqToHeads.apply(x_bhsd) if current().sp > 1 else x_bhsd
 
 
 def heads_to_seq(x_bhsd: torch.Tensor) -> torch.Tensor:
     """Inverse of `seq_to_heads`: [B, H/sp, S, D] -> [B, H, S/sp, D]."""
-    return _HeadsToSeq.apply(x_bhsd) if _sp_size > 1 else x_bhsd
+    return _HeadsToSeq.apply(x_bhsd) if current().sp > 1 else x_bhsd

@@ -38,32 +38,13 @@ import torch.distributed as dist
 
 from lcgraph.ops import masks
 from lcgraph.ops.attention import KERNEL_CALLS, KERNELS, Block, Grads, Saved, attention_backend, resolve_backend
+from lcgraph.ops.context import current
 from lcgraph.ops.relay import RelayContext, StageAttention
 
 RING = "ring"  # Saved.backend prefix of a ring call: "ring:<kernel>"
 
 
-@dataclass
-class _Ring:
-    group: dist.ProcessGroup | None = None
-    size: int = 1
-    rank: int = 0
-    send_to: int = 0  # global ranks of the next and previous cp ranks
-    recv_from: int = 0
-
-
-_ring = _Ring()
 stats = {"p2p": 0, "p2p_bytes": 0, "steps": 0}  # sends posted and their bytes, ring steps run (tests, planner)
-
-
-def set_cp_group(group, size: int, rank: int) -> None:
-    """The cp process group of this rank (None when cp == 1) and its place in it."""
-    global _ring
-    if size == 1:
-        _ring = _Ring()
-        return
-    nxt, prev = (rank + 1) % size, (rank - 1) % size
-    _ring = _Ring(group, size, rank, dist.get_global_rank(group, nxt), dist.get_global_rank(group, prev))
 
 
 @dataclass(frozen=True)
@@ -168,8 +149,9 @@ class _Shift:
 
     def __init__(self, tensors: list[torch.Tensor]):
         self.received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t, _ring.send_to, _ring.group) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, t, _ring.recv_from, _ring.group) for t in self.received]
+        place = current().ring
+        ops = [dist.P2POp(dist.isend, t, place.send_to, place.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, place.recv_from, place.group) for t in self.received]
         self.works = dist.batch_isend_irecv(ops) if ops else []
         stats["p2p"] += len(tensors)
         stats["p2p_bytes"] += sum(t.numel() * t.element_size() for t in tensors)
@@ -191,7 +173,7 @@ def _rows(t: torch.Tensor, rows: slice, batch: slice = slice(None)) -> torch.Ten
 def ring_backend(q: torch.Tensor) -> str:
     """The kernel the ring runs for tensors like `q`: auto's choice, except `efficient`. Its backward, called
     from the ring's merged output and LSE, gave NaN gradients and illegal memory accesses on an H200
-    (tests/test_gpu_ring.py), so where auto would fall back to it (fp32 on a GPU, a head dim or GPU the table
+    (tests/test_gpuplace.py), so where auto would fall back to it (fp32 on a GPU, a head dim or GPU the table
     does not cover) the ring runs `math`; asked for by name it is refused (validation says so up front)."""
     name = resolve_backend(q, documents=masks.documents_set())
     if name != "efficient":
@@ -265,10 +247,11 @@ def ring_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     payload = [k.contiguous(), v.contiguous()]
     auxes = []
-    for step in range(_ring.size):
-        source = (_ring.rank - step) % _ring.size
-        shift = _Shift(payload) if step < _ring.size - 1 else None  # the next payload travels during this step
-        auxes += forward_step(kernel, q, payload, step_pieces(_ring.rank, source, c, p, _ring.size), out, lse, scale)
+    place = current().ring
+    for step in range(place.size):
+        source = (place.rank - step) % place.size
+        shift = _Shift(payload) if step < place.size - 1 else None  # the next payload travels during this step
+        auxes += forward_step(kernel, q, payload, step_pieces(place.rank, source, c, p, place.size), out, lse, scale)
         stats["steps"] += 1
         if shift is not None:
             payload = shift.wait()
@@ -286,19 +269,20 @@ def ring_attend_backward(dout: torch.Tensor, q, k, v, saved: Saved, scale: float
     payload = [k.contiguous(), v.contiguous()]
     grads: list[torch.Tensor] = []  # the dK/dV accumulator of the payload held
     auxes = iter(saved.aux_diagonal)
-    for step in range(_ring.size):
-        source = (_ring.rank - step) % _ring.size
-        sends = (payload if step < _ring.size - 1 else []) + grads  # grads: the previous source's, passed on
+    place = current().ring
+    for step in range(place.size):
+        source = (place.rank - step) % place.size
+        sends = (payload if step < place.size - 1 else []) + grads  # grads: the previous source's, passed on
         shift = _Shift(sends) if sends else None
-        steps = step_pieces(_ring.rank, source, c, p, _ring.size)
+        steps = step_pieces(place.rank, source, c, p, place.size)
         mine = backward_step(kernel, dout, q, payload, steps, saved, scale, auxes, dq)
         if shift is not None:
             received = shift.wait()
-            if step < _ring.size - 1:
+            if step < place.size - 1:
                 payload, received = received[:2], received[2:]
             mine = [a + b for a, b in zip(mine, received)] if received else mine
         grads = mine
-    if _ring.size > 1:
+    if place.size > 1:
         grads = _Shift(grads).wait()  # each accumulator has met every rank's queries: home to its owner
     dk, dv = grads
     prefix = (dk[:, :, :p].to(k.dtype), dv[:, :, :p].to(v.dtype)) if p else (None, None)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from lcgraph.planner.profile import DeviceProfile, load_profile, profile_names
 
 GiB = 2**30
@@ -57,3 +59,12 @@ def gpu_profile(device_name: str, total_memory: int, requested: str | None = Non
         exact, how = False, f"no profile for this GPU: the nearest by memory, {base.name}, with its own memory"
     profile = dataclasses.replace(base, memory_bytes=float(total_memory))
     return GpuProfile(profile, exact, f"{device_name} ({total_memory / GiB:.1f} GiB): {how}")
+
+
+def device_gpu(device: torch.device, requested: str | None = None) -> GpuProfile | None:
+    """The profile of the CUDA device a rank runs on (by name, with its real total memory); None on CPU.
+    `requested` (`+plan.device`) supplies the rates instead of the name match; the memory stays the GPU's."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return gpu_profile(torch.cuda.get_device_name(device), int(props.total_memory), requested)

@@ -10,10 +10,17 @@ dense bf16 figure (fp32 for fp32 runs) stored in the device profile (`peak_bf16_
 `peak_source`), not the profile's measured `matmul_flops`: that one is the planner's time model, and a
 figure "of measured matmul peak" is reported beside MFU under that name. The trainer, the planner and
 tools/bench.py all call these functions, so the same run reads the same MFU everywhere (docs/observability.md).
+`RunPerf` reads a training run's steps this way on the GPU it runs on (`devices.device_gpu`); a GPU no shipped
+profile names reports TFLOP/s only: another GPU's peak would give a wrong MFU.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
+from lcgraph.planner.devices import GpuProfile
 from lcgraph.planner.profile import DeviceProfile
 
 
@@ -66,3 +73,50 @@ def of_measured_matmul(
 def mfu_text(value: float | None) -> str:
     """A printed MFU: '34.2%', or 'n/a' when the GPU's datasheet peak is unknown."""
     return "n/a" if value is None else f"{value:.1%}"
+
+
+@dataclass(frozen=True)
+class RunPerf:
+    """Model FLOPs per token of the run, its ranks and dtype, and the GPU it runs on (None: CPU)."""
+
+    flops_per_token: float
+    world: int
+    dtype: str
+    gpu: GpuProfile | None
+    attention_flops_per_token: float = 0.0  # the 6*L*h*S part of flops_per_token (a document mask keeps less)
+
+    def at(self, tokens_per_s: float, attention_kept: float = 1.0) -> dict[str, float]:
+        """tflops_per_gpu, and on a known GPU mfu and of_measured_matmul_peak, at a whole-run `tokens_per_s`;
+        `attention_kept`: the share of causal attention pairs a document mask left (mfu.py)."""
+        per_gpu = tokens_per_s / self.world
+        flops = self.flops_per_token - self.attention_flops_per_token * (1.0 - attention_kept)
+        out = {"tflops_per_gpu": flops * per_gpu / 1e12}
+        if self.gpu is not None and self.gpu.exact:
+            figures = {
+                "mfu": mfu(flops, per_gpu, self.gpu.profile, self.dtype),
+                "of_measured_matmul_peak": of_measured_matmul(flops, per_gpu, self.gpu.profile, self.dtype),
+            }
+            out.update({k: v for k, v in figures.items() if v is not None})
+        return out
+
+    def step(self, metrics: dict, device: torch.device) -> dict[str, float | int]:
+        """`at` the tokens/s of one step's `metrics` (and its attention_kept) and, on GPU, the step's peak memory."""
+        out: dict[str, float | int] = {
+            **self.at(metrics["tokens"] / metrics["step_time_s"], metrics.get("attention_kept", 1.0))
+        }
+        if device.type == "cuda":
+            out["cuda_step_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        return out
+
+    def peak_line(self) -> str | None:
+        """One line on what MFU divides by, or why there is none (None on CPU)."""
+        if self.gpu is None:
+            return None
+        prof = self.gpu.profile
+        peak = datasheet_peak(prof, self.dtype) if self.gpu.exact else None
+        if peak is None:
+            return f"{self.gpu.note}; no datasheet peak known for it: TFLOP/s only, no MFU"
+        return (
+            f"MFU over the {self.dtype} datasheet peak of profile {prof.name}, {peak / 1e12:.1f} TFLOP/s "
+            f"(its peak_source); of_measured_matmul_peak over {prof.matmul_rate(self.dtype) / 1e12:.0f} TFLOP/s"
+        )
