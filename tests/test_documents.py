@@ -18,6 +18,7 @@ from test_reference import ACTIVE, CLIP, STEPS, WD, reference_lr  # the referenc
 
 from lcgraph.app.testing import assert_close_run, compose, planned, train_local, train_spawned
 from lcgraph.graph.capture import IGNORE_INDEX
+from lcgraph.graph.ring import balanced_pairs, piece_work
 from lcgraph.ops import attention, masks
 from lcgraph.runtime import data
 from lcgraph.runtime.model import build_config, init_parameter
@@ -97,7 +98,7 @@ def balanced_pairs_of(cfg, cp: int) -> list[tuple[tuple[int, int], ...]]:
     tokens, _ = data.prepare_corpus(cfg.data, None, build_config(cfg.model).vocab_size)
     sampler = data.PackedSampler(tokens, cfg.data.seq_len, cfg.train.seed, cross_document=False)
     windows = [sampler.window(step) for step in range(STEPS)]
-    return [masks.balanced_pairs(masks.piece_work(w.document_ids[None], 0, cfg.data.seq_len, cp)) for w in windows]
+    return [balanced_pairs(piece_work(w.document_ids[None], 0, cfg.data.seq_len, cp)) for w in windows]
 
 
 def test_one_process_whole_and_seq1f1b_uneven_chunks_match_hf_per_document(corpus):

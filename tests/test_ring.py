@@ -13,7 +13,7 @@ from test_reference import FP32, check, hf_reference, run_cfg
 from lcgraph.app.testing import compose, train_spawned
 from lcgraph.app.validate import check_layout
 from lcgraph.errors import PlanError
-from lcgraph.graph.ring import shard_positions
+from lcgraph.graph.ring import balanced_pairs, piece_work, shard_positions
 from lcgraph.planner.costs import CostModel, Layout
 from lcgraph.planner.graph_costs import GraphCosts
 from lcgraph.planner.profile import load_profile
@@ -238,7 +238,6 @@ def test_ring_pieces_under_a_mask_are_paired_by_the_work_it_leaves():
     """Each piece's work is the pairs a dense document mask keeps for its queries (counted element by element);
     causal work rising along the chunk pairs as the zigzag, and a mask that leaves the middle pieces the most work
     pairs them otherwise, the heaviest pair lighter than the zigzag's."""
-    from lcgraph.ops import masks
 
     torch.manual_seed(0)
     docs = torch.cumsum(torch.rand(2, 48) < 0.15, dim=1)  # two rows of random documents
@@ -248,12 +247,12 @@ def test_ring_pieces_under_a_mask_are_paired_by_the_work_it_leaves():
             sum(int(((docs[b, : t + 1] == docs[b, t])).sum()) for b in range(2) for t in range(offset + i * n, offset + (i + 1) * n))
             for i in range(2 * cp)
         ]  # fmt: skip
-        assert masks.piece_work(docs, offset, length, cp) == dense
-    causal = masks.piece_work(torch.zeros(1, 32, dtype=torch.long), 0, 32, 2)
-    assert masks.balanced_pairs(causal) == ((0, 3), (1, 2))  # the zigzag
+        assert piece_work(docs, offset, length, cp) == dense
+    causal = piece_work(torch.zeros(1, 32, dtype=torch.long), 0, 32, 2)
+    assert balanced_pairs(causal) == ((0, 3), (1, 2))  # the zigzag
     one_long_then_single_tokens = torch.tensor([[0] * 20 + list(range(1, 13))])
-    work = masks.piece_work(one_long_then_single_tokens, 0, 32, 2)
+    work = piece_work(one_long_then_single_tokens, 0, 32, 2)
     assert work == [36, 100, 78, 8]
-    pairs = masks.balanced_pairs(work)
+    pairs = balanced_pairs(work)
     assert pairs == ((0, 2), (1, 3))
     assert max(work[a] + work[b] for a, b in pairs) == 114 < max(work[0] + work[3], work[1] + work[2])

@@ -374,7 +374,7 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused_and_one_covering_
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config
 
     from lcgraph.app.testing import job_of
-    from lcgraph.graph.capture import sliding_window
+    from lcgraph.runtime.model import sliding_window
 
     config = MistralConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

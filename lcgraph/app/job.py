@@ -25,9 +25,9 @@ from lcgraph.app import held_out
 from lcgraph.app.config import RunConfig
 from lcgraph.errors import LaunchError, PlanError
 from lcgraph.graph import passes
-from lcgraph.graph.capture import IGNORE_INDEX, capture, check_sliding_window
+from lcgraph.graph.capture import IGNORE_INDEX, capture
 from lcgraph.graph.fusion import fuse_wanted
-from lcgraph.graph.ring import ring_align, run_length, shard_positions
+from lcgraph.graph.ring import ring_align, ring_pairs, run_length, shard_positions
 from lcgraph.observability.graphs import dump_graph, graph_text
 from lcgraph.ops import context, masks
 from lcgraph.ops.fp8 import eager_note, fp8_recipe, fp8_refusal
@@ -112,7 +112,7 @@ class Job:
         self.device = pick_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
         self.config = model.build_config(cfg.model)
-        check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
+        model.check_sliding_window(self.config, cfg.data.seq_len)  # also when a Job is built without validate_plan
         self._setup_groups()
         self.fp8 = fp8_recipe(cfg.train.fp8)
         if self.fp8 and (why := fp8_refusal(self.fp8, self.device, self.dtype)):  # this rank's own GPU
@@ -373,7 +373,7 @@ class Job:
                 if dp_rank != self.coords.dp_rank:
                     continue
                 masked_docs = None if d.cross_document_attention else docs  # on the host: spans cut there (masks.py)
-                pairs = self._ring_pairs(masked_docs, offsets)
+                pairs = ring_pairs(masked_docs, offsets, self.chunk_lengths, self.coords.cp)
                 for c, length in enumerate(self.chunk_lengths):
                     pair = pairs[c][self.coords.cp_rank] if pairs else None
                     sl = offsets[c] + shard_positions(length, self.coords, pair)
@@ -385,17 +385,6 @@ class Job:
                         pairs,
                     )
         return units, total
-
-    def _ring_pairs(self, docs: torch.Tensor | None, offsets: list[int]) -> masks.RingPairs:
-        """Under a document mask with ring attention, each chunk's 2 * cp pieces paired by the work the mask leaves
-        (every rank computes the same pairs from the same window); () keeps the zigzag."""
-        cp = self.coords.cp
-        if docs is None or cp == 1:
-            return ()
-        return tuple(
-            masks.balanced_pairs(masks.piece_work(docs, offsets[c], length, cp))
-            for c, length in enumerate(self.chunk_lengths)
-        )
 
     # --- step ----------------------------------------------------------------------------------------------
     def run_step(self, step: int) -> dict:

@@ -45,12 +45,12 @@ from lcgraph.app.config import LcgraphConfig, choice_fields
 from lcgraph.app.job import run_device
 from lcgraph.app.paths import conf_dir, recipes_dir
 from lcgraph.errors import LaunchError, ModelPathError, PlanError
-from lcgraph.graph.capture import check_llama_like, check_sliding_window
+from lcgraph.graph.capture import check_llama_like
 from lcgraph.graph.passes import check_ulysses
 from lcgraph.graph.ring import check_ring
 from lcgraph.ops.fp8 import fp8_recipe, fp8_refusal
 from lcgraph.runtime import data
-from lcgraph.runtime.model import build_config
+from lcgraph.runtime.model import build_config, check_sliding_window
 from lcgraph.runtime.recompute import recompute_mode
 
 COUNT_KEYS = (

@@ -95,35 +95,6 @@ def check_llama_like(config) -> None:
         )
 
 
-def sliding_window(config) -> int | None:
-    """The attention window HF applies to some layer of this config, or None (full causal attention): Mistral's
-    `sliding_window`; Qwen2's only with `use_sliding_window` on some layer (`layer_types`, else
-    `max_window_layers` below the layer count)."""
-    window = getattr(config, "sliding_window", None)
-    if window is None or getattr(config, "model_type", None) == "llama":
-        return None
-    if getattr(config, "model_type", None) == "qwen2":
-        if not getattr(config, "use_sliding_window", False):
-            return None
-        types = getattr(config, "layer_types", None)
-        if types is not None and "sliding_attention" not in types:
-            return None
-        if types is None and getattr(config, "max_window_layers", 0) >= config.num_hidden_layers:
-            return None
-    return int(window)
-
-
-def check_sliding_window(config, seq_len: int) -> None:
-    """A window shorter than the sequence changes which keys a query sees; lcgraph's attention is full causal, so
-    it would train another model silently: refused (a window >= seq_len masks nothing)."""
-    window = sliding_window(config)
-    if window is not None and window < seq_len:
-        raise CaptureError(
-            f"model_type {config.model_type!r} has sliding_window={window} < data.seq_len={seq_len}, and lcgraph "
-            f"attends over the whole causal prefix; train with data.seq_len <= {window} or a model without a window"
-        )
-
-
 def build_meta_model(config, dtype=torch.float32):
     """The HF model with every parameter on the meta device: shapes only, no real weights.
 

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from lcgraph.errors import PlanError
+from lcgraph.ops import masks
 
 
 class Shards(Protocol):
@@ -96,3 +97,36 @@ def shard_positions(length: int, c: RankShards, pair: tuple[int, int] | None = N
         mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
     shard = len(mine) // c.sp
     return mine[c.sp_rank * shard : (c.sp_rank + 1) * shard]
+
+
+def piece_work(document_ids: torch.Tensor, offset: int, length: int, cp: int) -> list[int]:
+    """The attended pairs of each of the 2 * cp equal pieces of the chunk at window positions offset .. offset +
+    length, summed over the batch rows: a query attends its own document's keys up to itself (earlier chunks'
+    included)."""
+    n = length // (2 * cp)
+    work = [0] * (2 * cp)
+    for bounds in masks.document_bounds(document_ids):
+        for first, end in zip(bounds, bounds[1:]):
+            for i in range(2 * cp):
+                a, b = max(first, offset + i * n), min(end, offset + (i + 1) * n)
+                if a < b:  # queries a .. b-1 see (a - first + 1) .. (b - first) keys
+                    work[i] += (b - a) * (a + b - 2 * first + 1) // 2
+    return work
+
+
+def balanced_pairs(work: list[int]) -> tuple[tuple[int, int], ...]:
+    """The 2 * cp pieces paired so the heaviest pair is lightest (heaviest with lightest, and so on, which is
+    optimal for pairs), pair r to cp rank r in order of its earlier piece. Causal work growing along the chunk
+    gives the zigzag pairs; a document mask leaves each piece its own work."""
+    order = sorted(range(len(work)), key=lambda i: (-work[i], -i))
+    pairs = [(min(order[j], order[-1 - j]), max(order[j], order[-1 - j])) for j in range(len(work) // 2)]
+    return tuple(sorted(pairs))
+
+
+def ring_pairs(docs: torch.Tensor | None, offsets: list[int], lengths: list[int], cp: int) -> masks.RingPairs:
+    """Under a document mask (`docs`, the window's document ids) with ring attention, each chunk's 2 * cp pieces
+    paired by the work the mask leaves (every rank computes the same pairs from the same window); chunk c starts
+    at `offsets[c]` and is `lengths[c]` long. () keeps the zigzag."""
+    if docs is None or cp == 1:
+        return ()
+    return tuple(balanced_pairs(piece_work(docs, offsets[c], length, cp)) for c, length in enumerate(lengths))

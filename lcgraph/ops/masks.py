@@ -34,7 +34,7 @@ class Span(NamedTuple):
 
 def set_documents(document_ids: torch.Tensor | None, ring_pairs: RingPairs = ()) -> None:
     """Mask attention by these document ids from now on (None: no document mask); `ring_pairs`: the pieces each cp
-    rank holds of each chunk, when ring attention balances them by the work the mask leaves (`balanced_pairs`)."""
+    rank holds of each chunk, when ring attention balances them by the work the mask leaves (`graph.ring.balanced_pairs`)."""
     global _documents, _bounds, _pairs
     _pairs = ring_pairs
     if document_ids is _documents:
@@ -82,27 +82,3 @@ def ring_pair(chunk: int, rank: int, cp: int) -> tuple[int, int]:
     if chunk < len(_pairs):
         return _pairs[chunk][rank]
     return rank, 2 * cp - 1 - rank
-
-
-def piece_work(document_ids: torch.Tensor, offset: int, length: int, cp: int) -> list[int]:
-    """The attended pairs of each of the 2 * cp equal pieces of the chunk at window positions offset .. offset +
-    length, summed over the batch rows: a query attends its own document's keys up to itself (earlier chunks'
-    included)."""
-    n = length // (2 * cp)
-    work = [0] * (2 * cp)
-    for bounds in document_bounds(document_ids):
-        for first, end in zip(bounds, bounds[1:]):
-            for i in range(2 * cp):
-                a, b = max(first, offset + i * n), min(end, offset + (i + 1) * n)
-                if a < b:  # queries a .. b-1 see (a - first + 1) .. (b - first) keys
-                    work[i] += (b - a) * (a + b - 2 * first + 1) // 2
-    return work
-
-
-def balanced_pairs(work: list[int]) -> tuple[tuple[int, int], ...]:
-    """The 2 * cp pieces paired so the heaviest pair is lightest (heaviest with lightest, and so on, which is
-    optimal for pairs), pair r to cp rank r in order of its earlier piece. Causal work growing along the chunk
-    gives the zigzag pairs; a document mask leaves each piece its own work."""
-    order = sorted(range(len(work)), key=lambda i: (-work[i], -i))
-    pairs = [(min(order[j], order[-1 - j]), max(order[j], order[-1 - j])) for j in range(len(work) // 2)]
-    return tuple(sorted(pairs))

@@ -18,7 +18,7 @@ Packed documents (masks.py): every query row and payload key has a window positi
 step's blocks are cut by document (`document_pieces`): a block whose keys are all earlier than its queries becomes
 one unmasked block per document present in both, a diagonal one causal square per document, and pairs the mask
 empties are never computed. The zigzag pairs balance causal work, not what a mask leaves, so under a mask the
-runtime pairs each chunk's pieces by the work left (`masks.balanced_pairs`: heaviest with lightest), per
+runtime pairs each chunk's pieces by the work left (`graph.ring.balanced_pairs`: heaviest with lightest), per
 micro-batch; the pieces keep their size, so shapes and messages do not change.
 
 Each call to a kernel returns its output and log-sum-exp (LSE); partial results merge exactly through the

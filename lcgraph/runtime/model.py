@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lcgraph.errors import ModelPathError
+from lcgraph.errors import ModelPathError, PlanError
 from lcgraph.runtime.config import ModelConfig
 
 SHAPE_KEYS = (
@@ -162,3 +162,32 @@ def stage_values(
         bar = progress and checkpoint_bytes(model_cfg.path) > PROGRESS_BYTES
         return load_parameters(model_cfg.path, shapes, config, device, dtype, progress=bar)
     return init_parameters(shapes, config, seed, device, dtype)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window HF applies to some layer of this config, or None (full causal attention): Mistral's
+    `sliding_window`; Qwen2's only with `use_sliding_window` on some layer (`layer_types`, else
+    `max_window_layers` below the layer count)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "model_type", None) == "llama":
+        return None
+    if getattr(config, "model_type", None) == "qwen2":
+        if not getattr(config, "use_sliding_window", False):
+            return None
+        types = getattr(config, "layer_types", None)
+        if types is not None and "sliding_attention" not in types:
+            return None
+        if types is None and getattr(config, "max_window_layers", 0) >= config.num_hidden_layers:
+            return None
+    return int(window)
+
+
+def check_sliding_window(config, seq_len: int) -> None:
+    """A window shorter than the sequence changes which keys a query sees; lcgraph's attention is full causal, so
+    it would train another model silently: refused (a window >= seq_len masks nothing)."""
+    window = sliding_window(config)
+    if window is not None and window < seq_len:
+        raise PlanError(
+            f"model_type {config.model_type!r} has sliding_window={window} < data.seq_len={seq_len}, and lcgraph "
+            f"attends over the whole causal prefix; train with data.seq_len <= {window} or a model without a window"
+        )
