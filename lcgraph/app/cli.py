@@ -159,6 +159,7 @@ def run(cfg: RunConfig, run_dir: str, rank: int = 0, world: int = 1, *, plan: Re
             metrics = job.run_step(step)
             metrics.update(perf.step(metrics, job.device))
             logger.log({**metrics, **comm_times(job.interpreter.timeline)})  # the timeline holds this step
+            faults.check_replicas(job, step)  # every train.check_every steps
             if job.stopping:
                 end = step + 1
                 logger.note(f"stop requested: checkpoint at step {end}, then exit")

@@ -120,10 +120,9 @@ class Job:
         self.fp8_note = eager_note(self.fp8, cfg.train.compile, self.device)  # FP8 casts uncompiled: slower
         torch.manual_seed(cfg.train.seed)
         self._setup_data()
+        self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         if self.world > 1:
             self._check_ranks_agree(plan)
-        self._setup_peers()  # after the check: only ranks that agree on tie_word_embeddings make its group
-        self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
         self._setup_schedule()
         self._setup_stages()
         self._setup_optimizer()
@@ -131,10 +130,14 @@ class Job:
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _setup_groups(self):
-        """The mesh's process groups, and the context the ops run with (their groups, the attention kernel)."""
+        """The mesh's process groups, this replica's global rank on each pipeline stage (the p2p peers), and the
+        context the ops run with (their groups, the attention kernel). Under pp > 1 the first and the last stage of
+        a replica share a group for a tied embedding, whose gradients are summed across the two; like Megatron's
+        embedding group it is made whether or not the model ties it, so no rank's model config decides which
+        groups exist (ranks that disagree on it are named by `_check_ranks_agree`, not left waiting)."""
         c = self.coords
         self.mesh = None
-        self.sp_group = self.cp_group = self.replica_group = None
+        self.sp_group = self.cp_group = self.replica_group = self.tied_group = None
         if self.world > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -143,21 +146,14 @@ class Job:
             self.sp_group = self.mesh["sp"].get_group()
             self.cp_group = self.mesh["cp"].get_group()  # the ring's p2p: a communicator of its own
             self.replica_group = self.mesh["dp", "cp", "sp"]._flatten("dp_cp_sp").get_group()
-        context.configure(self.sp_group, c.sp, self.cp_group, c.cp, c.cp_rank, self.cfg.train.attention)
-
-    def _setup_peers(self):
-        """This replica's global rank on each pipeline stage (the p2p peers). A tied embedding under pp > 1 lives
-        on the first and the last stage: the group of each such pair, whose gradients are summed across the two,
-        and the parameters of this rank it covers."""
-        c = self.coords
+            if c.pp > 1:  # every rank creates every pair's group; each keeps its own
+                self.tied_group, _ = dist.new_subgroups_by_enumeration(c.first_and_last_stages())
         self.peers = {r: c.global_rank(r) for r in range(c.pp)}
         self.tied_embeddings = c.pp > 1 and bool(getattr(self.config, "tie_word_embeddings", False))
-        self.tied_group = None
-        self.tied: list[str] = []
-        if self.tied_embeddings:
-            if dist.is_initialized():  # every rank creates every pair's group; each keeps its own
-                self.tied_group, _ = dist.new_subgroups_by_enumeration(c.first_and_last_stages())
-            self.tied = ["model.embed_tokens.weight"] if c.pp_rank in (0, c.pp - 1) else []
+        self.tied: list[str] = (
+            ["model.embed_tokens.weight"] if self.tied_embeddings and c.pp_rank in (0, c.pp - 1) else []
+        )
+        context.configure(self.sp_group, c.sp, self.cp_group, c.cp, c.cp_rank, self.cfg.train.attention)
 
     def _setup_data(self):
         """The sampler and held-out windows; lcgraph-train builds each token cache before spawning ranks, and under
@@ -417,7 +413,6 @@ class Job:
             **({"attention_kept": self.attention_kept} if self.attention_kept is not None else {}),
         }
         faults.after_step(self, step, metrics, injected)  # a dropped update: logged, or the run stops
-        faults.check_replicas(self, step)  # every train.check_every steps: a replica that drifted stops the run
         every = self.cfg.train.eval_every
         if self.held_out is not None and every and (step + 1) % every == 0:
             metrics["eval_loss"] = self.held_out.loss()
