@@ -56,7 +56,9 @@ def test_a_rank_error_reaches_the_user_as_one_line_naming_the_rank_with_the_trac
 
 def _disagreeing_rank(cfg_yaml: str, what: str) -> None:
     """A spawned rank whose rank 1 composed another learning rate (`config`: a torchrun node started with other
-    overrides) or resolved another recompute plan (`plan`: a torchrun node whose GPU the planner chose otherwise)."""
+    overrides), resolved another recompute plan (`plan`: a torchrun node whose GPU the planner chose otherwise) or
+    captured another graph (`graph`: a node whose transformers exports one more op)."""
+    import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
@@ -73,6 +75,19 @@ def _disagreeing_rank(cfg_yaml: str, what: str) -> None:
             cfg.optim.lr = 2 * cfg.optim.lr
         if dist.get_rank() == 1 and what == "plan":
             plan = Recompute("full", 1, -1, "planned for another GPU")
+        if dist.get_rank() == 1 and what == "graph":
+            import lcgraph.app.job as job_module
+
+            exported = job_module.capture
+
+            def one_more_op(*args, **kwargs):
+                captured = exported(*args, **kwargs)
+                graph = captured.graph
+                with graph.inserting_before(next(n for n in graph.nodes if n.op == "output")):
+                    graph.call_function(torch.ops.aten.alias.default, (next(iter(graph.nodes)),))
+                return captured
+
+            job_module.capture = one_more_op
         with pytest.raises(LaunchError) as err:
             Job(typed(cfg), __import__("tempfile").mkdtemp(), dist.get_rank(), dist.get_world_size(), plan=plan)
         message = str(err.value)
@@ -81,7 +96,7 @@ def _disagreeing_rank(cfg_yaml: str, what: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("what", ["config", "plan"])
+@pytest.mark.parametrize("what", ["config", "plan", "graph"])
 def test_ranks_that_composed_different_plans_are_refused_on_every_rank_before_a_step(what):
     from omegaconf import OmegaConf
 

@@ -78,6 +78,11 @@ def lr_at(step: int, o: OptimConfig, total: int) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def graph_ops(graph: torch.fx.Graph) -> str:
+    """A captured graph's nodes as text, one `op target` per line: what another torch or transformers changes."""
+    return "\n".join(f"{n.op} {n.target}" for n in graph.nodes)
+
+
 def prepare_data(cfg: RunConfig) -> None:
     """Tokenize and cache the corpus once, in this process, before any rank starts (bad input fails here)."""
     if not cfg.data.synthetic:
@@ -121,7 +126,7 @@ class Job:
         torch.manual_seed(cfg.train.seed)
         self._setup_data()
         self.captured = capture(self.config, batch_size=cfg.data.micro_batch_size, dtype=self.dtype)
-        if self.world > 1:
+        if self.world > 1:  # the ranks compare what they captured too
             self._check_ranks_agree(plan)
         self._setup_schedule()
         self._setup_stages()
@@ -173,9 +178,10 @@ class Job:
         self.sampler, self.eval_windows, self.tokenizer = run_data.sampler, run_data.eval_windows, run_data.tokenizer
 
     def _check_ranks_agree(self, plan: Recompute) -> None:
-        """Every rank must train the same plan on the same tokens (under torchrun each composes its own config and
-        each node reads its own corpus cache): a difference is refused on every rank, naming it, before a step.
-        Paths may differ per node; the token stream is compared by length, documents and a strided sample."""
+        """Every rank must train the same plan of the same graph on the same tokens (under torchrun each composes its
+        own config, captures with its own torch and transformers, and each node reads its own corpus cache): a
+        difference is refused on every rank, naming it, before a step. Paths may differ per node; the captured graph
+        is compared by its nodes' ops and targets, the token stream by length, documents and a strided sample."""
         composed = copy.deepcopy(self.cfg.composed)
         for section, key in (("model", "path"), ("data", "path")):
             composed.get(section, {}).pop(key, None)
@@ -184,6 +190,7 @@ class Job:
         mine = {
             "config": hashlib.sha256(json.dumps(composed, sort_keys=True, default=str).encode()).hexdigest(),
             "model": model_shape(self.config),
+            "graph": (len(self.captured.graph.nodes), zlib.crc32(graph_ops(self.captured.graph).encode())),
             # (recompute mode, layers per segment, kept attention layers, offload): under torchrun each rank
             # resolves `auto` for its own GPU and host
             "plan": dataclasses.astuple(dataclasses.replace(plan, reason="")),
@@ -194,11 +201,10 @@ class Job:
         for rank, theirs in enumerate(everyone):
             differ = [k for k in mine if theirs[k] != everyone[0][k]]
             if differ:
-                fix = (
-                    "set train.recompute, train.recompute_layers and train.offload instead of auto"
-                    if differ[0] == "plan"
-                    else "start every rank with the same overrides and the same data"
-                )
+                fix = {
+                    "plan": "set train.recompute, train.recompute_layers and train.offload instead of auto",
+                    "graph": "install the same torch and transformers on every node",
+                }.get(differ[0], "start every rank with the same overrides and the same data")
                 raise LaunchError(
                     f"rank {rank} and rank 0 differ in their {differ[0]} ({theirs[differ[0]]} vs "
                     f"{everyone[0][differ[0]]}); {fix}"

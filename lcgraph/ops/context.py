@@ -39,23 +39,29 @@ def current() -> OpContext:
     return _current
 
 
-def configure(sp_group=None, sp: int = 1, cp_group=None, cp: int = 1, cp_rank: int = 0, backend: str = "auto"):
-    """Set this rank's whole context: its sp group, its cp group and place in it (groups None for size 1), the
-    attention kernel (`set_backend`)."""
+def configure(
+    sp_group=None, sp: int = 1, cp_group=None, cp: int = 1, cp_rank: int = 0, backend: str | None = None
+) -> None:
+    """Set this rank's context: its sp group, its cp group and place in it (groups None for size 1) and, when
+    given, the attention kernel (else the one set before: `set_backend`, or LCGRAPH_ATTENTION, or auto)."""
     global _current
+    backend = _checked(backend if backend is not None else _current.backend)
     ring = RingPlace()
     if cp > 1:
         nxt, prev = (cp_rank + 1) % cp, (cp_rank - 1) % cp
         ring = RingPlace(
             cp_group, cp, cp_rank, dist.get_global_rank(cp_group, nxt), dist.get_global_rank(cp_group, prev)
         )
-    _current = OpContext(sp_group, sp, ring)
-    set_backend(backend)
+    _current = OpContext(sp_group, sp, ring, backend)
 
 
 def set_backend(name: str) -> None:
     """Select the attention kernel for this process (ops/attention.py: `auto` or a kernel's name)."""
     global _current
+    _current = replace(_current, backend=_checked(name))
+
+
+def _checked(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} unknown; choose one of {BACKENDS}")
-    _current = replace(_current, backend=name)
+    return name

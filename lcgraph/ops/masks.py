@@ -34,7 +34,8 @@ class Span(NamedTuple):
 
 def set_documents(document_ids: torch.Tensor | None, ring_pairs: RingPairs = ()) -> None:
     """Mask attention by these document ids from now on (None: no document mask); `ring_pairs`: the pieces each cp
-    rank holds of each chunk, when ring attention balances them by the work the mask leaves (`graph.ring.balanced_pairs`)."""
+    rank holds of each chunk, when ring attention balances them by the work the mask leaves
+    (`graph.ring.balanced_pairs`)."""
     global _documents, _bounds, _pairs
     _pairs = ring_pairs
     if document_ids is _documents:

@@ -173,7 +173,7 @@ def _rows(t: torch.Tensor, rows: slice, batch: slice = slice(None)) -> torch.Ten
 def ring_backend(q: torch.Tensor) -> str:
     """The kernel the ring runs for tensors like `q`: auto's choice, except `efficient`. Its backward, called
     from the ring's merged output and LSE, gave NaN gradients and illegal memory accesses on an H200
-    (tests/test_gpuplace.py), so where auto would fall back to it (fp32 on a GPU, a head dim or GPU the table
+    (tests/test_gpu_ring.py), so where auto would fall back to it (fp32 on a GPU, a head dim or GPU the table
     does not cover) the ring runs `math`; asked for by name it is refused (validation says so up front)."""
     name = resolve_backend(q, documents=masks.documents_set())
     if name != "efficient":

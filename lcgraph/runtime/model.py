@@ -3,7 +3,8 @@
 A rank materialises only the parameters its stage uses: `init_parameters` draws each tensor from its
 own generator seeded by (seed, name), so any rank produces exactly the values the single-process
 run has for that name, without building the rest; `load_parameters` reads only the named tensors
-from a local safetensors checkpoint.
+from a local safetensors checkpoint. `check_sliding_window` refuses a model whose attention window is shorter
+than the run's sequence (lcgraph's attention is full causal).
 """
 
 from __future__ import annotations
