@@ -54,7 +54,7 @@ KERNEL_CALLS: Counter[str] = Counter()
 
 
 def attention_backend() -> str:
-    """The backend this process was set to (`set_backend`) (`auto` or a kernel's name)."""
+    """The backend this process was set to by `set_backend`: `auto` or a kernel's name."""
     return current().backend
 
 

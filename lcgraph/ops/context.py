@@ -25,6 +25,8 @@ class RingPlace:
 
 @dataclass(frozen=True)
 class OpContext:
+    """The Ulysses group and its size, the ring place, the attention kernel (`BACKENDS`)."""
+
     sp_group: dist.ProcessGroup | None = None  # None when sp == 1
     sp: int = 1
     ring: RingPlace = field(default_factory=RingPlace)

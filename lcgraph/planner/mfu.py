@@ -87,7 +87,7 @@ class RunPerf:
 
     def at(self, tokens_per_s: float, attention_kept: float = 1.0) -> dict[str, float]:
         """tflops_per_gpu, and on a known GPU mfu and of_measured_matmul_peak, at a whole-run `tokens_per_s`;
-        `attention_kept`: the share of causal attention pairs a document mask left (mfu.py)."""
+        `attention_kept`: the share of causal attention pairs a document mask left (`flops_per_token`)."""
         per_gpu = tokens_per_s / self.world
         flops = self.flops_per_token - self.attention_flops_per_token * (1.0 - attention_kept)
         out = {"tflops_per_gpu": flops * per_gpu / 1e12}
