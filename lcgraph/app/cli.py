@@ -334,18 +334,19 @@ def train_main(composed: DictConfig) -> None:
         check_resume(cfg, Path(run_dir))
     world = cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.sp * cfg.parallel.cp
     with one_line_errors():
-        # resolve_plan: train.recompute / offload `auto` chosen once, before any rank or the run directory (under
-        # torchrun: by each rank, for its own GPU; the ranks compare their plans before a step)
-        if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            _join_torchrun(cfg, run_dir, resolve_plan(cfg))
-        elif world > 1:
+        torchrun = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if world > 1 and not torchrun:
             _check_gpus(cfg, world)
-            plan = resolve_plan(cfg)
+        # train.recompute / offload `auto` chosen once, before any rank or the run directory (under torchrun: by
+        # each rank, for its own GPU; the ranks compare their plans before a step)
+        plan = resolve_plan(cfg)
+        if torchrun:
+            _join_torchrun(cfg, run_dir, plan)
+        elif world > 1:
             prepare_data(cfg)  # one tokenizer pass here, not one per rank
             claim_run_dir(Path(run_dir), resuming(cfg))
             spawn(cfg, run_dir, world, plan)
         else:
-            plan = resolve_plan(cfg)
             claim_run_dir(Path(run_dir), resuming(cfg))
             run(cfg, run_dir, plan=plan)
     if int(os.environ.get("RANK", 0)) == 0:
