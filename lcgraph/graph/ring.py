@@ -93,7 +93,7 @@ def shard_positions(length: int, c: RankShards, pair: tuple[int, int] | None = N
         mine = torch.arange(length)
     else:
         n = length // (2 * c.cp)
-        early, late = pair or (c.cp_rank, 2 * c.cp - 1 - c.cp_rank)
+        early, late = pair or masks.zigzag_pair(c.cp_rank, c.cp)
         mine = torch.cat([torch.arange(early * n, (early + 1) * n), torch.arange(late * n, (late + 1) * n)])
     shard = len(mine) // c.sp
     return mine[c.sp_rank * shard : (c.sp_rank + 1) * shard]

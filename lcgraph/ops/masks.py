@@ -79,7 +79,12 @@ def document_spans(sq: int, sk: int) -> list[Span] | None:
 # --- ring attention's pieces under a mask ---------------------------------------------------------------------
 def ring_pair(chunk: int, rank: int, cp: int) -> tuple[int, int]:
     """The two of a chunk's 2 * cp pieces that cp rank `rank` holds, earlier first: as the runtime balanced them
-    for the running micro-batch, else the zigzag pair (rank, 2cp - 1 - rank), which balances plain causal work."""
+    for the running micro-batch, else the zigzag pair."""
     if chunk < len(_pairs):
         return _pairs[chunk][rank]
+    return zigzag_pair(rank, cp)
+
+
+def zigzag_pair(rank: int, cp: int) -> tuple[int, int]:
+    """Pieces rank and 2cp - 1 - rank of 2 * cp: an early and a late piece, equal causal work on every cp rank."""
     return rank, 2 * cp - 1 - rank
