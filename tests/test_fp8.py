@@ -9,19 +9,22 @@ piece by its own amax and stays within FP8's rounding of the reference (PIECES).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from test_reference import BF16, hf_reference, run_cfg
 
-from lcgraph.app.testing import assert_close_run, compose, planned, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, planned, run_config, run_here, train_local, train_spawned
 from lcgraph.app.validate import check_fp8
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import capture
 from lcgraph.graph.fp8 import fp8_matmuls
 from lcgraph.ops.fp8 import eager_note, fp8_linear, fp8_recipe, gpu_refusal
 from lcgraph.planner.profile import load_profile
+from lcgraph.runtime.checkpoint import CHECKPOINTS
 from lcgraph.runtime.model import build_config
 
 torchao_float8 = pytest.importorskip("torchao.float8")  # the test extra installs it
@@ -159,6 +162,23 @@ def test_rowwise_trains_in_bf16_near_the_reference(references, recipe):
     linears of the same recipe: within what bf16 weights and activations move it (BF16_ROWWISE)."""
     losses, _, extra = train_local(run_cfg(f"train.fp8={recipe}", "train.dtype=bf16", steps=STEPS))
     check(losses, extra["grad_norms"], references(1, recipe), BF16_ROWWISE, f"fp8 {recipe} bf16")
+
+
+def test_an_fp8_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
+    """Dynamic scales keep no state, so a checkpoint holds what a bf16 run's holds and the resumed steps are the
+    uninterrupted run's exactly; the same checkpoint resumed without FP8 takes other steps (FP8 is in them)."""
+    base = ["train.fp8=rowwise", "train.dtype=bf16", "train.steps=6", "train.checkpoint_every=3"]
+    step3 = f"train.resume={tmp_path / 'a' / CHECKPOINTS / 'step-00000003'}"
+    run_here(run_config(*base), tmp_path / "a")
+    run_here(run_config(*base, step3), tmp_path / "b")
+    run_here(run_config(*base, step3, "train.fp8=false"), tmp_path / "c")
+    whole, resumed, unquantized = (_losses(tmp_path / d) for d in "abc")
+    assert len(whole) == 6 and torch.equal(torch.tensor(resumed), torch.tensor(whole[3:])), (resumed, whole)
+    assert not torch.equal(torch.tensor(unquantized), torch.tensor(whole[3:]))
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_fp8_mistakes_are_one_line():
