@@ -114,8 +114,8 @@ def check(losses, grad_norms, ref, rtols: tuple[float, float], label: str) -> No
 
 
 def test_one_process_fp8_runs_match_hf_eager_with_torchaos_float8_linears(references):
-    """Tensorwise in fp32, the whole sequence in one call: plain, recompute=full and compiled; Seq1F1B chunks
-    scale each chunk alone. The unquantized reference fails the whole-sequence check."""
+    """Tensorwise in fp32, the whole sequence in one call: plain, recompute=full and compiled;
+    Seq1F1B chunks scale each chunk alone. The unquantized reference fails the whole-sequence check."""
     ref = references(1, "tensorwise")
     plain = references(1, None)
     with pytest.raises(AssertionError, match="first loss"):
@@ -175,6 +175,17 @@ def test_an_fp8_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit
     whole, resumed, unquantized = (_losses(tmp_path / d) for d in "abc")
     assert len(whole) == 6 and torch.equal(torch.tensor(resumed), torch.tensor(whole[3:])), (resumed, whole)
     assert not torch.equal(torch.tensor(unquantized), torch.tensor(whole[3:]))
+
+
+def test_fp8_with_every_saved_activation_offloaded_trains_bit_for_bit_as_on_the_device():
+    """offload=all parks what autograd saves for each FP8 linear (its input and weight) in host memory between a
+    chunk's forward and backward; the copies are exact, so the run is the unoffloaded one to the bit."""
+    layout = ["train.fp8=tensorwise", "parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "train.recompute=none"]
+    plain = train_local(run_cfg(*layout, steps=STEPS))
+    moved = train_local(run_cfg(*layout, "train.offload=all", steps=STEPS))
+    assert moved[2]["job"].interpreter.offloader.stats.to_host > 0, "the first chunk's activations went to the host"
+    assert torch.equal(torch.tensor(moved[0]), torch.tensor(plain[0]))
+    assert torch.equal(torch.tensor(moved[2]["grad_norms"]), torch.tensor(plain[2]["grad_norms"]))
 
 
 def _losses(run_dir) -> list[float]:
