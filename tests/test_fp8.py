@@ -114,8 +114,8 @@ def check(losses, grad_norms, ref, rtols: tuple[float, float], label: str) -> No
 
 
 def test_one_process_fp8_runs_match_hf_eager_with_torchaos_float8_linears(references):
-    """Tensorwise in fp32, the whole sequence in one call: plain, recompute=full and compiled;
-    Seq1F1B chunks scale each chunk alone. The unquantized reference fails the whole-sequence check."""
+    """Tensorwise in fp32, the whole sequence in one call: plain, recompute=full and compiled; Seq1F1B chunks
+    scale each chunk alone. The unquantized reference fails the whole-sequence check."""
     ref = references(1, "tensorwise")
     plain = references(1, None)
     with pytest.raises(AssertionError, match="first loss"):
@@ -178,8 +178,8 @@ def test_an_fp8_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit
 
 
 def test_fp8_with_every_saved_activation_offloaded_trains_bit_for_bit_as_on_the_device():
-    """offload=all parks what autograd saves for each FP8 linear (its input and weight) in host memory between a
-    chunk's forward and backward; the copies are exact, so the run is the unoffloaded one to the bit."""
+    """offload=all parks what autograd saves for the first chunk, the FP8 linears' inputs among it (weights are
+    parameters and stay), in host memory until its backward; the copies are exact: the run is the unoffloaded one."""
     layout = ["train.fp8=tensorwise", "parallel.schedule=seq1f1b", "parallel.seq_chunks=2", "train.recompute=none"]
     plain = train_local(run_cfg(*layout, steps=STEPS))
     moved = train_local(run_cfg(*layout, "train.offload=all", steps=STEPS))
