@@ -78,11 +78,6 @@ def lr_at(step: int, o: OptimConfig, total: int) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def graph_ops(graph: torch.fx.Graph) -> str:
-    """A captured graph's nodes as text, one `op target` per line: what another torch or transformers changes."""
-    return "\n".join(f"{n.op} {n.target}" for n in graph.nodes)
-
-
 def prepare_data(cfg: RunConfig) -> None:
     """Tokenize and cache the corpus once, in this process, before any rank starts (bad input fails here)."""
     if not cfg.data.synthetic:
@@ -181,7 +176,7 @@ class Job:
         """Every rank must train the same plan of the same graph on the same tokens (under torchrun each composes its
         own config, captures with its own torch and transformers, and each node reads its own corpus cache): a
         difference is refused on every rank, naming it, before a step. Paths may differ per node; the captured graph
-        is compared by its nodes' ops and targets, the token stream by length, documents and a strided sample."""
+        is compared by its text (`graph_text`: each node's op, name and target), the token stream by length, documents and a strided sample."""
         composed = copy.deepcopy(self.cfg.composed)
         for section, key in (("model", "path"), ("data", "path")):
             composed.get(section, {}).pop(key, None)
@@ -190,7 +185,7 @@ class Job:
         mine = {
             "config": hashlib.sha256(json.dumps(composed, sort_keys=True, default=str).encode()).hexdigest(),
             "model": model_shape(self.config),
-            "graph": (len(self.captured.graph.nodes), zlib.crc32(graph_ops(self.captured.graph).encode())),
+            "graph": (len(self.captured.graph.nodes), zlib.crc32(graph_text(self.captured.gm).encode())),
             # (recompute mode, layers per segment, kept attention layers, offload): under torchrun each rank
             # resolves `auto` for its own GPU and host
             "plan": dataclasses.astuple(dataclasses.replace(plan, reason="")),
