@@ -9,15 +9,22 @@ piece by its own amax and stays within FP8's rounding of the reference (PIECES).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from test_reference import BF16, hf_reference, run_cfg
 
-from lcgraph.app.testing import assert_close_run, compose, planned, run_config, run_here, train_local, train_spawned
+from lcgraph.app.testing import (
+    assert_close_run,
+    compose,
+    planned,
+    run_config,
+    run_here,
+    run_losses,
+    train_local,
+    train_spawned,
+)
 from lcgraph.app.validate import check_fp8
 from lcgraph.errors import PlanError
 from lcgraph.graph.capture import capture
@@ -172,7 +179,7 @@ def test_an_fp8_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit
     run_here(run_config(*base), tmp_path / "a")
     run_here(run_config(*base, step3), tmp_path / "b")
     run_here(run_config(*base, step3, "train.fp8=false"), tmp_path / "c")
-    whole, resumed, unquantized = (_losses(tmp_path / d) for d in "abc")
+    whole, resumed, unquantized = (run_losses(tmp_path / d) for d in "abc")
     assert len(whole) == 6 and torch.equal(torch.tensor(resumed), torch.tensor(whole[3:])), (resumed, whole)
     assert not torch.equal(torch.tensor(unquantized), torch.tensor(whole[3:]))
 
@@ -186,10 +193,6 @@ def test_fp8_with_every_saved_activation_offloaded_trains_bit_for_bit_as_on_the_
     assert moved[2]["job"].interpreter.offloader.stats.to_host > 0, "the first chunk's activations went to the host"
     assert torch.equal(torch.tensor(moved[0]), torch.tensor(plain[0]))
     assert torch.equal(torch.tensor(moved[2]["grad_norms"]), torch.tensor(plain[2]["grad_norms"]))
-
-
-def _losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_fp8_mistakes_are_one_line():

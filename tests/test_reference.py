@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lcgraph.app.config import DataConfig
-from lcgraph.app.testing import assert_close_run, compose, train_local, train_spawned
+from lcgraph.app.testing import assert_close_run, compose, run_losses, train_local, train_spawned
 from lcgraph.runtime import data
 from lcgraph.runtime.model import init_parameter
 
@@ -302,7 +302,6 @@ def test_four_rank_layouts_match_hf_eager(reference):
 def test_two_rank_checkpoint_round_trips_through_model_path_and_from_pretrained(tmp_path, reference):
     """pp=2 with tied embeddings, saved by the trainer at step 2 and exported to HF (lcgraph-export), loads
     into lcgraph (model.path) and into HF (from_pretrained) as the reference's parameters after 2 steps."""
-    import json
 
     from safetensors import safe_open
     from transformers import LlamaForCausalLM
@@ -319,7 +318,7 @@ def test_two_rank_checkpoint_round_trips_through_model_path_and_from_pretrained(
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()  # tied: saved once
     ref_losses, _, ref_params = reference(2, True, 2)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = run_losses(tmp_path)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=FP32, atol=0)
     _, loaded, _ = train_local(compose("model=hf", f"model.path={ckpt}", "train.steps=0"))
     assert_close_run([], loaded, [], ref_params, label="model.path")

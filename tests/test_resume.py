@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 from lcgraph.app.cli import check_resume
 from lcgraph.app.export import main as export_main
-from lcgraph.app.testing import compose, job_of, run_config, run_here, run_spawned
+from lcgraph.app.testing import compose, job_of, run_config, run_here, run_losses, run_spawned
 from lcgraph.errors import CheckpointError
 from lcgraph.runtime.checkpoint import CHECKPOINTS, layout, read_manifest, same_layout
 
@@ -105,7 +105,7 @@ def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_the_previous_one_is(
     manifest = (torn / "manifest.json").read_text().replace('"step": 10', '"step": 30')
     (torn / "manifest.json").write_text(manifest[: len(manifest) // 2])
     run_here(run_config(*ONE, "train.resume=auto"), str(tmp_path))
-    resumed = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumed = run_losses(tmp_path)
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses["a"][10:]), rtol=FP32, atol=0)
 
 
@@ -163,10 +163,6 @@ def test_bf16_zero_run_on_two_gpus_resumes_in_the_same_layout_and_as_pp2(tmp_pat
 
 
 # --- what a resume must read from the checkpoint (one process, fp32 unless said) ---------------------------------
-def _losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _dcp_tensor(path, key, shape):
     out = {key: torch.empty(shape)}
     dcp.load(out, checkpoint_id=path, no_dist=True)
@@ -186,7 +182,7 @@ def test_a_run_that_skipped_a_step_resumes_bit_for_bit(zero, dtype, tmp_path, mo
     run_here(run_config(*base), str(tmp_path / "a"))
     monkeypatch.setenv(FAULT_ENV, "")
     run_here(run_config(*base, f"train.resume={tmp_path / 'a' / CHECKPOINTS / 'step-00000003'}"), str(tmp_path / "b"))
-    whole, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    whole, resumed = run_losses(tmp_path / "a"), run_losses(tmp_path / "b")
     assert [json.loads(r).get("skipped") for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][1]
     assert torch.equal(torch.tensor(resumed), torch.tensor(whole[3:])), (resumed, whole)
 

@@ -241,17 +241,22 @@ def _run_worker(cfg_yamls: list[str], run_dirs: list[str]) -> None:
         dist.destroy_process_group()
 
 
+def run_losses(run_dir: Path) -> list[float]:
+    """The per-step losses a run wrote to its metrics.jsonl."""
+    import json
+
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / METRICS).read_text().splitlines()]
+
+
 def run_spawned(cfgs: list, run_dirs: list[Path], world: int) -> list[list[float]]:
     """`lcgraph-train`'s own loop (checkpoints, resume, metrics) for each config in turn, in its run directory,
     on `world` ranks started once; returns each run's per-step losses from its metrics.jsonl."""
-    import json
-
     from omegaconf import OmegaConf
 
     yamls = [OmegaConf.to_yaml(c, resolve=True) for c in cfgs]
     with faults.explained_failures(run_dirs, cfgs[0].train.comm_timeout_s):
         launch_local(world, _run_worker, yamls, [str(d) for d in run_dirs], run_id="test-run")
-    return [[json.loads(line)["loss"] for line in (d / METRICS).read_text().splitlines()] for d in run_dirs]
+    return [run_losses(d) for d in run_dirs]
 
 
 def assert_close_run(got_losses, got_params, ref_losses, ref_params, rtol=1e-5, label=""):
